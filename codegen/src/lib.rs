@@ -1,0 +1,14 @@
+//! attngen's compiler: it turns a declarative attention spec into kernels.
+//!
+//! Data flows one way: a spec ([`AttentionSpec`], written with builders, TOML or macro
+//! arguments) is checked by [`validate`]; later stages plan and lower it. [`cost`] counts the
+//! FLOPs and bytes every report uses.
+
+pub mod cost;
+pub mod spec;
+pub mod spec_file;
+pub mod validate;
+
+pub use spec::{AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask, Variant};
+pub use spec_file::{SpecFields, SpecFileError, TomlError, TomlProblem};
+pub use validate::{SpecError, validate};

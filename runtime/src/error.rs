@@ -1,0 +1,44 @@
+//! [`Error`]: everything that can go wrong when building or running a kernel.
+
+use attngen_codegen::SpecError;
+
+/// An error from building or running a kernel. Running never panics and never writes `out`
+/// when it returns one of these.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Error {
+    /// The spec breaks a rule of the contract.
+    #[error("invalid spec: {0}")]
+    Spec(#[from] SpecError),
+    /// Grouped inputs for a latent spec, or the other way round.
+    #[error(
+        "the spec has {expected} KV but the inputs are {got}: build them with Inputs::{expected}(..)"
+    )]
+    InputsKind {
+        /// `grouped` or `latent`: what the spec needs.
+        expected: &'static str,
+        /// What was passed.
+        got: &'static str,
+    },
+    /// A buffer whose length does not match its tensor's shape.
+    #[error(
+        "tensor `{tensor}`: expected shape {shape:?} = {expected} elements, got {got} elements"
+    )]
+    Length {
+        /// The tensor's name, as in design.md 1.2.
+        tensor: &'static str,
+        /// Its expected shape.
+        shape: Vec<usize>,
+        /// Its expected element count.
+        expected: usize,
+        /// The buffer's length.
+        got: usize,
+    },
+    /// A shape whose element count does not fit in `usize`.
+    #[error("tensor `{tensor}`: shape {shape:?} has more elements than fit in memory")]
+    TooLarge {
+        /// The tensor's name.
+        tensor: &'static str,
+        /// The shape asked for.
+        shape: Vec<usize>,
+    },
+}

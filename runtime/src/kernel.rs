@@ -1,0 +1,24 @@
+//! The [`Kernel`] trait every backend implements.
+
+use attngen_codegen::AttentionSpec;
+
+use crate::{Error, Inputs, Shape};
+
+/// A compiled (or interpreted) attention kernel for one spec.
+///
+/// `run` checks every buffer against `shape` with [`crate::check_call`] before it reads or
+/// writes anything: on `Err`, `out` and `lse` are untouched.
+pub trait Kernel: Send + Sync {
+    /// The spec this kernel computes.
+    fn spec(&self) -> &AttentionSpec;
+
+    /// Computes attention for `inputs` of the given `shape` into `out` ([B, Sq, H, Dv]) and, if
+    /// given, the log-sum-exp of each row into `lse` ([B, Sq, H]).
+    fn run(
+        &self,
+        shape: Shape,
+        inputs: &Inputs<'_>,
+        out: &mut [f32],
+        lse: Option<&mut [f32]>,
+    ) -> Result<(), Error>;
+}

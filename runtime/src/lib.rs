@@ -1,0 +1,33 @@
+//! attngen: attention kernels compiled from a declarative spec.
+//!
+//! Describe a layer with [`AttentionSpec`] — MHA, MQA, GQA with any group map, or DeepSeek-style
+//! MLA — and get a [`Kernel`] for it. Every kernel checks its buffers before it touches them and
+//! agrees with the [`Reference`] interpreter to design.md 1.4's tolerance.
+//!
+//! ```
+//! use attngen::{AttentionSpec, Inputs, Kernel, Mask, Reference, Shape};
+//!
+//! let spec = AttentionSpec::gqa(4, 2, 8).mask(Mask::Causal);
+//! let kernel = Reference::new(&spec)?;
+//! let shape = Shape::new(1, 3, 3);
+//! let q = vec![0.5; 3 * 4 * 8];
+//! let (k, v) = (vec![0.25; 3 * 2 * 8], vec![1.0; 3 * 2 * 8]);
+//! let mut out = vec![0.0; 3 * 4 * 8];
+//! kernel.run(shape, &Inputs::grouped(&q, &k, &v), &mut out, None)?;
+//! assert!(out.iter().all(|&o| (o - 1.0).abs() < 1e-6));
+//! # Ok::<(), attngen::Error>(())
+//! ```
+
+mod error;
+mod kernel;
+mod reference;
+mod shape;
+
+pub use attngen_codegen::{
+    AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask, SpecError, SpecFileError, Variant,
+    cost, validate,
+};
+pub use error::Error;
+pub use kernel::Kernel;
+pub use reference::Reference;
+pub use shape::{Inputs, Shape, Tensor, check_call};

@@ -1,0 +1,249 @@
+//! [`Shape`], [`Inputs`] and the one checker every `Kernel::run` calls before touching memory.
+
+use attngen_codegen::{AttentionSpec, KvLayout};
+
+use crate::Error;
+
+/// The sizes of one call: batch B, query length Sq and key length Sk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    /// Batch size, B.
+    pub batch: usize,
+    /// Number of queries per sequence, Sq (the last Sq of the Sk positions).
+    pub seq_q: usize,
+    /// Number of keys per sequence, Sk.
+    pub seq_k: usize,
+}
+
+impl Shape {
+    /// A shape of `batch` sequences with `seq_q` queries over `seq_k` keys.
+    pub fn new(batch: usize, seq_q: usize, seq_k: usize) -> Self {
+        Shape { batch, seq_q, seq_k }
+    }
+}
+
+/// Borrowed, named views of a call's input tensors, dense row-major f32 (design.md 1.2).
+#[derive(Clone, Copy, Debug)]
+pub enum Inputs<'a> {
+    /// Inputs of a grouped (MHA/MQA/GQA) spec.
+    Grouped {
+        /// `q`: [B, Sq, H, D].
+        q: &'a [f32],
+        /// `k`: [B, Sk, kv_heads, D].
+        k: &'a [f32],
+        /// `v`: [B, Sk, kv_heads, Dv].
+        v: &'a [f32],
+    },
+    /// Inputs of a latent (MLA) spec.
+    Latent {
+        /// `q`: [B, Sq, H, nope_dim + rope_dim], nope part first.
+        q: &'a [f32],
+        /// `c_kv`: [B, Sk, rank].
+        c_kv: &'a [f32],
+        /// `k_rope`: [B, Sk, rope_dim].
+        k_rope: &'a [f32],
+        /// `w_uk`: [H, nope_dim, rank].
+        w_uk: &'a [f32],
+        /// `w_uv`: [H, Dv, rank].
+        w_uv: &'a [f32],
+    },
+}
+
+impl<'a> Inputs<'a> {
+    /// Inputs for a grouped spec.
+    pub fn grouped(q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> Self {
+        Inputs::Grouped { q, k, v }
+    }
+
+    /// Inputs for a latent spec.
+    pub fn latent(
+        q: &'a [f32],
+        c_kv: &'a [f32],
+        k_rope: &'a [f32],
+        w_uk: &'a [f32],
+        w_uv: &'a [f32],
+    ) -> Self {
+        Inputs::Latent { q, c_kv, k_rope, w_uk, w_uv }
+    }
+
+    /// `grouped` or `latent`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Inputs::Grouped { .. } => "grouped",
+            Inputs::Latent { .. } => "latent",
+        }
+    }
+
+    /// The tensors by name, in the order of [`Tensor::inputs`].
+    pub fn named(&self) -> Vec<(Tensor, &'a [f32])> {
+        match *self {
+            Inputs::Grouped { q, k, v } => vec![(Tensor::Q, q), (Tensor::K, k), (Tensor::V, v)],
+            Inputs::Latent { q, c_kv, k_rope, w_uk, w_uv } => vec![
+                (Tensor::Q, q),
+                (Tensor::CKv, c_kv),
+                (Tensor::KRope, k_rope),
+                (Tensor::WUk, w_uk),
+                (Tensor::WUv, w_uv),
+            ],
+        }
+    }
+}
+
+/// A tensor of design.md 1.2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tensor {
+    /// Queries.
+    Q,
+    /// Keys (grouped).
+    K,
+    /// Values (grouped).
+    V,
+    /// Latent per token (latent).
+    CKv,
+    /// Shared RoPE key per token (latent).
+    KRope,
+    /// Key up-projection (latent).
+    WUk,
+    /// Value up-projection (latent).
+    WUv,
+    /// The attention output.
+    Out,
+    /// The log-sum-exp of each row.
+    Lse,
+}
+
+impl Tensor {
+    /// The input tensors of a spec, in a fixed order.
+    pub fn inputs(spec: &AttentionSpec) -> &'static [Tensor] {
+        match spec.kv {
+            KvLayout::Grouped { .. } => &[Tensor::Q, Tensor::K, Tensor::V],
+            KvLayout::Latent(_) => {
+                &[Tensor::Q, Tensor::CKv, Tensor::KRope, Tensor::WUk, Tensor::WUv]
+            }
+        }
+    }
+
+    /// The tensor's name in files and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tensor::Q => "q",
+            Tensor::K => "k",
+            Tensor::V => "v",
+            Tensor::CKv => "c_kv",
+            Tensor::KRope => "k_rope",
+            Tensor::WUk => "w_uk",
+            Tensor::WUv => "w_uv",
+            Tensor::Out => "out",
+            Tensor::Lse => "lse",
+        }
+    }
+
+    /// The tensor's shape for a spec and call shape (empty for a tensor the spec does not use).
+    pub fn dims(self, spec: &AttentionSpec, shape: Shape) -> Vec<usize> {
+        let Shape { batch: b, seq_q: sq, seq_k: sk } = shape;
+        let (h, d, dv) = (spec.q_heads, spec.head_dim(), spec.v_head_dim);
+        match (&spec.kv, self) {
+            (_, Tensor::Q) => vec![b, sq, h, d],
+            (_, Tensor::Out) => vec![b, sq, h, dv],
+            (_, Tensor::Lse) => vec![b, sq, h],
+            (KvLayout::Grouped { kv_heads, .. }, Tensor::K) => vec![b, sk, *kv_heads, d],
+            (KvLayout::Grouped { kv_heads, .. }, Tensor::V) => vec![b, sk, *kv_heads, dv],
+            (KvLayout::Latent(l), Tensor::CKv) => vec![b, sk, l.rank],
+            (KvLayout::Latent(l), Tensor::KRope) => vec![b, sk, l.rope_dim],
+            (KvLayout::Latent(l), Tensor::WUk) => vec![h, l.nope_dim, l.rank],
+            (KvLayout::Latent(l), Tensor::WUv) => vec![h, dv, l.rank],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The element count of [`Tensor::dims`], or [`Error::TooLarge`] if it overflows `usize`.
+    pub fn len(self, spec: &AttentionSpec, shape: Shape) -> Result<usize, Error> {
+        let dims = self.dims(spec, shape);
+        dims.iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or(Error::TooLarge { tensor: self.name(), shape: dims })
+    }
+
+    fn check(self, spec: &AttentionSpec, shape: Shape, got: usize) -> Result<(), Error> {
+        let expected = self.len(spec, shape)?;
+        if expected == got {
+            Ok(())
+        } else {
+            Err(Error::Length { tensor: self.name(), shape: self.dims(spec, shape), expected, got })
+        }
+    }
+}
+
+/// Checks a call before any kernel touches memory: the inputs' kind matches the spec, and every
+/// buffer (inputs, `out`, `lse`) has exactly its tensor's element count, computed with checked
+/// arithmetic. Every [`crate::Kernel::run`] calls this first, so on error nothing was written.
+/// The spec itself must already be validated (kernels validate when they are built).
+pub fn check_call(
+    spec: &AttentionSpec,
+    shape: Shape,
+    inputs: &Inputs<'_>,
+    out_len: usize,
+    lse_len: Option<usize>,
+) -> Result<(), Error> {
+    let expected = match spec.kv {
+        KvLayout::Grouped { .. } => "grouped",
+        KvLayout::Latent(_) => "latent",
+    };
+    if inputs.kind() != expected {
+        return Err(Error::InputsKind { expected, got: inputs.kind() });
+    }
+    for (tensor, data) in inputs.named() {
+        tensor.check(spec, shape, data.len())?;
+    }
+    Tensor::Out.check(spec, shape, out_len)?;
+    if let Some(len) = lse_len {
+        Tensor::Lse.check(spec, shape, len)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use attngen_codegen::AttentionSpec;
+
+    #[test]
+    fn lengths_are_checked_per_tensor() {
+        let spec = AttentionSpec::gqa(4, 2, 3);
+        let shape = Shape::new(1, 2, 5);
+        let (q, k, v) = (vec![0.0; 24], vec![0.0; 30], vec![0.0; 30]);
+        assert_eq!(check_call(&spec, shape, &Inputs::grouped(&q, &k, &v), 24, Some(8)), Ok(()));
+        let short_k = &k[..29];
+        assert_eq!(
+            check_call(&spec, shape, &Inputs::grouped(&q, short_k, &v), 24, None)
+                .unwrap_err()
+                .to_string(),
+            "tensor `k`: expected shape [1, 5, 2, 3] = 30 elements, got 29 elements"
+        );
+        assert_eq!(
+            check_call(&spec, shape, &Inputs::grouped(&q, &k, &v), 24, Some(7)).unwrap_err(),
+            Error::Length { tensor: "lse", shape: vec![1, 2, 4], expected: 8, got: 7 }
+        );
+    }
+
+    #[test]
+    fn overflowing_shapes_are_errors() {
+        let spec = AttentionSpec::mha(4, 4);
+        let shape = Shape::new(usize::MAX / 2, 3, 1);
+        assert_eq!(
+            check_call(&spec, shape, &Inputs::grouped(&[], &[], &[]), 0, None).unwrap_err(),
+            Error::TooLarge { tensor: "q", shape: vec![usize::MAX / 2, 3, 4, 4] }
+        );
+    }
+
+    #[test]
+    fn input_kind_must_match() {
+        let spec = AttentionSpec::mla(2, 4, 0, 2, 2);
+        assert_eq!(
+            check_call(&spec, Shape::new(1, 1, 1), &Inputs::grouped(&[], &[], &[]), 0, None)
+                .unwrap_err()
+                .to_string(),
+            "the spec has latent KV but the inputs are grouped: build them with Inputs::latent(..)"
+        );
+    }
+}

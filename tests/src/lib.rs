@@ -1,0 +1,38 @@
+//! Support shared by attngen's integration tests and CLI tests: proptest strategies for specs,
+//! shapes and inputs, an independent float64 formulation of design.md 1.3, and the
+//! tolerance check of design.md 1.4.
+
+pub mod independent;
+pub mod strategies;
+
+/// Design.md 1.4: `|x − ref| ≤ 1e-4 + 1e-4·|ref|`. NaN matches NaN and an infinity matches the
+/// same infinity. Returns the first offending index with both values.
+pub fn first_mismatch(got: &[f32], want: &[f64]) -> Option<(usize, f32, f64)> {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    got.iter().zip(want).enumerate().find_map(|(i, (&g, &w))| {
+        let g64 = f64::from(g);
+        let ok = if w.is_nan() || w.is_infinite() {
+            g64.is_nan() && w.is_nan() || g64 == w
+        } else {
+            (g64 - w).abs() <= 1e-4 + 1e-4 * w.abs()
+        };
+        (!ok).then_some((i, g, w))
+    })
+}
+
+/// Deterministic values uniform in [lo, hi), from a seed (splitmix64), for tests that need
+/// many inputs without a proptest runner.
+pub fn uniform(seed: u64, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
+            lo + (hi - lo) * unit
+        })
+        .collect()
+}

@@ -1,0 +1,157 @@
+//! proptest strategies for valid specs, call shapes and inputs.
+
+use attngen::{AttentionSpec, GroupMap, Inputs, Mask, Shape, Tensor};
+use proptest::prelude::*;
+
+/// Size limits for generated specs.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest `q_heads`.
+    pub heads: usize,
+    /// Largest `head_dim`, `v_head_dim`, `nope_dim` and `rope_dim`.
+    pub dim: usize,
+    /// Largest latent rank.
+    pub rank: usize,
+}
+
+impl Limits {
+    /// Small enough for the reference interpreter to run hundreds of cases quickly.
+    pub const SMALL: Limits = Limits { heads: 8, dim: 24, rank: 32 };
+    /// The whole valid range (for tests that never run a kernel).
+    pub const FULL: Limits = Limits { heads: 1024, dim: 1024, rank: 8192 };
+}
+
+fn mask() -> impl Strategy<Value = Mask> {
+    prop_oneof![Just(Mask::None), Just(Mask::Causal), (1usize..=40).prop_map(Mask::SlidingWindow),]
+}
+
+/// A positive finite f32 scale or softcap, mostly in a realistic range, sometimes anywhere.
+fn positive() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        3 => 0.01f32..4.0,
+        1 => 1.0f32..100.0,
+        1 => proptest::num::f32::POSITIVE.prop_filter("finite", |x| x.is_finite() && *x > 0.0),
+    ]
+}
+
+/// A group map for `q_heads` over `kv_heads`: contiguous or interleaved where they divide,
+/// otherwise (and sometimes anyway) an explicit map that uses every KV head, groups uneven.
+fn grouped(limits: Limits) -> impl Strategy<Value = AttentionSpec> {
+    (1..=limits.heads, 1..=limits.dim, 1..=limits.dim, any::<bool>())
+        .prop_flat_map(|(h, d, dv, same_v)| {
+            let dv = if same_v { d } else { dv };
+            (Just((h, d, dv)), 1..=h, 0u8..3, any::<u64>())
+        })
+        .prop_map(|((h, d, dv), kv, map_kind, seed)| {
+            let divides = h % kv == 0;
+            let map = match map_kind {
+                0 if divides => GroupMap::Contiguous,
+                1 if divides => GroupMap::Interleaved,
+                _ => explicit_map(h, kv, seed),
+            };
+            AttentionSpec::gqa(h, kv, d).v_head_dim(dv).group_map(map)
+        })
+}
+
+/// An explicit map of `h` query heads onto all of `kv` KV heads, pseudo-randomly shuffled.
+fn explicit_map(h: usize, kv: usize, seed: u64) -> GroupMap {
+    let noise = crate::uniform(seed, 2 * h, 0.0, 1.0);
+    let mut map: Vec<usize> =
+        (0..h).map(|i| if i < kv { i } else { (noise[i] * kv as f32) as usize % kv }).collect();
+    for i in (1..h).rev() {
+        let j = (noise[h + i] * (i + 1) as f32) as usize % (i + 1);
+        map.swap(i, j);
+    }
+    GroupMap::Explicit(map)
+}
+
+fn latent(limits: Limits) -> impl Strategy<Value = AttentionSpec> {
+    (1..=limits.heads, 1..=limits.rank, 0..=limits.dim, 0..=limits.dim, 1..=limits.dim)
+        .prop_filter("nope_dim + rope_dim in 1..=dim", move |(_, _, rope, nope, _)| {
+            (1..=limits.dim).contains(&(rope + nope))
+        })
+        .prop_map(|(h, rank, rope, nope, dv)| AttentionSpec::mla(h, rank, rope, nope, dv))
+}
+
+/// Any valid spec within `limits`: every variant, map, mask, and optional scale and softcap.
+pub fn spec(limits: Limits) -> impl Strategy<Value = AttentionSpec> {
+    (
+        prop_oneof![3 => grouped(limits), 1 => latent(limits)],
+        mask(),
+        proptest::option::of(positive()),
+        proptest::option::of(positive()),
+        proptest::option::of("[a-zA-Z0-9 _\\-\"\\\\é]{0,16}"),
+    )
+        .prop_map(|(spec, mask, scale, softcap, name)| {
+            let mut spec = spec.mask(mask);
+            spec.scale = scale;
+            spec.softcap = softcap;
+            spec.name = name;
+            spec
+        })
+}
+
+/// A call shape: B 1..=3, Sq 1..=`max_q`, Sk 1..=`max_k` (Sq > Sk included).
+pub fn shape(max_q: usize, max_k: usize) -> impl Strategy<Value = Shape> {
+    (1usize..=3, 1..=max_q, 1..=max_k).prop_map(|(b, sq, sk)| Shape::new(b, sq, sk))
+}
+
+/// Owned input buffers for one call, filled from a seed.
+#[derive(Clone, Debug)]
+pub struct OwnedInputs {
+    /// Each input tensor with its data, in [`Tensor::inputs`] order.
+    pub tensors: Vec<(Tensor, Vec<f32>)>,
+}
+
+impl OwnedInputs {
+    /// Values uniform in [−`magnitude`, `magnitude`] for every input of `spec` at `shape`.
+    pub fn random(spec: &AttentionSpec, shape: Shape, seed: u64, magnitude: f32) -> Self {
+        let tensors = Tensor::inputs(spec)
+            .iter()
+            .enumerate()
+            .map(|(n, &t)| {
+                let len = t.len(spec, shape).expect("test shapes are small");
+                (t, crate::uniform(seed ^ (n as u64 + 1) * 0x51_7CC1, len, -magnitude, magnitude))
+            })
+            .collect();
+        OwnedInputs { tensors }
+    }
+
+    /// The buffer of one tensor (empty if the spec has none).
+    pub fn get(&self, tensor: Tensor) -> &[f32] {
+        self.tensors.iter().find(|(t, _)| *t == tensor).map_or(&[], |(_, d)| d)
+    }
+
+    /// Mutable buffer of one tensor.
+    pub fn get_mut(&mut self, tensor: Tensor) -> &mut Vec<f32> {
+        &mut self.tensors.iter_mut().find(|(t, _)| *t == tensor).expect("tensor present").1
+    }
+
+    /// Borrowed views for `Kernel::run`.
+    pub fn inputs(&self) -> Inputs<'_> {
+        if self.tensors.len() == 3 {
+            Inputs::grouped(self.get(Tensor::Q), self.get(Tensor::K), self.get(Tensor::V))
+        } else {
+            Inputs::latent(
+                self.get(Tensor::Q),
+                self.get(Tensor::CKv),
+                self.get(Tensor::KRope),
+                self.get(Tensor::WUk),
+                self.get(Tensor::WUv),
+            )
+        }
+    }
+
+    /// Views for [`crate::independent::attention`].
+    pub fn tensors(&self) -> crate::independent::Tensors<'_> {
+        crate::independent::Tensors {
+            q: self.get(Tensor::Q),
+            k: self.get(Tensor::K),
+            v: self.get(Tensor::V),
+            c_kv: self.get(Tensor::CKv),
+            k_rope: self.get(Tensor::KRope),
+            w_uk: self.get(Tensor::WUk),
+            w_uv: self.get(Tensor::WUv),
+        }
+    }
+}

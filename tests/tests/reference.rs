@@ -1,0 +1,259 @@
+//! The reference interpreter against hand-computed values and identities (never against itself),
+//! and against the independent float64 formulation over random specs.
+
+use attngen::{AttentionSpec, GroupMap, Inputs, Kernel, Mask, Reference, Shape, Tensor};
+use attngen_tests::strategies::{self, Limits, OwnedInputs};
+use attngen_tests::{first_mismatch, independent, uniform};
+use proptest::prelude::*;
+
+/// Runs the reference; returns (out, lse).
+fn run(spec: &AttentionSpec, shape: Shape, inputs: &Inputs<'_>) -> (Vec<f32>, Vec<f32>) {
+    let kernel = Reference::new(spec).expect("valid spec");
+    let out_len = Tensor::Out.len(spec, shape).unwrap();
+    let (mut out, mut lse) = (vec![f32::NAN; out_len], vec![f32::NAN; out_len / spec.v_head_dim]);
+    kernel.run(shape, inputs, &mut out, Some(&mut lse)).expect("valid call");
+    (out, lse)
+}
+
+fn assert_close(got: &[f32], want: &[f64]) {
+    if let Some((i, g, w)) = first_mismatch(got, want) {
+        panic!("element {i}: got {g}, expected {w}\n got: {got:?}\nwant: {want:?}");
+    }
+}
+
+#[test]
+fn zero_query_gives_the_mean_of_visible_values() {
+    // 1 head, D = 2, Dv = 1, Sq = Sk = 3, causal: row i averages v[0..=i].
+    let spec = AttentionSpec::mha(1, 2).v_head_dim(1).mask(Mask::Causal);
+    let q = [0.0; 6];
+    let k = [0.3, -0.7, 0.9, 0.1, -0.4, 0.8];
+    let v = [3.0, 6.0, 12.0];
+    let (out, lse) = run(&spec, Shape::new(1, 3, 3), &Inputs::grouped(&q, &k, &v));
+    assert_close(&out, &[3.0, 4.5, 7.0]);
+    // All scores are 0, so lse = ln(visible count).
+    assert_close(&lse, &[0.0, 2f64.ln(), 3f64.ln()]);
+}
+
+#[test]
+fn one_dominant_key_gives_its_value() {
+    let spec = AttentionSpec::mha(1, 2).scale(1.0);
+    let q = [1.0, 0.0];
+    let k = [0.0, 0.0, 60.0, 0.0, 0.0, 1.0]; // key 1 scores 60, the others 0
+    let v = [1.0, 2.0, -5.0, 7.0, 3.0, 3.0];
+    let (out, _) = run(&spec, Shape::new(1, 1, 3), &Inputs::grouped(&q, &k, &v));
+    assert_close(&out, &[-5.0, 7.0]);
+}
+
+#[test]
+fn scale_and_softcap_on_one_key() {
+    // One query, one key: out = v and lse = s exactly, so lse shows the score formula.
+    let (q, k, v) = ([0.5, 1.5], [2.0, -1.0], [4.0, -4.0]);
+    let call = |spec: AttentionSpec| run(&spec, Shape::new(1, 1, 1), &Inputs::grouped(&q, &k, &v));
+    let dot = 0.5 * 2.0 - 1.5; // -0.5
+    let (out, lse) = call(AttentionSpec::mha(1, 2));
+    assert_close(&out, &[4.0, -4.0]);
+    assert_close(&lse, &[dot / 2f64.sqrt()]);
+    let (_, lse) = call(AttentionSpec::mha(1, 2).scale(3.0));
+    assert_close(&lse, &[3.0 * dot]);
+    let (_, lse) = call(AttentionSpec::mha(1, 2).scale(3.0).softcap(1.0));
+    assert_close(&lse, &[(3.0 * dot).tanh()]);
+    let (_, lse) = call(AttentionSpec::mha(1, 2).scale(30.0).softcap(5.0));
+    assert_close(&lse, &[5.0 * (30.0 * dot / 5.0f64).tanh()]);
+}
+
+#[test]
+fn two_keys_by_hand() {
+    // s = scale · q·k = [0.5, -0.25]; p = softmax(s).
+    let spec = AttentionSpec::mha(1, 1).scale(0.5);
+    let (q, k, v) = ([1.0], [1.0, -0.5], [2.0, 10.0]);
+    let (out, lse) = run(&spec, Shape::new(1, 1, 2), &Inputs::grouped(&q, &k, &v));
+    let (e0, e1) = (0.5f64.exp(), (-0.25f64).exp());
+    assert_close(&out, &[(2.0 * e0 + 10.0 * e1) / (e0 + e1)]);
+    assert_close(&lse, &[(e0 + e1).ln()]);
+}
+
+/// Means of v over key ranges, one value per key (Dv = 1), for the mask tests below.
+fn row_means(spec: AttentionSpec, sq: usize, sk: usize) -> (Vec<f32>, Vec<f32>) {
+    let spec = spec.v_head_dim(1);
+    let q = vec![0.0; sq];
+    let k = uniform(1, sk, -1.0, 1.0);
+    let v: Vec<f32> = (0..sk).map(|j| (1 << j) as f32).collect();
+    run(&spec, Shape::new(1, sq, sk), &Inputs::grouped(&q, &k, &v))
+}
+
+#[test]
+fn causal_offset_when_queries_are_fewer_than_keys() {
+    // Sq = 2, Sk = 4: queries sit at key positions 2 and 3.
+    let (out, lse) = row_means(AttentionSpec::mha(1, 1).mask(Mask::Causal), 2, 4);
+    assert_close(&out, &[(1.0 + 2.0 + 4.0) / 3.0, 15.0 / 4.0]);
+    assert_close(&lse, &[3f64.ln(), 4f64.ln()]);
+}
+
+#[test]
+fn causal_offset_when_queries_outnumber_keys() {
+    // Sq = 4, Sk = 2: queries sit at positions -2, -1, 0, 1; the first two see nothing.
+    let (out, lse) = row_means(AttentionSpec::mha(1, 1).mask(Mask::Causal), 4, 2);
+    assert_close(&out, &[0.0, 0.0, 1.0, 1.5]);
+    assert_close(&lse, &[f64::NEG_INFINITY, f64::NEG_INFINITY, 0.0, 2f64.ln()]);
+}
+
+#[test]
+fn sliding_window_sees_the_last_w_keys() {
+    // W = 2, Sq = Sk = 4: row i sees keys i-1 and i.
+    let (out, _) = row_means(AttentionSpec::mha(1, 1).mask(Mask::SlidingWindow(2)), 4, 4);
+    assert_close(&out, &[1.0, 1.5, 3.0, 6.0]);
+    // W = 1: only the diagonal. With Sq = 2 < Sk = 5 the rows sit at 3 and 4.
+    let (out, _) = row_means(AttentionSpec::mha(1, 1).mask(Mask::SlidingWindow(1)), 2, 5);
+    assert_close(&out, &[8.0, 16.0]);
+}
+
+#[test]
+fn no_mask_sees_every_key() {
+    let (out, _) = row_means(AttentionSpec::mha(1, 1), 3, 2);
+    assert_close(&out, &[1.5, 1.5, 1.5]);
+}
+
+#[test]
+fn hidden_keys_never_leak_nan_but_visible_ones_do() {
+    let spec = AttentionSpec::mha(1, 2).mask(Mask::Causal);
+    let q = uniform(2, 4, -1.0, 1.0);
+    let mut k = uniform(3, 4, -1.0, 1.0);
+    let mut v = uniform(4, 4, -1.0, 1.0);
+    k[2] = f32::NAN; // key 1: hidden from row 0, visible to row 1
+    v[3] = f32::NAN;
+    let (out, lse) = run(&spec, Shape::new(1, 2, 2), &Inputs::grouped(&q, &k, &v));
+    assert!(out[..2].iter().all(|o| o.is_finite()) && lse[0].is_finite(), "{out:?}");
+    assert!(out[2..].iter().all(|o| o.is_nan()) && lse[1].is_nan(), "{out:?}");
+}
+
+#[test]
+fn mqa_equals_mha_with_the_kv_head_repeated() {
+    let (h, d, shape) = (3, 5, Shape::new(2, 4, 6));
+    let mqa = AttentionSpec::mqa(h, d).mask(Mask::Causal);
+    let mha = AttentionSpec::mha(h, d).mask(Mask::Causal);
+    let q = uniform(5, 2 * 4 * h * d, -1.0, 1.0);
+    let (k, v) = (uniform(6, 2 * 6 * d, -1.0, 1.0), uniform(7, 2 * 6 * d, -1.0, 1.0));
+    let repeat = |x: &[f32]| -> Vec<f32> { x.chunks(d).flat_map(|row| row.repeat(h)).collect() };
+    let (out_mqa, lse_mqa) = run(&mqa, shape, &Inputs::grouped(&q, &k, &v));
+    let (out_mha, lse_mha) = run(&mha, shape, &Inputs::grouped(&q, &repeat(&k), &repeat(&v)));
+    assert_eq!(out_mqa, out_mha);
+    assert_eq!(lse_mqa, lse_mha);
+}
+
+#[test]
+fn named_maps_equal_their_explicit_lists() {
+    let (h, kv, d, shape) = (6, 3, 4, Shape::new(1, 3, 5));
+    let q = uniform(8, 3 * h * d, -1.0, 1.0);
+    let (k, v) = (uniform(9, 5 * kv * d, -1.0, 1.0), uniform(10, 5 * kv * d, -1.0, 1.0));
+    let inputs = Inputs::grouped(&q, &k, &v);
+    for (named, list) in [
+        (GroupMap::Contiguous, vec![0, 0, 1, 1, 2, 2]),
+        (GroupMap::Interleaved, vec![0, 1, 2, 0, 1, 2]),
+    ] {
+        let named = run(&AttentionSpec::gqa(h, kv, d).group_map(named), shape, &inputs);
+        let listed =
+            run(&AttentionSpec::gqa(h, kv, d).group_map(GroupMap::Explicit(list)), shape, &inputs);
+        assert_eq!(named, listed);
+    }
+}
+
+#[test]
+fn uneven_map_reads_the_right_kv_head() {
+    // Head h reads KV head map[h]; with q = 0, its output is the mean of that head's values.
+    let map = vec![1, 0, 1, 1];
+    let spec = AttentionSpec::gqa(4, 2, 1).group_map(GroupMap::Explicit(map.clone()));
+    let q = [0.0; 4];
+    let k = [0.5, -0.5, 0.25, 0.75]; // [Sk = 2, kv = 2, D = 1]
+    let v = [1.0, 10.0, 3.0, 30.0];
+    let (out, _) = run(&spec, Shape::new(1, 1, 2), &Inputs::grouped(&q, &k, &v));
+    let expected: Vec<f64> = map.iter().map(|&g| [2.0, 20.0][g]).collect();
+    assert_close(&out, &expected);
+}
+
+#[test]
+fn latent_equals_mha_on_materialised_keys_and_values() {
+    let (h, rank, rope, nope, dv) = (3, 6, 2, 4, 5);
+    let spec = AttentionSpec::mla(h, rank, rope, nope, dv).mask(Mask::Causal).softcap(2.0);
+    let shape = Shape::new(2, 3, 4);
+    let inputs = OwnedInputs::random(&spec, shape, 11, 1.0);
+    let (c_kv, k_rope) = (inputs.get(Tensor::CKv), inputs.get(Tensor::KRope));
+    let (w_uk, w_uv) = (inputs.get(Tensor::WUk), inputs.get(Tensor::WUv));
+    // Materialise K = [W_UK c, k_rope] and V = W_UV c per (b, t, h), in f64, stored as f32.
+    let project = |w: &[f32], rows: usize, hh: usize, c: &[f32]| -> Vec<f32> {
+        (0..rows)
+            .map(|r| {
+                (0..rank)
+                    .map(|x| f64::from(w[(hh * rows + r) * rank + x]) * f64::from(c[x]))
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    };
+    let (mut k, mut v) = (Vec::new(), Vec::new());
+    for bt in 0..2 * 4 {
+        let c = &c_kv[bt * rank..][..rank];
+        for hh in 0..h {
+            k.extend(project(w_uk, nope, hh, c));
+            k.extend_from_slice(&k_rope[bt * rope..][..rope]);
+            v.extend(project(w_uv, dv, hh, c));
+        }
+    }
+    let mha = AttentionSpec::mha(h, nope + rope).v_head_dim(dv).mask(Mask::Causal).softcap(2.0);
+    let (out_mla, lse_mla) = run(&spec, shape, &inputs.inputs());
+    let (out_mha, lse_mha) = run(&mha, shape, &Inputs::grouped(inputs.get(Tensor::Q), &k, &v));
+    let widen = |x: &[f32]| x.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+    assert_close(&out_mla, &widen(&out_mha));
+    assert_close(&lse_mla, &widen(&lse_mha));
+}
+
+#[test]
+fn errors_leave_out_untouched() {
+    let spec = AttentionSpec::gqa(4, 2, 3);
+    let kernel = Reference::new(&spec).unwrap();
+    let (q, k, v) = (vec![0.5; 24], vec![0.5; 30], vec![0.5; 30]);
+    let shape = Shape::new(1, 2, 5);
+    let mut out = vec![-7.0; 24];
+    let mut lse = vec![-7.0; 8];
+    for (inputs, out_len, lse_len) in [
+        (Inputs::grouped(&q[1..], &k, &v), 24, 8),
+        (Inputs::grouped(&q, &k[1..], &v), 24, 8),
+        (Inputs::grouped(&q, &k, &v[..29]), 24, 8),
+        (Inputs::grouped(&q, &k, &v), 24, 7),
+        (Inputs::latent(&q, &k, &v, &[], &[]), 24, 8),
+    ] {
+        let result = kernel.run(shape, &inputs, &mut out[..out_len], Some(&mut lse[..lse_len]));
+        assert!(result.is_err());
+        assert!(out.iter().chain(&lse).all(|&x| x == -7.0));
+    }
+    let mut short_out = vec![-7.0; 23];
+    assert!(kernel.run(shape, &Inputs::grouped(&q, &k, &v), &mut short_out, None).is_err());
+    assert!(short_out.iter().all(|&x| x == -7.0));
+}
+
+#[test]
+fn invalid_specs_are_rejected() {
+    let err = Reference::new(&AttentionSpec::gqa(30, 8, 128)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid spec: q_heads (30) is not a multiple of kv_heads (8) for group_map \"contiguous\""
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// The reference (full score matrix, un-absorbed MLA) and the independent formulation
+    /// (online softmax, absorbed MLA) agree on random specs, shapes and inputs.
+    #[test]
+    fn reference_agrees_with_the_independent_formulation(
+        spec in strategies::spec(Limits::SMALL),
+        shape in strategies::shape(12, 24),
+        seed in any::<u64>(),
+        magnitude in prop_oneof![3 => Just(1.0f32), 1 => Just(8.0f32)],
+    ) {
+        let inputs = OwnedInputs::random(&spec, shape, seed, magnitude);
+        let (out, lse) = run(&spec, shape, &inputs.inputs());
+        let (want_out, want_lse) = independent::attention(&spec, shape, &inputs.tensors());
+        prop_assert_eq!(first_mismatch(&out, &want_out), None);
+        prop_assert_eq!(first_mismatch(&lse, &want_lse), None);
+    }
+}
