@@ -111,7 +111,7 @@ impl OwnedInputs {
             .enumerate()
             .map(|(n, &t)| {
                 let len = t.len(spec, shape).expect("test shapes are small");
-                (t, crate::uniform(seed ^ (n as u64 + 1) * 0x51_7CC1, len, -magnitude, magnitude))
+                (t, crate::uniform(seed ^ ((n as u64 + 1) * 0x51_7CC1), len, -magnitude, magnitude))
             })
             .collect();
         OwnedInputs { tensors }
