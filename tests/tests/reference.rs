@@ -211,8 +211,8 @@ fn errors_leave_out_untouched() {
     let kernel = Reference::new(&spec).unwrap();
     let (q, k, v) = (vec![0.5; 24], vec![0.5; 30], vec![0.5; 30]);
     let shape = Shape::new(1, 2, 5);
-    let mut out = vec![-7.0; 24];
-    let mut lse = vec![-7.0; 8];
+    let mut out = [-7.0; 24];
+    let mut lse = [-7.0; 8];
     for (inputs, out_len, lse_len) in [
         (Inputs::grouped(&q[1..], &k, &v), 24, 8),
         (Inputs::grouped(&q, &k[1..], &v), 24, 8),
@@ -224,7 +224,7 @@ fn errors_leave_out_untouched() {
         assert!(result.is_err());
         assert!(out.iter().chain(&lse).all(|&x| x == -7.0));
     }
-    let mut short_out = vec![-7.0; 23];
+    let mut short_out = [-7.0; 23];
     assert!(kernel.run(shape, &Inputs::grouped(&q, &k, &v), &mut short_out, None).is_err());
     assert!(short_out.iter().all(|&x| x == -7.0));
 }
