@@ -1,1 +1,139 @@
-fn main() {}
+//! `attngen`: run, plan and validate attention specs from the command line.
+
+mod plan;
+mod run;
+mod table;
+mod tensors;
+mod validate;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use attngen::AttentionSpec;
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// attngen compiles declarative attention specs (MHA, MQA, GQA, MLA) into fused CPU kernels.
+///
+/// A spec is a small TOML file describing one attention layer: head counts, how query heads
+/// share keys and values, mask, scale and softcap. See specs/ for examples.
+#[derive(Parser)]
+#[command(name = "attngen", version, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a spec on tensors from a safetensors file and write `out` and `lse`.
+    ///
+    /// The inputs file holds the tensors of design.md 1.2 by name, all F32: q, k, v for grouped
+    /// specs; q, c_kv, k_rope, w_uk, w_uv for latent (MLA) specs. B, Sq and Sk are read from
+    /// their shapes. The output file gets `out` [B, Sq, H, Dv] and `lse` [B, Sq, H]. Exit
+    /// status 2, with the problem on stderr and no output file, for any bad spec, tensor name,
+    /// dtype or shape.
+    Run {
+        /// The spec file.
+        spec: PathBuf,
+        /// Input tensors (safetensors).
+        #[arg(long, value_name = "IN.safetensors")]
+        inputs: PathBuf,
+        /// Where to write `out` and `lse` (safetensors).
+        #[arg(long, value_name = "OUT.safetensors")]
+        out: PathBuf,
+        /// Which backend computes the result.
+        #[arg(long, value_enum, default_value_t = Backend::Interp)]
+        backend: Backend,
+    },
+    /// Compare specs: variant, KV-cache size per token and for a context, decode cost.
+    ///
+    /// All numbers are per layer. "vs MHA" is the cache relative to multi-head attention with
+    /// the same query heads and head dims; "FLOP/byte" is decode arithmetic intensity, the
+    /// decode FLOPs per byte of KV cache read.
+    Plan {
+        /// Spec files.
+        #[arg(required = true)]
+        specs: Vec<PathBuf>,
+        /// Context length (tokens in the KV cache) for the cache and decode columns.
+        #[arg(long, default_value_t = 4096)]
+        context: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check spec files and print each one's errors as file:line:column, or `ok`.
+    ///
+    /// Exit status 1 if any spec is invalid, 2 if a file cannot be read.
+    Validate {
+        /// Spec files.
+        #[arg(required = true)]
+        specs: Vec<PathBuf>,
+    },
+}
+
+/// A backend that computes a spec.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// The reference interpreter: float64, un-fused, slow, the oracle.
+    Interp,
+}
+
+/// Why a command failed, and with which exit status.
+#[derive(Debug)]
+pub struct Failure {
+    /// 1: the command ran and found a problem; 2: bad input (spec, tensors, file).
+    pub status: u8,
+    /// What to print on stderr.
+    pub message: String,
+}
+
+impl Failure {
+    /// Bad input: exit status 2.
+    pub fn input(message: impl std::fmt::Display) -> Self {
+        Failure { status: 2, message: message.to_string() }
+    }
+}
+
+/// Writes a command's report to stdout. A closed pipe (`attngen plan ... | head`) ends the
+/// output quietly instead of panicking.
+pub fn emit(text: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Failure { status: 1, message: format!("cannot write to stdout: {e}") })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Reads and parses a spec file; a read or spec error is bad input.
+pub fn load_spec(path: &Path) -> Result<AttentionSpec, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::input(format!("{}: cannot read: {e}", path.display())))?;
+    AttentionSpec::from_toml(&text).map_err(|errors| {
+        let lines: Vec<String> = errors
+            .errors
+            .iter()
+            .map(|e| format!("{}:{}:{}: {}", path.display(), e.line, e.column, e.problem))
+            .collect();
+        Failure::input(lines.join("\n"))
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { spec, inputs, out, backend } => run::run(&spec, &inputs, &out, backend),
+        Command::Plan { specs, context, json } => plan::plan(&specs, context, json),
+        Command::Validate { specs } => validate::validate(&specs),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            if !failure.message.is_empty() {
+                eprintln!("attngen: {}", failure.message.replace('\n', "\nattngen: "));
+            }
+            ExitCode::from(failure.status)
+        }
+    }
+}

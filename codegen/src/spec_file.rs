@@ -199,15 +199,17 @@ impl AttentionSpec {
             let problem = TomlProblem::Syntax(e.message().trim_end().to_owned());
             SpecFileError { errors: vec![TomlError { line, column, problem }] }
         })?;
-        fields.into_spec().map_err(|errors| SpecFileError {
-            errors: errors
+        fields.into_spec().map_err(|errors| {
+            let mut errors: Vec<TomlError> = errors
                 .into_iter()
                 .map(|error| {
                     let offset = key_span(text, error.field()).map_or(0, |s| s.start);
                     let (line, column) = line_column(text, offset);
                     TomlError { line, column, problem: TomlProblem::Spec(error) }
                 })
-                .collect(),
+                .collect();
+            errors.sort_by_key(|e| (e.line, e.column));
+            SpecFileError { errors }
         })
     }
 
@@ -461,10 +463,10 @@ mod tests {
         assert_eq!(
             errors,
             [
+                "line 1, column 1: v_head_dim is required for latent KV",
                 "line 2, column 1: kv_heads cannot be given with [latent]: latent KV is one latent head shared by every query head",
                 "line 3, column 1: head_dim cannot be given with [latent]: the latent query/key dim is nope_dim + rope_dim",
                 "line 4, column 1: group_map cannot be given with [latent]: latent KV is one latent head shared by every query head",
-                "line 1, column 1: v_head_dim is required for latent KV",
             ]
         );
         assert_eq!(

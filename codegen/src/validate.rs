@@ -200,7 +200,10 @@ pub fn errors(spec: &AttentionSpec) -> Vec<SpecError> {
     match &spec.kv {
         KvLayout::Grouped { kv_heads, head_dim, group_map } => {
             in_range("head_dim", *head_dim, 1, MAX_HEADS_OR_DIM);
-            in_range("v_head_dim", spec.v_head_dim, 1, MAX_HEADS_OR_DIM);
+            // A v_head_dim equal to head_dim is usually the default: one message is enough.
+            if spec.v_head_dim != *head_dim {
+                in_range("v_head_dim", spec.v_head_dim, 1, MAX_HEADS_OR_DIM);
+            }
             if in_range("kv_heads", *kv_heads, 1, MAX_HEADS_OR_DIM) && heads_ok {
                 group_map_errors(spec.q_heads, *kv_heads, group_map, &mut found);
             }
@@ -425,7 +428,7 @@ mod tests {
 
     #[test]
     fn all_errors_are_reported_and_name_their_field() {
-        let spec = AttentionSpec::gqa(0, 0, 0).v_head_dim(0).scale(-1.0).softcap(0.0);
+        let spec = AttentionSpec::gqa(0, 0, 0).v_head_dim(2000).scale(-1.0).softcap(0.0);
         let fields: Vec<_> = errors(&spec).iter().map(SpecError::field).collect();
         assert_eq!(fields, ["q_heads", "head_dim", "v_head_dim", "kv_heads", "scale", "softcap"]);
     }

@@ -18,6 +18,11 @@
 //! # Ok::<(), attngen::Error>(())
 //! ```
 
+// The README's example is compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctest;
+
 mod error;
 mod kernel;
 mod reference;

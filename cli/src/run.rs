@@ -1,0 +1,55 @@
+//! `attngen run`: one spec on tensors from a file, outputs written atomically.
+
+use std::path::Path;
+
+use attngen::{Inputs, Kernel, Reference, Tensor};
+
+use crate::tensors::{self, LoadedInputs};
+use crate::{Backend, Failure, load_spec};
+
+/// Runs `spec_path` on the tensors in `inputs_path` and writes `out` and `lse` to `out_path`.
+pub fn run(
+    spec_path: &Path,
+    inputs_path: &Path,
+    out_path: &Path,
+    backend: Backend,
+) -> Result<(), Failure> {
+    let spec = load_spec(spec_path)?;
+    let bytes = std::fs::read(inputs_path)
+        .map_err(|e| Failure::input(format!("{}: cannot read: {e}", inputs_path.display())))?;
+    let loaded = tensors::load(&spec, &bytes)
+        .map_err(|e| Failure::input(format!("{}: {e}", inputs_path.display())))?;
+    let kernel: Box<dyn Kernel> = match backend {
+        Backend::Interp => Box::new(Reference::new(&spec).map_err(Failure::input)?),
+    };
+    let shape = loaded.shape;
+    let too_large = |t: Tensor| t.len(&spec, shape).map_err(Failure::input);
+    let mut out = vec![0.0; too_large(Tensor::Out)?];
+    let mut lse = vec![0.0; too_large(Tensor::Lse)?];
+    kernel.run(shape, &inputs(&loaded), &mut out, Some(&mut lse)).map_err(Failure::input)?;
+    tensors::write_atomically(
+        out_path,
+        &[
+            ("lse", Tensor::Lse.dims(&spec, shape), &lse),
+            ("out", Tensor::Out.dims(&spec, shape), &out),
+        ],
+    )
+    .map_err(|e| Failure {
+        status: 1,
+        message: format!("{}: cannot write: {e}", out_path.display()),
+    })
+}
+
+fn inputs(loaded: &LoadedInputs) -> Inputs<'_> {
+    if loaded.tensors.iter().any(|(t, _)| *t == Tensor::K) {
+        Inputs::grouped(loaded.get(Tensor::Q), loaded.get(Tensor::K), loaded.get(Tensor::V))
+    } else {
+        Inputs::latent(
+            loaded.get(Tensor::Q),
+            loaded.get(Tensor::CKv),
+            loaded.get(Tensor::KRope),
+            loaded.get(Tensor::WUk),
+            loaded.get(Tensor::WUv),
+        )
+    }
+}

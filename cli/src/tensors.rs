@@ -1,0 +1,189 @@
+//! Reading a call's input tensors from safetensors and writing its outputs atomically.
+
+use std::fmt;
+use std::path::Path;
+
+use attngen::{AttentionSpec, Shape, Tensor};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+/// What is wrong with an inputs file, naming the tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum TensorError {
+    /// Not a safetensors file.
+    #[error("not a valid safetensors file: {0}")]
+    Format(#[from] safetensors::SafeTensorError),
+    /// A tensor the spec needs is absent.
+    #[error("tensor `{name}` is missing: expected shape {expected}")]
+    Missing {
+        /// The tensor.
+        name: &'static str,
+        /// Its expected shape.
+        expected: Dims,
+    },
+    /// A tensor the spec does not read.
+    #[error("unexpected tensor `{name}`: a {kind} spec reads {expected}")]
+    Unexpected {
+        /// The tensor's name in the file.
+        name: String,
+        /// `grouped` or `latent`.
+        kind: &'static str,
+        /// The names it reads.
+        expected: String,
+    },
+    /// A tensor stored as something other than F32.
+    #[error("tensor `{name}` has dtype {found:?}: expected F32")]
+    Dtype {
+        /// The tensor.
+        name: &'static str,
+        /// Its dtype in the file.
+        found: Dtype,
+    },
+    /// A tensor whose shape does not fit the spec and the other tensors.
+    #[error("tensor `{name}`: expected shape {expected}, found {found}")]
+    Shape {
+        /// The tensor.
+        name: &'static str,
+        /// The expected shape.
+        expected: Dims,
+        /// Its shape in the file.
+        found: Dims,
+    },
+}
+
+/// A tensor shape for messages: known sizes as numbers, sizes still to be read as names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dims(pub Vec<String>);
+
+impl Dims {
+    fn known(dims: &[usize]) -> Self {
+        Dims(dims.iter().map(usize::to_string).collect())
+    }
+}
+
+impl fmt::Display for Dims {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}]", self.0.join(", "))
+    }
+}
+
+/// Input tensors read from a file, with the call shape taken from their dims.
+pub struct LoadedInputs {
+    /// B, Sq, Sk.
+    pub shape: Shape,
+    /// Each input tensor of the spec with its values.
+    pub tensors: Vec<(Tensor, Vec<f32>)>,
+}
+
+impl LoadedInputs {
+    /// The values of one tensor.
+    pub fn get(&self, tensor: Tensor) -> &[f32] {
+        self.tensors.iter().find(|(t, _)| *t == tensor).map_or(&[], |(_, v)| v)
+    }
+}
+
+/// Reads and checks the inputs a spec needs: every name present and no other, F32, and shapes
+/// consistent with the spec and with one (B, Sq, Sk) taken from `q` and `k`/`c_kv`.
+pub fn load(spec: &AttentionSpec, bytes: &[u8]) -> Result<LoadedInputs, TensorError> {
+    let file = SafeTensors::deserialize(bytes)?;
+    let wanted = Tensor::inputs(spec);
+    let kind = if wanted.contains(&Tensor::K) { "grouped" } else { "latent" };
+    let mut names = file.names();
+    names.sort_unstable();
+    if let Some(extra) = names.iter().find(|n| !wanted.iter().any(|t| t.name() == **n)) {
+        let expected = wanted.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ");
+        return Err(TensorError::Unexpected { name: extra.to_string(), kind, expected });
+    }
+    let symbolic = Shape::new(0, 0, 0);
+    let view = |t: Tensor| -> Result<TensorView<'_>, TensorError> {
+        let view = file.tensor(t.name()).map_err(|_| TensorError::Missing {
+            name: t.name(),
+            expected: with_symbols(t, &t.dims(spec, symbolic)),
+        })?;
+        if view.dtype() != Dtype::F32 {
+            return Err(TensorError::Dtype { name: t.name(), found: view.dtype() });
+        }
+        Ok(view)
+    };
+    // B and Sq come from q; Sk from the first per-token KV tensor.
+    let q = view(Tensor::Q)?;
+    let kv_tensor = if kind == "grouped" { Tensor::K } else { Tensor::CKv };
+    let kv = view(kv_tensor)?;
+    let leading = |t: Tensor, v: &TensorView<'_>| -> Result<(usize, usize), TensorError> {
+        let expected = t.dims(spec, symbolic);
+        match v.shape() {
+            [a, b, rest @ ..] if rest.len() + 2 == expected.len() => Ok((*a, *b)),
+            found => Err(TensorError::Shape {
+                name: t.name(),
+                expected: with_symbols(t, &expected),
+                found: Dims::known(found),
+            }),
+        }
+    };
+    let (batch, seq_q) = leading(Tensor::Q, &q)?;
+    let (_, seq_k) = leading(kv_tensor, &kv)?;
+    let shape = Shape::new(batch, seq_q, seq_k);
+    let mut tensors = Vec::with_capacity(wanted.len());
+    for &t in wanted {
+        let v = view(t)?;
+        let expected = t.dims(spec, shape);
+        if v.shape() != expected.as_slice() {
+            return Err(TensorError::Shape {
+                name: t.name(),
+                expected: Dims::known(&expected),
+                found: Dims::known(v.shape()),
+            });
+        }
+        let values = v
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        tensors.push((t, values));
+    }
+    Ok(LoadedInputs { shape, tensors })
+}
+
+/// The expected dims with B, Sq and Sk written as names (they are read from the file).
+fn with_symbols(t: Tensor, dims: &[usize]) -> Dims {
+    let names: &[&str] = match t {
+        Tensor::Q | Tensor::Out | Tensor::Lse => &["B", "Sq"],
+        Tensor::K | Tensor::V | Tensor::CKv | Tensor::KRope => &["B", "Sk"],
+        Tensor::WUk | Tensor::WUv => &[],
+    };
+    Dims(
+        dims.iter()
+            .enumerate()
+            .map(|(i, d)| names.get(i).map_or_else(|| d.to_string(), |n| (*n).to_owned()))
+            .collect(),
+    )
+}
+
+/// Writes `tensors` (name, shape, values) as safetensors to `path` through a temporary file in
+/// the same directory and a rename, so a failure never leaves a partial or stale-looking file.
+pub fn write_atomically(
+    path: &Path,
+    tensors: &[(&str, Vec<usize>, &[f32])],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, dims, _), data)| {
+            Ok((*name, TensorView::new(Dtype::F32, dims.clone(), data)?))
+        })
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let encoded = safetensors::serialize(views, None)?;
+    let file_name = path.file_name().ok_or("output path has no file name")?;
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(file_name);
+    temp_name.push(format!(".{}.tmp", std::process::id()));
+    let temp = path.with_file_name(temp_name);
+    let written = std::fs::write(&temp, encoded).and_then(|()| std::fs::rename(&temp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    Ok(written?)
+}

@@ -1,0 +1,294 @@
+//! The `attngen` binary, driven as a user would: run on every kind of spec (checked against the
+//! independent float64 formulation), every kind of bad input, plan and validate.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use attngen::{AttentionSpec, GroupMap, Mask, Shape, Tensor};
+use attngen_tests::strategies::OwnedInputs;
+use attngen_tests::{first_mismatch, independent};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+fn attngen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_attngen")).args(args).output().expect("binary runs")
+}
+
+/// A fresh scratch directory for one test.
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("attngen-cli-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_safetensors(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(name, dtype, dims, data)| {
+            (*name, TensorView::new(*dtype, dims.clone(), data).unwrap())
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Writes the spec and its random inputs into `dir`; returns (spec path, inputs path, inputs).
+fn prepare(
+    dir: &Path,
+    spec: &AttentionSpec,
+    shape: Shape,
+    seed: u64,
+) -> (PathBuf, PathBuf, OwnedInputs) {
+    let spec_path = dir.join("spec.toml");
+    std::fs::write(&spec_path, spec.to_toml()).unwrap();
+    let inputs = OwnedInputs::random(spec, shape, seed, 1.0);
+    let tensors: Vec<_> = inputs
+        .tensors
+        .iter()
+        .map(|(t, data)| (t.name(), Dtype::F32, t.dims(spec, shape), f32_bytes(data)))
+        .collect();
+    let inputs_path = dir.join("in.safetensors");
+    write_safetensors(&inputs_path, &tensors);
+    (spec_path, inputs_path, inputs)
+}
+
+fn read_f32(file: &SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let view = file.tensor(name).unwrap();
+    assert_eq!(view.dtype(), Dtype::F32);
+    let values =
+        view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    (view.shape().to_vec(), values)
+}
+
+#[test]
+fn run_interp_agrees_with_the_independent_formulation_on_every_kind_of_spec() {
+    let specs = [
+        AttentionSpec::mha(3, 8).mask(Mask::Causal),
+        AttentionSpec::mqa(4, 5),
+        AttentionSpec::gqa(6, 2, 7).group_map(GroupMap::Interleaved).mask(Mask::Causal),
+        AttentionSpec::gqa(5, 3, 4)
+            .group_map(GroupMap::Explicit(vec![2, 0, 0, 1, 2]))
+            .v_head_dim(6),
+        AttentionSpec::gqa(4, 2, 8).mask(Mask::SlidingWindow(3)),
+        AttentionSpec::gqa(4, 2, 8).softcap(0.5).scale(2.0).mask(Mask::Causal),
+        AttentionSpec::mla(3, 12, 4, 6, 5).mask(Mask::Causal),
+        AttentionSpec::mla(2, 8, 0, 3, 4),
+    ];
+    for (n, spec) in specs.iter().enumerate() {
+        let dir = scratch(&format!("agree{n}"));
+        // Sq > Sk on some specs, so some rows see no key.
+        let shape = if n % 2 == 0 { Shape::new(2, 3, 7) } else { Shape::new(1, 6, 4) };
+        let (spec_path, inputs_path, inputs) = prepare(&dir, spec, shape, n as u64);
+        let out_path = dir.join("out.safetensors");
+        let output = attngen(&[
+            "run",
+            spec_path.to_str().unwrap(),
+            "--inputs",
+            inputs_path.to_str().unwrap(),
+            "--out",
+            out_path.to_str().unwrap(),
+            "--backend",
+            "interp",
+        ]);
+        assert!(output.status.success(), "{spec:?}: {}", String::from_utf8_lossy(&output.stderr));
+        let bytes = std::fs::read(&out_path).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        let (out_dims, out) = read_f32(&file, "out");
+        let (lse_dims, lse) = read_f32(&file, "lse");
+        assert_eq!(out_dims, Tensor::Out.dims(spec, shape));
+        assert_eq!(lse_dims, Tensor::Lse.dims(spec, shape));
+        let (want_out, want_lse) = independent::attention(spec, shape, &inputs.tensors());
+        assert_eq!(first_mismatch(&out, &want_out), None, "{spec:?}");
+        assert_eq!(first_mismatch(&lse, &want_lse), None, "{spec:?}");
+        assert!(lse.iter().any(|l| l.is_finite()));
+    }
+}
+
+/// Runs with a broken inputs file; asserts exit status 2, the message, and no output file.
+fn assert_bad_inputs(
+    test: &str,
+    spec: &AttentionSpec,
+    tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)],
+    message: &str,
+) {
+    let dir = scratch(test);
+    let spec_path = dir.join("spec.toml");
+    std::fs::write(&spec_path, spec.to_toml()).unwrap();
+    let inputs_path = dir.join("in.safetensors");
+    write_safetensors(&inputs_path, tensors);
+    let out_path = dir.join("out.safetensors");
+    let output = attngen(&[
+        "run",
+        spec_path.to_str().unwrap(),
+        "--inputs",
+        inputs_path.to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(message), "expected {message:?} in:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 2, "a failed run left files behind: {left:?}");
+}
+
+fn zeros(n: usize) -> Vec<u8> {
+    vec![0; 4 * n]
+}
+
+#[test]
+fn bad_tensors_exit_2_naming_the_tensor_and_leave_no_file() {
+    let spec = AttentionSpec::gqa(4, 2, 3);
+    let q = ("q", Dtype::F32, vec![1, 2, 4, 3], zeros(24));
+    let k = ("k", Dtype::F32, vec![1, 5, 2, 3], zeros(30));
+    let v = ("v", Dtype::F32, vec![1, 5, 2, 3], zeros(30));
+    assert_bad_inputs(
+        "missing",
+        &spec,
+        &[q.clone(), k.clone()],
+        "tensor `v` is missing: expected shape [B, Sk, 2, 3]",
+    );
+    assert_bad_inputs(
+        "unexpected",
+        &spec,
+        &[q.clone(), k.clone(), v.clone(), ("kk", Dtype::F32, vec![1], zeros(1))],
+        "unexpected tensor `kk`: a grouped spec reads q, k, v",
+    );
+    assert_bad_inputs(
+        "dtype",
+        &spec,
+        &[("q", Dtype::F16, vec![1, 2, 4, 3], vec![0; 48]), k.clone(), v.clone()],
+        "tensor `q` has dtype F16: expected F32",
+    );
+    assert_bad_inputs(
+        "shape",
+        &spec,
+        &[q.clone(), k.clone(), ("v", Dtype::F32, vec![1, 4, 2, 3], zeros(24))],
+        "tensor `v`: expected shape [1, 5, 2, 3], found [1, 4, 2, 3]",
+    );
+    assert_bad_inputs(
+        "heads",
+        &spec,
+        &[("q", Dtype::F32, vec![1, 2, 3, 4], zeros(24)), k.clone(), v.clone()],
+        "tensor `q`: expected shape [1, 2, 4, 3], found [1, 2, 3, 4]",
+    );
+    assert_bad_inputs(
+        "rank",
+        &spec,
+        &[("q", Dtype::F32, vec![24], zeros(24)), k, v],
+        "tensor `q`: expected shape [B, Sq, 4, 3], found [24]",
+    );
+    let mla = AttentionSpec::mla(2, 8, 2, 3, 4);
+    assert_bad_inputs(
+        "latent",
+        &mla,
+        &[
+            ("q", Dtype::F32, vec![1, 1, 2, 5], zeros(10)),
+            ("c_kv", Dtype::F32, vec![1, 3, 8], zeros(24)),
+            ("k_rope", Dtype::F32, vec![1, 3, 2], zeros(6)),
+            ("w_uk", Dtype::F32, vec![2, 3, 8], zeros(48)),
+            ("w_uv", Dtype::F32, vec![2, 8, 4], zeros(64)),
+        ],
+        "tensor `w_uv`: expected shape [2, 4, 8], found [2, 8, 4]",
+    );
+}
+
+#[test]
+fn bad_spec_and_bad_files_exit_2() {
+    let dir = scratch("badspec");
+    let spec_path = dir.join("spec.toml");
+    std::fs::write(&spec_path, "q_heads = 30\nkv_heads = 8\nhead_dim = 128\n").unwrap();
+    let inputs_path = dir.join("in.safetensors");
+    std::fs::write(&inputs_path, b"not safetensors").unwrap();
+    let out_path = dir.join("out.safetensors");
+    let run = |spec: &Path| {
+        attngen(&[
+            "run",
+            spec.to_str().unwrap(),
+            "--inputs",
+            inputs_path.to_str().unwrap(),
+            "--out",
+            out_path.to_str().unwrap(),
+        ])
+    };
+    let output = run(&spec_path);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains(
+        "spec.toml:2:1: q_heads (30) is not a multiple of kv_heads (8) for group_map \"contiguous\""
+    ));
+    std::fs::write(&spec_path, AttentionSpec::mha(2, 2).to_toml()).unwrap();
+    let output = run(&spec_path);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not a valid safetensors file"));
+    let output = run(&dir.join("absent.toml"));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("absent.toml: cannot read"));
+    assert!(!out_path.exists());
+}
+
+fn specs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs")
+}
+
+#[test]
+fn plan_compares_the_variants() {
+    let names =
+        ["mha.toml", "mqa.toml", "llama3-8b.toml", "gqa-uneven.toml", "deepseek-v2-lite.toml"];
+    let paths: Vec<String> =
+        names.iter().map(|n| specs_dir().join(n).display().to_string()).collect();
+    let mut args = vec!["plan", "--context", "1000"];
+    args.extend(paths.iter().map(String::as_str));
+    let output = attngen(&args);
+    assert!(output.status.success());
+    let table = String::from_utf8(output.stdout).unwrap();
+    assert!(table.contains("cache @1000"), "{table}");
+    let llama = table.lines().find(|l| l.starts_with("llama3-8b")).unwrap();
+    for cell in ["GQA 32→8 (4 per KV head)", "2048", "8.0 KiB", "7.8 MiB", "25.0%"] {
+        assert!(llama.contains(cell), "{cell:?} not in {llama:?}");
+    }
+    let uneven = table.lines().find(|l| l.starts_with("gqa-uneven")).unwrap();
+    assert!(uneven.contains("GQA 10→4 (3,1,4,2 per KV head)"), "{uneven}");
+    let lite = table.lines().find(|l| l.starts_with("deepseek-v2-lite")).unwrap();
+    assert!(lite.contains("MLA 16 heads, latent 512 + rope 64") && lite.contains("576"), "{lite}");
+
+    args.push("--json");
+    let output = attngen(&args);
+    let rows: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let lite = &rows[4];
+    assert_eq!(lite["variant"], "MLA");
+    assert_eq!(lite["cache_bytes_per_token"], 576 * 4);
+    assert_eq!(lite["cache_bytes_for_context"], 576 * 4 * 1000);
+    let absorbed = 2 * 16 * 128 * 512 + 2 * 16 * 1000 * (512 + 64 + 512) + 2 * 16 * 128 * 512;
+    assert_eq!(lite["decode_flops_per_token"], absorbed);
+    assert_eq!(rows[1]["kv_heads"], 1);
+}
+
+#[test]
+fn validate_reports_every_error_with_its_location() {
+    let dir = scratch("validate");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "q_heads = 30\nkv_heads = 8\nhead_dim = 0\nsoftcap = -1.0\n").unwrap();
+    let good = specs_dir().join("llama3-8b.toml");
+    let output = attngen(&["validate", good.to_str().unwrap(), bad.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let b = bad.display();
+    assert_eq!(
+        stdout,
+        format!(
+            "{}: ok\n\
+             {b}:2:1: q_heads (30) is not a multiple of kv_heads (8) for group_map \"contiguous\"\n\
+             {b}:3:1: head_dim (0) must be in 1..=1024\n\
+             {b}:4:1: softcap (-1) must be finite and > 0\n",
+            good.display()
+        )
+    );
+    std::fs::write(&bad, "q_heads = 4\nhead_dim = 8\nmask = \"causal\"\nwindow = 3\n").unwrap();
+    let output = attngen(&["validate", bad.to_str().unwrap()]);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.starts_with(&format!("{b}:4:1: unknown field `window`")), "{stdout}");
+}
