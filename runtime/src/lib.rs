@@ -27,6 +27,7 @@ mod error;
 mod kernel;
 mod reference;
 mod shape;
+mod simd;
 
 pub use attngen_codegen::{
     AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask, SpecError, SpecFileError, Variant,
@@ -36,3 +37,4 @@ pub use error::Error;
 pub use kernel::Kernel;
 pub use reference::Reference;
 pub use shape::{Inputs, Shape, Tensor, check_call};
+pub use simd::Isa;

@@ -1,0 +1,241 @@
+//! Pre-compiled tile micro-kernels that generated code calls, chosen per CPU.
+//!
+//! There are exactly two, the two matrix products of a flash-attention tile:
+//! - [`DotNt`]: `C (+)= A · Bᵀ` with A and B both row-major — scores `S = Q·Kᵀ` straight from the
+//!   K cache, and MLA's output projection `out = o'·W_UVᵀ`;
+//! - [`DotNn`]: `C (+)= A · B` — the value update `O += P·V`, and MLA's query absorption
+//!   `q' = q_nope·W_UK`; an optional per-row key range restricts partially masked tiles so a
+//!   hidden key's value never meets a row that cannot see it (not even as `0 · NaN`).
+//!
+//! Everything else — loop nest, group mapping, masks, online softmax, splits and merges — is
+//! generated per spec. Each ISA module implements both with the same `extern "C"` signatures.
+
+// The kernels take BLAS-style (sizes, pointer, leading dimension) argument lists.
+#![allow(clippy::too_many_arguments)]
+
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// `C[i·ldc + j] (+)= Σ_{p<k} A[i·lda + p] · B[j·ldb + p]` for `i < m`, `j < n`.
+/// `accumulate != 0` adds to C, otherwise overwrites it.
+pub type DotNt = unsafe extern "C" fn(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: usize,
+);
+
+/// `C[i·ldc + j] (+)= Σ_{p ∈ P_i} A[i·lda + p] · B[p·ldb + j]` for `i < m`, `j < n`, where
+/// `P_i = 0..k`, or `row_range[2i]..row_range[2i + 1]` (clamped to `0..k`) when `row_range` is
+/// non-null: it then points to `m` (low, high) pairs of i32.
+/// `accumulate != 0` adds to C, otherwise overwrites it.
+pub type DotNn = unsafe extern "C" fn(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: usize,
+    row_range: *const i32,
+);
+
+/// The key range `lo..hi` of row `i` for [`DotNn`]: all of `0..k` without a range table, else
+/// the table's entries clamped to `0..k` (empty when `hi <= lo`).
+///
+/// # Safety
+/// `row_range` is null or points to `2·m` i32s.
+unsafe fn row_keys(row_range: *const i32, m: usize, i: usize, k: usize) -> (usize, usize) {
+    if row_range.is_null() {
+        return (0, k);
+    }
+    debug_assert!(i < m);
+    // SAFETY: i < m and the table has m pairs.
+    let (lo, hi) = unsafe { (*row_range.add(2 * i), *row_range.add(2 * i + 1)) };
+    let clamp = |x: i32| (x.max(0) as usize).min(k);
+    (clamp(lo), clamp(hi).max(clamp(lo)))
+}
+
+/// An instruction set the micro-kernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// x86-64 with AVX2 and FMA: 256-bit vectors.
+    Avx2Fma,
+    /// Scalar code the compiler may auto-vectorise; runs anywhere.
+    Portable,
+}
+
+impl Isa {
+    /// The best ISA this CPU supports.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Isa::Avx2Fma;
+        }
+        Isa::Portable
+    }
+
+    /// A short name for reports: `avx2+fma` or `portable`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx2Fma => "avx2+fma",
+            Isa::Portable => "portable",
+        }
+    }
+
+    /// The micro-kernels for this ISA. Only call with an ISA from [`Isa::detect`] (or
+    /// `Portable`): the AVX2 kernels must not run on a CPU without AVX2 and FMA.
+    pub fn kernels(self) -> (DotNt, DotNn) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => (x86::dot_nt, x86::dot_nn),
+            _ => (portable::dot_nt, portable::dot_nn),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000)
+            .map(|x| x as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    /// Every shape remainder of both kernels, on every ISA this CPU has, against f64 loops.
+    #[test]
+    fn kernels_match_naive_loops() {
+        let isas = [Isa::Portable, Isa::detect()];
+        for isa in isas {
+            let (dot_nt, dot_nn) = isa.kernels();
+            for (m, n, k) in [(1, 1, 1), (4, 3, 8), (5, 7, 13), (9, 25, 17), (3, 50, 64), (7, 2, 3)]
+            {
+                let (lda, ldb, ldc) = (k + 3, k + 1, n + 2);
+                let a = data(m * lda, 1);
+                let b = data(n * ldb, 2);
+                for accumulate in [0, 1] {
+                    let mut c = data(m * ldc, 3);
+                    let before = c.clone();
+                    // SAFETY: every buffer holds the rows × leading dims the call reads/writes.
+                    unsafe {
+                        dot_nt(
+                            m,
+                            n,
+                            k,
+                            a.as_ptr(),
+                            lda,
+                            b.as_ptr(),
+                            ldb,
+                            c.as_mut_ptr(),
+                            ldc,
+                            accumulate,
+                        )
+                    };
+                    for i in 0..m {
+                        for j in 0..ldc {
+                            let mut want = if accumulate == 1 || j >= n {
+                                before[i * ldc + j] as f64
+                            } else {
+                                0.0
+                            };
+                            if j < n {
+                                want += (0..k)
+                                    .map(|p| a[i * lda + p] as f64 * b[j * ldb + p] as f64)
+                                    .sum::<f64>();
+                            }
+                            let got = c[i * ldc + j] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "{isa:?} nt {m}x{n}x{k} [{i},{j}] {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+                // dot_nn: B is k × n.
+                let (lda, ldb, ldc) = (k + 2, n + 5, n + 1);
+                let a = data(m * lda, 4);
+                let b = data(k * ldb, 5);
+                let ranges: Vec<i32> = (0..m as i32).flat_map(|i| [i % 3, k as i32 - i]).collect();
+                for (accumulate, masked) in [(0, false), (1, false), (1, true)] {
+                    let mut c = data(m * ldc, 6);
+                    let before = c.clone();
+                    let range = if masked { ranges.as_ptr() } else { std::ptr::null() };
+                    // SAFETY: as above; `ranges` holds 2·m i32s.
+                    unsafe {
+                        dot_nn(
+                            m,
+                            n,
+                            k,
+                            a.as_ptr(),
+                            lda,
+                            b.as_ptr(),
+                            ldb,
+                            c.as_mut_ptr(),
+                            ldc,
+                            accumulate,
+                            range,
+                        )
+                    };
+                    for i in 0..m {
+                        let (lo, hi) = if masked {
+                            (
+                                ranges[2 * i].clamp(0, k as i32) as usize,
+                                ranges[2 * i + 1].clamp(0, k as i32) as usize,
+                            )
+                        } else {
+                            (0, k)
+                        };
+                        for j in 0..ldc {
+                            let mut want = if accumulate == 1 || j >= n {
+                                before[i * ldc + j] as f64
+                            } else {
+                                0.0
+                            };
+                            if j < n {
+                                want += (lo..hi.max(lo))
+                                    .map(|p| a[i * lda + p] as f64 * b[p * ldb + j] as f64)
+                                    .sum::<f64>();
+                            }
+                            let got = c[i * ldc + j] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "{isa:?} nn {m}x{n}x{k} [{i},{j}] {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn masked_rows_never_touch_hidden_values() {
+        for isa in [Isa::Portable, Isa::detect()] {
+            let (_, dot_nn) = isa.kernels();
+            // Row 0 sees key 0 only; key 1's value row is NaN.
+            let a = [1.0f32, 0.0];
+            let b = [2.0f32, 3.0, f32::NAN, f32::NAN];
+            let range = [0i32, 1];
+            let mut c = [0.0f32; 2];
+            // SAFETY: 1 × 2 output, k = 2 keys of 2 values, one row range.
+            unsafe {
+                dot_nn(1, 2, 2, a.as_ptr(), 2, b.as_ptr(), 2, c.as_mut_ptr(), 2, 0, range.as_ptr())
+            };
+            assert_eq!(c, [2.0, 3.0], "{isa:?}");
+        }
+    }
+}
