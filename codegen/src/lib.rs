@@ -4,11 +4,17 @@
 //! arguments) is checked by [`validate`]; later stages plan and lower it. [`cost`] counts the
 //! FLOPs and bytes every report uses.
 
+pub mod abi;
+pub mod clif;
 pub mod cost;
+pub mod ir;
+pub mod plan;
 pub mod spec;
 pub mod spec_file;
 pub mod validate;
 
+pub use ir::KernelIr;
+pub use plan::{Form, KernelPlan, Schedule};
 pub use spec::{AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask, Variant};
 pub use spec_file::{SpecFields, SpecFileError, TomlError, TomlProblem};
 pub use validate::{SpecError, validate};

@@ -33,6 +33,9 @@ pub enum Error {
         /// The buffer's length.
         got: usize,
     },
+    /// Code generation failed: a bug in attngen, reported rather than hidden.
+    #[error("the JIT could not compile the kernel: {0}")]
+    Compile(String),
     /// A shape whose element count does not fit in `usize`.
     #[error("tensor `{tensor}`: shape {shape:?} has more elements than fit in memory")]
     TooLarge {

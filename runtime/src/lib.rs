@@ -24,6 +24,7 @@
 struct ReadmeDoctest;
 
 mod error;
+mod jit;
 mod kernel;
 mod reference;
 mod shape;
@@ -34,6 +35,7 @@ pub use attngen_codegen::{
     cost, validate,
 };
 pub use error::Error;
+pub use jit::{Jit, JitKernel, Listing};
 pub use kernel::Kernel;
 pub use reference::Reference;
 pub use shape::{Inputs, Shape, Tensor, check_call};

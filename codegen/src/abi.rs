@@ -1,0 +1,116 @@
+//! The binary interface between generated kernels and the runtime that calls them.
+//!
+//! A generated kernel is two functions, both `extern "C"` with pointer-sized integer arguments:
+//! - `item(args, b, g, q0, k_lo, k_hi, scratch, state)` — see [`crate::ir`];
+//! - `finish(args, b, g, q0, n_states, states, scratch)`.
+//!
+//! `args` points to one [`CallArgs`]; `scratch` to `plan.scratch.len` floats; `state(s)` to
+//! `plan.state_len` floats per split.
+
+use std::mem::offset_of;
+
+/// Everything a call's work items share, laid out for generated code to load by offset.
+/// Pointers to tensors a spec does not use are dangling-but-unread; `lse` is null when the
+/// caller did not ask for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CallArgs {
+    /// `q`.
+    pub q: *const f32,
+    /// `k` (grouped).
+    pub k: *const f32,
+    /// `v` (grouped).
+    pub v: *const f32,
+    /// `c_kv` (latent).
+    pub c_kv: *const f32,
+    /// `k_rope` (latent).
+    pub k_rope: *const f32,
+    /// `w_uk` (latent).
+    pub w_uk: *const f32,
+    /// `w_uv` (latent).
+    pub w_uv: *const f32,
+    /// `out`.
+    pub out: *mut f32,
+    /// `lse`, or null.
+    pub lse: *mut f32,
+    /// Sq.
+    pub seq_q: usize,
+    /// Sk.
+    pub seq_k: usize,
+}
+
+/// Byte offsets of [`CallArgs`] fields, for the emitters.
+pub mod offsets {
+    use super::*;
+
+    /// `q`.
+    pub const Q: i32 = offset_of!(CallArgs, q) as i32;
+    /// `k`.
+    pub const K: i32 = offset_of!(CallArgs, k) as i32;
+    /// `v`.
+    pub const V: i32 = offset_of!(CallArgs, v) as i32;
+    /// `c_kv`.
+    pub const C_KV: i32 = offset_of!(CallArgs, c_kv) as i32;
+    /// `k_rope`.
+    pub const K_ROPE: i32 = offset_of!(CallArgs, k_rope) as i32;
+    /// `w_uk`.
+    pub const W_UK: i32 = offset_of!(CallArgs, w_uk) as i32;
+    /// `w_uv`.
+    pub const W_UV: i32 = offset_of!(CallArgs, w_uv) as i32;
+    /// `out`.
+    pub const OUT: i32 = offset_of!(CallArgs, out) as i32;
+    /// `lse`.
+    pub const LSE: i32 = offset_of!(CallArgs, lse) as i32;
+    /// `seq_q`.
+    pub const SEQ_Q: i32 = offset_of!(CallArgs, seq_q) as i32;
+    /// `seq_k`.
+    pub const SEQ_K: i32 = offset_of!(CallArgs, seq_k) as i32;
+}
+
+/// `item(args, b, g, q0, k_lo, k_hi, scratch, state)`.
+pub type ItemFn = unsafe extern "C" fn(
+    args: *const CallArgs,
+    b: usize,
+    g: usize,
+    q0: usize,
+    k_lo: usize,
+    k_hi: usize,
+    scratch: *mut f32,
+    state: *mut f32,
+);
+
+/// `finish(args, b, g, q0, n_states, states, scratch)`.
+pub type FinishFn = unsafe extern "C" fn(
+    args: *const CallArgs,
+    b: usize,
+    g: usize,
+    q0: usize,
+    n_states: usize,
+    states: *mut f32,
+    scratch: *mut f32,
+);
+
+/// The pre-compiled routines generated code calls, in the order of [`Callee::ALL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Callee {
+    /// Tile `C (+)= A·Bᵀ` (see `attngen`'s `simd::DotNt`).
+    DotNt,
+    /// Tile `C (+)= A·B` with optional per-row key ranges (`simd::DotNn`).
+    DotNn,
+    /// Natural log of one f32 (once per output row, for `lse`).
+    Ln,
+}
+
+impl Callee {
+    /// Every callee.
+    pub const ALL: [Callee; 3] = [Callee::DotNt, Callee::DotNn, Callee::Ln];
+
+    /// The symbol name the JIT registers the routine under.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Callee::DotNt => "attngen_dot_nt",
+            Callee::DotNn => "attngen_dot_nn",
+            Callee::Ln => "attngen_ln",
+        }
+    }
+}

@@ -1,0 +1,1040 @@
+//! Emits Cranelift IR for a kernel's tile program ([`crate::ir`]).
+//!
+//! The translator holds a `FunctionBuilder` and has one method per IR op. Loops, the group
+//! mapping, mask bounds and edge-tile masking, the online softmax (with a vectorised `exp`),
+//! split merging and stores are generated here as f32x4 code specialised to the spec; the two
+//! tile matrix products are calls to pre-compiled micro-kernels ([`Callee`]).
+
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::immediates::Ieee32;
+use cranelift_codegen::ir::{
+    AbiParam, ConstantData, ExtFuncData, ExternalName, FuncRef, Function, InstBuilder,
+    MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, UserExternalName, UserFuncName,
+    Value, types,
+};
+use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+
+use crate::abi::{Callee, offsets};
+use crate::ir::{KernelIr, Op, Operand, ScoreTerm};
+use crate::plan::KernelPlan;
+use crate::spec::{GroupMap, KvLayout, Mask};
+
+/// The two generated functions of a kernel.
+pub struct ClifKernel {
+    /// `item(args, b, g, q0, k_lo, k_hi, scratch, state)`.
+    pub item: Function,
+    /// `finish(args, b, g, q0, n_states, states, scratch)`.
+    pub finish: Function,
+}
+
+/// Signature of `item`: eight pointer-sized integers.
+pub fn item_signature(call_conv: CallConv) -> Signature {
+    int_signature(call_conv, 8, None)
+}
+
+/// Signature of `finish`: seven pointer-sized integers.
+pub fn finish_signature(call_conv: CallConv) -> Signature {
+    int_signature(call_conv, 7, None)
+}
+
+/// Signature of a callee.
+pub fn callee_signature(callee: Callee, call_conv: CallConv) -> Signature {
+    match callee {
+        Callee::DotNt => int_signature(call_conv, 10, None),
+        Callee::DotNn => int_signature(call_conv, 11, None),
+        Callee::Ln => {
+            let mut sig = Signature::new(call_conv);
+            sig.params.push(AbiParam::new(types::F32));
+            sig.returns.push(AbiParam::new(types::F32));
+            sig
+        }
+    }
+}
+
+fn int_signature(call_conv: CallConv, params: usize, ret: Option<Type>) -> Signature {
+    let mut sig = Signature::new(call_conv);
+    sig.params.extend((0..params).map(|_| AbiParam::new(types::I64)));
+    sig.returns.extend(ret.map(AbiParam::new));
+    sig
+}
+
+/// Emits both functions for the target `frontend`. `callee_ids[i]` is the module's function
+/// index of `Callee::ALL[i]`, so calls resolve to the micro-kernels the runtime registered for
+/// this CPU.
+pub fn emit(
+    plan: &KernelPlan,
+    ir: &KernelIr,
+    frontend: TargetFrontendConfig,
+    callee_ids: [u32; 3],
+) -> ClifKernel {
+    let mut ctx = FunctionBuilderContext::new();
+    let item = Translator::build(plan, &ir.item, Program::Item, frontend, callee_ids, &mut ctx);
+    let finish =
+        Translator::build(plan, &ir.finish, Program::Finish, frontend, callee_ids, &mut ctx);
+    ClifKernel { item, finish }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Program {
+    Item,
+    Finish,
+}
+
+/// Unaligned, non-trapping: every address is in bounds (checked by the runtime before the call).
+fn mem() -> MemFlagsData {
+    MemFlagsData::new().with_notrap()
+}
+
+const F32X4: Type = types::F32X4;
+
+/// The key tile being processed.
+#[derive(Clone, Copy)]
+struct Tile {
+    /// First key.
+    j0: Value,
+    /// Keys in the tile.
+    n: Value,
+    /// Edge tile: apply the row key ranges.
+    partial: bool,
+}
+
+struct Translator<'a> {
+    b: FunctionBuilder<'a>,
+    plan: &'a KernelPlan,
+    callees: [FuncRef; 3],
+    // Parameters.
+    args: Value,
+    batch: Value,
+    group: Value,
+    q0: Value,
+    k_lo: Value,
+    k_hi: Value,
+    scratch: Value,
+    /// Item: the state slot. Finish: the first of `n_states` slots.
+    state: Value,
+    n_states: Value,
+    // Loaded once at entry.
+    seq_q: Value,
+    seq_k: Value,
+    /// Valid queries in this tile: min(q_tile, Sq − q0).
+    nq: Value,
+    /// Explicit maps: the stack table of heads per group, `groups × largest group` i32.
+    head_table: Option<Value>,
+}
+
+impl<'a> Translator<'a> {
+    fn build(
+        plan: &'a KernelPlan,
+        ops: &[Op],
+        program: Program,
+        frontend: TargetFrontendConfig,
+        callee_ids: [u32; 3],
+        ctx: &'a mut FunctionBuilderContext,
+    ) -> Function {
+        let call_conv = frontend.default_call_conv;
+        let (name, sig) = match program {
+            Program::Item => (0, item_signature(call_conv)),
+            Program::Finish => (1, finish_signature(call_conv)),
+        };
+        let mut func = Function::with_name_signature(UserFuncName::user(0, name), sig);
+        let callees = Callee::ALL.map(|callee| {
+            let signature = func.import_signature(callee_signature(callee, call_conv));
+            let name = func.declare_imported_user_function(UserExternalName {
+                namespace: 0,
+                index: callee_ids[callee as usize],
+            });
+            func.import_function(ExtFuncData {
+                name: ExternalName::user(name),
+                signature,
+                colocated: false,
+                patchable: false,
+            })
+        });
+        let mut b = FunctionBuilder::new(&mut func, ctx);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        b.seal_block(entry);
+        let p = b.block_params(entry).to_vec();
+        let zero = b.ins().iconst(types::I64, 0);
+        let (k_lo, k_hi, scratch, state, n_states) = match program {
+            Program::Item => (p[4], p[5], p[6], p[7], zero),
+            Program::Finish => (zero, zero, p[6], p[5], p[4]),
+        };
+        let args = p[0];
+        let seq_q = b.ins().load(types::I64, mem(), args, offsets::SEQ_Q);
+        let seq_k = b.ins().load(types::I64, mem(), args, offsets::SEQ_K);
+        let left = b.ins().isub(seq_q, p[3]);
+        let q_tile = b.ins().iconst(types::I64, plan.q_tile as i64);
+        let nq = b.ins().smin(left, q_tile);
+        let mut t = Translator {
+            b,
+            plan,
+            callees,
+            args,
+            batch: p[1],
+            group: p[2],
+            q0: p[3],
+            k_lo,
+            k_hi,
+            scratch,
+            state,
+            n_states,
+            seq_q,
+            seq_k,
+            nq,
+            head_table: None,
+        };
+        t.head_table = t.emit_head_table();
+        for op in ops {
+            t.op(op);
+        }
+        t.b.ins().return_(&[]);
+        t.b.finalize(frontend);
+        func
+    }
+
+    // ---- small helpers -------------------------------------------------------------------
+
+    fn int(&mut self, x: i64) -> Value {
+        self.b.ins().iconst(types::I64, x)
+    }
+
+    fn add(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().iadd(a, b)
+    }
+
+    fn mul(&mut self, a: Value, b: Value) -> Value {
+        self.b.ins().imul(a, b)
+    }
+
+    fn mul_imm(&mut self, a: Value, x: usize) -> Value {
+        self.b.ins().imul_imm_s(a, x as i64)
+    }
+
+    fn add_imm(&mut self, a: Value, x: usize) -> Value {
+        self.b.ins().iadd_imm_s(a, x as i64)
+    }
+
+    /// `base + 4·index`: the address of float `index`.
+    fn float_addr(&mut self, base: Value, index: Value) -> Value {
+        let bytes = self.b.ins().ishl_imm_s(index, 2);
+        self.b.ins().iadd(base, bytes)
+    }
+
+    fn arg(&mut self, offset: i32) -> Value {
+        self.b.ins().load(types::I64, mem(), self.args, offset)
+    }
+
+    fn f32(&mut self, x: f32) -> Value {
+        self.b.ins().f32const(Ieee32::with_float(x))
+    }
+
+    fn splat(&mut self, x: f32) -> Value {
+        let s = self.f32(x);
+        self.b.ins().splat(F32X4, s)
+    }
+
+    /// `for i in lo..hi (step) { body(i) }`, with `i` a block parameter.
+    fn for_range(
+        &mut self,
+        lo: Value,
+        hi: Value,
+        step: usize,
+        body: impl FnOnce(&mut Self, Value),
+    ) {
+        let header = self.b.create_block();
+        let body_block = self.b.create_block();
+        let exit = self.b.create_block();
+        let i = self.b.append_block_param(header, types::I64);
+        self.b.ins().jump(header, &[lo.into()]);
+        self.b.switch_to_block(header);
+        let more = self.b.ins().icmp(IntCC::SignedLessThan, i, hi);
+        self.b.ins().brif(more, body_block, &[], exit, &[]);
+        self.b.switch_to_block(body_block);
+        self.b.seal_block(body_block);
+        body(self, i);
+        let next = self.add_imm(i, step);
+        self.b.ins().jump(header, &[next.into()]);
+        self.b.seal_block(header);
+        self.b.switch_to_block(exit);
+        self.b.seal_block(exit);
+    }
+
+    /// `if cond { then() }`.
+    fn if_then(&mut self, cond: Value, then: impl FnOnce(&mut Self)) {
+        let then_block = self.b.create_block();
+        let done = self.b.create_block();
+        self.b.ins().brif(cond, then_block, &[], done, &[]);
+        self.b.switch_to_block(then_block);
+        self.b.seal_block(then_block);
+        then(self);
+        self.b.ins().jump(done, &[]);
+        self.b.switch_to_block(done);
+        self.b.seal_block(done);
+    }
+
+    fn call(&mut self, callee: Callee, args: &[Value]) -> Option<Value> {
+        let call = self.b.ins().call(self.callees[callee as usize], args);
+        self.b.inst_results(call).first().copied()
+    }
+
+    // ---- group mapping -------------------------------------------------------------------
+
+    /// Explicit maps get a per-call stack table of each group's heads; named maps compute them.
+    fn emit_head_table(&mut self) -> Option<Value> {
+        let explicit =
+            matches!(self.plan.spec.kv, KvLayout::Grouped { group_map: GroupMap::Explicit(_), .. });
+        if !explicit {
+            return None;
+        }
+        let width = self.largest_group();
+        let size = (self.plan.groups.len() * (width + 1) * 4) as u32;
+        let slot = self.b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            size,
+            2,
+        ));
+        let table = self.b.ins().stack_addr(types::I64, slot, 0);
+        // Layout per group: its size, then its heads.
+        for (g, heads) in self.plan.groups.iter().enumerate() {
+            let base = (g * (width + 1) * 4) as i32;
+            let count = self.b.ins().iconst(types::I32, heads.len() as i64);
+            self.b.ins().store(mem(), count, table, base);
+            for (slot, &h) in heads.iter().enumerate() {
+                let head = self.b.ins().iconst(types::I32, h as i64);
+                self.b.ins().store(mem(), head, table, base + 4 * (slot as i32 + 1));
+            }
+        }
+        Some(table)
+    }
+
+    fn largest_group(&self) -> usize {
+        self.plan.groups.iter().map(Vec::len).max().unwrap_or(1)
+    }
+
+    /// The number of query heads in the work item's group.
+    fn group_size(&mut self) -> Value {
+        match self.head_table {
+            Some(table) => {
+                let stride = (self.largest_group() + 1) * 4;
+                let offset = self.mul_imm(self.group, stride);
+                let at = self.add(table, offset);
+                let count = self.b.ins().load(types::I32, mem(), at, 0);
+                self.b.ins().sextend(types::I64, count)
+            }
+            None => self.int(self.plan.groups[0].len() as i64),
+        }
+    }
+
+    /// The query head in slot `slot` of the work item's group.
+    fn head_of(&mut self, slot: Value) -> Value {
+        let spec = &self.plan.spec;
+        match (&spec.kv, self.head_table) {
+            (_, Some(table)) => {
+                let width = self.largest_group() + 1;
+                let row = self.mul_imm(self.group, width);
+                let index = self.add(row, slot);
+                let index = self.add_imm(index, 1);
+                let at = self.float_addr(table, index); // i32 and f32 are both 4 bytes
+                let head = self.b.ins().load(types::I32, mem(), at, 0);
+                self.b.ins().sextend(types::I64, head)
+            }
+            (KvLayout::Grouped { kv_heads, group_map: GroupMap::Interleaved, .. }, None) => {
+                let kv = *kv_heads;
+                let base = self.mul_imm(slot, kv);
+                self.add(base, self.group)
+            }
+            // Contiguous maps, and latent (one group of every head).
+            (_, None) => {
+                let size = self.plan.groups[0].len();
+                let base = self.mul_imm(self.group, size);
+                self.add(base, slot)
+            }
+        }
+    }
+
+    /// `body(slot, head)` for every head of the work item's group.
+    fn for_each_head(&mut self, body: impl Fn(&mut Self, Value, Value)) {
+        let zero = self.int(0);
+        let count = self.group_size();
+        self.for_range(zero, count, 1, |t, slot| {
+            let head = t.head_of(slot);
+            body(t, slot, head);
+        });
+    }
+
+    /// `body(slot, head, qi, row)` for every valid row of the work item.
+    fn for_each_row(&mut self, body: impl Fn(&mut Self, Value, Value, Value, Value)) {
+        self.for_each_head(|t, slot, head| {
+            let zero = t.int(0);
+            let nq = t.nq;
+            t.for_range(zero, nq, 1, |t, qi| {
+                let slot_rows = t.mul_imm(slot, t.plan.q_tile);
+                let row = t.add(slot_rows, qi);
+                body(t, slot, head, qi, row);
+            });
+        });
+    }
+
+    // ---- addresses -----------------------------------------------------------------------
+
+    /// Float index of `q[b, q0, h, offset]`.
+    fn q_index(&mut self, head: Value, offset: usize) -> Value {
+        let h = self.plan.spec.q_heads;
+        let d = self.plan.spec.head_dim();
+        let bs = self.mul(self.batch, self.seq_q);
+        let i = self.add(bs, self.q0);
+        let ih = self.mul_imm(i, h);
+        let ih = self.add(ih, head);
+        let idx = self.mul_imm(ih, d);
+        self.add_imm(idx, offset)
+    }
+
+    /// Float index of row `(b, q0, h)` of an output-shaped tensor with rows of `width`.
+    fn out_index(&mut self, head: Value, qi: Value, width: usize) -> Value {
+        let h = self.plan.spec.q_heads;
+        let bs = self.mul(self.batch, self.seq_q);
+        let i = self.add(bs, self.q0);
+        let i = self.add(i, qi);
+        let ih = self.mul_imm(i, h);
+        let ih = self.add(ih, head);
+        self.mul_imm(ih, width)
+    }
+
+    /// Address and row stride (floats) of key/value tensor `operand` at key `j0`.
+    fn kv_rows(&mut self, operand: Operand, j0: Value) -> (Value, usize) {
+        let spec = &self.plan.spec;
+        let bs = self.mul(self.batch, self.seq_k);
+        let t = self.add(bs, j0);
+        match (&spec.kv, operand) {
+            (KvLayout::Grouped { kv_heads, head_dim, .. }, Operand::K | Operand::V) => {
+                let (kv, width) =
+                    (*kv_heads, if operand == Operand::K { *head_dim } else { spec.v_head_dim });
+                let tg = self.mul_imm(t, kv);
+                let tg = self.add(tg, self.group);
+                let idx = self.mul_imm(tg, width);
+                let base = self.arg(if operand == Operand::K { offsets::K } else { offsets::V });
+                (self.float_addr(base, idx), kv * width)
+            }
+            (KvLayout::Latent(l), Operand::CKv) => {
+                let idx = self.mul_imm(t, l.rank);
+                let base = self.arg(offsets::C_KV);
+                (self.float_addr(base, idx), l.rank)
+            }
+            (KvLayout::Latent(l), Operand::KRope) => {
+                let idx = self.mul_imm(t, l.rope_dim);
+                let base = self.arg(offsets::K_ROPE);
+                (self.float_addr(base, idx), l.rope_dim)
+            }
+            _ => unreachable!("lowering pairs operands with their spec kind"),
+        }
+    }
+
+    /// Float index of row `row` of the state slot at `state`: O, then m, then l.
+    fn state_o(&mut self, state: Value, row: Value) -> Value {
+        let idx = self.mul_imm(row, self.plan.acc_dim);
+        self.float_addr(state, idx)
+    }
+
+    fn state_m(&mut self, state: Value, row: Value) -> Value {
+        let idx = self.add_imm(row, self.plan.rows * self.plan.acc_dim);
+        self.float_addr(state, idx)
+    }
+
+    fn state_l(&mut self, state: Value, row: Value) -> Value {
+        let idx = self.add_imm(row, self.plan.rows * (self.plan.acc_dim + 1));
+        self.float_addr(state, idx)
+    }
+
+    fn scratch_at(&mut self, floats: usize, extra: Value) -> Value {
+        let idx = self.add_imm(extra, floats);
+        self.float_addr(self.scratch, idx)
+    }
+
+    // ---- vector math ---------------------------------------------------------------------
+
+    /// e^x for f32x4: Cody–Waite range reduction to r in [−ln2/2, ln2/2], a degree-6
+    /// polynomial (Cephes expf, ~1 ulp), and 2^n built in the exponent bits. Inputs below
+    /// −87.3 give exactly 0 (masked scores become exact zero probabilities); NaN stays NaN.
+    fn exp(&mut self, x: Value) -> Value {
+        let lo = self.splat(-87.336_54);
+        let hi = self.splat(88.0);
+        let clamped = self.b.ins().fmax(x, lo);
+        let clamped = self.b.ins().fmin(clamped, hi);
+        let log2e = self.splat(std::f32::consts::LOG2_E);
+        let scaled = self.b.ins().fmul(clamped, log2e);
+        let n = self.b.ins().nearest(scaled);
+        let ln2_hi = self.splat(-0.693_359_4);
+        let ln2_lo = self.splat(2.121_944_4e-4);
+        let r = self.b.ins().fma(n, ln2_hi, clamped);
+        let r = self.b.ins().fma(n, ln2_lo, r);
+        let mut poly = self.splat(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+            let c = self.splat(c);
+            poly = self.b.ins().fma(poly, r, c);
+        }
+        let r2 = self.b.ins().fmul(r, r);
+        let one = self.splat(1.0);
+        let r1 = self.b.ins().fadd(r, one);
+        let e_r = self.b.ins().fma(poly, r2, r1);
+        let ni = self.b.ins().fcvt_to_sint_sat(types::I32X4, n);
+        let bias = self.b.ins().iconst(types::I32, 127);
+        let bias = self.b.ins().splat(types::I32X4, bias);
+        let biased = self.b.ins().iadd(ni, bias);
+        let bits = self.b.ins().ishl_imm_s(biased, 23);
+        let pow2 = self.b.ins().bitcast(F32X4, MemFlagsData::new(), bits);
+        let e = self.b.ins().fmul(e_r, pow2);
+        let underflow = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
+        let underflow = self.b.ins().bitcast(F32X4, MemFlagsData::new(), underflow);
+        let zero = self.splat(0.0);
+        self.b.ins().bitselect(underflow, zero, e)
+    }
+
+    /// tanh for f32x4: `sign(x)·(1 − 2/(e^{2|x|} + 1))` (absolute error ~1e-7), and for
+    /// |x| < 1/8, where that formula cancels, the odd series `x − x³/3 + 2x⁵/15 − 17x⁷/315`
+    /// (relative error < 1e-8), so a huge softcap leaves small scores unchanged.
+    fn tanh(&mut self, x: Value) -> Value {
+        let ax = self.b.ins().fabs(x);
+        let two = self.splat(2.0);
+        let ax2 = self.b.ins().fmul(ax, two);
+        let e = self.exp(ax2);
+        let one = self.splat(1.0);
+        let e1 = self.b.ins().fadd(e, one);
+        let frac = self.b.ins().fdiv(two, e1);
+        let t = self.b.ins().fsub(one, frac);
+        // t >= 0: copy x's sign bit in (fcopysign has no f32x4 lowering on x86-64 here).
+        let sign_bit = self.splat(-0.0);
+        let sign = self.b.ins().band(x, sign_bit);
+        let large = self.b.ins().bor(t, sign);
+        let x2 = self.b.ins().fmul(x, x);
+        let mut poly = self.splat(-17.0 / 315.0);
+        for c in [2.0 / 15.0, -1.0 / 3.0] {
+            let c = self.splat(c);
+            poly = self.b.ins().fma(poly, x2, c);
+        }
+        let x3 = self.b.ins().fmul(x, x2);
+        let small = self.b.ins().fma(poly, x3, x);
+        let threshold = self.splat(0.125);
+        let is_small = self.b.ins().fcmp(FloatCC::LessThan, ax, threshold);
+        let is_small = self.b.ins().bitcast(F32X4, MemFlagsData::new(), is_small);
+        self.b.ins().bitselect(is_small, small, large)
+    }
+
+    fn scalar_exp(&mut self, x: Value) -> Value {
+        let v = self.b.ins().splat(F32X4, x);
+        let e = self.exp(v);
+        self.b.ins().extractlane(e, 0)
+    }
+
+    fn reduce(&mut self, v: Value, max: bool) -> Value {
+        let mut acc = self.b.ins().extractlane(v, 0);
+        for lane in 1..4u8 {
+            let x = self.b.ins().extractlane(v, lane);
+            acc = if max { self.b.ins().fmax(acc, x) } else { self.b.ins().fadd(acc, x) };
+        }
+        acc
+    }
+
+    /// `dst[0..len] = src[0..len] * factor` (src may equal dst).
+    fn scale_row(&mut self, dst: Value, src: Value, len: usize, factor: Value) {
+        self.row_map(dst, src, len, factor, false);
+    }
+
+    /// `dst[0..len] += src[0..len] * factor`.
+    fn axpy_row(&mut self, dst: Value, src: Value, len: usize, factor: Value) {
+        self.row_map(dst, src, len, factor, true);
+    }
+
+    /// A row update: a loop of 16-float steps (four f32x4 each), then unrolled f32x4 and
+    /// scalar tails, all with the length known at compile time.
+    fn row_map(&mut self, dst: Value, src: Value, len: usize, factor: Value, accumulate: bool) {
+        let vf = self.b.ins().splat(F32X4, factor);
+        let update = |t: &mut Self, ty: Type, f: Value, d: Value, s: Value, offset: i32| {
+            let x = t.b.ins().load(ty, mem(), s, offset);
+            let y = if accumulate {
+                let y = t.b.ins().load(ty, mem(), d, offset);
+                t.b.ins().fma(x, f, y)
+            } else {
+                t.b.ins().fmul(x, f)
+            };
+            t.b.ins().store(mem(), y, d, offset);
+        };
+        let blocked = len / 16 * 16;
+        if blocked > 0 {
+            let zero = self.int(0);
+            let end = self.int(blocked as i64);
+            self.for_range(zero, end, 16, |t, c| {
+                let d = t.float_addr(dst, c);
+                let s = t.float_addr(src, c);
+                for k in 0..4 {
+                    update(t, F32X4, vf, d, s, 16 * k);
+                }
+            });
+        }
+        let vectors = len / 4 * 4;
+        for c in (blocked..vectors).step_by(4) {
+            update(self, F32X4, vf, dst, src, 4 * c as i32);
+        }
+        for c in vectors..len {
+            update(self, types::F32, factor, dst, src, 4 * c as i32);
+        }
+    }
+
+    // ---- mask bounds ---------------------------------------------------------------------
+
+    /// Visible keys `[lo, hi)` of query `i`, intersected with the item's key range.
+    fn row_bounds(&mut self, i: Value) -> (Value, Value) {
+        let offset = self.b.ins().isub(self.seq_k, self.seq_q);
+        let diag = self.add(i, offset);
+        let (lo, hi) = match self.plan.spec.mask {
+            Mask::None => (self.int(0), self.seq_k),
+            Mask::Causal => {
+                let end = self.add_imm(diag, 1);
+                (self.int(0), self.b.ins().smin(end, self.seq_k))
+            }
+            Mask::SlidingWindow(w) => {
+                let end = self.add_imm(diag, 1);
+                let start = self.b.ins().iadd_imm_s(diag, 1 - w as i64);
+                let zero = self.int(0);
+                (self.b.ins().smax(start, zero), self.b.ins().smin(end, self.seq_k))
+            }
+        };
+        (self.b.ins().smax(lo, self.k_lo), self.b.ins().smin(hi, self.k_hi))
+    }
+
+    // ---- ops -----------------------------------------------------------------------------
+
+    fn op(&mut self, op: &Op) {
+        match op {
+            Op::AbsorbQueries { nope, rank } => self.absorb_queries(*nope, *rank),
+            Op::InitState => self.init_state(),
+            Op::KeyTiles { tile, body, .. } => self.key_tiles(*tile, body),
+            Op::MergeSplits => self.merge_splits(),
+            Op::Normalize => self.normalize(),
+            Op::StoreOut => self.store_out(),
+            Op::ProjectOut { rank, v_dim } => self.project_out(*rank, *v_dim),
+            Op::StoreLse => self.store_lse(),
+            Op::Scores(_) | Op::OnlineSoftmax { .. } | Op::AccumulateValues { .. } => {
+                unreachable!("tile ops only appear inside KeyTiles")
+            }
+        }
+    }
+
+    fn tile_op(&mut self, op: &Op, tile: Tile) {
+        match op {
+            Op::Scores(term) => self.scores(term, tile),
+            Op::OnlineSoftmax { scale, softcap } => self.online_softmax(*scale, *softcap, tile),
+            Op::AccumulateValues { values, width } => self.accumulate_values(*values, *width, tile),
+            other => unreachable!("{other:?} is not a tile op"),
+        }
+    }
+
+    fn absorb_queries(&mut self, nope: usize, rank: usize) {
+        let lda = self.plan.spec.q_heads * self.plan.spec.head_dim();
+        let q_tile = self.plan.q_tile;
+        let absorbed = self.plan.scratch.absorbed_q;
+        self.for_each_head(|t, slot, head| {
+            let qi = t.q_index(head, 0);
+            let q = t.arg(offsets::Q);
+            let a = t.float_addr(q, qi);
+            let wi = t.mul_imm(head, nope * rank);
+            let w = t.arg(offsets::W_UK);
+            let bw = t.float_addr(w, wi);
+            let rows = t.mul_imm(slot, q_tile * rank);
+            let c = t.scratch_at(absorbed, rows);
+            let (nope, rank, lda, zero) =
+                (t.int(nope as i64), t.int(rank as i64), t.int(lda as i64), t.int(0));
+            let nq = t.nq;
+            t.call(Callee::DotNn, &[nq, rank, nope, a, lda, bw, rank, c, rank, zero, zero]);
+        });
+    }
+
+    fn init_state(&mut self) {
+        let rows = self.plan.rows;
+        let o_len = rows * self.plan.acc_dim;
+        let zero = self.int(0);
+        let state = self.state;
+        // O = 0 (vector loop over the whole block, scalar tail), m = −∞, l = 0.
+        let zeros = self.splat(0.0);
+        let body = (o_len / 4 * 4) as i64;
+        let end = self.int(body);
+        self.for_range(zero, end, 4, |t, c| {
+            let at = t.float_addr(state, c);
+            t.b.ins().store(mem(), zeros, at, 0);
+        });
+        let scalar_zero = self.f32(0.0);
+        for c in body as usize..o_len {
+            self.b.ins().store(mem(), scalar_zero, state, 4 * c as i32);
+        }
+        let neg_inf = self.f32(f32::NEG_INFINITY);
+        let rows_v = self.int(rows as i64);
+        self.for_range(zero, rows_v, 1, |t, r| {
+            let m = t.state_m(state, r);
+            t.b.ins().store(mem(), neg_inf, m, 0);
+            let l = t.state_l(state, r);
+            t.b.ins().store(mem(), scalar_zero, l, 0);
+        });
+    }
+
+    fn key_tiles(&mut self, tile: usize, body: &[Op]) {
+        let zero = self.int(0);
+        let empty = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, self.nq, zero);
+        // Rows are sorted by query, and bounds grow with the query: the first query has the
+        // smallest lo and hi, the last the largest.
+        let first = self.q0;
+        let last = self.add(self.q0, self.nq);
+        let last = self.b.ins().iadd_imm_s(last, -1);
+        let (start, hi_min) = self.row_bounds(first);
+        let (lo_max, end) = self.row_bounds(last);
+        let proceed = self.b.ins().bnot(empty);
+        self.if_then(proceed, |t| {
+            t.for_range(start, end, tile, |t, j0| {
+                let left = t.b.ins().isub(end, j0);
+                let width = t.int(tile as i64);
+                let n = t.b.ins().smin(left, width);
+                // A tile is full when every row sees all of it.
+                let j1 = t.add_imm(j0, tile);
+                let after_lo = t.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, j0, lo_max);
+                let before_hi = t.b.ins().icmp(IntCC::SignedLessThanOrEqual, j1, hi_min);
+                let full = t.b.ins().band(after_lo, before_hi);
+                let full_block = t.b.create_block();
+                let partial_block = t.b.create_block();
+                let done = t.b.create_block();
+                t.b.ins().brif(full, full_block, &[], partial_block, &[]);
+                t.b.switch_to_block(full_block);
+                t.b.seal_block(full_block);
+                for op in body {
+                    t.tile_op(op, Tile { j0, n, partial: false });
+                }
+                t.b.ins().jump(done, &[]);
+                t.b.switch_to_block(partial_block);
+                t.b.seal_block(partial_block);
+                t.write_row_ranges(j0, n);
+                for op in body {
+                    t.tile_op(op, Tile { j0, n, partial: true });
+                }
+                t.b.ins().jump(done, &[]);
+                t.b.switch_to_block(done);
+                t.b.seal_block(done);
+            });
+        });
+    }
+
+    /// For an edge tile: each row's visible keys relative to `j0`, clamped to `0..n`, as i32
+    /// (lo, hi) pairs in scratch.
+    fn write_row_ranges(&mut self, j0: Value, n: Value) {
+        let ranges = self.plan.scratch.ranges;
+        self.for_each_row(|t, _, _, qi, row| {
+            let i = t.add(t.q0, qi);
+            let (lo, hi) = t.row_bounds(i);
+            let zero = t.int(0);
+            let clamp = |t: &mut Self, x: Value| {
+                let rel = t.b.ins().isub(x, j0);
+                let rel = t.b.ins().smax(rel, zero);
+                let rel = t.b.ins().smin(rel, n);
+                t.b.ins().ireduce(types::I32, rel)
+            };
+            let (lo, hi) = (clamp(t, lo), clamp(t, hi));
+            let two_rows = t.mul_imm(row, 2);
+            let at = t.scratch_at(ranges, two_rows);
+            t.b.ins().store(mem(), lo, at, 0);
+            t.b.ins().store(mem(), hi, at, 4);
+        });
+    }
+
+    fn scores(&mut self, term: &ScoreTerm, tile: Tile) {
+        let spec = &self.plan.spec;
+        let lda_q = spec.q_heads * spec.head_dim();
+        let (q_tile, k_tile) = (self.plan.q_tile, self.plan.k_tile);
+        let (absorbed, scores) = (self.plan.scratch.absorbed_q, self.plan.scratch.scores);
+        let term = *term;
+        self.for_each_head(|t, slot, head| {
+            let (a, lda) = match term.query {
+                Operand::AbsorbedQ => {
+                    let rows = t.mul_imm(slot, q_tile * term.len);
+                    (t.scratch_at(absorbed, rows), term.len)
+                }
+                _ => {
+                    let qi = t.q_index(head, term.query_offset);
+                    let q = t.arg(offsets::Q);
+                    (t.float_addr(q, qi), lda_q)
+                }
+            };
+            let (bk, ldb) = t.kv_rows(term.keys, tile.j0);
+            let rows = t.mul_imm(slot, q_tile * k_tile);
+            let c = t.scratch_at(scores, rows);
+            let (len, lda, ldb, ldc) = (
+                t.int(term.len as i64),
+                t.int(lda as i64),
+                t.int(ldb as i64),
+                t.int(k_tile as i64),
+            );
+            let acc = t.int(i64::from(term.accumulate));
+            let nq = t.nq;
+            t.call(Callee::DotNt, &[nq, tile.n, len, a, lda, bk, ldb, c, ldc, acc]);
+        });
+    }
+
+    fn online_softmax(&mut self, scale: f32, softcap: Option<f32>, tile: Tile) {
+        let (k_tile, acc_dim) = (self.plan.k_tile, self.plan.acc_dim);
+        let (scores, ranges) = (self.plan.scratch.scores, self.plan.scratch.ranges);
+        let state = self.state;
+        self.for_each_row(|t, _, _, _, row| {
+            let row_floats = t.mul_imm(row, k_tile);
+            let s_row = t.scratch_at(scores, row_floats);
+            // Columns to visit: all of a full tile, n rounded up to the vector width on an edge
+            // tile (the extra lanes lie past hi and are masked).
+            let cols = if tile.partial {
+                let n3 = t.add_imm(tile.n, 3);
+                t.b.ins().band_imm_s(n3, -4)
+            } else {
+                t.int(k_tile as i64)
+            };
+            let (lo, hi) = if tile.partial {
+                let two_rows = t.mul_imm(row, 2);
+                let at = t.scratch_at(ranges, two_rows);
+                let lo = t.b.ins().load(types::I32, mem(), at, 0);
+                let hi = t.b.ins().load(types::I32, mem(), at, 4);
+                (Some(t.b.ins().splat(types::I32X4, lo)), Some(t.b.ins().splat(types::I32X4, hi)))
+            } else {
+                (None, None)
+            };
+            // Pass 1: transform, mask, row max.
+            let max_var = t.b.declare_var(F32X4);
+            let neg_inf = t.splat(f32::NEG_INFINITY);
+            t.b.def_var(max_var, neg_inf);
+            let zero = t.int(0);
+            t.for_range(zero, cols, 4, |t, c| {
+                let at = t.float_addr(s_row, c);
+                let raw = t.b.ins().load(F32X4, mem(), at, 0);
+                let vscale = t.splat(scale);
+                let mut s = t.b.ins().fmul(raw, vscale);
+                if let Some(cap) = softcap {
+                    let inv = t.splat(1.0 / cap);
+                    let x = t.b.ins().fmul(s, inv);
+                    let th = t.tanh(x);
+                    let vcap = t.splat(cap);
+                    s = t.b.ins().fmul(th, vcap);
+                }
+                if let (Some(lo), Some(hi)) = (lo, hi) {
+                    let c32 = t.b.ins().ireduce(types::I32, c);
+                    let base = t.b.ins().splat(types::I32X4, c32);
+                    let bytes: Vec<u8> = (0..4i32).flat_map(i32::to_le_bytes).collect();
+                    let handle = t.b.func.dfg.constants.insert(ConstantData::from(bytes));
+                    let lanes = t.b.ins().vconst(types::I32X4, handle);
+                    let idx = t.b.ins().iadd(base, lanes);
+                    let ge = t.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, idx, lo);
+                    let lt = t.b.ins().icmp(IntCC::SignedLessThan, idx, hi);
+                    let visible = t.b.ins().band(ge, lt);
+                    let visible = t.b.ins().bitcast(F32X4, MemFlagsData::new(), visible);
+                    s = t.b.ins().bitselect(visible, s, neg_inf);
+                }
+                t.b.ins().store(mem(), s, at, 0);
+                let m = t.b.use_var(max_var);
+                let m = t.b.ins().fmax(m, s);
+                t.b.def_var(max_var, m);
+            });
+            let vmax = t.b.use_var(max_var);
+            let row_max = t.reduce(vmax, true);
+            let m_at = t.state_m(state, row);
+            let m_old = t.b.ins().load(types::F32, mem(), m_at, 0);
+            let m_new = t.b.ins().fmax(m_old, row_max);
+            // A row that has seen only hidden keys keeps m = −∞; subtract 0 then so
+            // exp(−∞ − m) is 0, not NaN.
+            let scalar_neg_inf = t.f32(f32::NEG_INFINITY);
+            let none_yet = t.b.ins().fcmp(FloatCC::Equal, m_new, scalar_neg_inf);
+            let scalar_zero = t.f32(0.0);
+            let m_safe = t.b.ins().select(none_yet, scalar_zero, m_new);
+            let shift = t.b.ins().fsub(m_old, m_safe);
+            let alpha = t.scalar_exp(shift);
+            // Pass 2: P = exp(s − m), row sum.
+            let sum_var = t.b.declare_var(F32X4);
+            let zeros = t.splat(0.0);
+            t.b.def_var(sum_var, zeros);
+            let vm = t.b.ins().splat(F32X4, m_safe);
+            t.for_range(zero, cols, 4, |t, c| {
+                let at = t.float_addr(s_row, c);
+                let s = t.b.ins().load(F32X4, mem(), at, 0);
+                let x = t.b.ins().fsub(s, vm);
+                let p = t.exp(x);
+                t.b.ins().store(mem(), p, at, 0);
+                let acc = t.b.use_var(sum_var);
+                let acc = t.b.ins().fadd(acc, p);
+                t.b.def_var(sum_var, acc);
+            });
+            let vsum = t.b.use_var(sum_var);
+            let row_sum = t.reduce(vsum, false);
+            let l_at = t.state_l(state, row);
+            let l_old = t.b.ins().load(types::F32, mem(), l_at, 0);
+            let l_new = t.b.ins().fma(l_old, alpha, row_sum);
+            t.b.ins().store(mem(), l_new, l_at, 0);
+            t.b.ins().store(mem(), m_new, m_at, 0);
+            let o = t.state_o(state, row);
+            t.scale_row(o, o, acc_dim, alpha);
+        });
+    }
+
+    fn accumulate_values(&mut self, values: Operand, width: usize, tile: Tile) {
+        let (q_tile, k_tile, acc_dim) = (self.plan.q_tile, self.plan.k_tile, self.plan.acc_dim);
+        let (scores, ranges) = (self.plan.scratch.scores, self.plan.scratch.ranges);
+        let state = self.state;
+        self.for_each_head(|t, slot, _| {
+            let rows = t.mul_imm(slot, q_tile * k_tile);
+            let p = t.scratch_at(scores, rows);
+            let (v, ldb) = t.kv_rows(values, tile.j0);
+            let first_row = t.mul_imm(slot, q_tile);
+            let o = t.state_o(state, first_row);
+            let range = if tile.partial {
+                let pairs = t.mul_imm(first_row, 2);
+                t.scratch_at(ranges, pairs)
+            } else {
+                t.int(0)
+            };
+            let (width, lda, ldb, ldc, one) = (
+                t.int(width as i64),
+                t.int(k_tile as i64),
+                t.int(ldb as i64),
+                t.int(acc_dim as i64),
+                t.int(1),
+            );
+            let nq = t.nq;
+            t.call(Callee::DotNn, &[nq, width, tile.n, p, lda, v, ldb, o, ldc, one, range]);
+        });
+    }
+
+    fn merge_splits(&mut self) {
+        let one = self.int(1);
+        let several = self.b.ins().icmp(IntCC::SignedGreaterThan, self.n_states, one);
+        let (acc_dim, state_len) = (self.plan.acc_dim, self.plan.state_len);
+        let first = self.state;
+        let n_states = self.n_states;
+        self.if_then(several, |t| {
+            t.for_each_row(|t, _, _, _, row| {
+                // M = max over splits of m.
+                let m_var = t.b.declare_var(types::F32);
+                let m0_at = t.state_m(first, row);
+                let m0 = t.b.ins().load(types::F32, mem(), m0_at, 0);
+                t.b.def_var(m_var, m0);
+                let one = t.int(1);
+                t.for_range(one, n_states, 1, |t, s| {
+                    let offset = t.mul_imm(s, state_len);
+                    let slot = t.float_addr(first, offset);
+                    let at = t.state_m(slot, row);
+                    let m = t.b.ins().load(types::F32, mem(), at, 0);
+                    let acc = t.b.use_var(m_var);
+                    let acc = t.b.ins().fmax(acc, m);
+                    t.b.def_var(m_var, acc);
+                });
+                let big_m = t.b.use_var(m_var);
+                let neg_inf = t.f32(f32::NEG_INFINITY);
+                let none = t.b.ins().fcmp(FloatCC::Equal, big_m, neg_inf);
+                let zero = t.f32(0.0);
+                let m_safe = t.b.ins().select(none, zero, big_m);
+                // Rescale split 0 in place, then add the others.
+                let l0_at = t.state_l(first, row);
+                let l0 = t.b.ins().load(types::F32, mem(), l0_at, 0);
+                let d0 = t.b.ins().fsub(m0, m_safe);
+                let c0 = t.scalar_exp(d0);
+                let l_var = t.b.declare_var(types::F32);
+                let l = t.b.ins().fmul(l0, c0);
+                t.b.def_var(l_var, l);
+                let o0 = t.state_o(first, row);
+                t.scale_row(o0, o0, acc_dim, c0);
+                t.for_range(one, n_states, 1, |t, s| {
+                    let offset = t.mul_imm(s, state_len);
+                    let slot = t.float_addr(first, offset);
+                    let m_at = t.state_m(slot, row);
+                    let m = t.b.ins().load(types::F32, mem(), m_at, 0);
+                    let d = t.b.ins().fsub(m, m_safe);
+                    let c = t.scalar_exp(d);
+                    let l_at = t.state_l(slot, row);
+                    let ls = t.b.ins().load(types::F32, mem(), l_at, 0);
+                    let acc = t.b.use_var(l_var);
+                    let acc = t.b.ins().fma(ls, c, acc);
+                    t.b.def_var(l_var, acc);
+                    let os = t.state_o(slot, row);
+                    t.axpy_row(o0, os, acc_dim, c);
+                });
+                let l = t.b.use_var(l_var);
+                t.b.ins().store(mem(), l, l0_at, 0);
+                t.b.ins().store(mem(), big_m, m0_at, 0);
+            });
+        });
+    }
+
+    /// `O /= l`; m's slot then holds `lse = m + ln l` (−∞ for a row with no visible key).
+    fn normalize(&mut self) {
+        let acc_dim = self.plan.acc_dim;
+        let state = self.state;
+        self.for_each_row(|t, _, _, _, row| {
+            let l_at = t.state_l(state, row);
+            let l = t.b.ins().load(types::F32, mem(), l_at, 0);
+            let m_at = t.state_m(state, row);
+            let m = t.b.ins().load(types::F32, mem(), m_at, 0);
+            let zero = t.f32(0.0);
+            let empty = t.b.ins().fcmp(FloatCC::Equal, l, zero);
+            let one = t.f32(1.0);
+            let inv = t.b.ins().fdiv(one, l);
+            let inv = t.b.ins().select(empty, zero, inv);
+            let o = t.state_o(state, row);
+            t.scale_row(o, o, acc_dim, inv);
+            let ln = t.call(Callee::Ln, &[l]).expect("ln returns a value");
+            let lse = t.b.ins().fadd(m, ln);
+            let neg_inf = t.f32(f32::NEG_INFINITY);
+            let lse = t.b.ins().select(empty, neg_inf, lse);
+            t.b.ins().store(mem(), lse, m_at, 0);
+        });
+    }
+
+    fn store_out(&mut self) {
+        let dv = self.plan.spec.v_head_dim;
+        let state = self.state;
+        self.for_each_row(|t, _, head, qi, row| {
+            let idx = t.out_index(head, qi, dv);
+            let out = t.arg(offsets::OUT);
+            let dst = t.float_addr(out, idx);
+            let src = t.state_o(state, row);
+            let one = t.f32(1.0);
+            t.scale_row(dst, src, dv, one);
+        });
+    }
+
+    fn project_out(&mut self, rank: usize, v_dim: usize) {
+        let ldc = self.plan.spec.q_heads * v_dim;
+        let q_tile = self.plan.q_tile;
+        let state = self.state;
+        self.for_each_head(|t, slot, head| {
+            let first_row = t.mul_imm(slot, q_tile);
+            let a = t.state_o(state, first_row);
+            let wi = t.mul_imm(head, v_dim * rank);
+            let w = t.arg(offsets::W_UV);
+            let bw = t.float_addr(w, wi);
+            let zero_qi = t.int(0);
+            let idx = t.out_index(head, zero_qi, v_dim);
+            let out = t.arg(offsets::OUT);
+            let c = t.float_addr(out, idx);
+            let (v_dim, rank, ldc, zero) =
+                (t.int(v_dim as i64), t.int(rank as i64), t.int(ldc as i64), t.int(0));
+            let nq = t.nq;
+            t.call(Callee::DotNt, &[nq, v_dim, rank, a, rank, bw, rank, c, ldc, zero]);
+        });
+    }
+
+    fn store_lse(&mut self) {
+        let lse = self.arg(offsets::LSE);
+        let zero = self.int(0);
+        let wanted = self.b.ins().icmp(IntCC::NotEqual, lse, zero);
+        let state = self.state;
+        self.if_then(wanted, |t| {
+            t.for_each_row(|t, _, head, qi, row| {
+                let idx = t.out_index(head, qi, 1);
+                let dst = t.float_addr(lse, idx);
+                let m_at = t.state_m(state, row);
+                let value = t.b.ins().load(types::F32, mem(), m_at, 0);
+                t.b.ins().store(mem(), value, dst, 0);
+            });
+        });
+    }
+}

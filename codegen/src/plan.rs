@@ -1,0 +1,247 @@
+//! [`KernelPlan`]: how a validated spec becomes a kernel — which form, which tiles, how query
+//! heads are packed, how scratch is laid out — and [`Schedule`]: how one call is split into
+//! work items.
+//!
+//! A plan depends only on the spec; a schedule also on the call's shape and thread count.
+
+use std::fmt;
+
+use crate::cost;
+use crate::spec::{AttentionSpec, KvLayout, Mask};
+
+/// Which form of attention the kernel computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    /// Per-KV-head keys and values read straight from the cache; the query heads of one KV head
+    /// are packed together so each K/V tile is loaded once per group.
+    Grouped,
+    /// MLA in the absorbed form: `q' = q_nope·W_UK[h]`, attention over `[c_kv, k_rope]` as one
+    /// KV head shared by all query heads, then `out = o'·W_UV[h]ᵀ`.
+    LatentAbsorbed,
+}
+
+/// The planned kernel for one spec. Row `slot · q_tile + qi` of every tile buffer holds query
+/// `q0 + qi` of the `slot`-th query head of the work item's group.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelPlan {
+    /// The spec, validated.
+    pub spec: AttentionSpec,
+    /// The form computed.
+    pub form: Form,
+    /// Query heads reading each KV head (for latent, one group holding every head).
+    pub groups: Vec<Vec<usize>>,
+    /// Queries per work item, Bq.
+    pub q_tile: usize,
+    /// Keys per inner tile, Bk (a multiple of 4, the generated vector width).
+    pub k_tile: usize,
+    /// Rows of the tile buffers: `q_tile · (largest group)`.
+    pub rows: usize,
+    /// Width of the running output O: Dv (grouped) or the latent rank (absorbed MLA).
+    pub acc_dim: usize,
+    /// Scale applied to raw scores.
+    pub scale: f32,
+    /// Fewest keys a decode split gets, so splitting never costs more than it saves.
+    pub min_keys_per_split: usize,
+    /// Scratch floats per work item: the score tile, then (absorbed MLA) the absorbed queries,
+    /// then the row key ranges (i32, two per row).
+    pub scratch: ScratchLayout,
+    /// Floats of one split's state: O, then m, then l, for every row.
+    pub state_len: usize,
+}
+
+/// Offsets (in floats) of the buffers in a work item's scratch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScratchLayout {
+    /// Score/probability tile S: `rows × k_tile`.
+    pub scores: usize,
+    /// Absorbed queries q': `rows × rank` (absorbed MLA only; else empty).
+    pub absorbed_q: usize,
+    /// Per-row visible key range of a partial tile: `rows × 2` i32.
+    pub ranges: usize,
+    /// Total floats.
+    pub len: usize,
+}
+
+/// Rows of the tile buffers a plan aims for: enough queries to reuse each K/V tile well while
+/// the score tile stays in L1.
+const TARGET_ROWS: usize = 64;
+/// Keys per tile.
+const K_TILE: usize = 64;
+
+impl KernelPlan {
+    /// Plans a kernel for a spec that [`crate::validate`] accepted.
+    pub fn new(spec: &AttentionSpec) -> KernelPlan {
+        let (form, groups, acc_dim) = match &spec.kv {
+            KvLayout::Grouped { kv_heads, .. } => {
+                let mut groups = vec![Vec::new(); *kv_heads];
+                for h in 0..spec.q_heads {
+                    groups[spec.kv_head_of(h)].push(h);
+                }
+                (Form::Grouped, groups, spec.v_head_dim)
+            }
+            KvLayout::Latent(l) => {
+                (Form::LatentAbsorbed, vec![(0..spec.q_heads).collect()], l.rank)
+            }
+        };
+        let largest_group = groups.iter().map(Vec::len).max().unwrap_or(1);
+        let q_tile = (TARGET_ROWS / largest_group).max(1);
+        let rows = q_tile * largest_group;
+        let k_tile = K_TILE;
+        let rank = match &spec.kv {
+            KvLayout::Latent(l) => l.rank,
+            KvLayout::Grouped { .. } => 0,
+        };
+        let scores = 0;
+        let absorbed_q = scores + rows * k_tile;
+        let ranges = absorbed_q + rows * rank;
+        let scratch = ScratchLayout { scores, absorbed_q, ranges, len: ranges + 2 * rows };
+        KernelPlan {
+            spec: spec.clone(),
+            form,
+            groups,
+            q_tile,
+            k_tile,
+            rows,
+            acc_dim,
+            scale: spec.effective_scale() as f32,
+            min_keys_per_split: 256,
+            scratch,
+            state_len: rows * (acc_dim + 2),
+        }
+    }
+
+    /// Splits a call of `seq_q` queries and `seq_k` keys per sequence into work items for
+    /// `threads` threads: every (batch, group, query tile) is a task; when there are too few
+    /// tasks to keep the threads busy (decode), each task's keys are split and the partial
+    /// results merged by log-sum-exp.
+    pub fn schedule(&self, batch: usize, seq_q: usize, seq_k: usize, threads: usize) -> Schedule {
+        let q_tiles = seq_q.div_ceil(self.q_tile);
+        let tasks = batch * self.groups.len() * q_tiles;
+        let wanted = (4 * threads.max(1)).div_ceil(tasks.max(1));
+        let affordable = (seq_k / self.min_keys_per_split).max(1);
+        let splits = wanted.min(affordable).max(1);
+        Schedule { q_tiles, splits, keys_per_split: seq_k.div_ceil(splits).max(1) }
+    }
+
+    /// FLOPs per (query, key) pair per head the kernel actually does (absorbed MLA attends over
+    /// `rank + rope_dim` and accumulates `rank`-wide values).
+    pub fn flops_per_pair(&self) -> u64 {
+        match &self.spec.kv {
+            KvLayout::Latent(l) => 2 * (2 * l.rank + l.rope_dim) as u64,
+            KvLayout::Grouped { .. } => 2 * (self.spec.head_dim() + self.spec.v_head_dim) as u64,
+        }
+    }
+}
+
+/// How one call is divided into work items.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    /// Query tiles per sequence.
+    pub q_tiles: usize,
+    /// Key splits per task (1: no split).
+    pub splits: usize,
+    /// Keys per split (the last may have fewer).
+    pub keys_per_split: usize,
+}
+
+impl fmt::Display for KernelPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let spec = &self.spec;
+        writeln!(f, "plan for {}", spec.name.as_deref().unwrap_or("(unnamed spec)"))?;
+        writeln!(f, "  variant      {}", spec.summary())?;
+        match self.form {
+            Form::Grouped => writeln!(
+                f,
+                "  form         grouped: K/V read in place; the query heads of a KV head share each K/V tile"
+            )?,
+            Form::LatentAbsorbed => writeln!(
+                f,
+                "  form         absorbed MLA: q' = q_nope·W_UK[h]; one latent KV head of dim {} + {} \
+                 shared by all {} heads; out = o'·W_UV[h]ᵀ",
+                self.acc_dim,
+                spec.head_dim() - spec_nope(spec),
+                spec.q_heads
+            )?,
+        }
+        let sizes: Vec<String> = self.groups.iter().map(|g| g.len().to_string()).collect();
+        writeln!(
+            f,
+            "  groups       {} (query heads per group: {})",
+            self.groups.len(),
+            sizes.join(",")
+        )?;
+        writeln!(
+            f,
+            "  tiles        {} queries x {} keys; {} rows per tile (queries x heads of a group)",
+            self.q_tile, self.k_tile, self.rows
+        )?;
+        let mask = match spec.mask {
+            Mask::None => "none: every tile full".to_owned(),
+            Mask::Causal => "causal: tiles right of the last query's diagonal skipped, diagonal tiles masked by index".to_owned(),
+            Mask::SlidingWindow(w) => format!(
+                "sliding window {w}: tiles outside the band skipped, edge tiles masked by index"
+            ),
+        };
+        writeln!(f, "  mask         {mask}")?;
+        write!(f, "  score        s = {} * (q.k)", self.scale)?;
+        if let Some(c) = spec.softcap {
+            write!(f, ", then s = {c} * tanh(s / {c})")?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "  decode       keys split across threads when tasks are few (at least {} keys per split), merged by log-sum-exp",
+            self.min_keys_per_split
+        )?;
+        writeln!(
+            f,
+            "  scratch      {} floats per work item; state {} floats per split",
+            self.scratch.len, self.state_len
+        )?;
+        write!(
+            f,
+            "  cost         {} FLOP per (query, key, head); cache {} B per token",
+            self.flops_per_pair(),
+            cost::cache_bytes_per_token(spec)
+        )
+    }
+}
+
+fn spec_nope(spec: &AttentionSpec) -> usize {
+    match &spec.kv {
+        KvLayout::Latent(l) => l.nope_dim,
+        KvLayout::Grouped { head_dim, .. } => *head_dim,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::GroupMap;
+
+    #[test]
+    fn groups_pack_the_heads_of_each_kv_head() {
+        let plan = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16));
+        assert_eq!(plan.groups, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+        assert_eq!((plan.q_tile, plan.rows), (16, 64));
+        let spec = AttentionSpec::gqa(5, 3, 8).group_map(GroupMap::Explicit(vec![2, 0, 0, 1, 2]));
+        let plan = KernelPlan::new(&spec);
+        assert_eq!(plan.groups, vec![vec![1, 2], vec![3], vec![0, 4]]);
+        assert_eq!(plan.rows, plan.q_tile * 2);
+        let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128));
+        assert_eq!(
+            (mla.form, mla.groups.len(), mla.q_tile, mla.acc_dim),
+            (Form::LatentAbsorbed, 1, 4, 512)
+        );
+    }
+
+    #[test]
+    fn decode_splits_only_when_tasks_are_few() {
+        let gqa = KernelPlan::new(&AttentionSpec::gqa(32, 8, 128));
+        assert_eq!(gqa.schedule(4, 1, 4096, 2).splits, 1); // 32 tasks keep 2 threads busy
+        let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128));
+        let s = mla.schedule(1, 1, 4096, 2);
+        assert_eq!((s.splits, s.keys_per_split), (8, 512));
+        assert_eq!(mla.schedule(1, 1, 300, 2).splits, 1); // too few keys to split
+    }
+}

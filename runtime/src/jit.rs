@@ -1,0 +1,375 @@
+//! [`Jit`]: compiles specs to native kernels at run time with Cranelift.
+//!
+//! Pipeline: validate → plan → lower to the tile IR → emit CLIF → define in a long-lived
+//! `JITModule` → finalize → function pointers. The `Jit` owns the module, one codegen context
+//! reused across compiles, and a cache keyed by the spec, so compiling an equal spec again
+//! returns the kernel already built.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use attngen_codegen::abi::{CallArgs, Callee, FinishFn, ItemFn};
+use attngen_codegen::{AttentionSpec, KernelIr, KernelPlan, clif, ir, validate};
+use cranelift_codegen::Context;
+use cranelift_codegen::settings::Configurable;
+use cranelift_jit::{JITBuilder, JITModule};
+use cranelift_module::{FuncId, Linkage, Module};
+use rayon::prelude::*;
+
+use crate::{Error, Inputs, Isa, Kernel, Shape, check_call};
+
+/// The run-time compiler. Cheap to share: compiling takes an internal lock, running kernels
+/// does not.
+///
+/// ```
+/// use attngen::{AttentionSpec, Inputs, Jit, Kernel, Mask, Shape};
+///
+/// let jit = Jit::new()?;
+/// let kernel = jit.compile(&AttentionSpec::gqa(4, 2, 8).mask(Mask::Causal))?;
+/// let shape = Shape::new(1, 3, 3);
+/// let (q, k, v) = (vec![0.5; 3 * 4 * 8], vec![0.25; 3 * 2 * 8], vec![1.0; 3 * 2 * 8]);
+/// let mut out = vec![0.0; 3 * 4 * 8];
+/// kernel.run(shape, &Inputs::grouped(&q, &k, &v), &mut out, None)?;
+/// assert!(out.iter().all(|&o| (o - 1.0).abs() < 1e-6));
+/// # Ok::<(), attngen::Error>(())
+/// ```
+pub struct Jit {
+    state: Mutex<JitState>,
+    isa: Isa,
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+struct JitState {
+    module: JITModule,
+    callee_ids: [FuncId; 3],
+    ctx: Context,
+    cache: HashMap<String, Arc<Compiled>>,
+    compiled: usize,
+}
+
+/// One compiled spec: its plan and entry points.
+struct Compiled {
+    plan: KernelPlan,
+    item: ItemFn,
+    finish: FinishFn,
+    compile_time: Duration,
+}
+
+/// What `attngen dump` shows of a compiled spec.
+#[derive(Clone, Debug)]
+pub struct Listing {
+    /// The plan, as text.
+    pub plan: String,
+    /// The tile IR, as text.
+    pub ir: String,
+    /// The Cranelift IR of `item` and `finish`.
+    pub clif: String,
+    /// Their machine code, disassembled.
+    pub asm: String,
+    /// The micro-kernel ISA the code calls.
+    pub isa: Isa,
+}
+
+/// Natural log for generated code (called once per output row).
+extern "C" fn attngen_ln(x: f32) -> f32 {
+    x.ln()
+}
+
+impl Jit {
+    /// A JIT for this CPU whose kernels use every core (rayon's global pool).
+    pub fn new() -> Result<Jit, Error> {
+        Self::build(None)
+    }
+
+    /// A JIT whose kernels run on their own pool of `threads` threads.
+    pub fn with_threads(threads: usize) -> Result<Jit, Error> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .build()
+            .map_err(|e| Error::Compile(format!("cannot start {threads} threads: {e}")))?;
+        Self::build(Some(Arc::new(pool)))
+    }
+
+    fn build(pool: Option<Arc<rayon::ThreadPool>>) -> Result<Jit, Error> {
+        let compile_error = |e: &dyn std::fmt::Display| Error::Compile(e.to_string());
+        let mut flags = cranelift_codegen::settings::builder();
+        flags.set("opt_level", "speed").map_err(|e| compile_error(&e))?;
+        flags.set("use_colocated_libcalls", "false").map_err(|e| compile_error(&e))?;
+        flags.set("is_pic", "false").map_err(|e| compile_error(&e))?;
+        let isa_builder = cranelift_native::builder().map_err(|e| compile_error(&e))?;
+        let target = isa_builder
+            .finish(cranelift_codegen::settings::Flags::new(flags))
+            .map_err(|e| compile_error(&e))?;
+        let isa = Isa::detect();
+        let (dot_nt, dot_nn) = isa.kernels();
+        let mut builder = JITBuilder::with_isa(target, cranelift_module::default_libcall_names());
+        builder.symbol(Callee::DotNt.symbol(), dot_nt as *const u8);
+        builder.symbol(Callee::DotNn.symbol(), dot_nn as *const u8);
+        builder.symbol(Callee::Ln.symbol(), attngen_ln as *const u8);
+        let mut module = JITModule::new(builder);
+        let call_conv = module.isa().default_call_conv();
+        let mut callee_ids = Vec::new();
+        for callee in Callee::ALL {
+            let sig = clif::callee_signature(callee, call_conv);
+            let id = module
+                .declare_function(callee.symbol(), Linkage::Import, &sig)
+                .map_err(|e| compile_error(&e))?;
+            callee_ids.push(id);
+        }
+        let callee_ids = [callee_ids[0], callee_ids[1], callee_ids[2]];
+        let ctx = module.make_context();
+        let state = JitState { module, callee_ids, ctx, cache: HashMap::new(), compiled: 0 };
+        Ok(Jit { state: Mutex::new(state), isa, pool })
+    }
+
+    /// The micro-kernel ISA this JIT's kernels call.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Compiles `spec` (or returns the cached kernel for an equal spec).
+    pub fn compile(&self, spec: &AttentionSpec) -> Result<JitKernel, Error> {
+        validate(spec)?;
+        let key = cache_key(spec);
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let compiled = match state.cache.get(&key) {
+            Some(compiled) => Arc::clone(compiled),
+            None => {
+                let compiled = Arc::new(state.define(spec, None)?);
+                state.cache.insert(key, Arc::clone(&compiled));
+                compiled
+            }
+        };
+        Ok(JitKernel { spec: spec.clone(), compiled, pool: self.pool.clone() })
+    }
+
+    /// Compiles `spec` afresh and returns its plan, IR, CLIF and disassembly.
+    pub fn dump(&self, spec: &AttentionSpec) -> Result<Listing, Error> {
+        validate(spec)?;
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut listing = Listing {
+            plan: String::new(),
+            ir: String::new(),
+            clif: String::new(),
+            asm: String::new(),
+            isa: self.isa,
+        };
+        state.define(spec, Some(&mut listing))?;
+        Ok(listing)
+    }
+}
+
+impl JitState {
+    /// Plans, lowers, emits and defines both functions of a spec's kernel.
+    fn define(
+        &mut self,
+        spec: &AttentionSpec,
+        mut listing: Option<&mut Listing>,
+    ) -> Result<Compiled, Error> {
+        let started = Instant::now();
+        let compile_error = |e: &dyn std::fmt::Display| Error::Compile(e.to_string());
+        let plan = KernelPlan::new(spec);
+        let program: KernelIr = ir::lower(&plan);
+        let frontend = self.module.isa().frontend_config();
+        let callee_ids = self.callee_ids.map(|id| id.as_u32());
+        let kernel = clif::emit(&plan, &program, frontend, callee_ids);
+        if let Some(listing) = listing.as_deref_mut() {
+            listing.plan = plan.to_string();
+            listing.ir = program.to_string();
+        }
+        // Each compile defines fresh symbols: the cache, not the module, deduplicates.
+        self.compiled += 1;
+        let mut ids = Vec::new();
+        for (role, func) in [("item", kernel.item), ("finish", kernel.finish)] {
+            let name = format!("attngen_{role}_{}", self.compiled);
+            let id = self
+                .module
+                .declare_function(&name, Linkage::Local, &func.signature)
+                .map_err(|e| compile_error(&e))?;
+            self.ctx.clear();
+            self.ctx.func = func;
+            self.ctx.set_disasm(listing.is_some());
+            if let Some(listing) = listing.as_deref_mut() {
+                listing.clif.push_str(&format!("; {role}\n{}\n", self.ctx.func.display()));
+            }
+            self.module.define_function(id, &mut self.ctx).map_err(|e| {
+                Error::Compile(format!("Cranelift rejected the {role} function: {e:?}"))
+            })?;
+            if let Some(listing) = listing.as_deref_mut() {
+                listing.asm.push_str(&format!(
+                    "; {role}\n{}\n",
+                    disassemble(&self.ctx, self.module.isa())
+                ));
+            }
+            ids.push(id);
+        }
+        self.module.finalize_definitions().map_err(|e| compile_error(&e))?;
+        let item_ptr = self.module.get_finalized_function(ids[0]);
+        let finish_ptr = self.module.get_finalized_function(ids[1]);
+        // SAFETY: the two functions were just defined with the signatures of ItemFn and
+        // FinishFn (clif::item_signature / finish_signature: pointer-sized integers, the
+        // platform's C calling convention), and the module never frees their code (Cranelift's
+        // system memory provider leaks it on drop to keep such pointers valid).
+        let (item, finish) = unsafe {
+            (
+                std::mem::transmute::<*const u8, ItemFn>(item_ptr),
+                std::mem::transmute::<*const u8, FinishFn>(finish_ptr),
+            )
+        };
+        Ok(Compiled { plan, item, finish, compile_time: started.elapsed() })
+    }
+}
+
+fn disassemble(ctx: &Context, isa: &dyn cranelift_codegen::isa::TargetIsa) -> String {
+    let Some(code) = ctx.compiled_code() else { return String::from("(no code)") };
+    match isa.to_capstone() {
+        Ok(capstone) => code
+            .disassemble(Some(&ctx.func.params), &capstone)
+            .unwrap_or_else(|e| format!("(disassembly failed: {e})")),
+        Err(e) => code.vcode.clone().unwrap_or_else(|| format!("(no disassembler: {e})")),
+    }
+}
+
+/// Specs that differ only in their name compile to the same kernel.
+fn cache_key(spec: &AttentionSpec) -> String {
+    AttentionSpec { name: None, ..spec.clone() }.to_toml()
+}
+
+/// A kernel compiled by [`Jit::compile`].
+#[derive(Clone)]
+pub struct JitKernel {
+    spec: AttentionSpec,
+    compiled: Arc<Compiled>,
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+impl JitKernel {
+    /// How long planning, lowering and Cranelift took when this kernel was first compiled.
+    pub fn compile_time(&self) -> Duration {
+        self.compiled.compile_time
+    }
+
+    /// The plan the kernel was compiled from.
+    pub fn plan(&self) -> &KernelPlan {
+        &self.compiled.plan
+    }
+
+    /// Whether two kernels share one compiled body (an equal spec hit the cache).
+    pub fn same_code(&self, other: &JitKernel) -> bool {
+        Arc::ptr_eq(&self.compiled, &other.compiled)
+    }
+}
+
+/// The call's tensors for generated code, shareable across the worker threads.
+struct SharedArgs(CallArgs);
+
+// SAFETY: the pointers in CallArgs come from the `&[f32]` inputs and `&mut [f32]` outputs of one
+// `run` call, which outlive every worker (rayon joins before `run` returns). Workers only read
+// the inputs, and write disjoint parts of `out` and `lse`: each (batch, group, query tile) task
+// owns the rows of its group's heads and its queries, and every head belongs to one group.
+unsafe impl Sync for SharedArgs {}
+
+impl SharedArgs {
+    fn ptr(&self) -> *const CallArgs {
+        &self.0
+    }
+}
+
+impl Kernel for JitKernel {
+    fn spec(&self) -> &AttentionSpec {
+        &self.spec
+    }
+
+    fn run(
+        &self,
+        shape: Shape,
+        inputs: &Inputs<'_>,
+        out: &mut [f32],
+        lse: Option<&mut [f32]>,
+    ) -> Result<(), Error> {
+        check_call(&self.spec, shape, inputs, out.len(), lse.as_deref().map(<[f32]>::len))?;
+        if shape.batch == 0 || shape.seq_q == 0 {
+            return Ok(());
+        }
+        let empty: &[f32] = &[];
+        let (q, k, v, c_kv, k_rope, w_uk, w_uv) = match *inputs {
+            Inputs::Grouped { q, k, v } => (q, k, v, empty, empty, empty, empty),
+            Inputs::Latent { q, c_kv, k_rope, w_uk, w_uv } => {
+                (q, empty, empty, c_kv, k_rope, w_uk, w_uv)
+            }
+        };
+        let args = SharedArgs(CallArgs {
+            q: q.as_ptr(),
+            k: k.as_ptr(),
+            v: v.as_ptr(),
+            c_kv: c_kv.as_ptr(),
+            k_rope: k_rope.as_ptr(),
+            w_uk: w_uk.as_ptr(),
+            w_uv: w_uv.as_ptr(),
+            out: out.as_mut_ptr(),
+            lse: lse.map_or(std::ptr::null_mut(), |l| l.as_mut_ptr()),
+            seq_q: shape.seq_q,
+            seq_k: shape.seq_k,
+        });
+        let compiled = &*self.compiled;
+        let plan = &compiled.plan;
+        let threads =
+            self.pool.as_ref().map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
+        let schedule = plan.schedule(shape.batch, shape.seq_q, shape.seq_k, threads);
+        let groups = plan.groups.len();
+        let tasks = shape.batch * groups * schedule.q_tiles;
+        let run_task = |task: usize| {
+            let (b, rest) =
+                (task / (groups * schedule.q_tiles), task % (groups * schedule.q_tiles));
+            let (g, tile) = (rest / schedule.q_tiles, rest % schedule.q_tiles);
+            let q0 = tile * plan.q_tile;
+            let mut states = vec![0.0f32; plan.state_len * schedule.splits];
+            let run_split = |(split, state): (usize, &mut [f32])| {
+                let k_lo = split * schedule.keys_per_split;
+                let k_hi = (k_lo + schedule.keys_per_split).min(shape.seq_k);
+                let mut scratch = vec![0.0f32; plan.scratch.len];
+                // SAFETY: `check_call` verified every buffer against `shape`; the generated
+                // code reads and writes only within those tensors for b < B, q0 < Sq, keys
+                // k_lo..k_hi ⊆ 0..Sk and the group's heads, plus `scratch` and `state`, which
+                // have the plan's sizes.
+                unsafe {
+                    (compiled.item)(
+                        args.ptr(),
+                        b,
+                        g,
+                        q0,
+                        k_lo,
+                        k_hi,
+                        scratch.as_mut_ptr(),
+                        state.as_mut_ptr(),
+                    )
+                };
+            };
+            if schedule.splits == 1 {
+                run_split((0, &mut states));
+            } else {
+                states.par_chunks_mut(plan.state_len).enumerate().for_each(run_split);
+            }
+            let mut scratch = vec![0.0f32; plan.scratch.len];
+            // SAFETY: as above; `states` holds `splits` slots of `plan.state_len` floats.
+            unsafe {
+                (compiled.finish)(
+                    args.ptr(),
+                    b,
+                    g,
+                    q0,
+                    schedule.splits,
+                    states.as_mut_ptr(),
+                    scratch.as_mut_ptr(),
+                )
+            };
+        };
+        let run_all = || (0..tasks).into_par_iter().for_each(run_task);
+        match &self.pool {
+            Some(pool) => pool.install(run_all),
+            None => run_all(),
+        }
+        Ok(())
+    }
+}

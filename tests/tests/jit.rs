@@ -1,0 +1,166 @@
+//! The JIT against the reference interpreter: hand-picked edge cases, then property tests over
+//! random specs, shapes and inputs (design.md 1.4 tolerance).
+
+use attngen::{
+    AttentionSpec, GroupMap, Inputs, Jit, Kernel, KvLayout, Mask, Reference, Shape, Tensor,
+};
+use attngen_tests::strategies::{self, Limits, OwnedInputs};
+use attngen_tests::{f32_score_slack, first_mismatch_within};
+use proptest::prelude::*;
+
+fn run(kernel: &dyn Kernel, shape: Shape, inputs: &Inputs<'_>) -> (Vec<f32>, Vec<f32>) {
+    let spec = kernel.spec();
+    let out_len = Tensor::Out.len(spec, shape).unwrap();
+    let lse_len = Tensor::Lse.len(spec, shape).unwrap();
+    let (mut out, mut lse) = (vec![f32::NAN; out_len], vec![f32::NAN; lse_len]);
+    kernel.run(shape, inputs, &mut out, Some(&mut lse)).expect("valid call");
+    (out, lse)
+}
+
+/// JIT vs reference on one case with inputs of magnitude `m`; describes the first mismatch.
+fn compare(
+    jit: &Jit,
+    spec: &AttentionSpec,
+    shape: Shape,
+    inputs: &OwnedInputs,
+    m: f32,
+) -> Result<(), String> {
+    let (out_slack, lse_slack) =
+        f32_score_slack(spec.head_dim(), spec.effective_scale(), f64::from(m));
+    let reference = Reference::new(spec).unwrap();
+    let kernel = jit.compile(spec).map_err(|e| e.to_string())?;
+    let (want_out, want_lse) = run(&reference, shape, &inputs.inputs());
+    let (out, lse) = run(&kernel, shape, &inputs.inputs());
+    let widen = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+    if let Some((i, got, want)) = first_mismatch_within(&out, &widen(&want_out), out_slack) {
+        return Err(format!("out[{i}]: jit {got}, reference {want}"));
+    }
+    if let Some((i, got, want)) = first_mismatch_within(&lse, &widen(&want_lse), lse_slack) {
+        return Err(format!("lse[{i}]: jit {got}, reference {want}"));
+    }
+    Ok(())
+}
+
+fn jit() -> Jit {
+    Jit::with_threads(2).unwrap()
+}
+
+#[test]
+fn every_variant_on_a_few_shapes() {
+    let jit = jit();
+    let specs = [
+        AttentionSpec::mha(2, 8),
+        AttentionSpec::mha(3, 5).mask(Mask::Causal),
+        AttentionSpec::mqa(5, 17).mask(Mask::SlidingWindow(3)),
+        AttentionSpec::gqa(6, 2, 16).group_map(GroupMap::Interleaved).mask(Mask::Causal),
+        AttentionSpec::gqa(5, 3, 4)
+            .group_map(GroupMap::Explicit(vec![2, 0, 0, 1, 2]))
+            .v_head_dim(7),
+        AttentionSpec::gqa(4, 2, 9).softcap(1.5).scale(0.7).mask(Mask::Causal),
+        AttentionSpec::mla(3, 12, 4, 6, 5).mask(Mask::Causal),
+        AttentionSpec::mla(2, 9, 0, 3, 4),
+        AttentionSpec::mla(2, 5, 3, 0, 2).mask(Mask::SlidingWindow(2)),
+    ];
+    for (n, spec) in specs.iter().enumerate() {
+        for shape in [
+            Shape::new(1, 1, 1),
+            Shape::new(2, 3, 7),
+            Shape::new(1, 70, 130),
+            Shape::new(2, 9, 4),
+            Shape::new(1, 1, 300),
+        ] {
+            let inputs = OwnedInputs::random(spec, shape, n as u64, 1.0);
+            if let Err(e) = compare(&jit, spec, shape, &inputs, 1.0) {
+                panic!("{spec:?} at {shape:?}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn compiling_an_equal_spec_hits_the_cache() {
+    let jit = jit();
+    let a = jit.compile(&AttentionSpec::gqa(8, 2, 64).mask(Mask::Causal)).unwrap();
+    let b = jit.compile(&AttentionSpec::gqa(8, 2, 64).mask(Mask::Causal).named("same")).unwrap();
+    let c = jit.compile(&AttentionSpec::gqa(8, 2, 64)).unwrap();
+    assert!(a.same_code(&b));
+    assert!(!a.same_code(&c));
+    assert_eq!(a.compile_time(), b.compile_time());
+}
+
+#[test]
+fn hidden_nan_keys_do_not_leak_and_visible_ones_do() {
+    let jit = jit();
+    let spec = AttentionSpec::gqa(2, 1, 4).mask(Mask::Causal);
+    let shape = Shape::new(1, 3, 3);
+    let mut inputs = OwnedInputs::random(&spec, shape, 9, 1.0);
+    // Key 2 (k and v) is NaN: only query 2 sees it.
+    inputs.get_mut(Tensor::K)[8..12].fill(f32::NAN);
+    inputs.get_mut(Tensor::V)[8..12].fill(f32::NAN);
+    let kernel = jit.compile(&spec).unwrap();
+    let (out, lse) = run(&kernel, shape, &inputs.inputs());
+    assert!(out[..16].iter().all(|x| x.is_finite()), "{out:?}");
+    assert!(out[16..].iter().all(|x| x.is_nan()), "{out:?}");
+    assert!(lse[..4].iter().all(|x| x.is_finite()) && lse[4..].iter().all(|x| x.is_nan()));
+}
+
+#[test]
+fn errors_leave_out_untouched() {
+    let jit = jit();
+    let spec = AttentionSpec::gqa(4, 2, 3);
+    let kernel = jit.compile(&spec).unwrap();
+    let (q, k, v) = (vec![0.5; 24], vec![0.5; 30], vec![0.5; 30]);
+    let shape = Shape::new(1, 2, 5);
+    let mut out = [-7.0; 24];
+    let mut lse = [-7.0; 8];
+    for (inputs, out_len, lse_len) in [
+        (Inputs::grouped(&q[1..], &k, &v), 24, 8),
+        (Inputs::grouped(&q, &k[1..], &v), 24, 8),
+        (Inputs::grouped(&q, &k, &v[..29]), 24, 8),
+        (Inputs::grouped(&q, &k, &v), 24, 7),
+        (Inputs::grouped(&q, &k, &v), 23, 8),
+        (Inputs::latent(&q, &k, &v, &[], &[]), 24, 8),
+    ] {
+        let result = kernel.run(shape, &inputs, &mut out[..out_len], Some(&mut lse[..lse_len]));
+        assert!(result.is_err());
+        assert!(out.iter().chain(&lse).all(|&x| x == -7.0));
+    }
+    assert!(
+        kernel
+            .run(Shape::new(usize::MAX, 2, 2), &Inputs::grouped(&q, &k, &v), &mut out, None)
+            .is_err()
+    );
+    assert!(out.iter().all(|&x| x == -7.0));
+    assert_eq!(
+        jit.compile(&AttentionSpec::gqa(30, 8, 128)).err().unwrap().to_string(),
+        "invalid spec: q_heads (30) is not a multiple of kv_heads (8) for group_map \"contiguous\""
+    );
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(256)
+}
+
+/// Specs for the property test: every variant, head_dim up to 256 (odd sizes included),
+/// latent rank up to 512.
+const JIT_LIMITS: Limits = Limits { heads: 8, dim: 256, rank: 512 };
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    #[test]
+    fn jit_matches_the_reference(
+        spec in strategies::kernel_spec(JIT_LIMITS),
+        shape in strategies::shape(70, 300),
+        seed in any::<u64>(),
+        large in proptest::bool::weighted(0.2),
+    ) {
+        thread_local!(static JIT: Jit = jit());
+        // Large magnitudes (scores in the hundreds: the online softmax must subtract its
+        // running max) for grouped specs; latent scores are already large through W_UK.
+        let magnitude = if large && matches!(spec.kv, KvLayout::Grouped { .. }) { 6.0 } else { 1.0 };
+        let inputs = OwnedInputs::random(&spec, shape, seed, magnitude);
+        let result = JIT.with(|jit| compare(jit, &spec, shape, &inputs, magnitude));
+        prop_assert!(result.is_ok(), "{}", result.unwrap_err());
+    }
+}
