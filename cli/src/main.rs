@@ -1,5 +1,8 @@
 //! `attngen`: run, plan and validate attention specs from the command line.
 
+mod bench;
+mod dump;
+mod peak;
 mod plan;
 mod run;
 mod table;
@@ -61,6 +64,59 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show what the JIT generates for a spec: plan, tile IR, Cranelift IR, machine code.
+    ///
+    /// With no section flag, prints the plan and the IR.
+    Dump {
+        /// The spec file.
+        spec: PathBuf,
+        /// The kernel plan: form, tiles, head packing, mask handling, decode splits.
+        #[arg(long)]
+        plan: bool,
+        /// The tile IR both backends lower.
+        #[arg(long)]
+        ir: bool,
+        /// The Cranelift IR of the generated functions.
+        #[arg(long)]
+        clif: bool,
+        /// The generated machine code, disassembled.
+        #[arg(long)]
+        asm: bool,
+    },
+    /// Time backends on the standard workloads W1–W6 (or a spec and shape).
+    ///
+    /// Reports the median, min and max of repeated runs after a warm-up, GFLOP/s for prefill and
+    /// GB/s for decode, and the fraction of the machine's peaks, which are measured at start-up
+    /// (an FMA loop and a streaming read) unless given.
+    Bench {
+        /// Workloads to time, e.g. `--workload W1,W4` (default: all six).
+        #[arg(long, value_delimiter = ',')]
+        workload: Vec<String>,
+        /// Time this spec instead (needs --shape).
+        #[arg(long, conflicts_with = "workload")]
+        spec: Option<PathBuf>,
+        /// B,Sq,Sk for --spec.
+        #[arg(long, value_parser = parse_shape)]
+        shape: Option<attngen::Shape>,
+        /// Backends to time.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "jit")]
+        backend: Vec<Backend>,
+        /// Threads for the JIT's kernels (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Most timed runs per row.
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// Use this FMA peak (GFLOP/s) instead of measuring it.
+        #[arg(long)]
+        peak_gflops: Option<f64>,
+        /// Use this read bandwidth (GB/s) instead of measuring it.
+        #[arg(long)]
+        peak_gbs: Option<f64>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check spec files and print each one's errors as file:line:column, or `ok`.
     ///
     /// Exit status 1 if any spec is invalid, 2 if a file cannot be read.
@@ -76,6 +132,8 @@ enum Command {
 enum Backend {
     /// The reference interpreter: float64, un-fused, slow, the oracle.
     Interp,
+    /// The Cranelift JIT: a fused kernel compiled for this spec and this CPU.
+    Jit,
 }
 
 /// Why a command failed, and with which exit status.
@@ -91,6 +149,18 @@ impl Failure {
     /// Bad input: exit status 2.
     pub fn input(message: impl std::fmt::Display) -> Self {
         Failure { status: 2, message: message.to_string() }
+    }
+}
+
+/// Parses `B,Sq,Sk`.
+fn parse_shape(text: &str) -> Result<attngen::Shape, String> {
+    let dims: Vec<usize> = text
+        .split(',')
+        .map(|d| d.trim().parse().map_err(|_| format!("`{d}` is not a size")))
+        .collect::<Result<_, _>>()?;
+    match dims[..] {
+        [b, sq, sk] => Ok(attngen::Shape::new(b, sq, sk)),
+        _ => Err(format!("expected B,Sq,Sk, got `{text}`")),
     }
 }
 
@@ -125,7 +195,34 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { spec, inputs, out, backend } => run::run(&spec, &inputs, &out, backend),
         Command::Plan { specs, context, json } => plan::plan(&specs, context, json),
+        Command::Dump { spec, plan, ir, clif, asm } => dump::dump(&spec, plan, ir, clif, asm),
         Command::Validate { specs } => validate::validate(&specs),
+        Command::Bench {
+            workload,
+            spec,
+            shape,
+            backend,
+            threads,
+            runs,
+            peak_gflops,
+            peak_gbs,
+            json,
+        } => {
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
+            bench::bench(bench::BenchArgs {
+                workloads: workload,
+                spec,
+                shape,
+                backends: backend,
+                threads,
+                runs,
+                peak_gflops,
+                peak_gbs,
+                json,
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use attngen::{Inputs, Kernel, Reference, Tensor};
+use attngen::{Inputs, Jit, Kernel, Reference, Tensor};
 
 use crate::tensors::{self, LoadedInputs};
 use crate::{Backend, Failure, load_spec};
@@ -21,6 +21,10 @@ pub fn run(
         .map_err(|e| Failure::input(format!("{}: {e}", inputs_path.display())))?;
     let kernel: Box<dyn Kernel> = match backend {
         Backend::Interp => Box::new(Reference::new(&spec).map_err(Failure::input)?),
+        Backend::Jit => {
+            let jit = Jit::new().map_err(|e| Failure { status: 1, message: e.to_string() })?;
+            Box::new(jit.compile(&spec).map_err(Failure::input)?)
+        }
     };
     let shape = loaded.shape;
     let too_large = |t: Tensor| t.len(&spec, shape).map_err(Failure::input);

@@ -29,6 +29,7 @@ mod kernel;
 mod reference;
 mod shape;
 mod simd;
+mod workload;
 
 pub use attngen_codegen::{
     AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask, SpecError, SpecFileError, Variant,
@@ -40,3 +41,4 @@ pub use kernel::Kernel;
 pub use reference::Reference;
 pub use shape::{Inputs, Shape, Tensor, check_call};
 pub use simd::Isa;
+pub use workload::Workload;

@@ -1,0 +1,265 @@
+//! `attngen bench`: times backends on the standard workloads (or a spec and shape) and reports
+//! ms, GFLOP/s, GB/s and the fraction of the machine's measured peaks.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use attngen::{Jit, Kernel, Reference, Shape, Tensor, Workload};
+use serde::Serialize;
+
+use crate::{Backend, Failure, emit, load_spec, peak, table};
+
+/// What to time and how.
+pub struct BenchArgs {
+    /// Workload ids (empty: all, unless a spec is given).
+    pub workloads: Vec<String>,
+    /// A spec file to time instead, with `shape`.
+    pub spec: Option<PathBuf>,
+    /// B, Sq, Sk for `spec`.
+    pub shape: Option<Shape>,
+    /// Backends to time.
+    pub backends: Vec<Backend>,
+    /// Threads for the JIT's kernels.
+    pub threads: usize,
+    /// Timed runs per (workload, backend) at most; the JIT stops early after about a second.
+    pub runs: usize,
+    /// Machine peaks given instead of measured.
+    pub peak_gflops: Option<f64>,
+    /// Streaming read bandwidth given instead of measured.
+    pub peak_gbs: Option<f64>,
+    /// Print JSON.
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: Machine,
+    results: Vec<Row>,
+}
+
+#[derive(Serialize)]
+struct Machine {
+    threads: usize,
+    peak_gflops: f64,
+    peak_gbs: f64,
+    isa: &'static str,
+}
+
+#[derive(Serialize)]
+struct Row {
+    workload: String,
+    backend: &'static str,
+    median_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+    runs: usize,
+    gflops: f64,
+    gbs: f64,
+    flops: u64,
+    bytes: u64,
+    compile_ms: Option<f64>,
+    decode: bool,
+}
+
+/// Runs the benchmark and prints the table or JSON.
+pub fn bench(args: BenchArgs) -> Result<(), Failure> {
+    let workloads = select(&args)?;
+    let peak_gflops = args.peak_gflops.unwrap_or_else(|| peak::fma_gflops(args.threads));
+    let peak_gbs = args.peak_gbs.unwrap_or_else(|| peak::read_gbs(args.threads));
+    let jit = Jit::with_threads(args.threads)
+        .map_err(|e| Failure { status: 1, message: e.to_string() })?;
+    let mut rows = Vec::new();
+    for workload in &workloads {
+        for &backend in &args.backends {
+            rows.push(time(workload, backend, &jit, args.runs)?);
+        }
+    }
+    let report = Report {
+        machine: Machine { threads: args.threads, peak_gflops, peak_gbs, isa: jit.isa().name() },
+        results: rows,
+    };
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).expect("plain data serialises");
+        return emit(&format!("{text}\n"));
+    }
+    emit(&render(&report))
+}
+
+fn select(args: &BenchArgs) -> Result<Vec<Workload>, Failure> {
+    if let Some(path) = &args.spec {
+        let spec = load_spec(path)?;
+        let shape = args.shape.ok_or_else(|| Failure::input("--spec needs --shape B,Sq,Sk"))?;
+        let id = spec.name.clone().unwrap_or_else(|| path.display().to_string());
+        return Ok(vec![Workload {
+            id: Box::leak(id.into_boxed_str()),
+            description: "spec file",
+            spec,
+            shape,
+        }]);
+    }
+    let all = Workload::standard();
+    if args.workloads.is_empty() {
+        return Ok(all);
+    }
+    args.workloads
+        .iter()
+        .map(|id| {
+            all.iter().find(|w| w.id.eq_ignore_ascii_case(id)).cloned().ok_or_else(|| {
+                Failure::input(format!(
+                    "unknown workload `{id}`: expected one of W1, W2, W3, W4, W5, W6"
+                ))
+            })
+        })
+        .collect()
+}
+
+fn time(workload: &Workload, backend: Backend, jit: &Jit, max_runs: usize) -> Result<Row, Failure> {
+    let spec = &workload.spec;
+    let shape = workload.shape;
+    let inputs = random_inputs(workload);
+    let named = attngen_inputs(spec, &inputs);
+    let len = |t: Tensor| t.len(spec, shape).map_err(Failure::input);
+    let mut out = vec![0.0f32; len(Tensor::Out)?];
+    let mut lse = vec![0.0f32; len(Tensor::Lse)?];
+    let (kernel, compile_ms): (Box<dyn Kernel>, Option<f64>) = match backend {
+        Backend::Interp => (Box::new(Reference::new(spec).map_err(Failure::input)?), None),
+        Backend::Jit => {
+            let kernel = jit.compile(spec).map_err(Failure::input)?;
+            let ms = kernel.compile_time().as_secs_f64() * 1e3;
+            (Box::new(kernel), Some(ms))
+        }
+    };
+    let mut call = || -> Result<Duration, Failure> {
+        let start = Instant::now();
+        kernel.run(shape, &named, &mut out, Some(&mut lse)).map_err(Failure::input)?;
+        Ok(start.elapsed())
+    };
+    // The interpreter is slow: one timed run. The JIT: a warm-up, then runs until about a
+    // second has passed (at least 3, at most `max_runs`).
+    let mut times = Vec::new();
+    if backend == Backend::Jit {
+        call()?;
+    }
+    let budget = Instant::now();
+    while times.len() < max_runs.max(1) {
+        times.push(call()?);
+        let enough = backend == Backend::Interp
+            || (times.len() >= 3 && budget.elapsed() > Duration::from_secs(1));
+        if enough {
+            break;
+        }
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let median = ms(times[times.len() / 2]);
+    let (flops, bytes) = (workload.flops(), workload.kv_bytes());
+    Ok(Row {
+        workload: workload.id.to_owned(),
+        backend: match backend {
+            Backend::Interp => "interp",
+            Backend::Jit => "jit",
+        },
+        median_ms: median,
+        min_ms: ms(times[0]),
+        max_ms: ms(times[times.len() - 1]),
+        runs: times.len(),
+        gflops: flops as f64 / median / 1e6,
+        gbs: bytes as f64 / median / 1e6,
+        flops,
+        bytes,
+        compile_ms,
+        decode: workload.is_decode(),
+    })
+}
+
+/// Uniform [−1, 1] inputs for a workload, by tensor.
+fn random_inputs(workload: &Workload) -> Vec<(Tensor, Vec<f32>)> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    Tensor::inputs(&workload.spec)
+        .iter()
+        .map(|&t| {
+            let len = t.len(&workload.spec, workload.shape).unwrap_or(0);
+            let data = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect();
+            (t, data)
+        })
+        .collect()
+}
+
+fn attngen_inputs<'a>(
+    spec: &attngen::AttentionSpec,
+    tensors: &'a [(Tensor, Vec<f32>)],
+) -> attngen::Inputs<'a> {
+    let get =
+        |t: Tensor| tensors.iter().find(|(n, _)| *n == t).map_or(&[][..], |(_, d)| d.as_slice());
+    match spec.kv {
+        attngen::KvLayout::Grouped { .. } => {
+            attngen::Inputs::grouped(get(Tensor::Q), get(Tensor::K), get(Tensor::V))
+        }
+        attngen::KvLayout::Latent(_) => attngen::Inputs::latent(
+            get(Tensor::Q),
+            get(Tensor::CKv),
+            get(Tensor::KRope),
+            get(Tensor::WUk),
+            get(Tensor::WUv),
+        ),
+    }
+}
+
+fn render(report: &Report) -> String {
+    let m = &report.machine;
+    let mut text = format!(
+        "machine: {} threads, f32 FMA peak {:.1} GFLOP/s, streaming read {:.1} GB/s, micro-kernels {}\n\n",
+        m.threads, m.peak_gflops, m.peak_gbs, m.isa
+    );
+    let cells: Vec<Vec<String>> = report
+        .results
+        .iter()
+        .map(|r| {
+            let interp = report
+                .results
+                .iter()
+                .find(|o| o.workload == r.workload && o.backend == "interp")
+                .map(|o| o.median_ms);
+            let (rate, peak) = if r.decode {
+                (format!("{:.1} GB/s", r.gbs), 100.0 * r.gbs / m.peak_gbs)
+            } else {
+                (format!("{:.1} GFLOP/s", r.gflops), 100.0 * r.gflops / m.peak_gflops)
+            };
+            vec![
+                r.workload.clone(),
+                r.backend.to_owned(),
+                format!("{:.2}", r.median_ms),
+                format!("{:.2}", r.min_ms),
+                format!("{:.2}", r.max_ms),
+                rate,
+                format!("{peak:.0}%"),
+                interp.map_or_else(String::new, |i| format!("{:.0}x", i / r.median_ms)),
+                r.compile_ms.map_or_else(String::new, |c| format!("{c:.1}")),
+            ]
+        })
+        .collect();
+    text.push_str(&table::render(
+        &[
+            "workload",
+            "backend",
+            "median ms",
+            "min",
+            "max",
+            "rate",
+            "of peak",
+            "vs interp",
+            "compile ms",
+        ],
+        &[false, false, true, true, true, true, true, true, true],
+        &cells,
+    ));
+    text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)); decode in GB/s of K/V or latent read once.\n");
+    text
+}

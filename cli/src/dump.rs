@@ -1,0 +1,35 @@
+//! `attngen dump`: what the JIT generates for a spec, and why.
+
+use std::path::Path;
+
+use attngen::Jit;
+
+use crate::{Failure, emit, load_spec};
+
+/// Prints the requested sections (plan and IR when none is requested).
+pub fn dump(path: &Path, plan: bool, ir: bool, clif: bool, asm: bool) -> Result<(), Failure> {
+    let spec = load_spec(path)?;
+    let jit = Jit::new().map_err(|e| Failure { status: 1, message: e.to_string() })?;
+    let listing = jit.dump(&spec).map_err(|e| Failure { status: 1, message: e.to_string() })?;
+    let (plan, ir) = if plan || ir || clif || asm { (plan, ir) } else { (true, true) };
+    let mut text = String::new();
+    let mut section = |title: &str, body: &str| {
+        text.push_str(&format!("== {title}\n{}\n", body.trim_end()));
+    };
+    if plan {
+        section("plan", &listing.plan);
+    }
+    if ir {
+        section("ir", &listing.ir);
+    }
+    if clif {
+        section("clif", &listing.clif);
+    }
+    if asm {
+        section(
+            &format!("asm (micro-kernels called for this CPU: {})", listing.isa.name()),
+            &listing.asm,
+        );
+    }
+    emit(&text)
+}

@@ -1,0 +1,85 @@
+//! The standard workloads of design.md 4.1, for benchmarks and reports.
+
+use attngen_codegen::{AttentionSpec, Mask, cost};
+
+use crate::Shape;
+
+/// A named spec and call shape.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    /// `W1` … `W6`.
+    pub id: &'static str,
+    /// What it models.
+    pub description: &'static str,
+    /// The layer.
+    pub spec: AttentionSpec,
+    /// B, Sq, Sk.
+    pub shape: Shape,
+}
+
+impl Workload {
+    /// W1–W6 (f32, default scale).
+    pub fn standard() -> Vec<Workload> {
+        let lite = || AttentionSpec::mla(16, 512, 64, 128, 128).mask(Mask::Causal);
+        vec![
+            Workload {
+                id: "W1",
+                description: "GQA prefill, Llama-3-8B",
+                spec: AttentionSpec::gqa(32, 8, 128).mask(Mask::Causal),
+                shape: Shape::new(1, 1024, 1024),
+            },
+            Workload {
+                id: "W2",
+                description: "MHA prefill",
+                spec: AttentionSpec::mha(16, 64).mask(Mask::Causal),
+                shape: Shape::new(1, 2048, 2048),
+            },
+            Workload {
+                id: "W3",
+                description: "MQA prefill",
+                spec: AttentionSpec::mqa(16, 128).mask(Mask::Causal),
+                shape: Shape::new(1, 1024, 1024),
+            },
+            Workload {
+                id: "W4",
+                description: "GQA decode",
+                spec: AttentionSpec::gqa(32, 8, 128),
+                shape: Shape::new(4, 1, 4096),
+            },
+            Workload {
+                id: "W5",
+                description: "MLA decode, DeepSeek-V2-Lite",
+                spec: lite(),
+                shape: Shape::new(4, 1, 4096),
+            },
+            Workload {
+                id: "W6",
+                description: "MLA prefill, DeepSeek-V2-Lite",
+                spec: lite(),
+                shape: Shape::new(1, 1024, 1024),
+            },
+        ]
+        .into_iter()
+        .map(|mut w| {
+            w.spec.name = Some(w.id.to_owned());
+            w
+        })
+        .collect()
+    }
+
+    /// Whether it is a decode workload (reported in GB/s) rather than prefill (GFLOP/s).
+    pub fn is_decode(&self) -> bool {
+        self.shape.seq_q == 1
+    }
+
+    /// FLOPs of one call as design.md 4 counts them.
+    pub fn flops(&self) -> u64 {
+        let s = self.shape;
+        cost::attention_flops(&self.spec, s.batch as u64, s.seq_q as u64, s.seq_k as u64)
+    }
+
+    /// Bytes of K/V (or latent and RoPE key) read once by one call.
+    pub fn kv_bytes(&self) -> u64 {
+        cost::kv_bytes(&self.spec, self.shape.batch as u64, self.shape.seq_k as u64)
+    }
+}
