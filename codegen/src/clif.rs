@@ -88,6 +88,14 @@ fn mem() -> MemFlagsData {
 
 const F32X4: Type = types::F32X4;
 
+/// What [`Translator::row_map`] does to each element.
+#[derive(Clone, Copy)]
+enum RowUpdate {
+    Copy,
+    Scale(Value),
+    Axpy(Value),
+}
+
 /// The key tile being processed.
 #[derive(Clone, Copy)]
 struct Tile {
@@ -121,6 +129,8 @@ struct Translator<'a> {
     nq: Value,
     /// Explicit maps: the stack table of heads per group, `groups × largest group` i32.
     head_table: Option<Value>,
+    /// Rows of this work item: the group's heads × nq.
+    rows: Value,
 }
 
 impl<'a> Translator<'a> {
@@ -185,8 +195,11 @@ impl<'a> Translator<'a> {
             seq_k,
             nq,
             head_table: None,
+            rows: nq,
         };
         t.head_table = t.emit_head_table();
+        let heads = t.group_size();
+        t.rows = t.mul(heads, nq);
         for op in ops {
             t.op(op);
         }
@@ -371,7 +384,7 @@ impl<'a> Translator<'a> {
             let zero = t.int(0);
             let nq = t.nq;
             t.for_range(zero, nq, 1, |t, qi| {
-                let slot_rows = t.mul_imm(slot, t.plan.q_tile);
+                let slot_rows = t.mul(slot, nq);
                 let row = t.add(slot_rows, qi);
                 body(t, slot, head, qi, row);
             });
@@ -455,17 +468,37 @@ impl<'a> Translator<'a> {
 
     // ---- vector math ---------------------------------------------------------------------
 
+    /// `x < y ? y : x` per lane — one `maxps`. Unlike CLIF's `fmax` (nine instructions on
+    /// x86-64) it is not NaN-symmetric: a NaN `y` is returned, a NaN `x` is not. The softmax
+    /// only needs the first: a NaN score still reaches its row through `exp(s − m)`.
+    fn max_ps(&mut self, x: Value, y: Value) -> Value {
+        let y_less = self.b.ins().fcmp(FloatCC::LessThan, y, x);
+        let y_less = self.b.ins().bitcast(F32X4, MemFlagsData::new(), y_less);
+        self.b.ins().bitselect(y_less, x, y)
+    }
+
+    /// `bound < x ? bound : x` per lane — one `minps`; a NaN `x` is returned as is.
+    fn min_ps(&mut self, bound: Value, x: Value) -> Value {
+        let bound_less = self.b.ins().fcmp(FloatCC::LessThan, bound, x);
+        let bound_less = self.b.ins().bitcast(F32X4, MemFlagsData::new(), bound_less);
+        self.b.ins().bitselect(bound_less, bound, x)
+    }
+
     /// e^x for f32x4: Cody–Waite range reduction to r in [−ln2/2, ln2/2], a degree-6
-    /// polynomial (Cephes expf, ~1 ulp), and 2^n built in the exponent bits. Inputs below
-    /// −87.3 give exactly 0 (masked scores become exact zero probabilities); NaN stays NaN.
+    /// polynomial (Cephes expf, ~1 ulp), and 2^n built in the exponent bits. n = round(x·log2 e)
+    /// comes from adding 1.5·2²³, which leaves n in the low mantissa bits — no round or convert
+    /// instructions. Inputs below −87.3 give exactly 0 (masked scores become exact zero
+    /// probabilities; their garbage intermediate values are selected away); inputs above 88
+    /// are clamped; NaN stays NaN.
     fn exp(&mut self, x: Value) -> Value {
+        const ROUNDER: f32 = 12_582_912.0; // 1.5 · 2^23
         let lo = self.splat(-87.336_54);
         let hi = self.splat(88.0);
-        let clamped = self.b.ins().fmax(x, lo);
-        let clamped = self.b.ins().fmin(clamped, hi);
+        let clamped = self.min_ps(hi, x);
         let log2e = self.splat(std::f32::consts::LOG2_E);
-        let scaled = self.b.ins().fmul(clamped, log2e);
-        let n = self.b.ins().nearest(scaled);
+        let rounder = self.splat(ROUNDER);
+        let t = self.b.ins().fma(clamped, log2e, rounder);
+        let n = self.b.ins().fsub(t, rounder);
         let ln2_hi = self.splat(-0.693_359_4);
         let ln2_lo = self.splat(2.121_944_4e-4);
         let r = self.b.ins().fma(n, ln2_hi, clamped);
@@ -479,12 +512,13 @@ impl<'a> Translator<'a> {
         let one = self.splat(1.0);
         let r1 = self.b.ins().fadd(r, one);
         let e_r = self.b.ins().fma(poly, r2, r1);
-        let ni = self.b.ins().fcvt_to_sint_sat(types::I32X4, n);
+        // t's bits are 0x4B40_0000 + n; shifting out the top 9 bits leaves (n + 127) << 23.
+        let bits = self.b.ins().bitcast(types::I32X4, MemFlagsData::new(), t);
         let bias = self.b.ins().iconst(types::I32, 127);
         let bias = self.b.ins().splat(types::I32X4, bias);
-        let biased = self.b.ins().iadd(ni, bias);
-        let bits = self.b.ins().ishl_imm_s(biased, 23);
-        let pow2 = self.b.ins().bitcast(F32X4, MemFlagsData::new(), bits);
+        let biased = self.b.ins().iadd(bits, bias);
+        let exponent = self.b.ins().ishl_imm_s(biased, 23);
+        let pow2 = self.b.ins().bitcast(F32X4, MemFlagsData::new(), exponent);
         let e = self.b.ins().fmul(e_r, pow2);
         let underflow = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
         let underflow = self.b.ins().bitcast(F32X4, MemFlagsData::new(), underflow);
@@ -539,25 +573,37 @@ impl<'a> Translator<'a> {
 
     /// `dst[0..len] = src[0..len] * factor` (src may equal dst).
     fn scale_row(&mut self, dst: Value, src: Value, len: usize, factor: Value) {
-        self.row_map(dst, src, len, factor, false);
+        self.row_map(dst, src, len, RowUpdate::Scale(factor));
     }
 
     /// `dst[0..len] += src[0..len] * factor`.
     fn axpy_row(&mut self, dst: Value, src: Value, len: usize, factor: Value) {
-        self.row_map(dst, src, len, factor, true);
+        self.row_map(dst, src, len, RowUpdate::Axpy(factor));
+    }
+
+    /// `dst[0..len] = src[0..len]`.
+    fn copy_row(&mut self, dst: Value, src: Value, len: usize) {
+        self.row_map(dst, src, len, RowUpdate::Copy);
     }
 
     /// A row update: a loop of 16-float steps (four f32x4 each), then unrolled f32x4 and
     /// scalar tails, all with the length known at compile time.
-    fn row_map(&mut self, dst: Value, src: Value, len: usize, factor: Value, accumulate: bool) {
-        let vf = self.b.ins().splat(F32X4, factor);
-        let update = |t: &mut Self, ty: Type, f: Value, d: Value, s: Value, offset: i32| {
+    fn row_map(&mut self, dst: Value, src: Value, len: usize, update: RowUpdate) {
+        let factor = match update {
+            RowUpdate::Copy => None,
+            RowUpdate::Scale(f) | RowUpdate::Axpy(f) => Some(f),
+        };
+        let vf = factor.map(|f| self.b.ins().splat(F32X4, f));
+        let step = |t: &mut Self, ty: Type, d: Value, s: Value, offset: i32| {
+            let f = if ty == F32X4 { vf } else { factor };
             let x = t.b.ins().load(ty, mem(), s, offset);
-            let y = if accumulate {
-                let y = t.b.ins().load(ty, mem(), d, offset);
-                t.b.ins().fma(x, f, y)
-            } else {
-                t.b.ins().fmul(x, f)
+            let y = match (update, f) {
+                (RowUpdate::Axpy(_), Some(f)) => {
+                    let y = t.b.ins().load(ty, mem(), d, offset);
+                    t.b.ins().fma(x, f, y)
+                }
+                (RowUpdate::Scale(_), Some(f)) => t.b.ins().fmul(x, f),
+                _ => x,
             };
             t.b.ins().store(mem(), y, d, offset);
         };
@@ -569,16 +615,16 @@ impl<'a> Translator<'a> {
                 let d = t.float_addr(dst, c);
                 let s = t.float_addr(src, c);
                 for k in 0..4 {
-                    update(t, F32X4, vf, d, s, 16 * k);
+                    step(t, F32X4, d, s, 16 * k);
                 }
             });
         }
         let vectors = len / 4 * 4;
         for c in (blocked..vectors).step_by(4) {
-            update(self, F32X4, vf, dst, src, 4 * c as i32);
+            step(self, F32X4, dst, src, 4 * c as i32);
         }
         for c in vectors..len {
-            update(self, types::F32, factor, dst, src, 4 * c as i32);
+            step(self, types::F32, dst, src, 4 * c as i32);
         }
     }
 
@@ -608,6 +654,7 @@ impl<'a> Translator<'a> {
 
     fn op(&mut self, op: &Op) {
         match op {
+            Op::PackQueries { offset, len, into } => self.pack_queries(*offset, *len, *into),
             Op::AbsorbQueries { nope, rank } => self.absorb_queries(*nope, *rank),
             Op::InitState => self.init_state(),
             Op::KeyTiles { tile, body, .. } => self.key_tiles(*tile, body),
@@ -616,7 +663,10 @@ impl<'a> Translator<'a> {
             Op::StoreOut => self.store_out(),
             Op::ProjectOut { rank, v_dim } => self.project_out(*rank, *v_dim),
             Op::StoreLse => self.store_lse(),
-            Op::Scores(_) | Op::OnlineSoftmax { .. } | Op::AccumulateValues { .. } => {
+            Op::Scores(_)
+            | Op::OnlineSoftmax { .. }
+            | Op::AccumulateValues { .. }
+            | Op::PackTile { .. } => {
                 unreachable!("tile ops only appear inside KeyTiles")
             }
         }
@@ -624,6 +674,7 @@ impl<'a> Translator<'a> {
 
     fn tile_op(&mut self, op: &Op, tile: Tile) {
         match op {
+            Op::PackTile { from, into, width } => self.pack_tile(*from, *into, *width, tile),
             Op::Scores(term) => self.scores(term, tile),
             Op::OnlineSoftmax { scale, softcap } => self.online_softmax(*scale, *softcap, tile),
             Op::AccumulateValues { values, width } => self.accumulate_values(*values, *width, tile),
@@ -631,10 +682,78 @@ impl<'a> Translator<'a> {
         }
     }
 
+    /// Scratch address of a tile operand.
+    fn tile_addr(&mut self, operand: Operand) -> Value {
+        let scratch = &self.plan.scratch;
+        let floats = match operand {
+            Operand::QueryTile => scratch.queries,
+            Operand::RopeTile => scratch.rope_queries,
+            Operand::KeyTile => scratch.keys,
+            Operand::ValueTile => scratch.values,
+            other => unreachable!("{other:?} is a tensor, not a scratch tile"),
+        };
+        let zero = self.int(0);
+        self.scratch_at(floats, zero)
+    }
+
+    fn pack_queries(&mut self, offset: usize, len: usize, into: Operand) {
+        let tile = self.tile_addr(into);
+        self.for_each_row(|t, _, head, qi, row| {
+            let idx = t.q_index(head, offset);
+            let row_floats = t.mul_imm(qi, t.plan.spec.q_heads * t.plan.spec.head_dim());
+            let idx = t.add(idx, row_floats);
+            let q = t.arg(offsets::Q);
+            let src = t.float_addr(q, idx);
+            let dst_idx = t.mul_imm(row, len);
+            let dst = t.float_addr(tile, dst_idx);
+            t.copy_row(dst, src, len);
+        });
+    }
+
+    /// Whether this work item packs K/V tiles: only with enough rows to repay the copy.
+    fn packs(&mut self) -> Value {
+        let min_rows = self.int(self.plan.pack_min_rows as i64);
+        self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, self.rows, min_rows)
+    }
+
+    fn pack_tile(&mut self, from: Operand, into: Operand, width: usize, tile: Tile) {
+        let packs = self.packs();
+        self.if_then(packs, |t| {
+            let (src, stride) = t.kv_rows(from, tile.j0);
+            let dst = t.tile_addr(into);
+            let zero = t.int(0);
+            t.for_range(zero, tile.n, 1, |t, r| {
+                let src_idx = t.mul_imm(r, stride);
+                let s = t.float_addr(src, src_idx);
+                let dst_idx = t.mul_imm(r, width);
+                let d = t.float_addr(dst, dst_idx);
+                t.copy_row(d, s, width);
+            });
+        });
+    }
+
+    /// Address and row stride of a key-side operand: a packed tile (when this item packs),
+    /// else the cache rows in place.
+    fn key_side(&mut self, operand: Operand, width: usize, j0: Value) -> (Value, Value) {
+        let cache = match operand {
+            Operand::KeyTile => Operand::K,
+            Operand::ValueTile => Operand::V,
+            tensor => {
+                let (addr, stride) = self.kv_rows(tensor, j0);
+                return (addr, self.int(stride as i64));
+            }
+        };
+        let (in_place, stride) = self.kv_rows(cache, j0);
+        let packed = self.tile_addr(operand);
+        let packs = self.packs();
+        let addr = self.b.ins().select(packs, packed, in_place);
+        let (width, stride) = (self.int(width as i64), self.int(stride as i64));
+        (addr, self.b.ins().select(packs, width, stride))
+    }
+
     fn absorb_queries(&mut self, nope: usize, rank: usize) {
         let lda = self.plan.spec.q_heads * self.plan.spec.head_dim();
-        let q_tile = self.plan.q_tile;
-        let absorbed = self.plan.scratch.absorbed_q;
+        let tile = self.tile_addr(Operand::QueryTile);
         self.for_each_head(|t, slot, head| {
             let qi = t.q_index(head, 0);
             let q = t.arg(offsets::Q);
@@ -642,8 +761,9 @@ impl<'a> Translator<'a> {
             let wi = t.mul_imm(head, nope * rank);
             let w = t.arg(offsets::W_UK);
             let bw = t.float_addr(w, wi);
-            let rows = t.mul_imm(slot, q_tile * rank);
-            let c = t.scratch_at(absorbed, rows);
+            let rows = t.mul(slot, t.nq);
+            let rows = t.mul_imm(rows, rank);
+            let c = t.float_addr(tile, rows);
             let (nope, rank, lda, zero) =
                 (t.int(nope as i64), t.int(rank as i64), t.int(lda as i64), t.int(0));
             let nq = t.nq;
@@ -745,43 +865,22 @@ impl<'a> Translator<'a> {
     }
 
     fn scores(&mut self, term: &ScoreTerm, tile: Tile) {
-        let spec = &self.plan.spec;
-        let lda_q = spec.q_heads * spec.head_dim();
-        let (q_tile, k_tile) = (self.plan.q_tile, self.plan.k_tile);
-        let (absorbed, scores) = (self.plan.scratch.absorbed_q, self.plan.scratch.scores);
-        let term = *term;
-        self.for_each_head(|t, slot, head| {
-            let (a, lda) = match term.query {
-                Operand::AbsorbedQ => {
-                    let rows = t.mul_imm(slot, q_tile * term.len);
-                    (t.scratch_at(absorbed, rows), term.len)
-                }
-                _ => {
-                    let qi = t.q_index(head, term.query_offset);
-                    let q = t.arg(offsets::Q);
-                    (t.float_addr(q, qi), lda_q)
-                }
-            };
-            let (bk, ldb) = t.kv_rows(term.keys, tile.j0);
-            let rows = t.mul_imm(slot, q_tile * k_tile);
-            let c = t.scratch_at(scores, rows);
-            let (len, lda, ldb, ldc) = (
-                t.int(term.len as i64),
-                t.int(lda as i64),
-                t.int(ldb as i64),
-                t.int(k_tile as i64),
-            );
-            let acc = t.int(i64::from(term.accumulate));
-            let nq = t.nq;
-            t.call(Callee::DotNt, &[nq, tile.n, len, a, lda, bk, ldb, c, ldc, acc]);
-        });
+        let a = self.tile_addr(term.query);
+        let (b, ldb) = self.key_side(term.keys, term.len, tile.j0);
+        let zero = self.int(0);
+        let c = self.scratch_at(self.plan.scratch.scores, zero);
+        let (len, ldc) = (self.int(term.len as i64), self.int(self.plan.k_tile as i64));
+        let acc = self.int(i64::from(term.accumulate));
+        let rows = self.rows;
+        self.call(Callee::DotNt, &[rows, tile.n, len, a, len, b, ldb, c, ldc, acc]);
     }
 
     fn online_softmax(&mut self, scale: f32, softcap: Option<f32>, tile: Tile) {
         let (k_tile, acc_dim) = (self.plan.k_tile, self.plan.acc_dim);
         let (scores, ranges) = (self.plan.scratch.scores, self.plan.scratch.ranges);
         let state = self.state;
-        self.for_each_row(|t, _, _, _, row| {
+        let (zero, rows) = (self.int(0), self.rows);
+        self.for_range(zero, rows, 1, |t, row| {
             let row_floats = t.mul_imm(row, k_tile);
             let s_row = t.scratch_at(scores, row_floats);
             // Columns to visit: all of a full tile, n rounded up to the vector width on an edge
@@ -833,7 +932,7 @@ impl<'a> Translator<'a> {
                 }
                 t.b.ins().store(mem(), s, at, 0);
                 let m = t.b.use_var(max_var);
-                let m = t.b.ins().fmax(m, s);
+                let m = t.max_ps(m, s);
                 t.b.def_var(max_var, m);
             });
             let vmax = t.b.use_var(max_var);
@@ -871,37 +970,31 @@ impl<'a> Translator<'a> {
             let l_new = t.b.ins().fma(l_old, alpha, row_sum);
             t.b.ins().store(mem(), l_new, l_at, 0);
             t.b.ins().store(mem(), m_new, m_at, 0);
-            let o = t.state_o(state, row);
-            t.scale_row(o, o, acc_dim, alpha);
+            // O needs rescaling only when the running max moved (or is NaN).
+            let same = t.b.ins().fcmp(FloatCC::Equal, m_new, m_old);
+            let moved = t.b.ins().bnot(same);
+            t.if_then(moved, |t| {
+                let o = t.state_o(state, row);
+                t.scale_row(o, o, acc_dim, alpha);
+            });
         });
     }
 
     fn accumulate_values(&mut self, values: Operand, width: usize, tile: Tile) {
-        let (q_tile, k_tile, acc_dim) = (self.plan.q_tile, self.plan.k_tile, self.plan.acc_dim);
-        let (scores, ranges) = (self.plan.scratch.scores, self.plan.scratch.ranges);
-        let state = self.state;
-        self.for_each_head(|t, slot, _| {
-            let rows = t.mul_imm(slot, q_tile * k_tile);
-            let p = t.scratch_at(scores, rows);
-            let (v, ldb) = t.kv_rows(values, tile.j0);
-            let first_row = t.mul_imm(slot, q_tile);
-            let o = t.state_o(state, first_row);
-            let range = if tile.partial {
-                let pairs = t.mul_imm(first_row, 2);
-                t.scratch_at(ranges, pairs)
-            } else {
-                t.int(0)
-            };
-            let (width, lda, ldb, ldc, one) = (
-                t.int(width as i64),
-                t.int(k_tile as i64),
-                t.int(ldb as i64),
-                t.int(acc_dim as i64),
-                t.int(1),
-            );
-            let nq = t.nq;
-            t.call(Callee::DotNn, &[nq, width, tile.n, p, lda, v, ldb, o, ldc, one, range]);
-        });
+        let zero = self.int(0);
+        let p = self.scratch_at(self.plan.scratch.scores, zero);
+        let (v, ldb) = self.key_side(values, width, tile.j0);
+        let o = self.state;
+        let range =
+            if tile.partial { self.scratch_at(self.plan.scratch.ranges, zero) } else { zero };
+        let (width, lda, ldc, one) = (
+            self.int(width as i64),
+            self.int(self.plan.k_tile as i64),
+            self.int(self.plan.acc_dim as i64),
+            self.int(1),
+        );
+        let rows = self.rows;
+        self.call(Callee::DotNn, &[rows, width, tile.n, p, lda, v, ldb, o, ldc, one, range]);
     }
 
     fn merge_splits(&mut self) {
@@ -1003,10 +1096,9 @@ impl<'a> Translator<'a> {
 
     fn project_out(&mut self, rank: usize, v_dim: usize) {
         let ldc = self.plan.spec.q_heads * v_dim;
-        let q_tile = self.plan.q_tile;
         let state = self.state;
         self.for_each_head(|t, slot, head| {
-            let first_row = t.mul_imm(slot, q_tile);
+            let first_row = t.mul(slot, t.nq);
             let a = t.state_o(state, first_row);
             let wi = t.mul_imm(head, v_dim * rank);
             let w = t.arg(offsets::W_UV);

@@ -27,7 +27,27 @@ pub struct KernelIr {
 /// One tile-level operation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    /// Absorbed MLA: `q'[slot] = q_nope[b, q0.., h] · W_UK[h]` (`nope → rank`).
+    /// Copy `q[b, q0 + qi, h, offset..offset + len]` of every head of the group into the rows
+    /// of a scratch tile, so the group's heads become rows of one matrix.
+    PackQueries {
+        /// First element copied.
+        offset: usize,
+        /// Elements copied.
+        len: usize,
+        /// The scratch tile written.
+        into: Operand,
+    },
+    /// Copy the current key tile's rows of a cache tensor into a contiguous scratch tile.
+    PackTile {
+        /// `K` or `V`.
+        from: Operand,
+        /// `KeyTile` or `ValueTile`.
+        into: Operand,
+        /// Row width.
+        width: usize,
+    },
+    /// Absorbed MLA: `q'[slot] = q_nope[b, q0.., h] · W_UK[h]` (`nope → rank`) into the query
+    /// tile.
     AbsorbQueries {
         /// Length of `q_nope`.
         nope: usize,
@@ -47,7 +67,7 @@ pub enum Op {
         /// Ops run per tile.
         body: Vec<Op>,
     },
-    /// `S[slot] (+)= query · keysᵀ` for one part of the score dot product.
+    /// `S (+)= query tile · keysᵀ` for one part of the score dot product, all rows at once.
     Scores(ScoreTerm),
     /// Score transform and online softmax on the tile: `s = scale·S`, softcap, hidden keys to
     /// −∞ on edge tiles; `m' = max(m, rowmax s)`, `P = exp(s − m')`,
@@ -58,7 +78,7 @@ pub enum Op {
         /// Logit cap.
         softcap: Option<f32>,
     },
-    /// `O[slot] += P · values[b, j0..]`, with per-row key ranges on edge tiles.
+    /// `O += P · values`, all rows at once, with per-row key ranges on edge tiles.
     AccumulateValues {
         /// Where the values come from.
         values: Operand,
@@ -86,11 +106,9 @@ pub enum Op {
 /// One part of a score dot product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ScoreTerm {
-    /// The query side: a tensor (read in place) or a scratch buffer.
+    /// The query side: a scratch tile of packed rows.
     pub query: Operand,
-    /// First query element used.
-    pub query_offset: usize,
-    /// The key side.
+    /// The key side: a cache tensor read in place, or a packed tile.
     pub keys: Operand,
     /// Dot-product length.
     pub len: usize,
@@ -111,55 +129,55 @@ pub enum Operand {
     CKv,
     /// `k_rope` [B, Sk, rope_dim].
     KRope,
-    /// The absorbed queries q' in scratch.
-    AbsorbedQ,
+    /// Scratch: the packed query rows (q, or the absorbed q').
+    QueryTile,
+    /// Scratch: the packed RoPE query rows (absorbed MLA).
+    RopeTile,
+    /// Scratch: the packed key tile.
+    KeyTile,
+    /// Scratch: the packed value tile.
+    ValueTile,
 }
 
 /// Lowers a plan to its tile program.
 pub fn lower(plan: &KernelPlan) -> KernelIr {
     let spec = &plan.spec;
     let softmax = Op::OnlineSoftmax { scale: plan.scale, softcap: spec.softcap };
-    let (prologue, scores, values, store) = match &spec.kv {
+    let term =
+        |query, keys, len, accumulate| Op::Scores(ScoreTerm { query, keys, len, accumulate });
+    let (prologue, body, store) = match &spec.kv {
         KvLayout::Latent(l) => {
-            let mut scores = vec![Op::Scores(ScoreTerm {
-                query: Operand::AbsorbedQ,
-                query_offset: 0,
-                keys: Operand::CKv,
-                len: l.rank,
-                accumulate: false,
-            })];
+            let mut prologue = vec![Op::AbsorbQueries { nope: l.nope_dim, rank: l.rank }];
+            let mut body = vec![term(Operand::QueryTile, Operand::CKv, l.rank, false)];
             if l.rope_dim > 0 {
-                scores.push(Op::Scores(ScoreTerm {
-                    query: Operand::Q,
-                    query_offset: l.nope_dim,
-                    keys: Operand::KRope,
+                prologue.push(Op::PackQueries {
+                    offset: l.nope_dim,
                     len: l.rope_dim,
-                    accumulate: true,
-                }));
+                    into: Operand::RopeTile,
+                });
+                body.push(term(Operand::RopeTile, Operand::KRope, l.rope_dim, true));
             }
-            (
-                vec![Op::AbsorbQueries { nope: l.nope_dim, rank: l.rank }],
-                scores,
-                Op::AccumulateValues { values: Operand::CKv, width: l.rank },
-                Op::ProjectOut { rank: l.rank, v_dim: spec.v_head_dim },
-            )
+            body.push(softmax);
+            body.push(Op::AccumulateValues { values: Operand::CKv, width: l.rank });
+            (prologue, body, Op::ProjectOut { rank: l.rank, v_dim: spec.v_head_dim })
         }
-        KvLayout::Grouped { head_dim, .. } => (
-            Vec::new(),
-            vec![Op::Scores(ScoreTerm {
-                query: Operand::Q,
-                query_offset: 0,
-                keys: Operand::K,
-                len: *head_dim,
-                accumulate: false,
-            })],
-            Op::AccumulateValues { values: Operand::V, width: spec.v_head_dim },
-            Op::StoreOut,
-        ),
+        KvLayout::Grouped { head_dim, .. } => {
+            let (d, dv) = (*head_dim, spec.v_head_dim);
+            let prologue = vec![Op::PackQueries { offset: 0, len: d, into: Operand::QueryTile }];
+            let mut body = Vec::new();
+            let (keys, values) = if plan.pack_kv {
+                body.push(Op::PackTile { from: Operand::K, into: Operand::KeyTile, width: d });
+                body.push(Op::PackTile { from: Operand::V, into: Operand::ValueTile, width: dv });
+                (Operand::KeyTile, Operand::ValueTile)
+            } else {
+                (Operand::K, Operand::V)
+            };
+            body.push(term(Operand::QueryTile, keys, d, false));
+            body.push(softmax);
+            body.push(Op::AccumulateValues { values, width: dv });
+            (prologue, body, Op::StoreOut)
+        }
     };
-    let mut body = scores;
-    body.push(softmax);
-    body.push(values);
     let mut item = prologue;
     item.push(Op::InitState);
     item.push(Op::KeyTiles { tile: plan.k_tile, mask: spec.mask, body });
@@ -183,9 +201,21 @@ impl fmt::Display for KernelIr {
 fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
     let pad = "  ".repeat(depth);
     match op {
+        Op::PackQueries { offset, len, into } => writeln!(
+            f,
+            "{pad}{}[rows of h, q] = q[b, q0 + q, h, {offset}..{}] for each head h of g   (rows = heads x queries)",
+            name(*into),
+            offset + len
+        ),
+        Op::PackTile { from, into, width } => writeln!(
+            f,
+            "{pad}{} = {}[b, j0.., g, 0..{width}]   (contiguous copy: cache rows alias in L1)",
+            name(*into),
+            name(*from)
+        ),
         Op::AbsorbQueries { nope, rank } => writeln!(
             f,
-            "{pad}for each head h of g: q'[h] = q[b, q0.., h, 0..{nope}] · W_UK[h]   (tile A·B, {nope} -> {rank})"
+            "{pad}Q[rows of h] = q[b, q0.., h, 0..{nope}] · W_UK[h] for each head h   (tile A·B, {nope} -> {rank})"
         ),
         Op::InitState => writeln!(f, "{pad}O = 0; m = -inf; l = 0"),
         Op::KeyTiles { tile, mask, body } => {
@@ -204,21 +234,14 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             Ok(())
         }
         Op::Scores(t) => {
-            let query = match t.query {
-                Operand::AbsorbedQ => "q'[h]".to_owned(),
-                other => format!(
-                    "{}[b, q0.., h, {}..{}]",
-                    name(other),
-                    t.query_offset,
-                    t.query_offset + t.len
-                ),
-            };
-            let keys = match t.keys {
-                Operand::K => "k[b, j0.., g]".to_owned(),
-                other => format!("{}[b, j0..]", name(other)),
-            };
             let op = if t.accumulate { "+=" } else { "=" };
-            writeln!(f, "{pad}S[h] {op} {query} · {keys}ᵀ   (tile A·Bᵀ, k = {})", t.len)
+            writeln!(
+                f,
+                "{pad}S {op} {} · {}ᵀ   (tile A·Bᵀ over all rows, k = {})",
+                name(t.query),
+                tile_name(t.keys),
+                t.len
+            )
         }
         Op::OnlineSoftmax { scale, softcap } => {
             write!(f, "{pad}s = {scale} * S")?;
@@ -231,16 +254,11 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
                 "{pad}m' = max(m, rowmax s); P = exp(s - m'); l = l * exp(m - m') + rowsum P; O *= exp(m - m'); m = m'   (generated f32x4 code)"
             )
         }
-        Op::AccumulateValues { values, width } => {
-            let src = match values {
-                Operand::V => "v[b, j0.., g]".to_owned(),
-                other => format!("{}[b, j0..]", name(*other)),
-            };
-            writeln!(
-                f,
-                "{pad}O[h] += P · {src}   (tile A·B, width {width}; per-row key ranges on edge tiles)"
-            )
-        }
+        Op::AccumulateValues { values, width } => writeln!(
+            f,
+            "{pad}O += P · {}   (tile A·B over all rows, width {width}; per-row key ranges on edge tiles)",
+            tile_name(*values)
+        ),
         Op::MergeSplits => {
             writeln!(
                 f,
@@ -250,10 +268,11 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
         Op::Normalize => {
             writeln!(f, "{pad}O /= l; lse = m + ln l   (no visible key: O = 0, lse = -inf)")
         }
-        Op::StoreOut => writeln!(f, "{pad}out[b, q0.., h] = O[h]"),
-        Op::ProjectOut { rank, v_dim } => {
-            writeln!(f, "{pad}out[b, q0.., h] = O[h] · W_UV[h]ᵀ   (tile A·Bᵀ, {rank} -> {v_dim})")
-        }
+        Op::StoreOut => writeln!(f, "{pad}out[b, q0 + q, h] = O[row of (h, q)]"),
+        Op::ProjectOut { rank, v_dim } => writeln!(
+            f,
+            "{pad}out[b, q0.., h] = O[rows of h] · W_UV[h]ᵀ for each head h   (tile A·Bᵀ, {rank} -> {v_dim})"
+        ),
         Op::StoreLse => writeln!(f, "{pad}lse[b, q0.., h] = lse   (if requested)"),
     }
 }
@@ -265,7 +284,19 @@ fn name(operand: Operand) -> &'static str {
         Operand::V => "v",
         Operand::CKv => "c_kv",
         Operand::KRope => "k_rope",
-        Operand::AbsorbedQ => "q'",
+        Operand::QueryTile => "Q",
+        Operand::RopeTile => "Qrope",
+        Operand::KeyTile => "Ktile",
+        Operand::ValueTile => "Vtile",
+    }
+}
+
+/// A key-side operand as the tile it denotes.
+fn tile_name(operand: Operand) -> String {
+    match operand {
+        Operand::K | Operand::V => format!("{}[b, j0.., g]", name(operand)),
+        Operand::CKv | Operand::KRope => format!("{}[b, j0..]", name(operand)),
+        tile => name(tile).to_owned(),
     }
 }
 
@@ -277,23 +308,30 @@ mod tests {
     #[test]
     fn grouped_program() {
         let ir = lower(&KernelPlan::new(&AttentionSpec::gqa(8, 2, 16).mask(Mask::Causal)));
-        assert_eq!(ir.item.len(), 2);
-        let Op::KeyTiles { body, mask, .. } = &ir.item[1] else { panic!("{ir}") };
+        assert_eq!(ir.item[0], Op::PackQueries { offset: 0, len: 16, into: Operand::QueryTile });
+        let Op::KeyTiles { body, mask, .. } = &ir.item[2] else { panic!("{ir}") };
         assert_eq!(*mask, Mask::Causal);
-        assert!(matches!(body[0], Op::Scores(ScoreTerm { keys: Operand::K, len: 16, .. })));
-        assert!(matches!(body[2], Op::AccumulateValues { values: Operand::V, width: 16 }));
+        // Two KV heads: their rows are strided in the cache, so tiles are packed.
+        assert!(matches!(body[0], Op::PackTile { from: Operand::K, width: 16, .. }));
+        assert!(matches!(body[2], Op::Scores(ScoreTerm { keys: Operand::KeyTile, len: 16, .. })));
+        assert!(matches!(body[4], Op::AccumulateValues { values: Operand::ValueTile, width: 16 }));
         assert_eq!(ir.finish, [Op::MergeSplits, Op::Normalize, Op::StoreOut, Op::StoreLse]);
+        // One KV head: rows are contiguous already, read in place.
+        let ir = lower(&KernelPlan::new(&AttentionSpec::mqa(8, 16)));
+        let Op::KeyTiles { body, .. } = &ir.item[2] else { panic!("{ir}") };
+        assert!(matches!(body[0], Op::Scores(ScoreTerm { keys: Operand::K, .. })));
     }
 
     #[test]
     fn latent_program_absorbs_and_projects() {
         let ir = lower(&KernelPlan::new(&AttentionSpec::mla(4, 32, 8, 16, 12)));
         assert_eq!(ir.item[0], Op::AbsorbQueries { nope: 16, rank: 32 });
-        let Op::KeyTiles { body, .. } = &ir.item[2] else { panic!("{ir}") };
+        assert_eq!(ir.item[1], Op::PackQueries { offset: 16, len: 8, into: Operand::RopeTile });
+        let Op::KeyTiles { body, .. } = &ir.item[3] else { panic!("{ir}") };
         assert_eq!(body.len(), 4); // latent scores, rope scores, softmax, values
         assert!(matches!(
             body[1],
-            Op::Scores(ScoreTerm { keys: Operand::KRope, accumulate: true, query_offset: 16, .. })
+            Op::Scores(ScoreTerm { keys: Operand::KRope, accumulate: true, .. })
         ));
         assert_eq!(ir.finish[2], Op::ProjectOut { rank: 32, v_dim: 12 });
         let text = ir.to_string();

@@ -20,8 +20,9 @@ pub enum Form {
     LatentAbsorbed,
 }
 
-/// The planned kernel for one spec. Row `slot · q_tile + qi` of every tile buffer holds query
-/// `q0 + qi` of the `slot`-th query head of the work item's group.
+/// The planned kernel for one spec. A work item packs the query heads of its group as extra
+/// rows: with `nq` valid queries, row `slot · nq + qi` of every tile buffer holds query
+/// `q0 + qi` of the `slot`-th head of the group, so each tile product is one call over all rows.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelPlan {
     /// The spec, validated.
@@ -42,8 +43,14 @@ pub struct KernelPlan {
     pub scale: f32,
     /// Fewest keys a decode split gets, so splitting never costs more than it saves.
     pub min_keys_per_split: usize,
-    /// Scratch floats per work item: the score tile, then (absorbed MLA) the absorbed queries,
-    /// then the row key ranges (i32, two per row).
+    /// Pack K and V tiles into contiguous scratch before using them: their rows lie
+    /// `kv_heads · D` floats apart in the cache, a multiple of 4 KiB for common shapes, which
+    /// makes a tile's rows collide in the same L1 sets.
+    pub pack_kv: bool,
+    /// Fewest rows (heads × queries) a work item needs before packing K/V tiles repays the
+    /// copy; decode items read the cache in place.
+    pub pack_min_rows: usize,
+    /// Where each tile buffer lives in a work item's scratch.
     pub scratch: ScratchLayout,
     /// Floats of one split's state: O, then m, then l, for every row.
     pub state_len: usize,
@@ -54,9 +61,17 @@ pub struct KernelPlan {
 pub struct ScratchLayout {
     /// Score/probability tile S: `rows × k_tile`.
     pub scores: usize,
-    /// Absorbed queries q': `rows × rank` (absorbed MLA only; else empty).
-    pub absorbed_q: usize,
-    /// Per-row visible key range of a partial tile: `rows × 2` i32.
+    /// Packed queries: `rows × query_width` (grouped: q; absorbed MLA: q').
+    pub queries: usize,
+    /// Width of a packed query row.
+    pub query_width: usize,
+    /// Packed RoPE queries of absorbed MLA: `rows × rope_dim`.
+    pub rope_queries: usize,
+    /// Packed key tile: `k_tile × D` (when `pack_kv`).
+    pub keys: usize,
+    /// Packed value tile: `k_tile × Dv` (when `pack_kv`).
+    pub values: usize,
+    /// Per-row visible key range of an edge tile: `rows × 2` i32.
     pub ranges: usize,
     /// Total floats.
     pub len: usize,
@@ -87,14 +102,28 @@ impl KernelPlan {
         let q_tile = (TARGET_ROWS / largest_group).max(1);
         let rows = q_tile * largest_group;
         let k_tile = K_TILE;
-        let rank = match &spec.kv {
-            KvLayout::Latent(l) => l.rank,
-            KvLayout::Grouped { .. } => 0,
+        let (query_width, rope, pack_kv) = match &spec.kv {
+            KvLayout::Latent(l) => (l.rank, l.rope_dim, false),
+            KvLayout::Grouped { kv_heads, head_dim, .. } => (*head_dim, 0, *kv_heads > 1),
         };
+        let (key_width, value_width) =
+            if pack_kv { (spec.head_dim(), spec.v_head_dim) } else { (0, 0) };
         let scores = 0;
-        let absorbed_q = scores + rows * k_tile;
-        let ranges = absorbed_q + rows * rank;
-        let scratch = ScratchLayout { scores, absorbed_q, ranges, len: ranges + 2 * rows };
+        let queries = scores + rows * k_tile;
+        let rope_queries = queries + rows * query_width;
+        let keys = rope_queries + rows * rope;
+        let values = keys + k_tile * key_width;
+        let ranges = values + k_tile * value_width;
+        let scratch = ScratchLayout {
+            scores,
+            queries,
+            query_width,
+            rope_queries,
+            keys,
+            values,
+            ranges,
+            len: ranges + 2 * rows,
+        };
         KernelPlan {
             spec: spec.clone(),
             form,
@@ -103,6 +132,8 @@ impl KernelPlan {
             k_tile,
             rows,
             acc_dim,
+            pack_kv,
+            pack_min_rows: 16,
             scale: spec.effective_scale() as f32,
             min_keys_per_split: 256,
             scratch,
@@ -172,9 +203,17 @@ impl fmt::Display for KernelPlan {
         )?;
         writeln!(
             f,
-            "  tiles        {} queries x {} keys; {} rows per tile (queries x heads of a group)",
+            "  tiles        {} queries x {} keys; up to {} rows per tile (the group's heads x queries, packed)",
             self.q_tile, self.k_tile, self.rows
         )?;
+        if self.pack_kv {
+            writeln!(
+                f,
+                "  kv tiles     packed into contiguous scratch when a work item has >= {} rows (cache rows are {} floats apart)",
+                self.pack_min_rows,
+                self.spec.kv_heads() * self.spec.head_dim()
+            )?;
+        }
         let mask = match spec.mask {
             Mask::None => "none: every tile full".to_owned(),
             Mask::Causal => "causal: tiles right of the last query's diagonal skipped, diagonal tiles masked by index".to_owned(),

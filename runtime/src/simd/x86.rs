@@ -3,14 +3,17 @@
 
 use std::arch::x86_64::*;
 
+// Block sizes keep every accumulator in a register: 16 ymm registers hold the MR·NR
+// accumulators plus the operands of one step (dot_nt: 3·3 + 3 rows of A + 1 of B = 13;
+// dot_nn: 6·2 + 2 of B + 1 broadcast = 15). One more and LLVM spills in the hot loop.
 /// Rows of A per `dot_nt` block.
-const NT_MR: usize = 4;
+const NT_MR: usize = 3;
 /// Rows of B per `dot_nt` block.
 const NT_NR: usize = 3;
 /// Rows of A per `dot_nn` block.
-const NN_MR: usize = 4;
+const NN_MR: usize = 6;
 /// 8-float vectors of C's columns per `dot_nn` block.
-const NN_NR: usize = 3;
+const NN_NR: usize = 2;
 
 /// A mask selecting the first `len` (0..=8) lanes, for `maskload`/`maskstore`.
 #[inline(always)]
@@ -71,7 +74,7 @@ unsafe fn dot_nt_avx2(
                         }
                     };
                 }
-                block!(4, 3; 4, 2; 4, 1; 3, 3; 3, 2; 3, 1; 2, 3; 2, 2; 2, 1; 1, 3; 1, 2; 1, 1);
+                block!(3, 3; 3, 2; 3, 1; 2, 3; 2, 2; 2, 1; 1, 3; 1, 2; 1, 1);
             }
             j += nr;
         }
@@ -98,27 +101,27 @@ unsafe fn nt_block<const MR: usize, const NR: usize>(
     // SAFETY (loads): p + 8 <= k in the loop, and the tail is masked to the k % 8 valid lanes.
     unsafe {
         while p + 8 <= k {
-            let mut bv = [_mm256_setzero_ps(); NR];
-            for (j, v) in bv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(b.add(j * ldb + p));
+            let mut av = [_mm256_setzero_ps(); MR];
+            for (i, v) in av.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(a.add(i * lda + p));
             }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av = _mm256_loadu_ps(a.add(i * lda + p));
-                for (j, x) in row.iter_mut().enumerate() {
-                    *x = _mm256_fmadd_ps(av, bv[j], *x);
+            for j in 0..NR {
+                let bv = _mm256_loadu_ps(b.add(j * ldb + p));
+                for i in 0..MR {
+                    acc[i][j] = _mm256_fmadd_ps(av[i], bv, acc[i][j]);
                 }
             }
             p += 8;
         }
         if p < k {
-            let mut bv = [_mm256_setzero_ps(); NR];
-            for (j, v) in bv.iter_mut().enumerate() {
-                *v = _mm256_maskload_ps(b.add(j * ldb + p), tail);
+            let mut av = [_mm256_setzero_ps(); MR];
+            for (i, v) in av.iter_mut().enumerate() {
+                *v = _mm256_maskload_ps(a.add(i * lda + p), tail);
             }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av = _mm256_maskload_ps(a.add(i * lda + p), tail);
-                for (j, x) in row.iter_mut().enumerate() {
-                    *x = _mm256_fmadd_ps(av, bv[j], *x);
+            for j in 0..NR {
+                let bv = _mm256_maskload_ps(b.add(j * ldb + p), tail);
+                for i in 0..MR {
+                    acc[i][j] = _mm256_fmadd_ps(av[i], bv, acc[i][j]);
                 }
             }
         }
@@ -126,6 +129,7 @@ unsafe fn nt_block<const MR: usize, const NR: usize>(
     // Reduce four accumulators to four sums at once: two rounds of hadd, then fold the halves.
     let mut sums = [0.0f32; 12];
     let flat: [__m256; 12] = {
+        // MR·NR <= 9 here; the rest stay zero so every group of four is complete.
         let mut flat = [_mm256_setzero_ps(); 12];
         for i in 0..MR {
             for j in 0..NR {
@@ -219,7 +223,7 @@ unsafe fn dot_nn_avx2(
                         }
                     };
                 }
-                block!(4, 3; 4, 2; 4, 1; 3, 3; 3, 2; 3, 1; 2, 3; 2, 2; 2, 1; 1, 3; 1, 2; 1, 1);
+                block!(6, 2; 6, 1; 5, 2; 5, 1; 4, 2; 4, 1; 3, 2; 3, 1; 2, 2; 2, 1; 1, 2; 1, 1);
             }
             j += cols;
         }
