@@ -292,3 +292,102 @@ fn validate_reports_every_error_with_its_location() {
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(stdout.starts_with(&format!("{b}:4:1: unknown field `window`")), "{stdout}");
 }
+
+#[test]
+fn run_jit_agrees_with_the_independent_formulation() {
+    let specs = [
+        AttentionSpec::gqa(6, 2, 16).group_map(GroupMap::Interleaved).mask(Mask::Causal),
+        AttentionSpec::gqa(5, 3, 7).group_map(GroupMap::Explicit(vec![2, 0, 0, 1, 2])).softcap(3.0),
+        AttentionSpec::mla(4, 40, 8, 12, 9).mask(Mask::SlidingWindow(5)),
+    ];
+    for (n, spec) in specs.iter().enumerate() {
+        let dir = scratch(&format!("jit{n}"));
+        let shape = Shape::new(2, 5, 70);
+        let (spec_path, inputs_path, inputs) = prepare(&dir, spec, shape, 40 + n as u64);
+        let out_path = dir.join("out.safetensors");
+        let output = attngen(&[
+            "run",
+            spec_path.to_str().unwrap(),
+            "--inputs",
+            inputs_path.to_str().unwrap(),
+            "--out",
+            out_path.to_str().unwrap(),
+            "--backend",
+            "jit",
+        ]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let bytes = std::fs::read(&out_path).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        let (want_out, want_lse) = independent::attention(spec, shape, &inputs.tensors());
+        assert_eq!(first_mismatch(&read_f32(&file, "out").1, &want_out), None, "{spec:?}");
+        assert_eq!(first_mismatch(&read_f32(&file, "lse").1, &want_lse), None, "{spec:?}");
+    }
+}
+
+#[test]
+fn dump_shows_plan_ir_clif_and_machine_code() {
+    let spec = specs_dir().join("deepseek-v2-lite.toml");
+    let output = attngen(&["dump", spec.to_str().unwrap()]);
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.contains("== plan") && text.contains("absorbed MLA") && text.contains("== ir"),
+        "{text}"
+    );
+    assert!(text.contains("W_UK[h]") && !text.contains("== clif"), "{text}");
+    let spec = specs_dir().join("gqa-uneven.toml");
+    let output = attngen(&["dump", spec.to_str().unwrap(), "--clif", "--asm"]);
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.contains("== clif") && text.contains("function u0:0") && text.contains("f32x4"),
+        "{text}"
+    );
+    assert!(text.contains("call fn0") || text.contains("call fn1"), "tile products are calls");
+    assert!(text.contains("== asm") && text.contains("ret"), "machine code is listed");
+}
+
+#[test]
+fn bench_reports_json_for_a_spec_and_shape() {
+    let spec = specs_dir().join("llama3-8b.toml");
+    let output = attngen(&[
+        "bench",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--shape",
+        "1,8,40",
+        "--backend",
+        "jit,interp",
+        "--threads",
+        "2",
+        "--runs",
+        "3",
+        "--peak-gflops",
+        "100",
+        "--peak-gbs",
+        "20",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["machine"]["threads"], 2);
+    assert_eq!(report["machine"]["peak_gflops"], 100.0);
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    let flops = 2 * 32 * (8 * 33 + 28) * 256; // causal pairs for Sq = 8 over Sk = 40
+    for (row, backend) in results.iter().zip(["jit", "interp"]) {
+        assert_eq!(row["workload"], "llama3-8b");
+        assert_eq!(row["backend"], backend);
+        assert_eq!(row["flops"], flops);
+        assert_eq!(row["bytes"], 40 * 8 * 256 * 4);
+        let (min, median, max) = (
+            row["min_ms"].as_f64().unwrap(),
+            row["median_ms"].as_f64().unwrap(),
+            row["max_ms"].as_f64().unwrap(),
+        );
+        assert!(0.0 < min && min <= median && median <= max, "{row}");
+        assert!((row["gflops"].as_f64().unwrap() - flops as f64 / median / 1e6).abs() < 1e-6);
+    }
+    assert!(results[0]["compile_ms"].as_f64().unwrap() > 0.0);
+    let output = attngen(&["bench", "--workload", "W9"]);
+    assert_eq!(output.status.code(), Some(2));
+}

@@ -85,6 +85,8 @@ unsafe fn dot_nt_avx2(
 /// One MR × NR block of `dot_nt`: MR·NR dot products of length k, 8 lanes at a time, then
 /// reduced four at a time with horizontal adds.
 #[target_feature(enable = "avx2,fma")]
+// Index loops: each step pairs every A row with every B row across two arrays.
+#[allow(clippy::needless_range_loop)]
 unsafe fn nt_block<const MR: usize, const NR: usize>(
     k: usize,
     a: *const f32,
