@@ -123,6 +123,9 @@ fn time(workload: &Workload, backend: Backend, jit: &Jit, max_runs: usize) -> Re
     let mut lse = vec![0.0f32; len(Tensor::Lse)?];
     let (kernel, compile_ms): (Box<dyn Kernel>, Option<f64>) = match backend {
         Backend::Interp => (Box::new(Reference::new(spec).map_err(Failure::input)?), None),
+        Backend::Perturbed => {
+            return Err(Failure::input("the perturbed backend is for `attngen check` tests only"));
+        }
         Backend::Jit => {
             let kernel = jit.compile(spec).map_err(Failure::input)?;
             let ms = kernel.compile_time().as_secs_f64() * 1e3;
@@ -137,7 +140,7 @@ fn time(workload: &Workload, backend: Backend, jit: &Jit, max_runs: usize) -> Re
     // The interpreter is slow: one timed run. The JIT: a warm-up, then runs until about a
     // second has passed (at least 3, at most `max_runs`).
     let mut times = Vec::new();
-    if backend == Backend::Jit {
+    if backend != Backend::Interp {
         call()?;
     }
     let budget = Instant::now();
@@ -155,10 +158,7 @@ fn time(workload: &Workload, backend: Backend, jit: &Jit, max_runs: usize) -> Re
     let (flops, bytes) = (workload.flops(), workload.kv_bytes());
     Ok(Row {
         workload: workload.id.to_owned(),
-        backend: match backend {
-            Backend::Interp => "interp",
-            Backend::Jit => "jit",
-        },
+        backend: backend.name(),
         median_ms: median,
         min_ms: ms(times[0]),
         max_ms: ms(times[times.len() - 1]),

@@ -1,6 +1,7 @@
 //! `attngen`: run, plan and validate attention specs from the command line.
 
 mod bench;
+mod check;
 mod dump;
 mod peak;
 mod plan;
@@ -47,6 +48,34 @@ enum Command {
         /// Which backend computes the result.
         #[arg(long, value_enum, default_value_t = Backend::Interp)]
         backend: Backend,
+    },
+    /// Validate, compile and property-check specs against the float64 reference.
+    ///
+    /// For each spec (directories are searched for *.toml): compile it (reporting the time),
+    /// run random cases — B, Sq, Sk and inputs in [-1, 1], drawn with the test suite's proptest
+    /// strategies — comparing every element of out and lse with design.md 1.4's tolerance, and
+    /// print one row with the largest errors and the verdict. A failure is shrunk to a minimal
+    /// case, shown with the element that differs and the command that replays it. Exit status
+    /// 1 when a check fails, 2 when a spec file is invalid or unreadable.
+    Check {
+        /// Spec files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// The backend under test.
+        #[arg(long, value_enum, default_value_t = Backend::Jit)]
+        backend: Backend,
+        /// Random cases per spec.
+        #[arg(long, default_value_t = 64)]
+        cases: u32,
+        /// Seed of the case generator (the same seed draws the same cases).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Replay one case, B,Sq,Sk,INPUT_SEED, as printed by a failing check.
+        #[arg(long, value_parser = parse_case)]
+        replay: Option<attngen::harness::Case>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Compare specs: variant, KV-cache size per token and for a context, decode cost.
     ///
@@ -134,6 +163,20 @@ enum Backend {
     Interp,
     /// The Cranelift JIT: a fused kernel compiled for this spec and this CPU.
     Jit,
+    /// Test only: the JIT with one output element perturbed, to exercise failure reports.
+    #[value(hide = true)]
+    Perturbed,
+}
+
+impl Backend {
+    /// The name on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Interp => "interp",
+            Backend::Jit => "jit",
+            Backend::Perturbed => "perturbed",
+        }
+    }
 }
 
 /// Why a command failed, and with which exit status.
@@ -162,6 +205,14 @@ fn parse_shape(text: &str) -> Result<attngen::Shape, String> {
         [b, sq, sk] => Ok(attngen::Shape::new(b, sq, sk)),
         _ => Err(format!("expected B,Sq,Sk, got `{text}`")),
     }
+}
+
+/// Parses `B,Sq,Sk,INPUT_SEED`.
+fn parse_case(text: &str) -> Result<attngen::harness::Case, String> {
+    let (shape, seed) =
+        text.rsplit_once(',').ok_or_else(|| format!("expected B,Sq,Sk,SEED, got `{text}`"))?;
+    let input_seed = seed.trim().parse().map_err(|_| format!("`{seed}` is not a seed"))?;
+    Ok(attngen::harness::Case { shape: parse_shape(shape)?, input_seed })
 }
 
 /// Writes a command's report to stdout. A closed pipe (`attngen plan ... | head`) ends the
@@ -195,6 +246,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { spec, inputs, out, backend } => run::run(&spec, &inputs, &out, backend),
         Command::Plan { specs, context, json } => plan::plan(&specs, context, json),
+        Command::Check { paths, backend, cases, seed, replay, json } => {
+            check::check(check::CheckArgs { paths, backend, cases, seed, replay, json })
+        }
         Command::Dump { spec, plan, ir, clif, asm } => dump::dump(&spec, plan, ir, clif, asm),
         Command::Validate { specs } => validate::validate(&specs),
         Command::Bench {

@@ -21,6 +21,9 @@ pub fn run(
         .map_err(|e| Failure::input(format!("{}: {e}", inputs_path.display())))?;
     let kernel: Box<dyn Kernel> = match backend {
         Backend::Interp => Box::new(Reference::new(&spec).map_err(Failure::input)?),
+        Backend::Perturbed => {
+            return Err(Failure::input("the perturbed backend is for `attngen check` tests only"));
+        }
         Backend::Jit => {
             let jit = Jit::new().map_err(|e| Failure { status: 1, message: e.to_string() })?;
             Box::new(jit.compile(&spec).map_err(Failure::input)?)

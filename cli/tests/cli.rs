@@ -391,3 +391,66 @@ fn bench_reports_json_for_a_spec_and_shape() {
     let output = attngen(&["bench", "--workload", "W9"]);
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[test]
+fn check_passes_bundled_specs_and_reports_json() {
+    let paths: Vec<String> = ["llama3-8b.toml", "gqa-uneven.toml", "deepseek-v2-lite.toml"]
+        .iter()
+        .map(|n| specs_dir().join(n).display().to_string())
+        .collect();
+    let mut args = vec!["check", "--cases", "6", "--json"];
+    args.extend(paths.iter().map(String::as_str));
+    let output = attngen(&args);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        assert_eq!(row["verdict"], "ok", "{row}");
+        assert_eq!(row["cases"], 6);
+        assert!(row["compile_ms"].as_f64().unwrap() > 0.0);
+        assert!(row["max_abs"].as_f64().unwrap() < 1e-4);
+    }
+    assert_eq!(rows[0]["spec"], "deepseek-v2-lite"); // files are checked in path order
+    assert_eq!(rows[0]["variant"], "MLA 16 heads, latent 512 + rope 64");
+}
+
+#[test]
+fn a_failing_check_prints_a_minimal_case_and_a_replay_command_that_reproduces_it() {
+    let spec = specs_dir().join("mqa.toml");
+    let output =
+        attngen(&["check", spec.to_str().unwrap(), "--backend", "perturbed", "--cases", "16"]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("FAIL mqa-16x128: out[0, 2, 0, 0]"), "{text}");
+    assert!(text.contains("minimal case: B=1 Sq=3 Sk=1"), "{text}");
+    let replay =
+        text.lines().find_map(|l| l.trim().strip_prefix("replay: ")).expect("a replay line");
+    let words: Vec<&str> = replay.split_whitespace().collect();
+    assert_eq!(words[..2], ["attngen", "check"]);
+    // The printed command reproduces the failure exactly...
+    let again = attngen(&words[1..]);
+    assert_eq!(again.status.code(), Some(1));
+    let again = String::from_utf8(again.stdout).unwrap();
+    assert!(again.contains("FAIL mqa-16x128: out[0, 2, 0, 0]"), "{again}");
+    // ...and the same case passes on the real JIT.
+    let mut fixed: Vec<&str> = words[1..].to_vec();
+    let backend = fixed.iter().position(|w| *w == "--backend").unwrap();
+    fixed[backend + 1] = "jit";
+    assert!(attngen(&fixed).status.success());
+}
+
+#[test]
+fn check_exits_2_on_an_invalid_spec() {
+    let dir = scratch("check-invalid");
+    std::fs::write(dir.join("bad.toml"), "q_heads = 30\nkv_heads = 8\nhead_dim = 128\n").unwrap();
+    std::fs::write(dir.join("good.toml"), AttentionSpec::mha(2, 4).to_toml()).unwrap();
+    let output = attngen(&["check", dir.to_str().unwrap(), "--cases", "4"]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        text.contains("invalid") && text.contains("bad.toml:2:1: q_heads (30) is not a multiple"),
+        "{text}"
+    );
+    assert!(text.lines().any(|l| l.contains("good.toml") && l.ends_with("ok")), "{text}");
+}

@@ -36,6 +36,9 @@ pub enum Error {
     /// Code generation failed: a bug in attngen, reported rather than hidden.
     #[error("the JIT could not compile the kernel: {0}")]
     Compile(String),
+    /// The property check could not run to a verdict.
+    #[error("property check: {0}")]
+    Check(String),
     /// A shape whose element count does not fit in `usize`.
     #[error("tensor `{tensor}`: shape {shape:?} has more elements than fit in memory")]
     TooLarge {

@@ -24,6 +24,7 @@
 struct ReadmeDoctest;
 
 mod error;
+pub mod harness;
 mod jit;
 mod kernel;
 mod reference;

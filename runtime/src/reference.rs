@@ -2,9 +2,12 @@
 //!
 //! It follows design.md 1.3 literally and shares nothing with the planner or the IR: f64
 //! accumulation, a fully materialised score matrix per (batch, head), and for latent specs the
-//! un-absorbed form — per-head K_h and V_h are materialised from the latent first.
+//! un-absorbed form — per-head K_h and V_h are materialised from the latent first. (Batch
+//! entries and heads are independent and run in parallel; each is computed the naive way.)
 
 use attngen_codegen::{AttentionSpec, KvLayout, LatentKv, Mask, validate};
+
+use rayon::prelude::*;
 
 use crate::{Error, Inputs, Kernel, Shape, check_call};
 
@@ -56,8 +59,12 @@ impl Kernel for Reference {
         let softcap = spec.softcap.map(f64::from);
         // Bottom-right alignment: query i sits at key position i + offset.
         let offset = shape.seq_k as i64 - shape.seq_q as i64;
-        for b in 0..shape.batch {
-            for h in 0..h_count {
+        // Each (batch, head) is independent: compute them in parallel, then write in order.
+        let heads: Vec<(usize, usize)> =
+            (0..shape.batch).flat_map(|b| (0..h_count).map(move |h| (b, h))).collect();
+        let rows: Vec<Vec<(Vec<f64>, f64)>> = heads
+            .par_iter()
+            .map(|&(b, h)| {
                 let (keys, values) = materialise_kv(spec, inputs, shape, b, h);
                 // The full Sq × Sk score matrix; None marks a key the mask hides.
                 let scores: Vec<Vec<Option<f64>>> = (0..shape.seq_q)
@@ -78,15 +85,17 @@ impl Kernel for Reference {
                             .collect()
                     })
                     .collect();
-                for (i, row) in scores.iter().enumerate() {
-                    let (o, row_lse) = softmax_times_values(row, &values, dv);
-                    let at = (b * shape.seq_q + i) * h_count + h;
-                    for (dst, src) in out[at * dv..][..dv].iter_mut().zip(&o) {
-                        *dst = *src as f32;
-                    }
-                    if let Some(lse) = lse.as_deref_mut() {
-                        lse[at] = row_lse as f32;
-                    }
+                scores.iter().map(|row| softmax_times_values(row, &values, dv)).collect()
+            })
+            .collect();
+        for (&(b, h), head_rows) in heads.iter().zip(&rows) {
+            for (i, (o, row_lse)) in head_rows.iter().enumerate() {
+                let at = (b * shape.seq_q + i) * h_count + h;
+                for (dst, src) in out[at * dv..][..dv].iter_mut().zip(o) {
+                    *dst = *src as f32;
+                }
+                if let Some(lse) = lse.as_deref_mut() {
+                    lse[at] = *row_lse as f32;
                 }
             }
         }

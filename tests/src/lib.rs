@@ -41,19 +41,4 @@ pub fn f32_score_slack(dim: usize, scale: f64, m: f64) -> (f64, f64) {
     (2.0 * m * ds, ds)
 }
 
-/// Deterministic values uniform in [lo, hi), from a seed (splitmix64), for tests that need
-/// many inputs without a proptest runner.
-pub fn uniform(seed: u64, len: usize, lo: f32, hi: f32) -> Vec<f32> {
-    let mut state = seed;
-    (0..len)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
-            lo + (hi - lo) * unit
-        })
-        .collect()
-}
+pub use attngen::harness::uniform;

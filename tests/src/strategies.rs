@@ -104,9 +104,10 @@ pub fn kernel_spec(limits: Limits) -> impl Strategy<Value = AttentionSpec> {
     })
 }
 
-/// A call shape: B 1..=3, Sq 1..=`max_q`, Sk 1..=`max_k` (Sq > Sk included).
+/// A call shape: B 1..=3, Sq 1..=`max_q`, Sk 1..=`max_k` (Sq > Sk included) — the strategy
+/// `attngen check` uses.
 pub fn shape(max_q: usize, max_k: usize) -> impl Strategy<Value = Shape> {
-    (1usize..=3, 1..=max_q, 1..=max_k).prop_map(|(b, sq, sk)| Shape::new(b, sq, sk))
+    attngen::harness::shapes(3, max_q, max_k)
 }
 
 /// Owned input buffers for one call, filled from a seed.
@@ -117,16 +118,11 @@ pub struct OwnedInputs {
 }
 
 impl OwnedInputs {
-    /// Values uniform in [−`magnitude`, `magnitude`] for every input of `spec` at `shape`.
+    /// Values uniform in [−`magnitude`, `magnitude`] for every input of `spec` at `shape`, drawn
+    /// as `attngen check` draws them.
     pub fn random(spec: &AttentionSpec, shape: Shape, seed: u64, magnitude: f32) -> Self {
-        let tensors = Tensor::inputs(spec)
-            .iter()
-            .enumerate()
-            .map(|(n, &t)| {
-                let len = t.len(spec, shape).expect("test shapes are small");
-                (t, crate::uniform(seed ^ ((n as u64 + 1) * 0x51_7CC1), len, -magnitude, magnitude))
-            })
-            .collect();
+        let tensors =
+            attngen::harness::inputs(spec, shape, seed, magnitude).expect("test shapes are small");
         OwnedInputs { tensors }
     }
 

@@ -1,0 +1,270 @@
+//! `attngen check`: validate, compile and property-check every spec against the reference.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use attngen::harness::{self, Case, CheckConfig, Mismatch};
+use attngen::{AttentionSpec, Error, Inputs, Jit, Kernel, Reference, Shape};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use crate::{Backend, Failure, emit, table};
+
+/// What to check and how.
+pub struct CheckArgs {
+    /// Spec files and directories (searched for `*.toml`).
+    pub paths: Vec<PathBuf>,
+    /// The backend under test.
+    pub backend: Backend,
+    /// Cases per spec.
+    pub cases: u32,
+    /// Seed of the case generator.
+    pub seed: u64,
+    /// Replay one case instead of drawing cases.
+    pub replay: Option<Case>,
+    /// Print JSON.
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    spec: String,
+    file: String,
+    variant: String,
+    compile_ms: Option<f64>,
+    cases: u32,
+    max_abs: f64,
+    max_rel: f64,
+    verdict: &'static str,
+    /// Why a spec is invalid, or the failing element.
+    problem: Option<String>,
+    /// The minimal failing case: B, Sq, Sk, input seed.
+    failing_case: Option<[u64; 4]>,
+    replay: Option<String>,
+}
+
+/// Runs the checks, prints the report, and fails with 1 if any check failed, 2 on bad input.
+pub fn check(args: CheckArgs) -> Result<(), Failure> {
+    let files = spec_files(&args.paths)?;
+    let jit = match args.backend {
+        Backend::Jit | Backend::Perturbed => {
+            Some(Jit::new().map_err(|e| Failure { status: 1, message: e.to_string() })?)
+        }
+        Backend::Interp => None,
+    };
+    let bar = progress(files.len());
+    let mut rows = Vec::new();
+    for file in &files {
+        bar.set_message(file.display().to_string());
+        rows.push(check_file(file, &args, jit.as_ref()));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let text = if args.json {
+        format!("{}\n", serde_json::to_string_pretty(&rows).expect("plain data serialises"))
+    } else {
+        render(&rows, &args)
+    };
+    emit(&text)?;
+    let invalid = rows.iter().filter(|r| r.verdict == "invalid").count();
+    let failed = rows.iter().filter(|r| r.verdict == "FAIL").count();
+    match (invalid, failed) {
+        (0, 0) => Ok(()),
+        (0, n) => {
+            Err(Failure { status: 1, message: format!("{n} of {} specs failed", rows.len()) })
+        }
+        (n, _) => Err(Failure::input(format!("{n} of {} spec files are invalid", rows.len()))),
+    }
+}
+
+/// A progress bar on stderr while it is a terminal and not under CI; hidden otherwise.
+fn progress(len: usize) -> ProgressBar {
+    let visible = std::io::stderr().is_terminal() && std::env::var_os("CI").is_none();
+    let target = if visible { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+    let bar = ProgressBar::with_draw_target(Some(len as u64), target);
+    if let Ok(style) = ProgressStyle::with_template("{bar:30} {pos}/{len} {wide_msg}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// The spec files named, with directories searched recursively for `*.toml`, in path order.
+fn spec_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
+    let mut files = Vec::new();
+    let mut pending: Vec<PathBuf> = paths.to_vec();
+    while let Some(path) = pending.pop() {
+        if path.is_dir() {
+            let entries = std::fs::read_dir(&path)
+                .map_err(|e| Failure::input(format!("{}: cannot read: {e}", path.display())))?;
+            for entry in entries {
+                let entry =
+                    entry.map_err(|e| Failure::input(format!("{}: {e}", path.display())))?;
+                let child = entry.path();
+                if child.is_dir() || child.extension().is_some_and(|e| e == "toml") {
+                    pending.push(child);
+                }
+            }
+        } else if path.exists() {
+            files.push(path);
+        } else {
+            return Err(Failure::input(format!("{}: no such file or directory", path.display())));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn check_file(file: &Path, args: &CheckArgs, jit: Option<&Jit>) -> Row {
+    let mut row = Row {
+        spec: file.display().to_string(),
+        file: file.display().to_string(),
+        variant: String::new(),
+        compile_ms: None,
+        cases: 0,
+        max_abs: 0.0,
+        max_rel: 0.0,
+        verdict: "ok",
+        problem: None,
+        failing_case: None,
+        replay: None,
+    };
+    let spec = match crate::load_spec(file) {
+        Ok(spec) => spec,
+        Err(failure) => {
+            row.verdict = "invalid";
+            row.problem = Some(failure.message);
+            return row;
+        }
+    };
+    row.spec = spec.name.clone().unwrap_or_else(|| row.file.clone());
+    row.variant = spec.summary();
+    // Compile time as measured when the kernel was built (a spec equal to an earlier one is a
+    // cache hit and reports the original compile).
+    let ms = |k: &attngen::JitKernel| k.compile_time().as_secs_f64() * 1e3;
+    let kernel: Result<Box<dyn Kernel>, Error> = match (args.backend, jit) {
+        (Backend::Jit, Some(jit)) => jit.compile(&spec).map(|k| {
+            row.compile_ms = Some(ms(&k));
+            Box::new(k) as Box<dyn Kernel>
+        }),
+        (Backend::Perturbed, Some(jit)) => jit.compile(&spec).map(|k| {
+            row.compile_ms = Some(ms(&k));
+            Box::new(Perturbed(Box::new(k))) as Box<dyn Kernel>
+        }),
+        _ => Reference::new(&spec).map(|k| Box::new(k) as Box<dyn Kernel>),
+    };
+    let kernel = match kernel {
+        Ok(kernel) => kernel,
+        Err(e) => {
+            row.verdict = "FAIL";
+            row.problem = Some(e.to_string());
+            return row;
+        }
+    };
+    // The case that failed (if any) and what went wrong with it.
+    let outcome: Result<Option<(Case, Mismatch)>, Error> = match args.replay {
+        Some(case) => {
+            row.cases = 1;
+            harness::run_case(kernel.as_ref(), case).map(|result| {
+                (row.max_abs, row.max_rel) = (result.max_abs, result.max_rel);
+                result.mismatch.map(|m| (case, m))
+            })
+        }
+        None => {
+            let config = CheckConfig::sized_for(&spec, args.cases, args.seed);
+            row.cases = args.cases;
+            harness::check(kernel.as_ref(), &config).map(|report| {
+                (row.max_abs, row.max_rel) = (report.max_abs, report.max_rel);
+                report.failure
+            })
+        }
+    };
+    match outcome {
+        Ok(None) => {}
+        Ok(Some((case, m))) => {
+            row.verdict = "FAIL";
+            row.problem =
+                Some(format!("{}{:?}: got {}, expected {}", m.tensor, m.index, m.got, m.expected));
+            let Shape { batch, seq_q, seq_k } = case.shape;
+            row.failing_case = Some([batch as u64, seq_q as u64, seq_k as u64, case.input_seed]);
+            row.replay = Some(format!(
+                "attngen check {} --backend {} --replay {batch},{seq_q},{seq_k},{}",
+                row.file,
+                args.backend.name(),
+                case.input_seed
+            ));
+        }
+        Err(e) => {
+            row.verdict = "FAIL";
+            row.problem = Some(e.to_string());
+        }
+    }
+    row
+}
+
+/// A kernel that perturbs one output element (query 2, head 0, dim 0) whenever Sq >= 3. It
+/// exists so tests can watch `check` catch, shrink and replay a wrong kernel.
+struct Perturbed(Box<dyn Kernel>);
+
+impl Kernel for Perturbed {
+    fn spec(&self) -> &AttentionSpec {
+        self.0.spec()
+    }
+
+    fn run(
+        &self,
+        shape: Shape,
+        inputs: &Inputs<'_>,
+        out: &mut [f32],
+        lse: Option<&mut [f32]>,
+    ) -> Result<(), Error> {
+        self.0.run(shape, inputs, out, lse)?;
+        if shape.seq_q >= 3 {
+            let spec = self.spec();
+            out[2 * spec.q_heads * spec.v_head_dim] += 0.5;
+        }
+        Ok(())
+    }
+}
+
+fn render(rows: &[Row], args: &CheckArgs) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.spec.clone(),
+                r.variant.clone(),
+                r.compile_ms.map_or_else(String::new, |ms| format!("{ms:.1}")),
+                r.cases.to_string(),
+                format!("{:.1e}", r.max_abs),
+                format!("{:.1e}", r.max_rel),
+                r.verdict.to_owned(),
+            ]
+        })
+        .collect();
+    let mut text = table::render(
+        &["spec", "variant", "compile ms", "cases", "max abs err", "max rel err", "verdict"],
+        &[false, false, true, true, true, true, false],
+        &cells,
+    );
+    text.push_str(&format!(
+        "backend {}; each case: random B, Sq, Sk and inputs in [-1, 1] against the float64 reference, \
+         |x - ref| <= 1e-4 + 1e-4·|ref| (design.md 1.4); seed {}\n",
+        args.backend.name(),
+        args.seed
+    ));
+    for r in rows.iter().filter(|r| r.verdict != "ok") {
+        text.push_str(&format!(
+            "\n{} {}: {}\n",
+            r.verdict,
+            r.spec,
+            r.problem.as_deref().unwrap_or("")
+        ));
+        if let Some([b, sq, sk, seed]) = r.failing_case {
+            text.push_str(&format!("  minimal case: B={b} Sq={sq} Sk={sk}, input seed {seed}\n"));
+        }
+        if let Some(replay) = &r.replay {
+            text.push_str(&format!("  replay: {replay}\n"));
+        }
+    }
+    text
+}

@@ -1,0 +1,267 @@
+//! Spec-driven property checks of any [`Kernel`] against the [`Reference`] interpreter.
+//!
+//! [`check`] draws random call shapes and inputs with proptest (the same strategies the test
+//! suite uses), compares every element of `out` and `lse` with design.md 1.4's tolerance, and on
+//! a failure shrinks to a minimal (shape, input seed) and reports the first differing element.
+//! [`run_case`] replays one such case exactly.
+//!
+//! ```
+//! use attngen::harness::{self, CheckConfig};
+//! use attngen::{AttentionSpec, Jit, Mask};
+//!
+//! let spec = AttentionSpec::gqa(4, 2, 16).mask(Mask::Causal);
+//! let kernel = Jit::new()?.compile(&spec)?;
+//! let report = harness::check(&kernel, &CheckConfig { cases: 8, ..CheckConfig::default() })?;
+//! assert!(report.failure.is_none() && report.cases == 8);
+//! # Ok::<(), attngen::Error>(())
+//! ```
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestError, TestRng, TestRunner};
+
+use crate::{AttentionSpec, Error, Inputs, Kernel, KvLayout, Reference, Shape, Tensor};
+
+/// How many cases to run and how large they may be.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckConfig {
+    /// Random cases to run.
+    pub cases: u32,
+    /// Seed of the case generator: the same seed draws the same cases.
+    pub seed: u64,
+    /// Largest batch drawn.
+    pub max_batch: usize,
+    /// Largest query length drawn.
+    pub max_seq_q: usize,
+    /// Largest key length drawn.
+    pub max_seq_k: usize,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig { cases: 64, seed: 0, max_batch: 3, max_seq_q: 70, max_seq_k: 300 }
+    }
+}
+
+/// Multiply-adds the reference may spend on the largest case [`CheckConfig::sized_for`] draws
+/// (an average case costs about an eighth of it).
+const REFERENCE_BUDGET: f64 = 4e8;
+
+impl CheckConfig {
+    /// The default limits, shrunk for large specs so the largest case costs the reference at
+    /// most a fixed budget: the sequence lengths first (down to Sq 8, Sk 16), then the batch.
+    /// Per key the reference does `H·(D + Dv)` multiply-adds per query, and for latent specs
+    /// also materialises every head's key and value: `H·(nope_dim + Dv)·rank`.
+    pub fn sized_for(spec: &AttentionSpec, cases: u32, seed: u64) -> CheckConfig {
+        let h = spec.q_heads as f64;
+        let per_pair = h * (spec.head_dim() + spec.v_head_dim) as f64;
+        let per_key = match &spec.kv {
+            KvLayout::Latent(l) => h * ((l.nope_dim + spec.v_head_dim) * l.rank) as f64,
+            KvLayout::Grouped { .. } => 0.0,
+        };
+        let mut config = CheckConfig { cases, seed, ..CheckConfig::default() };
+        let cost = |c: &CheckConfig| {
+            c.max_batch as f64 * c.max_seq_k as f64 * (per_key + c.max_seq_q as f64 * per_pair)
+        };
+        while cost(&config) > REFERENCE_BUDGET && (config.max_seq_q > 8 || config.max_seq_k > 16) {
+            config.max_seq_q = (config.max_seq_q * 3 / 4).max(8);
+            config.max_seq_k = (config.max_seq_k * 3 / 4).max(16);
+        }
+        while cost(&config) > REFERENCE_BUDGET && config.max_batch > 1 {
+            config.max_batch -= 1;
+        }
+        config
+    }
+}
+
+/// One case: a call shape and the seed its inputs (uniform in [−1, 1]) are drawn from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Case {
+    /// B, Sq, Sk.
+    pub shape: Shape,
+    /// Seed of the inputs.
+    pub input_seed: u64,
+}
+
+/// The first element where a kernel and the reference disagree.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mismatch {
+    /// `out` or `lse`.
+    pub tensor: &'static str,
+    /// Its multi-index in the tensor (e.g. [b, i, h, d] for `out`).
+    pub index: Vec<usize>,
+    /// The kernel's value.
+    pub got: f32,
+    /// The reference's value.
+    pub expected: f32,
+}
+
+/// The largest errors of one case, and its first mismatch if any.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaseResult {
+    /// Largest |got − expected| over `out` and `lse` (finite values).
+    pub max_abs: f64,
+    /// Largest |got − expected| / |expected| over elements with |expected| > 1e-3.
+    pub max_rel: f64,
+    /// The first element outside the tolerance.
+    pub mismatch: Option<Mismatch>,
+}
+
+/// What [`check`] found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckReport {
+    /// Cases run.
+    pub cases: u32,
+    /// Largest absolute error seen over all passing cases run (and the failing one).
+    pub max_abs: f64,
+    /// Largest relative error seen.
+    pub max_rel: f64,
+    /// The shrunk minimal failing case and its mismatch.
+    pub failure: Option<(Case, Mismatch)>,
+}
+
+/// The shapes [`check`] draws: B, Sq and Sk from 1 up to the limits (Sq > Sk included);
+/// proptest shrinks them toward 1.
+pub fn shapes(
+    max_batch: usize,
+    max_seq_q: usize,
+    max_seq_k: usize,
+) -> impl Strategy<Value = Shape> {
+    (1..=max_batch.max(1), 1..=max_seq_q.max(1), 1..=max_seq_k.max(1))
+        .prop_map(|(b, sq, sk)| Shape::new(b, sq, sk))
+}
+
+/// Deterministic inputs for a spec and shape: every input tensor uniform in
+/// [−`magnitude`, `magnitude`], from `seed` (splitmix64 per tensor).
+pub fn inputs(
+    spec: &AttentionSpec,
+    shape: Shape,
+    seed: u64,
+    magnitude: f32,
+) -> Result<Vec<(Tensor, Vec<f32>)>, Error> {
+    Tensor::inputs(spec)
+        .iter()
+        .enumerate()
+        .map(|(n, &t)| {
+            let len = t.len(spec, shape)?;
+            let stream = seed ^ (n as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            Ok((t, uniform(stream, len, -magnitude, magnitude)))
+        })
+        .collect()
+}
+
+/// Borrowed [`Inputs`] over tensors from [`inputs`].
+pub fn view<'a>(spec: &AttentionSpec, tensors: &'a [(Tensor, Vec<f32>)]) -> Inputs<'a> {
+    let get =
+        |t: Tensor| tensors.iter().find(|(n, _)| *n == t).map_or(&[][..], |(_, d)| d.as_slice());
+    match spec.kv {
+        KvLayout::Grouped { .. } => Inputs::grouped(get(Tensor::Q), get(Tensor::K), get(Tensor::V)),
+        KvLayout::Latent(_) => Inputs::latent(
+            get(Tensor::Q),
+            get(Tensor::CKv),
+            get(Tensor::KRope),
+            get(Tensor::WUk),
+            get(Tensor::WUv),
+        ),
+    }
+}
+
+/// `len` values uniform in [lo, hi) from a seed (splitmix64).
+pub fn uniform(seed: u64, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
+            lo + (hi - lo) * unit
+        })
+        .collect()
+}
+
+/// Runs one case on `kernel` and on the reference and compares them.
+pub fn run_case(kernel: &dyn Kernel, case: Case) -> Result<CaseResult, Error> {
+    let spec = kernel.spec();
+    let reference = Reference::new(spec)?;
+    let tensors = inputs(spec, case.shape, case.input_seed, 1.0)?;
+    let run = |k: &dyn Kernel| -> Result<(Vec<f32>, Vec<f32>), Error> {
+        let mut out = vec![0.0; Tensor::Out.len(spec, case.shape)?];
+        let mut lse = vec![0.0; Tensor::Lse.len(spec, case.shape)?];
+        k.run(case.shape, &view(spec, &tensors), &mut out, Some(&mut lse))?;
+        Ok((out, lse))
+    };
+    let (out, lse) = run(kernel)?;
+    let (want_out, want_lse) = run(&reference)?;
+    let mut result = CaseResult { max_abs: 0.0, max_rel: 0.0, mismatch: None };
+    for (name, tensor, got, want) in
+        [("out", Tensor::Out, &out, &want_out), ("lse", Tensor::Lse, &lse, &want_lse)]
+    {
+        for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
+            let (g64, w64) = (f64::from(g), f64::from(w));
+            let both_special = (g.is_nan() && w.is_nan()) || (w.is_infinite() && g == w);
+            if g64.is_finite() && w64.is_finite() {
+                let abs = (g64 - w64).abs();
+                result.max_abs = result.max_abs.max(abs);
+                if w64.abs() > 1e-3 {
+                    result.max_rel = result.max_rel.max(abs / w64.abs());
+                }
+            }
+            let within = both_special || (g64 - w64).abs() <= 1e-4 + 1e-4 * w64.abs();
+            if !within && result.mismatch.is_none() {
+                let dims = tensor.dims(spec, case.shape);
+                result.mismatch =
+                    Some(Mismatch { tensor: name, index: unravel(i, &dims), got: g, expected: w });
+            }
+        }
+    }
+    Ok(result)
+}
+
+fn unravel(mut flat: usize, dims: &[usize]) -> Vec<usize> {
+    let mut index = vec![0; dims.len()];
+    for (slot, &d) in index.iter_mut().zip(dims).rev() {
+        *slot = flat % d.max(1);
+        flat /= d.max(1);
+    }
+    index
+}
+
+/// Runs `config.cases` random cases; on a failure shrinks to a minimal case (smallest shape,
+/// then input seed) and reports it.
+pub fn check(kernel: &dyn Kernel, config: &CheckConfig) -> Result<CheckReport, Error> {
+    // Fail fast on an invalid spec rather than inside the runner.
+    Reference::new(kernel.spec())?;
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&config.seed.to_le_bytes());
+    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &seed);
+    let runner_config =
+        Config { cases: config.cases, failure_persistence: None, ..Config::default() };
+    let mut runner = TestRunner::new_with_rng(runner_config, rng);
+    let strategy = (shapes(config.max_batch, config.max_seq_q, config.max_seq_k), any::<u64>());
+    let worst = std::cell::Cell::new((0.0f64, 0.0f64));
+    let outcome = runner.run(&strategy, |(shape, input_seed)| {
+        let result = run_case(kernel, Case { shape, input_seed })
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let (abs, rel) = worst.get();
+        worst.set((abs.max(result.max_abs), rel.max(result.max_rel)));
+        match result.mismatch {
+            Some(m) => Err(TestCaseError::fail(format!("{m:?}"))),
+            None => Ok(()),
+        }
+    });
+    let (max_abs, max_rel) = worst.get();
+    let failure = match outcome {
+        Ok(()) => None,
+        Err(TestError::Fail(_, (shape, input_seed))) => {
+            let case = Case { shape, input_seed };
+            let mismatch = run_case(kernel, case)?.mismatch.ok_or_else(|| {
+                Error::Check("the shrunk failing case passed when replayed".to_owned())
+            })?;
+            Some((case, mismatch))
+        }
+        Err(TestError::Abort(reason)) => return Err(Error::Check(format!("aborted: {reason}"))),
+    };
+    Ok(CheckReport { cases: config.cases, max_abs, max_rel, failure })
+}
