@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use attngen::{Jit, Kernel, Reference, Shape, Tensor, Workload};
 use serde::Serialize;
 
-use crate::{Backend, Failure, emit, load_spec, peak, table};
+use crate::{Backend, Failure, emit, load_spec, peak, roofline, table};
 
 /// What to time and how.
 pub struct BenchArgs {
@@ -29,6 +29,8 @@ pub struct BenchArgs {
     pub peak_gbs: Option<f64>,
     /// Print JSON.
     pub json: bool,
+    /// Where to draw the roofline chart.
+    pub roofline: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -57,6 +59,8 @@ struct Row {
     gbs: f64,
     flops: u64,
     bytes: u64,
+    /// FLOPs per byte of compulsory traffic (inputs read once, outputs written once).
+    intensity: f64,
     compile_ms: Option<f64>,
     decode: bool,
 }
@@ -78,6 +82,19 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
         machine: Machine { threads: args.threads, peak_gflops, peak_gbs, isa: jit.isa().name() },
         results: rows,
     };
+    if let Some(path) = &args.roofline {
+        let points: Vec<roofline::Point> = report
+            .results
+            .iter()
+            .map(|r| roofline::Point {
+                label: format!("{} {}", r.workload, r.backend),
+                intensity: r.intensity,
+                gflops: r.gflops,
+            })
+            .collect();
+        roofline::draw(path, peak_gflops, peak_gbs, &points)
+            .map_err(|message| Failure { status: 1, message })?;
+    }
     if args.json {
         let text = serde_json::to_string_pretty(&report).expect("plain data serialises");
         return emit(&format!("{text}\n"));
@@ -167,6 +184,7 @@ fn time(workload: &Workload, backend: Backend, jit: &Jit, max_runs: usize) -> Re
         gbs: bytes as f64 / median / 1e6,
         flops,
         bytes,
+        intensity: flops as f64 / workload.compulsory_bytes() as f64,
         compile_ms,
         decode: workload.is_decode(),
     })

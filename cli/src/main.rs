@@ -5,6 +5,7 @@ mod check;
 mod dump;
 mod peak;
 mod plan;
+mod roofline;
 mod run;
 mod table;
 mod tensors;
@@ -118,12 +119,12 @@ enum Command {
     /// GB/s for decode, and the fraction of the machine's peaks, which are measured at start-up
     /// (an FMA loop and a streaming read) unless given.
     Bench {
+        /// Time this spec instead of the workloads (needs --shape).
+        #[arg(conflicts_with = "workload", requires = "shape")]
+        spec: Option<PathBuf>,
         /// Workloads to time, e.g. `--workload W1,W4` (default: all six).
         #[arg(long, value_delimiter = ',')]
         workload: Vec<String>,
-        /// Time this spec instead (needs --shape).
-        #[arg(long, conflicts_with = "workload")]
-        spec: Option<PathBuf>,
         /// B,Sq,Sk for --spec.
         #[arg(long, value_parser = parse_shape)]
         shape: Option<attngen::Shape>,
@@ -145,6 +146,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also draw a roofline chart (SVG): the FMA and bandwidth ceilings and every result.
+        #[arg(long, value_name = "FILE.svg")]
+        roofline: Option<PathBuf>,
     },
     /// Check spec files and print each one's errors as file:line:column, or `ok`.
     ///
@@ -261,6 +265,7 @@ fn main() -> ExitCode {
             peak_gflops,
             peak_gbs,
             json,
+            roofline,
         } => {
             let threads = threads.unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
@@ -275,6 +280,7 @@ fn main() -> ExitCode {
                 peak_gflops,
                 peak_gbs,
                 json,
+                roofline,
             })
         }
     };

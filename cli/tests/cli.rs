@@ -454,3 +454,37 @@ fn check_exits_2_on_an_invalid_spec() {
     );
     assert!(text.lines().any(|l| l.contains("good.toml") && l.ends_with("ok")), "{text}");
 }
+
+#[test]
+fn bench_draws_a_roofline_with_ceilings_and_one_point_per_result() {
+    let dir = scratch("roofline");
+    let svg = dir.join("r.svg");
+    let spec = specs_dir().join("mqa.toml");
+    let output = attngen(&[
+        "bench",
+        spec.to_str().unwrap(),
+        "--shape",
+        "1,16,64",
+        "--backend",
+        "jit,interp",
+        "--runs",
+        "3",
+        "--peak-gflops",
+        "100",
+        "--peak-gbs",
+        "20",
+        "--roofline",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let table = String::from_utf8(output.stdout).unwrap();
+    assert!(table.contains("mqa-16x128  jit") && table.contains("mqa-16x128  interp"), "{table}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg"), "not an SVG");
+    assert!(text.contains("100 GFLOP/s FMA peak, 20.0 GB/s read bandwidth"), "caption");
+    assert!(text.contains("arithmetic intensity") && text.contains("GFLOP/s"), "axis titles");
+    // Two measured points (plus one in the legend), each labelled.
+    assert_eq!(text.matches("<circle").count(), 3, "{text}");
+    assert!(text.contains("mqa-16x128 jit") && text.contains("mqa-16x128 interp"));
+    assert!(text.contains("<polyline"), "the roofline ceiling");
+}

@@ -2,7 +2,7 @@
 
 use attngen_codegen::{AttentionSpec, Mask, cost};
 
-use crate::Shape;
+use crate::{Shape, Tensor};
 
 /// A named spec and call shape.
 #[derive(Clone, Debug)]
@@ -76,6 +76,13 @@ impl Workload {
     pub fn flops(&self) -> u64 {
         let s = self.shape;
         cost::attention_flops(&self.spec, s.batch as u64, s.seq_q as u64, s.seq_k as u64)
+    }
+
+    /// Compulsory memory traffic of one call: every input read once, `out` and `lse` written
+    /// once — the byte count of a roofline's arithmetic intensity.
+    pub fn compulsory_bytes(&self) -> u64 {
+        let tensors = Tensor::inputs(&self.spec).iter().chain(&[Tensor::Out, Tensor::Lse]);
+        tensors.map(|t| t.len(&self.spec, self.shape).unwrap_or(0) as u64 * 4).sum()
     }
 
     /// Bytes of K/V (or latent and RoPE key) read once by one call.
