@@ -351,7 +351,6 @@ fn bench_reports_json_for_a_spec_and_shape() {
     let spec = specs_dir().join("llama3-8b.toml");
     let output = attngen(&[
         "bench",
-        "--spec",
         spec.to_str().unwrap(),
         "--shape",
         "1,8,40",

@@ -36,6 +36,7 @@ pub use attngen_codegen::{
     AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask, SpecError, SpecFileError, Variant,
     cost, validate,
 };
+pub use attngen_macros::spec;
 pub use error::Error;
 pub use jit::{Jit, JitKernel, Listing};
 pub use kernel::Kernel;

@@ -1,0 +1,3 @@
+fn main() {
+    let _ = attngen::spec!(q_heads = 30, kv_heads = 8, head_dim = 128);
+}

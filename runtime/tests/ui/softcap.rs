@@ -1,0 +1,3 @@
+fn main() {
+    let _ = attngen::spec!(q_heads = 4, head_dim = 8, softcap = 0.0);
+}

@@ -1,0 +1,3 @@
+fn main() {
+    let _ = attngen::spec!(q_heads = 4, heads = 2, head_dim = 8);
+}
