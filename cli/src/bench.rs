@@ -9,27 +9,38 @@ use serde::Serialize;
 
 use crate::{Backend, Failure, emit, load_spec, peak, roofline, table};
 
-/// What to time and how.
+/// What to time and how: `attngen bench`'s arguments.
+#[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Workload ids (empty: all, unless a spec is given).
-    pub workloads: Vec<String>,
-    /// A spec file to time instead, with `shape`.
+    /// Time this spec instead of the workloads (needs --shape).
+    #[arg(conflicts_with = "workloads", requires = "shape")]
     pub spec: Option<PathBuf>,
-    /// B, Sq, Sk for `spec`.
+    /// Workloads to time, e.g. `--workload W1,W4` (default: all six).
+    #[arg(long = "workload", value_delimiter = ',')]
+    pub workloads: Vec<String>,
+    /// B,Sq,Sk for a spec.
+    #[arg(long, value_parser = crate::parse_shape)]
     pub shape: Option<Shape>,
     /// Backends to time.
+    #[arg(long = "backend", value_enum, value_delimiter = ',', default_value = "jit")]
     pub backends: Vec<Backend>,
-    /// Threads for the JIT's kernels.
-    pub threads: usize,
-    /// Timed runs per (workload, backend) at most; the JIT stops early after about a second.
+    /// Threads for the JIT's kernels (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Most timed runs per row; the JIT stops early after about a second (at least 3 runs).
+    #[arg(long, default_value_t = 50)]
     pub runs: usize,
-    /// Machine peaks given instead of measured.
+    /// Use this FMA peak (GFLOP/s) instead of measuring it.
+    #[arg(long)]
     pub peak_gflops: Option<f64>,
-    /// Streaming read bandwidth given instead of measured.
+    /// Use this read bandwidth (GB/s) instead of measuring it.
+    #[arg(long)]
     pub peak_gbs: Option<f64>,
-    /// Print JSON.
+    /// Print JSON instead of a table.
+    #[arg(long)]
     pub json: bool,
-    /// Where to draw the roofline chart.
+    /// Also draw a roofline chart (SVG): the FMA and bandwidth ceilings and every result.
+    #[arg(long, value_name = "FILE.svg")]
     pub roofline: Option<PathBuf>,
 }
 
@@ -68,10 +79,13 @@ struct Row {
 /// Runs the benchmark and prints the table or JSON.
 pub fn bench(args: BenchArgs) -> Result<(), Failure> {
     let workloads = select(&args)?;
-    let peak_gflops = args.peak_gflops.unwrap_or_else(|| peak::fma_gflops(args.threads));
-    let peak_gbs = args.peak_gbs.unwrap_or_else(|| peak::read_gbs(args.threads));
-    let jit = Jit::with_threads(args.threads)
-        .map_err(|e| Failure { status: 1, message: e.to_string() })?;
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let peak_gflops = args.peak_gflops.unwrap_or_else(|| peak::fma_gflops(threads));
+    let peak_gbs = args.peak_gbs.unwrap_or_else(|| peak::read_gbs(threads));
+    let jit =
+        Jit::with_threads(threads).map_err(|e| Failure { status: 1, message: e.to_string() })?;
     let mut rows = Vec::new();
     for workload in &workloads {
         for &backend in &args.backends {
@@ -79,7 +93,7 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
         }
     }
     let report = Report {
-        machine: Machine { threads: args.threads, peak_gflops, peak_gbs, isa: jit.isa().name() },
+        machine: Machine { threads, peak_gflops, peak_gbs, isa: jit.isa().name() },
         results: rows,
     };
     if let Some(path) = &args.roofline {

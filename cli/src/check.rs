@@ -3,26 +3,33 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use attngen::harness::{self, Case, CheckConfig, Mismatch};
-use attngen::{AttentionSpec, Error, Inputs, Jit, Kernel, Reference, Shape};
+use attngen::harness::{self, Case, CheckConfig, Mismatch, Perturbed};
+use attngen::{Error, Jit, Kernel, Reference, Shape};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use crate::{Backend, Failure, emit, table};
 
-/// What to check and how.
+/// What to check and how: `attngen check`'s arguments.
+#[derive(clap::Args)]
 pub struct CheckArgs {
-    /// Spec files and directories (searched for `*.toml`).
+    /// Spec files or directories (searched for *.toml).
+    #[arg(required = true)]
     pub paths: Vec<PathBuf>,
     /// The backend under test.
+    #[arg(long, value_enum, default_value_t = Backend::Jit)]
     pub backend: Backend,
-    /// Cases per spec.
+    /// Random cases per spec.
+    #[arg(long, default_value_t = 64)]
     pub cases: u32,
-    /// Seed of the case generator.
+    /// Seed of the case generator (the same seed draws the same cases).
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Replay one case instead of drawing cases.
+    /// Replay one case, B,Sq,Sk,INPUT_SEED, as printed by a failing check.
+    #[arg(long, value_parser = crate::parse_case)]
     pub replay: Option<Case>,
-    /// Print JSON.
+    /// Print JSON instead of a table.
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -199,31 +206,6 @@ fn check_file(file: &Path, args: &CheckArgs, jit: Option<&Jit>) -> Row {
         }
     }
     row
-}
-
-/// A kernel that perturbs one output element (query 2, head 0, dim 0) whenever Sq >= 3. It
-/// exists so tests can watch `check` catch, shrink and replay a wrong kernel.
-struct Perturbed(Box<dyn Kernel>);
-
-impl Kernel for Perturbed {
-    fn spec(&self) -> &AttentionSpec {
-        self.0.spec()
-    }
-
-    fn run(
-        &self,
-        shape: Shape,
-        inputs: &Inputs<'_>,
-        out: &mut [f32],
-        lse: Option<&mut [f32]>,
-    ) -> Result<(), Error> {
-        self.0.run(shape, inputs, out, lse)?;
-        if shape.seq_q >= 3 {
-            let spec = self.spec();
-            out[2 * spec.q_heads * spec.v_head_dim] += 0.5;
-        }
-        Ok(())
-    }
 }
 
 fn render(rows: &[Row], args: &CheckArgs) -> String {

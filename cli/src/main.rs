@@ -58,26 +58,7 @@ enum Command {
     /// print one row with the largest errors and the verdict. A failure is shrunk to a minimal
     /// case, shown with the element that differs and the command that replays it. Exit status
     /// 1 when a check fails, 2 when a spec file is invalid or unreadable.
-    Check {
-        /// Spec files or directories.
-        #[arg(required = true)]
-        paths: Vec<PathBuf>,
-        /// The backend under test.
-        #[arg(long, value_enum, default_value_t = Backend::Jit)]
-        backend: Backend,
-        /// Random cases per spec.
-        #[arg(long, default_value_t = 64)]
-        cases: u32,
-        /// Seed of the case generator (the same seed draws the same cases).
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Replay one case, B,Sq,Sk,INPUT_SEED, as printed by a failing check.
-        #[arg(long, value_parser = parse_case)]
-        replay: Option<attngen::harness::Case>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Check(check::CheckArgs),
     /// Compare specs: variant, KV-cache size per token and for a context, decode cost.
     ///
     /// All numbers are per layer. "vs MHA" is the cache relative to multi-head attention with
@@ -118,38 +99,7 @@ enum Command {
     /// Reports the median, min and max of repeated runs after a warm-up, GFLOP/s for prefill and
     /// GB/s for decode, and the fraction of the machine's peaks, which are measured at start-up
     /// (an FMA loop and a streaming read) unless given.
-    Bench {
-        /// Time this spec instead of the workloads (needs --shape).
-        #[arg(conflicts_with = "workload", requires = "shape")]
-        spec: Option<PathBuf>,
-        /// Workloads to time, e.g. `--workload W1,W4` (default: all six).
-        #[arg(long, value_delimiter = ',')]
-        workload: Vec<String>,
-        /// B,Sq,Sk for --spec.
-        #[arg(long, value_parser = parse_shape)]
-        shape: Option<attngen::Shape>,
-        /// Backends to time.
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "jit")]
-        backend: Vec<Backend>,
-        /// Threads for the JIT's kernels (default: every core).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Most timed runs per row.
-        #[arg(long, default_value_t = 50)]
-        runs: usize,
-        /// Use this FMA peak (GFLOP/s) instead of measuring it.
-        #[arg(long)]
-        peak_gflops: Option<f64>,
-        /// Use this read bandwidth (GB/s) instead of measuring it.
-        #[arg(long)]
-        peak_gbs: Option<f64>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Also draw a roofline chart (SVG): the FMA and bandwidth ceilings and every result.
-        #[arg(long, value_name = "FILE.svg")]
-        roofline: Option<PathBuf>,
-    },
+    Bench(bench::BenchArgs),
     /// Check spec files and print each one's errors as file:line:column, or `ok`.
     ///
     /// Exit status 1 if any spec is invalid, 2 if a file cannot be read.
@@ -162,7 +112,7 @@ enum Command {
 
 /// A backend that computes a spec.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Backend {
+pub enum Backend {
     /// The reference interpreter: float64, un-fused, slow, the oracle.
     Interp,
     /// The Cranelift JIT: a fused kernel compiled for this spec and this CPU.
@@ -200,7 +150,7 @@ impl Failure {
 }
 
 /// Parses `B,Sq,Sk`.
-fn parse_shape(text: &str) -> Result<attngen::Shape, String> {
+pub fn parse_shape(text: &str) -> Result<attngen::Shape, String> {
     let dims: Vec<usize> = text
         .split(',')
         .map(|d| d.trim().parse().map_err(|_| format!("`{d}` is not a size")))
@@ -212,7 +162,7 @@ fn parse_shape(text: &str) -> Result<attngen::Shape, String> {
 }
 
 /// Parses `B,Sq,Sk,INPUT_SEED`.
-fn parse_case(text: &str) -> Result<attngen::harness::Case, String> {
+pub fn parse_case(text: &str) -> Result<attngen::harness::Case, String> {
     let (shape, seed) =
         text.rsplit_once(',').ok_or_else(|| format!("expected B,Sq,Sk,SEED, got `{text}`"))?;
     let input_seed = seed.trim().parse().map_err(|_| format!("`{seed}` is not a seed"))?;
@@ -250,39 +200,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { spec, inputs, out, backend } => run::run(&spec, &inputs, &out, backend),
         Command::Plan { specs, context, json } => plan::plan(&specs, context, json),
-        Command::Check { paths, backend, cases, seed, replay, json } => {
-            check::check(check::CheckArgs { paths, backend, cases, seed, replay, json })
-        }
+        Command::Check(args) => check::check(args),
         Command::Dump { spec, plan, ir, clif, asm } => dump::dump(&spec, plan, ir, clif, asm),
         Command::Validate { specs } => validate::validate(&specs),
-        Command::Bench {
-            workload,
-            spec,
-            shape,
-            backend,
-            threads,
-            runs,
-            peak_gflops,
-            peak_gbs,
-            json,
-            roofline,
-        } => {
-            let threads = threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-            });
-            bench::bench(bench::BenchArgs {
-                workloads: workload,
-                spec,
-                shape,
-                backends: backend,
-                threads,
-                runs,
-                peak_gflops,
-                peak_gbs,
-                json,
-                roofline,
-            })
-        }
+        Command::Bench(args) => bench::bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,6 +13,22 @@ fn attngen(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_attngen")).args(args).output().expect("binary runs")
 }
 
+/// `attngen run SPEC --inputs IN --out OUT [--backend B]`.
+fn run_cli(spec: &Path, inputs: &Path, out: &Path, backend: Option<&str>) -> Output {
+    let mut args = vec![
+        "run",
+        spec.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    if let Some(backend) = backend {
+        args.extend(["--backend", backend]);
+    }
+    attngen(&args)
+}
+
 /// A fresh scratch directory for one test.
 fn scratch(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("attngen-cli-{}-{test}", std::process::id()));
@@ -83,16 +99,7 @@ fn run_interp_agrees_with_the_independent_formulation_on_every_kind_of_spec() {
         let shape = if n % 2 == 0 { Shape::new(2, 3, 7) } else { Shape::new(1, 6, 4) };
         let (spec_path, inputs_path, inputs) = prepare(&dir, spec, shape, n as u64);
         let out_path = dir.join("out.safetensors");
-        let output = attngen(&[
-            "run",
-            spec_path.to_str().unwrap(),
-            "--inputs",
-            inputs_path.to_str().unwrap(),
-            "--out",
-            out_path.to_str().unwrap(),
-            "--backend",
-            "interp",
-        ]);
+        let output = run_cli(&spec_path, &inputs_path, &out_path, Some("interp"));
         assert!(output.status.success(), "{spec:?}: {}", String::from_utf8_lossy(&output.stderr));
         let bytes = std::fs::read(&out_path).unwrap();
         let file = SafeTensors::deserialize(&bytes).unwrap();
@@ -120,14 +127,7 @@ fn assert_bad_inputs(
     let inputs_path = dir.join("in.safetensors");
     write_safetensors(&inputs_path, tensors);
     let out_path = dir.join("out.safetensors");
-    let output = attngen(&[
-        "run",
-        spec_path.to_str().unwrap(),
-        "--inputs",
-        inputs_path.to_str().unwrap(),
-        "--out",
-        out_path.to_str().unwrap(),
-    ]);
+    let output = run_cli(&spec_path, &inputs_path, &out_path, None);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains(message), "expected {message:?} in:\n{stderr}");
@@ -205,16 +205,7 @@ fn bad_spec_and_bad_files_exit_2() {
     let inputs_path = dir.join("in.safetensors");
     std::fs::write(&inputs_path, b"not safetensors").unwrap();
     let out_path = dir.join("out.safetensors");
-    let run = |spec: &Path| {
-        attngen(&[
-            "run",
-            spec.to_str().unwrap(),
-            "--inputs",
-            inputs_path.to_str().unwrap(),
-            "--out",
-            out_path.to_str().unwrap(),
-        ])
-    };
+    let run = |spec: &Path| run_cli(spec, &inputs_path, &out_path, None);
     let output = run(&spec_path);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains(
@@ -305,16 +296,7 @@ fn run_jit_agrees_with_the_independent_formulation() {
         let shape = Shape::new(2, 5, 70);
         let (spec_path, inputs_path, inputs) = prepare(&dir, spec, shape, 40 + n as u64);
         let out_path = dir.join("out.safetensors");
-        let output = attngen(&[
-            "run",
-            spec_path.to_str().unwrap(),
-            "--inputs",
-            inputs_path.to_str().unwrap(),
-            "--out",
-            out_path.to_str().unwrap(),
-            "--backend",
-            "jit",
-        ]);
+        let output = run_cli(&spec_path, &inputs_path, &out_path, Some("jit"));
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         let bytes = std::fs::read(&out_path).unwrap();
         let file = SafeTensors::deserialize(&bytes).unwrap();

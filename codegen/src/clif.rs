@@ -1089,8 +1089,7 @@ impl<'a> Translator<'a> {
             let out = t.arg(offsets::OUT);
             let dst = t.float_addr(out, idx);
             let src = t.state_o(state, row);
-            let one = t.f32(1.0);
-            t.scale_row(dst, src, dv, one);
+            t.copy_row(dst, src, dv);
         });
     }
 

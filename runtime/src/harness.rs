@@ -265,3 +265,29 @@ pub fn check(kernel: &dyn Kernel, config: &CheckConfig) -> Result<CheckReport, E
     };
     Ok(CheckReport { cases: config.cases, max_abs, max_rel, failure })
 }
+
+/// A deliberately wrong kernel for testing checkers: it runs `inner`, then adds 0.5 to one
+/// element of `out` (query 2, head 0, dim 0) whenever Sq >= 3. `attngen check --backend
+/// perturbed` and the harness tests use it to watch a failure being found, shrunk and replayed.
+pub struct Perturbed(pub Box<dyn Kernel>);
+
+impl Kernel for Perturbed {
+    fn spec(&self) -> &AttentionSpec {
+        self.0.spec()
+    }
+
+    fn run(
+        &self,
+        shape: Shape,
+        inputs: &Inputs<'_>,
+        out: &mut [f32],
+        lse: Option<&mut [f32]>,
+    ) -> Result<(), Error> {
+        self.0.run(shape, inputs, out, lse)?;
+        if shape.seq_q >= 3 {
+            let spec = self.spec();
+            out[2 * spec.q_heads * spec.v_head_dim] += 0.5;
+        }
+        Ok(())
+    }
+}

@@ -42,3 +42,29 @@ pub fn f32_score_slack(dim: usize, scale: f64, m: f64) -> (f64, f64) {
 }
 
 pub use attngen::harness::uniform;
+
+/// Runs `kernel` (built for `AttentionSpec::gqa(4, 2, 3)`) with every kind of wrong buffer and
+/// asserts each call fails and leaves `out` and `lse` exactly as they were.
+pub fn assert_errors_leave_outputs_untouched(kernel: &dyn attngen::Kernel) {
+    use attngen::{Inputs, Shape};
+    assert_eq!(kernel.spec(), &attngen::AttentionSpec::gqa(4, 2, 3));
+    let (q, k, v) = (vec![0.5; 24], vec![0.5; 30], vec![0.5; 30]);
+    let shape = Shape::new(1, 2, 5);
+    let mut out = [-7.0; 24];
+    let mut lse = [-7.0; 8];
+    for (inputs, out_len, lse_len) in [
+        (Inputs::grouped(&q[1..], &k, &v), 24, 8),
+        (Inputs::grouped(&q, &k[1..], &v), 24, 8),
+        (Inputs::grouped(&q, &k, &v[..29]), 24, 8),
+        (Inputs::grouped(&q, &k, &v), 24, 7),
+        (Inputs::grouped(&q, &k, &v), 23, 8),
+        (Inputs::latent(&q, &k, &v, &[], &[]), 24, 8),
+    ] {
+        let result = kernel.run(shape, &inputs, &mut out[..out_len], Some(&mut lse[..lse_len]));
+        assert!(result.is_err());
+        assert!(out.iter().chain(&lse).all(|&x| x == -7.0));
+    }
+    let huge = Shape::new(usize::MAX, 2, 2);
+    assert!(kernel.run(huge, &Inputs::grouped(&q, &k, &v), &mut out, None).is_err());
+    assert!(out.iter().all(|&x| x == -7.0));
+}

@@ -1,32 +1,8 @@
 //! The property harness behind `attngen check`: it passes correct kernels, and for a
 //! deliberately broken one it shrinks to a minimal case that replays exactly.
 
-use attngen::harness::{self, Case, CheckConfig};
-use attngen::{AttentionSpec, Error, Inputs, Jit, Kernel, Mask, Reference, Shape};
-
-/// The reference with one element of `out` perturbed whenever Sq >= 3: query 2, head 0, dim 0.
-struct Perturbed(Reference);
-
-impl Kernel for Perturbed {
-    fn spec(&self) -> &AttentionSpec {
-        self.0.spec()
-    }
-
-    fn run(
-        &self,
-        shape: Shape,
-        inputs: &Inputs<'_>,
-        out: &mut [f32],
-        lse: Option<&mut [f32]>,
-    ) -> Result<(), Error> {
-        self.0.run(shape, inputs, out, lse)?;
-        if shape.seq_q >= 3 {
-            let spec = self.spec();
-            out[2 * spec.q_heads * spec.v_head_dim] += 0.5;
-        }
-        Ok(())
-    }
-}
+use attngen::harness::{self, Case, CheckConfig, Perturbed};
+use attngen::{AttentionSpec, Jit, Mask, Reference, Shape};
 
 #[test]
 fn correct_kernels_pass() {
@@ -47,7 +23,7 @@ fn correct_kernels_pass() {
 #[test]
 fn a_broken_kernel_shrinks_to_a_minimal_replayable_case() {
     let spec = AttentionSpec::mha(2, 4).mask(Mask::Causal);
-    let broken = Perturbed(Reference::new(&spec).unwrap());
+    let broken = Perturbed(Box::new(Reference::new(&spec).unwrap()));
     let report =
         harness::check(&broken, &CheckConfig { cases: 64, seed: 1, ..CheckConfig::default() })
             .unwrap();
@@ -67,7 +43,7 @@ fn a_broken_kernel_shrinks_to_a_minimal_replayable_case() {
 #[test]
 fn the_same_seed_draws_the_same_cases() {
     let spec = AttentionSpec::mha(2, 4).mask(Mask::Causal);
-    let broken = Perturbed(Reference::new(&spec).unwrap());
+    let broken = Perturbed(Box::new(Reference::new(&spec).unwrap()));
     let config = CheckConfig { cases: 64, seed: 99, ..CheckConfig::default() };
     let first = harness::check(&broken, &config).unwrap();
     let second = harness::check(&broken, &config).unwrap();
