@@ -147,8 +147,8 @@ fn select(args: &BenchArgs) -> Result<Vec<Workload>, Failure> {
 fn time(workload: &Workload, backend: Backend, jit: &Jit, max_runs: usize) -> Result<Row, Failure> {
     let spec = &workload.spec;
     let shape = workload.shape;
-    let inputs = random_inputs(workload);
-    let named = attngen_inputs(spec, &inputs);
+    let inputs = attngen::harness::inputs(spec, shape, 1, 1.0).map_err(Failure::input)?;
+    let named = attngen::harness::view(spec, &inputs);
     let len = |t: Tensor| t.len(spec, shape).map_err(Failure::input);
     let mut out = vec![0.0f32; len(Tensor::Out)?];
     let mut lse = vec![0.0f32; len(Tensor::Lse)?];
@@ -202,46 +202,6 @@ fn time(workload: &Workload, backend: Backend, jit: &Jit, max_runs: usize) -> Re
         compile_ms,
         decode: workload.is_decode(),
     })
-}
-
-/// Uniform [−1, 1] inputs for a workload, by tensor.
-fn random_inputs(workload: &Workload) -> Vec<(Tensor, Vec<f32>)> {
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    Tensor::inputs(&workload.spec)
-        .iter()
-        .map(|&t| {
-            let len = t.len(&workload.spec, workload.shape).unwrap_or(0);
-            let data = (0..len)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-                })
-                .collect();
-            (t, data)
-        })
-        .collect()
-}
-
-fn attngen_inputs<'a>(
-    spec: &attngen::AttentionSpec,
-    tensors: &'a [(Tensor, Vec<f32>)],
-) -> attngen::Inputs<'a> {
-    let get =
-        |t: Tensor| tensors.iter().find(|(n, _)| *n == t).map_or(&[][..], |(_, d)| d.as_slice());
-    match spec.kv {
-        attngen::KvLayout::Grouped { .. } => {
-            attngen::Inputs::grouped(get(Tensor::Q), get(Tensor::K), get(Tensor::V))
-        }
-        attngen::KvLayout::Latent(_) => attngen::Inputs::latent(
-            get(Tensor::Q),
-            get(Tensor::CKv),
-            get(Tensor::KRope),
-            get(Tensor::WUk),
-            get(Tensor::WUv),
-        ),
-    }
 }
 
 fn render(report: &Report) -> String {

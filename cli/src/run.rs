@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
-use attngen::{Inputs, Jit, Kernel, Reference, Tensor};
+use attngen::{Jit, Kernel, Reference, Tensor};
 
-use crate::tensors::{self, LoadedInputs};
+use crate::tensors;
 use crate::{Backend, Failure, load_spec};
 
 /// Runs `spec_path` on the tensors in `inputs_path` and writes `out` and `lse` to `out_path`.
@@ -33,7 +33,9 @@ pub fn run(
     let too_large = |t: Tensor| t.len(&spec, shape).map_err(Failure::input);
     let mut out = vec![0.0; too_large(Tensor::Out)?];
     let mut lse = vec![0.0; too_large(Tensor::Lse)?];
-    kernel.run(shape, &inputs(&loaded), &mut out, Some(&mut lse)).map_err(Failure::input)?;
+    kernel
+        .run(shape, &attngen::harness::view(&spec, &loaded.tensors), &mut out, Some(&mut lse))
+        .map_err(Failure::input)?;
     tensors::write_atomically(
         out_path,
         &[
@@ -45,18 +47,4 @@ pub fn run(
         status: 1,
         message: format!("{}: cannot write: {e}", out_path.display()),
     })
-}
-
-fn inputs(loaded: &LoadedInputs) -> Inputs<'_> {
-    if loaded.tensors.iter().any(|(t, _)| *t == Tensor::K) {
-        Inputs::grouped(loaded.get(Tensor::Q), loaded.get(Tensor::K), loaded.get(Tensor::V))
-    } else {
-        Inputs::latent(
-            loaded.get(Tensor::Q),
-            loaded.get(Tensor::CKv),
-            loaded.get(Tensor::KRope),
-            loaded.get(Tensor::WUk),
-            loaded.get(Tensor::WUv),
-        )
-    }
 }

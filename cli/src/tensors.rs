@@ -74,13 +74,6 @@ pub struct LoadedInputs {
     pub tensors: Vec<(Tensor, Vec<f32>)>,
 }
 
-impl LoadedInputs {
-    /// The values of one tensor.
-    pub fn get(&self, tensor: Tensor) -> &[f32] {
-        self.tensors.iter().find(|(t, _)| *t == tensor).map_or(&[], |(_, v)| v)
-    }
-}
-
 /// Reads and checks the inputs a spec needs: every name present and no other, F32, and shapes
 /// consistent with the spec and with one (B, Sq, Sk) taken from `q` and `k`/`c_kv`.
 pub fn load(spec: &AttentionSpec, bytes: &[u8]) -> Result<LoadedInputs, TensorError> {
