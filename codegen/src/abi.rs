@@ -67,6 +67,12 @@ pub mod offsets {
     pub const SEQ_K: i32 = offset_of!(CallArgs, seq_k) as i32;
 }
 
+/// Columns per panel of `DotNn`'s B operand: element `B[p][j]` lives at
+/// `b + (j / PANEL)·b_panel + p·b_row + j % PANEL`. A plain row-major B has `b_panel = PANEL`;
+/// a packed tile stores each 16-column panel contiguously (`b_row = PANEL`), so the panel a
+/// micro-kernel block streams is one run of memory instead of rows that alias in L1.
+pub const PANEL: usize = 16;
+
 /// `item(args, b, g, q0, k_lo, k_hi, scratch, state)`.
 pub type ItemFn = unsafe extern "C" fn(
     args: *const CallArgs,

@@ -8,14 +8,13 @@
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::immediates::Ieee32;
 use cranelift_codegen::ir::{
-    AbiParam, ConstantData, ExtFuncData, ExternalName, FuncRef, Function, InstBuilder,
-    MemFlagsData, Signature, StackSlotData, StackSlotKind, Type, UserExternalName, UserFuncName,
-    Value, types,
+    AbiParam, ExtFuncData, ExternalName, FuncRef, Function, InstBuilder, MemFlagsData, Signature,
+    StackSlotData, StackSlotKind, Type, UserExternalName, UserFuncName, Value, types,
 };
 use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 
-use crate::abi::{Callee, offsets};
+use crate::abi::{Callee, PANEL, offsets};
 use crate::ir::{KernelIr, Op, Operand, ScoreTerm};
 use crate::plan::KernelPlan;
 use crate::spec::{GroupMap, KvLayout, Mask};
@@ -42,7 +41,7 @@ pub fn finish_signature(call_conv: CallConv) -> Signature {
 pub fn callee_signature(callee: Callee, call_conv: CallConv) -> Signature {
     match callee {
         Callee::DotNt => int_signature(call_conv, 10, None),
-        Callee::DotNn => int_signature(call_conv, 11, None),
+        Callee::DotNn => int_signature(call_conv, 14, None),
         Callee::Ln => {
             let mut sig = Signature::new(call_conv);
             sig.params.push(AbiParam::new(types::F32));
@@ -131,6 +130,8 @@ struct Translator<'a> {
     head_table: Option<Value>,
     /// Rows of this work item: the group's heads × nq.
     rows: Value,
+    /// `rows` rounded up to 4: the columns of the transposed tiles the softmax walks.
+    rows_v4: Value,
 }
 
 impl<'a> Translator<'a> {
@@ -196,10 +197,13 @@ impl<'a> Translator<'a> {
             nq,
             head_table: None,
             rows: nq,
+            rows_v4: nq,
         };
         t.head_table = t.emit_head_table();
         let heads = t.group_size();
         t.rows = t.mul(heads, nq);
+        let rows3 = t.add_imm(t.rows, 3);
+        t.rows_v4 = t.b.ins().band_imm_s(rows3, -4);
         for op in ops {
             t.op(op);
         }
@@ -445,19 +449,22 @@ impl<'a> Translator<'a> {
         }
     }
 
-    /// Float index of row `row` of the state slot at `state`: O, then m, then l.
+    /// Address of row `row` of O in the state slot at `state`: O (`padded_rows × acc_dim`),
+    /// then m, then l (`padded_rows` each, so four rows load as one vector).
     fn state_o(&mut self, state: Value, row: Value) -> Value {
         let idx = self.mul_imm(row, self.plan.acc_dim);
         self.float_addr(state, idx)
     }
 
+    /// Address of m of row `row`.
     fn state_m(&mut self, state: Value, row: Value) -> Value {
-        let idx = self.add_imm(row, self.plan.rows * self.plan.acc_dim);
+        let idx = self.add_imm(row, self.plan.padded_rows * self.plan.acc_dim);
         self.float_addr(state, idx)
     }
 
+    /// Address of l of row `row`.
     fn state_l(&mut self, state: Value, row: Value) -> Value {
-        let idx = self.add_imm(row, self.plan.rows * (self.plan.acc_dim + 1));
+        let idx = self.add_imm(row, self.plan.padded_rows * (self.plan.acc_dim + 1));
         self.float_addr(state, idx)
     }
 
@@ -484,34 +491,25 @@ impl<'a> Translator<'a> {
         self.b.ins().bitselect(bound_less, bound, x)
     }
 
-    /// e^x for f32x4: Cody–Waite range reduction to r in [−ln2/2, ln2/2], a degree-6
-    /// polynomial (Cephes expf, ~1 ulp), and 2^n built in the exponent bits. n = round(x·log2 e)
-    /// comes from adding 1.5·2²³, which leaves n in the low mantissa bits — no round or convert
-    /// instructions. Inputs below −87.3 give exactly 0 (masked scores become exact zero
-    /// probabilities; their garbage intermediate values are selected away); inputs above 88
-    /// are clamped; NaN stays NaN.
-    fn exp(&mut self, x: Value) -> Value {
+    /// 2^x for f32x4, for x <= 127 (every caller keeps x <= 64): x = n + f with
+    /// n = round(x) and |f| <= 1/2, then 2^f = e^(f·ln 2) by a degree-7 Horner polynomial
+    /// (Cephes expf's coefficients, ~1 ulp) and 2^n built in the exponent bits. n comes from
+    /// adding 1.5·2²³, which leaves it in the low mantissa bits — no round or convert
+    /// instructions. Inputs below −126 give exactly 0 (masked scores become exact zero
+    /// probabilities; their garbage intermediates are selected away); NaN stays NaN.
+    fn exp2(&mut self, x: Value) -> Value {
         const ROUNDER: f32 = 12_582_912.0; // 1.5 · 2^23
-        let lo = self.splat(-87.336_54);
-        let hi = self.splat(88.0);
-        let clamped = self.min_ps(hi, x);
-        let log2e = self.splat(std::f32::consts::LOG2_E);
         let rounder = self.splat(ROUNDER);
-        let t = self.b.ins().fma(clamped, log2e, rounder);
+        let t = self.b.ins().fadd(x, rounder);
         let n = self.b.ins().fsub(t, rounder);
-        let ln2_hi = self.splat(-0.693_359_4);
-        let ln2_lo = self.splat(2.121_944_4e-4);
-        let r = self.b.ins().fma(n, ln2_hi, clamped);
-        let r = self.b.ins().fma(n, ln2_lo, r);
+        let f = self.b.ins().fsub(x, n);
+        let ln2 = self.splat(std::f32::consts::LN_2);
+        let r = self.b.ins().fmul(f, ln2);
         let mut poly = self.splat(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5, 1.0, 1.0] {
             let c = self.splat(c);
             poly = self.b.ins().fma(poly, r, c);
         }
-        let r2 = self.b.ins().fmul(r, r);
-        let one = self.splat(1.0);
-        let r1 = self.b.ins().fadd(r, one);
-        let e_r = self.b.ins().fma(poly, r2, r1);
         // t's bits are 0x4B40_0000 + n; shifting out the top 9 bits leaves (n + 127) << 23.
         let bits = self.b.ins().bitcast(types::I32X4, MemFlagsData::new(), t);
         let bias = self.b.ins().iconst(types::I32, 127);
@@ -519,22 +517,27 @@ impl<'a> Translator<'a> {
         let biased = self.b.ins().iadd(bits, bias);
         let exponent = self.b.ins().ishl_imm_s(biased, 23);
         let pow2 = self.b.ins().bitcast(F32X4, MemFlagsData::new(), exponent);
-        let e = self.b.ins().fmul(e_r, pow2);
+        let e = self.b.ins().fmul(poly, pow2);
+        let lo = self.splat(-126.0);
         let underflow = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
         let underflow = self.b.ins().bitcast(F32X4, MemFlagsData::new(), underflow);
         let zero = self.splat(0.0);
         self.b.ins().bitselect(underflow, zero, e)
     }
 
-    /// tanh for f32x4: `sign(x)·(1 − 2/(e^{2|x|} + 1))` (absolute error ~1e-7), and for
+    /// tanh for f32x4: `sign(x)·(1 − 2/(e^{2|x|} + 1))` (absolute error ~1e-7, with e^{2|x|}
+    /// from `exp2`, its argument capped at 64: tanh is 1 in f32 long before), and for
     /// |x| < 1/8, where that formula cancels, the odd series `x − x³/3 + 2x⁵/15 − 17x⁷/315`
     /// (relative error < 1e-8), so a huge softcap leaves small scores unchanged.
     fn tanh(&mut self, x: Value) -> Value {
         let ax = self.b.ins().fabs(x);
-        let two = self.splat(2.0);
-        let ax2 = self.b.ins().fmul(ax, two);
-        let e = self.exp(ax2);
+        let two_log2e = self.splat(2.0 * std::f32::consts::LOG2_E);
+        let arg = self.b.ins().fmul(ax, two_log2e);
+        let cap = self.splat(64.0);
+        let arg = self.min_ps(cap, arg);
+        let e = self.exp2(arg);
         let one = self.splat(1.0);
+        let two = self.splat(2.0);
         let e1 = self.b.ins().fadd(e, one);
         let frac = self.b.ins().fdiv(two, e1);
         let t = self.b.ins().fsub(one, frac);
@@ -556,19 +559,11 @@ impl<'a> Translator<'a> {
         self.b.ins().bitselect(is_small, small, large)
     }
 
-    fn scalar_exp(&mut self, x: Value) -> Value {
+    /// 2^x of one f32 (x <= 64), through the vector routine.
+    fn scalar_exp2(&mut self, x: Value) -> Value {
         let v = self.b.ins().splat(F32X4, x);
-        let e = self.exp(v);
+        let e = self.exp2(v);
         self.b.ins().extractlane(e, 0)
-    }
-
-    fn reduce(&mut self, v: Value, max: bool) -> Value {
-        let mut acc = self.b.ins().extractlane(v, 0);
-        for lane in 1..4u8 {
-            let x = self.b.ins().extractlane(v, lane);
-            acc = if max { self.b.ins().fmax(acc, x) } else { self.b.ins().fadd(acc, x) };
-        }
-        acc
     }
 
     /// `dst[0..len] = src[0..len] * factor` (src may equal dst).
@@ -654,8 +649,10 @@ impl<'a> Translator<'a> {
 
     fn op(&mut self, op: &Op) {
         match op {
-            Op::PackQueries { offset, len, into } => self.pack_queries(*offset, *len, *into),
-            Op::AbsorbQueries { nope, rank } => self.absorb_queries(*nope, *rank),
+            Op::PackQueries { offset, len, factor, into } => {
+                self.pack_queries(*offset, *len, *factor, *into)
+            }
+            Op::AbsorbQueries { nope, rank, factor } => self.absorb_queries(*nope, *rank, *factor),
             Op::InitState => self.init_state(),
             Op::KeyTiles { tile, body, .. } => self.key_tiles(*tile, body),
             Op::MergeSplits => self.merge_splits(),
@@ -676,7 +673,7 @@ impl<'a> Translator<'a> {
         match op {
             Op::PackTile { from, into, width } => self.pack_tile(*from, *into, *width, tile),
             Op::Scores(term) => self.scores(term, tile),
-            Op::OnlineSoftmax { scale, softcap } => self.online_softmax(*scale, *softcap, tile),
+            Op::OnlineSoftmax { cap, threshold } => self.online_softmax(*cap, *threshold, tile),
             Op::AccumulateValues { values, width } => self.accumulate_values(*values, *width, tile),
             other => unreachable!("{other:?} is not a tile op"),
         }
@@ -696,17 +693,74 @@ impl<'a> Translator<'a> {
         self.scratch_at(floats, zero)
     }
 
-    fn pack_queries(&mut self, offset: usize, len: usize, into: Operand) {
+    /// Qᵀ: `factor · q` of every row, transposed into [`PANEL`]-column panels (`len` deep);
+    /// the columns from `rows` up to `rows_v4` are zero, so the score product may cover them.
+    fn pack_queries(&mut self, offset: usize, len: usize, factor: f32, into: Operand) {
         let tile = self.tile_addr(into);
+        let row_floats = self.plan.spec.q_heads * self.plan.spec.head_dim();
         self.for_each_row(|t, _, head, qi, row| {
             let idx = t.q_index(head, offset);
-            let row_floats = t.mul_imm(qi, t.plan.spec.q_heads * t.plan.spec.head_dim());
-            let idx = t.add(idx, row_floats);
+            let qi_floats = t.mul_imm(qi, row_floats);
+            let idx = t.add(idx, qi_floats);
             let q = t.arg(offsets::Q);
             let src = t.float_addr(q, idx);
-            let dst_idx = t.mul_imm(row, len);
-            let dst = t.float_addr(tile, dst_idx);
-            t.copy_row(dst, src, len);
+            t.transpose_row(tile, len, row, src, factor);
+        });
+        self.zero_padding_columns(tile, len);
+    }
+
+    /// Address of column `row`, depth 0, of a panel-packed transposed tile `len` deep.
+    fn panel_column(&mut self, tile: Value, len: usize, row: Value) -> Value {
+        let panel = self.b.ins().ushr_imm_u(row, i64::from(PANEL.trailing_zeros()));
+        let panel_floats = self.mul_imm(panel, PANEL * len);
+        let lane = self.b.ins().band_imm_s(row, PANEL as i64 - 1);
+        let idx = self.add(panel_floats, lane);
+        self.float_addr(tile, idx)
+    }
+
+    /// Column `row` of the transposed tile = `factor · src[0..len]`: four floats loaded as a
+    /// vector, scaled, and stored one per panel row.
+    fn transpose_row(&mut self, tile: Value, len: usize, row: Value, src: Value, factor: f32) {
+        let dst = self.panel_column(tile, len, row);
+        let vf = self.splat(factor);
+        let sf = self.f32(factor);
+        let stride = (4 * PANEL) as i32;
+        let vectors = len / 4 * 4;
+        if vectors > 0 {
+            let zero = self.int(0);
+            let end = self.int(vectors as i64);
+            self.for_range(zero, end, 4, |t, d| {
+                let s = t.float_addr(src, d);
+                let x = t.b.ins().load(F32X4, mem(), s, 0);
+                let x = t.b.ins().fmul(x, vf);
+                let d_floats = t.mul_imm(d, PANEL);
+                let at = t.float_addr(dst, d_floats);
+                for lane in 0..4u8 {
+                    let e = t.b.ins().extractlane(x, lane);
+                    t.b.ins().store(mem(), e, at, stride * i32::from(lane));
+                }
+            });
+        }
+        for d in vectors..len {
+            let x = self.b.ins().load(types::F32, mem(), src, 4 * d as i32);
+            let x = self.b.ins().fmul(x, sf);
+            self.b.ins().store(mem(), x, dst, stride * d as i32);
+        }
+    }
+
+    /// Zeroes columns `rows..rows_v4` of a transposed tile `len` deep.
+    fn zero_padding_columns(&mut self, tile: Value, len: usize) {
+        let zero = self.f32(0.0);
+        let (rows, rows_v4) = (self.rows, self.rows_v4);
+        self.for_range(rows, rows_v4, 1, |t, row| {
+            let dst = t.panel_column(tile, len, row);
+            let start = t.int(0);
+            let end = t.int(len as i64);
+            t.for_range(start, end, 1, |t, d| {
+                let d_floats = t.mul_imm(d, PANEL);
+                let at = t.float_addr(dst, d_floats);
+                t.b.ins().store(mem(), zero, at, 0);
+            });
         });
     }
 
@@ -716,8 +770,11 @@ impl<'a> Translator<'a> {
         self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, self.rows, min_rows)
     }
 
+    /// Copies the tile's rows of `from`: into a row-major key tile, or into the value tile's
+    /// [`PANEL`]-column panels (`k_tile` deep).
     fn pack_tile(&mut self, from: Operand, into: Operand, width: usize, tile: Tile) {
         let packs = self.packs();
+        let k_tile = self.plan.k_tile;
         self.if_then(packs, |t| {
             let (src, stride) = t.kv_rows(from, tile.j0);
             let dst = t.tile_addr(into);
@@ -725,25 +782,32 @@ impl<'a> Translator<'a> {
             t.for_range(zero, tile.n, 1, |t, r| {
                 let src_idx = t.mul_imm(r, stride);
                 let s = t.float_addr(src, src_idx);
-                let dst_idx = t.mul_imm(r, width);
-                let d = t.float_addr(dst, dst_idx);
-                t.copy_row(d, s, width);
+                if into == Operand::ValueTile {
+                    let dst_idx = t.mul_imm(r, PANEL);
+                    let d = t.float_addr(dst, dst_idx);
+                    for first in (0..width).step_by(PANEL) {
+                        let len = PANEL.min(width - first);
+                        let d_panel = t.add_imm(d, 4 * first * k_tile);
+                        let s_panel = t.add_imm(s, 4 * first);
+                        t.copy_row(d_panel, s_panel, len);
+                    }
+                } else {
+                    let dst_idx = t.mul_imm(r, width);
+                    let d = t.float_addr(dst, dst_idx);
+                    t.copy_row(d, s, width);
+                }
             });
         });
     }
 
-    /// Address and row stride of a key-side operand: a packed tile (when this item packs),
-    /// else the cache rows in place.
+    /// Address and row stride of a key operand (the broadcast side of the score product): the
+    /// packed tile when this item packs, else the cache rows in place.
     fn key_side(&mut self, operand: Operand, width: usize, j0: Value) -> (Value, Value) {
-        let cache = match operand {
-            Operand::KeyTile => Operand::K,
-            Operand::ValueTile => Operand::V,
-            tensor => {
-                let (addr, stride) = self.kv_rows(tensor, j0);
-                return (addr, self.int(stride as i64));
-            }
-        };
-        let (in_place, stride) = self.kv_rows(cache, j0);
+        if operand != Operand::KeyTile {
+            let (addr, stride) = self.kv_rows(operand, j0);
+            return (addr, self.int(stride as i64));
+        }
+        let (in_place, stride) = self.kv_rows(Operand::K, j0);
         let packed = self.tile_addr(operand);
         let packs = self.packs();
         let addr = self.b.ins().select(packs, packed, in_place);
@@ -751,9 +815,36 @@ impl<'a> Translator<'a> {
         (addr, self.b.ins().select(packs, width, stride))
     }
 
-    fn absorb_queries(&mut self, nope: usize, rank: usize) {
+    /// Address, row stride and panel stride of a value operand (B of the value product): the
+    /// packed panels when this item packs, else the cache rows in place.
+    fn value_side(&mut self, operand: Operand, j0: Value) -> (Value, Value, Value) {
+        let cache = match (operand, &self.plan.spec.kv) {
+            (Operand::ValueTile, KvLayout::Latent(_)) => Operand::CKv,
+            (Operand::ValueTile, KvLayout::Grouped { .. }) => Operand::V,
+            (tensor, _) => tensor,
+        };
+        let (in_place, stride) = self.kv_rows(cache, j0);
+        let (panel_row, panel) = (self.int(PANEL as i64), self.int(PANEL as i64));
+        let stride = self.int(stride as i64);
+        if operand != Operand::ValueTile {
+            return (in_place, stride, panel);
+        }
+        let packed = self.tile_addr(operand);
+        let packed_panel = self.int((PANEL * self.plan.k_tile) as i64);
+        let packs = self.packs();
+        (
+            self.b.ins().select(packs, packed, in_place),
+            self.b.ins().select(packs, panel_row, stride),
+            self.b.ins().select(packs, packed_panel, panel),
+        )
+    }
+
+    /// q' = q_nope · W_UK[h] row-major into the `absorbed` scratch, then `factor · q'`
+    /// transposed into the query tile.
+    fn absorb_queries(&mut self, nope: usize, rank: usize, factor: f32) {
         let lda = self.plan.spec.q_heads * self.plan.spec.head_dim();
-        let tile = self.tile_addr(Operand::QueryTile);
+        let zero = self.int(0);
+        let absorbed = self.scratch_at(self.plan.scratch.absorbed, zero);
         self.for_each_head(|t, slot, head| {
             let qi = t.q_index(head, 0);
             let q = t.arg(offsets::Q);
@@ -763,17 +854,32 @@ impl<'a> Translator<'a> {
             let bw = t.float_addr(w, wi);
             let rows = t.mul(slot, t.nq);
             let rows = t.mul_imm(rows, rank);
-            let c = t.float_addr(tile, rows);
-            let (nope, rank, lda, zero) =
-                (t.int(nope as i64), t.int(rank as i64), t.int(lda as i64), t.int(0));
+            let c = t.float_addr(absorbed, rows);
+            let (nope, rank, lda, one, panel, zero) = (
+                t.int(nope as i64),
+                t.int(rank as i64),
+                t.int(lda as i64),
+                t.int(1),
+                t.int(PANEL as i64),
+                t.int(0),
+            );
             let nq = t.nq;
-            t.call(Callee::DotNn, &[nq, rank, nope, a, lda, bw, rank, c, rank, zero, zero]);
+            let args = [nq, rank, nope, a, lda, one, bw, rank, panel, c, rank, zero, zero, zero];
+            t.call(Callee::DotNn, &args);
         });
+        let tile = self.tile_addr(Operand::QueryTile);
+        let rows = self.rows;
+        let zero = self.int(0);
+        self.for_range(zero, rows, 1, |t, row| {
+            let src_idx = t.mul_imm(row, rank);
+            let src = t.float_addr(absorbed, src_idx);
+            t.transpose_row(tile, rank, row, src, factor);
+        });
+        self.zero_padding_columns(tile, rank);
     }
 
     fn init_state(&mut self) {
-        let rows = self.plan.rows;
-        let o_len = rows * self.plan.acc_dim;
+        let o_len = self.plan.padded_rows * self.plan.acc_dim;
         let zero = self.int(0);
         let state = self.state;
         // O = 0 (vector loop over the whole block, scalar tail), m = −∞, l = 0.
@@ -789,7 +895,7 @@ impl<'a> Translator<'a> {
             self.b.ins().store(mem(), scalar_zero, state, 4 * c as i32);
         }
         let neg_inf = self.f32(f32::NEG_INFINITY);
-        let rows_v = self.int(rows as i64);
+        let rows_v = self.int(self.plan.padded_rows as i64);
         self.for_range(zero, rows_v, 1, |t, r| {
             let m = t.state_m(state, r);
             t.b.ins().store(mem(), neg_inf, m, 0);
@@ -825,8 +931,10 @@ impl<'a> Translator<'a> {
                 t.b.ins().brif(full, full_block, &[], partial_block, &[]);
                 t.b.switch_to_block(full_block);
                 t.b.seal_block(full_block);
+                // A full tile has exactly `tile` keys: a constant for the loops.
+                let n_full = t.int(tile as i64);
                 for op in body {
-                    t.tile_op(op, Tile { j0, n, partial: false });
+                    t.tile_op(op, Tile { j0, n: n_full, partial: false });
                 }
                 t.b.ins().jump(done, &[]);
                 t.b.switch_to_block(partial_block);
@@ -843,9 +951,9 @@ impl<'a> Translator<'a> {
     }
 
     /// For an edge tile: each row's visible keys relative to `j0`, clamped to `0..n`, as i32
-    /// (lo, hi) pairs in scratch.
+    /// lows then highs in scratch; the padding rows up to `rows_v4` see nothing.
     fn write_row_ranges(&mut self, j0: Value, n: Value) {
-        let ranges = self.plan.scratch.ranges;
+        let (lows, highs) = self.range_tables();
         self.for_each_row(|t, _, _, qi, row| {
             let i = t.add(t.q0, qi);
             let (lo, hi) = t.row_bounds(i);
@@ -857,144 +965,184 @@ impl<'a> Translator<'a> {
                 t.b.ins().ireduce(types::I32, rel)
             };
             let (lo, hi) = (clamp(t, lo), clamp(t, hi));
-            let two_rows = t.mul_imm(row, 2);
-            let at = t.scratch_at(ranges, two_rows);
-            t.b.ins().store(mem(), lo, at, 0);
-            t.b.ins().store(mem(), hi, at, 4);
+            let offset = t.mul_imm(row, 4);
+            let (lo_at, hi_at) = (t.add(lows, offset), t.add(highs, offset));
+            t.b.ins().store(mem(), lo, lo_at, 0);
+            t.b.ins().store(mem(), hi, hi_at, 0);
+        });
+        let none = self.b.ins().iconst(types::I32, 0);
+        let (rows, rows_v4) = (self.rows, self.rows_v4);
+        self.for_range(rows, rows_v4, 1, |t, row| {
+            let offset = t.mul_imm(row, 4);
+            let (lo_at, hi_at) = (t.add(lows, offset), t.add(highs, offset));
+            t.b.ins().store(mem(), none, lo_at, 0);
+            t.b.ins().store(mem(), none, hi_at, 0);
         });
     }
 
-    fn scores(&mut self, term: &ScoreTerm, tile: Tile) {
-        let a = self.tile_addr(term.query);
-        let (b, ldb) = self.key_side(term.keys, term.len, tile.j0);
+    /// Addresses of the row-range tables: lows, then highs.
+    fn range_tables(&mut self) -> (Value, Value) {
         let zero = self.int(0);
-        let c = self.scratch_at(self.plan.scratch.scores, zero);
-        let (len, ldc) = (self.int(term.len as i64), self.int(self.plan.k_tile as i64));
-        let acc = self.int(i64::from(term.accumulate));
-        let rows = self.rows;
-        self.call(Callee::DotNt, &[rows, tile.n, len, a, len, b, ldb, c, ldc, acc]);
+        let lows = self.scratch_at(self.plan.scratch.ranges, zero);
+        let highs = self.add_imm(lows, 4 * self.plan.padded_rows);
+        (lows, highs)
     }
 
-    fn online_softmax(&mut self, scale: f32, softcap: Option<f32>, tile: Tile) {
-        let (k_tile, acc_dim) = (self.plan.k_tile, self.plan.acc_dim);
-        let (scores, ranges) = (self.plan.scratch.scores, self.plan.scratch.ranges);
+    /// `Sᵀ (+)= keys · Qᵀ`: `n` keys by `rows_v4` columns.
+    fn scores(&mut self, term: &ScoreTerm, tile: Tile) {
+        let (a, a_row) = self.key_side(term.keys, term.len, tile.j0);
+        let b = self.tile_addr(term.query);
+        let zero = self.int(0);
+        let c = self.scratch_at(self.plan.scratch.scores, zero);
+        let (len, one, panel, panel_len, ldc, acc) = (
+            self.int(term.len as i64),
+            self.int(1),
+            self.int(PANEL as i64),
+            self.int((PANEL * term.len) as i64),
+            self.int(self.plan.padded_rows as i64),
+            self.int(i64::from(term.accumulate)),
+        );
+        let (n, rows_v4) = (tile.n, self.rows_v4);
+        let args = [n, rows_v4, len, a, a_row, one, b, panel, panel_len, c, ldc, acc, zero, zero];
+        self.call(Callee::DotNn, &args);
+    }
+
+    /// The online softmax, four rows (one vector of Sᵀ's columns) at a time: a pass for the
+    /// tile max (applying the cap and the edge mask), the rare lazy rescale, and a pass for
+    /// `P = 2^(s − m)` and its row sums.
+    fn online_softmax(&mut self, cap: Option<f32>, threshold: f32, tile: Tile) {
+        let ld = self.plan.padded_rows;
+        let zero = self.int(0);
+        let scores = self.scratch_at(self.plan.scratch.scores, zero);
+        let (lows, highs) = self.range_tables();
         let state = self.state;
-        let (zero, rows) = (self.int(0), self.rows);
-        self.for_range(zero, rows, 1, |t, row| {
-            let row_floats = t.mul_imm(row, k_tile);
-            let s_row = t.scratch_at(scores, row_floats);
-            // Columns to visit: all of a full tile, n rounded up to the vector width on an edge
-            // tile (the extra lanes lie past hi and are masked).
-            let cols = if tile.partial {
-                let n3 = t.add_imm(tile.n, 3);
-                t.b.ins().band_imm_s(n3, -4)
-            } else {
-                t.int(k_tile as i64)
-            };
-            let (lo, hi) = if tile.partial {
-                let two_rows = t.mul_imm(row, 2);
-                let at = t.scratch_at(ranges, two_rows);
-                let lo = t.b.ins().load(types::I32, mem(), at, 0);
-                let hi = t.b.ins().load(types::I32, mem(), at, 4);
-                (Some(t.b.ins().splat(types::I32X4, lo)), Some(t.b.ins().splat(types::I32X4, hi)))
-            } else {
-                (None, None)
-            };
-            // Pass 1: transform, mask, row max.
+        let (rows_v4, n) = (self.rows_v4, tile.n);
+        let neg_inf = self.splat(f32::NEG_INFINITY);
+        self.for_range(zero, rows_v4, 4, |t, c| {
+            let column = t.float_addr(scores, c);
+            // Pass 1: cap, mask, column max.
+            let bounds = tile.partial.then(|| {
+                let offset = t.mul_imm(c, 4);
+                let (lo_at, hi_at) = (t.add(lows, offset), t.add(highs, offset));
+                let lo = t.b.ins().load(types::I32X4, mem(), lo_at, 0);
+                let hi = t.b.ins().load(types::I32X4, mem(), hi_at, 0);
+                (lo, hi)
+            });
             let max_var = t.b.declare_var(F32X4);
-            let neg_inf = t.splat(f32::NEG_INFINITY);
             t.b.def_var(max_var, neg_inf);
-            let zero = t.int(0);
-            t.for_range(zero, cols, 4, |t, c| {
-                let at = t.float_addr(s_row, c);
-                let raw = t.b.ins().load(F32X4, mem(), at, 0);
-                let vscale = t.splat(scale);
-                let mut s = t.b.ins().fmul(raw, vscale);
-                if let Some(cap) = softcap {
-                    let inv = t.splat(1.0 / cap);
-                    let x = t.b.ins().fmul(s, inv);
-                    let th = t.tanh(x);
+            let start = t.int(0);
+            t.for_range(start, n, 1, |t, j| {
+                let offset = t.mul_imm(j, 4 * ld);
+                let at = t.add(column, offset);
+                let mut s = t.b.ins().load(F32X4, mem(), at, 0);
+                if let Some(cap) = cap {
+                    let th = t.tanh(s);
                     let vcap = t.splat(cap);
                     s = t.b.ins().fmul(th, vcap);
                 }
-                if let (Some(lo), Some(hi)) = (lo, hi) {
-                    let c32 = t.b.ins().ireduce(types::I32, c);
-                    let base = t.b.ins().splat(types::I32X4, c32);
-                    let bytes: Vec<u8> = (0..4i32).flat_map(i32::to_le_bytes).collect();
-                    let handle = t.b.func.dfg.constants.insert(ConstantData::from(bytes));
-                    let lanes = t.b.ins().vconst(types::I32X4, handle);
-                    let idx = t.b.ins().iadd(base, lanes);
-                    let ge = t.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, idx, lo);
-                    let lt = t.b.ins().icmp(IntCC::SignedLessThan, idx, hi);
-                    let visible = t.b.ins().band(ge, lt);
+                if let Some((lo, hi)) = bounds {
+                    let j32 = t.b.ins().ireduce(types::I32, j);
+                    let key = t.b.ins().splat(types::I32X4, j32);
+                    let after_lo = t.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, key, lo);
+                    let before_hi = t.b.ins().icmp(IntCC::SignedLessThan, key, hi);
+                    let visible = t.b.ins().band(after_lo, before_hi);
                     let visible = t.b.ins().bitcast(F32X4, MemFlagsData::new(), visible);
                     s = t.b.ins().bitselect(visible, s, neg_inf);
                 }
-                t.b.ins().store(mem(), s, at, 0);
+                if cap.is_some() || bounds.is_some() {
+                    t.b.ins().store(mem(), s, at, 0);
+                }
                 let m = t.b.use_var(max_var);
                 let m = t.max_ps(m, s);
                 t.b.def_var(max_var, m);
             });
-            let vmax = t.b.use_var(max_var);
-            let row_max = t.reduce(vmax, true);
-            let m_at = t.state_m(state, row);
-            let m_old = t.b.ins().load(types::F32, mem(), m_at, 0);
-            let m_new = t.b.ins().fmax(m_old, row_max);
-            // A row that has seen only hidden keys keeps m = −∞; subtract 0 then so
-            // exp(−∞ − m) is 0, not NaN.
-            let scalar_neg_inf = t.f32(f32::NEG_INFINITY);
-            let none_yet = t.b.ins().fcmp(FloatCC::Equal, m_new, scalar_neg_inf);
-            let scalar_zero = t.f32(0.0);
-            let m_safe = t.b.ins().select(none_yet, scalar_zero, m_new);
-            let shift = t.b.ins().fsub(m_old, m_safe);
-            let alpha = t.scalar_exp(shift);
-            // Pass 2: P = exp(s − m), row sum.
-            let sum_var = t.b.declare_var(F32X4);
+            let tile_max = t.b.use_var(max_var);
+            // Lazy rescale: m moves only in lanes whose tile max exceeds it by the threshold
+            // (always on a row's first visible tile, where m = −∞).
+            let m_at = t.state_m(state, c);
+            let m_old = t.b.ins().load(F32X4, mem(), m_at, 0);
+            let vthreshold = t.splat(threshold);
+            let limit = t.b.ins().fadd(m_old, vthreshold);
+            let raise = t.b.ins().fcmp(FloatCC::GreaterThan, tile_max, limit);
+            let any = t.b.ins().vany_true(raise);
+            t.if_then(any, |t| t.rescale(c, raise, tile_max));
+            // Pass 2: P = 2^(s − m), column sums. A row that has seen no visible key keeps
+            // m = −∞; subtract 0 then, so 2^(−∞ − m) is 0, not NaN.
+            let m = t.b.ins().load(F32X4, mem(), m_at, 0);
+            let none_yet = t.b.ins().fcmp(FloatCC::Equal, m, neg_inf);
+            let none_yet = t.b.ins().bitcast(F32X4, MemFlagsData::new(), none_yet);
             let zeros = t.splat(0.0);
+            let m_safe = t.b.ins().bitselect(none_yet, zeros, m);
+            let sum_var = t.b.declare_var(F32X4);
             t.b.def_var(sum_var, zeros);
-            let vm = t.b.ins().splat(F32X4, m_safe);
-            t.for_range(zero, cols, 4, |t, c| {
-                let at = t.float_addr(s_row, c);
+            let start = t.int(0);
+            t.for_range(start, n, 1, |t, j| {
+                let offset = t.mul_imm(j, 4 * ld);
+                let at = t.add(column, offset);
                 let s = t.b.ins().load(F32X4, mem(), at, 0);
-                let x = t.b.ins().fsub(s, vm);
-                let p = t.exp(x);
+                let x = t.b.ins().fsub(s, m_safe);
+                let p = t.exp2(x);
                 t.b.ins().store(mem(), p, at, 0);
                 let acc = t.b.use_var(sum_var);
                 let acc = t.b.ins().fadd(acc, p);
                 t.b.def_var(sum_var, acc);
             });
-            let vsum = t.b.use_var(sum_var);
-            let row_sum = t.reduce(vsum, false);
-            let l_at = t.state_l(state, row);
-            let l_old = t.b.ins().load(types::F32, mem(), l_at, 0);
-            let l_new = t.b.ins().fma(l_old, alpha, row_sum);
-            t.b.ins().store(mem(), l_new, l_at, 0);
-            t.b.ins().store(mem(), m_new, m_at, 0);
-            // O needs rescaling only when the running max moved (or is NaN).
-            let same = t.b.ins().fcmp(FloatCC::Equal, m_new, m_old);
-            let moved = t.b.ins().bnot(same);
-            t.if_then(moved, |t| {
-                let o = t.state_o(state, row);
-                t.scale_row(o, o, acc_dim, alpha);
-            });
+            let l_at = t.state_l(state, c);
+            let l = t.b.ins().load(F32X4, mem(), l_at, 0);
+            let sum = t.b.use_var(sum_var);
+            let l = t.b.ins().fadd(l, sum);
+            t.b.ins().store(mem(), l, l_at, 0);
         });
     }
 
+    /// Rows `c..c + 4`, in the lanes `raise` selects: `m' = tile_max`, and l and O scaled by
+    /// `2^(m − m')`. O rows are scaled only where the factor is not 1.
+    fn rescale(&mut self, c: Value, raise: Value, tile_max: Value) {
+        let state = self.state;
+        let m_at = self.state_m(state, c);
+        let l_at = self.state_l(state, c);
+        let m_old = self.b.ins().load(F32X4, mem(), m_at, 0);
+        let raise = self.b.ins().bitcast(F32X4, MemFlagsData::new(), raise);
+        let m_new = self.b.ins().bitselect(raise, tile_max, m_old);
+        // Lanes not raised keep factor 1 (their m_old − m_new may be −∞ − (−∞) = NaN).
+        let shift = self.b.ins().fsub(m_old, m_new);
+        let factor = self.exp2(shift);
+        let ones = self.splat(1.0);
+        let factor = self.b.ins().bitselect(raise, factor, ones);
+        let l = self.b.ins().load(F32X4, mem(), l_at, 0);
+        let l = self.b.ins().fmul(l, factor);
+        self.b.ins().store(mem(), l, l_at, 0);
+        self.b.ins().store(mem(), m_new, m_at, 0);
+        let acc_dim = self.plan.acc_dim;
+        let one = self.f32(1.0);
+        for lane in 0..4u8 {
+            let f = self.b.ins().extractlane(factor, lane);
+            let same = self.b.ins().fcmp(FloatCC::Equal, f, one);
+            let moved = self.b.ins().bnot(same);
+            self.if_then(moved, |t| {
+                let row = t.add_imm(c, usize::from(lane));
+                let o = t.state_o(state, row);
+                t.scale_row(o, o, acc_dim, f);
+            });
+        }
+    }
+
+    /// `O += P · values`: P read column-major from Sᵀ, per-row key ranges on edge tiles.
     fn accumulate_values(&mut self, values: Operand, width: usize, tile: Tile) {
         let zero = self.int(0);
         let p = self.scratch_at(self.plan.scratch.scores, zero);
-        let (v, ldb) = self.key_side(values, width, tile.j0);
+        let (v, b_row, b_panel) = self.value_side(values, tile.j0);
         let o = self.state;
-        let range =
-            if tile.partial { self.scratch_at(self.plan.scratch.ranges, zero) } else { zero };
-        let (width, lda, ldc, one) = (
+        let (lows, highs) = if tile.partial { self.range_tables() } else { (zero, zero) };
+        let (width, one, lda, ldc) = (
             self.int(width as i64),
-            self.int(self.plan.k_tile as i64),
-            self.int(self.plan.acc_dim as i64),
             self.int(1),
+            self.int(self.plan.padded_rows as i64),
+            self.int(self.plan.acc_dim as i64),
         );
-        let rows = self.rows;
-        self.call(Callee::DotNn, &[rows, width, tile.n, p, lda, v, ldb, o, ldc, one, range]);
+        let (rows, n) = (self.rows, tile.n);
+        let args = [rows, width, n, p, one, lda, v, b_row, b_panel, o, ldc, one, lows, highs];
+        self.call(Callee::DotNn, &args);
     }
 
     fn merge_splits(&mut self) {
@@ -1029,7 +1177,7 @@ impl<'a> Translator<'a> {
                 let l0_at = t.state_l(first, row);
                 let l0 = t.b.ins().load(types::F32, mem(), l0_at, 0);
                 let d0 = t.b.ins().fsub(m0, m_safe);
-                let c0 = t.scalar_exp(d0);
+                let c0 = t.scalar_exp2(d0);
                 let l_var = t.b.declare_var(types::F32);
                 let l = t.b.ins().fmul(l0, c0);
                 t.b.def_var(l_var, l);
@@ -1041,7 +1189,7 @@ impl<'a> Translator<'a> {
                     let m_at = t.state_m(slot, row);
                     let m = t.b.ins().load(types::F32, mem(), m_at, 0);
                     let d = t.b.ins().fsub(m, m_safe);
-                    let c = t.scalar_exp(d);
+                    let c = t.scalar_exp2(d);
                     let l_at = t.state_l(slot, row);
                     let ls = t.b.ins().load(types::F32, mem(), l_at, 0);
                     let acc = t.b.use_var(l_var);
@@ -1057,7 +1205,8 @@ impl<'a> Translator<'a> {
         });
     }
 
-    /// `O /= l`; m's slot then holds `lse = m + ln l` (−∞ for a row with no visible key).
+    /// `O /= l`; m's slot then holds `lse = m·ln 2 + ln l` (−∞ for a row with no visible
+    /// key).
     fn normalize(&mut self) {
         let acc_dim = self.plan.acc_dim;
         let state = self.state;
@@ -1074,7 +1223,8 @@ impl<'a> Translator<'a> {
             let o = t.state_o(state, row);
             t.scale_row(o, o, acc_dim, inv);
             let ln = t.call(Callee::Ln, &[l]).expect("ln returns a value");
-            let lse = t.b.ins().fadd(m, ln);
+            let ln2 = t.f32(std::f32::consts::LN_2);
+            let lse = t.b.ins().fma(m, ln2, ln);
             let neg_inf = t.f32(f32::NEG_INFINITY);
             let lse = t.b.ins().select(empty, neg_inf, lse);
             t.b.ins().store(mem(), lse, m_at, 0);

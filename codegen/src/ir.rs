@@ -27,17 +27,21 @@ pub struct KernelIr {
 /// One tile-level operation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    /// Copy `q[b, q0 + qi, h, offset..offset + len]` of every head of the group into the rows
-    /// of a scratch tile, so the group's heads become rows of one matrix.
+    /// Copy `factor · q[b, q0 + qi, h, offset..offset + len]` of every head of the group into
+    /// the columns of a transposed, panel-packed scratch tile, so the group's heads become
+    /// rows of one matrix. Columns past the item's rows are zero.
     PackQueries {
         /// First element copied.
         offset: usize,
         /// Elements copied.
         len: usize,
+        /// The scale folded into the queries (`KernelPlan::query_factor`).
+        factor: f32,
         /// The scratch tile written.
         into: Operand,
     },
-    /// Copy the current key tile's rows of a cache tensor into a contiguous scratch tile.
+    /// Copy the current key tile's rows of a cache tensor into scratch: keys row-major,
+    /// values into column panels.
     PackTile {
         /// `K` or `V`.
         from: Operand,
@@ -46,13 +50,15 @@ pub enum Op {
         /// Row width.
         width: usize,
     },
-    /// Absorbed MLA: `q'[slot] = q_nope[b, q0.., h] · W_UK[h]` (`nope → rank`) into the query
-    /// tile.
+    /// Absorbed MLA: `q'[slot] = q_nope[b, q0.., h] · W_UK[h]` (`nope → rank`), then
+    /// `factor · q'` into the query tile like `PackQueries`.
     AbsorbQueries {
         /// Length of `q_nope`.
         nope: usize,
         /// Latent rank.
         rank: usize,
+        /// The scale folded into the queries.
+        factor: f32,
     },
     /// `O = 0`, `m = −∞`, `l = 0` for every row.
     InitState,
@@ -67,18 +73,20 @@ pub enum Op {
         /// Ops run per tile.
         body: Vec<Op>,
     },
-    /// `S (+)= query tile · keysᵀ` for one part of the score dot product, all rows at once.
+    /// `Sᵀ (+)= keys · (query tile)ᵀ` for one part of the score dot product, all rows at once.
+    /// The queries carry the scale, so S is in base-2 units.
     Scores(ScoreTerm),
-    /// Score transform and online softmax on the tile: `s = scale·S`, softcap, hidden keys to
-    /// −∞ on edge tiles; `m' = max(m, rowmax s)`, `P = exp(s − m')`,
-    /// `l = l·exp(m − m') + rowsum P`, `O *= exp(m − m')`.
+    /// Online softmax down the columns of Sᵀ (base 2): with a cap, `s = cap · tanh(S)`; on
+    /// edge tiles hidden keys become −∞; `t = rowmax s`; where `t > m + threshold`,
+    /// `m' = t`, `l *= 2^(m − m')`, `O *= 2^(m − m')`; `P = 2^(s − m')`, `l += rowsum P`.
     OnlineSoftmax {
-        /// Score scale.
-        scale: f32,
-        /// Logit cap.
-        softcap: Option<f32>,
+        /// With a softcap: `cap · log2 e` (`KernelPlan::cap_factor`).
+        cap: Option<f32>,
+        /// `KernelPlan::rescale_threshold`.
+        threshold: f32,
     },
-    /// `O += P · values`, all rows at once, with per-row key ranges on edge tiles.
+    /// `O += P · values`, all rows at once (P read from the transposed tile), with per-row key
+    /// ranges on edge tiles.
     AccumulateValues {
         /// Where the values come from.
         values: Operand,
@@ -86,9 +94,9 @@ pub enum Op {
         width: usize,
     },
     /// Combine the task's split states into the first: `M = max m_s`,
-    /// `l = Σ l_s·exp(m_s − M)`, `O = Σ O_s·exp(m_s − M)`.
+    /// `l = Σ l_s·2^(m_s − M)`, `O = Σ O_s·2^(m_s − M)`.
     MergeSplits,
-    /// `O /= l` and `lse = m + ln l`; a row with no visible key gets `O = 0`, `lse = −∞`.
+    /// `O /= l` and `lse = m·ln 2 + ln l`; a row with no visible key gets `O = 0`, `lse = −∞`.
     Normalize,
     /// Grouped: `out[b, q0 + qi, h] = O[slot, qi]`.
     StoreOut,
@@ -142,28 +150,33 @@ pub enum Operand {
 /// Lowers a plan to its tile program.
 pub fn lower(plan: &KernelPlan) -> KernelIr {
     let spec = &plan.spec;
-    let softmax = Op::OnlineSoftmax { scale: plan.scale, softcap: spec.softcap };
+    let softmax = Op::OnlineSoftmax { cap: plan.cap_factor, threshold: plan.rescale_threshold };
+    let factor = plan.query_factor;
     let term =
         |query, keys, len, accumulate| Op::Scores(ScoreTerm { query, keys, len, accumulate });
     let (prologue, body, store) = match &spec.kv {
         KvLayout::Latent(l) => {
-            let mut prologue = vec![Op::AbsorbQueries { nope: l.nope_dim, rank: l.rank }];
-            let mut body = vec![term(Operand::QueryTile, Operand::CKv, l.rank, false)];
+            let mut prologue = vec![Op::AbsorbQueries { nope: l.nope_dim, rank: l.rank, factor }];
+            let mut body =
+                vec![Op::PackTile { from: Operand::CKv, into: Operand::ValueTile, width: l.rank }];
+            body.push(term(Operand::QueryTile, Operand::CKv, l.rank, false));
             if l.rope_dim > 0 {
                 prologue.push(Op::PackQueries {
                     offset: l.nope_dim,
                     len: l.rope_dim,
+                    factor,
                     into: Operand::RopeTile,
                 });
                 body.push(term(Operand::RopeTile, Operand::KRope, l.rope_dim, true));
             }
             body.push(softmax);
-            body.push(Op::AccumulateValues { values: Operand::CKv, width: l.rank });
+            body.push(Op::AccumulateValues { values: Operand::ValueTile, width: l.rank });
             (prologue, body, Op::ProjectOut { rank: l.rank, v_dim: spec.v_head_dim })
         }
         KvLayout::Grouped { head_dim, .. } => {
             let (d, dv) = (*head_dim, spec.v_head_dim);
-            let prologue = vec![Op::PackQueries { offset: 0, len: d, into: Operand::QueryTile }];
+            let prologue =
+                vec![Op::PackQueries { offset: 0, len: d, factor, into: Operand::QueryTile }];
             let mut body = Vec::new();
             let (keys, values) = if plan.pack_kv {
                 body.push(Op::PackTile { from: Operand::K, into: Operand::KeyTile, width: d });
@@ -201,21 +214,26 @@ impl fmt::Display for KernelIr {
 fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
     let pad = "  ".repeat(depth);
     match op {
-        Op::PackQueries { offset, len, into } => writeln!(
+        Op::PackQueries { offset, len, factor, into } => writeln!(
             f,
-            "{pad}{}[rows of h, q] = q[b, q0 + q, h, {offset}..{}] for each head h of g   (rows = heads x queries)",
+            "{pad}{}ᵀ[.., rows of h, q] = {factor} * q[b, q0 + q, h, {offset}..{}] for each head h of g   (rows = heads x queries; transposed, in panels)",
             name(*into),
             offset + len
         ),
         Op::PackTile { from, into, width } => writeln!(
             f,
-            "{pad}{} = {}[b, j0.., g, 0..{width}]   (contiguous copy: cache rows alias in L1)",
+            "{pad}{} = {}, {width} wide   ({}; cache rows alias in L1)",
             name(*into),
-            name(*from)
+            tile_name(*from),
+            if *into == Operand::ValueTile {
+                "copied into column panels"
+            } else {
+                "contiguous copy"
+            }
         ),
-        Op::AbsorbQueries { nope, rank } => writeln!(
+        Op::AbsorbQueries { nope, rank, factor } => writeln!(
             f,
-            "{pad}Q[rows of h] = q[b, q0.., h, 0..{nope}] · W_UK[h] for each head h   (tile A·B, {nope} -> {rank})"
+            "{pad}Qᵀ[.., rows of h] = {factor} * q[b, q0.., h, 0..{nope}] · W_UK[h] for each head h   (tile A·B, {nope} -> {rank}; then transposed, in panels)"
         ),
         Op::InitState => writeln!(f, "{pad}O = 0; m = -inf; l = 0"),
         Op::KeyTiles { tile, mask, body } => {
@@ -237,36 +255,37 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             let op = if t.accumulate { "+=" } else { "=" };
             writeln!(
                 f,
-                "{pad}S {op} {} · {}ᵀ   (tile A·Bᵀ over all rows, k = {})",
-                name(t.query),
+                "{pad}Sᵀ {op} {} · {}ᵀ   (tile A·B: each key element broadcast against a row of {}ᵀ, k = {})",
                 tile_name(t.keys),
+                name(t.query),
+                name(t.query),
                 t.len
             )
         }
-        Op::OnlineSoftmax { scale, softcap } => {
-            write!(f, "{pad}s = {scale} * S")?;
-            if let Some(c) = softcap {
-                write!(f, "; s = {c} * tanh(s / {c})")?;
+        Op::OnlineSoftmax { cap, threshold } => {
+            write!(f, "{pad}s = S")?;
+            if let Some(c) = cap {
+                write!(f, "; s = {c} * tanh(s)")?;
             }
-            writeln!(f, "; edge tiles: hidden keys -> -inf")?;
+            writeln!(f, "; edge tiles: hidden keys -> -inf   (base-2 units)")?;
             writeln!(
                 f,
-                "{pad}m' = max(m, rowmax s); P = exp(s - m'); l = l * exp(m - m') + rowsum P; O *= exp(m - m'); m = m'   (generated f32x4 code)"
+                "{pad}t = rowmax s; where t > m + {threshold}: m' = t, l *= 2^(m - m'), O *= 2^(m - m'); P = 2^(s - m'); l += rowsum P   (generated f32x4 code, 4 rows per vector)"
             )
         }
         Op::AccumulateValues { values, width } => writeln!(
             f,
-            "{pad}O += P · {}   (tile A·B over all rows, width {width}; per-row key ranges on edge tiles)",
+            "{pad}O += P · {}   (tile A·B over all rows, P read from Sᵀ, width {width}; per-row key ranges on edge tiles)",
             tile_name(*values)
         ),
         Op::MergeSplits => {
             writeln!(
                 f,
-                "{pad}merge splits: M = max m_s; l = sum l_s * exp(m_s - M); O = sum O_s * exp(m_s - M)"
+                "{pad}merge splits: M = max m_s; l = sum l_s * 2^(m_s - M); O = sum O_s * 2^(m_s - M)"
             )
         }
         Op::Normalize => {
-            writeln!(f, "{pad}O /= l; lse = m + ln l   (no visible key: O = 0, lse = -inf)")
+            writeln!(f, "{pad}O /= l; lse = m * ln 2 + ln l   (no visible key: O = 0, lse = -inf)")
         }
         Op::StoreOut => writeln!(f, "{pad}out[b, q0 + q, h] = O[row of (h, q)]"),
         Op::ProjectOut { rank, v_dim } => writeln!(
@@ -308,7 +327,12 @@ mod tests {
     #[test]
     fn grouped_program() {
         let ir = lower(&KernelPlan::new(&AttentionSpec::gqa(8, 2, 16).mask(Mask::Causal)));
-        assert_eq!(ir.item[0], Op::PackQueries { offset: 0, len: 16, into: Operand::QueryTile });
+        let plan = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16).mask(Mask::Causal));
+        let factor = plan.query_factor;
+        assert_eq!(
+            ir.item[0],
+            Op::PackQueries { offset: 0, len: 16, factor, into: Operand::QueryTile }
+        );
         let Op::KeyTiles { body, mask, .. } = &ir.item[2] else { panic!("{ir}") };
         assert_eq!(*mask, Mask::Causal);
         // Two KV heads: their rows are strided in the cache, so tiles are packed.
@@ -324,13 +348,18 @@ mod tests {
 
     #[test]
     fn latent_program_absorbs_and_projects() {
-        let ir = lower(&KernelPlan::new(&AttentionSpec::mla(4, 32, 8, 16, 12)));
-        assert_eq!(ir.item[0], Op::AbsorbQueries { nope: 16, rank: 32 });
-        assert_eq!(ir.item[1], Op::PackQueries { offset: 16, len: 8, into: Operand::RopeTile });
+        let plan = KernelPlan::new(&AttentionSpec::mla(4, 32, 8, 16, 12));
+        let factor = plan.query_factor;
+        let ir = lower(&plan);
+        assert_eq!(ir.item[0], Op::AbsorbQueries { nope: 16, rank: 32, factor });
+        assert_eq!(
+            ir.item[1],
+            Op::PackQueries { offset: 16, len: 8, factor, into: Operand::RopeTile }
+        );
         let Op::KeyTiles { body, .. } = &ir.item[3] else { panic!("{ir}") };
-        assert_eq!(body.len(), 4); // latent scores, rope scores, softmax, values
+        assert_eq!(body.len(), 5); // pack values, latent scores, rope scores, softmax, values
         assert!(matches!(
-            body[1],
+            body[2],
             Op::Scores(ScoreTerm { keys: Operand::KRope, accumulate: true, .. })
         ));
         assert_eq!(ir.finish[2], Op::ProjectOut { rank: 32, v_dim: 12 });
@@ -339,6 +368,6 @@ mod tests {
         // Without a RoPE part there is one score term.
         let ir = lower(&KernelPlan::new(&AttentionSpec::mla(4, 32, 0, 16, 12)));
         let Op::KeyTiles { body, .. } = &ir.item[2] else { panic!() };
-        assert_eq!(body.len(), 3);
+        assert_eq!(body.len(), 4);
     }
 }

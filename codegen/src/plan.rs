@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+use crate::abi::PANEL;
 use crate::cost;
 use crate::spec::{AttentionSpec, KvLayout, Mask};
 
@@ -37,44 +38,73 @@ pub struct KernelPlan {
     pub k_tile: usize,
     /// Rows of the tile buffers: `q_tile · (largest group)`.
     pub rows: usize,
+    /// `rows` rounded up to the generated vector width (4): the row count of the transposed
+    /// score tile and of the m and l state, which the softmax walks four rows at a time.
+    pub padded_rows: usize,
     /// Width of the running output O: Dv (grouped) or the latent rank (absorbed MLA).
     pub acc_dim: usize,
-    /// Scale applied to raw scores.
+    /// The spec's score scale.
     pub scale: f32,
+    /// Factor folded into the packed queries, so the score tile comes out ready for the
+    /// softmax: `scale · log2 e` (scores in base-2 units, so the softmax uses `exp2`), or with
+    /// a softcap `scale / cap` (the tanh's argument).
+    pub query_factor: f32,
+    /// With a softcap: `cap · log2 e`, the factor after the tanh.
+    pub cap_factor: Option<f32>,
+    /// Lazy rescaling: the running max m (base-2 units) moves only when a tile's max exceeds it
+    /// by more than this, so O is rescaled rarely; probabilities stay below `2^threshold`.
+    pub rescale_threshold: f32,
     /// Fewest keys a decode split gets, so splitting never costs more than it saves.
     pub min_keys_per_split: usize,
-    /// Pack K and V tiles into contiguous scratch before using them: their rows lie
-    /// `kv_heads · D` floats apart in the cache, a multiple of 4 KiB for common shapes, which
-    /// makes a tile's rows collide in the same L1 sets.
+    /// Pack K/V tiles into scratch before using them: their rows lie `kv_heads · D` (or
+    /// `rank`) floats apart in the cache, a multiple of 2–4 KiB for common shapes, which makes
+    /// a tile's rows collide in the same L1 sets. Keys are copied row by row; values into
+    /// [`PANEL`]-column panels, the layout the value product streams.
     pub pack_kv: bool,
     /// Fewest rows (heads × queries) a work item needs before packing K/V tiles repays the
     /// copy; decode items read the cache in place.
     pub pack_min_rows: usize,
     /// Where each tile buffer lives in a work item's scratch.
     pub scratch: ScratchLayout,
-    /// Floats of one split's state: O, then m, then l, for every row.
+    /// Floats of one split's state: O (`padded_rows × acc_dim`), then m and l
+    /// (`padded_rows` each).
     pub state_len: usize,
 }
 
 /// Offsets (in floats) of the buffers in a work item's scratch.
+///
+/// Query and score tiles are stored transposed — one column per row of the work item — so the
+/// score product is `Sᵀ = K·Qᵀ` with a broadcast of each key element, and the softmax runs
+/// down the columns, four rows per vector, with no horizontal reductions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ScratchLayout {
-    /// Score/probability tile S: `rows × k_tile`.
+    /// Transposed score/probability tile Sᵀ: `k_tile × padded_rows`.
     pub scores: usize,
-    /// Packed queries: `rows × query_width` (grouped: q; absorbed MLA: q').
+    /// Packed queries Qᵀ in [`PANEL`]-column panels: `query_width × PANEL` floats per panel
+    /// (grouped: q; absorbed MLA: q'), already multiplied by `query_factor`.
     pub queries: usize,
-    /// Width of a packed query row.
+    /// Length of a query (rows of Qᵀ).
     pub query_width: usize,
-    /// Packed RoPE queries of absorbed MLA: `rows × rope_dim`.
+    /// Packed RoPE queries of absorbed MLA, as `queries`: `rope_dim × PANEL` per panel.
     pub rope_queries: usize,
-    /// Packed key tile: `k_tile × D` (when `pack_kv`).
+    /// Absorbed MLA: q' row-major, `rows × rank`, before it is transposed into `queries`.
+    pub absorbed: usize,
+    /// Packed key tile: `k_tile × D`, row-major (when `pack_kv`).
     pub keys: usize,
-    /// Packed value tile: `k_tile × Dv` (when `pack_kv`).
+    /// Packed value tile in [`PANEL`]-column panels: `k_tile × PANEL` per panel (when
+    /// `pack_kv`).
     pub values: usize,
-    /// Per-row visible key range of an edge tile: `rows × 2` i32.
+    /// Per-row visible key range of an edge tile: `padded_rows` i32 lows, then as many highs.
     pub ranges: usize,
     /// Total floats.
     pub len: usize,
+}
+
+impl ScratchLayout {
+    /// Floats of one panel-packed tile: `depth` rows by `width` columns in panels.
+    pub fn panels(depth: usize, width: usize) -> usize {
+        width.div_ceil(PANEL) * PANEL * depth
+    }
 }
 
 /// Rows of the tile buffers a plan aims for: enough queries to reuse each K/V tile well while
@@ -82,6 +112,9 @@ pub struct ScratchLayout {
 const TARGET_ROWS: usize = 64;
 /// Keys per tile.
 const K_TILE: usize = 64;
+/// How far (base-2 units) a tile's max may exceed the running max before O is rescaled: 8, as
+/// in FlashAttention-4, keeps every probability below 256.
+const RESCALE_THRESHOLD: f32 = 8.0;
 
 impl KernelPlan {
     /// Plans a kernel for a spec that [`crate::validate`] accepted.
@@ -101,28 +134,41 @@ impl KernelPlan {
         let largest_group = groups.iter().map(Vec::len).max().unwrap_or(1);
         let q_tile = (TARGET_ROWS / largest_group).max(1);
         let rows = q_tile * largest_group;
+        let padded_rows = rows.next_multiple_of(4);
         let k_tile = K_TILE;
-        let (query_width, rope, pack_kv) = match &spec.kv {
-            KvLayout::Latent(l) => (l.rank, l.rope_dim, false),
-            KvLayout::Grouped { kv_heads, head_dim, .. } => (*head_dim, 0, *kv_heads > 1),
+        // Latent keys are read in place (rows of rank + rope floats feed the broadcast side);
+        // latent values are packed like grouped ones.
+        let (query_width, rope, absorbed, key_width, value_width) = match &spec.kv {
+            KvLayout::Latent(l) => (l.rank, l.rope_dim, rows * l.rank, 0, l.rank),
+            KvLayout::Grouped { kv_heads, head_dim, .. } => {
+                let packed = if *kv_heads > 1 { (*head_dim, spec.v_head_dim) } else { (0, 0) };
+                (*head_dim, 0, 0, packed.0, packed.1)
+            }
         };
-        let (key_width, value_width) =
-            if pack_kv { (spec.head_dim(), spec.v_head_dim) } else { (0, 0) };
+        let pack_kv = value_width > 0;
         let scores = 0;
-        let queries = scores + rows * k_tile;
-        let rope_queries = queries + rows * query_width;
-        let keys = rope_queries + rows * rope;
+        let queries = scores + k_tile * padded_rows;
+        let rope_queries = queries + ScratchLayout::panels(query_width, padded_rows);
+        let absorbed_at = rope_queries + ScratchLayout::panels(rope, padded_rows);
+        let keys = absorbed_at + absorbed;
         let values = keys + k_tile * key_width;
-        let ranges = values + k_tile * value_width;
+        let ranges = values + ScratchLayout::panels(k_tile, value_width);
         let scratch = ScratchLayout {
             scores,
             queries,
             query_width,
             rope_queries,
+            absorbed: absorbed_at,
             keys,
             values,
             ranges,
-            len: ranges + 2 * rows,
+            len: ranges + 2 * padded_rows,
+        };
+        let scale = spec.effective_scale();
+        let log2e = std::f64::consts::LOG2_E;
+        let (query_factor, cap_factor) = match spec.softcap {
+            Some(cap) => (scale / f64::from(cap), Some((f64::from(cap) * log2e) as f32)),
+            None => (scale * log2e, None),
         };
         KernelPlan {
             spec: spec.clone(),
@@ -131,13 +177,17 @@ impl KernelPlan {
             q_tile,
             k_tile,
             rows,
+            padded_rows,
             acc_dim,
+            scale: scale as f32,
+            query_factor: query_factor as f32,
+            cap_factor,
+            rescale_threshold: RESCALE_THRESHOLD,
             pack_kv,
             pack_min_rows: 16,
-            scale: spec.effective_scale() as f32,
             min_keys_per_split: 256,
             scratch,
-            state_len: rows * (acc_dim + 2),
+            state_len: padded_rows * (acc_dim + 2),
         }
     }
 
@@ -207,11 +257,14 @@ impl fmt::Display for KernelPlan {
             self.q_tile, self.k_tile, self.rows
         )?;
         if self.pack_kv {
+            let (row_floats, what) = match &spec.kv {
+                KvLayout::Latent(l) => (l.rank, "value tiles (c_kv)"),
+                KvLayout::Grouped { kv_heads, head_dim, .. } => (kv_heads * head_dim, "K/V tiles"),
+            };
             writeln!(
                 f,
-                "  kv tiles     packed into contiguous scratch when a work item has >= {} rows (cache rows are {} floats apart)",
+                "  kv tiles     {what} packed (values into {PANEL}-column panels) when a work item has >= {} rows (cache rows are {row_floats} floats apart)",
                 self.pack_min_rows,
-                self.spec.kv_heads() * self.spec.head_dim()
             )?;
         }
         let mask = match spec.mask {
@@ -227,6 +280,16 @@ impl fmt::Display for KernelPlan {
             write!(f, ", then s = {c} * tanh(s / {c})")?;
         }
         writeln!(f)?;
+        writeln!(
+            f,
+            "  softmax      base 2: queries packed transposed and pre-multiplied by {}{}; O rescaled only when a tile's max exceeds m by {}",
+            self.query_factor,
+            match self.cap_factor {
+                Some(c) => format!(", s = {c} * tanh(S)"),
+                None => " (= scale * log2 e)".to_owned(),
+            },
+            self.rescale_threshold
+        )?;
         writeln!(
             f,
             "  decode       keys split across threads when tasks are few (at least {} keys per split), merged by log-sum-exp",

@@ -13,6 +13,8 @@
 // The kernels take BLAS-style (sizes, pointer, leading dimension) argument lists.
 #![allow(clippy::too_many_arguments)]
 
+use attngen_codegen::abi::PANEL;
+
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -32,36 +34,44 @@ pub type DotNt = unsafe extern "C" fn(
     accumulate: usize,
 );
 
-/// `C[i·ldc + j] (+)= Σ_{p ∈ P_i} A[i·lda + p] · B[p·ldb + j]` for `i < m`, `j < n`, where
-/// `P_i = 0..k`, or `row_range[2i]..row_range[2i + 1]` (clamped to `0..k`) when `row_range` is
-/// non-null: it then points to `m` (low, high) pairs of i32.
+/// `C[i·ldc + j] (+)= Σ_{p ∈ P_i} A[i][p] · B[p][j]` for `i < m`, `j < n`, where
+/// - `A[i][p] = a[i·a_row + p·a_col]`: row-major (`a_col = 1`), or column-major (`a_row = 1`)
+///   such as a transposed probability tile;
+/// - `B[p][j] = b[(j / PANEL)·b_panel + p·b_row + j % PANEL]` ([`PANEL`] columns per panel): a
+///   row-major B has `b_panel = PANEL`, a packed one `b_row = PANEL`;
+/// - `P_i = 0..k`, or `row_lo[i]..row_hi[i]` (clamped to `0..k`) when the tables are non-null:
+///   a row never reads B outside its range, so a hidden key's value row cannot reach it, not
+///   even as `0 · NaN`.
+///
 /// `accumulate != 0` adds to C, otherwise overwrites it.
 pub type DotNn = unsafe extern "C" fn(
     m: usize,
     n: usize,
     k: usize,
     a: *const f32,
-    lda: usize,
+    a_row: usize,
+    a_col: usize,
     b: *const f32,
-    ldb: usize,
+    b_row: usize,
+    b_panel: usize,
     c: *mut f32,
     ldc: usize,
     accumulate: usize,
-    row_range: *const i32,
+    row_lo: *const i32,
+    row_hi: *const i32,
 );
 
-/// The key range `lo..hi` of row `i` for [`DotNn`]: all of `0..k` without a range table, else
-/// the table's entries clamped to `0..k` (empty when `hi <= lo`).
+/// The key range `lo..hi` of row `i` for [`DotNn`]: all of `0..k` without range tables, else
+/// the tables' entries clamped to `0..k` (empty when `hi <= lo`).
 ///
 /// # Safety
-/// `row_range` is null or points to `2·m` i32s.
-unsafe fn row_keys(row_range: *const i32, m: usize, i: usize, k: usize) -> (usize, usize) {
-    if row_range.is_null() {
+/// `row_lo` is null, or `row_lo` and `row_hi` point to at least `i + 1` i32s.
+unsafe fn row_keys(row_lo: *const i32, row_hi: *const i32, i: usize, k: usize) -> (usize, usize) {
+    if row_lo.is_null() {
         return (0, k);
     }
-    debug_assert!(i < m);
-    // SAFETY: i < m and the table has m pairs.
-    let (lo, hi) = unsafe { (*row_range.add(2 * i), *row_range.add(2 * i + 1)) };
+    // SAFETY: the caller guarantees both tables reach entry i.
+    let (lo, hi) = unsafe { (*row_lo.add(i), *row_hi.add(i)) };
     let clamp = |x: i32| (x.max(0) as usize).min(k);
     (clamp(lo), clamp(hi).max(clamp(lo)))
 }
@@ -116,12 +126,12 @@ mod tests {
             .collect()
     }
 
-    /// Every shape remainder of both kernels, on every ISA this CPU has, against f64 loops.
+    /// `dot_nt` over every shape remainder, on every ISA this CPU has, against f64 loops.
     #[test]
-    fn kernels_match_naive_loops() {
+    fn dot_nt_matches_naive_loops() {
         let isas = [Isa::Portable, Isa::detect()];
         for isa in isas {
-            let (dot_nt, dot_nn) = isa.kernels();
+            let (dot_nt, _) = isa.kernels();
             for (m, n, k) in [(1, 1, 1), (4, 3, 8), (5, 7, 13), (9, 25, 17), (3, 50, 64), (7, 2, 3)]
             {
                 let (lda, ldb, ldc) = (k + 3, k + 1, n + 2);
@@ -165,56 +175,96 @@ mod tests {
                         }
                     }
                 }
-                // dot_nn: B is k × n.
-                let (lda, ldb, ldc) = (k + 2, n + 5, n + 1);
-                let a = data(m * lda, 4);
-                let b = data(k * ldb, 5);
-                let ranges: Vec<i32> = (0..m as i32).flat_map(|i| [i % 3, k as i32 - i]).collect();
-                for (accumulate, masked) in [(0, false), (1, false), (1, true)] {
-                    let mut c = data(m * ldc, 6);
-                    let before = c.clone();
-                    let range = if masked { ranges.as_ptr() } else { std::ptr::null() };
-                    // SAFETY: as above; `ranges` holds 2·m i32s.
-                    unsafe {
-                        dot_nn(
-                            m,
-                            n,
-                            k,
-                            a.as_ptr(),
-                            lda,
-                            b.as_ptr(),
-                            ldb,
-                            c.as_mut_ptr(),
-                            ldc,
-                            accumulate,
-                            range,
-                        )
-                    };
-                    for i in 0..m {
-                        let (lo, hi) = if masked {
-                            (
-                                ranges[2 * i].clamp(0, k as i32) as usize,
-                                ranges[2 * i + 1].clamp(0, k as i32) as usize,
-                            )
-                        } else {
-                            (0, k)
-                        };
-                        for j in 0..ldc {
-                            let mut want = if accumulate == 1 || j >= n {
-                                before[i * ldc + j] as f64
+            }
+        }
+    }
+
+    /// `dot_nn` over every block remainder, both A layouts, plain and panel-packed B, with and
+    /// without row ranges, on every ISA this CPU has, against f64 loops.
+    #[test]
+    fn dot_nn_matches_naive_loops() {
+        for isa in [Isa::Portable, Isa::detect()] {
+            let (_, dot_nn) = isa.kernels();
+            for (m, n, k) in [
+                (1usize, 1usize, 1usize),
+                (4, 3, 8),
+                (5, 7, 13),
+                (9, 25, 17),
+                (13, 50, 64),
+                (7, 2, 3),
+            ] {
+                let ldc = n + 1;
+                let a = data(m * k + 3 * (m + k), 4);
+                let b = data(k * n.next_multiple_of(PANEL) + 5 * k, 5);
+                let lo: Vec<i32> = (0..m as i32).map(|i| i % 3 - 1).collect();
+                let hi: Vec<i32> = (0..m as i32).map(|i| k as i32 - i + 1).collect();
+                // (a_row, a_col) and (b_row, b_panel).
+                let a_layouts = [(k + 2, 1), (1, m + 3)];
+                let b_layouts = [(n + 5, PANEL), (PANEL, PANEL * k)];
+                for (a_row, a_col) in a_layouts {
+                    for (b_row, b_panel) in b_layouts {
+                        for (accumulate, ranged) in [(0, false), (1, false), (1, true), (0, true)] {
+                            let mut c = data(m * ldc, 6);
+                            let before = c.clone();
+                            let (row_lo, row_hi) = if ranged {
+                                (lo.as_ptr(), hi.as_ptr())
                             } else {
-                                0.0
+                                (std::ptr::null(), std::ptr::null())
                             };
-                            if j < n {
-                                want += (lo..hi.max(lo))
-                                    .map(|p| a[i * lda + p] as f64 * b[p * ldb + j] as f64)
-                                    .sum::<f64>();
+                            // SAFETY: A, B and C hold every element their strides name for
+                            // i < m, p < k, j < n; the range tables hold m entries.
+                            unsafe {
+                                dot_nn(
+                                    m,
+                                    n,
+                                    k,
+                                    a.as_ptr(),
+                                    a_row,
+                                    a_col,
+                                    b.as_ptr(),
+                                    b_row,
+                                    b_panel,
+                                    c.as_mut_ptr(),
+                                    ldc,
+                                    accumulate,
+                                    row_lo,
+                                    row_hi,
+                                )
+                            };
+                            for i in 0..m {
+                                let (l, h) = if ranged {
+                                    (
+                                        lo[i].clamp(0, k as i32) as usize,
+                                        hi[i].clamp(0, k as i32) as usize,
+                                    )
+                                } else {
+                                    (0, k)
+                                };
+                                for j in 0..ldc {
+                                    let mut want = if accumulate == 1 || j >= n {
+                                        before[i * ldc + j] as f64
+                                    } else {
+                                        0.0
+                                    };
+                                    if j < n {
+                                        want += (l..h.max(l))
+                                            .map(|p| {
+                                                let x = a[i * a_row + p * a_col] as f64;
+                                                let y = b
+                                                    [j / PANEL * b_panel + p * b_row + j % PANEL]
+                                                    as f64;
+                                                x * y
+                                            })
+                                            .sum::<f64>();
+                                    }
+                                    let got = c[i * ldc + j] as f64;
+                                    assert!(
+                                        (got - want).abs() < 1e-4,
+                                        "{isa:?} nn {m}x{n}x{k} a ({a_row},{a_col}) b ({b_row},{b_panel}) \
+                                         acc {accumulate} ranged {ranged} [{i},{j}] {got} vs {want}"
+                                    );
+                                }
                             }
-                            let got = c[i * ldc + j] as f64;
-                            assert!(
-                                (got - want).abs() < 1e-4,
-                                "{isa:?} nn {m}x{n}x{k} [{i},{j}] {got} vs {want}"
-                            );
                         }
                     }
                 }
@@ -229,11 +279,26 @@ mod tests {
             // Row 0 sees key 0 only; key 1's value row is NaN.
             let a = [1.0f32, 0.0];
             let b = [2.0f32, 3.0, f32::NAN, f32::NAN];
-            let range = [0i32, 1];
+            let (lo, hi) = ([0i32], [1i32]);
             let mut c = [0.0f32; 2];
             // SAFETY: 1 × 2 output, k = 2 keys of 2 values, one row range.
             unsafe {
-                dot_nn(1, 2, 2, a.as_ptr(), 2, b.as_ptr(), 2, c.as_mut_ptr(), 2, 0, range.as_ptr())
+                dot_nn(
+                    1,
+                    2,
+                    2,
+                    a.as_ptr(),
+                    2,
+                    1,
+                    b.as_ptr(),
+                    2,
+                    PANEL,
+                    c.as_mut_ptr(),
+                    2,
+                    0,
+                    lo.as_ptr(),
+                    hi.as_ptr(),
+                )
             };
             assert_eq!(c, [2.0, 3.0], "{isa:?}");
         }

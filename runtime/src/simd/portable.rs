@@ -34,35 +34,39 @@ pub unsafe extern "C" fn dot_nt(
 /// See [`super::DotNn`].
 ///
 /// # Safety
-/// `a` holds `m` rows of stride `lda` with `k` floats, `b` holds `k` rows of stride `ldb` with
-/// `n` floats, `c` holds `m` rows of stride `ldc` with `n` writable floats, and `row_range` is
-/// null or points to `2·m` i32s.
+/// Every `A[i][p]`, `B[p][j]` and `C[i][j]` that [`super::DotNn`] names for `i < m`, `j < n`,
+/// `p < k` is in bounds (C writable), and the row tables are null or hold `m` entries each.
 pub unsafe extern "C" fn dot_nn(
     m: usize,
     n: usize,
     k: usize,
     a: *const f32,
-    lda: usize,
+    a_row: usize,
+    a_col: usize,
     b: *const f32,
-    ldb: usize,
+    b_row: usize,
+    b_panel: usize,
     c: *mut f32,
     ldc: usize,
     accumulate: usize,
-    row_range: *const i32,
+    row_lo: *const i32,
+    row_hi: *const i32,
 ) {
     for i in 0..m {
-        // SAFETY: the caller guarantees `row_range` (if non-null) has 2·m entries.
-        let (lo, hi) = unsafe { super::row_keys(row_range, m, i, k) };
+        // SAFETY: the caller guarantees the row tables (if non-null) have m entries.
+        let (lo, hi) = unsafe { super::row_keys(row_lo, row_hi, i, k) };
         // SAFETY: the caller guarantees row i of C has n writable floats.
         let c_row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), n) };
         if accumulate == 0 {
             c_row.fill(0.0);
         }
         for p in lo..hi {
-            // SAFETY: p < k, so A[i][p] and row p of B exist.
-            let (weight, b_row) =
-                unsafe { (*a.add(i * lda + p), std::slice::from_raw_parts(b.add(p * ldb), n)) };
-            for (dst, &x) in c_row.iter_mut().zip(b_row) {
+            // SAFETY: i < m and p < k, so A[i][p] exists.
+            let weight = unsafe { *a.add(i * a_row + p * a_col) };
+            for (j, dst) in c_row.iter_mut().enumerate() {
+                // SAFETY: p < k and j < n, so B[p][j] exists.
+                let x =
+                    unsafe { *b.add(j / super::PANEL * b_panel + p * b_row + j % super::PANEL) };
                 *dst += weight * x;
             }
         }

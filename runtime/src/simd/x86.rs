@@ -3,6 +3,8 @@
 
 use std::arch::x86_64::*;
 
+use attngen_codegen::abi::PANEL;
+
 // Block sizes keep every accumulator in a register: 16 ymm registers hold the MR·NR
 // accumulators plus the operands of one step (dot_nt: 3·3 + 3 rows of A + 1 of B = 13;
 // dot_nn: 6·2 + 2 of B + 1 broadcast = 15). One more and LLVM spills in the hot loop.
@@ -169,118 +171,243 @@ pub unsafe extern "C" fn dot_nn(
     n: usize,
     k: usize,
     a: *const f32,
-    lda: usize,
+    a_row: usize,
+    a_col: usize,
     b: *const f32,
-    ldb: usize,
+    b_row: usize,
+    b_panel: usize,
     c: *mut f32,
     ldc: usize,
     accumulate: usize,
-    row_range: *const i32,
+    row_lo: *const i32,
+    row_hi: *const i32,
 ) {
+    let unit_stride = a_col == 1 || a_row == 1;
+    if !unit_stride {
+        // SAFETY: forwarded caller contract; no generated kernel passes such strides.
+        return unsafe {
+            super::portable::dot_nn(
+                m, n, k, a, a_row, a_col, b, b_row, b_panel, c, ldc, accumulate, row_lo, row_hi,
+            )
+        };
+    }
+    let nn = NnArgs {
+        a,
+        a_stride: if a_col == 1 { a_row } else { a_col },
+        a_trans: a_col != 1,
+        b,
+        b_row,
+        b_panel,
+        c,
+        ldc,
+    };
     // SAFETY: forwarded caller contract.
-    unsafe { dot_nn_avx2(m, n, k, a, lda, b, ldb, c, ldc, accumulate != 0, row_range) }
+    unsafe { dot_nn_avx2(m, n, k, &nn, accumulate != 0, row_lo, row_hi) }
 }
+
+/// `dot_nn`'s operands with A's unit stride resolved: A is row-major (`A[i][p]` at
+/// `a[i·a_stride + p]`) or, with `a_trans`, column-major (`a[p·a_stride + i]`).
+struct NnArgs {
+    a: *const f32,
+    a_stride: usize,
+    a_trans: bool,
+    b: *const f32,
+    b_row: usize,
+    b_panel: usize,
+    c: *mut f32,
+    ldc: usize,
+}
+
+const _: () = assert!(8 * NN_NR == PANEL, "a dot_nn block is one B panel wide");
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_nn_avx2(
     m: usize,
     n: usize,
     k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
+    nn: &NnArgs,
     accumulate: bool,
-    row_range: *const i32,
+    row_lo: *const i32,
+    row_hi: *const i32,
 ) {
-    let mut i = 0;
-    while i < m {
-        // With per-row key ranges each row is its own block.
-        let (mr, lo, hi) = if row_range.is_null() {
-            ((m - i).min(NN_MR), 0, k)
-        } else {
-            // SAFETY: the table has 2·m entries and i < m.
-            let (lo, hi) = unsafe { super::row_keys(row_range, m, i, k) };
-            (1, lo, hi)
-        };
-        let mut j = 0;
-        while j < n {
-            let cols = (n - j).min(8 * NN_NR);
-            let nr = cols.div_ceil(8);
-            let masked = !cols.is_multiple_of(8);
-            let tail = lanes(cols - 8 * (nr - 1));
-            // SAFETY: rows i..i+mr of A and C, columns j..j+cols of B and C, keys lo..hi < k.
+    // Panel-outer, row-block-inner: a block's B panel stays in L1 across the row blocks.
+    let mut j = 0;
+    while j < n {
+        let cols = (n - j).min(PANEL);
+        let mut i = 0;
+        while i < m {
+            let mr = (m - i).min(NN_MR);
+            // SAFETY: rows i..i+mr < m, columns j..j+cols <= n, and the row ranges (if any)
+            // have m entries each.
             unsafe {
-                let (a, b, c) = (a.add(i * lda), b.add(j), c.add(i * ldc + j));
-                macro_rules! block {
-                    ($($mr:literal, $nr:literal);*) => {
-                        match (mr, nr, masked) {
-                            $(
-                                ($mr, $nr, false) => nn_block::<$mr, $nr, false>(lo, hi, a, lda, b, ldb, c, ldc, accumulate, tail),
-                                ($mr, $nr, true) => nn_block::<$mr, $nr, true>(lo, hi, a, lda, b, ldb, c, ldc, accumulate, tail),
-                            )*
-                            _ => unreachable!("block sizes are at most {NN_MR} x {NN_NR}"),
-                        }
-                    };
+                if row_lo.is_null() {
+                    nn_run(nn, i, mr, j, cols, 0, k, accumulate);
+                } else {
+                    nn_ranged(nn, i, mr, j, cols, k, accumulate, row_lo, row_hi);
                 }
-                block!(6, 2; 6, 1; 5, 2; 5, 1; 4, 2; 4, 1; 3, 2; 3, 1; 2, 2; 2, 1; 1, 2; 1, 1);
             }
-            j += cols;
+            i += mr;
         }
-        i += mr;
+        j += cols;
     }
 }
 
-/// One MR-row × NR-vector block of `dot_nn` over keys `lo..hi`; with MASKED the last vector
-/// holds only the lanes `tail` selects.
+/// Rows `i..i + mr` with per-row key ranges: the keys every row sees run as one block, the
+/// ragged ends row by row, so no row ever touches a key outside its range.
+///
+/// # Safety
+/// As [`nn_run`]; `row_lo` and `row_hi` hold an entry for every row of the block.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn nn_block<const MR: usize, const NR: usize, const MASKED: bool>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn nn_ranged(
+    nn: &NnArgs,
+    i: usize,
+    mr: usize,
+    j: usize,
+    cols: usize,
+    k: usize,
+    accumulate: bool,
+    row_lo: *const i32,
+    row_hi: *const i32,
+) {
+    // SAFETY: the caller's contract covers rows i..i+mr of the tables, A, and C.
+    unsafe {
+        let range = |r: usize| super::row_keys(row_lo, row_hi, r, k);
+        if !accumulate {
+            for r in i..i + mr {
+                std::ptr::write_bytes(nn.c.add(r * nn.ldc + j), 0, cols);
+            }
+        }
+        let common = (i..i + mr).map(range).fold((0, k), |(lo, hi), (l, h)| (lo.max(l), hi.min(h)));
+        if common.0 < common.1 {
+            nn_run(nn, i, mr, j, cols, common.0, common.1, true);
+        }
+        for r in i..i + mr {
+            let (lo, hi) = range(r);
+            if common.0 < common.1 {
+                nn_run(nn, r, 1, j, cols, lo, common.0, true);
+                nn_run(nn, r, 1, j, cols, common.1, hi, true);
+            } else {
+                nn_run(nn, r, 1, j, cols, lo, hi, true);
+            }
+        }
+    }
+}
+
+/// One block: rows `i..i + mr` (mr <= NN_MR), columns `j..j + cols` (cols <= PANEL, j a
+/// multiple of PANEL), keys `lo..hi`. An empty key range still clears C when not accumulating.
+///
+/// # Safety
+/// The block lies inside the operands described by `nn`; `hi <= k` of the call.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn nn_run(
+    nn: &NnArgs,
+    i: usize,
+    mr: usize,
+    j: usize,
+    cols: usize,
+    lo: usize,
+    hi: usize,
+    accumulate: bool,
+) {
+    if lo >= hi && accumulate {
+        return;
+    }
+    let nr = cols.div_ceil(8);
+    let masked = !cols.is_multiple_of(8);
+    let tail = lanes(cols - 8 * (nr - 1));
+    let (a, stride) = (nn.a, nn.a_stride);
+    // SAFETY: the block's rows of A, its panel of B and its part of C are in bounds.
+    unsafe {
+        let a = if nn.a_trans { a.add(i) } else { a.add(i * stride) };
+        let b = nn.b.add(j / PANEL * nn.b_panel);
+        let c = nn.c.add(i * nn.ldc + j);
+        let block = NnBlock { lo, hi, a, a_stride: stride, b, b_row: nn.b_row, c, ldc: nn.ldc };
+        macro_rules! dispatch {
+            ($($mr:literal),*) => {
+                match (mr, nr, masked, nn.a_trans) {
+                    $(
+                        ($mr, 2, false, false) => block.run::<$mr, 2, false, false>(accumulate, tail),
+                        ($mr, 2, true, false) => block.run::<$mr, 2, true, false>(accumulate, tail),
+                        ($mr, 1, false, false) => block.run::<$mr, 1, false, false>(accumulate, tail),
+                        ($mr, 1, true, false) => block.run::<$mr, 1, true, false>(accumulate, tail),
+                        ($mr, 2, false, true) => block.run::<$mr, 2, false, true>(accumulate, tail),
+                        ($mr, 2, true, true) => block.run::<$mr, 2, true, true>(accumulate, tail),
+                        ($mr, 1, false, true) => block.run::<$mr, 1, false, true>(accumulate, tail),
+                        ($mr, 1, true, true) => block.run::<$mr, 1, true, true>(accumulate, tail),
+                    )*
+                    _ => unreachable!("block sizes are at most {NN_MR} x {NN_NR}"),
+                }
+            };
+        }
+        dispatch!(6, 5, 4, 3, 2, 1);
+    }
+}
+
+/// The operands of one `dot_nn` block, already offset to the block.
+#[derive(Clone, Copy)]
+struct NnBlock {
     lo: usize,
     hi: usize,
     a: *const f32,
-    lda: usize,
+    a_stride: usize,
     b: *const f32,
-    ldb: usize,
+    b_row: usize,
     c: *mut f32,
     ldc: usize,
-    accumulate: bool,
-    tail: __m256i,
-) {
-    // SAFETY (all pointer access): the caller passes in-bounds blocks, and the last vector of a
-    // MASKED block touches only the lanes of columns that exist.
-    unsafe {
-        let load = |ptr: *const f32, v: usize| {
-            if MASKED && v == NR - 1 { _mm256_maskload_ps(ptr, tail) } else { _mm256_loadu_ps(ptr) }
-        };
-        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-        if accumulate {
-            for (i, row) in acc.iter_mut().enumerate() {
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = load(c.add(i * ldc + 8 * v), v);
-                }
-            }
-        }
-        for p in lo..hi {
-            let mut bv = [_mm256_setzero_ps(); NR];
-            for (v, x) in bv.iter_mut().enumerate() {
-                *x = load(b.add(p * ldb + 8 * v), v);
-            }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let weight = _mm256_broadcast_ss(&*a.add(i * lda + p));
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = _mm256_fmadd_ps(weight, bv[v], *x);
-                }
-            }
-        }
-        for (i, row) in acc.iter().enumerate() {
-            for (v, x) in row.iter().enumerate() {
-                let ptr = c.add(i * ldc + 8 * v);
+}
+
+impl NnBlock {
+    /// MR rows × NR vectors of C over keys `lo..hi`: per key, NR loads of B, MR broadcasts of
+    /// A, MR·NR FMAs. With MASKED the last vector holds only the lanes `tail` selects; with
+    /// A_TRANS, A is column-major.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run<const MR: usize, const NR: usize, const MASKED: bool, const A_TRANS: bool>(
+        &self,
+        accumulate: bool,
+        tail: __m256i,
+    ) {
+        let NnBlock { lo, hi, a, a_stride, b, b_row, c, ldc } = *self;
+        // SAFETY (all pointer access): the caller passes an in-bounds block, and the last vector
+        // of a MASKED block touches only the lanes of columns that exist.
+        unsafe {
+            let load = |ptr: *const f32, v: usize| {
                 if MASKED && v == NR - 1 {
-                    _mm256_maskstore_ps(ptr, tail, *x);
+                    _mm256_maskload_ps(ptr, tail)
                 } else {
-                    _mm256_storeu_ps(ptr, *x);
+                    _mm256_loadu_ps(ptr)
+                }
+            };
+            let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+            if accumulate {
+                for (i, row) in acc.iter_mut().enumerate() {
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = load(c.add(i * ldc + 8 * v), v);
+                    }
+                }
+            }
+            for p in lo..hi {
+                let mut bv = [_mm256_setzero_ps(); NR];
+                for (v, x) in bv.iter_mut().enumerate() {
+                    *x = load(b.add(p * b_row + 8 * v), v);
+                }
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let at = if A_TRANS { p * a_stride + i } else { i * a_stride + p };
+                    let weight = _mm256_broadcast_ss(&*a.add(at));
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = _mm256_fmadd_ps(weight, bv[v], *x);
+                    }
+                }
+            }
+            for (i, row) in acc.iter().enumerate() {
+                for (v, x) in row.iter().enumerate() {
+                    let ptr = c.add(i * ldc + 8 * v);
+                    if MASKED && v == NR - 1 {
+                        _mm256_maskstore_ps(ptr, tail, *x);
+                    } else {
+                        _mm256_storeu_ps(ptr, *x);
+                    }
                 }
             }
         }
