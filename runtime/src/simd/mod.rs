@@ -61,6 +61,10 @@ pub type DotNn = unsafe extern "C" fn(
     row_hi: *const i32,
 );
 
+/// Terms [`DotNn`] sums in one chain before adding the partial sum to C: a long product
+/// (MLA's 512-wide latent scores) then rounds like `64 + k/64` additions, not `k`.
+const SUM_CHUNK: usize = 64;
+
 /// The key range `lo..hi` of row `i` for [`DotNn`]: all of `0..k` without range tables, else
 /// the tables' entries clamped to `0..k` (empty when `hi <= lo`).
 ///

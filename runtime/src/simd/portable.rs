@@ -52,6 +52,7 @@ pub unsafe extern "C" fn dot_nn(
     row_lo: *const i32,
     row_hi: *const i32,
 ) {
+    let mut chunk = vec![0.0f32; n];
     for i in 0..m {
         // SAFETY: the caller guarantees the row tables (if non-null) have m entries.
         let (lo, hi) = unsafe { super::row_keys(row_lo, row_hi, i, k) };
@@ -60,14 +61,22 @@ pub unsafe extern "C" fn dot_nn(
         if accumulate == 0 {
             c_row.fill(0.0);
         }
-        for p in lo..hi {
-            // SAFETY: i < m and p < k, so A[i][p] exists.
-            let weight = unsafe { *a.add(i * a_row + p * a_col) };
-            for (j, dst) in c_row.iter_mut().enumerate() {
-                // SAFETY: p < k and j < n, so B[p][j] exists.
-                let x =
-                    unsafe { *b.add(j / super::PANEL * b_panel + p * b_row + j % super::PANEL) };
-                *dst += weight * x;
+        // Chunked like the SIMD kernels, so both round alike.
+        for start in (lo..hi).step_by(super::SUM_CHUNK) {
+            chunk.fill(0.0);
+            for p in start..hi.min(start + super::SUM_CHUNK) {
+                // SAFETY: i < m and p < k, so A[i][p] exists.
+                let weight = unsafe { *a.add(i * a_row + p * a_col) };
+                for (j, dst) in chunk.iter_mut().enumerate() {
+                    // SAFETY: p < k and j < n, so B[p][j] exists.
+                    let x = unsafe {
+                        *b.add(j / super::PANEL * b_panel + p * b_row + j % super::PANEL)
+                    };
+                    *dst += weight * x;
+                }
+            }
+            for (dst, x) in c_row.iter_mut().zip(&chunk) {
+                *dst += x;
             }
         }
     }

@@ -16,6 +16,8 @@ const NT_NR: usize = 3;
 const NN_MR: usize = 6;
 /// 8-float vectors of C's columns per `dot_nn` block.
 const NN_NR: usize = 2;
+/// Keys `dot_nn` sums in registers before adding the partial sums to C.
+const NN_KC: usize = super::SUM_CHUNK;
 
 /// A mask selecting the first `len` (0..=8) lanes, for `maskload`/`maskstore`.
 #[inline(always)]
@@ -362,6 +364,10 @@ impl NnBlock {
     /// MR rows × NR vectors of C over keys `lo..hi`: per key, NR loads of B, MR broadcasts of
     /// A, MR·NR FMAs. With MASKED the last vector holds only the lanes `tail` selects; with
     /// A_TRANS, A is column-major.
+    ///
+    /// Keys are summed in chunks of [`NN_KC`] in fresh registers, each chunk then added to C:
+    /// a long product (MLA's 512-wide latent scores) rounds like `KC + k/KC` additions rather
+    /// than `k` in one chain.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run<const MR: usize, const NR: usize, const MASKED: bool, const A_TRANS: bool>(
         &self,
@@ -379,35 +385,42 @@ impl NnBlock {
                     _mm256_loadu_ps(ptr)
                 }
             };
-            let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-            if accumulate {
-                for (i, row) in acc.iter_mut().enumerate() {
-                    for (v, x) in row.iter_mut().enumerate() {
-                        *x = load(c.add(i * ldc + 8 * v), v);
+            let store = |ptr: *mut f32, v: usize, x: __m256| {
+                if MASKED && v == NR - 1 {
+                    _mm256_maskstore_ps(ptr, tail, x);
+                } else {
+                    _mm256_storeu_ps(ptr, x);
+                }
+            };
+            let mut first = !accumulate;
+            let mut start = lo;
+            loop {
+                let end = hi.min(start + NN_KC);
+                let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+                for p in start..end {
+                    let mut bv = [_mm256_setzero_ps(); NR];
+                    for (v, x) in bv.iter_mut().enumerate() {
+                        *x = load(b.add(p * b_row + 8 * v), v);
+                    }
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let at = if A_TRANS { p * a_stride + i } else { i * a_stride + p };
+                        let weight = _mm256_broadcast_ss(&*a.add(at));
+                        for (v, x) in row.iter_mut().enumerate() {
+                            *x = _mm256_fmadd_ps(weight, bv[v], *x);
+                        }
                     }
                 }
-            }
-            for p in lo..hi {
-                let mut bv = [_mm256_setzero_ps(); NR];
-                for (v, x) in bv.iter_mut().enumerate() {
-                    *x = load(b.add(p * b_row + 8 * v), v);
-                }
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let at = if A_TRANS { p * a_stride + i } else { i * a_stride + p };
-                    let weight = _mm256_broadcast_ss(&*a.add(at));
-                    for (v, x) in row.iter_mut().enumerate() {
-                        *x = _mm256_fmadd_ps(weight, bv[v], *x);
+                for (i, row) in acc.iter().enumerate() {
+                    for (v, x) in row.iter().enumerate() {
+                        let ptr = c.add(i * ldc + 8 * v);
+                        let sum = if first { *x } else { _mm256_add_ps(load(ptr, v), *x) };
+                        store(ptr, v, sum);
                     }
                 }
-            }
-            for (i, row) in acc.iter().enumerate() {
-                for (v, x) in row.iter().enumerate() {
-                    let ptr = c.add(i * ldc + 8 * v);
-                    if MASKED && v == NR - 1 {
-                        _mm256_maskstore_ps(ptr, tail, *x);
-                    } else {
-                        _mm256_storeu_ps(ptr, *x);
-                    }
+                first = false;
+                start = end;
+                if start >= hi {
+                    break;
                 }
             }
         }
