@@ -105,11 +105,18 @@ pub enum Callee {
     DotNn,
     /// Natural log of one f32 (once per output row, for `lse`).
     Ln,
+    /// Copy a K/V tile into scratch (rows or column panels) and prefetch the next tile
+    /// (`simd::PackRows`).
+    PackRows,
+    /// Copy query rows transposed and scaled into the query tile's panels
+    /// (`simd::PackColumns`).
+    PackColumns,
 }
 
 impl Callee {
     /// Every callee.
-    pub const ALL: [Callee; 3] = [Callee::DotNt, Callee::DotNn, Callee::Ln];
+    pub const ALL: [Callee; 5] =
+        [Callee::DotNt, Callee::DotNn, Callee::Ln, Callee::PackRows, Callee::PackColumns];
 
     /// The symbol name the JIT registers the routine under.
     pub fn symbol(self) -> &'static str {
@@ -117,6 +124,8 @@ impl Callee {
             Callee::DotNt => "attngen_dot_nt",
             Callee::DotNn => "attngen_dot_nn",
             Callee::Ln => "attngen_ln",
+            Callee::PackRows => "attngen_pack_rows",
+            Callee::PackColumns => "attngen_pack_columns",
         }
     }
 }

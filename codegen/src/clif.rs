@@ -48,6 +48,13 @@ pub fn callee_signature(callee: Callee, call_conv: CallConv) -> Signature {
             sig.returns.push(AbiParam::new(types::F32));
             sig
         }
+        Callee::PackRows => int_signature(call_conv, 9, None),
+        Callee::PackColumns => {
+            let mut sig = int_signature(call_conv, 4, None);
+            sig.params.push(AbiParam::new(types::F32));
+            sig.params.extend([AbiParam::new(types::I64); 3]);
+            sig
+        }
     }
 }
 
@@ -65,7 +72,7 @@ pub fn emit(
     plan: &KernelPlan,
     ir: &KernelIr,
     frontend: TargetFrontendConfig,
-    callee_ids: [u32; 3],
+    callee_ids: [u32; Callee::ALL.len()],
 ) -> ClifKernel {
     let mut ctx = FunctionBuilderContext::new();
     let item = Translator::build(plan, &ir.item, Program::Item, frontend, callee_ids, &mut ctx);
@@ -109,7 +116,7 @@ struct Tile {
 struct Translator<'a> {
     b: FunctionBuilder<'a>,
     plan: &'a KernelPlan,
-    callees: [FuncRef; 3],
+    callees: [FuncRef; Callee::ALL.len()],
     // Parameters.
     args: Value,
     batch: Value,
@@ -140,7 +147,7 @@ impl<'a> Translator<'a> {
         ops: &[Op],
         program: Program,
         frontend: TargetFrontendConfig,
-        callee_ids: [u32; 3],
+        callee_ids: [u32; Callee::ALL.len()],
         ctx: &'a mut FunctionBuilderContext,
     ) -> Function {
         let call_conv = frontend.default_call_conv;
@@ -491,24 +498,34 @@ impl<'a> Translator<'a> {
         self.b.ins().bitselect(bound_less, bound, x)
     }
 
-    /// 2^x for f32x4, for x <= 127 (every caller keeps x <= 64): x = n + f with
-    /// n = round(x) and |f| <= 1/2, then 2^f = e^(f·ln 2) by a degree-7 Horner polynomial
-    /// (Cephes expf's coefficients, ~1 ulp) and 2^n built in the exponent bits. n comes from
-    /// adding 1.5·2²³, which leaves it in the low mantissa bits — no round or convert
-    /// instructions. Inputs below −126 give exactly 0 (masked scores become exact zero
-    /// probabilities; their garbage intermediates are selected away); NaN stays NaN.
+    /// 2^x for f32x4, for x <= 64 (every caller stays below: softmax arguments are at most the
+    /// rescale threshold): x = n + f with n = round(x) and |f| <= 1/2, then 2^f by a degree-6
+    /// polynomial (a relative-error minimax fit, 7.9e-8 ≈ 1.3 ulp in f32 with fused steps;
+    /// exactly 1 at f = 0) and 2^n built in the exponent bits. n comes from adding 1.5·2²³,
+    /// which leaves it in the low mantissa bits — no round or convert instructions. x is first
+    /// raised to −127, where the built exponent field is 0: inputs at or below −127 (masked
+    /// scores, −∞) give exactly 0. NaN stays NaN.
     fn exp2(&mut self, x: Value) -> Value {
         const ROUNDER: f32 = 12_582_912.0; // 1.5 · 2^23
+        /// Coefficients of f, f², …, f⁶.
+        const POLY: [f32; 6] = [
+            std::f32::consts::LN_2,
+            0.240_226_48,
+            0.055_503_324,
+            0.009_618_437,
+            0.001_339_887_5,
+            0.000_153_533_62,
+        ];
+        let floor = self.splat(-127.0);
+        let x = self.max_ps(floor, x);
         let rounder = self.splat(ROUNDER);
         let t = self.b.ins().fadd(x, rounder);
         let n = self.b.ins().fsub(t, rounder);
         let f = self.b.ins().fsub(x, n);
-        let ln2 = self.splat(std::f32::consts::LN_2);
-        let r = self.b.ins().fmul(f, ln2);
-        let mut poly = self.splat(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5, 1.0, 1.0] {
+        let mut poly = self.splat(POLY[5]);
+        for c in POLY[..5].iter().rev().copied().chain([1.0]) {
             let c = self.splat(c);
-            poly = self.b.ins().fma(poly, r, c);
+            poly = self.b.ins().fma(poly, f, c);
         }
         // t's bits are 0x4B40_0000 + n; shifting out the top 9 bits leaves (n + 127) << 23.
         let bits = self.b.ins().bitcast(types::I32X4, MemFlagsData::new(), t);
@@ -517,12 +534,7 @@ impl<'a> Translator<'a> {
         let biased = self.b.ins().iadd(bits, bias);
         let exponent = self.b.ins().ishl_imm_s(biased, 23);
         let pow2 = self.b.ins().bitcast(F32X4, MemFlagsData::new(), exponent);
-        let e = self.b.ins().fmul(poly, pow2);
-        let lo = self.splat(-126.0);
-        let underflow = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
-        let underflow = self.b.ins().bitcast(F32X4, MemFlagsData::new(), underflow);
-        let zero = self.splat(0.0);
-        self.b.ins().bitselect(underflow, zero, e)
+        self.b.ins().fmul(poly, pow2)
     }
 
     /// tanh for f32x4: `sign(x)·(1 − 2/(e^{2|x|} + 1))` (absolute error ~1e-7, with e^{2|x|}
@@ -693,20 +705,40 @@ impl<'a> Translator<'a> {
         self.scratch_at(floats, zero)
     }
 
-    /// Qᵀ: `factor · q` of every row, transposed into [`PANEL`]-column panels (`len` deep);
-    /// the columns from `rows` up to `rows_v4` are zero, so the score product may cover them.
+    /// Qᵀ: `factor · q` of every row, transposed into [`PANEL`]-column panels (`len` deep),
+    /// one `PackColumns` call per head; the columns from `rows` up to `rows_v4` are zero, so
+    /// the score product may cover them.
     fn pack_queries(&mut self, offset: usize, len: usize, factor: f32, into: Operand) {
         let tile = self.tile_addr(into);
         let row_floats = self.plan.spec.q_heads * self.plan.spec.head_dim();
-        self.for_each_row(|t, _, head, qi, row| {
+        self.for_each_head(|t, slot, head| {
             let idx = t.q_index(head, offset);
-            let qi_floats = t.mul_imm(qi, row_floats);
-            let idx = t.add(idx, qi_floats);
             let q = t.arg(offsets::Q);
             let src = t.float_addr(q, idx);
-            t.transpose_row(tile, len, row, src, factor);
+            let first_column = t.mul(slot, t.nq);
+            t.pack_columns(t.nq, len, src, row_floats, factor, tile, first_column);
         });
         self.zero_padding_columns(tile, len);
+    }
+
+    /// Calls `PackColumns`: `rows` rows of `len` floats at `src` into columns
+    /// `first_column..` of the panel-packed tile at `tile`.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_columns(
+        &mut self,
+        rows: Value,
+        len: usize,
+        src: Value,
+        src_row: usize,
+        factor: f32,
+        tile: Value,
+        first_column: Value,
+    ) {
+        let (width, src_row, panel) =
+            (self.int(len as i64), self.int(src_row as i64), self.int((PANEL * len) as i64));
+        let factor = self.f32(factor);
+        let args = [rows, width, src, src_row, factor, tile, first_column, panel];
+        self.call(Callee::PackColumns, &args);
     }
 
     /// Address of column `row`, depth 0, of a panel-packed transposed tile `len` deep.
@@ -716,36 +748,6 @@ impl<'a> Translator<'a> {
         let lane = self.b.ins().band_imm_s(row, PANEL as i64 - 1);
         let idx = self.add(panel_floats, lane);
         self.float_addr(tile, idx)
-    }
-
-    /// Column `row` of the transposed tile = `factor · src[0..len]`: four floats loaded as a
-    /// vector, scaled, and stored one per panel row.
-    fn transpose_row(&mut self, tile: Value, len: usize, row: Value, src: Value, factor: f32) {
-        let dst = self.panel_column(tile, len, row);
-        let vf = self.splat(factor);
-        let sf = self.f32(factor);
-        let stride = (4 * PANEL) as i32;
-        let vectors = len / 4 * 4;
-        if vectors > 0 {
-            let zero = self.int(0);
-            let end = self.int(vectors as i64);
-            self.for_range(zero, end, 4, |t, d| {
-                let s = t.float_addr(src, d);
-                let x = t.b.ins().load(F32X4, mem(), s, 0);
-                let x = t.b.ins().fmul(x, vf);
-                let d_floats = t.mul_imm(d, PANEL);
-                let at = t.float_addr(dst, d_floats);
-                for lane in 0..4u8 {
-                    let e = t.b.ins().extractlane(x, lane);
-                    t.b.ins().store(mem(), e, at, stride * i32::from(lane));
-                }
-            });
-        }
-        for d in vectors..len {
-            let x = self.b.ins().load(types::F32, mem(), src, 4 * d as i32);
-            let x = self.b.ins().fmul(x, sf);
-            self.b.ins().store(mem(), x, dst, stride * d as i32);
-        }
     }
 
     /// Zeroes columns `rows..rows_v4` of a transposed tile `len` deep.
@@ -770,34 +772,29 @@ impl<'a> Translator<'a> {
         self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, self.rows, min_rows)
     }
 
-    /// Copies the tile's rows of `from`: into a row-major key tile, or into the value tile's
-    /// [`PANEL`]-column panels (`k_tile` deep).
+    /// Copies the tile's rows of `from` (when this item packs): into a row-major key tile, or
+    /// into the value tile's [`PANEL`]-column panels (`k_tile` deep). Either way the rows of
+    /// the next tile are prefetched: cache rows are a page apart, past the hardware
+    /// prefetchers.
     fn pack_tile(&mut self, from: Operand, into: Operand, width: usize, tile: Tile) {
         let packs = self.packs();
         let k_tile = self.plan.k_tile;
-        self.if_then(packs, |t| {
-            let (src, stride) = t.kv_rows(from, tile.j0);
-            let dst = t.tile_addr(into);
-            let zero = t.int(0);
-            t.for_range(zero, tile.n, 1, |t, r| {
-                let src_idx = t.mul_imm(r, stride);
-                let s = t.float_addr(src, src_idx);
-                if into == Operand::ValueTile {
-                    let dst_idx = t.mul_imm(r, PANEL);
-                    let d = t.float_addr(dst, dst_idx);
-                    for first in (0..width).step_by(PANEL) {
-                        let len = PANEL.min(width - first);
-                        let d_panel = t.add_imm(d, 4 * first * k_tile);
-                        let s_panel = t.add_imm(s, 4 * first);
-                        t.copy_row(d_panel, s_panel, len);
-                    }
-                } else {
-                    let dst_idx = t.mul_imm(r, width);
-                    let d = t.float_addr(dst, dst_idx);
-                    t.copy_row(d, s, width);
-                }
-            });
-        });
+        let (src, stride) = self.kv_rows(from, tile.j0);
+        let dst = self.tile_addr(into);
+        let zero = self.int(0);
+        let rows = self.b.ins().select(packs, tile.n, zero);
+        let (dst_row, dst_panel) =
+            if into == Operand::ValueTile { (PANEL, PANEL * k_tile) } else { (width, PANEL) };
+        let next = self.add_imm(src, 4 * k_tile * stride);
+        let (width, stride, dst_row, dst_panel, next_rows) = (
+            self.int(width as i64),
+            self.int(stride as i64),
+            self.int(dst_row as i64),
+            self.int(dst_panel as i64),
+            self.int(k_tile as i64),
+        );
+        let args = [rows, width, src, stride, dst, dst_row, dst_panel, next, next_rows];
+        self.call(Callee::PackRows, &args);
     }
 
     /// Address and row stride of a key operand (the broadcast side of the score product): the
@@ -868,13 +865,8 @@ impl<'a> Translator<'a> {
             t.call(Callee::DotNn, &args);
         });
         let tile = self.tile_addr(Operand::QueryTile);
-        let rows = self.rows;
-        let zero = self.int(0);
-        self.for_range(zero, rows, 1, |t, row| {
-            let src_idx = t.mul_imm(row, rank);
-            let src = t.float_addr(absorbed, src_idx);
-            t.transpose_row(tile, rank, row, src, factor);
-        });
+        let (rows, zero) = (self.rows, self.int(0));
+        self.pack_columns(rows, rank, absorbed, rank, factor, tile, zero);
         self.zero_padding_columns(tile, rank);
     }
 
@@ -894,11 +886,13 @@ impl<'a> Translator<'a> {
         for c in body as usize..o_len {
             self.b.ins().store(mem(), scalar_zero, state, 4 * c as i32);
         }
-        let neg_inf = self.f32(f32::NEG_INFINITY);
+        // m starts at the most negative finite float, not −∞: every later `s − m` and
+        // `m − m'` is then −∞ at worst, never NaN, and its 2^x is 0.
+        let lowest = self.f32(f32::MIN);
         let rows_v = self.int(self.plan.padded_rows as i64);
         self.for_range(zero, rows_v, 1, |t, r| {
             let m = t.state_m(state, r);
-            t.b.ins().store(mem(), neg_inf, m, 0);
+            t.b.ins().store(mem(), lowest, m, 0);
             let l = t.state_l(state, r);
             t.b.ins().store(mem(), scalar_zero, l, 0);
         });
@@ -1058,7 +1052,7 @@ impl<'a> Translator<'a> {
             });
             let tile_max = t.b.use_var(max_var);
             // Lazy rescale: m moves only in lanes whose tile max exceeds it by the threshold
-            // (always on a row's first visible tile, where m = −∞).
+            // (always on a row's first visible tile, where m = f32::MIN).
             let m_at = t.state_m(state, c);
             let m_old = t.b.ins().load(F32X4, mem(), m_at, 0);
             let vthreshold = t.splat(threshold);
@@ -1066,13 +1060,10 @@ impl<'a> Translator<'a> {
             let raise = t.b.ins().fcmp(FloatCC::GreaterThan, tile_max, limit);
             let any = t.b.ins().vany_true(raise);
             t.if_then(any, |t| t.rescale(c, raise, tile_max));
-            // Pass 2: P = 2^(s − m), column sums. A row that has seen no visible key keeps
-            // m = −∞; subtract 0 then, so 2^(−∞ − m) is 0, not NaN.
+            // Pass 2: P = 2^(s − m), column sums. m is finite (it starts at f32::MIN), so a
+            // hidden key's 2^(−∞ − m) is 0, never NaN.
             let m = t.b.ins().load(F32X4, mem(), m_at, 0);
-            let none_yet = t.b.ins().fcmp(FloatCC::Equal, m, neg_inf);
-            let none_yet = t.b.ins().bitcast(F32X4, MemFlagsData::new(), none_yet);
             let zeros = t.splat(0.0);
-            let m_safe = t.b.ins().bitselect(none_yet, zeros, m);
             let sum_var = t.b.declare_var(F32X4);
             t.b.def_var(sum_var, zeros);
             let start = t.int(0);
@@ -1080,7 +1071,7 @@ impl<'a> Translator<'a> {
                 let offset = t.mul_imm(j, 4 * ld);
                 let at = t.add(column, offset);
                 let s = t.b.ins().load(F32X4, mem(), at, 0);
-                let x = t.b.ins().fsub(s, m_safe);
+                let x = t.b.ins().fsub(s, m);
                 let p = t.exp2(x);
                 t.b.ins().store(mem(), p, at, 0);
                 let acc = t.b.use_var(sum_var);
@@ -1104,11 +1095,10 @@ impl<'a> Translator<'a> {
         let m_old = self.b.ins().load(F32X4, mem(), m_at, 0);
         let raise = self.b.ins().bitcast(F32X4, MemFlagsData::new(), raise);
         let m_new = self.b.ins().bitselect(raise, tile_max, m_old);
-        // Lanes not raised keep factor 1 (their m_old − m_new may be −∞ − (−∞) = NaN).
+        // Lanes not raised get exactly 2^0 = 1; from m = f32::MIN the shift may round to −∞,
+        // giving 0.
         let shift = self.b.ins().fsub(m_old, m_new);
         let factor = self.exp2(shift);
-        let ones = self.splat(1.0);
-        let factor = self.b.ins().bitselect(raise, factor, ones);
         let l = self.b.ins().load(F32X4, mem(), l_at, 0);
         let l = self.b.ins().fmul(l, factor);
         self.b.ins().store(mem(), l, l_at, 0);
@@ -1168,15 +1158,12 @@ impl<'a> Translator<'a> {
                     let acc = t.b.ins().fmax(acc, m);
                     t.b.def_var(m_var, acc);
                 });
+                // Every m is finite, so each 2^(m_s − M) is a number in [0, 1].
                 let big_m = t.b.use_var(m_var);
-                let neg_inf = t.f32(f32::NEG_INFINITY);
-                let none = t.b.ins().fcmp(FloatCC::Equal, big_m, neg_inf);
-                let zero = t.f32(0.0);
-                let m_safe = t.b.ins().select(none, zero, big_m);
                 // Rescale split 0 in place, then add the others.
                 let l0_at = t.state_l(first, row);
                 let l0 = t.b.ins().load(types::F32, mem(), l0_at, 0);
-                let d0 = t.b.ins().fsub(m0, m_safe);
+                let d0 = t.b.ins().fsub(m0, big_m);
                 let c0 = t.scalar_exp2(d0);
                 let l_var = t.b.declare_var(types::F32);
                 let l = t.b.ins().fmul(l0, c0);
@@ -1188,7 +1175,7 @@ impl<'a> Translator<'a> {
                     let slot = t.float_addr(first, offset);
                     let m_at = t.state_m(slot, row);
                     let m = t.b.ins().load(types::F32, mem(), m_at, 0);
-                    let d = t.b.ins().fsub(m, m_safe);
+                    let d = t.b.ins().fsub(m, big_m);
                     let c = t.scalar_exp2(d);
                     let l_at = t.state_l(slot, row);
                     let ls = t.b.ins().load(types::F32, mem(), l_at, 0);

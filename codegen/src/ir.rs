@@ -60,7 +60,8 @@ pub enum Op {
         /// The scale folded into the queries.
         factor: f32,
     },
-    /// `O = 0`, `m = −∞`, `l = 0` for every row.
+    /// `O = 0`, `l = 0`, and `m = f32::MIN` for every row: the most negative finite float,
+    /// so `2^(m − m')` and `2^(s − m)` never see `−∞ − (−∞)`.
     InitState,
     /// Loop over the key tiles of the item's key range that the mask leaves visible to some
     /// query of the tile. Tiles every row sees whole run `body` unmasked; edge tiles (the
@@ -235,7 +236,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             f,
             "{pad}Qᵀ[.., rows of h] = {factor} * q[b, q0.., h, 0..{nope}] · W_UK[h] for each head h   (tile A·B, {nope} -> {rank}; then transposed, in panels)"
         ),
-        Op::InitState => writeln!(f, "{pad}O = 0; m = -inf; l = 0"),
+        Op::InitState => writeln!(f, "{pad}O = 0; m = f32::MIN; l = 0"),
         Op::KeyTiles { tile, mask, body } => {
             let skip = match mask {
                 Mask::None => "",

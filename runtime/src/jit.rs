@@ -17,7 +17,7 @@ use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module};
 use rayon::prelude::*;
 
-use crate::{Error, Inputs, Isa, Kernel, Shape, check_call};
+use crate::{Error, Inputs, Isa, Kernel, Shape, check_call, simd};
 
 /// The run-time compiler. Cheap to share: compiling takes an internal lock, running kernels
 /// does not.
@@ -42,7 +42,7 @@ pub struct Jit {
 
 struct JitState {
     module: JITModule,
-    callee_ids: [FuncId; 3],
+    callee_ids: [FuncId; Callee::ALL.len()],
     ctx: Context,
     cache: HashMap<String, Arc<Compiled>>,
     compiled: usize,
@@ -97,6 +97,9 @@ impl Jit {
         flags.set("opt_level", "speed").map_err(|e| compile_error(&e))?;
         flags.set("use_colocated_libcalls", "false").map_err(|e| compile_error(&e))?;
         flags.set("is_pic", "false").map_err(|e| compile_error(&e))?;
+        // Block offsets in `dump --asm`, so profiler samples (offsets into attngen_item_N)
+        // can be matched to the listing.
+        flags.set("machine_code_cfg_info", "true").map_err(|e| compile_error(&e))?;
         let isa_builder = cranelift_native::builder().map_err(|e| compile_error(&e))?;
         let target = isa_builder
             .finish(cranelift_codegen::settings::Flags::new(flags))
@@ -107,17 +110,17 @@ impl Jit {
         builder.symbol(Callee::DotNt.symbol(), dot_nt as *const u8);
         builder.symbol(Callee::DotNn.symbol(), dot_nn as *const u8);
         builder.symbol(Callee::Ln.symbol(), attngen_ln as *const u8);
+        builder.symbol(Callee::PackRows.symbol(), simd::pack_rows as *const u8);
+        builder.symbol(Callee::PackColumns.symbol(), simd::pack_columns as *const u8);
         let mut module = JITModule::new(builder);
         let call_conv = module.isa().default_call_conv();
-        let mut callee_ids = Vec::new();
-        for callee in Callee::ALL {
+        let mut callee_ids = [FuncId::from_u32(0); Callee::ALL.len()];
+        for (id, callee) in callee_ids.iter_mut().zip(Callee::ALL) {
             let sig = clif::callee_signature(callee, call_conv);
-            let id = module
+            *id = module
                 .declare_function(callee.symbol(), Linkage::Import, &sig)
                 .map_err(|e| compile_error(&e))?;
-            callee_ids.push(id);
         }
-        let callee_ids = [callee_ids[0], callee_ids[1], callee_ids[2]];
         let ctx = module.make_context();
         let state = JitState { module, callee_ids, ctx, cache: HashMap::new(), compiled: 0 };
         Ok(Jit { state: Mutex::new(state), isa, pool })

@@ -1,23 +1,31 @@
-//! Pre-compiled tile micro-kernels that generated code calls, chosen per CPU.
+//! Pre-compiled tile routines that generated code calls, chosen per CPU.
 //!
-//! There are exactly two, the two matrix products of a flash-attention tile:
-//! - [`DotNt`]: `C (+)= A · Bᵀ` with A and B both row-major — scores `S = Q·Kᵀ` straight from the
-//!   K cache, and MLA's output projection `out = o'·W_UVᵀ`;
-//! - [`DotNn`]: `C (+)= A · B` — the value update `O += P·V`, and MLA's query absorption
-//!   `q' = q_nope·W_UK`; an optional per-row key range restricts partially masked tiles so a
-//!   hidden key's value never meets a row that cannot see it (not even as `0 · NaN`).
+//! Two tile products, per ISA:
+//! - [`DotNn`]: `C (+)= A · B` with A row- or column-major and B in column panels — both
+//!   products of a flash tile (`Sᵀ = K·Qᵀ` and `O += P·V`) and MLA's query absorption
+//!   `q' = q_nope·W_UK`; optional per-row key ranges restrict edge tiles so a hidden key's
+//!   value never meets a row that cannot see it (not even as `0 · NaN`);
+//! - [`DotNt`]: `C (+)= A · Bᵀ` with A and B both row-major — MLA's output projection
+//!   `out = o'·W_UVᵀ`, once per work item.
+//!
+//! Two tile copies, the same on every ISA (module `pack`): [`PackRows`] (a K/V tile into scratch,
+//! with a prefetch of the next tile) and [`PackColumns`] (query rows, transposed and scaled).
 //!
 //! Everything else — loop nest, group mapping, masks, online softmax, splits and merges — is
-//! generated per spec. Each ISA module implements both with the same `extern "C"` signatures.
+//! generated per spec. Each ISA module implements the products with the same `extern "C"`
+//! signatures.
 
 // The kernels take BLAS-style (sizes, pointer, leading dimension) argument lists.
 #![allow(clippy::too_many_arguments)]
 
 use attngen_codegen::abi::PANEL;
 
+mod pack;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use pack::{pack_columns, pack_rows};
 
 /// `C[i·ldc + j] (+)= Σ_{p<k} A[i·lda + p] · B[j·ldb + p]` for `i < m`, `j < n`.
 /// `accumulate != 0` adds to C, otherwise overwrites it.
@@ -59,6 +67,36 @@ pub type DotNn = unsafe extern "C" fn(
     accumulate: usize,
     row_lo: *const i32,
     row_hi: *const i32,
+);
+
+/// Copies `rows` rows of `width` floats, `src[r·src_row + c]`, to
+/// `dst[(c / PANEL)·dst_panel + r·dst_row + c % PANEL]` (row-major: `dst_row = width`,
+/// `dst_panel = PANEL`; panels: `dst_row = PANEL`), then prefetches `next_rows` rows of `width`
+/// floats at `next` (stride `src_row`) — the next key tile, while this one is computed.
+pub type PackRows = unsafe extern "C" fn(
+    rows: usize,
+    width: usize,
+    src: *const f32,
+    src_row: usize,
+    dst: *mut f32,
+    dst_row: usize,
+    dst_panel: usize,
+    next: *const f32,
+    next_rows: usize,
+);
+
+/// Writes `factor · src[r·src_row + c]` (`r < rows`, `c < width`) transposed into column
+/// `first_column + r` of a panel-packed tile: to `dst[(col / PANEL)·dst_panel + c·PANEL +
+/// col % PANEL]` — the query side of the score product, scaled on the way.
+pub type PackColumns = unsafe extern "C" fn(
+    rows: usize,
+    width: usize,
+    src: *const f32,
+    src_row: usize,
+    factor: f32,
+    dst: *mut f32,
+    first_column: usize,
+    dst_panel: usize,
 );
 
 /// Terms [`DotNn`] sums in one chain before adding the partial sum to C: a long product
