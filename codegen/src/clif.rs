@@ -286,6 +286,28 @@ impl<'a> Translator<'a> {
         self.b.seal_block(exit);
     }
 
+    /// `for i in lo..hi { body(i) }` with `unroll` copies of the body per trip (then single
+    /// steps for the rest), so loop overhead and constant loads are shared between copies.
+    fn for_range_unrolled(
+        &mut self,
+        lo: Value,
+        hi: Value,
+        unroll: usize,
+        body: impl Fn(&mut Self, Value),
+    ) {
+        assert!(unroll.is_power_of_two(), "the trip count is rounded down with a mask");
+        let whole = self.b.ins().isub(hi, lo);
+        let whole = self.b.ins().band_imm_s(whole, -(unroll as i64));
+        let main_end = self.add(lo, whole);
+        self.for_range(lo, main_end, unroll, |t, i| {
+            for u in 0..unroll {
+                let iu = t.add_imm(i, u);
+                body(t, iu);
+            }
+        });
+        self.for_range(main_end, hi, 1, body);
+    }
+
     /// `if cond { then() }`.
     fn if_then(&mut self, cond: Value, then: impl FnOnce(&mut Self)) {
         let then_block = self.b.create_block();
@@ -1025,7 +1047,7 @@ impl<'a> Translator<'a> {
             let max_var = t.b.declare_var(F32X4);
             t.b.def_var(max_var, neg_inf);
             let start = t.int(0);
-            t.for_range(start, n, 1, |t, j| {
+            t.for_range_unrolled(start, n, 4, |t, j| {
                 let offset = t.mul_imm(j, 4 * ld);
                 let at = t.add(column, offset);
                 let mut s = t.b.ins().load(F32X4, mem(), at, 0);
@@ -1067,7 +1089,7 @@ impl<'a> Translator<'a> {
             let sum_var = t.b.declare_var(F32X4);
             t.b.def_var(sum_var, zeros);
             let start = t.int(0);
-            t.for_range(start, n, 1, |t, j| {
+            t.for_range_unrolled(start, n, 2, |t, j| {
                 let offset = t.mul_imm(j, 4 * ld);
                 let at = t.add(column, offset);
                 let s = t.b.ins().load(F32X4, mem(), at, 0);

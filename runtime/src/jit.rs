@@ -5,6 +5,7 @@
 //! reused across compiles, and a cache keyed by the spec, so compiling an equal spec again
 //! returns the kernel already built.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -234,6 +235,26 @@ fn disassemble(ctx: &Context, isa: &dyn cranelift_codegen::isa::TargetIsa) -> St
     }
 }
 
+thread_local! {
+    /// Each thread's work-item buffers, reused across items and calls: allocating them per item
+    /// cost page faults, and with glibc's mmap threshold an unmap (a TLB shootdown on every
+    /// core) per item. Generated code writes every scratch and state element before reading it,
+    /// so the buffer is never cleared.
+    static WORKSPACE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's workspace, grown to at least `len` floats. `f` must not re-enter
+/// (it runs generated code, which never calls back into the runtime).
+fn with_workspace<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    WORKSPACE.with(|workspace| {
+        let mut workspace = workspace.borrow_mut();
+        if workspace.len() < len {
+            workspace.resize(len, 0.0);
+        }
+        f(&mut workspace[..len])
+    })
+}
+
 /// Specs that differ only in their name compile to the same kernel.
 fn cache_key(spec: &AttentionSpec) -> String {
     AttentionSpec { name: None, ..spec.clone() }.to_toml()
@@ -327,15 +348,12 @@ impl Kernel for JitKernel {
                 (task / (groups * schedule.q_tiles), task % (groups * schedule.q_tiles));
             let (g, tile) = (rest / schedule.q_tiles, rest % schedule.q_tiles);
             let q0 = tile * plan.q_tile;
-            let mut states = vec![0.0f32; plan.state_len * schedule.splits];
-            let run_split = |(split, state): (usize, &mut [f32])| {
-                let k_lo = split * schedule.keys_per_split;
-                let k_hi = (k_lo + schedule.keys_per_split).min(shape.seq_k);
-                let mut scratch = vec![0.0f32; plan.scratch.len];
+            let item = |k_lo: usize, k_hi: usize, scratch: &mut [f32], state: &mut [f32]| {
+                debug_assert!(scratch.len() >= plan.scratch.len && state.len() >= plan.state_len);
                 // SAFETY: `check_call` verified every buffer against `shape`; the generated
                 // code reads and writes only within those tensors for b < B, q0 < Sq, keys
                 // k_lo..k_hi ⊆ 0..Sk and the group's heads, plus `scratch` and `state`, which
-                // have the plan's sizes.
+                // have at least the plan's sizes.
                 unsafe {
                     (compiled.item)(
                         args.ptr(),
@@ -349,24 +367,36 @@ impl Kernel for JitKernel {
                     )
                 };
             };
-            if schedule.splits == 1 {
-                run_split((0, &mut states));
-            } else {
-                states.par_chunks_mut(plan.state_len).enumerate().for_each(run_split);
-            }
-            let mut scratch = vec![0.0f32; plan.scratch.len];
-            // SAFETY: as above; `states` holds `splits` slots of `plan.state_len` floats.
-            unsafe {
-                (compiled.finish)(
-                    args.ptr(),
-                    b,
-                    g,
-                    q0,
-                    schedule.splits,
-                    states.as_mut_ptr(),
-                    scratch.as_mut_ptr(),
-                )
+            let finish = |states: &mut [f32], scratch: &mut [f32]| {
+                debug_assert!(states.len() >= plan.state_len * schedule.splits);
+                // SAFETY: as above; `states` holds `splits` slots of `plan.state_len` floats.
+                unsafe {
+                    (compiled.finish)(
+                        args.ptr(),
+                        b,
+                        g,
+                        q0,
+                        schedule.splits,
+                        states.as_mut_ptr(),
+                        scratch.as_mut_ptr(),
+                    )
+                };
             };
+            if schedule.splits == 1 {
+                with_workspace(plan.scratch.len + plan.state_len, |work| {
+                    let (scratch, state) = work.split_at_mut(plan.scratch.len);
+                    item(0, shape.seq_k, scratch, state);
+                    finish(state, scratch);
+                });
+                return;
+            }
+            let mut states = vec![0.0f32; plan.state_len * schedule.splits];
+            states.par_chunks_mut(plan.state_len).enumerate().for_each(|(split, state)| {
+                let k_lo = split * schedule.keys_per_split;
+                let k_hi = (k_lo + schedule.keys_per_split).min(shape.seq_k);
+                with_workspace(plan.scratch.len, |scratch| item(k_lo, k_hi, scratch, state));
+            });
+            with_workspace(plan.scratch.len, |scratch| finish(&mut states, scratch));
         };
         let run_all = || (0..tasks).into_par_iter().for_each(run_task);
         match &self.pool {
