@@ -1,11 +1,13 @@
 //! The binary interface between generated kernels and the runtime that calls them.
 //!
 //! A generated kernel is two functions, both `extern "C"` with pointer-sized integer arguments:
-//! - `item(args, b, g, q0, k_lo, k_hi, scratch, state)` — see [`crate::ir`];
-//! - `finish(args, b, g, q0, n_states, states, scratch)`.
+//! - `item(args, b, g0, groups, q0, k_lo, k_hi, scratch, state, state_stride)` — see
+//!   [`crate::ir`]: groups `g0..g0 + groups`, group i's state at `state + i·state_stride`;
+//! - `finish(args, b, g, q0, n_states, states, split_stride, scratch)`: split s's state at
+//!   `states + s·split_stride`.
 //!
-//! `args` points to one [`CallArgs`]; `scratch` to `plan.scratch.len` floats; `state(s)` to
-//! `plan.state_len` floats per split.
+//! `args` points to one [`CallArgs`]; `scratch` to `plan.scratch.len(groups)` floats; every
+//! state slot holds `plan.state_len` floats. Strides are in floats.
 
 use std::mem::offset_of;
 
@@ -73,19 +75,21 @@ pub mod offsets {
 /// micro-kernel block streams is one run of memory instead of rows that alias in L1.
 pub const PANEL: usize = 16;
 
-/// `item(args, b, g, q0, k_lo, k_hi, scratch, state)`.
+/// `item(args, b, g0, groups, q0, k_lo, k_hi, scratch, state, state_stride)`.
 pub type ItemFn = unsafe extern "C" fn(
     args: *const CallArgs,
     b: usize,
-    g: usize,
+    g0: usize,
+    groups: usize,
     q0: usize,
     k_lo: usize,
     k_hi: usize,
     scratch: *mut f32,
     state: *mut f32,
+    state_stride: usize,
 );
 
-/// `finish(args, b, g, q0, n_states, states, scratch)`.
+/// `finish(args, b, g, q0, n_states, states, split_stride, scratch)`.
 pub type FinishFn = unsafe extern "C" fn(
     args: *const CallArgs,
     b: usize,
@@ -93,6 +97,7 @@ pub type FinishFn = unsafe extern "C" fn(
     q0: usize,
     n_states: usize,
     states: *mut f32,
+    split_stride: usize,
     scratch: *mut f32,
 );
 

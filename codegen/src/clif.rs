@@ -21,20 +21,20 @@ use crate::spec::{GroupMap, KvLayout, Mask};
 
 /// The two generated functions of a kernel.
 pub struct ClifKernel {
-    /// `item(args, b, g, q0, k_lo, k_hi, scratch, state)`.
+    /// `item(args, b, g0, groups, q0, k_lo, k_hi, scratch, state, state_stride)`.
     pub item: Function,
-    /// `finish(args, b, g, q0, n_states, states, scratch)`.
+    /// `finish(args, b, g, q0, n_states, states, split_stride, scratch)`.
     pub finish: Function,
 }
 
-/// Signature of `item`: eight pointer-sized integers.
+/// Signature of `item`: ten pointer-sized integers.
 pub fn item_signature(call_conv: CallConv) -> Signature {
-    int_signature(call_conv, 8, None)
+    int_signature(call_conv, 10, None)
 }
 
-/// Signature of `finish`: seven pointer-sized integers.
+/// Signature of `finish`: eight pointer-sized integers.
 pub fn finish_signature(call_conv: CallConv) -> Signature {
-    int_signature(call_conv, 7, None)
+    int_signature(call_conv, 8, None)
 }
 
 /// Signature of a callee.
@@ -120,14 +120,25 @@ struct Translator<'a> {
     // Parameters.
     args: Value,
     batch: Value,
+    /// The group being emitted for: the item's first group, or the loop variable of a
+    /// `ForEachGroup`.
     group: Value,
+    /// The item's first group and group count.
+    group0: Value,
+    groups: Value,
     q0: Value,
     k_lo: Value,
     k_hi: Value,
     scratch: Value,
-    /// Item: the state slot. Finish: the first of `n_states` slots.
+    /// Item: the current group's state slot. Finish: the first of `n_states` slots.
     state: Value,
+    /// Item: the first group's state slot, and the floats from one group's slot to the next.
+    /// Finish: the first slot, and the floats from one split's slot to the next.
+    state0: Value,
+    state_stride: Value,
     n_states: Value,
+    /// The current group's block of scratch (its packed queries).
+    group_scratch: Value,
     // Loaded once at entry.
     seq_q: Value,
     seq_k: Value,
@@ -176,29 +187,37 @@ impl<'a> Translator<'a> {
         b.seal_block(entry);
         let p = b.block_params(entry).to_vec();
         let zero = b.ins().iconst(types::I64, 0);
-        let (k_lo, k_hi, scratch, state, n_states) = match program {
-            Program::Item => (p[4], p[5], p[6], p[7], zero),
-            Program::Finish => (zero, zero, p[6], p[5], p[4]),
+        let one = b.ins().iconst(types::I64, 1);
+        // (g0, groups, q0, k_lo, k_hi, scratch, state, state_stride, n_states)
+        let (g0, groups, q0, k_lo, k_hi, scratch, state, state_stride, n_states) = match program {
+            Program::Item => (p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], zero),
+            Program::Finish => (p[2], one, p[3], zero, zero, p[7], p[5], p[6], p[4]),
         };
         let args = p[0];
         let seq_q = b.ins().load(types::I64, mem(), args, offsets::SEQ_Q);
         let seq_k = b.ins().load(types::I64, mem(), args, offsets::SEQ_K);
-        let left = b.ins().isub(seq_q, p[3]);
+        let left = b.ins().isub(seq_q, q0);
         let q_tile = b.ins().iconst(types::I64, plan.q_tile as i64);
         let nq = b.ins().smin(left, q_tile);
+        let group_scratch = b.ins().iadd_imm_s(scratch, 4 * plan.scratch.shared_len as i64);
         let mut t = Translator {
             b,
             plan,
             callees,
             args,
             batch: p[1],
-            group: p[2],
-            q0: p[3],
+            group: g0,
+            group0: g0,
+            groups,
+            q0,
             k_lo,
             k_hi,
             scratch,
             state,
+            state0: state,
+            state_stride,
             n_states,
+            group_scratch,
             seq_q,
             seq_k,
             nq,
@@ -559,16 +578,21 @@ impl<'a> Translator<'a> {
         self.b.ins().fmul(poly, pow2)
     }
 
-    /// tanh for f32x4: `sign(x)·(1 − 2/(e^{2|x|} + 1))` (absolute error ~1e-7, with e^{2|x|}
-    /// from `exp2`, its argument capped at 64: tanh is 1 in f32 long before), and for
-    /// |x| < 1/8, where that formula cancels, the odd series `x − x³/3 + 2x⁵/15 − 17x⁷/315`
-    /// (relative error < 1e-8), so a huge softcap leaves small scores unchanged.
-    fn tanh(&mut self, x: Value) -> Value {
+    /// The softcap in base-2 units for f32x4: `log2 e · cap · tanh(s / cap)`. With
+    /// `x = s / cap`, large |x| (>= 1/8) uses `cap · sign(x)·(1 − 2/(e^{2|x|} + 1))` (absolute
+    /// error ~1e-7, e^{2|x|} from `exp2` with its argument capped at 64: tanh is 1 in f32 long
+    /// before); small |x| uses `s · (tanh x / x)` with the even series
+    /// `1 − x²/3 + 2x⁴/15 − 17x⁶/315` (relative error < 2e-9). The small form never divides by
+    /// or multiplies with `cap`, so a huge cap — whose reciprocal is subnormal — leaves `s`
+    /// exactly unchanged instead of losing it to underflow.
+    fn softcap_log2(&mut self, s: Value, cap: f32) -> Value {
+        let inv_cap = self.splat((1.0 / f64::from(cap)) as f32);
+        let x = self.b.ins().fmul(s, inv_cap);
         let ax = self.b.ins().fabs(x);
         let two_log2e = self.splat(2.0 * std::f32::consts::LOG2_E);
         let arg = self.b.ins().fmul(ax, two_log2e);
-        let cap = self.splat(64.0);
-        let arg = self.min_ps(cap, arg);
+        let limit = self.splat(64.0);
+        let arg = self.min_ps(limit, arg);
         let e = self.exp2(arg);
         let one = self.splat(1.0);
         let two = self.splat(2.0);
@@ -578,19 +602,23 @@ impl<'a> Translator<'a> {
         // t >= 0: copy x's sign bit in (fcopysign has no f32x4 lowering on x86-64 here).
         let sign_bit = self.splat(-0.0);
         let sign = self.b.ins().band(x, sign_bit);
-        let large = self.b.ins().bor(t, sign);
+        let signed = self.b.ins().bor(t, sign);
+        let vcap = self.splat(cap);
+        let large = self.b.ins().fmul(signed, vcap);
         let x2 = self.b.ins().fmul(x, x);
         let mut poly = self.splat(-17.0 / 315.0);
         for c in [2.0 / 15.0, -1.0 / 3.0] {
             let c = self.splat(c);
             poly = self.b.ins().fma(poly, x2, c);
         }
-        let x3 = self.b.ins().fmul(x, x2);
-        let small = self.b.ins().fma(poly, x3, x);
+        let ratio = self.b.ins().fma(poly, x2, one);
+        let small = self.b.ins().fmul(s, ratio);
         let threshold = self.splat(0.125);
         let is_small = self.b.ins().fcmp(FloatCC::LessThan, ax, threshold);
         let is_small = self.b.ins().bitcast(F32X4, MemFlagsData::new(), is_small);
-        self.b.ins().bitselect(is_small, small, large)
+        let capped = self.b.ins().bitselect(is_small, small, large);
+        let log2e = self.splat(std::f32::consts::LOG2_E);
+        self.b.ins().fmul(capped, log2e)
     }
 
     /// 2^x of one f32 (x <= 64), through the vector routine.
@@ -688,6 +716,9 @@ impl<'a> Translator<'a> {
             }
             Op::AbsorbQueries { nope, rank, factor } => self.absorb_queries(*nope, *rank, *factor),
             Op::InitState => self.init_state(),
+            Op::ForEachGroup { body } => {
+                self.for_each_group(|t| body.iter().for_each(|op| t.op(op)))
+            }
             Op::KeyTiles { tile, body, .. } => self.key_tiles(*tile, body),
             Op::MergeSplits => self.merge_splits(),
             Op::Normalize => self.normalize(),
@@ -709,22 +740,52 @@ impl<'a> Translator<'a> {
             Op::Scores(term) => self.scores(term, tile),
             Op::OnlineSoftmax { cap, threshold } => self.online_softmax(*cap, *threshold, tile),
             Op::AccumulateValues { values, width } => self.accumulate_values(*values, *width, tile),
+            // An edge tile's row ranges depend on the group's rows: written per group.
+            Op::ForEachGroup { body } => self.for_each_group(|t| {
+                if tile.partial {
+                    t.write_row_ranges(tile.j0, tile.n);
+                }
+                body.iter().for_each(|op| t.tile_op(op, tile))
+            }),
             other => unreachable!("{other:?} is not a tile op"),
         }
     }
 
-    /// Scratch address of a tile operand.
+    /// Scratch address of a tile operand: the query tiles in the current group's block, the
+    /// K/V tiles in the shared part.
     fn tile_addr(&mut self, operand: Operand) -> Value {
         let scratch = &self.plan.scratch;
-        let floats = match operand {
-            Operand::QueryTile => scratch.queries,
-            Operand::RopeTile => scratch.rope_queries,
-            Operand::KeyTile => scratch.keys,
-            Operand::ValueTile => scratch.values,
+        let (base, floats) = match operand {
+            Operand::QueryTile => (self.group_scratch, scratch.queries),
+            Operand::RopeTile => (self.group_scratch, scratch.rope_queries),
+            Operand::KeyTile => (self.scratch, scratch.keys),
+            Operand::ValueTile => (self.scratch, scratch.values),
             other => unreachable!("{other:?} is a tensor, not a scratch tile"),
         };
+        self.add_imm(base, 4 * floats)
+    }
+
+    /// Emits `body` once per group of the item, in a loop: the group, its rows, its state
+    /// slot and its scratch block are rebound for the body and restored after.
+    fn for_each_group(&mut self, body: impl Fn(&mut Self)) {
+        let saved = (self.group, self.rows, self.rows_v4, self.state, self.group_scratch);
         let zero = self.int(0);
-        self.scratch_at(floats, zero)
+        let (group0, groups, state0, stride) =
+            (self.group0, self.groups, self.state0, self.state_stride);
+        self.for_range(zero, groups, 1, |t, i| {
+            t.group = t.add(group0, i);
+            let heads = t.group_size();
+            t.rows = t.mul(heads, t.nq);
+            let rows3 = t.add_imm(t.rows, 3);
+            t.rows_v4 = t.b.ins().band_imm_s(rows3, -4);
+            let slot = t.mul(i, stride);
+            t.state = t.float_addr(state0, slot);
+            let block = t.mul_imm(i, t.plan.scratch.group_len);
+            let block = t.add_imm(block, t.plan.scratch.shared_len);
+            t.group_scratch = t.float_addr(t.scratch, block);
+            body(t);
+        });
+        (self.group, self.rows, self.rows_v4, self.state, self.group_scratch) = saved;
     }
 
     /// Qᵀ: `factor · q` of every row, transposed into [`PANEL`]-column panels (`len` deep),
@@ -955,7 +1016,6 @@ impl<'a> Translator<'a> {
                 t.b.ins().jump(done, &[]);
                 t.b.switch_to_block(partial_block);
                 t.b.seal_block(partial_block);
-                t.write_row_ranges(j0, n);
                 for op in body {
                     t.tile_op(op, Tile { j0, n, partial: true });
                 }
@@ -1052,9 +1112,7 @@ impl<'a> Translator<'a> {
                 let at = t.add(column, offset);
                 let mut s = t.b.ins().load(F32X4, mem(), at, 0);
                 if let Some(cap) = cap {
-                    let th = t.tanh(s);
-                    let vcap = t.splat(cap);
-                    s = t.b.ins().fmul(th, vcap);
+                    s = t.softcap_log2(s, cap);
                 }
                 if let Some((lo, hi)) = bounds {
                     let j32 = t.b.ins().ireduce(types::I32, j);
@@ -1160,7 +1218,7 @@ impl<'a> Translator<'a> {
     fn merge_splits(&mut self) {
         let one = self.int(1);
         let several = self.b.ins().icmp(IntCC::SignedGreaterThan, self.n_states, one);
-        let (acc_dim, state_len) = (self.plan.acc_dim, self.plan.state_len);
+        let (acc_dim, split_stride) = (self.plan.acc_dim, self.state_stride);
         let first = self.state;
         let n_states = self.n_states;
         self.if_then(several, |t| {
@@ -1172,7 +1230,7 @@ impl<'a> Translator<'a> {
                 t.b.def_var(m_var, m0);
                 let one = t.int(1);
                 t.for_range(one, n_states, 1, |t, s| {
-                    let offset = t.mul_imm(s, state_len);
+                    let offset = t.mul(s, split_stride);
                     let slot = t.float_addr(first, offset);
                     let at = t.state_m(slot, row);
                     let m = t.b.ins().load(types::F32, mem(), at, 0);
@@ -1193,7 +1251,7 @@ impl<'a> Translator<'a> {
                 let o0 = t.state_o(first, row);
                 t.scale_row(o0, o0, acc_dim, c0);
                 t.for_range(one, n_states, 1, |t, s| {
-                    let offset = t.mul_imm(s, state_len);
+                    let offset = t.mul(s, split_stride);
                     let slot = t.float_addr(first, offset);
                     let m_at = t.state_m(slot, row);
                     let m = t.b.ins().load(types::F32, mem(), m_at, 0);

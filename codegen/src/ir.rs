@@ -1,8 +1,8 @@
 //! The kernel IR: a tile-level program, lowered from a [`KernelPlan`] and emitted by every
 //! backend (`clif` for the JIT), so a schedule change lands in all of them at once.
 //!
-//! A kernel is two programs over one work item — a batch entry `b`, a KV group `g` and a query
-//! tile starting at `q0`:
+//! A kernel is two programs over one work item — a batch entry `b`, a block of KV groups
+//! starting at `g0` (one group, or all of them for decode) and a query tile starting at `q0`:
 //! - `item` runs the flash-attention loop over one key range (a whole sequence, or one decode
 //!   split) and leaves the running state O, m, l of every row in a state slot;
 //! - `finish` merges the state slots of a task's splits and writes `out` and `lse`.
@@ -60,6 +60,13 @@ pub enum Op {
         /// The scale folded into the queries.
         factor: f32,
     },
+    /// Run `body` for each group of the work item in turn, each with its own query tile and
+    /// state. Inside the key loop this makes an item read all KV heads of a key tile before
+    /// the next tile: whole cache rows, in order.
+    ForEachGroup {
+        /// Ops run per group.
+        body: Vec<Op>,
+    },
     /// `O = 0`, `l = 0`, and `m = f32::MIN` for every row: the most negative finite float,
     /// so `2^(m − m')` and `2^(s − m)` never see `−∞ − (−∞)`.
     InitState,
@@ -75,13 +82,14 @@ pub enum Op {
         body: Vec<Op>,
     },
     /// `Sᵀ (+)= keys · (query tile)ᵀ` for one part of the score dot product, all rows at once.
-    /// The queries carry the scale, so S is in base-2 units.
+    /// The queries carry the scale (and, without a softcap, `log2 e`: S is in base-2 units).
     Scores(ScoreTerm),
-    /// Online softmax down the columns of Sᵀ (base 2): with a cap, `s = cap · tanh(S)`; on
+    /// Online softmax down the columns of Sᵀ (base 2): with a cap,
+    /// `s = log2 e · cap · tanh(S / cap)`; on
     /// edge tiles hidden keys become −∞; `t = rowmax s`; where `t > m + threshold`,
     /// `m' = t`, `l *= 2^(m − m')`, `O *= 2^(m − m')`; `P = 2^(s − m')`, `l += rowsum P`.
     OnlineSoftmax {
-        /// With a softcap: `cap · log2 e` (`KernelPlan::cap_factor`).
+        /// The spec's softcap.
         cap: Option<f32>,
         /// `KernelPlan::rescale_threshold`.
         threshold: f32,
@@ -151,7 +159,7 @@ pub enum Operand {
 /// Lowers a plan to its tile program.
 pub fn lower(plan: &KernelPlan) -> KernelIr {
     let spec = &plan.spec;
-    let softmax = Op::OnlineSoftmax { cap: plan.cap_factor, threshold: plan.rescale_threshold };
+    let softmax = Op::OnlineSoftmax { cap: spec.softcap, threshold: plan.rescale_threshold };
     let factor = plan.query_factor;
     let term =
         |query, keys, len, accumulate| Op::Scores(ScoreTerm { query, keys, len, accumulate });
@@ -192,15 +200,18 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
             (prologue, body, Op::StoreOut)
         }
     };
-    let mut item = prologue;
-    item.push(Op::InitState);
-    item.push(Op::KeyTiles { tile: plan.k_tile, mask: spec.mask, body });
+    let mut setup = prologue;
+    setup.push(Op::InitState);
+    let item = vec![
+        Op::ForEachGroup { body: setup },
+        Op::KeyTiles { tile: plan.k_tile, mask: spec.mask, body: vec![Op::ForEachGroup { body }] },
+    ];
     KernelIr { item, finish: vec![Op::MergeSplits, Op::Normalize, store, Op::StoreLse] }
 }
 
 impl fmt::Display for KernelIr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "item(b, g, q0, keys k_lo..k_hi) -> state:")?;
+        writeln!(f, "item(b, groups g0.., q0, keys k_lo..k_hi) -> state per group:")?;
         for op in &self.item {
             write_op(f, op, 1)?;
         }
@@ -237,6 +248,13 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             "{pad}Qᵀ[.., rows of h] = {factor} * q[b, q0.., h, 0..{nope}] · W_UK[h] for each head h   (tile A·B, {nope} -> {rank}; then transposed, in panels)"
         ),
         Op::InitState => writeln!(f, "{pad}O = 0; m = f32::MIN; l = 0"),
+        Op::ForEachGroup { body } => {
+            writeln!(f, "{pad}for each group g of the item:")?;
+            for op in body {
+                write_op(f, op, depth + 1)?;
+            }
+            Ok(())
+        }
         Op::KeyTiles { tile, mask, body } => {
             let skip = match mask {
                 Mask::None => "",
@@ -266,7 +284,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
         Op::OnlineSoftmax { cap, threshold } => {
             write!(f, "{pad}s = S")?;
             if let Some(c) = cap {
-                write!(f, "; s = {c} * tanh(s)")?;
+                write!(f, "; s = log2 e * {c} * tanh(s / {c})")?;
             }
             writeln!(f, "; edge tiles: hidden keys -> -inf   (base-2 units)")?;
             writeln!(
@@ -325,17 +343,30 @@ mod tests {
     use super::*;
     use crate::spec::AttentionSpec;
 
+    /// The per-group setup ops, the per-group tile ops and the mask of an item program.
+    fn parts(ir: &KernelIr) -> (&[Op], &[Op], Mask) {
+        let [Op::ForEachGroup { body: setup }, Op::KeyTiles { body, mask, .. }] = &ir.item[..]
+        else {
+            panic!("{ir}")
+        };
+        let [Op::ForEachGroup { body: tile }] = &body[..] else { panic!("{ir}") };
+        (setup, tile, *mask)
+    }
+
     #[test]
     fn grouped_program() {
-        let ir = lower(&KernelPlan::new(&AttentionSpec::gqa(8, 2, 16).mask(Mask::Causal)));
         let plan = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16).mask(Mask::Causal));
+        let ir = lower(&plan);
+        let (setup, body, mask) = parts(&ir);
         let factor = plan.query_factor;
         assert_eq!(
-            ir.item[0],
-            Op::PackQueries { offset: 0, len: 16, factor, into: Operand::QueryTile }
+            setup,
+            [
+                Op::PackQueries { offset: 0, len: 16, factor, into: Operand::QueryTile },
+                Op::InitState
+            ]
         );
-        let Op::KeyTiles { body, mask, .. } = &ir.item[2] else { panic!("{ir}") };
-        assert_eq!(*mask, Mask::Causal);
+        assert_eq!(mask, Mask::Causal);
         // Two KV heads: their rows are strided in the cache, so tiles are packed.
         assert!(matches!(body[0], Op::PackTile { from: Operand::K, width: 16, .. }));
         assert!(matches!(body[2], Op::Scores(ScoreTerm { keys: Operand::KeyTile, len: 16, .. })));
@@ -343,7 +374,7 @@ mod tests {
         assert_eq!(ir.finish, [Op::MergeSplits, Op::Normalize, Op::StoreOut, Op::StoreLse]);
         // One KV head: rows are contiguous already, read in place.
         let ir = lower(&KernelPlan::new(&AttentionSpec::mqa(8, 16)));
-        let Op::KeyTiles { body, .. } = &ir.item[2] else { panic!("{ir}") };
+        let (_, body, _) = parts(&ir);
         assert!(matches!(body[0], Op::Scores(ScoreTerm { keys: Operand::K, .. })));
     }
 
@@ -352,12 +383,12 @@ mod tests {
         let plan = KernelPlan::new(&AttentionSpec::mla(4, 32, 8, 16, 12));
         let factor = plan.query_factor;
         let ir = lower(&plan);
-        assert_eq!(ir.item[0], Op::AbsorbQueries { nope: 16, rank: 32, factor });
+        let (setup, body, _) = parts(&ir);
+        assert_eq!(setup[0], Op::AbsorbQueries { nope: 16, rank: 32, factor });
         assert_eq!(
-            ir.item[1],
+            setup[1],
             Op::PackQueries { offset: 16, len: 8, factor, into: Operand::RopeTile }
         );
-        let Op::KeyTiles { body, .. } = &ir.item[3] else { panic!("{ir}") };
         assert_eq!(body.len(), 5); // pack values, latent scores, rope scores, softmax, values
         assert!(matches!(
             body[2],
@@ -368,7 +399,6 @@ mod tests {
         assert!(text.contains("W_UK[h]") && text.contains("W_UV[h]"), "{text}");
         // Without a RoPE part there is one score term.
         let ir = lower(&KernelPlan::new(&AttentionSpec::mla(4, 32, 0, 16, 12)));
-        let Op::KeyTiles { body, .. } = &ir.item[2] else { panic!() };
-        assert_eq!(body.len(), 4);
+        assert_eq!(parts(&ir).1.len(), 4);
     }
 }

@@ -45,12 +45,10 @@ pub struct KernelPlan {
     pub acc_dim: usize,
     /// The spec's score scale.
     pub scale: f32,
-    /// Factor folded into the packed queries, so the score tile comes out ready for the
-    /// softmax: `scale · log2 e` (scores in base-2 units, so the softmax uses `exp2`), or with
-    /// a softcap `scale / cap` (the tanh's argument).
+    /// Factor folded into the packed queries: `scale · log2 e`, so the score tile comes out in
+    /// base-2 units and the softmax uses `exp2`; with a softcap just `scale` (the softmax
+    /// applies `cap · tanh(s / cap)` and then `log2 e`).
     pub query_factor: f32,
-    /// With a softcap: `cap · log2 e`, the factor after the tanh.
-    pub cap_factor: Option<f32>,
     /// Lazy rescaling: the running max m (base-2 units) moves only when a tile's max exceeds it
     /// by more than this, so O is rescaled rarely; probabilities stay below `2^threshold`.
     pub rescale_threshold: f32,
@@ -71,7 +69,9 @@ pub struct KernelPlan {
     pub state_len: usize,
 }
 
-/// Offsets (in floats) of the buffers in a work item's scratch.
+/// Offsets (in floats) of the buffers in a work item's scratch: a part every group of the item
+/// shares (tiles used and rewritten per key tile), then one block per group of the item
+/// (its packed queries, kept for the whole key loop).
 ///
 /// Query and score tiles are stored transposed — one column per row of the work item — so the
 /// score product is `Sᵀ = K·Qᵀ` with a broadcast of each key element, and the softmax runs
@@ -80,12 +80,12 @@ pub struct KernelPlan {
 pub struct ScratchLayout {
     /// Transposed score/probability tile Sᵀ: `k_tile × padded_rows`.
     pub scores: usize,
-    /// Packed queries Qᵀ in [`PANEL`]-column panels: `query_width × PANEL` floats per panel
-    /// (grouped: q; absorbed MLA: q'), already multiplied by `query_factor`.
+    /// In a group's block: packed queries Qᵀ in [`PANEL`]-column panels, `query_width × PANEL`
+    /// floats per panel (grouped: q; absorbed MLA: q'), already multiplied by `query_factor`.
     pub queries: usize,
     /// Length of a query (rows of Qᵀ).
     pub query_width: usize,
-    /// Packed RoPE queries of absorbed MLA, as `queries`: `rope_dim × PANEL` per panel.
+    /// In a group's block: packed RoPE queries of absorbed MLA, as `queries`.
     pub rope_queries: usize,
     /// Absorbed MLA: q' row-major, `rows × rank`, before it is transposed into `queries`.
     pub absorbed: usize,
@@ -96,11 +96,18 @@ pub struct ScratchLayout {
     pub values: usize,
     /// Per-row visible key range of an edge tile: `padded_rows` i32 lows, then as many highs.
     pub ranges: usize,
-    /// Total floats.
-    pub len: usize,
+    /// Where the first group's block starts: the floats of the shared part.
+    pub shared_len: usize,
+    /// Floats of one group's block.
+    pub group_len: usize,
 }
 
 impl ScratchLayout {
+    /// Floats of the scratch of a work item covering `groups` groups.
+    pub fn len(&self, groups: usize) -> usize {
+        self.shared_len + groups * self.group_len
+    }
+
     /// Floats of one panel-packed tile: `depth` rows by `width` columns in panels.
     pub fn panels(depth: usize, width: usize) -> usize {
         width.div_ceil(PANEL) * PANEL * depth
@@ -147,12 +154,12 @@ impl KernelPlan {
         };
         let pack_kv = value_width > 0;
         let scores = 0;
-        let queries = scores + k_tile * padded_rows;
-        let rope_queries = queries + ScratchLayout::panels(query_width, padded_rows);
-        let absorbed_at = rope_queries + ScratchLayout::panels(rope, padded_rows);
+        let absorbed_at = scores + k_tile * padded_rows;
         let keys = absorbed_at + absorbed;
         let values = keys + k_tile * key_width;
         let ranges = values + ScratchLayout::panels(k_tile, value_width);
+        let queries = 0;
+        let rope_queries = queries + ScratchLayout::panels(query_width, padded_rows);
         let scratch = ScratchLayout {
             scores,
             queries,
@@ -162,14 +169,12 @@ impl KernelPlan {
             keys,
             values,
             ranges,
-            len: ranges + 2 * padded_rows,
+            shared_len: ranges + 2 * padded_rows,
+            group_len: rope_queries + ScratchLayout::panels(rope, padded_rows),
         };
         let scale = spec.effective_scale();
         let log2e = std::f64::consts::LOG2_E;
-        let (query_factor, cap_factor) = match spec.softcap {
-            Some(cap) => (scale / f64::from(cap), Some((f64::from(cap) * log2e) as f32)),
-            None => (scale * log2e, None),
-        };
+        let query_factor = if spec.softcap.is_some() { scale } else { scale * log2e };
         KernelPlan {
             spec: spec.clone(),
             form,
@@ -181,7 +186,6 @@ impl KernelPlan {
             acc_dim,
             scale: scale as f32,
             query_factor: query_factor as f32,
-            cap_factor,
             rescale_threshold: RESCALE_THRESHOLD,
             pack_kv,
             pack_min_rows: 16,
@@ -192,16 +196,24 @@ impl KernelPlan {
     }
 
     /// Splits a call of `seq_q` queries and `seq_k` keys per sequence into work items for
-    /// `threads` threads: every (batch, group, query tile) is a task; when there are too few
-    /// tasks to keep the threads busy (decode), each task's keys are split and the partial
-    /// results merged by log-sum-exp.
+    /// `threads` threads: every (batch, block of groups, query tile) is a task; when there are
+    /// too few tasks to keep the threads busy (decode), each task's keys are split and the
+    /// partial results merged by log-sum-exp.
+    ///
+    /// A task covers one group, unless its items would have too few rows to pack K/V tiles
+    /// (decode): then it covers every group, so an item walks whole cache rows — all KV heads
+    /// of a token, a page — instead of one head's slice of a page per token, which costs a
+    /// page walk per key and defeats the hardware prefetchers.
     pub fn schedule(&self, batch: usize, seq_q: usize, seq_k: usize, threads: usize) -> Schedule {
         let q_tiles = seq_q.div_ceil(self.q_tile);
-        let tasks = batch * self.groups.len() * q_tiles;
+        let largest_group = self.groups.iter().map(Vec::len).max().unwrap_or(1);
+        let rows = seq_q.min(self.q_tile) * largest_group;
+        let groups_per_item = if rows < self.pack_min_rows { self.groups.len() } else { 1 };
+        let tasks = batch * (self.groups.len() / groups_per_item) * q_tiles;
         let wanted = (4 * threads.max(1)).div_ceil(tasks.max(1));
         let affordable = (seq_k / self.min_keys_per_split).max(1);
         let splits = wanted.min(affordable).max(1);
-        Schedule { q_tiles, splits, keys_per_split: seq_k.div_ceil(splits).max(1) }
+        Schedule { q_tiles, groups_per_item, splits, keys_per_split: seq_k.div_ceil(splits).max(1) }
     }
 
     /// FLOPs per (query, key) pair per head the kernel actually does (absorbed MLA attends over
@@ -219,6 +231,8 @@ impl KernelPlan {
 pub struct Schedule {
     /// Query tiles per sequence.
     pub q_tiles: usize,
+    /// Groups each work item covers: 1, or all of them (decode).
+    pub groups_per_item: usize,
     /// Key splits per task (1: no split).
     pub splits: usize,
     /// Keys per split (the last may have fewer).
@@ -284,8 +298,8 @@ impl fmt::Display for KernelPlan {
             f,
             "  softmax      base 2: queries packed transposed and pre-multiplied by {}{}; O rescaled only when a tile's max exceeds m by {}",
             self.query_factor,
-            match self.cap_factor {
-                Some(c) => format!(", s = {c} * tanh(S)"),
+            match spec.softcap {
+                Some(c) => format!(" (= scale); s = log2 e * {c} * tanh(S / {c})"),
                 None => " (= scale * log2 e)".to_owned(),
             },
             self.rescale_threshold
@@ -297,8 +311,10 @@ impl fmt::Display for KernelPlan {
         )?;
         writeln!(
             f,
-            "  scratch      {} floats per work item; state {} floats per split",
-            self.scratch.len, self.state_len
+            "  scratch      {} floats per work item (+ {} per extra group); state {} floats per group and split",
+            self.scratch.len(1),
+            self.scratch.group_len,
+            self.state_len
         )?;
         write!(
             f,
@@ -340,7 +356,12 @@ mod tests {
     #[test]
     fn decode_splits_only_when_tasks_are_few() {
         let gqa = KernelPlan::new(&AttentionSpec::gqa(32, 8, 128));
-        assert_eq!(gqa.schedule(4, 1, 4096, 2).splits, 1); // 32 tasks keep 2 threads busy
+        // Decode items cover all 8 groups: 4 tasks, so each is split in two.
+        let s = gqa.schedule(4, 1, 4096, 2);
+        assert_eq!((s.groups_per_item, s.splits), (8, 2));
+        // Prefill items cover one group: 8 groups x 16 query tiles keep 2 threads busy.
+        let s = gqa.schedule(1, 256, 256, 2);
+        assert_eq!((s.groups_per_item, s.q_tiles, s.splits), (1, 16, 1));
         let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128));
         let s = mla.schedule(1, 1, 4096, 2);
         assert_eq!((s.splits, s.keys_per_split), (8, 512));

@@ -119,14 +119,18 @@ pub struct CheckReport {
     pub failure: Option<(Case, Mismatch)>,
 }
 
-/// The shapes [`check`] draws: B, Sq and Sk from 1 up to the limits (Sq > Sk included);
-/// proptest shrinks them toward 1.
+/// The shapes [`check`] draws: B, Sq and Sk from 1 up to the limits (Sq > Sk included; a third
+/// of the draws have Sq <= 4, decode); proptest shrinks them toward 1.
 pub fn shapes(
     max_batch: usize,
     max_seq_q: usize,
     max_seq_k: usize,
 ) -> impl Strategy<Value = Shape> {
-    (1..=max_batch.max(1), 1..=max_seq_q.max(1), 1..=max_seq_k.max(1))
+    // A third of the cases are decode-like (at most 4 queries): kernels take different
+    // paths there (whole-row decode items, unpacked tiles), so they must be drawn often.
+    let max_seq_q = max_seq_q.max(1);
+    let seq_q = prop_oneof![1 => 1..=max_seq_q.min(4), 2 => 1..=max_seq_q];
+    (1..=max_batch.max(1), seq_q, 1..=max_seq_k.max(1))
         .prop_map(|(b, sq, sk)| Shape::new(b, sq, sk))
 }
 

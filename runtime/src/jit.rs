@@ -341,62 +341,75 @@ impl Kernel for JitKernel {
         let threads =
             self.pool.as_ref().map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
         let schedule = plan.schedule(shape.batch, shape.seq_q, shape.seq_k, threads);
-        let groups = plan.groups.len();
-        let tasks = shape.batch * groups * schedule.q_tiles;
+        let per_item = schedule.groups_per_item;
+        let blocks = plan.groups.len() / per_item;
+        let tasks = shape.batch * blocks * schedule.q_tiles;
+        let (state_len, splits) = (plan.state_len, schedule.splits);
+        let scratch_len = plan.scratch.len(per_item);
+        // A task's states: `splits` runs of `per_item` group slots ([split][group]), so each
+        // split's item writes one contiguous run.
         let run_task = |task: usize| {
             let (b, rest) =
-                (task / (groups * schedule.q_tiles), task % (groups * schedule.q_tiles));
-            let (g, tile) = (rest / schedule.q_tiles, rest % schedule.q_tiles);
-            let q0 = tile * plan.q_tile;
-            let item = |k_lo: usize, k_hi: usize, scratch: &mut [f32], state: &mut [f32]| {
-                debug_assert!(scratch.len() >= plan.scratch.len && state.len() >= plan.state_len);
+                (task / (blocks * schedule.q_tiles), task % (blocks * schedule.q_tiles));
+            let (block, tile) = (rest / schedule.q_tiles, rest % schedule.q_tiles);
+            let (g0, q0) = (block * per_item, tile * plan.q_tile);
+            let item = |k_lo: usize, k_hi: usize, scratch: &mut [f32], states: &mut [f32]| {
+                assert!(scratch.len() >= scratch_len && states.len() >= per_item * state_len);
                 // SAFETY: `check_call` verified every buffer against `shape`; the generated
                 // code reads and writes only within those tensors for b < B, q0 < Sq, keys
-                // k_lo..k_hi ⊆ 0..Sk and the group's heads, plus `scratch` and `state`, which
-                // have at least the plan's sizes.
+                // k_lo..k_hi ⊆ 0..Sk and the heads of groups g0..g0 + per_item < groups, plus
+                // `scratch` (the plan's size for per_item groups) and per_item state slots of
+                // state_len floats, state_len apart (asserted above).
                 unsafe {
                     (compiled.item)(
                         args.ptr(),
                         b,
-                        g,
+                        g0,
+                        per_item,
                         q0,
                         k_lo,
                         k_hi,
                         scratch.as_mut_ptr(),
-                        state.as_mut_ptr(),
+                        states.as_mut_ptr(),
+                        state_len,
                     )
                 };
             };
             let finish = |states: &mut [f32], scratch: &mut [f32]| {
-                debug_assert!(states.len() >= plan.state_len * schedule.splits);
-                // SAFETY: as above; `states` holds `splits` slots of `plan.state_len` floats.
-                unsafe {
-                    (compiled.finish)(
-                        args.ptr(),
-                        b,
-                        g,
-                        q0,
-                        schedule.splits,
-                        states.as_mut_ptr(),
-                        scratch.as_mut_ptr(),
-                    )
-                };
+                assert!(states.len() >= splits * per_item * state_len);
+                for i in 0..per_item {
+                    // SAFETY: as above; group i's `splits` slots start at slot i and lie
+                    // per_item slots apart, inside `states` (asserted above).
+                    unsafe {
+                        (compiled.finish)(
+                            args.ptr(),
+                            b,
+                            g0 + i,
+                            q0,
+                            splits,
+                            states.as_mut_ptr().add(i * state_len),
+                            per_item * state_len,
+                            scratch.as_mut_ptr(),
+                        )
+                    };
+                }
             };
-            if schedule.splits == 1 {
-                with_workspace(plan.scratch.len + plan.state_len, |work| {
-                    let (scratch, state) = work.split_at_mut(plan.scratch.len);
-                    item(0, shape.seq_k, scratch, state);
-                    finish(state, scratch);
+            let states_len = splits * per_item * state_len;
+            if splits == 1 {
+                with_workspace(scratch_len + states_len, |work| {
+                    let (scratch, states) = work.split_at_mut(scratch_len);
+                    item(0, shape.seq_k, scratch, states);
+                    finish(states, scratch);
                 });
                 return;
             }
-            let mut states = vec![0.0f32; plan.state_len * schedule.splits];
-            states.par_chunks_mut(plan.state_len).enumerate().for_each(|(split, state)| {
+            let mut states = vec![0.0f32; states_len];
+            states.par_chunks_mut(per_item * state_len).enumerate().for_each(|(split, run)| {
                 let k_lo = split * schedule.keys_per_split;
                 let k_hi = (k_lo + schedule.keys_per_split).min(shape.seq_k);
-                with_workspace(plan.scratch.len, |scratch| item(k_lo, k_hi, scratch, state));
+                with_workspace(scratch_len, |scratch| item(k_lo, k_hi, scratch, run));
             });
-            with_workspace(plan.scratch.len, |scratch| finish(&mut states, scratch));
+            with_workspace(scratch_len, |scratch| finish(&mut states, scratch));
         };
         let run_all = || (0..tasks).into_par_iter().for_each(run_task);
         match &self.pool {

@@ -59,6 +59,8 @@ fn every_variant_on_a_few_shapes() {
             .group_map(GroupMap::Explicit(vec![2, 0, 0, 1, 2]))
             .v_head_dim(7),
         AttentionSpec::gqa(4, 2, 9).softcap(1.5).scale(0.7).mask(Mask::Causal),
+        // A larger group after a smaller one: decode items walk both, each with its own rows.
+        AttentionSpec::gqa(6, 2, 8).group_map(GroupMap::Explicit(vec![0, 0, 1, 1, 1, 1])),
         AttentionSpec::mla(3, 12, 4, 6, 5).mask(Mask::Causal),
         AttentionSpec::mla(2, 9, 0, 3, 4),
         AttentionSpec::mla(2, 5, 3, 0, 2).mask(Mask::SlidingWindow(2)),
