@@ -69,6 +69,37 @@ pub mod offsets {
     pub const SEQ_K: i32 = offset_of!(CallArgs, seq_k) as i32;
 }
 
+/// Rows of a cache tensor for `DotNn` to prefetch while it computes: `rows` rows of `width`
+/// floats, `stride` floats apart, from `base` — the next key tile. The kernel spreads the
+/// prefetches over its blocks, so they overlap the arithmetic instead of stalling in a burst.
+/// `base` may point past the tensor (the last tile's successor): prefetches never fault.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PrefetchRows {
+    /// First row.
+    pub base: *const f32,
+    /// Rows.
+    pub rows: usize,
+    /// Floats from one row to the next.
+    pub stride: usize,
+    /// Floats per row.
+    pub width: usize,
+}
+
+/// Byte offsets of [`PrefetchRows`] fields, for the emitters.
+pub mod prefetch_offsets {
+    use super::*;
+
+    /// `base`.
+    pub const BASE: i32 = offset_of!(PrefetchRows, base) as i32;
+    /// `rows`.
+    pub const ROWS: i32 = offset_of!(PrefetchRows, rows) as i32;
+    /// `stride`.
+    pub const STRIDE: i32 = offset_of!(PrefetchRows, stride) as i32;
+    /// `width`.
+    pub const WIDTH: i32 = offset_of!(PrefetchRows, width) as i32;
+}
+
 /// Columns per panel of `DotNn`'s B operand: element `B[p][j]` lives at
 /// `b + (j / PANEL)·b_panel + p·b_row + j % PANEL`. A plain row-major B has `b_panel = PANEL`;
 /// a packed tile stores each 16-column panel contiguously (`b_row = PANEL`), so the panel a
@@ -110,8 +141,7 @@ pub enum Callee {
     DotNn,
     /// Natural log of one f32 (once per output row, for `lse`).
     Ln,
-    /// Copy a K/V tile into scratch (rows or column panels) and prefetch the next tile
-    /// (`simd::PackRows`).
+    /// Copy a K/V tile into scratch, as rows or column panels (`simd::PackRows`).
     PackRows,
     /// Copy query rows transposed and scaled into the query tile's panels
     /// (`simd::PackColumns`).

@@ -14,7 +14,7 @@ use cranelift_codegen::ir::{
 use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 
-use crate::abi::{Callee, PANEL, offsets};
+use crate::abi::{Callee, PANEL, PrefetchRows, offsets, prefetch_offsets};
 use crate::ir::{KernelIr, Op, Operand, ScoreTerm};
 use crate::plan::KernelPlan;
 use crate::spec::{GroupMap, KvLayout, Mask};
@@ -41,14 +41,14 @@ pub fn finish_signature(call_conv: CallConv) -> Signature {
 pub fn callee_signature(callee: Callee, call_conv: CallConv) -> Signature {
     match callee {
         Callee::DotNt => int_signature(call_conv, 10, None),
-        Callee::DotNn => int_signature(call_conv, 14, None),
+        Callee::DotNn => int_signature(call_conv, 15, None),
         Callee::Ln => {
             let mut sig = Signature::new(call_conv);
             sig.params.push(AbiParam::new(types::F32));
             sig.returns.push(AbiParam::new(types::F32));
             sig
         }
-        Callee::PackRows => int_signature(call_conv, 9, None),
+        Callee::PackRows => int_signature(call_conv, 7, None),
         Callee::PackColumns => {
             let mut sig = int_signature(call_conv, 4, None);
             sig.params.push(AbiParam::new(types::F32));
@@ -146,6 +146,8 @@ struct Translator<'a> {
     nq: Value,
     /// Explicit maps: the stack table of heads per group, `groups × largest group` i32.
     head_table: Option<Value>,
+    /// A stack [`PrefetchRows`] the tile products read.
+    prefetch: Value,
     /// Rows of this work item: the group's heads × nq.
     rows: Value,
     /// `rows` rounded up to 4: the columns of the transposed tiles the softmax walks.
@@ -222,10 +224,17 @@ impl<'a> Translator<'a> {
             seq_k,
             nq,
             head_table: None,
+            prefetch: zero,
             rows: nq,
             rows_v4: nq,
         };
         t.head_table = t.emit_head_table();
+        let slot = t.b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            std::mem::size_of::<PrefetchRows>() as u32,
+            3,
+        ));
+        t.prefetch = t.b.ins().stack_addr(types::I64, slot, 0);
         let heads = t.group_size();
         t.rows = t.mul(heads, nq);
         let rows3 = t.add_imm(t.rows, 3);
@@ -856,9 +865,7 @@ impl<'a> Translator<'a> {
     }
 
     /// Copies the tile's rows of `from` (when this item packs): into a row-major key tile, or
-    /// into the value tile's [`PANEL`]-column panels (`k_tile` deep). Either way the rows of
-    /// the next tile are prefetched: cache rows are a page apart, past the hardware
-    /// prefetchers.
+    /// into the value tile's [`PANEL`]-column panels (`k_tile` deep).
     fn pack_tile(&mut self, from: Operand, into: Operand, width: usize, tile: Tile) {
         let packs = self.packs();
         let k_tile = self.plan.k_tile;
@@ -868,16 +875,40 @@ impl<'a> Translator<'a> {
         let rows = self.b.ins().select(packs, tile.n, zero);
         let (dst_row, dst_panel) =
             if into == Operand::ValueTile { (PANEL, PANEL * k_tile) } else { (width, PANEL) };
-        let next = self.add_imm(src, 4 * k_tile * stride);
-        let (width, stride, dst_row, dst_panel, next_rows) = (
+        let (width, stride, dst_row, dst_panel) = (
             self.int(width as i64),
             self.int(stride as i64),
             self.int(dst_row as i64),
             self.int(dst_panel as i64),
-            self.int(k_tile as i64),
         );
-        let args = [rows, width, src, stride, dst, dst_row, dst_panel, next, next_rows];
+        let args = [rows, width, src, stride, dst, dst_row, dst_panel];
         self.call(Callee::PackRows, &args);
+    }
+
+    /// Fills the stack [`PrefetchRows`] with the next key tile's rows of cache tensor `cache`
+    /// and returns its address, for a tile product to prefetch while it computes: cache rows
+    /// are a page apart, past the hardware prefetchers.
+    fn prefetch_next(&mut self, cache: Operand, j0: Value) -> Value {
+        let k_tile = self.plan.k_tile;
+        let next = self.add_imm(j0, k_tile);
+        let (base, stride) = self.kv_rows(cache, next);
+        let width = match cache {
+            Operand::V => self.plan.spec.v_head_dim,
+            Operand::CKv => self.plan.acc_dim,
+            _ => self.plan.spec.head_dim(),
+        };
+        let at = self.prefetch;
+        let (rows, stride, width) =
+            (self.int(k_tile as i64), self.int(stride as i64), self.int(width as i64));
+        for (value, offset) in [
+            (base, prefetch_offsets::BASE),
+            (rows, prefetch_offsets::ROWS),
+            (stride, prefetch_offsets::STRIDE),
+            (width, prefetch_offsets::WIDTH),
+        ] {
+            self.b.ins().store(mem(), value, at, offset);
+        }
+        at
     }
 
     /// Address and row stride of a key operand (the broadcast side of the score product): the
@@ -944,7 +975,8 @@ impl<'a> Translator<'a> {
                 t.int(0),
             );
             let nq = t.nq;
-            let args = [nq, rank, nope, a, lda, one, bw, rank, panel, c, rank, zero, zero, zero];
+            let args =
+                [nq, rank, nope, a, lda, one, bw, rank, panel, c, rank, zero, zero, zero, zero];
             t.call(Callee::DotNn, &args);
         });
         let tile = self.tile_addr(Operand::QueryTile);
@@ -1078,8 +1110,16 @@ impl<'a> Translator<'a> {
             self.int(self.plan.padded_rows as i64),
             self.int(i64::from(term.accumulate)),
         );
+        // The first term prefetches the next tile of the keys it reads (grouped K, latent c_kv).
+        let prefetch = match term.keys {
+            _ if term.accumulate => zero,
+            Operand::KeyTile => self.prefetch_next(Operand::K, tile.j0),
+            keys => self.prefetch_next(keys, tile.j0),
+        };
         let (n, rows_v4) = (tile.n, self.rows_v4);
-        let args = [n, rows_v4, len, a, a_row, one, b, panel, panel_len, c, ldc, acc, zero, zero];
+        let args = [
+            n, rows_v4, len, a, a_row, one, b, panel, panel_len, c, ldc, acc, zero, zero, prefetch,
+        ];
         self.call(Callee::DotNn, &args);
     }
 
@@ -1210,8 +1250,15 @@ impl<'a> Translator<'a> {
             self.int(self.plan.padded_rows as i64),
             self.int(self.plan.acc_dim as i64),
         );
+        // Grouped values are their own tensor: prefetch their next tile (latent values are the
+        // keys, already prefetched by the scores).
+        let prefetch = match self.plan.spec.kv {
+            KvLayout::Grouped { .. } => self.prefetch_next(Operand::V, tile.j0),
+            KvLayout::Latent(_) => zero,
+        };
         let (rows, n) = (self.rows, tile.n);
-        let args = [rows, width, n, p, one, lda, v, b_row, b_panel, o, ldc, one, lows, highs];
+        let args =
+            [rows, width, n, p, one, lda, v, b_row, b_panel, o, ldc, one, lows, highs, prefetch];
         self.call(Callee::DotNn, &args);
     }
 

@@ -8,8 +8,13 @@
 //! - [`DotNt`]: `C (+)= A · Bᵀ` with A and B both row-major — MLA's output projection
 //!   `out = o'·W_UVᵀ`, once per work item.
 //!
-//! Two tile copies, the same on every ISA (module `pack`): [`PackRows`] (a K/V tile into scratch,
-//! with a prefetch of the next tile) and [`PackColumns`] (query rows, transposed and scaled).
+//! Two tile copies, the same on every ISA (module `pack`): [`PackRows`] (a K/V tile into
+//! scratch) and [`PackColumns`] (query rows, transposed and scaled).
+//!
+//! Cache rows of one KV head lie `kv_heads · D` floats apart — a page apart for common shapes —
+//! and hardware prefetchers stop at page boundaries, so without help every row of a tile is a
+//! demand miss. The products therefore prefetch the next key tile ([`PrefetchRows`]) a few
+//! lines per block while they compute.
 //!
 //! Everything else — loop nest, group mapping, masks, online softmax, splits and merges — is
 //! generated per spec. Each ISA module implements the products with the same `extern "C"`
@@ -18,7 +23,7 @@
 // The kernels take BLAS-style (sizes, pointer, leading dimension) argument lists.
 #![allow(clippy::too_many_arguments)]
 
-use attngen_codegen::abi::PANEL;
+use attngen_codegen::abi::{PANEL, PrefetchRows};
 
 mod pack;
 mod portable;
@@ -51,7 +56,8 @@ pub type DotNt = unsafe extern "C" fn(
 ///   a row never reads B outside its range, so a hidden key's value row cannot reach it, not
 ///   even as `0 · NaN`.
 ///
-/// `accumulate != 0` adds to C, otherwise overwrites it.
+/// `accumulate != 0` adds to C, otherwise overwrites it. `prefetch`, when non-null, names cache
+/// rows to prefetch while computing (the next key tile), spread over the blocks.
 pub type DotNn = unsafe extern "C" fn(
     m: usize,
     n: usize,
@@ -67,12 +73,12 @@ pub type DotNn = unsafe extern "C" fn(
     accumulate: usize,
     row_lo: *const i32,
     row_hi: *const i32,
+    prefetch: *const PrefetchRows,
 );
 
 /// Copies `rows` rows of `width` floats, `src[r·src_row + c]`, to
 /// `dst[(c / PANEL)·dst_panel + r·dst_row + c % PANEL]` (row-major: `dst_row = width`,
-/// `dst_panel = PANEL`; panels: `dst_row = PANEL`), then prefetches `next_rows` rows of `width`
-/// floats at `next` (stride `src_row`) — the next key tile, while this one is computed.
+/// `dst_panel = PANEL`; panels: `dst_row = PANEL`).
 pub type PackRows = unsafe extern "C" fn(
     rows: usize,
     width: usize,
@@ -81,8 +87,6 @@ pub type PackRows = unsafe extern "C" fn(
     dst: *mut f32,
     dst_row: usize,
     dst_panel: usize,
-    next: *const f32,
-    next_rows: usize,
 );
 
 /// Writes `factor · src[r·src_row + c]` (`r < rows`, `c < width`) transposed into column
@@ -116,6 +120,70 @@ unsafe fn row_keys(row_lo: *const i32, row_hi: *const i32, i: usize, k: usize) -
     let (lo, hi) = unsafe { (*row_lo.add(i), *row_hi.add(i)) };
     let clamp = |x: i32| (x.max(0) as usize).min(k);
     (clamp(lo), clamp(hi).max(clamp(lo)))
+}
+
+/// Issues the prefetches a [`PrefetchRows`] names, spread evenly over `steps` calls of
+/// [`Prefetcher::step`].
+struct Prefetcher {
+    base: *const u8,
+    rows: usize,
+    stride: usize,
+    lines_per_row: usize,
+    per_step: usize,
+    row: usize,
+    line: usize,
+}
+
+/// Bytes per cache line, the prefetch granularity.
+const LINE: usize = 64;
+
+impl Prefetcher {
+    /// A prefetcher for `desc` (none for null) over `steps` steps.
+    ///
+    /// # Safety
+    /// `desc` is null or points to a valid [`PrefetchRows`].
+    unsafe fn new(desc: *const PrefetchRows, steps: usize) -> Option<Prefetcher> {
+        // SAFETY: the caller's contract.
+        let desc = unsafe { desc.as_ref() }?;
+        let lines_per_row = (desc.width * 4).div_ceil(LINE);
+        let lines = desc.rows * lines_per_row;
+        Some(Prefetcher {
+            base: desc.base.cast(),
+            rows: desc.rows,
+            stride: desc.stride * 4,
+            lines_per_row,
+            per_step: lines.div_ceil(steps.max(1)),
+            row: 0,
+            line: 0,
+        })
+    }
+
+    /// Prefetches the next share of lines.
+    fn step(&mut self) {
+        for _ in 0..self.per_step {
+            if self.row >= self.rows {
+                return;
+            }
+            let at = self.base.wrapping_add(self.row * self.stride + self.line * LINE);
+            prefetch(at);
+            self.line += 1;
+            if self.line == self.lines_per_row {
+                (self.row, self.line) = (self.row + 1, 0);
+            }
+        }
+    }
+}
+
+/// Asks for the cache line at `at`; never faults, whatever the address.
+#[inline(always)]
+fn prefetch(at: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint with no architectural effect; any address is allowed.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
 }
 
 /// An instruction set the micro-kernels are compiled for.
@@ -237,6 +305,8 @@ mod tests {
             ] {
                 let ldc = n + 1;
                 let a = data(m * k + 3 * (m + k), 4);
+                // Prefetching (here: A itself, and rows past its end) never changes a result.
+                let prefetch = PrefetchRows { base: a.as_ptr(), rows: k + 9, stride: m, width: 40 };
                 let b = data(k * n.next_multiple_of(PANEL) + 5 * k, 5);
                 let lo: Vec<i32> = (0..m as i32).map(|i| i % 3 - 1).collect();
                 let hi: Vec<i32> = (0..m as i32).map(|i| k as i32 - i + 1).collect();
@@ -271,6 +341,7 @@ mod tests {
                                     accumulate,
                                     row_lo,
                                     row_hi,
+                                    &prefetch,
                                 )
                             };
                             for i in 0..m {
@@ -340,6 +411,7 @@ mod tests {
                     0,
                     lo.as_ptr(),
                     hi.as_ptr(),
+                    std::ptr::null(),
                 )
             };
             assert_eq!(c, [2.0, 3.0], "{isa:?}");

@@ -1,21 +1,13 @@
 //! Tile packing: the copies that put a tile of cache rows or query rows into the layout the
-//! micro-kernels stream, and the software prefetch of the next key tile.
-//!
-//! Cache rows of one KV head lie `kv_heads · D` floats apart — a page apart for common shapes —
-//! and hardware prefetchers stop at page boundaries, so without help every row of a tile is a
-//! demand miss. [`pack_rows`] therefore prefetches the rows of the following tile while the
-//! current one is computed. The same code serves every ISA: `prefetcht0` is baseline x86-64.
+//! micro-kernels stream. The same code serves every ISA.
 
 use attngen_codegen::abi::PANEL;
-
-/// Bytes per cache line, the prefetch granularity.
-const LINE: usize = 64;
 
 /// See [`super::PackRows`].
 ///
 /// # Safety
 /// `src` holds `rows` rows of stride `src_row` with `width` readable floats each; `dst` holds
-/// every element the layout names for them. `next` may point anywhere: it is only prefetched.
+/// every element the layout names for them.
 pub unsafe extern "C" fn pack_rows(
     rows: usize,
     width: usize,
@@ -24,8 +16,6 @@ pub unsafe extern "C" fn pack_rows(
     dst: *mut f32,
     dst_row: usize,
     dst_panel: usize,
-    next: *const f32,
-    next_rows: usize,
 ) {
     for r in 0..rows {
         // SAFETY (whole loop): row r, columns 0..width exist in src and, by the layout, in
@@ -47,12 +37,6 @@ pub unsafe extern "C" fn pack_rows(
                 let to = dst.add(whole / PANEL * dst_panel + r * dst_row);
                 std::ptr::copy_nonoverlapping(from.add(whole), to, width - whole);
             }
-        }
-    }
-    for r in 0..next_rows {
-        let row = next.wrapping_add(r * src_row).cast::<u8>();
-        for byte in (0..width * 4).step_by(LINE) {
-            prefetch(row.wrapping_add(byte));
         }
     }
 }
@@ -83,18 +67,6 @@ pub unsafe extern "C" fn pack_columns(
             unsafe { *to.add(c * PANEL) = factor * x };
         }
     }
-}
-
-/// Asks for the cache line at `at`; never faults, whatever the address.
-#[inline(always)]
-fn prefetch(at: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetch is a hint with no architectural effect; any address is allowed.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = at;
 }
 
 // The routines have exactly the signatures generated code is compiled against.

@@ -1,5 +1,7 @@
 //! Scalar micro-kernels: correct everywhere, the fallback when no SIMD ISA is available.
 
+use attngen_codegen::abi::PrefetchRows;
+
 /// See [`super::DotNt`].
 ///
 /// # Safety
@@ -35,7 +37,8 @@ pub unsafe extern "C" fn dot_nt(
 ///
 /// # Safety
 /// Every `A[i][p]`, `B[p][j]` and `C[i][j]` that [`super::DotNn`] names for `i < m`, `j < n`,
-/// `p < k` is in bounds (C writable), and the row tables are null or hold `m` entries each.
+/// `p < k` is in bounds (C writable), the row tables are null or hold `m` entries each, and
+/// `prefetch` is null or valid.
 pub unsafe extern "C" fn dot_nn(
     m: usize,
     n: usize,
@@ -51,9 +54,15 @@ pub unsafe extern "C" fn dot_nn(
     accumulate: usize,
     row_lo: *const i32,
     row_hi: *const i32,
+    prefetch: *const PrefetchRows,
 ) {
+    // SAFETY: the caller passes a null or valid descriptor.
+    let mut prefetcher = unsafe { super::Prefetcher::new(prefetch, m) };
     let mut chunk = vec![0.0f32; n];
     for i in 0..m {
+        if let Some(p) = &mut prefetcher {
+            p.step();
+        }
         // SAFETY: the caller guarantees the row tables (if non-null) have m entries.
         let (lo, hi) = unsafe { super::row_keys(row_lo, row_hi, i, k) };
         // SAFETY: the caller guarantees row i of C has n writable floats.

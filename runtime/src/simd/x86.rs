@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use attngen_codegen::abi::PANEL;
+use attngen_codegen::abi::{PANEL, PrefetchRows};
 
 // Block sizes keep every accumulator in a register: 16 ymm registers hold the MR·NR
 // accumulators plus the operands of one step (dot_nt: 3·3 + 3 rows of A + 1 of B = 13;
@@ -183,6 +183,7 @@ pub unsafe extern "C" fn dot_nn(
     accumulate: usize,
     row_lo: *const i32,
     row_hi: *const i32,
+    prefetch: *const PrefetchRows,
 ) {
     let unit_stride = a_col == 1 || a_row == 1;
     if !unit_stride {
@@ -190,6 +191,7 @@ pub unsafe extern "C" fn dot_nn(
         return unsafe {
             super::portable::dot_nn(
                 m, n, k, a, a_row, a_col, b, b_row, b_panel, c, ldc, accumulate, row_lo, row_hi,
+                prefetch,
             )
         };
     }
@@ -203,8 +205,11 @@ pub unsafe extern "C" fn dot_nn(
         c,
         ldc,
     };
+    let blocks = n.div_ceil(PANEL) * m.div_ceil(NN_MR);
+    // SAFETY: the caller passes a null or valid descriptor.
+    let prefetcher = unsafe { super::Prefetcher::new(prefetch, blocks) };
     // SAFETY: forwarded caller contract.
-    unsafe { dot_nn_avx2(m, n, k, &nn, accumulate != 0, row_lo, row_hi) }
+    unsafe { dot_nn_avx2(m, n, k, &nn, accumulate != 0, row_lo, row_hi, prefetcher) }
 }
 
 /// `dot_nn`'s operands with A's unit stride resolved: A is row-major (`A[i][p]` at
@@ -231,6 +236,7 @@ unsafe fn dot_nn_avx2(
     accumulate: bool,
     row_lo: *const i32,
     row_hi: *const i32,
+    mut prefetcher: Option<super::Prefetcher>,
 ) {
     // Panel-outer, row-block-inner: a block's B panel stays in L1 across the row blocks.
     let mut j = 0;
@@ -239,6 +245,9 @@ unsafe fn dot_nn_avx2(
         let mut i = 0;
         while i < m {
             let mr = (m - i).min(NN_MR);
+            if let Some(p) = &mut prefetcher {
+                p.step();
+            }
             // SAFETY: rows i..i+mr < m, columns j..j+cols <= n, and the row ranges (if any)
             // have m entries each.
             unsafe {
