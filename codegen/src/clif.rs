@@ -929,11 +929,7 @@ impl<'a> Translator<'a> {
     /// Address, row stride and panel stride of a value operand (B of the value product): the
     /// packed panels when this item packs, else the cache rows in place.
     fn value_side(&mut self, operand: Operand, j0: Value) -> (Value, Value, Value) {
-        let cache = match (operand, &self.plan.spec.kv) {
-            (Operand::ValueTile, KvLayout::Latent(_)) => Operand::CKv,
-            (Operand::ValueTile, KvLayout::Grouped { .. }) => Operand::V,
-            (tensor, _) => tensor,
-        };
+        let cache = if operand == Operand::ValueTile { Operand::V } else { operand };
         let (in_place, stride) = self.kv_rows(cache, j0);
         let (panel_row, panel) = (self.int(PANEL as i64), self.int(PANEL as i64));
         let stride = self.int(stride as i64);

@@ -166,9 +166,8 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
     let (prologue, body, store) = match &spec.kv {
         KvLayout::Latent(l) => {
             let mut prologue = vec![Op::AbsorbQueries { nope: l.nope_dim, rank: l.rank, factor }];
-            let mut body =
-                vec![Op::PackTile { from: Operand::CKv, into: Operand::ValueTile, width: l.rank }];
-            body.push(term(Operand::QueryTile, Operand::CKv, l.rank, false));
+            // c_kv rows are contiguous: keys and values are read in place.
+            let mut body = vec![term(Operand::QueryTile, Operand::CKv, l.rank, false)];
             if l.rope_dim > 0 {
                 prologue.push(Op::PackQueries {
                     offset: l.nope_dim,
@@ -179,7 +178,7 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
                 body.push(term(Operand::RopeTile, Operand::KRope, l.rope_dim, true));
             }
             body.push(softmax);
-            body.push(Op::AccumulateValues { values: Operand::ValueTile, width: l.rank });
+            body.push(Op::AccumulateValues { values: Operand::CKv, width: l.rank });
             (prologue, body, Op::ProjectOut { rank: l.rank, v_dim: spec.v_head_dim })
         }
         KvLayout::Grouped { head_dim, .. } => {
@@ -389,9 +388,9 @@ mod tests {
             setup[1],
             Op::PackQueries { offset: 16, len: 8, factor, into: Operand::RopeTile }
         );
-        assert_eq!(body.len(), 5); // pack values, latent scores, rope scores, softmax, values
+        assert_eq!(body.len(), 4); // latent scores, rope scores, softmax, values
         assert!(matches!(
-            body[2],
+            body[1],
             Op::Scores(ScoreTerm { keys: Operand::KRope, accumulate: true, .. })
         ));
         assert_eq!(ir.finish[2], Op::ProjectOut { rank: 32, v_dim: 12 });
@@ -399,6 +398,6 @@ mod tests {
         assert!(text.contains("W_UK[h]") && text.contains("W_UV[h]"), "{text}");
         // Without a RoPE part there is one score term.
         let ir = lower(&KernelPlan::new(&AttentionSpec::mla(4, 32, 0, 16, 12)));
-        assert_eq!(parts(&ir).1.len(), 4);
+        assert_eq!(parts(&ir).1.len(), 3);
     }
 }
