@@ -40,7 +40,7 @@ pub fn finish_signature(call_conv: CallConv) -> Signature {
 /// Signature of a callee.
 pub fn callee_signature(callee: Callee, call_conv: CallConv) -> Signature {
     match callee {
-        Callee::DotNt => int_signature(call_conv, 10, None),
+        Callee::DotNt => int_signature(call_conv, 11, None),
         Callee::DotNn => int_signature(call_conv, 15, None),
         Callee::Ln => {
             let mut sig = Signature::new(call_conv);
@@ -336,17 +336,32 @@ impl<'a> Translator<'a> {
         self.for_range(main_end, hi, 1, body);
     }
 
-    /// `if cond { then() }`.
-    fn if_then(&mut self, cond: Value, then: impl FnOnce(&mut Self)) {
+    /// `if cond { then() } else { otherwise() }`.
+    fn if_else(
+        &mut self,
+        cond: Value,
+        then: impl FnOnce(&mut Self),
+        otherwise: impl FnOnce(&mut Self),
+    ) {
         let then_block = self.b.create_block();
+        let else_block = self.b.create_block();
         let done = self.b.create_block();
-        self.b.ins().brif(cond, then_block, &[], done, &[]);
+        self.b.ins().brif(cond, then_block, &[], else_block, &[]);
         self.b.switch_to_block(then_block);
         self.b.seal_block(then_block);
         then(self);
         self.b.ins().jump(done, &[]);
+        self.b.switch_to_block(else_block);
+        self.b.seal_block(else_block);
+        otherwise(self);
+        self.b.ins().jump(done, &[]);
         self.b.switch_to_block(done);
         self.b.seal_block(done);
+    }
+
+    /// `if cond { then() }`.
+    fn if_then(&mut self, cond: Value, then: impl FnOnce(&mut Self)) {
+        self.if_else(cond, then, |_| {});
     }
 
     fn call(&mut self, callee: Callee, args: &[Value]) -> Option<Value> {
@@ -767,6 +782,7 @@ impl<'a> Translator<'a> {
         let (base, floats) = match operand {
             Operand::QueryTile => (self.group_scratch, scratch.queries),
             Operand::RopeTile => (self.group_scratch, scratch.rope_queries),
+            Operand::QueryRows => (self.group_scratch, scratch.query_rows),
             Operand::KeyTile => (self.scratch, scratch.keys),
             Operand::ValueTile => (self.scratch, scratch.values),
             other => unreachable!("{other:?} is a tensor, not a scratch tile"),
@@ -811,6 +827,42 @@ impl<'a> Translator<'a> {
             t.pack_columns(t.nq, len, src, row_floats, factor, tile, first_column);
         });
         self.zero_padding_columns(tile, len);
+        if into == Operand::QueryTile && self.plan.dot_max_rows > 0 {
+            let dots = self.dots();
+            self.if_then(dots, |t| t.pack_query_rows(len, factor));
+        }
+    }
+
+    /// Whether this work item computes scores as dot products: it has few rows.
+    fn dots(&mut self) -> Value {
+        let max = self.int(self.plan.dot_max_rows as i64);
+        self.b.ins().icmp(IntCC::SignedLessThanOrEqual, self.rows, max)
+    }
+
+    /// The queries row-major and scaled (rows `rows..rows_v4` zero), for dot-product scores.
+    fn pack_query_rows(&mut self, len: usize, factor: f32) {
+        let dst = self.tile_addr(Operand::QueryRows);
+        let row_floats = self.plan.spec.q_heads * self.plan.spec.head_dim();
+        self.for_each_row(|t, _, head, qi, row| {
+            let idx = t.q_index(head, 0);
+            let qi_floats = t.mul_imm(qi, row_floats);
+            let idx = t.add(idx, qi_floats);
+            let q = t.arg(offsets::Q);
+            let src = t.float_addr(q, idx);
+            let at = t.mul_imm(row, len);
+            let at = t.float_addr(dst, at);
+            let factor = t.f32(factor);
+            t.scale_row(at, src, len, factor);
+        });
+        let zero = self.f32(0.0);
+        let (rows, rows_v4) = (self.rows, self.rows_v4);
+        self.for_range(rows, rows_v4, 1, |t, row| {
+            let at = t.mul_imm(row, len);
+            let at = t.float_addr(dst, at);
+            for d in 0..len {
+                t.b.ins().store(mem(), zero, at, 4 * d as i32);
+            }
+        });
     }
 
     /// Calls `PackColumns`: `rows` rows of `len` floats at `src` into columns
@@ -1113,10 +1165,27 @@ impl<'a> Translator<'a> {
             keys => self.prefetch_next(keys, tile.j0),
         };
         let (n, rows_v4) = (tile.n, self.rows_v4);
-        let args = [
-            n, rows_v4, len, a, a_row, one, b, panel, panel_len, c, ldc, acc, zero, zero, prefetch,
-        ];
-        self.call(Callee::DotNn, &args);
+        let broadcast = |t: &mut Self| {
+            let args = [
+                n, rows_v4, len, a, a_row, one, b, panel, panel_len, c, ldc, acc, zero, zero,
+                prefetch,
+            ];
+            t.call(Callee::DotNn, &args);
+        };
+        if term.query == Operand::QueryTile && self.plan.dot_max_rows > 0 {
+            let dots = self.dots();
+            self.if_else(
+                dots,
+                |t| {
+                    let rows = t.tile_addr(Operand::QueryRows);
+                    let args = [n, rows_v4, len, a, a_row, rows, len, c, ldc, acc, prefetch];
+                    t.call(Callee::DotNt, &args);
+                },
+                broadcast,
+            );
+        } else {
+            broadcast(self);
+        }
     }
 
     /// The online softmax, four rows (one vector of Sᵀ's columns) at a time: a pass for the
@@ -1369,7 +1438,7 @@ impl<'a> Translator<'a> {
             let (v_dim, rank, ldc, zero) =
                 (t.int(v_dim as i64), t.int(rank as i64), t.int(ldc as i64), t.int(0));
             let nq = t.nq;
-            t.call(Callee::DotNt, &[nq, v_dim, rank, a, rank, bw, rank, c, ldc, zero]);
+            t.call(Callee::DotNt, &[nq, v_dim, rank, a, rank, bw, rank, c, ldc, zero, zero]);
         });
     }
 

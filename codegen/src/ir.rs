@@ -150,6 +150,8 @@ pub enum Operand {
     QueryTile,
     /// Scratch: the packed RoPE query rows (absorbed MLA).
     RopeTile,
+    /// Scratch: the queries row-major, for dot-product scores on items with few rows.
+    QueryRows,
     /// Scratch: the packed key tile.
     KeyTile,
     /// Scratch: the packed value tile.
@@ -323,6 +325,7 @@ fn name(operand: Operand) -> &'static str {
         Operand::KRope => "k_rope",
         Operand::QueryTile => "Q",
         Operand::RopeTile => "Qrope",
+        Operand::QueryRows => "Qrows",
         Operand::KeyTile => "Ktile",
         Operand::ValueTile => "Vtile",
     }

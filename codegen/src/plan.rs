@@ -62,6 +62,10 @@ pub struct KernelPlan {
     /// Fewest rows (heads × queries) a work item needs before packing K/V tiles repays the
     /// copy; decode items read the cache in place.
     pub pack_min_rows: usize,
+    /// Most rows a work item may have to compute scores as dot products (K rows against
+    /// row-major queries) rather than with a broadcast of each key element against `Qᵀ`,
+    /// which would fill only `rows / 8` of each vector; 0 for latent specs.
+    pub dot_max_rows: usize,
     /// Where each tile buffer lives in a work item's scratch.
     pub scratch: ScratchLayout,
     /// Floats of one split's state: O (`padded_rows × acc_dim`), then m and l
@@ -87,6 +91,9 @@ pub struct ScratchLayout {
     pub query_width: usize,
     /// In a group's block: packed RoPE queries of absorbed MLA, as `queries`.
     pub rope_queries: usize,
+    /// In a group's block: the queries row-major, `padded_rows × query_width`, scaled like
+    /// `queries`, for items that compute scores as dot products (grouped specs only).
+    pub query_rows: usize,
     /// Absorbed MLA: q' row-major, `rows × rank`, before it is transposed into `queries`.
     pub absorbed: usize,
     /// Packed key tile: `k_tile × D`, row-major (when `pack_kv`).
@@ -119,6 +126,9 @@ impl ScratchLayout {
 const TARGET_ROWS: usize = 64;
 /// Keys per tile.
 const K_TILE: usize = 64;
+/// Most rows of a work item that computes scores as dot products (see
+/// [`KernelPlan::dot_max_rows`]).
+const DOT_MAX_ROWS: usize = 4;
 /// How far (base-2 units) a tile's max may exceed the running max before O is rescaled: 8, as
 /// in FlashAttention-4, keeps every probability below 256.
 const RESCALE_THRESHOLD: f32 = 8.0;
@@ -160,6 +170,9 @@ impl KernelPlan {
         let ranges = values + ScratchLayout::panels(k_tile, value_width);
         let queries = 0;
         let rope_queries = queries + ScratchLayout::panels(query_width, padded_rows);
+        let query_rows = rope_queries + ScratchLayout::panels(rope, padded_rows);
+        let dot_max_rows = if form == Form::Grouped { DOT_MAX_ROWS } else { 0 };
+        let row_major = if dot_max_rows > 0 { padded_rows * query_width } else { 0 };
         let scratch = ScratchLayout {
             scores,
             queries,
@@ -170,7 +183,8 @@ impl KernelPlan {
             values,
             ranges,
             shared_len: ranges + 2 * padded_rows,
-            group_len: rope_queries + ScratchLayout::panels(rope, padded_rows),
+            query_rows,
+            group_len: query_rows + row_major,
         };
         let scale = spec.effective_scale();
         let log2e = std::f64::consts::LOG2_E;
@@ -189,6 +203,7 @@ impl KernelPlan {
             rescale_threshold: RESCALE_THRESHOLD,
             pack_kv,
             pack_min_rows: 16,
+            dot_max_rows,
             min_keys_per_split: 256,
             scratch,
             state_len: padded_rows * (acc_dim + 2),

@@ -5,8 +5,9 @@
 //!   products of a flash tile (`Sᵀ = K·Qᵀ` and `O += P·V`) and MLA's query absorption
 //!   `q' = q_nope·W_UK`; optional per-row key ranges restrict edge tiles so a hidden key's
 //!   value never meets a row that cannot see it (not even as `0 · NaN`);
-//! - [`DotNt`]: `C (+)= A · Bᵀ` with A and B both row-major — MLA's output projection
-//!   `out = o'·W_UVᵀ`, once per work item.
+//! - [`DotNt`]: `C (+)= A · Bᵀ` with A and B both row-major — scores `Sᵀ = K·Qᵀ` as dot
+//!   products when an item has only a few rows (decode: a broadcast per key element would
+//!   waste most of each vector), and MLA's output projection `out = o'·W_UVᵀ`.
 //!
 //! Two tile copies, the same on every ISA (module `pack`): [`PackRows`] (a K/V tile into
 //! scratch) and [`PackColumns`] (query rows, transposed and scaled).
@@ -33,7 +34,7 @@ mod x86;
 pub use pack::{pack_columns, pack_rows};
 
 /// `C[i·ldc + j] (+)= Σ_{p<k} A[i·lda + p] · B[j·ldb + p]` for `i < m`, `j < n`.
-/// `accumulate != 0` adds to C, otherwise overwrites it.
+/// `accumulate != 0` adds to C, otherwise overwrites it; `prefetch` as for [`DotNn`].
 pub type DotNt = unsafe extern "C" fn(
     m: usize,
     n: usize,
@@ -45,6 +46,7 @@ pub type DotNt = unsafe extern "C" fn(
     c: *mut f32,
     ldc: usize,
     accumulate: usize,
+    prefetch: *const PrefetchRows,
 );
 
 /// `C[i·ldc + j] (+)= Σ_{p ∈ P_i} A[i][p] · B[p][j]` for `i < m`, `j < n`, where
@@ -263,6 +265,7 @@ mod tests {
                             c.as_mut_ptr(),
                             ldc,
                             accumulate,
+                            std::ptr::null(),
                         )
                     };
                     for i in 0..m {

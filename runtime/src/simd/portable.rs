@@ -6,7 +6,8 @@ use attngen_codegen::abi::PrefetchRows;
 ///
 /// # Safety
 /// `a` holds `m` rows of stride `lda` with `k` readable floats each, `b` holds `n` rows of stride
-/// `ldb` with `k` floats, `c` holds `m` rows of stride `ldc` with `n` writable floats.
+/// `ldb` with `k` floats, `c` holds `m` rows of stride `ldc` with `n` writable floats, and
+/// `prefetch` is null or valid.
 pub unsafe extern "C" fn dot_nt(
     m: usize,
     n: usize,
@@ -18,8 +19,14 @@ pub unsafe extern "C" fn dot_nt(
     c: *mut f32,
     ldc: usize,
     accumulate: usize,
+    prefetch: *const PrefetchRows,
 ) {
+    // SAFETY: the caller passes a null or valid descriptor.
+    let mut prefetcher = unsafe { super::Prefetcher::new(prefetch, m) };
     for i in 0..m {
+        if let Some(p) = &mut prefetcher {
+            p.step();
+        }
         for j in 0..n {
             // SAFETY: the caller guarantees these rows and columns exist.
             unsafe {

@@ -42,9 +42,13 @@ pub unsafe extern "C" fn dot_nt(
     c: *mut f32,
     ldc: usize,
     accumulate: usize,
+    prefetch: *const PrefetchRows,
 ) {
+    let blocks = m.div_ceil(NT_MR) * n.div_ceil(NT_NR);
+    // SAFETY: the caller passes a null or valid descriptor.
+    let prefetcher = unsafe { super::Prefetcher::new(prefetch, blocks) };
     // SAFETY: forwarded caller contract.
-    unsafe { dot_nt_avx2(m, n, k, a, lda, b, ldb, c, ldc, accumulate != 0) }
+    unsafe { dot_nt_avx2(m, n, k, a, lda, b, ldb, c, ldc, accumulate != 0, prefetcher) }
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -59,6 +63,7 @@ unsafe fn dot_nt_avx2(
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
+    mut prefetcher: Option<super::Prefetcher>,
 ) {
     let tail = lanes(k % 8);
     let mut i = 0;
@@ -67,6 +72,9 @@ unsafe fn dot_nt_avx2(
         let mut j = 0;
         while j < n {
             let nr = (n - j).min(NT_NR);
+            if let Some(p) = &mut prefetcher {
+                p.step();
+            }
             // SAFETY: rows i..i+mr of A and C and rows j..j+nr of B are in bounds.
             unsafe {
                 let (a, b, c) = (a.add(i * lda), b.add(j * ldb), c.add(i * ldc + j));
