@@ -121,12 +121,7 @@ fn select(args: &BenchArgs) -> Result<Vec<Workload>, Failure> {
         let spec = load_spec(path)?;
         let shape = args.shape.ok_or_else(|| Failure::input("--spec needs --shape B,Sq,Sk"))?;
         let id = spec.name.clone().unwrap_or_else(|| path.display().to_string());
-        return Ok(vec![Workload {
-            id: Box::leak(id.into_boxed_str()),
-            description: "spec file",
-            spec,
-            shape,
-        }]);
+        return Ok(vec![Workload { id, description: "spec file", spec, shape }]);
     }
     let all = Workload::standard();
     if args.workloads.is_empty() {
@@ -188,7 +183,7 @@ fn time(workload: &Workload, backend: Backend, jit: &Jit, max_runs: usize) -> Re
     let median = ms(times[times.len() / 2]);
     let (flops, bytes) = (workload.flops(), workload.kv_bytes());
     Ok(Row {
-        workload: workload.id.to_owned(),
+        workload: workload.id.clone(),
         backend: backend.name(),
         median_ms: median,
         min_ms: ms(times[0]),

@@ -20,7 +20,7 @@ fn workloads(c: &mut Criterion) {
             Throughput::Elements(workload.flops())
         };
         group.throughput(throughput);
-        group.bench_function(workload.id, |b| {
+        group.bench_function(&workload.id, |b| {
             b.iter(|| kernel.run(workload.shape, &inputs, &mut out, None).expect("checked shapes"))
         });
     }

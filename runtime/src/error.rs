@@ -36,6 +36,14 @@ pub enum Error {
     /// Code generation failed: a bug in attngen, reported rather than hidden.
     #[error("the JIT could not compile the kernel: {0}")]
     Compile(String),
+    /// The JIT's own thread pool could not be started.
+    #[error("cannot start {threads} threads: {reason}")]
+    Threads {
+        /// Threads asked for.
+        threads: usize,
+        /// What the system said.
+        reason: String,
+    },
     /// The property check could not run to a verdict.
     #[error("property check: {0}")]
     Check(String),

@@ -88,7 +88,7 @@ impl Jit {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .build()
-            .map_err(|e| Error::Compile(format!("cannot start {threads} threads: {e}")))?;
+            .map_err(|e| Error::Threads { threads, reason: e.to_string() })?;
         Self::build(Some(Arc::new(pool)))
     }
 

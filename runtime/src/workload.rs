@@ -7,8 +7,8 @@ use crate::{Shape, Tensor};
 /// A named spec and call shape.
 #[derive(Clone, Debug)]
 pub struct Workload {
-    /// `W1` … `W6`.
-    pub id: &'static str,
+    /// `W1` … `W6`, or a spec's name.
+    pub id: String,
     /// What it models.
     pub description: &'static str,
     /// The layer.
@@ -23,37 +23,37 @@ impl Workload {
         let lite = || AttentionSpec::mla(16, 512, 64, 128, 128).mask(Mask::Causal);
         vec![
             Workload {
-                id: "W1",
+                id: "W1".to_owned(),
                 description: "GQA prefill, Llama-3-8B",
                 spec: AttentionSpec::gqa(32, 8, 128).mask(Mask::Causal),
                 shape: Shape::new(1, 1024, 1024),
             },
             Workload {
-                id: "W2",
+                id: "W2".to_owned(),
                 description: "MHA prefill",
                 spec: AttentionSpec::mha(16, 64).mask(Mask::Causal),
                 shape: Shape::new(1, 2048, 2048),
             },
             Workload {
-                id: "W3",
+                id: "W3".to_owned(),
                 description: "MQA prefill",
                 spec: AttentionSpec::mqa(16, 128).mask(Mask::Causal),
                 shape: Shape::new(1, 1024, 1024),
             },
             Workload {
-                id: "W4",
+                id: "W4".to_owned(),
                 description: "GQA decode",
                 spec: AttentionSpec::gqa(32, 8, 128),
                 shape: Shape::new(4, 1, 4096),
             },
             Workload {
-                id: "W5",
+                id: "W5".to_owned(),
                 description: "MLA decode, DeepSeek-V2-Lite",
                 spec: lite(),
                 shape: Shape::new(4, 1, 4096),
             },
             Workload {
-                id: "W6",
+                id: "W6".to_owned(),
                 description: "MLA prefill, DeepSeek-V2-Lite",
                 spec: lite(),
                 shape: Shape::new(1, 1024, 1024),
@@ -61,7 +61,7 @@ impl Workload {
         ]
         .into_iter()
         .map(|mut w| {
-            w.spec.name = Some(w.id.to_owned());
+            w.spec.name = Some(w.id.clone());
             w
         })
         .collect()
