@@ -239,9 +239,9 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             name(*into),
             tile_name(*from),
             if *into == Operand::ValueTile {
-                "copied into column panels"
+                "items with enough rows: copied into column panels"
             } else {
-                "contiguous copy"
+                "items with enough rows: contiguous copy"
             }
         ),
         Op::AbsorbQueries { nope, rank, factor } => writeln!(
@@ -275,7 +275,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             let op = if t.accumulate { "+=" } else { "=" };
             writeln!(
                 f,
-                "{pad}Sᵀ {op} {} · {}ᵀ   (tile A·B: each key element broadcast against a row of {}ᵀ, k = {})",
+                "{pad}Sᵀ {op} {} · {}ᵀ   (tile A·B: each key element broadcast against a row of {}ᵀ, or for items of few rows dot products of key rows with query rows; k = {}; the next key tile prefetched)",
                 tile_name(t.keys),
                 name(t.query),
                 name(t.query),
@@ -295,7 +295,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
         }
         Op::AccumulateValues { values, width } => writeln!(
             f,
-            "{pad}O += P · {}   (tile A·B over all rows, P read from Sᵀ, width {width}; per-row key ranges on edge tiles)",
+            "{pad}O += P · {}   (tile A·B over all rows, P read from Sᵀ, width {width}; per-row key ranges on edge tiles; the next value tile prefetched)",
             tile_name(*values)
         ),
         Op::MergeSplits => {

@@ -238,6 +238,12 @@ mod tests {
             .collect()
     }
 
+    /// What C[i][j] holds before the product is added: its old value when accumulating or past
+    /// column n (never written), else 0.
+    fn initial(before: &[f32], ldc: usize, i: usize, j: usize, n: usize, accumulate: usize) -> f64 {
+        if accumulate == 1 || j >= n { before[i * ldc + j] as f64 } else { 0.0 }
+    }
+
     /// `dot_nt` over every shape remainder, on every ISA this CPU has, against f64 loops.
     #[test]
     fn dot_nt_matches_naive_loops() {
@@ -270,11 +276,7 @@ mod tests {
                     };
                     for i in 0..m {
                         for j in 0..ldc {
-                            let mut want = if accumulate == 1 || j >= n {
-                                before[i * ldc + j] as f64
-                            } else {
-                                0.0
-                            };
+                            let mut want = initial(&before, ldc, i, j, n, accumulate);
                             if j < n {
                                 want += (0..k)
                                     .map(|p| a[i * lda + p] as f64 * b[j * ldb + p] as f64)
@@ -357,11 +359,7 @@ mod tests {
                                     (0, k)
                                 };
                                 for j in 0..ldc {
-                                    let mut want = if accumulate == 1 || j >= n {
-                                        before[i * ldc + j] as f64
-                                    } else {
-                                        0.0
-                                    };
+                                    let mut want = initial(&before, ldc, i, j, n, accumulate);
                                     if j < n {
                                         want += (l..h.max(l))
                                             .map(|p| {

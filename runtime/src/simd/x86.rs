@@ -235,6 +235,22 @@ struct NnArgs {
 
 const _: () = assert!(8 * NN_NR == PANEL, "a dot_nn block is one B panel wide");
 
+impl NnArgs {
+    /// The operands of the block at row `i`, column `j` (a multiple of PANEL), keys `lo..hi`.
+    ///
+    /// # Safety
+    /// Row `i` of A and C and column `j` of B and C are in bounds.
+    unsafe fn block(&self, i: usize, j: usize, lo: usize, hi: usize) -> NnBlock {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let a = if self.a_trans { self.a.add(i) } else { self.a.add(i * self.a_stride) };
+            let b = self.b.add(j / PANEL * self.b_panel);
+            let c = self.c.add(i * self.ldc + j);
+            NnBlock { lo, hi, a, a_stride: self.a_stride, b, b_row: self.b_row, c, ldc: self.ldc }
+        }
+    }
+}
+
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_nn_avx2(
     m: usize,
@@ -259,10 +275,18 @@ unsafe fn dot_nn_avx2(
             // SAFETY: rows i..i+mr < m, columns j..j+cols <= n, and the row ranges (if any)
             // have m entries each.
             unsafe {
-                if row_lo.is_null() {
-                    nn_run(nn, i, mr, j, cols, 0, k, accumulate);
-                } else {
+                if !row_lo.is_null() {
                     nn_ranged(nn, i, mr, j, cols, k, accumulate, row_lo, row_hi);
+                } else if mr == NN_MR && cols == PANEL {
+                    // The common full block, without nn_run's dispatch.
+                    let block = nn.block(i, j, 0, k);
+                    if nn.a_trans {
+                        block.run::<NN_MR, NN_NR, false, true>(accumulate, lanes(8));
+                    } else {
+                        block.run::<NN_MR, NN_NR, false, false>(accumulate, lanes(8));
+                    }
+                } else {
+                    nn_run(nn, i, mr, j, cols, 0, k, accumulate);
                 }
             }
             i += mr;
@@ -336,13 +360,9 @@ unsafe fn nn_run(
     let nr = cols.div_ceil(8);
     let masked = !cols.is_multiple_of(8);
     let tail = lanes(cols - 8 * (nr - 1));
-    let (a, stride) = (nn.a, nn.a_stride);
     // SAFETY: the block's rows of A, its panel of B and its part of C are in bounds.
     unsafe {
-        let a = if nn.a_trans { a.add(i) } else { a.add(i * stride) };
-        let b = nn.b.add(j / PANEL * nn.b_panel);
-        let c = nn.c.add(i * nn.ldc + j);
-        let block = NnBlock { lo, hi, a, a_stride: stride, b, b_row: nn.b_row, c, ldc: nn.ldc };
+        let block = nn.block(i, j, lo, hi);
         macro_rules! dispatch {
             ($($mr:literal),*) => {
                 match (mr, nr, masked, nn.a_trans) {
