@@ -35,6 +35,13 @@ pub struct CallArgs {
     pub out: *mut f32,
     /// `lse`, or null.
     pub lse: *mut f32,
+    /// Grouped K packed once for the call (`[B][kv_heads][Sk'][D]`, Sk rounded up to whole key
+    /// tiles, see `KernelPlan::packed_lens`), or null: items then pack their tiles or read in
+    /// place.
+    pub k_packed: *const f32,
+    /// Grouped V packed once for the call: per (batch, KV head, key tile), the tile's
+    /// `PANEL`-column panels, `k_tile` deep; null with `k_packed`.
+    pub v_packed: *const f32,
     /// Sq.
     pub seq_q: usize,
     /// Sk.
@@ -63,6 +70,10 @@ pub mod offsets {
     pub const OUT: i32 = offset_of!(CallArgs, out) as i32;
     /// `lse`.
     pub const LSE: i32 = offset_of!(CallArgs, lse) as i32;
+    /// `k_packed`.
+    pub const K_PACKED: i32 = offset_of!(CallArgs, k_packed) as i32;
+    /// `v_packed`.
+    pub const V_PACKED: i32 = offset_of!(CallArgs, v_packed) as i32;
     /// `seq_q`.
     pub const SEQ_Q: i32 = offset_of!(CallArgs, seq_q) as i32;
     /// `seq_k`.

@@ -924,7 +924,10 @@ impl<'a> Translator<'a> {
         let (src, stride) = self.kv_rows(from, tile.j0);
         let dst = self.tile_addr(into);
         let zero = self.int(0);
-        let rows = self.b.ins().select(packs, tile.n, zero);
+        // Nothing to copy when this item reads the call's packed copy.
+        let pre = self.prepacked();
+        let copies = self.b.ins().band_not(packs, pre);
+        let rows = self.b.ins().select(copies, tile.n, zero);
         let (dst_row, dst_panel) =
             if into == Operand::ValueTile { (PANEL, PANEL * k_tile) } else { (width, PANEL) };
         let (width, stride, dst_row, dst_panel) = (
@@ -960,7 +963,10 @@ impl<'a> Translator<'a> {
         ] {
             self.b.ins().store(mem(), value, at, offset);
         }
-        at
+        // Items reading the call's packed copy stream it contiguously: no prefetch needed.
+        let pre = self.prepacked();
+        let none = self.int(0);
+        self.b.ins().select(pre, none, at)
     }
 
     /// Address and row stride of a key operand (the broadcast side of the score product): the
@@ -974,8 +980,28 @@ impl<'a> Translator<'a> {
         let packed = self.tile_addr(operand);
         let packs = self.packs();
         let addr = self.b.ins().select(packs, packed, in_place);
-        let (width, stride) = (self.int(width as i64), self.int(stride as i64));
-        (addr, self.b.ins().select(packs, width, stride))
+        let (width_v, stride) = (self.int(width as i64), self.int(stride as i64));
+        let stride = self.b.ins().select(packs, width_v, stride);
+        // Packed for the call: `[B][kv][Sk'][D]`, Sk' = Sk rounded up to whole tiles.
+        let pre = self.prepacked();
+        let kv = self.plan.spec.kv_heads();
+        let head = self.mul_imm(self.batch, kv);
+        let head = self.add(head, self.group);
+        let k_tile = self.plan.k_tile as i64;
+        let rows = self.b.ins().iadd_imm_s(self.seq_k, k_tile - 1);
+        let rows = self.b.ins().band_imm_s(rows, -k_tile);
+        let row = self.mul(head, rows);
+        let row = self.add(row, j0);
+        let idx = self.mul_imm(row, width);
+        let base = self.arg(offsets::K_PACKED);
+        let call_packed = self.float_addr(base, idx);
+        (self.b.ins().select(pre, call_packed, addr), self.b.ins().select(pre, width_v, stride))
+    }
+
+    /// Whether K and V were packed once for the whole call (`CallArgs::k_packed` is set).
+    fn prepacked(&mut self) -> Value {
+        let k_packed = self.arg(offsets::K_PACKED);
+        self.b.ins().icmp_imm_s(IntCC::NotEqual, k_packed, 0)
     }
 
     /// Address, row stride and panel stride of a value operand (B of the value product): the
@@ -989,12 +1015,29 @@ impl<'a> Translator<'a> {
             return (in_place, stride, panel);
         }
         let packed = self.tile_addr(operand);
-        let packed_panel = self.int((PANEL * self.plan.k_tile) as i64);
+        let k_tile = self.plan.k_tile;
+        let packed_panel = self.int((PANEL * k_tile) as i64);
         let packs = self.packs();
+        let addr = self.b.ins().select(packs, packed, in_place);
+        // Packed for the call: tile j0 / k_tile of (batch, group); key loops start on a
+        // multiple of k_tile.
+        let pre = self.prepacked();
+        let kv = self.plan.spec.kv_heads();
+        let head = self.mul_imm(self.batch, kv);
+        let head = self.add(head, self.group);
+        let last = self.add_imm(self.seq_k, k_tile - 1);
+        let tiles = self.b.ins().udiv_imm_u(last, k_tile as i64);
+        let tile = self.mul(head, tiles);
+        let index = self.b.ins().udiv_imm_u(j0, k_tile as i64);
+        let tile = self.add(tile, index);
+        let idx = self.mul_imm(tile, self.plan.packed_value_tile());
+        let base = self.arg(offsets::V_PACKED);
+        let call_packed = self.float_addr(base, idx);
+        let packed_tiles = self.b.ins().bor(packs, pre);
         (
-            self.b.ins().select(packs, packed, in_place),
-            self.b.ins().select(packs, panel_row, stride),
-            self.b.ins().select(packs, packed_panel, panel),
+            self.b.ins().select(pre, call_packed, addr),
+            self.b.ins().select(packed_tiles, panel_row, stride),
+            self.b.ins().select(packed_tiles, packed_panel, panel),
         )
     }
 
@@ -1071,6 +1114,10 @@ impl<'a> Translator<'a> {
         let last = self.b.ins().iadd_imm_s(last, -1);
         let (start, hi_min) = self.row_bounds(first);
         let (lo_max, end) = self.row_bounds(last);
+        // Tiles start on multiples of `tile` (the call-level packed copy is stored per tile);
+        // keys before the first visible one fall in an edge tile and are masked.
+        assert!(tile.is_power_of_two(), "key tiles are aligned with a mask");
+        let start = self.b.ins().band_imm_s(start, -(tile as i64));
         let proceed = self.b.ins().bnot(empty);
         self.if_then(proceed, |t| {
             t.for_range(start, end, tile, |t, j0| {

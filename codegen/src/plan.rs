@@ -231,6 +231,24 @@ impl KernelPlan {
         Schedule { q_tiles, groups_per_item, splits, keys_per_split: seq_k.div_ceil(splits).max(1) }
     }
 
+    /// Floats of the call-level packed K and V ([`crate::abi::CallArgs::k_packed`]) for
+    /// `batch` sequences of `seq_k` keys: K as `[B][kv_heads][Sk'][D]` with Sk rounded up to
+    /// whole key tiles, V as one [`ScratchLayout::panels`] tile (`k_tile × Dv`) per (batch, KV
+    /// head, key tile).
+    pub fn packed_lens(&self, batch: usize, seq_k: usize) -> (usize, usize) {
+        let heads = batch * self.spec.kv_heads();
+        let tiles = seq_k.div_ceil(self.k_tile);
+        (
+            heads * tiles * self.k_tile * self.spec.head_dim(),
+            heads * tiles * self.packed_value_tile(),
+        )
+    }
+
+    /// Floats of one packed value tile: `k_tile × Dv` in [`PANEL`]-column panels.
+    pub fn packed_value_tile(&self) -> usize {
+        ScratchLayout::panels(self.k_tile, self.spec.v_head_dim)
+    }
+
     /// FLOPs per (query, key) pair per head the kernel actually does (absorbed MLA attends over
     /// `rank + rope_dim` and accumulates `rank`-wide values).
     pub fn flops_per_pair(&self) -> u64 {

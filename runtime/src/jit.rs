@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use attngen_codegen::abi::{CallArgs, Callee, FinishFn, ItemFn};
-use attngen_codegen::{AttentionSpec, KernelIr, KernelPlan, clif, ir, validate};
+use attngen_codegen::abi::{CallArgs, Callee, FinishFn, ItemFn, PANEL};
+use attngen_codegen::{AttentionSpec, KernelIr, KernelPlan, Schedule, clif, ir, validate};
 use cranelift_codegen::Context;
 use cranelift_codegen::settings::Configurable;
 use cranelift_jit::{JITBuilder, JITModule};
@@ -255,6 +255,25 @@ fn with_workspace<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
+thread_local! {
+    /// The call-level packed K/V of the calls made from this thread, reused across calls.
+    static PACKED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's packed-K/V buffer, grown to at least `len` floats; a nested call on
+/// the same thread (rayon may run another caller's job while this one waits) gets a fresh one.
+fn with_packed<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    PACKED.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut packed) => {
+            if packed.len() < len {
+                packed.resize(len, 0.0);
+            }
+            f(&mut packed[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
+
 /// Specs that differ only in their name compile to the same kernel.
 fn cache_key(spec: &AttentionSpec) -> String {
     AttentionSpec { name: None, ..spec.clone() }.to_toml()
@@ -323,7 +342,7 @@ impl Kernel for JitKernel {
                 (q, empty, empty, c_kv, k_rope, w_uk, w_uv)
             }
         };
-        let args = SharedArgs(CallArgs {
+        let args = CallArgs {
             q: q.as_ptr(),
             k: k.as_ptr(),
             v: v.as_ptr(),
@@ -333,14 +352,46 @@ impl Kernel for JitKernel {
             w_uv: w_uv.as_ptr(),
             out: out.as_mut_ptr(),
             lse: lse.map_or(std::ptr::null_mut(), |l| l.as_mut_ptr()),
+            k_packed: std::ptr::null(),
+            v_packed: std::ptr::null(),
             seq_q: shape.seq_q,
             seq_k: shape.seq_k,
-        });
-        let compiled = &*self.compiled;
-        let plan = &compiled.plan;
+        };
+        let plan = &self.compiled.plan;
         let threads =
             self.pool.as_ref().map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
         let schedule = plan.schedule(shape.batch, shape.seq_q, shape.seq_k, threads);
+        // Prefill items of packing specs would each copy the same K/V tiles again (once per
+        // query tile): pack them once for the call instead.
+        if plan.pack_kv && schedule.groups_per_item == 1 && schedule.q_tiles > 1 {
+            let (k_len, v_len) = plan.packed_lens(shape.batch, shape.seq_k);
+            with_packed(k_len + v_len, |packed| {
+                let (k_packed, v_packed) = packed.split_at_mut(k_len);
+                self.in_pool(|| pack_call(plan, shape, k, v, k_packed, v_packed));
+                let args =
+                    CallArgs { k_packed: k_packed.as_ptr(), v_packed: v_packed.as_ptr(), ..args };
+                self.execute(shape, SharedArgs(args), schedule);
+            });
+        } else {
+            self.execute(shape, SharedArgs(args), schedule);
+        }
+        Ok(())
+    }
+}
+
+impl JitKernel {
+    /// Runs `f` on this kernel's thread pool (the global one by default).
+    fn in_pool(&self, f: impl FnOnce() + Send) {
+        match &self.pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+
+    /// Runs every work item and finish of a checked call.
+    fn execute(&self, shape: Shape, args: SharedArgs, schedule: Schedule) {
+        let compiled = &*self.compiled;
+        let plan = &compiled.plan;
         let per_item = schedule.groups_per_item;
         let blocks = plan.groups.len() / per_item;
         let tasks = shape.batch * blocks * schedule.q_tiles;
@@ -411,11 +462,51 @@ impl Kernel for JitKernel {
             });
             with_workspace(scratch_len, |scratch| finish(&mut states, scratch));
         };
-        let run_all = || (0..tasks).into_par_iter().for_each(run_task);
-        match &self.pool {
-            Some(pool) => pool.install(run_all),
-            None => run_all(),
-        }
-        Ok(())
+        self.in_pool(|| (0..tasks).into_par_iter().for_each(run_task));
     }
+}
+
+/// Packs grouped K and V once for a call (layouts in [`KernelPlan::packed_lens`]), one
+/// (batch, KV head, key tile) per task, with the same copy routine items use.
+fn pack_call(
+    plan: &KernelPlan,
+    shape: Shape,
+    k: &[f32],
+    v: &[f32],
+    k_packed: &mut [f32],
+    v_packed: &mut [f32],
+) {
+    let (kv, d, dv, k_tile) =
+        (plan.spec.kv_heads(), plan.spec.head_dim(), plan.spec.v_head_dim, plan.k_tile);
+    let tiles = shape.seq_k.div_ceil(k_tile);
+    let value_tile = plan.packed_value_tile();
+    // Each task writes its own tile: K rows j0..j0 + n of its (batch, head), and its V tile.
+    let k_chunks = k_packed.par_chunks_mut(k_tile * d);
+    let v_chunks = v_packed.par_chunks_mut(value_tile);
+    k_chunks.zip(v_chunks).enumerate().for_each(|(task, (k_dst, v_dst))| {
+        let (head, tile) = (task / tiles, task % tiles);
+        let (b, g) = (head / kv, head % kv);
+        let j0 = tile * k_tile;
+        let n = k_tile.min(shape.seq_k - j0);
+        let k_src = &k[((b * shape.seq_k + j0) * kv + g) * d..];
+        let v_src = &v[((b * shape.seq_k + j0) * kv + g) * dv..];
+        // Rows j0..j0 + n of head g, `kv` heads apart.
+        assert!(k_src.len() >= (n - 1) * kv * d + d && v_src.len() >= (n - 1) * kv * dv + dv);
+        assert!(k_dst.len() >= n * d && v_dst.len() >= value_tile);
+        // SAFETY: the asserts above: n source rows of d (dv) floats, kv·d (kv·dv) apart, and
+        // destinations of n·d floats (row-major) and one panel tile (k_tile rows of dv floats in
+        // PANEL-column panels).
+        unsafe {
+            simd::pack_rows(n, d, k_src.as_ptr(), kv * d, k_dst.as_mut_ptr(), d, PANEL);
+            simd::pack_rows(
+                n,
+                dv,
+                v_src.as_ptr(),
+                kv * dv,
+                v_dst.as_mut_ptr(),
+                PANEL,
+                PANEL * k_tile,
+            );
+        }
+    });
 }
