@@ -912,6 +912,9 @@ impl<'a> Translator<'a> {
 
     /// Whether this work item packs K/V tiles: only with enough rows to repay the copy.
     fn packs(&mut self) -> Value {
+        if !self.plan.pack_per_item {
+            return self.b.ins().iconst(types::I8, 0);
+        }
         let min_rows = self.int(self.plan.pack_min_rows as i64);
         self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, self.rows, min_rows)
     }

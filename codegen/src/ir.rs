@@ -187,17 +187,16 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
             let (d, dv) = (*head_dim, spec.v_head_dim);
             let prologue =
                 vec![Op::PackQueries { offset: 0, len: d, factor, into: Operand::QueryTile }];
+            // K/V come from packed tiles: the call's packed copy (prefill), the item's own
+            // (several KV heads, enough rows), or the cache rows in place.
             let mut body = Vec::new();
-            let (keys, values) = if plan.pack_kv {
+            if plan.pack_per_item {
                 body.push(Op::PackTile { from: Operand::K, into: Operand::KeyTile, width: d });
                 body.push(Op::PackTile { from: Operand::V, into: Operand::ValueTile, width: dv });
-                (Operand::KeyTile, Operand::ValueTile)
-            } else {
-                (Operand::K, Operand::V)
-            };
-            body.push(term(Operand::QueryTile, keys, d, false));
+            }
+            body.push(term(Operand::QueryTile, Operand::KeyTile, d, false));
             body.push(softmax);
-            body.push(Op::AccumulateValues { values, width: dv });
+            body.push(Op::AccumulateValues { values: Operand::ValueTile, width: dv });
             (prologue, body, Op::StoreOut)
         }
     };
@@ -374,10 +373,10 @@ mod tests {
         assert!(matches!(body[2], Op::Scores(ScoreTerm { keys: Operand::KeyTile, len: 16, .. })));
         assert!(matches!(body[4], Op::AccumulateValues { values: Operand::ValueTile, width: 16 }));
         assert_eq!(ir.finish, [Op::MergeSplits, Op::Normalize, Op::StoreOut, Op::StoreLse]);
-        // One KV head: rows are contiguous already, read in place.
+        // One KV head: rows are contiguous already, so items never copy them (the call may).
         let ir = lower(&KernelPlan::new(&AttentionSpec::mqa(8, 16)));
         let (_, body, _) = parts(&ir);
-        assert!(matches!(body[0], Op::Scores(ScoreTerm { keys: Operand::K, .. })));
+        assert!(matches!(body[0], Op::Scores(ScoreTerm { keys: Operand::KeyTile, .. })));
     }
 
     #[test]

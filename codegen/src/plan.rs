@@ -54,11 +54,10 @@ pub struct KernelPlan {
     pub rescale_threshold: f32,
     /// Fewest keys a decode split gets, so splitting never costs more than it saves.
     pub min_keys_per_split: usize,
-    /// Pack K/V tiles into scratch before using them: their rows lie `kv_heads · D` (or
-    /// `rank`) floats apart in the cache, a multiple of 2–4 KiB for common shapes, which makes
-    /// a tile's rows collide in the same L1 sets. Keys are copied row by row; values into
-    /// [`PANEL`]-column panels, the layout the value product streams.
-    pub pack_kv: bool,
+    /// Items pack their own tiles when the call did not: only for several KV heads, whose
+    /// cache rows lie `kv_heads · D` floats apart (a multiple of 4 KiB for common shapes, so a
+    /// tile's rows collide in the same L1 sets). One KV head's rows are contiguous already.
+    pub pack_per_item: bool,
     /// Fewest rows (heads × queries) a work item needs before packing K/V tiles repays the
     /// copy; decode items read the cache in place.
     pub pack_min_rows: usize,
@@ -96,10 +95,10 @@ pub struct ScratchLayout {
     pub query_rows: usize,
     /// Absorbed MLA: q' row-major, `rows × rank`, before it is transposed into `queries`.
     pub absorbed: usize,
-    /// Packed key tile: `k_tile × D`, row-major (when `pack_kv`).
+    /// Packed key tile: `k_tile × D`, row-major (when `pack_per_item`).
     pub keys: usize,
     /// Packed value tile in [`PANEL`]-column panels: `k_tile × PANEL` per panel (when
-    /// `pack_kv`).
+    /// `pack_per_item`).
     pub values: usize,
     /// Per-row visible key range of an edge tile: `padded_rows` i32 lows, then as many highs.
     pub ranges: usize,
@@ -155,14 +154,14 @@ impl KernelPlan {
         let k_tile = K_TILE;
         // Latent keys and values are read in place: c_kv rows are contiguous (packing them
         // into panels measured 14% slower on W5).
+        let pack_per_item = matches!(spec.kv, KvLayout::Grouped { kv_heads, .. } if kv_heads > 1);
         let (query_width, rope, absorbed, key_width, value_width) = match &spec.kv {
             KvLayout::Latent(l) => (l.rank, l.rope_dim, rows * l.rank, 0, 0),
-            KvLayout::Grouped { kv_heads, head_dim, .. } => {
-                let packed = if *kv_heads > 1 { (*head_dim, spec.v_head_dim) } else { (0, 0) };
-                (*head_dim, 0, 0, packed.0, packed.1)
+            KvLayout::Grouped { head_dim, .. } if pack_per_item => {
+                (*head_dim, 0, 0, *head_dim, spec.v_head_dim)
             }
+            KvLayout::Grouped { head_dim, .. } => (*head_dim, 0, 0, 0, 0),
         };
-        let pack_kv = value_width > 0;
         let scores = 0;
         let absorbed_at = scores + k_tile * padded_rows;
         let keys = absorbed_at + absorbed;
@@ -201,7 +200,7 @@ impl KernelPlan {
             scale: scale as f32,
             query_factor: query_factor as f32,
             rescale_threshold: RESCALE_THRESHOLD,
-            pack_kv,
+            pack_per_item,
             pack_min_rows: 16,
             dot_max_rows,
             min_keys_per_split: 256,
@@ -303,12 +302,19 @@ impl fmt::Display for KernelPlan {
             "  tiles        {} queries x {} keys; up to {} rows per tile (the group's heads x queries, packed)",
             self.q_tile, self.k_tile, self.rows
         )?;
-        if self.pack_kv {
+        if self.form == Form::Grouped {
+            let items = if self.pack_per_item {
+                format!(
+                    "else by each work item with >= {} rows (cache rows are {} floats apart)",
+                    self.pack_min_rows,
+                    spec.kv_heads() * spec.head_dim()
+                )
+            } else {
+                "else read in place (contiguous rows)".to_owned()
+            };
             writeln!(
                 f,
-                "  kv tiles     packed (values into {PANEL}-column panels) when a work item has >= {} rows (cache rows are {} floats apart)",
-                self.pack_min_rows,
-                spec.kv_heads() * spec.head_dim(),
+                "  kv tiles     packed (values into {PANEL}-column panels) once per call when it has several query tiles, {items}"
             )?;
         }
         let mask = match spec.mask {
