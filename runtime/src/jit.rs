@@ -260,9 +260,17 @@ thread_local! {
     static PACKED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Floats of packed K/V a thread keeps between calls (128 MB); larger calls allocate their own
+/// buffer and free it when they return, so a single long prefill does not pin its copy.
+const KEPT_PACKED: usize = 1 << 25;
+
 /// Runs `f` on this thread's packed-K/V buffer, grown to at least `len` floats; a nested call on
-/// the same thread (rayon may run another caller's job while this one waits) gets a fresh one.
+/// the same thread (rayon may run another caller's job while this one waits) or a call larger
+/// than [`KEPT_PACKED`] gets a fresh one.
 fn with_packed<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    if len > KEPT_PACKED {
+        return f(&mut vec![0.0; len]);
+    }
     PACKED.with(|cell| match cell.try_borrow_mut() {
         Ok(mut packed) => {
             if packed.len() < len {
@@ -308,8 +316,9 @@ impl JitKernel {
 struct SharedArgs(CallArgs);
 
 // SAFETY: the pointers in CallArgs come from the `&[f32]` inputs and `&mut [f32]` outputs of one
-// `run` call, which outlive every worker (rayon joins before `run` returns). Workers only read
-// the inputs, and write disjoint parts of `out` and `lse`: each (batch, group, query tile) task
+// `run` call and from its packed K/V buffer, which outlive every worker (rayon joins before
+// `run` returns). Workers only read the inputs and the packed K/V (written before the items
+// start), and write disjoint parts of `out` and `lse`: each (batch, group, query tile) task
 // owns the rows of its group's heads and its queries, and every head belongs to one group.
 unsafe impl Sync for SharedArgs {}
 
@@ -408,9 +417,11 @@ impl JitKernel {
                 assert!(scratch.len() >= scratch_len && states.len() >= per_item * state_len);
                 // SAFETY: `check_call` verified every buffer against `shape`; the generated
                 // code reads and writes only within those tensors for b < B, q0 < Sq, keys
-                // k_lo..k_hi ⊆ 0..Sk and the heads of groups g0..g0 + per_item < groups, plus
-                // `scratch` (the plan's size for per_item groups) and per_item state slots of
-                // state_len floats, state_len apart (asserted above).
+                // 0..Sk (its key range, from the start of the tile holding k_lo) and the heads
+                // of groups g0..g0 + per_item < groups; within the call's packed K/V when set
+                // (`pack_call` filled `plan.packed_lens`); within `scratch` (the plan's size for
+                // per_item groups) and per_item state slots of state_len floats, state_len apart
+                // (asserted above). Addresses past a tensor are only ever prefetched.
                 unsafe {
                     (compiled.item)(
                         args.ptr(),
