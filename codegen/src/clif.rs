@@ -922,25 +922,25 @@ impl<'a> Translator<'a> {
     /// Copies the tile's rows of `from` (when this item packs): into a row-major key tile, or
     /// into the value tile's [`PANEL`]-column panels (`k_tile` deep).
     fn pack_tile(&mut self, from: Operand, into: Operand, width: usize, tile: Tile) {
+        // Nothing to copy when this item reads the call's packed copy or the cache in place.
         let packs = self.packs();
-        let k_tile = self.plan.k_tile;
-        let (src, stride) = self.kv_rows(from, tile.j0);
-        let dst = self.tile_addr(into);
-        let zero = self.int(0);
-        // Nothing to copy when this item reads the call's packed copy.
         let pre = self.prepacked();
         let copies = self.b.ins().band_not(packs, pre);
-        let rows = self.b.ins().select(copies, tile.n, zero);
-        let (dst_row, dst_panel) =
-            if into == Operand::ValueTile { (PANEL, PANEL * k_tile) } else { (width, PANEL) };
-        let (width, stride, dst_row, dst_panel) = (
-            self.int(width as i64),
-            self.int(stride as i64),
-            self.int(dst_row as i64),
-            self.int(dst_panel as i64),
-        );
-        let args = [rows, width, src, stride, dst, dst_row, dst_panel];
-        self.call(Callee::PackRows, &args);
+        let k_tile = self.plan.k_tile;
+        self.if_then(copies, |t| {
+            let (src, stride) = t.kv_rows(from, tile.j0);
+            let dst = t.tile_addr(into);
+            let (dst_row, dst_panel) =
+                if into == Operand::ValueTile { (PANEL, PANEL * k_tile) } else { (width, PANEL) };
+            let (width, stride, dst_row, dst_panel) = (
+                t.int(width as i64),
+                t.int(stride as i64),
+                t.int(dst_row as i64),
+                t.int(dst_panel as i64),
+            );
+            let args = [tile.n, width, src, stride, dst, dst_row, dst_panel];
+            t.call(Callee::PackRows, &args);
+        });
     }
 
     /// Fills the stack [`PrefetchRows`] with the next key tile's rows of cache tensor `cache`
