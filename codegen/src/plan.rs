@@ -227,7 +227,15 @@ impl KernelPlan {
         let wanted = (4 * threads.max(1)).div_ceil(tasks.max(1));
         let affordable = (seq_k / self.min_keys_per_split).max(1);
         let splits = wanted.min(affordable).max(1);
-        Schedule { q_tiles, groups_per_item, splits, keys_per_split: seq_k.div_ceil(splits).max(1) }
+        // Every query tile of a prefill item would copy the same K/V tiles: pack them once.
+        let packs_call = self.form == Form::Grouped && groups_per_item == 1 && q_tiles > 1;
+        Schedule {
+            q_tiles,
+            groups_per_item,
+            splits,
+            keys_per_split: seq_k.div_ceil(splits).max(1),
+            packs_call,
+        }
     }
 
     /// Floats of the call-level packed K and V ([`crate::abi::CallArgs::k_packed`]) for
@@ -269,6 +277,8 @@ pub struct Schedule {
     pub splits: usize,
     /// Keys per split (the last may have fewer).
     pub keys_per_split: usize,
+    /// Pack grouped K/V once for the call ([`KernelPlan::packed_lens`]) instead of per item.
+    pub packs_call: bool,
 }
 
 impl fmt::Display for KernelPlan {
@@ -394,10 +404,11 @@ mod tests {
         let gqa = KernelPlan::new(&AttentionSpec::gqa(32, 8, 128));
         // Decode items cover all 8 groups: 4 tasks, so each is split in two.
         let s = gqa.schedule(4, 1, 4096, 2);
-        assert_eq!((s.groups_per_item, s.splits), (8, 2));
-        // Prefill items cover one group: 8 groups x 16 query tiles keep 2 threads busy.
+        assert_eq!((s.groups_per_item, s.splits, s.packs_call), (8, 2, false));
+        // Prefill items cover one group: 8 groups x 16 query tiles keep 2 threads busy, and
+        // K/V are packed once for all 16 query tiles.
         let s = gqa.schedule(1, 256, 256, 2);
-        assert_eq!((s.groups_per_item, s.q_tiles, s.splits), (1, 16, 1));
+        assert_eq!((s.groups_per_item, s.q_tiles, s.splits, s.packs_call), (1, 16, 1, true));
         let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128));
         let s = mla.schedule(1, 1, 4096, 2);
         assert_eq!((s.splits, s.keys_per_split), (8, 512));

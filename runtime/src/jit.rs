@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use attngen_codegen::abi::{CallArgs, Callee, FinishFn, ItemFn, PANEL};
-use attngen_codegen::{AttentionSpec, Form, KernelIr, KernelPlan, Schedule, clif, ir, validate};
+use attngen_codegen::{AttentionSpec, KernelIr, KernelPlan, Schedule, clif, ir, validate};
 use cranelift_codegen::Context;
 use cranelift_codegen::settings::Configurable;
 use cranelift_jit::{JITBuilder, JITModule};
@@ -370,9 +370,7 @@ impl Kernel for JitKernel {
         let threads =
             self.pool.as_ref().map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
         let schedule = plan.schedule(shape.batch, shape.seq_q, shape.seq_k, threads);
-        // Prefill items of packing specs would each copy the same K/V tiles again (once per
-        // query tile): pack them once for the call instead.
-        if plan.form == Form::Grouped && schedule.groups_per_item == 1 && schedule.q_tiles > 1 {
+        if schedule.packs_call {
             let (k_len, v_len) = plan.packed_lens(shape.batch, shape.seq_k);
             with_packed(k_len + v_len, |packed| {
                 let (k_packed, v_packed) = packed.split_at_mut(k_len);
