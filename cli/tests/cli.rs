@@ -328,26 +328,20 @@ fn dump_shows_plan_ir_clif_and_machine_code() {
     assert!(text.contains("== asm") && text.contains("ret"), "machine code is listed");
 }
 
+/// `attngen bench` on a bundled spec and shape: JIT and interpreter, 3 runs, fixed peaks (100
+/// GFLOP/s, 20 GB/s) so no probe runs, plus `extra` flags.
+fn bench_both_backends(spec: &str, shape: &str, extra: &[&str]) -> Output {
+    let spec = specs_dir().join(spec);
+    let mut args = vec!["bench", spec.to_str().unwrap(), "--shape", shape];
+    args.extend(["--backend", "jit,interp", "--runs", "3", "--peak-gflops", "100"]);
+    args.extend(["--peak-gbs", "20"]);
+    args.extend(extra);
+    attngen(&args)
+}
+
 #[test]
 fn bench_reports_json_for_a_spec_and_shape() {
-    let spec = specs_dir().join("llama3-8b.toml");
-    let output = attngen(&[
-        "bench",
-        spec.to_str().unwrap(),
-        "--shape",
-        "1,8,40",
-        "--backend",
-        "jit,interp",
-        "--threads",
-        "2",
-        "--runs",
-        "3",
-        "--peak-gflops",
-        "100",
-        "--peak-gbs",
-        "20",
-        "--json",
-    ]);
+    let output = bench_both_backends("llama3-8b.toml", "1,8,40", &["--threads", "2", "--json"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["machine"]["threads"], 2);
@@ -440,23 +434,7 @@ fn check_exits_2_on_an_invalid_spec() {
 fn bench_draws_a_roofline_with_ceilings_and_one_point_per_result() {
     let dir = scratch("roofline");
     let svg = dir.join("r.svg");
-    let spec = specs_dir().join("mqa.toml");
-    let output = attngen(&[
-        "bench",
-        spec.to_str().unwrap(),
-        "--shape",
-        "1,16,64",
-        "--backend",
-        "jit,interp",
-        "--runs",
-        "3",
-        "--peak-gflops",
-        "100",
-        "--peak-gbs",
-        "20",
-        "--roofline",
-        svg.to_str().unwrap(),
-    ]);
+    let output = bench_both_backends("mqa.toml", "1,16,64", &["--roofline", svg.to_str().unwrap()]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let table = String::from_utf8(output.stdout).unwrap();
     assert!(table.contains("mqa-16x128  jit") && table.contains("mqa-16x128  interp"), "{table}");

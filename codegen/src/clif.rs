@@ -854,15 +854,27 @@ impl<'a> Translator<'a> {
             let factor = t.f32(factor);
             t.scale_row(at, src, len, factor);
         });
-        let zero = self.f32(0.0);
         let (rows, rows_v4) = (self.rows, self.rows_v4);
         self.for_range(rows, rows_v4, 1, |t, row| {
             let at = t.mul_imm(row, len);
             let at = t.float_addr(dst, at);
-            for d in 0..len {
-                t.b.ins().store(mem(), zero, at, 4 * d as i32);
-            }
+            t.zero_floats(at, len);
         });
+    }
+
+    /// `dst[0..len] = 0`: a vector loop, then a scalar tail.
+    fn zero_floats(&mut self, dst: Value, len: usize) {
+        let zeros = self.splat(0.0);
+        let vectors = len / 4 * 4;
+        let (start, end) = (self.int(0), self.int(vectors as i64));
+        self.for_range(start, end, 4, |t, c| {
+            let at = t.float_addr(dst, c);
+            t.b.ins().store(mem(), zeros, at, 0);
+        });
+        let zero = self.f32(0.0);
+        for c in vectors..len {
+            self.b.ins().store(mem(), zero, dst, 4 * c as i32);
+        }
     }
 
     /// Calls `PackColumns`: `rows` rows of `len` floats at `src` into columns
@@ -1083,18 +1095,9 @@ impl<'a> Translator<'a> {
         let o_len = self.plan.padded_rows * self.plan.acc_dim;
         let zero = self.int(0);
         let state = self.state;
-        // O = 0 (vector loop over the whole block, scalar tail), m = −∞, l = 0.
-        let zeros = self.splat(0.0);
-        let body = (o_len / 4 * 4) as i64;
-        let end = self.int(body);
-        self.for_range(zero, end, 4, |t, c| {
-            let at = t.float_addr(state, c);
-            t.b.ins().store(mem(), zeros, at, 0);
-        });
+        // O = 0, l = 0, m = f32::MIN.
+        self.zero_floats(state, o_len);
         let scalar_zero = self.f32(0.0);
-        for c in body as usize..o_len {
-            self.b.ins().store(mem(), scalar_zero, state, 4 * c as i32);
-        }
         // m starts at the most negative finite float, not −∞: every later `s − m` and
         // `m − m'` is then −∞ at worst, never NaN, and its 2^x is 0.
         let lowest = self.f32(f32::MIN);

@@ -352,9 +352,16 @@ impl fmt::Display for KernelPlan {
         )?;
         writeln!(
             f,
-            "  decode       keys split across threads when tasks are few (at least {} keys per split), merged by log-sum-exp",
-            self.min_keys_per_split
+            "  decode       items with < {} rows cover every group (whole cache rows); keys split across threads when tasks are few (at least {} keys per split), merged by log-sum-exp",
+            self.pack_min_rows, self.min_keys_per_split
         )?;
+        if self.dot_max_rows > 0 {
+            writeln!(
+                f,
+                "  few rows     items with <= {} rows compute scores as dot products of key rows with query rows",
+                self.dot_max_rows
+            )?;
+        }
         writeln!(
             f,
             "  scratch      {} floats per work item (+ {} per extra group); state {} floats per group and split",
