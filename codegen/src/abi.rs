@@ -157,12 +157,21 @@ pub enum Callee {
     /// Copy query rows transposed and scaled into the query tile's panels
     /// (`simd::PackColumns`).
     PackColumns,
+    /// A score tile's exponentials `P = 2^(s − m)` in place, with their column sums added to l
+    /// (`simd::Exp2Columns`).
+    Exp2Columns,
 }
 
 impl Callee {
     /// Every callee.
-    pub const ALL: [Callee; 5] =
-        [Callee::DotNt, Callee::DotNn, Callee::Ln, Callee::PackRows, Callee::PackColumns];
+    pub const ALL: [Callee; 6] = [
+        Callee::DotNt,
+        Callee::DotNn,
+        Callee::Ln,
+        Callee::PackRows,
+        Callee::PackColumns,
+        Callee::Exp2Columns,
+    ];
 
     /// The symbol name the JIT registers the routine under.
     pub fn symbol(self) -> &'static str {
@@ -172,6 +181,34 @@ impl Callee {
             Callee::Ln => "attngen_ln",
             Callee::PackRows => "attngen_pack_rows",
             Callee::PackColumns => "attngen_pack_columns",
+            Callee::Exp2Columns => "attngen_exp2_columns",
         }
     }
+}
+
+pub mod exp2 {
+    //! The `2^x` every kernel evaluates, generated or pre-compiled, so all of them round alike:
+    //! - x is first raised to [`FLOOR`], where the built exponent field is 0: masked scores
+    //!   and −∞ give exactly 0, and NaN stays NaN;
+    //! - `x = n + f` with `n = round(x)` and `|f| <= 1/2`: adding [`ROUNDER`] leaves n in the
+    //!   low mantissa bits of `t = x + ROUNDER`, and subtracting it again gives n as a float;
+    //! - `2^f = 1 + f·(c₀ + f·(c₁ + …))` with [`POLY`], a relative-error minimax fit (7.9e-8 ≈
+    //!   1.3 ulp with fused steps, exactly 1 at f = 0);
+    //! - `2^n` is built as the bits `(bits(t) + 127) << 23`.
+    //!
+    //! Valid for `x <= 64`.
+
+    /// The lowest argument: `2^x` is 0 at and below it.
+    pub const FLOOR: f32 = -127.0;
+    /// `1.5 · 2^23`: adding it rounds to an integer held in the low mantissa bits.
+    pub const ROUNDER: f32 = 12_582_912.0;
+    /// Coefficients of f, f², …, f⁶.
+    pub const POLY: [f32; 6] = [
+        std::f32::consts::LN_2,
+        0.240_226_48,
+        0.055_503_324,
+        0.009_618_437,
+        0.001_339_887_5,
+        0.000_153_533_62,
+    ];
 }

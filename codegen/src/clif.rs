@@ -55,6 +55,7 @@ pub fn callee_signature(callee: Callee, call_conv: CallConv) -> Signature {
             sig.params.extend([AbiParam::new(types::I64); 3]);
             sig
         }
+        Callee::Exp2Columns => int_signature(call_conv, 6, None),
     }
 }
 
@@ -94,11 +95,12 @@ fn mem() -> MemFlagsData {
 
 const F32X4: Type = types::F32X4;
 
-/// What [`Translator::row_map`] does to each element.
+/// What [`Translator::row_map`] does to each element, with its factor.
 #[derive(Clone, Copy)]
 enum RowUpdate {
-    Copy,
+    /// `dst = src · f`.
     Scale(Value),
+    /// `dst += src · f`.
     Axpy(Value),
 }
 
@@ -564,24 +566,11 @@ impl<'a> Translator<'a> {
     }
 
     /// 2^x for f32x4, for x <= 64 (every caller stays below: softmax arguments are at most the
-    /// rescale threshold): x = n + f with n = round(x) and |f| <= 1/2, then 2^f by a degree-6
-    /// polynomial (a relative-error minimax fit, 7.9e-8 ≈ 1.3 ulp in f32 with fused steps;
-    /// exactly 1 at f = 0) and 2^n built in the exponent bits. n comes from adding 1.5·2²³,
-    /// which leaves it in the low mantissa bits — no round or convert instructions. x is first
-    /// raised to −127, where the built exponent field is 0: inputs at or below −127 (masked
-    /// scores, −∞) give exactly 0. NaN stays NaN.
+    /// rescale threshold), exactly as [`crate::abi::exp2`] specifies — the same arithmetic as
+    /// the pre-compiled tile exponentials, so the two round alike.
     fn exp2(&mut self, x: Value) -> Value {
-        const ROUNDER: f32 = 12_582_912.0; // 1.5 · 2^23
-        /// Coefficients of f, f², …, f⁶.
-        const POLY: [f32; 6] = [
-            std::f32::consts::LN_2,
-            0.240_226_48,
-            0.055_503_324,
-            0.009_618_437,
-            0.001_339_887_5,
-            0.000_153_533_62,
-        ];
-        let floor = self.splat(-127.0);
+        use crate::abi::exp2::{FLOOR, POLY, ROUNDER};
+        let floor = self.splat(FLOOR);
         let x = self.max_ps(floor, x);
         let rounder = self.splat(ROUNDER);
         let t = self.b.ins().fadd(x, rounder);
@@ -662,29 +651,20 @@ impl<'a> Translator<'a> {
         self.row_map(dst, src, len, RowUpdate::Axpy(factor));
     }
 
-    /// `dst[0..len] = src[0..len]`.
-    fn copy_row(&mut self, dst: Value, src: Value, len: usize) {
-        self.row_map(dst, src, len, RowUpdate::Copy);
-    }
-
     /// A row update: a loop of 16-float steps (four f32x4 each), then unrolled f32x4 and
     /// scalar tails, all with the length known at compile time.
     fn row_map(&mut self, dst: Value, src: Value, len: usize, update: RowUpdate) {
-        let factor = match update {
-            RowUpdate::Copy => None,
-            RowUpdate::Scale(f) | RowUpdate::Axpy(f) => Some(f),
-        };
-        let vf = factor.map(|f| self.b.ins().splat(F32X4, f));
+        let (RowUpdate::Scale(factor) | RowUpdate::Axpy(factor)) = update;
+        let vf = self.b.ins().splat(F32X4, factor);
         let step = |t: &mut Self, ty: Type, d: Value, s: Value, offset: i32| {
             let f = if ty == F32X4 { vf } else { factor };
             let x = t.b.ins().load(ty, mem(), s, offset);
-            let y = match (update, f) {
-                (RowUpdate::Axpy(_), Some(f)) => {
+            let y = match update {
+                RowUpdate::Axpy(_) => {
                     let y = t.b.ins().load(ty, mem(), d, offset);
                     t.b.ins().fma(x, f, y)
                 }
-                (RowUpdate::Scale(_), Some(f)) => t.b.ins().fmul(x, f),
-                _ => x,
+                RowUpdate::Scale(_) => t.b.ins().fmul(x, f),
             };
             t.b.ins().store(mem(), y, d, offset);
         };
@@ -1241,9 +1221,10 @@ impl<'a> Translator<'a> {
         }
     }
 
-    /// The online softmax, four rows (one vector of Sᵀ's columns) at a time: a pass for the
-    /// tile max (applying the cap and the edge mask), the rare lazy rescale, and a pass for
-    /// `P = 2^(s − m)` and its row sums.
+    /// The online softmax of a tile: a generated pass down Sᵀ's columns, four rows per vector,
+    /// for the tile max (applying the cap and the edge mask) and the rare lazy rescale; then
+    /// `P = 2^(s − m)` and its row sums over the whole tile in one call of the pre-compiled
+    /// tile exponentials, which use the CPU's full vector width.
     fn online_softmax(&mut self, cap: Option<f32>, threshold: f32, tile: Tile) {
         let ld = self.plan.padded_rows;
         let zero = self.int(0);
@@ -1254,7 +1235,6 @@ impl<'a> Translator<'a> {
         let neg_inf = self.splat(f32::NEG_INFINITY);
         self.for_range(zero, rows_v4, 4, |t, c| {
             let column = t.float_addr(scores, c);
-            // Pass 1: cap, mask, column max.
             let bounds = tile.partial.then(|| {
                 let offset = t.mul_imm(c, 4);
                 let (lo_at, hi_at) = (t.add(lows, offset), t.add(highs, offset));
@@ -1298,30 +1278,13 @@ impl<'a> Translator<'a> {
             let raise = t.b.ins().fcmp(FloatCC::GreaterThan, tile_max, limit);
             let any = t.b.ins().vany_true(raise);
             t.if_then(any, |t| t.rescale(c, raise, tile_max));
-            // Pass 2: P = 2^(s − m), column sums. m is finite (it starts at f32::MIN), so a
-            // hidden key's 2^(−∞ − m) is 0, never NaN.
-            let m = t.b.ins().load(F32X4, mem(), m_at, 0);
-            let zeros = t.splat(0.0);
-            let sum_var = t.b.declare_var(F32X4);
-            t.b.def_var(sum_var, zeros);
-            let start = t.int(0);
-            t.for_range_unrolled(start, n, 2, |t, j| {
-                let offset = t.mul_imm(j, 4 * ld);
-                let at = t.add(column, offset);
-                let s = t.b.ins().load(F32X4, mem(), at, 0);
-                let x = t.b.ins().fsub(s, m);
-                let p = t.exp2(x);
-                t.b.ins().store(mem(), p, at, 0);
-                let acc = t.b.use_var(sum_var);
-                let acc = t.b.ins().fadd(acc, p);
-                t.b.def_var(sum_var, acc);
-            });
-            let l_at = t.state_l(state, c);
-            let l = t.b.ins().load(F32X4, mem(), l_at, 0);
-            let sum = t.b.use_var(sum_var);
-            let l = t.b.ins().fadd(l, sum);
-            t.b.ins().store(mem(), l, l_at, 0);
         });
+        // P = 2^(s − m), l += column sums. m is finite (it starts at f32::MIN), so a hidden
+        // key's 2^(−∞ − m) is 0, never NaN.
+        let m = self.state_m(state, zero);
+        let l = self.state_l(state, zero);
+        let ld = self.int(ld as i64);
+        self.call(Callee::Exp2Columns, &[n, rows_v4, scores, ld, m, l]);
     }
 
     /// Rows `c..c + 4`, in the lanes `raise` selects: `m' = tile_max`, and l and O scaled by
@@ -1437,10 +1400,9 @@ impl<'a> Translator<'a> {
         });
     }
 
-    /// `O /= l`; m's slot then holds `lse = m·ln 2 + ln l` (−∞ for a row with no visible
-    /// key).
+    /// m's slot gets `lse = m·ln 2 + ln l` and l's slot `1/l`; a row with no visible key gets
+    /// −∞ and 0.
     fn normalize(&mut self) {
-        let acc_dim = self.plan.acc_dim;
         let state = self.state;
         self.for_each_row(|t, _, _, _, row| {
             let l_at = t.state_l(state, row);
@@ -1452,8 +1414,7 @@ impl<'a> Translator<'a> {
             let one = t.f32(1.0);
             let inv = t.b.ins().fdiv(one, l);
             let inv = t.b.ins().select(empty, zero, inv);
-            let o = t.state_o(state, row);
-            t.scale_row(o, o, acc_dim, inv);
+            t.b.ins().store(mem(), inv, l_at, 0);
             let ln = t.call(Callee::Ln, &[l]).expect("ln returns a value");
             let ln2 = t.f32(std::f32::consts::LN_2);
             let lse = t.b.ins().fma(m, ln2, ln);
@@ -1463,6 +1424,7 @@ impl<'a> Translator<'a> {
         });
     }
 
+    /// `out = O · (1/l)`, row by row.
     fn store_out(&mut self) {
         let dv = self.plan.spec.v_head_dim;
         let state = self.state;
@@ -1471,13 +1433,22 @@ impl<'a> Translator<'a> {
             let out = t.arg(offsets::OUT);
             let dst = t.float_addr(out, idx);
             let src = t.state_o(state, row);
-            t.copy_row(dst, src, dv);
+            let inv_at = t.state_l(state, row);
+            let inv = t.b.ins().load(types::F32, mem(), inv_at, 0);
+            t.scale_row(dst, src, dv, inv);
         });
     }
 
+    /// `O *= 1/l` in place, then `out = O · W_UVᵀ` per head.
     fn project_out(&mut self, rank: usize, v_dim: usize) {
-        let ldc = self.plan.spec.q_heads * v_dim;
         let state = self.state;
+        self.for_each_row(|t, _, _, _, row| {
+            let o = t.state_o(state, row);
+            let inv_at = t.state_l(state, row);
+            let inv = t.b.ins().load(types::F32, mem(), inv_at, 0);
+            t.scale_row(o, o, rank, inv);
+        });
+        let ldc = self.plan.spec.q_heads * v_dim;
         self.for_each_head(|t, slot, head| {
             let first_row = t.mul(slot, t.nq);
             let a = t.state_o(state, first_row);

@@ -105,11 +105,12 @@ pub enum Op {
     /// Combine the task's split states into the first: `M = max m_s`,
     /// `l = Σ l_s·2^(m_s − M)`, `O = Σ O_s·2^(m_s − M)`.
     MergeSplits,
-    /// `O /= l` and `lse = m·ln 2 + ln l`; a row with no visible key gets `O = 0`, `lse = −∞`.
+    /// `lse = m·ln 2 + ln l` into m's slot and `1/l` into l's; a row with no visible key gets
+    /// `lse = −∞` and `1/l = 0` (so its output is 0). O is scaled as it is stored.
     Normalize,
-    /// Grouped: `out[b, q0 + qi, h] = O[slot, qi]`.
+    /// Grouped: `out[b, q0 + qi, h] = O[slot, qi] / l`, one pass over O.
     StoreOut,
-    /// Absorbed MLA: `out[b, q0 + qi, h] = O[slot, qi] · W_UV[h]ᵀ` (`rank → Dv`).
+    /// Absorbed MLA: `O /= l`, then `out[b, q0 + qi, h] = O[slot, qi] · W_UV[h]ᵀ` (`rank → Dv`).
     ProjectOut {
         /// Latent rank.
         rank: usize,
@@ -304,12 +305,15 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             )
         }
         Op::Normalize => {
-            writeln!(f, "{pad}O /= l; lse = m * ln 2 + ln l   (no visible key: O = 0, lse = -inf)")
+            writeln!(
+                f,
+                "{pad}lse = m * ln 2 + ln l; l = 1/l   (no visible key: lse = -inf, 1/l = 0)"
+            )
         }
-        Op::StoreOut => writeln!(f, "{pad}out[b, q0 + q, h] = O[row of (h, q)]"),
+        Op::StoreOut => writeln!(f, "{pad}out[b, q0 + q, h] = O[row of (h, q)] / l"),
         Op::ProjectOut { rank, v_dim } => writeln!(
             f,
-            "{pad}out[b, q0.., h] = O[rows of h] · W_UV[h]ᵀ for each head h   (tile A·Bᵀ, {rank} -> {v_dim})"
+            "{pad}O /= l; out[b, q0.., h] = O[rows of h] · W_UV[h]ᵀ for each head h   (tile A·Bᵀ, {rank} -> {v_dim})"
         ),
         Op::StoreLse => writeln!(f, "{pad}lse[b, q0.., h] = lse   (if requested)"),
     }

@@ -106,10 +106,11 @@ impl Jit {
             .finish(cranelift_codegen::settings::Flags::new(flags))
             .map_err(|e| compile_error(&e))?;
         let isa = Isa::detect();
-        let (dot_nt, dot_nn) = isa.kernels();
+        let routines = isa.routines();
         let mut builder = JITBuilder::with_isa(target, cranelift_module::default_libcall_names());
-        builder.symbol(Callee::DotNt.symbol(), dot_nt as *const u8);
-        builder.symbol(Callee::DotNn.symbol(), dot_nn as *const u8);
+        builder.symbol(Callee::DotNt.symbol(), routines.dot_nt as *const u8);
+        builder.symbol(Callee::DotNn.symbol(), routines.dot_nn as *const u8);
+        builder.symbol(Callee::Exp2Columns.symbol(), routines.exp2_columns as *const u8);
         builder.symbol(Callee::Ln.symbol(), attngen_ln as *const u8);
         builder.symbol(Callee::PackRows.symbol(), simd::pack_rows as *const u8);
         builder.symbol(Callee::PackColumns.symbol(), simd::pack_columns as *const u8);

@@ -9,6 +9,9 @@
 //!   products when an item has only a few rows (decode: a broadcast per key element would
 //!   waste most of each vector), and MLA's output projection `out = o'·W_UVᵀ`.
 //!
+//! The exponentials of a score tile, per ISA: [`Exp2Columns`], `P = 2^(s − m)` in place with
+//! its column sums, at the full vector width (generated code is limited to 128-bit vectors).
+//!
 //! Two tile copies, the same on every ISA (module `pack`): [`PackRows`] (a K/V tile into
 //! scratch) and [`PackColumns`] (query rows, transposed and scaled).
 //!
@@ -17,8 +20,8 @@
 //! demand miss. The products therefore prefetch the next key tile ([`PrefetchRows`]) a few
 //! lines per block while they compute.
 //!
-//! Everything else — loop nest, group mapping, masks, online softmax, splits and merges — is
-//! generated per spec. Each ISA module implements the products with the same `extern "C"`
+//! Everything else — loop nest, group mapping, masks, the online softmax's max, rescale and
+//! sums, splits and merges — is generated per spec. Each ISA module implements the products with the same `extern "C"`
 //! signatures.
 
 // The kernels take BLAS-style (sizes, pointer, leading dimension) argument lists.
@@ -76,6 +79,19 @@ pub type DotNn = unsafe extern "C" fn(
     row_lo: *const i32,
     row_hi: *const i32,
     prefetch: *const PrefetchRows,
+);
+
+/// `P[j][c] = 2^(S[j][c] − m[c])` in place, where `S[j][c] = s[j·ld + c]`, for `j < keys`,
+/// `c < columns`, and `l[c] += Σ_j P[j][c]` (summed in order of j) — the exponentials of one
+/// online-softmax tile, whose columns are the query rows of Sᵀ. `2^x` is evaluated exactly as
+/// `attngen_codegen::abi::exp2` specifies (so `s = −∞` gives 0), for arguments `<= 64`.
+pub type Exp2Columns = unsafe extern "C" fn(
+    keys: usize,
+    columns: usize,
+    s: *mut f32,
+    ld: usize,
+    m: *const f32,
+    l: *mut f32,
 );
 
 /// Copies `rows` rows of `width` floats, `src[r·src_row + c]`, to
@@ -216,15 +232,51 @@ impl Isa {
         }
     }
 
-    /// The micro-kernels for this ISA. Only call with an ISA from [`Isa::detect`] (or
-    /// `Portable`): the AVX2 kernels must not run on a CPU without AVX2 and FMA.
-    pub fn kernels(self) -> (DotNt, DotNn) {
+    /// The routines for this ISA. Only call with an ISA from [`Isa::detect`] (or `Portable`):
+    /// the AVX2 routines must not run on a CPU without AVX2 and FMA.
+    pub fn routines(self) -> Routines {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => (x86::dot_nt, x86::dot_nn),
-            _ => (portable::dot_nt, portable::dot_nn),
+            Isa::Avx2Fma => Routines {
+                dot_nt: x86::dot_nt,
+                dot_nn: x86::dot_nn,
+                exp2_columns: x86::exp2_columns,
+            },
+            _ => Routines {
+                dot_nt: portable::dot_nt,
+                dot_nn: portable::dot_nn,
+                exp2_columns: portable::exp2_columns,
+            },
         }
     }
+}
+
+/// The ISA-specific routines generated code calls (the tile copies are the same everywhere).
+#[derive(Clone, Copy, Debug)]
+pub struct Routines {
+    /// See [`DotNt`].
+    pub dot_nt: DotNt,
+    /// See [`DotNn`].
+    pub dot_nn: DotNn,
+    /// See [`Exp2Columns`].
+    pub exp2_columns: Exp2Columns,
+}
+
+/// `2^x` of one f32, exactly as `attngen_codegen::abi::exp2` specifies: the scalar twin of the
+/// vector versions, for the portable routine and the SIMD routines' last few columns.
+#[inline(always)]
+fn exp2(x: f32) -> f32 {
+    use attngen_codegen::abi::exp2::{FLOOR, POLY, ROUNDER};
+    // Not `max`: that would turn NaN into FLOOR.
+    let x = if x < FLOOR { FLOOR } else { x };
+    let t = x + ROUNDER;
+    let f = x - (t - ROUNDER);
+    let step = |poly: f32, c| poly.mul_add(f, c);
+    let poly = step(
+        step(step(step(step(step(POLY[5], POLY[4]), POLY[3]), POLY[2]), POLY[1]), POLY[0]),
+        1.0,
+    );
+    poly * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
 }
 
 #[cfg(test)]
@@ -249,7 +301,7 @@ mod tests {
     fn dot_nt_matches_naive_loops() {
         let isas = [Isa::Portable, Isa::detect()];
         for isa in isas {
-            let (dot_nt, _) = isa.kernels();
+            let dot_nt = isa.routines().dot_nt;
             for (m, n, k) in [(1, 1, 1), (4, 3, 8), (5, 7, 13), (9, 25, 17), (3, 50, 64), (7, 2, 3)]
             {
                 let (lda, ldb, ldc) = (k + 3, k + 1, n + 2);
@@ -299,7 +351,7 @@ mod tests {
     #[test]
     fn dot_nn_matches_naive_loops() {
         for isa in [Isa::Portable, Isa::detect()] {
-            let (_, dot_nn) = isa.kernels();
+            let dot_nn = isa.routines().dot_nn;
             for (m, n, k) in [
                 (1usize, 1usize, 1usize),
                 (4, 3, 8),
@@ -386,10 +438,69 @@ mod tests {
         }
     }
 
+    /// `exp2_columns` against f64 `exp2` on every ISA, over every column remainder, with
+    /// masked (−∞), underflowing, NaN and maximal arguments; all ISAs agree to the bit.
+    #[test]
+    fn exp2_columns_match_f64_and_each_other() {
+        let (keys, ld) = (7, 41);
+        for columns in [1, 3, 4, 5, 8, 12, 16, 20, 37] {
+            let mut s = data(keys * ld, 7);
+            s[3 * ld] = f32::NEG_INFINITY;
+            s[ld + columns / 2] = -200.0;
+            s[2 * ld + columns - 1] = f32::NAN;
+            let m: Vec<f32> = data(columns, 8).iter().map(|x| x * 40.0).collect();
+            s[4 * ld] = m[0] + 64.0;
+            let l0 = data(columns, 9);
+            let results = [Isa::Portable, Isa::detect()].map(|isa| {
+                let (mut p, mut l) = (s.clone(), l0.clone());
+                // SAFETY: p holds keys rows of ld >= columns floats; m and l hold columns.
+                unsafe {
+                    (isa.routines().exp2_columns)(
+                        keys,
+                        columns,
+                        p.as_mut_ptr(),
+                        ld,
+                        m.as_ptr(),
+                        l.as_mut_ptr(),
+                    )
+                };
+                (p, l)
+            });
+            let (p, l) = &results[0];
+            for c in 0..columns {
+                let mut sum = 0.0f64;
+                for j in 0..keys {
+                    let (x, got) = (s[j * ld + c] - m[c], p[j * ld + c]);
+                    if x.is_nan() {
+                        assert!(got.is_nan(), "[{j},{c}] NaN -> {got}");
+                        continue;
+                    }
+                    let want = if x <= -127.0 { 0.0 } else { f64::from(x).exp2() };
+                    assert!(
+                        (f64::from(got) - want).abs() <= 2e-7 * want,
+                        "2^{x} = {got}, not {want}"
+                    );
+                    sum += want;
+                }
+                if !sum.is_nan() && !l[c].is_nan() {
+                    let want = f64::from(l0[c]) + sum;
+                    assert!((f64::from(l[c]) - want).abs() <= 1e-6 * want.abs().max(1.0));
+                }
+            }
+            // Nothing past the columns is touched.
+            for j in 0..keys {
+                assert_eq!(p[j * ld + columns..(j + 1) * ld], s[j * ld + columns..(j + 1) * ld]);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&results[0].0), bits(&results[1].0), "{columns} columns: P differs");
+            assert_eq!(bits(&results[0].1), bits(&results[1].1), "{columns} columns: l differs");
+        }
+    }
+
     #[test]
     fn masked_rows_never_touch_hidden_values() {
         for isa in [Isa::Portable, Isa::detect()] {
-            let (_, dot_nn) = isa.kernels();
+            let dot_nn = isa.routines().dot_nn;
             // Row 0 sees key 0 only; key 1's value row is NaN.
             let a = [1.0f32, 0.0];
             let b = [2.0f32, 3.0, f32::NAN, f32::NAN];

@@ -97,3 +97,30 @@ pub unsafe extern "C" fn dot_nn(
         }
     }
 }
+
+/// See [`super::Exp2Columns`].
+///
+/// # Safety
+/// `s` holds `keys` rows of stride `ld` with `columns` writable floats each; `m` and `l` hold
+/// `columns` floats (`l` writable).
+pub unsafe extern "C" fn exp2_columns(
+    keys: usize,
+    columns: usize,
+    s: *mut f32,
+    ld: usize,
+    m: *const f32,
+    l: *mut f32,
+) {
+    for c in 0..columns {
+        // SAFETY: c < columns, inside m and l.
+        let (m, l) = unsafe { (*m.add(c), &mut *l.add(c)) };
+        let mut sum = 0.0;
+        for j in 0..keys {
+            // SAFETY: j < keys and c < columns: inside s.
+            let at = unsafe { &mut *s.add(j * ld + c) };
+            *at = super::exp2(*at - m);
+            sum += *at;
+        }
+        *l += sum;
+    }
+}

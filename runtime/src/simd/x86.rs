@@ -463,3 +463,100 @@ impl NnBlock {
         }
     }
 }
+
+/// `2^x` per lane, exactly as `attngen_codegen::abi::exp2` specifies.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp2_ps(x: __m256) -> __m256 {
+    use attngen_codegen::abi::exp2::{FLOOR, POLY, ROUNDER};
+    // maxps returns its second operand when either is NaN: a NaN x stays NaN.
+    let x = _mm256_max_ps(_mm256_set1_ps(FLOOR), x);
+    let rounder = _mm256_set1_ps(ROUNDER);
+    let t = _mm256_add_ps(x, rounder);
+    let f = _mm256_sub_ps(x, _mm256_sub_ps(t, rounder));
+    // Horner's rule, written out: the compiler keeps a loop over a chained iterator.
+    let step = |poly, c| _mm256_fmadd_ps(poly, f, _mm256_set1_ps(c));
+    let poly = step(_mm256_set1_ps(POLY[5]), POLY[4]);
+    let poly = step(step(step(poly, POLY[3]), POLY[2]), POLY[1]);
+    let poly = step(step(poly, POLY[0]), 1.0);
+    let biased = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127));
+    _mm256_mul_ps(poly, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased)))
+}
+
+/// See [`super::Exp2Columns`].
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; buffers as for [`super::portable::exp2_columns`].
+pub unsafe extern "C" fn exp2_columns(
+    keys: usize,
+    columns: usize,
+    s: *mut f32,
+    ld: usize,
+    m: *const f32,
+    l: *mut f32,
+) {
+    // SAFETY: forwarded caller contract.
+    unsafe { exp2_columns_avx2(keys, columns, s, ld, m, l) }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp2_columns_avx2(
+    keys: usize,
+    columns: usize,
+    s: *mut f32,
+    ld: usize,
+    m: *const f32,
+    l: *mut f32,
+) {
+    // SAFETY (whole function): every access is to column c.. c + width <= columns of a row
+    // j < keys of s, or of m and l, which the caller guarantees.
+    unsafe {
+        let mut c = 0;
+        // Two vectors per key: two independent polynomial chains.
+        while c + 16 <= columns {
+            let (m0, m1) = (_mm256_loadu_ps(m.add(c)), _mm256_loadu_ps(m.add(c + 8)));
+            let (mut sum0, mut sum1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            for j in 0..keys {
+                let at = s.add(j * ld + c);
+                let p0 = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(at), m0));
+                let p1 = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(at.add(8)), m1));
+                _mm256_storeu_ps(at, p0);
+                _mm256_storeu_ps(at.add(8), p1);
+                sum0 = _mm256_add_ps(sum0, p0);
+                sum1 = _mm256_add_ps(sum1, p1);
+            }
+            _mm256_storeu_ps(l.add(c), _mm256_add_ps(_mm256_loadu_ps(l.add(c)), sum0));
+            _mm256_storeu_ps(l.add(c + 8), _mm256_add_ps(_mm256_loadu_ps(l.add(c + 8)), sum1));
+            c += 16;
+        }
+        if c + 8 <= columns {
+            let m0 = _mm256_loadu_ps(m.add(c));
+            let mut sum = _mm256_setzero_ps();
+            for j in 0..keys {
+                let at = s.add(j * ld + c);
+                let p = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(at), m0));
+                _mm256_storeu_ps(at, p);
+                sum = _mm256_add_ps(sum, p);
+            }
+            _mm256_storeu_ps(l.add(c), _mm256_add_ps(_mm256_loadu_ps(l.add(c)), sum));
+            c += 8;
+        }
+        // Four columns (the generated code passes multiples of 4) in the low half.
+        if c + 4 <= columns {
+            let m0 = _mm256_zextps128_ps256(_mm_loadu_ps(m.add(c)));
+            let mut sum = _mm_setzero_ps();
+            for j in 0..keys {
+                let at = s.add(j * ld + c);
+                let x = _mm256_zextps128_ps256(_mm_loadu_ps(at));
+                let p = _mm256_castps256_ps128(exp2_ps(_mm256_sub_ps(x, m0)));
+                _mm_storeu_ps(at, p);
+                sum = _mm_add_ps(sum, p);
+            }
+            _mm_storeu_ps(l.add(c), _mm_add_ps(_mm_loadu_ps(l.add(c)), sum));
+            c += 4;
+        }
+        if c < columns {
+            super::portable::exp2_columns(keys, columns - c, s.add(c), ld, m.add(c), l.add(c));
+        }
+    }
+}
