@@ -113,7 +113,7 @@ impl Jit {
         builder.symbol(Callee::Exp2Columns.symbol(), routines.exp2_columns as *const u8);
         builder.symbol(Callee::Ln.symbol(), attngen_ln as *const u8);
         builder.symbol(Callee::PackRows.symbol(), simd::pack_rows as *const u8);
-        builder.symbol(Callee::PackColumns.symbol(), simd::pack_columns as *const u8);
+        builder.symbol(Callee::PackColumns.symbol(), routines.pack_columns as *const u8);
         let mut module = JITModule::new(builder);
         let call_conv = module.isa().default_call_conv();
         let mut callee_ids = [FuncId::from_u32(0); Callee::ALL.len()];

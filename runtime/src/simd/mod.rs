@@ -12,8 +12,9 @@
 //! The exponentials of a score tile, per ISA: [`Exp2Columns`], `P = 2^(s − m)` in place with
 //! its column sums, at the full vector width (generated code is limited to 128-bit vectors).
 //!
-//! Two tile copies, the same on every ISA (module `pack`): [`PackRows`] (a K/V tile into
-//! scratch) and [`PackColumns`] (query rows, transposed and scaled).
+//! Two tile copies (module `pack`): [`PackRows`] (a K/V tile into scratch; a plain copy, the
+//! same on every ISA) and [`PackColumns`] (query rows, transposed and scaled; AVX2 transposes
+//! in registers).
 //!
 //! Cache rows of one KV head lie `kv_heads · D` floats apart — a page apart for common shapes —
 //! and hardware prefetchers stop at page boundaries, so without help every row of a tile is a
@@ -34,7 +35,7 @@ mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use pack::{pack_columns, pack_rows};
+pub use pack::pack_rows;
 
 /// `C[i·ldc + j] (+)= Σ_{p<k} A[i·lda + p] · B[j·ldb + p]` for `i < m`, `j < n`.
 /// `accumulate != 0` adds to C, otherwise overwrites it; `prefetch` as for [`DotNn`].
@@ -241,17 +242,19 @@ impl Isa {
                 dot_nt: x86::dot_nt,
                 dot_nn: x86::dot_nn,
                 exp2_columns: x86::exp2_columns,
+                pack_columns: x86::pack_columns,
             },
             _ => Routines {
                 dot_nt: portable::dot_nt,
                 dot_nn: portable::dot_nn,
                 exp2_columns: portable::exp2_columns,
+                pack_columns: pack::pack_columns,
             },
         }
     }
 }
 
-/// The ISA-specific routines generated code calls (the tile copies are the same everywhere).
+/// The ISA-specific routines generated code calls (the row copy is the same everywhere).
 #[derive(Clone, Copy, Debug)]
 pub struct Routines {
     /// See [`DotNt`].
@@ -260,6 +263,8 @@ pub struct Routines {
     pub dot_nn: DotNn,
     /// See [`Exp2Columns`].
     pub exp2_columns: Exp2Columns,
+    /// See [`PackColumns`].
+    pub pack_columns: PackColumns,
 }
 
 /// `2^x` of one f32, exactly as `attngen_codegen::abi::exp2` specifies: the scalar twin of the
@@ -494,6 +499,57 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&results[0].0), bits(&results[1].0), "{columns} columns: P differs");
             assert_eq!(bits(&results[0].1), bits(&results[1].1), "{columns} columns: l differs");
+        }
+    }
+
+    /// `pack_columns` on every ISA: runs of rows on and off multiples of four columns, panel
+    /// straddles, width remainders; columns outside the call's stay untouched.
+    #[test]
+    fn pack_columns_transposes_into_panels() {
+        for isa in [Isa::Portable, Isa::detect()] {
+            let pack = isa.routines().pack_columns;
+            for (rows, width, first_column) in [
+                (1, 1, 0),
+                (2, 3, 15),
+                (13, 21, 3),
+                (16, 128, 0),
+                (4, 8, 12),
+                (7, 17, 6),
+                (64, 64, 0),
+            ] {
+                let src_row = width + 5;
+                let src = data(rows * src_row, 10);
+                let panel = PANEL * width;
+                let columns = (first_column + rows).next_multiple_of(PANEL);
+                let mut tile = vec![-7.0f32; columns / PANEL * panel];
+                // SAFETY: src holds rows rows of src_row >= width floats; the tile holds every
+                // panel of columns 0..columns, width deep.
+                unsafe {
+                    pack(
+                        rows,
+                        width,
+                        src.as_ptr(),
+                        src_row,
+                        0.5,
+                        tile.as_mut_ptr(),
+                        first_column,
+                        panel,
+                    )
+                };
+                for column in 0..columns {
+                    for depth in 0..width {
+                        let got = tile[column / PANEL * panel + depth * PANEL + column % PANEL];
+                        let want = match column.checked_sub(first_column) {
+                            Some(r) if r < rows => 0.5 * src[r * src_row + depth],
+                            _ => -7.0,
+                        };
+                        assert_eq!(
+                            got, want,
+                            "{isa:?} {rows}x{width} from {first_column}: [{column}, {depth}]"
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -560,3 +560,87 @@ unsafe fn exp2_columns_avx2(
         }
     }
 }
+
+/// See [`super::PackColumns`]: runs of four rows that start on a multiple of four columns are
+/// scaled and transposed 4 × 8 in registers; the rest goes through the portable copy.
+///
+/// # Safety
+/// The CPU supports AVX2; buffers as for [`super::pack::pack_columns`].
+pub unsafe extern "C" fn pack_columns(
+    rows: usize,
+    width: usize,
+    src: *const f32,
+    src_row: usize,
+    factor: f32,
+    dst: *mut f32,
+    first_column: usize,
+    dst_panel: usize,
+) {
+    // SAFETY: forwarded caller contract.
+    unsafe { pack_columns_avx2(rows, width, src, src_row, factor, dst, first_column, dst_panel) }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pack_columns_avx2(
+    rows: usize,
+    width: usize,
+    src: *const f32,
+    src_row: usize,
+    factor: f32,
+    dst: *mut f32,
+    first_column: usize,
+    dst_panel: usize,
+) {
+    let portable = super::pack::pack_columns;
+    // Rows before the first column on a multiple of 4, and after the last whole run of 4.
+    let head = ((4 - first_column % 4) % 4).min(rows);
+    let runs_end = head + (rows - head) / 4 * 4;
+    let whole = width / 8 * 8;
+    let scale = _mm256_set1_ps(factor);
+    // SAFETY (whole function): rows r < rows and columns c < width of src, and the panel
+    // elements of columns first_column + r, depths c < width, of dst, as the caller guarantees.
+    unsafe {
+        portable(head, width, src, src_row, factor, dst, first_column, dst_panel);
+        for r in (head..runs_end).step_by(4) {
+            let column = first_column + r;
+            // Four columns on a multiple of 4 never straddle a panel.
+            let to = dst.add(column / PANEL * dst_panel + column % PANEL);
+            let from = src.add(r * src_row);
+            for c in (0..whole).step_by(8) {
+                let row =
+                    |i: usize| _mm256_mul_ps(scale, _mm256_loadu_ps(from.add(i * src_row + c)));
+                let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+                // Per 128-bit half: pairs, then quads, of one depth each.
+                let (lo01, hi01) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+                let (lo23, hi23) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+                let depths = [
+                    _mm256_shuffle_ps::<0x44>(lo01, lo23), // depths c, c + 4
+                    _mm256_shuffle_ps::<0xEE>(lo01, lo23), // c + 1, c + 5
+                    _mm256_shuffle_ps::<0x44>(hi01, hi23), // c + 2, c + 6
+                    _mm256_shuffle_ps::<0xEE>(hi01, hi23), // c + 3, c + 7
+                ];
+                for (d, quad) in depths.into_iter().enumerate() {
+                    _mm_storeu_ps(to.add((c + d) * PANEL), _mm256_castps256_ps128(quad));
+                    _mm_storeu_ps(to.add((c + d + 4) * PANEL), _mm256_extractf128_ps::<1>(quad));
+                }
+            }
+            if whole < width {
+                let (src_rest, to_rest) = (from.add(whole), to.add(whole * PANEL));
+                // Depths whole.. of these four columns: the same layout, shifted by `whole`
+                // rows of each panel.
+                portable(4, width - whole, src_rest, src_row, factor, to_rest, 0, dst_panel);
+            }
+        }
+        let rest = rows - runs_end;
+        portable(
+            rest,
+            width,
+            src.add(runs_end * src_row),
+            src_row,
+            factor,
+            dst,
+            first_column + runs_end,
+            dst_panel,
+        );
+    }
+}
