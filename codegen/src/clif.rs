@@ -940,8 +940,19 @@ impl<'a> Translator<'a> {
     /// are a page apart, past the hardware prefetchers.
     fn prefetch_next(&mut self, cache: Operand, j0: Value) -> Value {
         let k_tile = self.plan.k_tile;
-        let next = self.add_imm(j0, k_tile);
+        // An item covering several groups reads each key tile group by group: prefetch the
+        // next group's rows of this tile, and after the last group the first group's rows of
+        // the next tile. The lines then arrive one group's products ahead, not one whole tile
+        // of every group (which can exceed L2) ahead.
+        let next_group = self.add_imm(self.group, 1);
+        let end = self.add(self.group0, self.groups);
+        let last = self.b.ins().icmp(IntCC::Equal, next_group, end);
+        let next_tile = self.add_imm(j0, k_tile);
+        let next = self.b.ins().select(last, next_tile, j0);
+        let group = self.group;
+        self.group = self.b.ins().select(last, self.group0, next_group);
         let (base, stride) = self.kv_rows(cache, next);
+        self.group = group;
         let width = match cache {
             Operand::V => self.plan.spec.v_head_dim,
             Operand::CKv => self.plan.acc_dim,

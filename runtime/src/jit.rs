@@ -259,25 +259,34 @@ fn with_workspace<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 thread_local! {
     /// The call-level packed K/V of the calls made from this thread, reused across calls.
     static PACKED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The split states of the decode tasks this thread runs, reused across tasks and calls: a
+    /// fresh zeroed buffer per task (megabytes for long contexts) cost page faults and an
+    /// unmap per task. Every state element is written (InitState) before it is read.
+    static SPLIT_STATES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Floats of packed K/V a thread keeps between calls (128 MB); larger calls allocate their own
-/// buffer and free it when they return, so a single long prefill does not pin its copy.
-const KEPT_PACKED: usize = 1 << 25;
+/// Floats a thread keeps in each of its reused call buffers between calls (128 MB); larger
+/// calls allocate their own buffer and free it when they return, so a single long prefill does
+/// not pin its copy.
+const KEPT_FLOATS: usize = 1 << 25;
 
-/// Runs `f` on this thread's packed-K/V buffer, grown to at least `len` floats; a nested call on
-/// the same thread (rayon may run another caller's job while this one waits) or a call larger
-/// than [`KEPT_PACKED`] gets a fresh one.
-fn with_packed<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    if len > KEPT_PACKED {
+/// Runs `f` on this thread's `buffer`, grown to at least `len` floats; a nested use on the
+/// same thread (rayon may run another task here while this one waits) or one larger than
+/// [`KEPT_FLOATS`] gets a fresh buffer.
+fn with_kept<R>(
+    buffer: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    if len > KEPT_FLOATS {
         return f(&mut vec![0.0; len]);
     }
-    PACKED.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut packed) => {
-            if packed.len() < len {
-                packed.resize(len, 0.0);
+    buffer.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut kept) => {
+            if kept.len() < len {
+                kept.resize(len, 0.0);
             }
-            f(&mut packed[..len])
+            f(&mut kept[..len])
         }
         Err(_) => f(&mut vec![0.0; len]),
     })
@@ -373,7 +382,7 @@ impl Kernel for JitKernel {
         let schedule = plan.schedule(shape.batch, shape.seq_q, shape.seq_k, threads);
         if schedule.packs_call {
             let (k_len, v_len) = plan.packed_lens(shape.batch, shape.seq_k);
-            with_packed(k_len + v_len, |packed| {
+            with_kept(&PACKED, k_len + v_len, |packed| {
                 let (k_packed, v_packed) = packed.split_at_mut(k_len);
                 self.in_pool(|| pack_call(plan, shape, k, v, k_packed, v_packed));
                 let args =
@@ -464,13 +473,14 @@ impl JitKernel {
                 });
                 return;
             }
-            let mut states = vec![0.0f32; states_len];
-            states.par_chunks_mut(per_item * state_len).enumerate().for_each(|(split, run)| {
-                let k_lo = split * schedule.keys_per_split;
-                let k_hi = (k_lo + schedule.keys_per_split).min(shape.seq_k);
-                with_workspace(scratch_len, |scratch| item(k_lo, k_hi, scratch, run));
+            with_kept(&SPLIT_STATES, states_len, |states| {
+                states.par_chunks_mut(per_item * state_len).enumerate().for_each(|(split, run)| {
+                    let k_lo = split * schedule.keys_per_split;
+                    let k_hi = (k_lo + schedule.keys_per_split).min(shape.seq_k);
+                    with_workspace(scratch_len, |scratch| item(k_lo, k_hi, scratch, run));
+                });
+                with_workspace(scratch_len, |scratch| finish(states, scratch));
             });
-            with_workspace(scratch_len, |scratch| finish(&mut states, scratch));
         };
         self.in_pool(|| (0..tasks).into_par_iter().for_each(run_task));
     }
