@@ -6,12 +6,12 @@ use std::arch::x86_64::*;
 use attngen_codegen::abi::{PANEL, PrefetchRows};
 
 // Block sizes keep every accumulator in a register: 16 ymm registers hold the MR·NR
-// accumulators plus the operands of one step (dot_nt: 3·3 + 3 rows of A + 1 of B = 13;
+// accumulators plus the operands of one step (dot_nt: 3·4 + 3 rows of A + 1 of B = 16;
 // dot_nn: 6·2 + 2 of B + 1 broadcast = 15). One more and LLVM spills in the hot loop.
 /// Rows of A per `dot_nt` block.
 const NT_MR: usize = 3;
 /// Rows of B per `dot_nt` block.
-const NT_NR: usize = 3;
+const NT_NR: usize = 4;
 /// Rows of A per `dot_nn` block.
 const NN_MR: usize = 6;
 /// 8-float vectors of C's columns per `dot_nn` block.
@@ -86,7 +86,7 @@ unsafe fn dot_nt_avx2(
                         }
                     };
                 }
-                block!(3, 3; 3, 2; 3, 1; 2, 3; 2, 2; 2, 1; 1, 3; 1, 2; 1, 1);
+                block!(3, 4; 3, 3; 3, 2; 3, 1; 2, 4; 2, 3; 2, 2; 2, 1; 1, 4; 1, 3; 1, 2; 1, 1);
             }
             j += nr;
         }
@@ -143,7 +143,7 @@ unsafe fn nt_block<const MR: usize, const NR: usize>(
     // Reduce four accumulators to four sums at once: two rounds of hadd, then fold the halves.
     let mut sums = [0.0f32; 12];
     let flat: [__m256; 12] = {
-        // MR·NR <= 9 here; the rest stay zero so every group of four is complete.
+        // MR·NR <= 12 here; the rest stay zero so every group of four is complete.
         let mut flat = [_mm256_setzero_ps(); 12];
         for i in 0..MR {
             for j in 0..NR {
