@@ -22,14 +22,15 @@ pub fn dump(path: &Path, plan: bool, ir: bool, clif: bool, asm: bool) -> Result<
     if ir {
         section("ir", &listing.ir);
     }
+    if clif || asm {
+        let title = format!("pre-compiled routines called (for this CPU: {})", listing.isa.name());
+        section(&title, &listing.routines);
+    }
     if clif {
         section("clif", &listing.clif);
     }
     if asm {
-        section(
-            &format!("asm (micro-kernels called for this CPU: {})", listing.isa.name()),
-            &listing.asm,
-        );
+        section("asm", &listing.asm);
     }
     emit(&text)
 }

@@ -325,6 +325,12 @@ fn dump_shows_plan_ir_clif_and_machine_code() {
         "{text}"
     );
     assert!(text.contains("call fn0") || text.contains("call fn1"), "tile products are calls");
+    // The legend names every routine the listing calls by its module index.
+    assert!(text.contains("== pre-compiled routines called"), "{text}");
+    for line in ["u0:1 = attngen_dot_nn", "u0:5 = attngen_exp2_columns"] {
+        assert!(text.contains(line), "missing {line:?} in {text}");
+    }
+    assert!(text.contains("reloc_external Abs8 u0:5"), "the tile exponentials are called");
     assert!(text.contains("== asm") && text.contains("ret"), "machine code is listed");
 }
 

@@ -184,6 +184,18 @@ impl Callee {
             Callee::Exp2Columns => "attngen_exp2_columns",
         }
     }
+
+    /// What the routine does, in a few words, for listings.
+    pub fn purpose(self) -> &'static str {
+        match self {
+            Callee::DotNt => "tile C (+)= A·Bᵀ, dot products of rows",
+            Callee::DotNn => "tile C (+)= A·B, broadcast FMA, optional per-row key ranges",
+            Callee::Ln => "ln of one f32",
+            Callee::PackRows => "copy a K/V tile, as rows or column panels",
+            Callee::PackColumns => "copy query rows transposed and scaled into panels",
+            Callee::Exp2Columns => "P = 2^(s - m) over a score tile, column sums into l",
+        }
+    }
 }
 
 pub mod exp2 {

@@ -1,9 +1,10 @@
 //! Emits Cranelift IR for a kernel's tile program ([`crate::ir`]).
 //!
 //! The translator holds a `FunctionBuilder` and has one method per IR op. Loops, the group
-//! mapping, mask bounds and edge-tile masking, the online softmax (with a vectorised `exp2`),
-//! split merging and stores are generated here as f32x4 code specialised to the spec; the tile
-//! products and tile copies are calls to pre-compiled routines ([`Callee`]).
+//! mapping, mask bounds and edge-tile masking, the online softmax's cap, max and lazy rescale
+//! (with a vectorised `exp2`), split merging and stores are generated here as f32x4 code
+//! specialised to the spec; the tile products, a score tile's exponentials and the tile copies
+//! are calls to pre-compiled routines ([`Callee`]).
 
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::immediates::Ieee32;

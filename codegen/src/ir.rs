@@ -290,7 +290,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             writeln!(f, "; edge tiles: hidden keys -> -inf   (base-2 units)")?;
             writeln!(
                 f,
-                "{pad}t = rowmax s; where t > m + {threshold}: m' = t, l *= 2^(m - m'), O *= 2^(m - m'); P = 2^(s - m'); l += rowsum P   (generated f32x4 code, 4 rows per vector)"
+                "{pad}t = rowmax s; where t > m + {threshold}: m' = t, l *= 2^(m - m'), O *= 2^(m - m'); P = 2^(s - m'); l += rowsum P   (max and rescale: generated f32x4 code, 4 rows per vector; P and sums: one call of the tile exponentials)"
             )
         }
         Op::AccumulateValues { values, width } => writeln!(

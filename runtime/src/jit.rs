@@ -70,6 +70,9 @@ pub struct Listing {
     pub asm: String,
     /// The micro-kernel ISA the code calls.
     pub isa: Isa,
+    /// One line per pre-compiled routine: the name the CLIF and the machine code give it
+    /// (`u0:N`), its symbol and what it does.
+    pub routines: String,
 }
 
 /// Natural log for generated code (called once per output row).
@@ -159,6 +162,13 @@ impl Jit {
             clif: String::new(),
             asm: String::new(),
             isa: self.isa,
+            routines: Callee::ALL
+                .iter()
+                .zip(state.callee_ids)
+                .map(|(callee, id)| {
+                    format!("u0:{} = {}: {}\n", id.as_u32(), callee.symbol(), callee.purpose())
+                })
+                .collect(),
         };
         state.define(spec, Some(&mut listing))?;
         Ok(listing)
