@@ -508,37 +508,17 @@ unsafe fn exp2_columns_avx2(
     m: *const f32,
     l: *mut f32,
 ) {
-    // SAFETY (whole function): every access is to column c.. c + width <= columns of a row
-    // j < keys of s, or of m and l, which the caller guarantees.
+    // SAFETY (whole function): each call covers columns c..c + width <= columns of the rows
+    // j < keys of s, and of m and l, which the caller guarantees.
     unsafe {
         let mut c = 0;
-        // Two vectors per key: two independent polynomial chains.
+        // Two vectors per key where the columns allow: two independent polynomial chains.
         while c + 16 <= columns {
-            let (m0, m1) = (_mm256_loadu_ps(m.add(c)), _mm256_loadu_ps(m.add(c + 8)));
-            let (mut sum0, mut sum1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            for j in 0..keys {
-                let at = s.add(j * ld + c);
-                let p0 = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(at), m0));
-                let p1 = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(at.add(8)), m1));
-                _mm256_storeu_ps(at, p0);
-                _mm256_storeu_ps(at.add(8), p1);
-                sum0 = _mm256_add_ps(sum0, p0);
-                sum1 = _mm256_add_ps(sum1, p1);
-            }
-            _mm256_storeu_ps(l.add(c), _mm256_add_ps(_mm256_loadu_ps(l.add(c)), sum0));
-            _mm256_storeu_ps(l.add(c + 8), _mm256_add_ps(_mm256_loadu_ps(l.add(c + 8)), sum1));
+            exp2_column_block::<2>(keys, s.add(c), ld, m.add(c), l.add(c));
             c += 16;
         }
         if c + 8 <= columns {
-            let m0 = _mm256_loadu_ps(m.add(c));
-            let mut sum = _mm256_setzero_ps();
-            for j in 0..keys {
-                let at = s.add(j * ld + c);
-                let p = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(at), m0));
-                _mm256_storeu_ps(at, p);
-                sum = _mm256_add_ps(sum, p);
-            }
-            _mm256_storeu_ps(l.add(c), _mm256_add_ps(_mm256_loadu_ps(l.add(c)), sum));
+            exp2_column_block::<1>(keys, s.add(c), ld, m.add(c), l.add(c));
             c += 8;
         }
         // Four columns (the generated code passes multiples of 4) in the low half.
@@ -561,11 +541,42 @@ unsafe fn exp2_columns_avx2(
     }
 }
 
+/// [`exp2_columns`] over `8·V` columns: V vectors per key, each with its own running sum.
+///
+/// # Safety
+/// `s` holds `keys` rows of stride `ld` with `8·V` writable floats each; `m` and `l` hold `8·V`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp2_column_block<const V: usize>(
+    keys: usize,
+    s: *mut f32,
+    ld: usize,
+    m: *const f32,
+    l: *mut f32,
+) {
+    // SAFETY: v < V and j < keys stay inside the block the caller vouches for.
+    unsafe {
+        let m: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(m.add(8 * v)));
+        let mut sums = [_mm256_setzero_ps(); V];
+        for j in 0..keys {
+            let row = s.add(j * ld);
+            for v in 0..V {
+                let p = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(row.add(8 * v)), m[v]));
+                _mm256_storeu_ps(row.add(8 * v), p);
+                sums[v] = _mm256_add_ps(sums[v], p);
+            }
+        }
+        for (v, sum) in sums.into_iter().enumerate() {
+            _mm256_storeu_ps(l.add(8 * v), _mm256_add_ps(_mm256_loadu_ps(l.add(8 * v)), sum));
+        }
+    }
+}
+
 /// See [`super::PackColumns`]: runs of four rows that start on a multiple of four columns are
 /// scaled and transposed 4 × 8 in registers; the rest goes through the portable copy.
 ///
 /// # Safety
-/// The CPU supports AVX2; buffers as for [`super::pack::pack_columns`].
+/// The CPU supports AVX2 and FMA; buffers as for [`super::pack::pack_columns`].
 pub unsafe extern "C" fn pack_columns(
     rows: usize,
     width: usize,
