@@ -21,9 +21,9 @@
 //! demand miss. The products therefore prefetch the next key tile ([`PrefetchRows`]) a few
 //! lines per block while they compute.
 //!
-//! Everything else — loop nest, group mapping, masks, the online softmax's max, rescale and
-//! sums, splits and merges — is generated per spec. Each ISA module implements the products with the same `extern "C"`
-//! signatures.
+//! Everything else — loop nest, group mapping, masks, the online softmax's cap, max and
+//! rescale, splits and merges — is generated per spec. Each ISA module implements its routines
+//! with the same `extern "C"` signatures.
 
 // The kernels take BLAS-style (sizes, pointer, leading dimension) argument lists.
 #![allow(clippy::too_many_arguments)]
