@@ -1436,6 +1436,12 @@ impl<'a> Translator<'a> {
         });
     }
 
+    /// `1/l` of row `row`, which l's slot holds after [`Translator::normalize`].
+    fn inverse_l(&mut self, state: Value, row: Value) -> Value {
+        let at = self.state_l(state, row);
+        self.b.ins().load(types::F32, mem(), at, 0)
+    }
+
     /// `out = O · (1/l)`, row by row.
     fn store_out(&mut self) {
         let dv = self.plan.spec.v_head_dim;
@@ -1445,8 +1451,7 @@ impl<'a> Translator<'a> {
             let out = t.arg(offsets::OUT);
             let dst = t.float_addr(out, idx);
             let src = t.state_o(state, row);
-            let inv_at = t.state_l(state, row);
-            let inv = t.b.ins().load(types::F32, mem(), inv_at, 0);
+            let inv = t.inverse_l(state, row);
             t.scale_row(dst, src, dv, inv);
         });
     }
@@ -1456,8 +1461,7 @@ impl<'a> Translator<'a> {
         let state = self.state;
         self.for_each_row(|t, _, _, _, row| {
             let o = t.state_o(state, row);
-            let inv_at = t.state_l(state, row);
-            let inv = t.b.ins().load(types::F32, mem(), inv_at, 0);
+            let inv = t.inverse_l(state, row);
             t.scale_row(o, o, rank, inv);
         });
         let ldc = self.plan.spec.q_heads * v_dim;

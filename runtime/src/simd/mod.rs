@@ -276,11 +276,8 @@ fn exp2(x: f32) -> f32 {
     let x = if x < FLOOR { FLOOR } else { x };
     let t = x + ROUNDER;
     let f = x - (t - ROUNDER);
-    let step = |poly: f32, c| poly.mul_add(f, c);
-    let poly = step(
-        step(step(step(step(step(POLY[5], POLY[4]), POLY[3]), POLY[2]), POLY[1]), POLY[0]),
-        1.0,
-    );
+    let horner = [POLY[4], POLY[3], POLY[2], POLY[1], POLY[0], 1.0];
+    let poly = horner.into_iter().fold(POLY[5], |poly, c| poly.mul_add(f, c));
     poly * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
 }
 
