@@ -487,20 +487,8 @@ fn exp2_ps(x: __m256) -> __m256 {
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA; buffers as for [`super::portable::exp2_columns`].
-pub unsafe extern "C" fn exp2_columns(
-    keys: usize,
-    columns: usize,
-    s: *mut f32,
-    ld: usize,
-    m: *const f32,
-    l: *mut f32,
-) {
-    // SAFETY: forwarded caller contract.
-    unsafe { exp2_columns_avx2(keys, columns, s, ld, m, l) }
-}
-
 #[target_feature(enable = "avx2,fma")]
-unsafe fn exp2_columns_avx2(
+pub unsafe extern "C" fn exp2_columns(
     keys: usize,
     columns: usize,
     s: *mut f32,
@@ -577,22 +565,8 @@ unsafe fn exp2_column_block<const V: usize>(
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA; buffers as for [`super::pack::pack_columns`].
-pub unsafe extern "C" fn pack_columns(
-    rows: usize,
-    width: usize,
-    src: *const f32,
-    src_row: usize,
-    factor: f32,
-    dst: *mut f32,
-    first_column: usize,
-    dst_panel: usize,
-) {
-    // SAFETY: forwarded caller contract.
-    unsafe { pack_columns_avx2(rows, width, src, src_row, factor, dst, first_column, dst_panel) }
-}
-
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pack_columns_avx2(
+pub unsafe extern "C" fn pack_columns(
     rows: usize,
     width: usize,
     src: *const f32,
