@@ -81,8 +81,9 @@ pub mod offsets {
 }
 
 /// Rows of a cache tensor for `DotNn` to prefetch while it computes: `rows` rows of `width`
-/// floats, `stride` floats apart, from `base` — the next key tile. The kernel spreads the
-/// prefetches over its blocks, so they overlap the arithmetic instead of stalling in a burst.
+/// floats, `stride` floats apart, from `base` — the rows the item reads next (the next group's,
+/// or the next key tile's). The kernel spreads the prefetches over its blocks, so they overlap
+/// the arithmetic instead of stalling in a burst.
 /// `base` may point past the tensor (the last tile's successor): prefetches never fault.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

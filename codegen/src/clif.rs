@@ -936,9 +936,10 @@ impl<'a> Translator<'a> {
         });
     }
 
-    /// Fills the stack [`PrefetchRows`] with the next key tile's rows of cache tensor `cache`
-    /// and returns its address, for a tile product to prefetch while it computes: cache rows
-    /// are a page apart, past the hardware prefetchers.
+    /// Fills the stack [`PrefetchRows`] with the rows of cache tensor `cache` the item reads
+    /// next — the next group's rows of this key tile, or after the item's last group the
+    /// first group's rows of the next tile — and returns its address, for a tile product to
+    /// prefetch while it computes: cache rows are a page apart, past the hardware prefetchers.
     fn prefetch_next(&mut self, cache: Operand, j0: Value) -> Value {
         let k_tile = self.plan.k_tile;
         // An item covering several groups reads each key tile group by group: prefetch the
@@ -1203,7 +1204,7 @@ impl<'a> Translator<'a> {
             self.int(self.plan.padded_rows as i64),
             self.int(i64::from(term.accumulate)),
         );
-        // The first term prefetches the next tile of the keys it reads (grouped K, latent c_kv).
+        // The first term prefetches the next rows of the keys it reads (grouped K, latent c_kv).
         let prefetch = match term.keys {
             _ if term.accumulate => zero,
             Operand::KeyTile => self.prefetch_next(Operand::K, tile.j0),
@@ -1343,7 +1344,7 @@ impl<'a> Translator<'a> {
             self.int(self.plan.padded_rows as i64),
             self.int(self.plan.acc_dim as i64),
         );
-        // Grouped values are their own tensor: prefetch their next tile (latent values are the
+        // Grouped values are their own tensor: prefetch their next rows (latent values are the
         // keys, already prefetched by the scores).
         let prefetch = match self.plan.spec.kv {
             KvLayout::Grouped { .. } => self.prefetch_next(Operand::V, tile.j0),

@@ -18,8 +18,8 @@
 //!
 //! Cache rows of one KV head lie `kv_heads · D` floats apart — a page apart for common shapes —
 //! and hardware prefetchers stop at page boundaries, so without help every row of a tile is a
-//! demand miss. The products therefore prefetch the next key tile ([`PrefetchRows`]) a few
-//! lines per block while they compute.
+//! demand miss. The products therefore prefetch the rows the item reads next ([`PrefetchRows`]:
+//! the next group's, or the next key tile's) a few lines per block while they compute.
 //!
 //! Everything else — loop nest, group mapping, masks, the online softmax's cap, max and
 //! rescale, splits and merges — is generated per spec. Each ISA module implements its routines
@@ -63,7 +63,7 @@ pub type DotNt = unsafe extern "C" fn(
 ///   even as `0 · NaN`.
 ///
 /// `accumulate != 0` adds to C, otherwise overwrites it. `prefetch`, when non-null, names cache
-/// rows to prefetch while computing (the next key tile), spread over the blocks.
+/// rows to prefetch while computing (the rows the item reads next), spread over the blocks.
 pub type DotNn = unsafe extern "C" fn(
     m: usize,
     n: usize,
