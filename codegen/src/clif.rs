@@ -108,6 +108,8 @@ enum RowUpdate {
 /// The key tile being processed.
 #[derive(Clone, Copy)]
 struct Tile {
+    /// Keys per full tile of the loop this tile belongs to.
+    size: usize,
     /// First key.
     j0: Value,
     /// Keys in the tile.
@@ -724,7 +726,19 @@ impl<'a> Translator<'a> {
             Op::ForEachGroup { body } => {
                 self.for_each_group(|t| body.iter().for_each(|op| t.op(op)))
             }
-            Op::KeyTiles { tile, body, .. } => self.key_tiles(*tile, body),
+            Op::KeyTiles { tile, few_rows_tile, body, .. } => match few_rows_tile {
+                None => self.key_tiles(*tile, body),
+                Some(narrow) => {
+                    let dots = self.dots();
+                    let pre = self.prepacked();
+                    let in_place = self.b.ins().band_not(dots, pre);
+                    self.if_else(
+                        in_place,
+                        |t| t.key_tiles(*narrow, body),
+                        |t| t.key_tiles(*tile, body),
+                    );
+                }
+            },
             Op::MergeSplits => self.merge_splits(),
             Op::Normalize => self.normalize(),
             Op::StoreOut => self.store_out(),
@@ -940,8 +954,8 @@ impl<'a> Translator<'a> {
     /// next — the next group's rows of this key tile, or after the item's last group the
     /// first group's rows of the next tile — and returns its address, for a tile product to
     /// prefetch while it computes: cache rows are a page apart, past the hardware prefetchers.
-    fn prefetch_next(&mut self, cache: Operand, j0: Value) -> Value {
-        let k_tile = self.plan.k_tile;
+    fn prefetch_next(&mut self, cache: Operand, tile: Tile) -> Value {
+        let (k_tile, j0) = (tile.size, tile.j0);
         // An item covering several groups reads each key tile group by group: prefetch the
         // next group's rows of this tile, and after the last group the first group's rows of
         // the next tile. The lines then arrive one group's products ahead, not one whole tile
@@ -1137,13 +1151,13 @@ impl<'a> Translator<'a> {
                 // A full tile has exactly `tile` keys: a constant for the loops.
                 let n_full = t.int(tile as i64);
                 for op in body {
-                    t.tile_op(op, Tile { j0, n: n_full, partial: false });
+                    t.tile_op(op, Tile { size: tile, j0, n: n_full, partial: false });
                 }
                 t.b.ins().jump(done, &[]);
                 t.b.switch_to_block(partial_block);
                 t.b.seal_block(partial_block);
                 for op in body {
-                    t.tile_op(op, Tile { j0, n, partial: true });
+                    t.tile_op(op, Tile { size: tile, j0, n, partial: true });
                 }
                 t.b.ins().jump(done, &[]);
                 t.b.switch_to_block(done);
@@ -1207,8 +1221,8 @@ impl<'a> Translator<'a> {
         // The first term prefetches the next rows of the keys it reads (grouped K, latent c_kv).
         let prefetch = match term.keys {
             _ if term.accumulate => zero,
-            Operand::KeyTile => self.prefetch_next(Operand::K, tile.j0),
-            keys => self.prefetch_next(keys, tile.j0),
+            Operand::KeyTile => self.prefetch_next(Operand::K, tile),
+            keys => self.prefetch_next(keys, tile),
         };
         let (n, rows_v4) = (tile.n, self.rows_v4);
         let broadcast = |t: &mut Self| {
@@ -1347,7 +1361,7 @@ impl<'a> Translator<'a> {
         // Grouped values are their own tensor: prefetch their next rows (latent values are the
         // keys, already prefetched by the scores).
         let prefetch = match self.plan.spec.kv {
-            KvLayout::Grouped { .. } => self.prefetch_next(Operand::V, tile.j0),
+            KvLayout::Grouped { .. } => self.prefetch_next(Operand::V, tile),
             KvLayout::Latent(_) => zero,
         };
         let (rows, n) = (self.rows, tile.n);

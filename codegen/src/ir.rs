@@ -73,9 +73,16 @@ pub enum Op {
     /// Loop over the key tiles of the item's key range that the mask leaves visible to some
     /// query of the tile. Tiles every row sees whole run `body` unmasked; edge tiles (the
     /// diagonal, the window's start, the sequence's end) apply the mask by index.
+    ///
+    /// Items that compute scores as dot products (at most `KernelPlan::dot_max_rows` rows) and
+    /// read the cache rows in place — decode — take `few_rows_tile` keys per tile instead when
+    /// it is set: the same body over narrower tiles, whose pages stay in the TLB while the
+    /// item walks the tile group by group.
     KeyTiles {
         /// Keys per tile.
         tile: usize,
+        /// Keys per tile of dot-product items reading the cache in place, when narrower.
+        few_rows_tile: Option<usize>,
         /// The visibility rule.
         mask: Mask,
         /// Ops run per tile.
@@ -205,7 +212,13 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
     setup.push(Op::InitState);
     let item = vec![
         Op::ForEachGroup { body: setup },
-        Op::KeyTiles { tile: plan.k_tile, mask: spec.mask, body: vec![Op::ForEachGroup { body }] },
+        Op::KeyTiles {
+            tile: plan.k_tile,
+            few_rows_tile: (plan.dot_max_rows > 0 && plan.dot_k_tile < plan.k_tile)
+                .then_some(plan.dot_k_tile),
+            mask: spec.mask,
+            body: vec![Op::ForEachGroup { body }],
+        },
     ];
     KernelIr { item, finish: vec![Op::MergeSplits, Op::Normalize, store, Op::StoreLse] }
 }
@@ -256,15 +269,20 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             }
             Ok(())
         }
-        Op::KeyTiles { tile, mask, body } => {
+        Op::KeyTiles { tile, few_rows_tile, mask, body } => {
             let skip = match mask {
                 Mask::None => "",
                 Mask::Causal => ", tiles past the last query's diagonal skipped",
                 Mask::SlidingWindow(_) => ", tiles outside the window band skipped",
             };
+            let narrow = few_rows_tile.map_or(String::new(), |t| {
+                format!(
+                    "; step {t} for items of dot-product rows reading the cache in place, so a tile's pages stay in the TLB"
+                )
+            });
             writeln!(
                 f,
-                "{pad}for each key tile j0 in k_lo..k_hi step {tile} (mask {mask}{skip}):"
+                "{pad}for each key tile j0 in k_lo..k_hi step {tile} (mask {mask}{skip}{narrow}):"
             )?;
             for op in body {
                 write_op(f, op, depth + 1)?;
@@ -381,6 +399,10 @@ mod tests {
         let ir = lower(&KernelPlan::new(&AttentionSpec::mqa(8, 16)));
         let (_, body, _) = parts(&ir);
         assert!(matches!(body[0], Op::Scores(ScoreTerm { keys: Operand::KeyTile, .. })));
+        // Decode items of Llama-3-8B's shape read 4 KiB cache rows: 8-key tiles.
+        let ir = lower(&KernelPlan::new(&AttentionSpec::gqa(32, 8, 128)));
+        assert!(matches!(ir.item[1], Op::KeyTiles { tile: 64, few_rows_tile: Some(8), .. }));
+        assert!(ir.to_string().contains("step 8 for items of dot-product rows"), "{ir}");
     }
 
     #[test]
@@ -400,6 +422,7 @@ mod tests {
             Op::Scores(ScoreTerm { keys: Operand::KRope, accumulate: true, .. })
         ));
         assert_eq!(ir.finish[2], Op::ProjectOut { rank: 32, v_dim: 12 });
+        assert!(matches!(ir.item[1], Op::KeyTiles { few_rows_tile: None, .. }));
         let text = ir.to_string();
         assert!(text.contains("W_UK[h]") && text.contains("W_UV[h]"), "{text}");
         // Without a RoPE part there is one score term.

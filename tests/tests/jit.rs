@@ -84,6 +84,8 @@ fn every_variant_on_a_few_shapes() {
 /// Decode shapes with keys enough to split across threads (the property tests stay below
 /// 256 keys per split): each split's partial state is merged by log-sum-exp, per-thread split
 /// buffers are reused across calls of different shapes, and the result matches the reference.
+/// The last spec's cache rows are wide enough that its decode items take narrow key tiles
+/// (`dot_k_tile`), including edge tiles at the window's start and the splits' ends.
 #[test]
 fn split_decode_merges_like_the_reference() {
     let jit = jit();
@@ -92,7 +94,10 @@ fn split_decode_merges_like_the_reference() {
         AttentionSpec::mha(3, 9).mask(Mask::Causal),
         AttentionSpec::mqa(4, 12).mask(Mask::SlidingWindow(700)).softcap(2.0),
         AttentionSpec::mla(4, 16, 8, 8, 6).mask(Mask::Causal),
+        AttentionSpec::gqa(8, 4, 96).mask(Mask::SlidingWindow(301)),
     ];
+    let narrow = jit.compile(&specs[4]).unwrap();
+    assert!(narrow.plan().dot_k_tile < narrow.plan().k_tile, "{}", narrow.plan());
     for (n, spec) in specs.iter().enumerate() {
         let kernel = jit.compile(spec).unwrap();
         for shape in [Shape::new(1, 1, 1500), Shape::new(3, 2, 1030), Shape::new(2, 1, 777)] {
