@@ -1,10 +1,14 @@
 //! The binary interface between generated kernels and the runtime that calls them.
 //!
-//! A generated kernel is two functions, both `extern "C"` with pointer-sized integer arguments:
+//! A generated kernel has two functions, `extern "C"` with pointer-sized integer arguments:
 //! - `item(args, b, g0, groups, q0, k_lo, k_hi, scratch, state, state_stride)` — see
 //!   [`crate::ir`]: groups `g0..g0 + groups`, group i's state at `state + i·state_stride`;
 //! - `finish(args, b, g, q0, n_states, states, split_stride, scratch)`: split s's state at
-//!   `states + s·split_stride`.
+//!   `states + s·split_stride`;
+//!
+//! and, for absorbed MLA, two more that run once per query head over the whole call:
+//! `prologue(args, h)` before the items and `epilogue(args, h)` after the finishes
+//! ([`HeadFn`]).
 //!
 //! `args` points to one [`CallArgs`]; `scratch` to `plan.scratch.len(groups)` floats; every
 //! state slot holds `plan.state_len` floats. Strides are in floats.
@@ -42,6 +46,14 @@ pub struct CallArgs {
     /// Grouped V packed once for the call: per (batch, KV head, key tile), the tile's
     /// `PANEL`-column panels, `k_tile` deep; null with `k_packed`.
     pub v_packed: *const f32,
+    /// Absorbed MLA: `q' = q_nope·W_UK[h]` of every (batch, query, head), `[B, Sq, H, rank]`,
+    /// written by the prologue and read by the items; null for grouped specs.
+    pub latent_q: *mut f32,
+    /// Absorbed MLA: the normalised latent output `o' = O / l`, `[B, Sq, H, rank]`, written by
+    /// the finishes and projected to `out` by the epilogue; null for grouped specs.
+    pub latent_out: *mut f32,
+    /// B.
+    pub batch: usize,
     /// Sq.
     pub seq_q: usize,
     /// Sk.
@@ -74,6 +86,12 @@ pub mod offsets {
     pub const K_PACKED: i32 = offset_of!(CallArgs, k_packed) as i32;
     /// `v_packed`.
     pub const V_PACKED: i32 = offset_of!(CallArgs, v_packed) as i32;
+    /// `latent_q`.
+    pub const LATENT_Q: i32 = offset_of!(CallArgs, latent_q) as i32;
+    /// `latent_out`.
+    pub const LATENT_OUT: i32 = offset_of!(CallArgs, latent_out) as i32;
+    /// `batch`.
+    pub const BATCH: i32 = offset_of!(CallArgs, batch) as i32;
     /// `seq_q`.
     pub const SEQ_Q: i32 = offset_of!(CallArgs, seq_q) as i32;
     /// `seq_k`.
@@ -143,6 +161,9 @@ pub type FinishFn = unsafe extern "C" fn(
     split_stride: usize,
     scratch: *mut f32,
 );
+
+/// `prologue(args, h)` / `epilogue(args, h)`: one query head's call-level work.
+pub type HeadFn = unsafe extern "C" fn(args: *const CallArgs, head: usize);
 
 /// The pre-compiled routines generated code calls, in the order of [`Callee::ALL`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -20,12 +20,16 @@ use crate::ir::{KernelIr, Op, Operand, ScoreTerm};
 use crate::plan::KernelPlan;
 use crate::spec::{GroupMap, KvLayout, Mask};
 
-/// The two generated functions of a kernel.
+/// The generated functions of a kernel.
 pub struct ClifKernel {
+    /// `prologue(args, h)`, when the IR has one (absorbed MLA).
+    pub prologue: Option<Function>,
     /// `item(args, b, g0, groups, q0, k_lo, k_hi, scratch, state, state_stride)`.
     pub item: Function,
     /// `finish(args, b, g, q0, n_states, states, split_stride, scratch)`.
     pub finish: Function,
+    /// `epilogue(args, h)`, when the IR has one (absorbed MLA).
+    pub epilogue: Option<Function>,
 }
 
 /// Signature of `item`: ten pointer-sized integers.
@@ -36,6 +40,11 @@ pub fn item_signature(call_conv: CallConv) -> Signature {
 /// Signature of `finish`: eight pointer-sized integers.
 pub fn finish_signature(call_conv: CallConv) -> Signature {
     int_signature(call_conv, 8, None)
+}
+
+/// Signature of `prologue` and `epilogue`: two pointer-sized integers.
+pub fn head_signature(call_conv: CallConv) -> Signature {
+    int_signature(call_conv, 2, None)
 }
 
 /// Signature of a callee.
@@ -67,7 +76,7 @@ fn int_signature(call_conv: CallConv, params: usize, ret: Option<Type>) -> Signa
     sig
 }
 
-/// Emits both functions for the target `frontend`. `callee_ids[i]` is the module's function
+/// Emits the kernel's functions for the target `frontend`. `callee_ids[i]` is the module's function
 /// index of `Callee::ALL[i]`, so calls resolve to the micro-kernels the runtime registered for
 /// this CPU.
 pub fn emit(
@@ -77,16 +86,21 @@ pub fn emit(
     callee_ids: [u32; Callee::ALL.len()],
 ) -> ClifKernel {
     let mut ctx = FunctionBuilderContext::new();
-    let item = Translator::build(plan, &ir.item, Program::Item, frontend, callee_ids, &mut ctx);
-    let finish =
-        Translator::build(plan, &ir.finish, Program::Finish, frontend, callee_ids, &mut ctx);
-    ClifKernel { item, finish }
+    let mut build =
+        |ops: &[Op], program| Translator::build(plan, ops, program, frontend, callee_ids, &mut ctx);
+    let prologue = (!ir.prologue.is_empty()).then(|| build(&ir.prologue, Program::Prologue));
+    let item = build(&ir.item, Program::Item);
+    let finish = build(&ir.finish, Program::Finish);
+    let epilogue = (!ir.epilogue.is_empty()).then(|| build(&ir.epilogue, Program::Epilogue));
+    ClifKernel { prologue, item, finish, epilogue }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Program {
+    Prologue,
     Item,
     Finish,
+    Epilogue,
 }
 
 /// Unaligned, non-trapping: every address is in bounds (checked by the runtime before the call).
@@ -124,6 +138,8 @@ struct Translator<'a> {
     callees: [FuncRef; Callee::ALL.len()],
     // Parameters.
     args: Value,
+    /// The query head of a per-head program (prologue, epilogue).
+    head: Value,
     batch: Value,
     /// The group being emitted for: the item's first group, or the loop variable of a
     /// `ForEachGroup`.
@@ -172,6 +188,8 @@ impl<'a> Translator<'a> {
         let (name, sig) = match program {
             Program::Item => (0, item_signature(call_conv)),
             Program::Finish => (1, finish_signature(call_conv)),
+            Program::Prologue => (2, head_signature(call_conv)),
+            Program::Epilogue => (3, head_signature(call_conv)),
         };
         let mut func = Function::with_name_signature(UserFuncName::user(0, name), sig);
         let callees = Callee::ALL.map(|callee| {
@@ -195,10 +213,19 @@ impl<'a> Translator<'a> {
         let p = b.block_params(entry).to_vec();
         let zero = b.ins().iconst(types::I64, 0);
         let one = b.ins().iconst(types::I64, 1);
-        // (g0, groups, q0, k_lo, k_hi, scratch, state, state_stride, n_states)
-        let (g0, groups, q0, k_lo, k_hi, scratch, state, state_stride, n_states) = match program {
-            Program::Item => (p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], zero),
-            Program::Finish => (p[2], one, p[3], zero, zero, p[7], p[5], p[6], p[4]),
+        // (b, g0, groups, q0, k_lo, k_hi, scratch, state, state_stride, n_states); the per-head
+        // programs have only their head (p[1]) and work on whole call buffers.
+        let (batch, g0, groups, q0, k_lo, k_hi, scratch, state, state_stride, n_states) =
+            match program {
+                Program::Item => (p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], zero),
+                Program::Finish => (p[1], p[2], one, p[3], zero, zero, p[7], p[5], p[6], p[4]),
+                Program::Prologue | Program::Epilogue => {
+                    (zero, zero, one, zero, zero, zero, zero, zero, zero, zero)
+                }
+            };
+        let head = match program {
+            Program::Prologue | Program::Epilogue => p[1],
+            Program::Item | Program::Finish => zero,
         };
         let args = p[0];
         let seq_q = b.ins().load(types::I64, mem(), args, offsets::SEQ_Q);
@@ -212,7 +239,8 @@ impl<'a> Translator<'a> {
             plan,
             callees,
             args,
-            batch: p[1],
+            head,
+            batch,
             group: g0,
             group0: g0,
             groups,
@@ -718,10 +746,10 @@ impl<'a> Translator<'a> {
 
     fn op(&mut self, op: &Op) {
         match op {
-            Op::PackQueries { offset, len, factor, into } => {
-                self.pack_queries(*offset, *len, *factor, *into)
+            Op::PackQueries { from, offset, len, factor, into } => {
+                self.pack_queries(*from, *offset, *len, *factor, *into)
             }
-            Op::AbsorbQueries { nope, rank, factor } => self.absorb_queries(*nope, *rank, *factor),
+            Op::AbsorbQueries { nope, rank } => self.absorb_queries(*nope, *rank),
             Op::InitState => self.init_state(),
             Op::ForEachGroup { body } => {
                 self.for_each_group(|t| body.iter().for_each(|op| t.op(op)))
@@ -741,7 +769,7 @@ impl<'a> Translator<'a> {
             },
             Op::MergeSplits => self.merge_splits(),
             Op::Normalize => self.normalize(),
-            Op::StoreOut => self.store_out(),
+            Op::StoreOut { into } => self.store_out(*into),
             Op::ProjectOut { rank, v_dim } => self.project_out(*rank, *v_dim),
             Op::StoreLse => self.store_lse(),
             Op::Scores(_)
@@ -811,13 +839,27 @@ impl<'a> Translator<'a> {
     /// Qᵀ: `factor · q` of every row, transposed into [`PANEL`]-column panels (`len` deep),
     /// one `PackColumns` call per head; the columns from `rows` up to `rows_v4` are zero, so
     /// the score product may cover them.
-    fn pack_queries(&mut self, offset: usize, len: usize, factor: f32, into: Operand) {
+    fn pack_queries(
+        &mut self,
+        from: Operand,
+        offset: usize,
+        len: usize,
+        factor: f32,
+        into: Operand,
+    ) {
         let tile = self.tile_addr(into);
-        let row_floats = self.plan.spec.q_heads * self.plan.spec.head_dim();
+        let (base, width) = match from {
+            Operand::Q => (offsets::Q, self.plan.spec.head_dim()),
+            Operand::LatentQ => (offsets::LATENT_Q, self.plan.acc_dim),
+            other => unreachable!("{other:?} holds no queries"),
+        };
+        let row_floats = self.plan.spec.q_heads * width;
         self.for_each_head(|t, slot, head| {
-            let idx = t.q_index(head, offset);
-            let q = t.arg(offsets::Q);
-            let src = t.float_addr(q, idx);
+            let zero = t.int(0);
+            let idx = t.out_index(head, zero, width);
+            let idx = t.add_imm(idx, offset);
+            let queries = t.arg(base);
+            let src = t.float_addr(queries, idx);
             let first_column = t.mul(slot, t.nq);
             t.pack_columns(t.nq, len, src, row_floats, factor, tile, first_column);
         });
@@ -1063,39 +1105,37 @@ impl<'a> Translator<'a> {
         )
     }
 
-    /// q' = q_nope · W_UK[h] row-major into the `absorbed` scratch, then `factor · q'`
-    /// transposed into the query tile.
-    fn absorb_queries(&mut self, nope: usize, rank: usize, factor: f32) {
-        let lda = self.plan.spec.q_heads * self.plan.spec.head_dim();
-        let zero = self.int(0);
-        let absorbed = self.scratch_at(self.plan.scratch.absorbed, zero);
-        self.for_each_head(|t, slot, head| {
-            let qi = t.q_index(head, 0);
-            let q = t.arg(offsets::Q);
-            let a = t.float_addr(q, qi);
-            let wi = t.mul_imm(head, nope * rank);
-            let w = t.arg(offsets::W_UK);
-            let bw = t.float_addr(w, wi);
-            let rows = t.mul(slot, t.nq);
-            let rows = t.mul_imm(rows, rank);
-            let c = t.float_addr(absorbed, rows);
-            let (nope, rank, lda, one, panel, zero) = (
-                t.int(nope as i64),
-                t.int(rank as i64),
-                t.int(lda as i64),
-                t.int(1),
-                t.int(PANEL as i64),
-                t.int(0),
-            );
-            let nq = t.nq;
-            let args =
-                [nq, rank, nope, a, lda, one, bw, rank, panel, c, rank, zero, zero, zero, zero];
-            t.call(Callee::DotNn, &args);
-        });
-        let tile = self.tile_addr(Operand::QueryTile);
-        let (rows, zero) = (self.rows, self.int(0));
-        self.pack_columns(rows, rank, absorbed, rank, factor, tile, zero);
-        self.zero_padding_columns(tile, rank);
+    /// Prologue: `latent_q[r, h] = q_nope[r, h] · W_UK[h]` for every row r = (b, q) of the
+    /// call, as one tile product.
+    fn absorb_queries(&mut self, nope: usize, rank: usize) {
+        let h = self.plan.spec.q_heads;
+        let rows = self.call_rows();
+        let q = self.arg(offsets::Q);
+        let head_at = self.mul_imm(self.head, self.plan.spec.head_dim());
+        let a = self.float_addr(q, head_at);
+        let w = self.arg(offsets::W_UK);
+        let w_at = self.mul_imm(self.head, nope * rank);
+        let w = self.float_addr(w, w_at);
+        let latent_q = self.arg(offsets::LATENT_Q);
+        let c_at = self.mul_imm(self.head, rank);
+        let c = self.float_addr(latent_q, c_at);
+        let (nope, rank, lda, ldc, one, panel, zero) = (
+            self.int(nope as i64),
+            self.int(rank as i64),
+            self.int((h * self.plan.spec.head_dim()) as i64),
+            self.int((h * rank) as i64),
+            self.int(1),
+            self.int(PANEL as i64),
+            self.int(0),
+        );
+        let args = [rows, rank, nope, a, lda, one, w, rank, panel, c, ldc, zero, zero, zero, zero];
+        self.call(Callee::DotNn, &args);
+    }
+
+    /// Rows of a per-head program: every (batch, query) of the call, `B · Sq`.
+    fn call_rows(&mut self) -> Value {
+        let batch = self.b.ins().load(types::I64, mem(), self.args, offsets::BATCH);
+        self.mul(batch, self.seq_q)
     }
 
     fn init_state(&mut self) {
@@ -1457,44 +1497,47 @@ impl<'a> Translator<'a> {
         self.b.ins().load(types::F32, mem(), at, 0)
     }
 
-    /// `out = O · (1/l)`, row by row.
-    fn store_out(&mut self) {
-        let dv = self.plan.spec.v_head_dim;
+    /// `into = O · (1/l)`, row by row: `out`, or for absorbed MLA `latent_out`.
+    fn store_out(&mut self, into: Operand) {
+        let width = self.plan.acc_dim;
+        let base = match into {
+            Operand::Out => offsets::OUT,
+            Operand::LatentOut => offsets::LATENT_OUT,
+            other => unreachable!("{other:?} is not an output"),
+        };
         let state = self.state;
         self.for_each_row(|t, _, head, qi, row| {
-            let idx = t.out_index(head, qi, dv);
-            let out = t.arg(offsets::OUT);
+            let idx = t.out_index(head, qi, width);
+            let out = t.arg(base);
             let dst = t.float_addr(out, idx);
             let src = t.state_o(state, row);
             let inv = t.inverse_l(state, row);
-            t.scale_row(dst, src, dv, inv);
+            t.scale_row(dst, src, width, inv);
         });
     }
 
-    /// `O *= 1/l` in place, then `out = O · W_UVᵀ` per head.
+    /// Epilogue: `out[r, h] = latent_out[r, h] · W_UV[h]ᵀ` for every row r = (b, q) of the
+    /// call, as one tile product.
     fn project_out(&mut self, rank: usize, v_dim: usize) {
-        let state = self.state;
-        self.for_each_row(|t, _, _, _, row| {
-            let o = t.state_o(state, row);
-            let inv = t.inverse_l(state, row);
-            t.scale_row(o, o, rank, inv);
-        });
-        let ldc = self.plan.spec.q_heads * v_dim;
-        self.for_each_head(|t, slot, head| {
-            let first_row = t.mul(slot, t.nq);
-            let a = t.state_o(state, first_row);
-            let wi = t.mul_imm(head, v_dim * rank);
-            let w = t.arg(offsets::W_UV);
-            let bw = t.float_addr(w, wi);
-            let zero_qi = t.int(0);
-            let idx = t.out_index(head, zero_qi, v_dim);
-            let out = t.arg(offsets::OUT);
-            let c = t.float_addr(out, idx);
-            let (v_dim, rank, ldc, zero) =
-                (t.int(v_dim as i64), t.int(rank as i64), t.int(ldc as i64), t.int(0));
-            let nq = t.nq;
-            t.call(Callee::DotNt, &[nq, v_dim, rank, a, rank, bw, rank, c, ldc, zero, zero]);
-        });
+        let h = self.plan.spec.q_heads;
+        let rows = self.call_rows();
+        let latent_out = self.arg(offsets::LATENT_OUT);
+        let a_at = self.mul_imm(self.head, rank);
+        let a = self.float_addr(latent_out, a_at);
+        let w = self.arg(offsets::W_UV);
+        let w_at = self.mul_imm(self.head, v_dim * rank);
+        let w = self.float_addr(w, w_at);
+        let out = self.arg(offsets::OUT);
+        let c_at = self.mul_imm(self.head, v_dim);
+        let c = self.float_addr(out, c_at);
+        let (v_dim, rank, lda, ldc, zero) = (
+            self.int(v_dim as i64),
+            self.int(rank as i64),
+            self.int((h * rank) as i64),
+            self.int((h * v_dim) as i64),
+            self.int(0),
+        );
+        self.call(Callee::DotNt, &[rows, v_dim, rank, a, lda, w, rank, c, ldc, zero, zero]);
     }
 
     fn store_lse(&mut self) {

@@ -7,6 +7,11 @@
 //!   split) and leaves the running state O, m, l of every row in a state slot;
 //! - `finish` merges the state slots of a task's splits and writes `out` and `lse`.
 //!
+//! Absorbed MLA adds two programs over one query head and every (batch, query) row of the
+//! call: `prologue` absorbs the queries (`q' = q_nope·W_UK[h]`) before the items, and
+//! `epilogue` projects the latent output (`out = o'·W_UV[h]ᵀ`) after the finishes, so each
+//! head's weights are read once per call rather than once per work item and split.
+//!
 //! Every op works on whole tiles, for every head slot of the group: the ops name *what* happens
 //! to a tile; the emitter decides how (generated vector loops, or a call to a tile micro-kernel).
 
@@ -18,19 +23,25 @@ use crate::spec::{KvLayout, Mask};
 /// The two programs of a kernel.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelIr {
+    /// Per query head, over the whole call, before the items (empty for grouped specs).
+    pub prologue: Vec<Op>,
     /// The flash loop over one key range.
     pub item: Vec<Op>,
     /// Merge the splits, normalise, store.
     pub finish: Vec<Op>,
+    /// Per query head, over the whole call, after the finishes (empty for grouped specs).
+    pub epilogue: Vec<Op>,
 }
 
 /// One tile-level operation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
-    /// Copy `factor · q[b, q0 + qi, h, offset..offset + len]` of every head of the group into
-    /// the columns of a transposed, panel-packed scratch tile, so the group's heads become
+    /// Copy `factor · from[b, q0 + qi, h, offset..offset + len]` of every head of the group
+    /// into the columns of a transposed, panel-packed scratch tile, so the group's heads become
     /// rows of one matrix. Columns past the item's rows are zero.
     PackQueries {
+        /// `Q`, or the prologue's `LatentQ`.
+        from: Operand,
         /// First element copied.
         offset: usize,
         /// Elements copied.
@@ -50,15 +61,13 @@ pub enum Op {
         /// Row width.
         width: usize,
     },
-    /// Absorbed MLA: `q'[slot] = q_nope[b, q0.., h] · W_UK[h]` (`nope → rank`), then
-    /// `factor · q'` into the query tile like `PackQueries`.
+    /// Absorbed MLA, prologue: `latent_q[.., h] = q_nope[.., h] · W_UK[h]` (`nope → rank`) for
+    /// every (batch, query) row of the call, as one tile product.
     AbsorbQueries {
         /// Length of `q_nope`.
         nope: usize,
         /// Latent rank.
         rank: usize,
-        /// The scale folded into the queries.
-        factor: f32,
     },
     /// Run `body` for each group of the work item in turn, each with its own query tile and
     /// state. Inside the key loop this makes an item read all KV heads of a key tile before
@@ -115,9 +124,14 @@ pub enum Op {
     /// `lse = m·ln 2 + ln l` into m's slot and `1/l` into l's; a row with no visible key gets
     /// `lse = −∞` and `1/l = 0` (so its output is 0). O is scaled as it is stored.
     Normalize,
-    /// Grouped: `out[b, q0 + qi, h] = O[slot, qi] / l`, one pass over O.
-    StoreOut,
-    /// Absorbed MLA: `O /= l`, then `out[b, q0 + qi, h] = O[slot, qi] · W_UV[h]ᵀ` (`rank → Dv`).
+    /// `into[b, q0 + qi, h] = O[slot, qi] / l`, one pass over O: `Out` for grouped specs, the
+    /// epilogue's `LatentOut` for absorbed MLA.
+    StoreOut {
+        /// `Out` or `LatentOut`.
+        into: Operand,
+    },
+    /// Absorbed MLA, epilogue: `out[.., h] = latent_out[.., h] · W_UV[h]ᵀ` (`rank → Dv`) for
+    /// every (batch, query) row of the call, as one tile product.
     ProjectOut {
         /// Latent rank.
         rank: usize,
@@ -146,6 +160,12 @@ pub struct ScoreTerm {
 pub enum Operand {
     /// `q` [B, Sq, H, D].
     Q,
+    /// `out` [B, Sq, H, Dv].
+    Out,
+    /// Absorbed MLA: the prologue's `q'` [B, Sq, H, rank].
+    LatentQ,
+    /// Absorbed MLA: the finishes' `o' = O / l` [B, Sq, H, rank].
+    LatentOut,
     /// `k` [B, Sk, kv_heads, D].
     K,
     /// `v` [B, Sk, kv_heads, Dv].
@@ -173,13 +193,20 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
     let factor = plan.query_factor;
     let term =
         |query, keys, len, accumulate| Op::Scores(ScoreTerm { query, keys, len, accumulate });
-    let (prologue, body, store) = match &spec.kv {
+    let (setup, body, store, calls) = match &spec.kv {
         KvLayout::Latent(l) => {
-            let mut prologue = vec![Op::AbsorbQueries { nope: l.nope_dim, rank: l.rank, factor }];
+            let mut setup = vec![Op::PackQueries {
+                from: Operand::LatentQ,
+                offset: 0,
+                len: l.rank,
+                factor,
+                into: Operand::QueryTile,
+            }];
             // c_kv rows are contiguous: keys and values are read in place.
             let mut body = vec![term(Operand::QueryTile, Operand::CKv, l.rank, false)];
             if l.rope_dim > 0 {
-                prologue.push(Op::PackQueries {
+                setup.push(Op::PackQueries {
+                    from: Operand::Q,
                     offset: l.nope_dim,
                     len: l.rope_dim,
                     factor,
@@ -189,12 +216,21 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
             }
             body.push(softmax);
             body.push(Op::AccumulateValues { values: Operand::CKv, width: l.rank });
-            (prologue, body, Op::ProjectOut { rank: l.rank, v_dim: spec.v_head_dim })
+            let calls = CallPrograms {
+                prologue: vec![Op::AbsorbQueries { nope: l.nope_dim, rank: l.rank }],
+                epilogue: vec![Op::ProjectOut { rank: l.rank, v_dim: spec.v_head_dim }],
+            };
+            (setup, body, Operand::LatentOut, calls)
         }
         KvLayout::Grouped { head_dim, .. } => {
             let (d, dv) = (*head_dim, spec.v_head_dim);
-            let prologue =
-                vec![Op::PackQueries { offset: 0, len: d, factor, into: Operand::QueryTile }];
+            let setup = vec![Op::PackQueries {
+                from: Operand::Q,
+                offset: 0,
+                len: d,
+                factor,
+                into: Operand::QueryTile,
+            }];
             // K/V come from packed tiles: the call's packed copy (prefill), the item's own
             // (several KV heads, enough rows), or the cache rows in place.
             let mut body = Vec::new();
@@ -205,10 +241,10 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
             body.push(term(Operand::QueryTile, Operand::KeyTile, d, false));
             body.push(softmax);
             body.push(Op::AccumulateValues { values: Operand::ValueTile, width: dv });
-            (prologue, body, Op::StoreOut)
+            (setup, body, Operand::Out, CallPrograms::default())
         }
     };
-    let mut setup = prologue;
+    let mut setup = setup;
     setup.push(Op::InitState);
     let item = vec![
         Op::ForEachGroup { body: setup },
@@ -220,18 +256,34 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
             body: vec![Op::ForEachGroup { body }],
         },
     ];
-    KernelIr { item, finish: vec![Op::MergeSplits, Op::Normalize, store, Op::StoreLse] }
+    KernelIr {
+        prologue: calls.prologue,
+        item,
+        finish: vec![Op::MergeSplits, Op::Normalize, Op::StoreOut { into: store }, Op::StoreLse],
+        epilogue: calls.epilogue,
+    }
+}
+
+/// The call-level programs of a kernel (absorbed MLA only).
+#[derive(Default)]
+struct CallPrograms {
+    prologue: Vec<Op>,
+    epilogue: Vec<Op>,
 }
 
 impl fmt::Display for KernelIr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "item(b, groups g0.., q0, keys k_lo..k_hi) -> state per group:")?;
-        for op in &self.item {
-            write_op(f, op, 1)?;
-        }
-        writeln!(f, "finish(b, g, q0, states of the task's splits):")?;
-        for op in &self.finish {
-            write_op(f, op, 1)?;
+        let programs = [
+            ("prologue(h), once per query head before the items", &self.prologue),
+            ("item(b, groups g0.., q0, keys k_lo..k_hi) -> state per group", &self.item),
+            ("finish(b, g, q0, states of the task's splits)", &self.finish),
+            ("epilogue(h), once per query head after the finishes", &self.epilogue),
+        ];
+        for (title, ops) in programs.into_iter().filter(|(_, ops)| !ops.is_empty()) {
+            writeln!(f, "{title}:")?;
+            for op in ops {
+                write_op(f, op, 1)?;
+            }
         }
         Ok(())
     }
@@ -240,10 +292,11 @@ impl fmt::Display for KernelIr {
 fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
     let pad = "  ".repeat(depth);
     match op {
-        Op::PackQueries { offset, len, factor, into } => writeln!(
+        Op::PackQueries { from, offset, len, factor, into } => writeln!(
             f,
-            "{pad}{}ᵀ[.., rows of h, q] = {factor} * q[b, q0 + q, h, {offset}..{}] for each head h of g   (rows = heads x queries; transposed, in panels)",
+            "{pad}{}ᵀ[.., rows of h, q] = {factor} * {}[b, q0 + q, h, {offset}..{}] for each head h of g   (rows = heads x queries; transposed, in panels)",
             name(*into),
+            name(*from),
             offset + len
         ),
         Op::PackTile { from, into, width } => writeln!(
@@ -257,9 +310,9 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
                 "items with enough rows: contiguous copy"
             }
         ),
-        Op::AbsorbQueries { nope, rank, factor } => writeln!(
+        Op::AbsorbQueries { nope, rank } => writeln!(
             f,
-            "{pad}Qᵀ[.., rows of h] = {factor} * q[b, q0.., h, 0..{nope}] · W_UK[h] for each head h   (tile A·B, {nope} -> {rank}; then transposed, in panels)"
+            "{pad}q'[.., h] = q[.., h, 0..{nope}] · W_UK[h] for every (batch, query) row   (tile A·B, {nope} -> {rank}; W_UK[h] read once per call)"
         ),
         Op::InitState => writeln!(f, "{pad}O = 0; m = f32::MIN; l = 0"),
         Op::ForEachGroup { body } => {
@@ -328,10 +381,12 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
                 "{pad}lse = m * ln 2 + ln l; l = 1/l   (no visible key: lse = -inf, 1/l = 0)"
             )
         }
-        Op::StoreOut => writeln!(f, "{pad}out[b, q0 + q, h] = O[row of (h, q)] / l"),
+        Op::StoreOut { into } => {
+            writeln!(f, "{pad}{}[b, q0 + q, h] = O[row of (h, q)] / l", name(*into))
+        }
         Op::ProjectOut { rank, v_dim } => writeln!(
             f,
-            "{pad}O /= l; out[b, q0.., h] = O[rows of h] · W_UV[h]ᵀ for each head h   (tile A·Bᵀ, {rank} -> {v_dim})"
+            "{pad}out[.., h] = o'[.., h] · W_UV[h]ᵀ for every (batch, query) row   (tile A·Bᵀ, {rank} -> {v_dim}; W_UV[h] read once per call)"
         ),
         Op::StoreLse => writeln!(f, "{pad}lse[b, q0.., h] = lse   (if requested)"),
     }
@@ -340,6 +395,9 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
 fn name(operand: Operand) -> &'static str {
     match operand {
         Operand::Q => "q",
+        Operand::Out => "out",
+        Operand::LatentQ => "q'",
+        Operand::LatentOut => "o'",
         Operand::K => "k",
         Operand::V => "v",
         Operand::CKv => "c_kv",
@@ -385,7 +443,13 @@ mod tests {
         assert_eq!(
             setup,
             [
-                Op::PackQueries { offset: 0, len: 16, factor, into: Operand::QueryTile },
+                Op::PackQueries {
+                    from: Operand::Q,
+                    offset: 0,
+                    len: 16,
+                    factor,
+                    into: Operand::QueryTile
+                },
                 Op::InitState
             ]
         );
@@ -394,7 +458,9 @@ mod tests {
         assert!(matches!(body[0], Op::PackTile { from: Operand::K, width: 16, .. }));
         assert!(matches!(body[2], Op::Scores(ScoreTerm { keys: Operand::KeyTile, len: 16, .. })));
         assert!(matches!(body[4], Op::AccumulateValues { values: Operand::ValueTile, width: 16 }));
-        assert_eq!(ir.finish, [Op::MergeSplits, Op::Normalize, Op::StoreOut, Op::StoreLse]);
+        let store = Op::StoreOut { into: Operand::Out };
+        assert_eq!(ir.finish, [Op::MergeSplits, Op::Normalize, store, Op::StoreLse]);
+        assert!(ir.prologue.is_empty() && ir.epilogue.is_empty());
         // One KV head: rows are contiguous already, so items never copy them (the call may).
         let ir = lower(&KernelPlan::new(&AttentionSpec::mqa(8, 16)));
         let (_, body, _) = parts(&ir);
@@ -411,20 +477,23 @@ mod tests {
         let factor = plan.query_factor;
         let ir = lower(&plan);
         let (setup, body, _) = parts(&ir);
-        assert_eq!(setup[0], Op::AbsorbQueries { nope: 16, rank: 32, factor });
-        assert_eq!(
-            setup[1],
-            Op::PackQueries { offset: 16, len: 8, factor, into: Operand::RopeTile }
-        );
+        // The prologue absorbs every row of the call; items pack their rows of q'.
+        assert_eq!(ir.prologue, [Op::AbsorbQueries { nope: 16, rank: 32 }]);
+        let pack = |from, offset, len, into| Op::PackQueries { from, offset, len, factor, into };
+        assert_eq!(setup[0], pack(Operand::LatentQ, 0, 32, Operand::QueryTile));
+        assert_eq!(setup[1], pack(Operand::Q, 16, 8, Operand::RopeTile));
         assert_eq!(body.len(), 4); // latent scores, rope scores, softmax, values
         assert!(matches!(
             body[1],
             Op::Scores(ScoreTerm { keys: Operand::KRope, accumulate: true, .. })
         ));
-        assert_eq!(ir.finish[2], Op::ProjectOut { rank: 32, v_dim: 12 });
+        // Finishes leave o' for the epilogue, which projects every row of the call.
+        assert_eq!(ir.finish[2], Op::StoreOut { into: Operand::LatentOut });
+        assert_eq!(ir.epilogue, [Op::ProjectOut { rank: 32, v_dim: 12 }]);
         assert!(matches!(ir.item[1], Op::KeyTiles { few_rows_tile: None, .. }));
         let text = ir.to_string();
         assert!(text.contains("W_UK[h]") && text.contains("W_UV[h]"), "{text}");
+        assert!(text.starts_with("prologue(h)") && text.contains("\nepilogue(h)"), "{text}");
         // Without a RoPE part there is one score term.
         let ir = lower(&KernelPlan::new(&AttentionSpec::mla(4, 32, 0, 16, 12)));
         assert_eq!(parts(&ir).1.len(), 3);

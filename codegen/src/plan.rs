@@ -99,8 +99,6 @@ pub struct ScratchLayout {
     /// In a group's block: the queries row-major, `padded_rows × query_width`, scaled like
     /// `queries`, for items that compute scores as dot products (grouped specs only).
     pub query_rows: usize,
-    /// Absorbed MLA: q' row-major, `rows × rank`, before it is transposed into `queries`.
-    pub absorbed: usize,
     /// Packed key tile: `k_tile × D`, row-major (when `pack_per_item`).
     pub keys: usize,
     /// Packed value tile in [`PANEL`]-column panels: `k_tile × PANEL` per panel (when
@@ -168,16 +166,15 @@ impl KernelPlan {
         // Latent keys and values are read in place: c_kv rows are contiguous (packing them
         // into panels measured 14% slower on W5).
         let pack_per_item = matches!(spec.kv, KvLayout::Grouped { kv_heads, .. } if kv_heads > 1);
-        let (query_width, rope, absorbed, key_width, value_width) = match &spec.kv {
-            KvLayout::Latent(l) => (l.rank, l.rope_dim, rows * l.rank, 0, 0),
+        let (query_width, rope, key_width, value_width) = match &spec.kv {
+            KvLayout::Latent(l) => (l.rank, l.rope_dim, 0, 0),
             KvLayout::Grouped { head_dim, .. } if pack_per_item => {
-                (*head_dim, 0, 0, *head_dim, spec.v_head_dim)
+                (*head_dim, 0, *head_dim, spec.v_head_dim)
             }
-            KvLayout::Grouped { head_dim, .. } => (*head_dim, 0, 0, 0, 0),
+            KvLayout::Grouped { head_dim, .. } => (*head_dim, 0, 0, 0),
         };
         let scores = 0;
-        let absorbed_at = scores + k_tile * padded_rows;
-        let keys = absorbed_at + absorbed;
+        let keys = scores + k_tile * padded_rows;
         let values = keys + k_tile * key_width;
         let ranges = values + ScratchLayout::panels(k_tile, value_width);
         let queries = 0;
@@ -191,7 +188,6 @@ impl KernelPlan {
             queries,
             query_width,
             rope_queries,
-            absorbed: absorbed_at,
             keys,
             values,
             ranges,
@@ -266,6 +262,18 @@ impl KernelPlan {
         )
     }
 
+    /// Floats of each of absorbed MLA's call buffers `latent_q` and `latent_out`
+    /// ([`crate::abi::CallArgs`]), `B × Sq × H × rank`: 0 for grouped specs, `None` when the
+    /// count overflows `usize`.
+    pub fn latent_len(&self, batch: usize, seq_q: usize) -> Option<usize> {
+        match &self.spec.kv {
+            KvLayout::Latent(l) => {
+                [seq_q, self.spec.q_heads, l.rank].into_iter().try_fold(batch, usize::checked_mul)
+            }
+            KvLayout::Grouped { .. } => Some(0),
+        }
+    }
+
     /// Floats of one packed value tile: `k_tile × Dv` in [`PANEL`]-column panels.
     pub fn packed_value_tile(&self) -> usize {
         ScratchLayout::panels(self.k_tile, self.spec.v_head_dim)
@@ -309,7 +317,8 @@ impl fmt::Display for KernelPlan {
             Form::LatentAbsorbed => writeln!(
                 f,
                 "  form         absorbed MLA: q' = q_nope·W_UK[h]; one latent KV head of dim {} + {} \
-                 shared by all {} heads; out = o'·W_UV[h]ᵀ",
+                 shared by all {} heads; out = o'·W_UV[h]ᵀ (both per head over the whole call, so \
+                 each head's weights are read once per call)",
                 self.acc_dim,
                 spec.head_dim() - spec_nope(spec),
                 spec.q_heads
@@ -447,6 +456,14 @@ mod tests {
         let s = mla.schedule(1, 1, 4096, 2);
         assert_eq!((s.splits, s.keys_per_split), (8, 512));
         assert_eq!(mla.schedule(1, 1, 300, 2).splits, 1); // too few keys to split
+    }
+
+    #[test]
+    fn latent_buffers_hold_every_row_of_the_call() {
+        let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128));
+        assert_eq!(mla.latent_len(4, 3), Some(4 * 3 * 16 * 512));
+        assert_eq!(mla.latent_len(usize::MAX / 1024, 2), None);
+        assert_eq!(KernelPlan::new(&AttentionSpec::gqa(8, 2, 16)).latent_len(4, 3), Some(0));
     }
 
     #[test]

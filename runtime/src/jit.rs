@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use attngen_codegen::abi::{CallArgs, Callee, FinishFn, ItemFn, PANEL};
+use attngen_codegen::abi::{CallArgs, Callee, FinishFn, HeadFn, ItemFn, PANEL};
 use attngen_codegen::{AttentionSpec, KernelIr, KernelPlan, Schedule, clif, ir, validate};
 use cranelift_codegen::Context;
 use cranelift_codegen::settings::Configurable;
@@ -52,8 +52,10 @@ struct JitState {
 /// One compiled spec: its plan and entry points.
 struct Compiled {
     plan: KernelPlan,
+    prologue: Option<HeadFn>,
     item: ItemFn,
     finish: FinishFn,
+    epilogue: Option<HeadFn>,
     compile_time: Duration,
 }
 
@@ -64,7 +66,8 @@ pub struct Listing {
     pub plan: String,
     /// The tile IR, as text.
     pub ir: String,
-    /// The Cranelift IR of `item` and `finish`.
+    /// The Cranelift IR of the kernel's functions: `item` and `finish`, and for absorbed MLA
+    /// `prologue` and `epilogue`.
     pub clif: String,
     /// Their machine code, disassembled.
     pub asm: String,
@@ -195,8 +198,18 @@ impl JitState {
         }
         // Each compile defines fresh symbols: the cache, not the module, deduplicates.
         self.compiled += 1;
+        let functions = [
+            ("prologue", kernel.prologue),
+            ("item", Some(kernel.item)),
+            ("finish", Some(kernel.finish)),
+            ("epilogue", kernel.epilogue),
+        ];
         let mut ids = Vec::new();
-        for (role, func) in [("item", kernel.item), ("finish", kernel.finish)] {
+        for (role, func) in functions {
+            let Some(func) = func else {
+                ids.push(None);
+                continue;
+            };
             let name = format!("attngen_{role}_{}", self.compiled);
             let id = self
                 .module
@@ -217,22 +230,28 @@ impl JitState {
                     disassemble(&self.ctx, self.module.isa())
                 ));
             }
-            ids.push(id);
+            ids.push(Some(id));
         }
         self.module.finalize_definitions().map_err(|e| compile_error(&e))?;
-        let item_ptr = self.module.get_finalized_function(ids[0]);
-        let finish_ptr = self.module.get_finalized_function(ids[1]);
-        // SAFETY: the two functions were just defined with the signatures of ItemFn and
-        // FinishFn (clif::item_signature / finish_signature: pointer-sized integers, the
-        // platform's C calling convention), and the module never frees their code (Cranelift's
-        // system memory provider leaks it on drop to keep such pointers valid).
-        let (item, finish) = unsafe {
+        let code = |id: Option<FuncId>| id.map(|id| self.module.get_finalized_function(id));
+        let [prologue, item, finish, epilogue] = [ids[0], ids[1], ids[2], ids[3]].map(code);
+        let (Some(item), Some(finish)) = (item, finish) else {
+            unreachable!("every kernel has an item and a finish function")
+        };
+        // SAFETY: each function was just defined with the signature of its type (ItemFn,
+        // FinishFn, HeadFn: clif::item_signature, finish_signature and head_signature, all
+        // pointer-sized integers in the platform's C calling convention), and the module never
+        // frees their code (Cranelift's system memory provider leaks it on drop to keep such
+        // pointers valid).
+        let (prologue, item, finish, epilogue) = unsafe {
             (
-                std::mem::transmute::<*const u8, ItemFn>(item_ptr),
-                std::mem::transmute::<*const u8, FinishFn>(finish_ptr),
+                prologue.map(|code| std::mem::transmute::<*const u8, HeadFn>(code)),
+                std::mem::transmute::<*const u8, ItemFn>(item),
+                std::mem::transmute::<*const u8, FinishFn>(finish),
+                epilogue.map(|code| std::mem::transmute::<*const u8, HeadFn>(code)),
             )
         };
-        Ok(Compiled { plan, item, finish, compile_time: started.elapsed() })
+        Ok(Compiled { plan, prologue, item, finish, epilogue, compile_time: started.elapsed() })
     }
 }
 
@@ -269,6 +288,8 @@ fn with_workspace<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 thread_local! {
     /// The call-level packed K/V of the calls made from this thread, reused across calls.
     static PACKED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Absorbed MLA's `latent_q` and `latent_out` of the calls made from this thread.
+    static LATENT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The split states of the decode tasks this thread runs, reused across tasks and calls: a
     /// fresh zeroed buffer per task (megabytes for long contexts) cost page faults and an
     /// unmap per task. Every state element is written (InitState) before it is read.
@@ -336,10 +357,11 @@ impl JitKernel {
 struct SharedArgs(CallArgs);
 
 // SAFETY: the pointers in CallArgs come from the `&[f32]` inputs and `&mut [f32]` outputs of one
-// `run` call and from its packed K/V buffer, which outlive every worker (rayon joins before
-// `run` returns). Workers only read the inputs and the packed K/V (written before the items
-// start), and write disjoint parts of `out` and `lse`: each (batch, group, query tile) task
-// owns the rows of its group's heads and its queries, and every head belongs to one group.
+// `run` call and from its packed K/V and latent buffers, which outlive every worker (rayon joins
+// before `run` returns). Workers only read the inputs, the packed K/V and latent_q (each written
+// before the items start), and write disjoint parts of `out`, `lse` and `latent_out`: each
+// (batch, group, query tile) task owns the rows of its group's heads and its queries, and every
+// head belongs to one group; the per-head prologue and epilogue write one head's slice each.
 unsafe impl Sync for SharedArgs {}
 
 impl SharedArgs {
@@ -383,9 +405,41 @@ impl Kernel for JitKernel {
             lse: lse.map_or(std::ptr::null_mut(), |l| l.as_mut_ptr()),
             k_packed: std::ptr::null(),
             v_packed: std::ptr::null(),
+            latent_q: std::ptr::null_mut(),
+            latent_out: std::ptr::null_mut(),
+            batch: shape.batch,
             seq_q: shape.seq_q,
             seq_k: shape.seq_k,
         };
+        let plan = &self.compiled.plan;
+        // Absorbed MLA's q' and o' buffers, each latent_len floats (0 for grouped specs).
+        let lens = plan.latent_len(shape.batch, shape.seq_q);
+        let Some((latent_len, both)) = lens.and_then(|n| Some((n, n.checked_mul(2)?))) else {
+            let shape = vec![2, shape.batch, shape.seq_q, self.spec.q_heads, plan.acc_dim];
+            return Err(Error::TooLarge { tensor: "q' and o' (absorbed MLA)", shape });
+        };
+        if latent_len > 0 {
+            with_kept(&LATENT, both, |latent| {
+                let (latent_q, latent_out) = latent.split_at_mut(latent_len);
+                let args = CallArgs {
+                    latent_q: latent_q.as_mut_ptr(),
+                    latent_out: latent_out.as_mut_ptr(),
+                    ..args
+                };
+                self.run_checked(shape, args, k, v);
+            });
+        } else {
+            self.run_checked(shape, args, k, v);
+        }
+        Ok(())
+    }
+}
+
+impl JitKernel {
+    /// Runs a call whose buffers `check_call` verified (and, for absorbed MLA, whose latent
+    /// buffers hold `plan.latent_len` floats each): the prologue per head, the work items and
+    /// finishes, the epilogue per head. `k` and `v` are the grouped caches `args` points to.
+    fn run_checked(&self, shape: Shape, args: CallArgs, k: &[f32], v: &[f32]) {
         let plan = &self.compiled.plan;
         let threads =
             self.pool.as_ref().map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
@@ -402,11 +456,8 @@ impl Kernel for JitKernel {
         } else {
             self.execute(shape, SharedArgs(args), schedule);
         }
-        Ok(())
     }
-}
 
-impl JitKernel {
     /// Runs `f` on this kernel's thread pool (the global one by default).
     fn in_pool(&self, f: impl FnOnce() + Send) {
         match &self.pool {
@@ -492,7 +543,32 @@ impl JitKernel {
                 with_workspace(scratch_len, |scratch| finish(states, scratch));
             });
         };
+        if let Some(prologue) = compiled.prologue {
+            // Every q' row is written before any item reads it: the items start after this
+            // parallel loop returns.
+            self.for_each_head(prologue, &args);
+        }
         self.in_pool(|| (0..tasks).into_par_iter().for_each(run_task));
+        if let Some(epilogue) = compiled.epilogue {
+            self.for_each_head(epilogue, &args);
+        }
+    }
+
+    /// Runs a per-head program (absorbed MLA's prologue or epilogue) for every query head, in
+    /// parallel.
+    fn for_each_head(&self, program: HeadFn, args: &SharedArgs) {
+        let heads = self.compiled.plan.spec.q_heads;
+        self.in_pool(|| {
+            (0..heads).into_par_iter().for_each(|head| {
+                // SAFETY: `check_call` verified q, w_uk, w_uv and out against the call's shape,
+                // and `run` made latent_q and latent_out `plan.latent_len` floats each. Head
+                // h's program reads q's, latent_out's and the weights' slices of head h and
+                // writes only head h's slice of latent_q (prologue) or out (epilogue), for
+                // every (batch, query) row: the heads running in parallel write disjoint
+                // elements. The epilogue runs after every finish has written latent_out.
+                unsafe { program(args.ptr(), head) }
+            })
+        });
     }
 }
 
