@@ -40,6 +40,9 @@ struct Row {
     variant: String,
     compile_ms: Option<f64>,
     cases: u32,
+    /// The longest key length the cases could draw (long decode cases included), or the
+    /// replayed case's: how far the check reached.
+    longest_seq_k: usize,
     max_abs: f64,
     max_rel: f64,
     verdict: &'static str,
@@ -128,6 +131,7 @@ fn check_file(file: &Path, args: &CheckArgs, jit: Option<&Jit>) -> Row {
         variant: String::new(),
         compile_ms: None,
         cases: 0,
+        longest_seq_k: 0,
         max_abs: 0.0,
         max_rel: 0.0,
         verdict: "ok",
@@ -171,6 +175,7 @@ fn check_file(file: &Path, args: &CheckArgs, jit: Option<&Jit>) -> Row {
     let outcome: Result<Option<(Case, Mismatch)>, Error> = match args.replay {
         Some(case) => {
             row.cases = 1;
+            row.longest_seq_k = case.shape.seq_k;
             harness::run_case(kernel.as_ref(), case).map(|result| {
                 (row.max_abs, row.max_rel) = (result.max_abs, result.max_rel);
                 result.mismatch.map(|m| (case, m))
@@ -179,6 +184,7 @@ fn check_file(file: &Path, args: &CheckArgs, jit: Option<&Jit>) -> Row {
         None => {
             let config = CheckConfig::sized_for(&spec, args.cases, args.seed);
             row.cases = args.cases;
+            row.longest_seq_k = config.max_seq_k.max(config.max_long_seq_k);
             harness::check(kernel.as_ref(), &config).map(|report| {
                 (row.max_abs, row.max_rel) = (report.max_abs, report.max_rel);
                 report.failure
@@ -217,6 +223,7 @@ fn render(rows: &[Row], args: &CheckArgs) -> String {
                 r.variant.clone(),
                 r.compile_ms.map_or_else(String::new, |ms| format!("{ms:.1}")),
                 r.cases.to_string(),
+                r.longest_seq_k.to_string(),
                 format!("{:.1e}", r.max_abs),
                 format!("{:.1e}", r.max_rel),
                 r.verdict.to_owned(),
@@ -224,15 +231,28 @@ fn render(rows: &[Row], args: &CheckArgs) -> String {
         })
         .collect();
     let mut text = table::render(
-        &["spec", "variant", "compile ms", "cases", "max abs err", "max rel err", "verdict"],
-        &[false, false, true, true, true, true, false],
+        &[
+            "spec",
+            "variant",
+            "compile ms",
+            "cases",
+            "max Sk",
+            "max abs err",
+            "max rel err",
+            "verdict",
+        ],
+        &[false, false, true, true, true, true, true, false],
         &cells,
     );
     text.push_str(&format!(
         "backend {}; each case: random B, Sq, Sk and inputs in [-1, 1] against the float64 reference, \
-         |x - ref| <= 1e-4 + 1e-4·|ref| (design.md 1.4); seed {}\n",
+         |x - ref| <= 1e-4 + 1e-4·|ref| (design.md 1.4); seed {}\n\
+         a quarter of the cases are long decode (B <= 2, Sq <= 2, Sk >= {}, split across threads) \
+         where the reference's budget allows: max Sk above {}\n",
         args.backend.name(),
-        args.seed
+        args.seed,
+        harness::LONG_DECODE_KEYS,
+        CheckConfig::default().max_seq_k,
     ));
     for r in rows.iter().filter(|r| r.verdict != "ok") {
         text.push_str(&format!(

@@ -32,13 +32,28 @@ pub struct CheckConfig {
     pub max_batch: usize,
     /// Largest query length drawn.
     pub max_seq_q: usize,
-    /// Largest key length drawn.
+    /// Largest key length drawn, except by long decode cases.
     pub max_seq_k: usize,
+    /// Longest key length of the long decode cases, a quarter of the draws: B <= 2, Sq <= 2
+    /// and Sk from [`LONG_DECODE_KEYS`] up to this, so the JIT splits the keys across threads
+    /// and merges the parts. 0 (or less than `LONG_DECODE_KEYS`) draws none.
+    pub max_long_seq_k: usize,
 }
+
+/// Fewest keys of a long decode case: more than two of the JIT's decode splits
+/// (`KernelPlan::min_keys_per_split`, 256 keys), so every such case is split.
+pub const LONG_DECODE_KEYS: usize = 520;
 
 impl Default for CheckConfig {
     fn default() -> Self {
-        CheckConfig { cases: 64, seed: 0, max_batch: 3, max_seq_q: 70, max_seq_k: 300 }
+        CheckConfig {
+            cases: 64,
+            seed: 0,
+            max_batch: 3,
+            max_seq_q: 70,
+            max_seq_k: 300,
+            max_long_seq_k: 1500,
+        }
     }
 }
 
@@ -48,9 +63,11 @@ const REFERENCE_BUDGET: f64 = 4e8;
 
 impl CheckConfig {
     /// The default limits, shrunk for large specs so the largest case costs the reference at
-    /// most a fixed budget: the sequence lengths first (down to Sq 8, Sk 16), then the batch.
-    /// Per key the reference does `H·(D + Dv)` multiply-adds per query, and for latent specs
-    /// also materialises every head's key and value: `H·(nope_dim + Dv)·rank`.
+    /// most a fixed budget: the sequence lengths first (down to Sq 8, Sk 16), then the batch;
+    /// long decode cases keep as many keys as the budget allows, or are dropped below
+    /// [`LONG_DECODE_KEYS`]. Per key the reference does `H·(D + Dv)` multiply-adds per query,
+    /// and for latent specs also materialises every head's key and value:
+    /// `H·(nope_dim + Dv)·rank`.
     pub fn sized_for(spec: &AttentionSpec, cases: u32, seed: u64) -> CheckConfig {
         let h = spec.q_heads as f64;
         let per_pair = h * (spec.head_dim() + spec.v_head_dim) as f64;
@@ -68,6 +85,13 @@ impl CheckConfig {
         }
         while cost(&config) > REFERENCE_BUDGET && config.max_batch > 1 {
             config.max_batch -= 1;
+        }
+        let long_per_key =
+            LONG_DECODE_BATCH as f64 * (per_key + LONG_DECODE_QUERIES as f64 * per_pair);
+        let affordable = (REFERENCE_BUDGET / long_per_key.max(1.0)) as usize;
+        config.max_long_seq_k = config.max_long_seq_k.min(affordable);
+        if config.max_long_seq_k < LONG_DECODE_KEYS {
+            config.max_long_seq_k = 0;
         }
         config
     }
@@ -119,19 +143,33 @@ pub struct CheckReport {
     pub failure: Option<(Case, Mismatch)>,
 }
 
+/// Batch of long decode cases: at most this many sequences.
+const LONG_DECODE_BATCH: usize = 2;
+/// Queries of long decode cases: at most this many.
+const LONG_DECODE_QUERIES: usize = 2;
+
 /// The shapes [`check`] draws: B, Sq and Sk from 1 up to the limits (Sq > Sk included; a third
-/// of the draws have Sq <= 4, decode); proptest shrinks them toward 1.
+/// of the draws have Sq <= 4, decode); with `max_long_seq_k >= LONG_DECODE_KEYS` a quarter
+/// of the draws are long decode cases instead (see [`CheckConfig::max_long_seq_k`]).
+/// Proptest shrinks the sizes toward their lower bounds.
 pub fn shapes(
     max_batch: usize,
     max_seq_q: usize,
     max_seq_k: usize,
+    max_long_seq_k: usize,
 ) -> impl Strategy<Value = Shape> {
     // A third of the cases are decode-like (at most 4 queries): kernels take different
     // paths there (whole-row decode items, unpacked tiles), so they must be drawn often.
     let max_seq_q = max_seq_q.max(1);
     let seq_q = prop_oneof![1 => 1..=max_seq_q.min(4), 2 => 1..=max_seq_q];
-    (1..=max_batch.max(1), seq_q, 1..=max_seq_k.max(1))
-        .prop_map(|(b, sq, sk)| Shape::new(b, sq, sk))
+    let short = (1..=max_batch.max(1), seq_q, 1..=max_seq_k.max(1));
+    let short = short.prop_map(|(b, sq, sk)| Shape::new(b, sq, sk));
+    if max_long_seq_k < LONG_DECODE_KEYS {
+        return short.boxed();
+    }
+    let long = (1..=LONG_DECODE_BATCH, 1..=LONG_DECODE_QUERIES, LONG_DECODE_KEYS..=max_long_seq_k);
+    let long = long.prop_map(|(b, sq, sk)| Shape::new(b, sq, sk));
+    prop_oneof![3 => short, 1 => long].boxed()
 }
 
 /// Deterministic inputs for a spec and shape: every input tensor uniform in
@@ -243,7 +281,9 @@ pub fn check(kernel: &dyn Kernel, config: &CheckConfig) -> Result<CheckReport, E
     let runner_config =
         Config { cases: config.cases, failure_persistence: None, ..Config::default() };
     let mut runner = TestRunner::new_with_rng(runner_config, rng);
-    let strategy = (shapes(config.max_batch, config.max_seq_q, config.max_seq_k), any::<u64>());
+    let shapes =
+        shapes(config.max_batch, config.max_seq_q, config.max_seq_k, config.max_long_seq_k);
+    let strategy = (shapes, any::<u64>());
     let worst = std::cell::Cell::new((0.0f64, 0.0f64));
     let outcome = runner.run(&strategy, |(shape, input_seed)| {
         let result = run_case(kernel, Case { shape, input_seed })

@@ -49,3 +49,57 @@ fn the_same_seed_draws_the_same_cases() {
     let second = harness::check(&broken, &config).unwrap();
     assert_eq!(first, second);
 }
+
+#[test]
+fn long_decode_cases_reach_the_split_path_where_the_budget_allows() {
+    // Every long decode shape splits its keys, on one thread or several.
+    let specs = [
+        AttentionSpec::gqa(32, 8, 128),
+        AttentionSpec::mha(16, 64).mask(Mask::Causal),
+        AttentionSpec::mla(4, 48, 8, 16, 12),
+    ];
+    let jit = Jit::with_threads(2).unwrap();
+    for spec in &specs {
+        let kernel = jit.compile(spec).unwrap();
+        let plan = kernel.plan();
+        for (b, sq, threads) in [(1, 1, 1), (2, 2, 1), (2, 2, 2), (1, 2, 8)] {
+            let s = plan.schedule(b, sq, harness::LONG_DECODE_KEYS, threads);
+            assert!(s.splits > 1, "{spec:?} B={b} Sq={sq} on {threads} threads: {s:?}");
+        }
+    }
+    // Grouped specs afford long cases; DeepSeek-V2's reference (128 heads materialised from
+    // a 512-wide latent per key) does not.
+    let llama = CheckConfig::sized_for(&specs[0], 64, 0);
+    assert_eq!(llama.max_long_seq_k, CheckConfig::default().max_long_seq_k);
+    let v2 = CheckConfig::sized_for(&AttentionSpec::mla(128, 512, 64, 128, 128), 64, 0);
+    assert_eq!(v2.max_long_seq_k, 0);
+    // A check of a small spec draws long cases: a kernel that is wrong only past 512 keys fails.
+    let spec = AttentionSpec::gqa(4, 2, 8);
+    let broken = LongKeysBroken(Reference::new(&spec).unwrap());
+    let report = harness::check(&broken, &CheckConfig { cases: 64, ..CheckConfig::default() });
+    let (case, _) = report.unwrap().failure.expect("a long case is drawn and fails");
+    assert_eq!(case.shape.seq_k, harness::LONG_DECODE_KEYS, "shrunk to the shortest long case");
+}
+
+/// The reference, but with `out` nudged whenever a call has more than 512 keys.
+struct LongKeysBroken(Reference);
+
+impl attngen::Kernel for LongKeysBroken {
+    fn spec(&self) -> &AttentionSpec {
+        self.0.spec()
+    }
+
+    fn run(
+        &self,
+        shape: Shape,
+        inputs: &attngen::Inputs<'_>,
+        out: &mut [f32],
+        lse: Option<&mut [f32]>,
+    ) -> Result<(), attngen::Error> {
+        self.0.run(shape, inputs, out, lse)?;
+        if shape.seq_k > 512 {
+            out[0] += 1.0;
+        }
+        Ok(())
+    }
+}
