@@ -346,7 +346,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             let op = if t.accumulate { "+=" } else { "=" };
             writeln!(
                 f,
-                "{pad}Sᵀ {op} {} · {}ᵀ   (tile A·B: each key element broadcast against a row of {}ᵀ, or for items of few rows dot products of key rows with query rows; k = {}; the item's next key rows prefetched: the next group's, or the next tile's)",
+                "{pad}Sᵀ {op} {} · {}ᵀ   (tile A·B: each key element broadcast against a row of {}ᵀ, or for items of few rows dot products of key rows with query rows; k = {}; strided cache rows: the item's next key rows prefetched, the next group's or the next tile's)",
                 tile_name(t.keys),
                 name(t.query),
                 name(t.query),
@@ -366,7 +366,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
         }
         Op::AccumulateValues { values, width } => writeln!(
             f,
-            "{pad}O += P · {}   (tile A·B over all rows, P read from Sᵀ, width {width}; per-row key ranges on edge tiles; the item's next value rows prefetched)",
+            "{pad}O += P · {}   (tile A·B over all rows, P read from Sᵀ, width {width}; per-row key ranges on edge tiles; strided cache rows: the item's next value rows prefetched)",
             tile_name(*values)
         ),
         Op::MergeSplits => {

@@ -20,6 +20,7 @@
 //! and hardware prefetchers stop at page boundaries, so without help every row of a tile is a
 //! demand miss. The products therefore prefetch the rows the item reads next ([`PrefetchRows`]:
 //! the next group's, or the next key tile's) a few lines per block while they compute.
+//! Contiguous rows (one KV head, MLA's latent) are left to the hardware prefetchers.
 //!
 //! Everything else — loop nest, group mapping, masks, the online softmax's cap, max and
 //! rescale, splits and merges — is generated per spec. Each ISA module implements its routines
