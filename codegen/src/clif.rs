@@ -1123,15 +1123,9 @@ impl<'a> Translator<'a> {
     fn absorb_queries(&mut self, nope: usize, rank: usize) {
         let h = self.plan.spec.q_heads;
         let rows = self.call_rows();
-        let q = self.arg(offsets::Q);
-        let head_at = self.mul_imm(self.head, self.plan.spec.head_dim());
-        let a = self.float_addr(q, head_at);
-        let w = self.arg(offsets::W_UK);
-        let w_at = self.mul_imm(self.head, nope * rank);
-        let w = self.float_addr(w, w_at);
-        let latent_q = self.arg(offsets::LATENT_Q);
-        let c_at = self.mul_imm(self.head, rank);
-        let c = self.float_addr(latent_q, c_at);
+        let a = self.head_slice(offsets::Q, self.plan.spec.head_dim());
+        let w = self.head_slice(offsets::W_UK, nope * rank);
+        let c = self.head_slice(offsets::LATENT_Q, rank);
         let (nope, rank, lda, ldc, one, panel, zero) = (
             self.int(nope as i64),
             self.int(rank as i64),
@@ -1143,6 +1137,15 @@ impl<'a> Translator<'a> {
         );
         let args = [rows, rank, nope, a, lda, one, w, rank, panel, c, ldc, zero, zero, zero, zero];
         self.call(Callee::DotNn, &args);
+    }
+
+    /// The current head's part of the `CallArgs` tensor at byte offset `field`: the tensor's
+    /// base plus `head · floats_per_head` — its first row's slice of a `[.., H, width]` tensor,
+    /// or its matrix of a `[H, ..]` weight.
+    fn head_slice(&mut self, field: i32, floats_per_head: usize) -> Value {
+        let base = self.arg(field);
+        let at = self.mul_imm(self.head, floats_per_head);
+        self.float_addr(base, at)
     }
 
     /// Rows of a per-head program: every (batch, query) of the call, `B · Sq`.
@@ -1534,15 +1537,9 @@ impl<'a> Translator<'a> {
     fn project_out(&mut self, rank: usize, v_dim: usize) {
         let h = self.plan.spec.q_heads;
         let rows = self.call_rows();
-        let latent_out = self.arg(offsets::LATENT_OUT);
-        let a_at = self.mul_imm(self.head, rank);
-        let a = self.float_addr(latent_out, a_at);
-        let w = self.arg(offsets::W_UV);
-        let w_at = self.mul_imm(self.head, v_dim * rank);
-        let w = self.float_addr(w, w_at);
-        let out = self.arg(offsets::OUT);
-        let c_at = self.mul_imm(self.head, v_dim);
-        let c = self.float_addr(out, c_at);
+        let a = self.head_slice(offsets::LATENT_OUT, rank);
+        let w = self.head_slice(offsets::W_UV, v_dim * rank);
+        let c = self.head_slice(offsets::OUT, v_dim);
         let (v_dim, rank, lda, ldc, zero) = (
             self.int(v_dim as i64),
             self.int(rank as i64),
