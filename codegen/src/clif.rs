@@ -229,11 +229,6 @@ impl<'a> Translator<'a> {
         };
         let args = p[0];
         let seq_q = b.ins().load(types::I64, mem(), args, offsets::SEQ_Q);
-        let seq_k = b.ins().load(types::I64, mem(), args, offsets::SEQ_K);
-        let left = b.ins().isub(seq_q, q0);
-        let q_tile = b.ins().iconst(types::I64, plan.q_tile as i64);
-        let nq = b.ins().smin(left, q_tile);
-        let group_scratch = b.ins().iadd_imm_s(scratch, 4 * plan.scratch.shared_len as i64);
         let mut t = Translator {
             b,
             plan,
@@ -252,32 +247,45 @@ impl<'a> Translator<'a> {
             state0: state,
             state_stride,
             n_states,
-            group_scratch,
+            group_scratch: zero,
             seq_q,
-            seq_k,
-            nq,
+            seq_k: zero,
+            nq: zero,
             head_table: None,
             prefetch: zero,
-            rows: nq,
-            rows_v4: nq,
+            rows: zero,
+            rows_v4: zero,
         };
-        t.head_table = t.emit_head_table();
-        let slot = t.b.create_sized_stack_slot(StackSlotData::new(
-            StackSlotKind::ExplicitSlot,
-            std::mem::size_of::<PrefetchRows>() as u32,
-            3,
-        ));
-        t.prefetch = t.b.ins().stack_addr(types::I64, slot, 0);
-        let heads = t.group_size();
-        t.rows = t.mul(heads, nq);
-        let rows3 = t.add_imm(t.rows, 3);
-        t.rows_v4 = t.b.ins().band_imm_s(rows3, -4);
+        if matches!(program, Program::Item | Program::Finish) {
+            t.bind_work_item();
+        }
         for op in ops {
             t.op(op);
         }
         t.b.ins().return_(&[]);
         t.b.finalize(frontend);
         func
+    }
+
+    /// Emits what the work-item programs share: Sk, the tile's valid queries and rows, the
+    /// group blocks of scratch, the explicit map's head table and the prefetch descriptor.
+    fn bind_work_item(&mut self) {
+        self.seq_k = self.b.ins().load(types::I64, mem(), self.args, offsets::SEQ_K);
+        let left = self.b.ins().isub(self.seq_q, self.q0);
+        let q_tile = self.int(self.plan.q_tile as i64);
+        self.nq = self.b.ins().smin(left, q_tile);
+        self.group_scratch = self.add_imm(self.scratch, 4 * self.plan.scratch.shared_len);
+        self.head_table = self.emit_head_table();
+        let slot = self.b.create_sized_stack_slot(StackSlotData::new(
+            StackSlotKind::ExplicitSlot,
+            std::mem::size_of::<PrefetchRows>() as u32,
+            3,
+        ));
+        self.prefetch = self.b.ins().stack_addr(types::I64, slot, 0);
+        let heads = self.group_size();
+        self.rows = self.mul(heads, self.nq);
+        let rows3 = self.add_imm(self.rows, 3);
+        self.rows_v4 = self.b.ins().band_imm_s(rows3, -4);
     }
 
     // ---- small helpers -------------------------------------------------------------------
