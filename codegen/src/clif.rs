@@ -510,20 +510,9 @@ impl<'a> Translator<'a> {
 
     // ---- addresses -----------------------------------------------------------------------
 
-    /// Float index of `q[b, q0, h, offset]`.
-    fn q_index(&mut self, head: Value, offset: usize) -> Value {
-        let h = self.plan.spec.q_heads;
-        let d = self.plan.spec.head_dim();
-        let bs = self.mul(self.batch, self.seq_q);
-        let i = self.add(bs, self.q0);
-        let ih = self.mul_imm(i, h);
-        let ih = self.add(ih, head);
-        let idx = self.mul_imm(ih, d);
-        self.add_imm(idx, offset)
-    }
-
-    /// Float index of row `(b, q0, h)` of an output-shaped tensor with rows of `width`.
-    fn out_index(&mut self, head: Value, qi: Value, width: usize) -> Value {
+    /// Float index of row `(b, q0 + qi, h)` of a `[B, Sq, H, width]` tensor: q, out, lse and
+    /// the latent buffers.
+    fn row_index(&mut self, head: Value, qi: Value, width: usize) -> Value {
         let h = self.plan.spec.q_heads;
         let bs = self.mul(self.batch, self.seq_q);
         let i = self.add(bs, self.q0);
@@ -870,7 +859,7 @@ impl<'a> Translator<'a> {
         let row_floats = self.plan.spec.q_heads * width;
         self.for_each_head(|t, slot, head| {
             let zero = t.int(0);
-            let idx = t.out_index(head, zero, width);
+            let idx = t.row_index(head, zero, width);
             let idx = t.add_imm(idx, offset);
             let queries = t.arg(base);
             let src = t.float_addr(queries, idx);
@@ -893,11 +882,9 @@ impl<'a> Translator<'a> {
     /// The queries row-major and scaled (rows `rows..rows_v4` zero), for dot-product scores.
     fn pack_query_rows(&mut self, len: usize, factor: f32) {
         let dst = self.tile_addr(Operand::QueryRows);
-        let row_floats = self.plan.spec.q_heads * self.plan.spec.head_dim();
+        let head_dim = self.plan.spec.head_dim();
         self.for_each_row(|t, _, head, qi, row| {
-            let idx = t.q_index(head, 0);
-            let qi_floats = t.mul_imm(qi, row_floats);
-            let idx = t.add(idx, qi_floats);
+            let idx = t.row_index(head, qi, head_dim);
             let q = t.arg(offsets::Q);
             let src = t.float_addr(q, idx);
             let at = t.mul_imm(row, len);
@@ -1531,7 +1518,7 @@ impl<'a> Translator<'a> {
         };
         let state = self.state;
         self.for_each_row(|t, _, head, qi, row| {
-            let idx = t.out_index(head, qi, width);
+            let idx = t.row_index(head, qi, width);
             let out = t.arg(base);
             let dst = t.float_addr(out, idx);
             let src = t.state_o(state, row);
@@ -1565,7 +1552,7 @@ impl<'a> Translator<'a> {
         let state = self.state;
         self.if_then(wanted, |t| {
             t.for_each_row(|t, _, head, qi, row| {
-                let idx = t.out_index(head, qi, 1);
+                let idx = t.row_index(head, qi, 1);
                 let dst = t.float_addr(lse, idx);
                 let m_at = t.state_m(state, row);
                 let value = t.b.ins().load(types::F32, mem(), m_at, 0);
