@@ -20,7 +20,7 @@ use std::fmt;
 use crate::plan::KernelPlan;
 use crate::spec::{KvLayout, Mask};
 
-/// The two programs of a kernel.
+/// The programs of a kernel: two over a work item, and for absorbed MLA two over a query head.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelIr {
     /// Per query head, over the whole call, before the items (empty for grouped specs).
@@ -193,7 +193,7 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
     let factor = plan.query_factor;
     let term =
         |query, keys, len, accumulate| Op::Scores(ScoreTerm { query, keys, len, accumulate });
-    let (setup, body, store, calls) = match &spec.kv {
+    let (mut setup, body, store, calls) = match &spec.kv {
         KvLayout::Latent(l) => {
             let mut setup = vec![Op::PackQueries {
                 from: Operand::LatentQ,
@@ -244,7 +244,6 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
             (setup, body, Operand::Out, CallPrograms::default())
         }
     };
-    let mut setup = setup;
     setup.push(Op::InitState);
     let item = vec![
         Op::ForEachGroup { body: setup },
