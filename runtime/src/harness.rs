@@ -63,8 +63,10 @@ const REFERENCE_BUDGET: f64 = 4e8;
 
 impl CheckConfig {
     /// The default limits, shrunk for large specs so the largest case costs the reference at
-    /// most a fixed budget: the sequence lengths first (down to Sq 8, Sk 16), then the batch;
-    /// long decode cases keep as many keys as the budget allows, or are dropped below
+    /// most a fixed budget: the batch first (more sequences only repeat the code paths that
+    /// longer ones reach: several key tiles, masks, splits), then the sequence lengths (down
+    /// to Sq 8, Sk 16); long decode cases keep as many keys as the budget allows, or are
+    /// dropped below
     /// [`LONG_DECODE_KEYS`]. Per key the reference does `H·(D + Dv)` multiply-adds per query,
     /// and for latent specs also materialises every head's key and value:
     /// `H·(nope_dim + Dv)·rank`.
@@ -79,12 +81,12 @@ impl CheckConfig {
         let cost = |c: &CheckConfig| {
             c.max_batch as f64 * c.max_seq_k as f64 * (per_key + c.max_seq_q as f64 * per_pair)
         };
+        while cost(&config) > REFERENCE_BUDGET && config.max_batch > 1 {
+            config.max_batch -= 1;
+        }
         while cost(&config) > REFERENCE_BUDGET && (config.max_seq_q > 8 || config.max_seq_k > 16) {
             config.max_seq_q = (config.max_seq_q * 3 / 4).max(8);
             config.max_seq_k = (config.max_seq_k * 3 / 4).max(16);
-        }
-        while cost(&config) > REFERENCE_BUDGET && config.max_batch > 1 {
-            config.max_batch -= 1;
         }
         let long_per_key =
             LONG_DECODE_BATCH as f64 * (per_key + LONG_DECODE_QUERIES as f64 * per_pair);

@@ -71,6 +71,11 @@ fn long_decode_cases_reach_the_split_path_where_the_budget_allows() {
     // a 512-wide latent per key) does not.
     let llama = CheckConfig::sized_for(&specs[0], 64, 0);
     assert_eq!(llama.max_long_seq_k, CheckConfig::default().max_long_seq_k);
+    // Budgets shrink the batch before the lengths: Llama keeps every length at B <= 2, and
+    // DeepSeek-V2-Lite's check still spans several 64-key tiles.
+    assert_eq!((llama.max_batch, llama.max_seq_q, llama.max_seq_k), (2, 70, 300));
+    let lite = CheckConfig::sized_for(&AttentionSpec::mla(16, 512, 64, 128, 128), 64, 0);
+    assert!(lite.max_batch == 1 && lite.max_seq_k > 128, "{lite:?}");
     let v2 = CheckConfig::sized_for(&AttentionSpec::mla(128, 512, 64, 128, 128), 64, 0);
     assert_eq!(v2.max_long_seq_k, 0);
     // A check of a small spec draws long cases: a kernel that is wrong only past 512 keys fails.
