@@ -43,6 +43,10 @@ pub struct CheckConfig {
 /// Fewest keys of a long decode case: more than two of the JIT's decode splits
 /// (`KernelPlan::min_keys_per_split`, 256 keys), so every such case is split.
 pub const LONG_DECODE_KEYS: usize = 520;
+/// Batch of long decode cases: at most this many sequences.
+const LONG_DECODE_BATCH: usize = 2;
+/// Queries of long decode cases: at most this many.
+const LONG_DECODE_QUERIES: usize = 2;
 
 impl Default for CheckConfig {
     fn default() -> Self {
@@ -66,10 +70,9 @@ impl CheckConfig {
     /// most a fixed budget: the batch first (more sequences only repeat the code paths that
     /// longer ones reach: several key tiles, masks, splits), then the sequence lengths (down
     /// to Sq 8, Sk 16); long decode cases keep as many keys as the budget allows, or are
-    /// dropped below
-    /// [`LONG_DECODE_KEYS`]. Per key the reference does `H·(D + Dv)` multiply-adds per query,
-    /// and for latent specs also materialises every head's key and value:
-    /// `H·(nope_dim + Dv)·rank`.
+    /// dropped below [`LONG_DECODE_KEYS`]. Per key the reference does `H·(D + Dv)`
+    /// multiply-adds per query, and for latent specs also materialises every head's key and
+    /// value: `H·(nope_dim + Dv)·rank`.
     pub fn sized_for(spec: &AttentionSpec, cases: u32, seed: u64) -> CheckConfig {
         let h = spec.q_heads as f64;
         let per_pair = h * (spec.head_dim() + spec.v_head_dim) as f64;
@@ -144,11 +147,6 @@ pub struct CheckReport {
     /// The shrunk minimal failing case and its mismatch.
     pub failure: Option<(Case, Mismatch)>,
 }
-
-/// Batch of long decode cases: at most this many sequences.
-const LONG_DECODE_BATCH: usize = 2;
-/// Queries of long decode cases: at most this many.
-const LONG_DECODE_QUERIES: usize = 2;
 
 /// The shapes [`check`] draws: B, Sq and Sk from 1 up to the limits (Sq > Sk included; a third
 /// of the draws have Sq <= 4, decode); with `max_long_seq_k >= LONG_DECODE_KEYS` a quarter
