@@ -1,7 +1,7 @@
 //! attngen's compiler: it turns a declarative attention spec into kernels.
 //!
 //! Data flows one way: a spec ([`AttentionSpec`], written with builders, TOML or macro
-//! arguments) is checked by [`validate`]; later stages plan and lower it. [`cost`] counts the
+//! arguments) is checked by [`validate()`]; later stages plan and lower it. [`cost`] counts the
 //! FLOPs and bytes every report uses.
 
 pub mod abi;

@@ -144,7 +144,7 @@ const DOT_MIN_K_TILE: usize = 8;
 const RESCALE_THRESHOLD: f32 = 8.0;
 
 impl KernelPlan {
-    /// Plans a kernel for a spec that [`crate::validate`] accepted.
+    /// Plans a kernel for a spec that [`crate::validate()`] accepted.
     pub fn new(spec: &AttentionSpec) -> KernelPlan {
         let (form, groups, acc_dim) = match &spec.kv {
             KvLayout::Grouped { kv_heads, .. } => {

@@ -1,7 +1,7 @@
 //! [`AttentionSpec`]: the declarative description of one attention layer's kernel.
 //!
 //! A spec is plain data. Builders and setters never fail; every rule of the contract is checked
-//! in one place, [`crate::validate`], which every consumer (TOML, the proc macro, the JIT, the
+//! in one place, [`crate::validate()`], which every consumer (TOML, the proc macro, the JIT, the
 //! reference interpreter) calls before it trusts a spec.
 
 use std::fmt;

@@ -2,7 +2,7 @@
 //! conversion to and from [`AttentionSpec`].
 //!
 //! Both front ends fill a [`SpecFields`] and call [`SpecFields::into_spec`], so the structural
-//! rules (what is required, what conflicts) and then [`crate::validate`] give the same messages
+//! rules (what is required, what conflicts) and then [`crate::validate()`] give the same messages
 //! whichever way a spec was written.
 
 use std::fmt::{self, Write as _};

@@ -1,4 +1,4 @@
-//! attngen's procedural macros. Thin by design: parse the arguments ([`args`]), hand them to
+//! attngen's procedural macros. Thin by design: parse the arguments (`args`), hand them to
 //! `attngen-codegen` — the same structural rules and `validate` that TOML files and the JIT
 //! use — and turn each error into a `compile_error!` at the argument it is about.
 

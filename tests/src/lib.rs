@@ -13,7 +13,7 @@ pub fn first_mismatch(got: &[f32], want: &[f64]) -> Option<(usize, f32, f64)> {
 
 /// [`first_mismatch`] with `extra` added to the absolute tolerance, for inputs outside [−1, 1]
 /// where f32 scores carry a proportionally larger rounding error (see
-/// [`f32_score_error`]).
+/// [`f32_score_slack`]).
 pub fn first_mismatch_within(got: &[f32], want: &[f64], extra: f64) -> Option<(usize, f32, f64)> {
     assert_eq!(got.len(), want.len(), "length mismatch");
     got.iter().zip(want).enumerate().find_map(|(i, (&g, &w))| {
