@@ -179,7 +179,7 @@ impl Jit {
 }
 
 impl JitState {
-    /// Plans, lowers, emits and defines both functions of a spec's kernel.
+    /// Plans, lowers, emits and defines every function of a spec's kernel.
     fn define(
         &mut self,
         spec: &AttentionSpec,
@@ -198,46 +198,15 @@ impl JitState {
         }
         // Each compile defines fresh symbols: the cache, not the module, deduplicates.
         self.compiled += 1;
-        let functions = [
-            ("prologue", kernel.prologue),
-            ("item", Some(kernel.item)),
-            ("finish", Some(kernel.finish)),
-            ("epilogue", kernel.epilogue),
-        ];
-        let mut ids = Vec::new();
-        for (role, func) in functions {
-            let Some(func) = func else {
-                ids.push(None);
-                continue;
-            };
-            let name = format!("attngen_{role}_{}", self.compiled);
-            let id = self
-                .module
-                .declare_function(&name, Linkage::Local, &func.signature)
-                .map_err(|e| compile_error(&e))?;
-            self.ctx.clear();
-            self.ctx.func = func;
-            self.ctx.set_disasm(listing.is_some());
-            if let Some(listing) = listing.as_deref_mut() {
-                listing.clif.push_str(&format!("; {role}\n{}\n", self.ctx.func.display()));
-            }
-            self.module.define_function(id, &mut self.ctx).map_err(|e| {
-                Error::Compile(format!("Cranelift rejected the {role} function: {e:?}"))
-            })?;
-            if let Some(listing) = listing.as_deref_mut() {
-                listing.asm.push_str(&format!(
-                    "; {role}\n{}\n",
-                    disassemble(&self.ctx, self.module.isa())
-                ));
-            }
-            ids.push(Some(id));
-        }
+        let mut define = |role, f| self.define_function(role, f, &mut listing);
+        let prologue = kernel.prologue.map(|f| define("prologue", f)).transpose()?;
+        let item = define("item", kernel.item)?;
+        let finish = define("finish", kernel.finish)?;
+        let epilogue = kernel.epilogue.map(|f| define("epilogue", f)).transpose()?;
         self.module.finalize_definitions().map_err(|e| compile_error(&e))?;
-        let code = |id: Option<FuncId>| id.map(|id| self.module.get_finalized_function(id));
-        let [prologue, item, finish, epilogue] = [ids[0], ids[1], ids[2], ids[3]].map(code);
-        let (Some(item), Some(finish)) = (item, finish) else {
-            unreachable!("every kernel has an item and a finish function")
-        };
+        let code = |id: FuncId| self.module.get_finalized_function(id);
+        let (prologue, item, finish, epilogue) =
+            (prologue.map(code), code(item), code(finish), epilogue.map(code));
         // SAFETY: each function was just defined with the signature of its type (ItemFn,
         // FinishFn, HeadFn: clif::item_signature, finish_signature and head_signature, all
         // pointer-sized integers in the platform's C calling convention), and the module never
@@ -252,6 +221,37 @@ impl JitState {
             )
         };
         Ok(Compiled { plan, prologue, item, finish, epilogue, compile_time: started.elapsed() })
+    }
+}
+
+impl JitState {
+    /// Declares and defines one generated function as `attngen_{role}_N`, adding its CLIF and
+    /// machine code to the listing when there is one.
+    fn define_function(
+        &mut self,
+        role: &str,
+        func: cranelift_codegen::ir::Function,
+        listing: &mut Option<&mut Listing>,
+    ) -> Result<FuncId, Error> {
+        let name = format!("attngen_{role}_{}", self.compiled);
+        let id = self
+            .module
+            .declare_function(&name, Linkage::Local, &func.signature)
+            .map_err(|e| Error::Compile(e.to_string()))?;
+        self.ctx.clear();
+        self.ctx.func = func;
+        self.ctx.set_disasm(listing.is_some());
+        if let Some(listing) = listing.as_deref_mut() {
+            listing.clif.push_str(&format!("; {role}\n{}\n", self.ctx.func.display()));
+        }
+        self.module.define_function(id, &mut self.ctx).map_err(|e| {
+            Error::Compile(format!("Cranelift rejected the {role} function: {e:?}"))
+        })?;
+        if let Some(listing) = listing.as_deref_mut() {
+            let asm = disassemble(&self.ctx, self.module.isa());
+            listing.asm.push_str(&format!("; {role}\n{asm}\n"));
+        }
+        Ok(id)
     }
 }
 
