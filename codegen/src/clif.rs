@@ -524,36 +524,44 @@ impl<'a> Translator<'a> {
 
     /// Address and row stride (floats) of key/value tensor `operand` at key `j0`.
     fn kv_rows(&mut self, operand: Operand, j0: Value) -> (Value, usize) {
-        let spec = &self.plan.spec;
-        let stride = self.row_stride(operand);
+        let (width, stride) = (self.row_width(operand), self.row_stride(operand));
         let bs = self.mul(self.batch, self.seq_k);
         let t = self.add(bs, j0);
-        let (base, idx) = match (&spec.kv, operand) {
-            (KvLayout::Grouped { head_dim, .. }, Operand::K | Operand::V) => {
-                let width = if operand == Operand::K { *head_dim } else { spec.v_head_dim };
+        let (base, idx) = match operand {
+            Operand::K | Operand::V => {
+                // Token t's row holds every KV head; this group's is the g-th `width` of it.
                 let tg = self.mul_imm(t, stride / width);
                 let tg = self.add(tg, self.group);
                 let base = if operand == Operand::K { offsets::K } else { offsets::V };
                 (base, self.mul_imm(tg, width))
             }
-            (KvLayout::Latent(_), Operand::CKv) => (offsets::C_KV, self.mul_imm(t, stride)),
-            (KvLayout::Latent(_), Operand::KRope) => (offsets::K_ROPE, self.mul_imm(t, stride)),
-            _ => unreachable!("lowering pairs operands with their spec kind"),
+            Operand::CKv => (offsets::C_KV, self.mul_imm(t, stride)),
+            Operand::KRope => (offsets::K_ROPE, self.mul_imm(t, stride)),
+            other => unreachable!("{other:?} is not a cache tensor"),
         };
         let base = self.arg(base);
         (self.float_addr(base, idx), stride)
     }
 
-    /// Floats from one row of key/value tensor `operand` to the next: all KV heads of a token
-    /// for grouped K and V, one latent (or RoPE key) for MLA.
-    fn row_stride(&self, operand: Operand) -> usize {
+    /// Floats of one row of key/value tensor `operand` that an item reads: one KV head's key or
+    /// value, a latent, a RoPE key.
+    fn row_width(&self, operand: Operand) -> usize {
         let spec = &self.plan.spec;
         match (&spec.kv, operand) {
-            (KvLayout::Grouped { kv_heads, head_dim, .. }, Operand::K) => kv_heads * head_dim,
-            (KvLayout::Grouped { kv_heads, .. }, Operand::V) => kv_heads * spec.v_head_dim,
+            (KvLayout::Grouped { head_dim, .. }, Operand::K) => *head_dim,
+            (KvLayout::Grouped { .. }, Operand::V) => spec.v_head_dim,
             (KvLayout::Latent(l), Operand::CKv) => l.rank,
             (KvLayout::Latent(l), Operand::KRope) => l.rope_dim,
             _ => unreachable!("lowering pairs operands with their spec kind"),
+        }
+    }
+
+    /// Floats from one row of key/value tensor `operand` to the next: all KV heads of a token
+    /// for grouped K and V, the row itself for MLA's latent and RoPE keys.
+    fn row_stride(&self, operand: Operand) -> usize {
+        match (&self.plan.spec.kv, operand) {
+            (KvLayout::Grouped { kv_heads, .. }, _) => kv_heads * self.row_width(operand),
+            (KvLayout::Latent(_), _) => self.row_width(operand),
         }
     }
 
@@ -999,11 +1007,7 @@ impl<'a> Translator<'a> {
     /// prefetch while it computes: strided cache rows lie a page apart, past the hardware
     /// prefetchers. Null for contiguous rows.
     fn prefetch_next(&mut self, cache: Operand, tile: Tile) -> Value {
-        let width = match cache {
-            Operand::V => self.plan.spec.v_head_dim,
-            Operand::CKv => self.plan.acc_dim,
-            _ => self.plan.spec.head_dim(),
-        };
+        let width = self.row_width(cache);
         // Contiguous rows (one KV head, MLA's latent) stream through the hardware prefetchers;
         // prefetching a whole tile ahead into L1 only evicted the current one (W5: 1.04–1.06×
         // faster without).

@@ -397,9 +397,9 @@ struct NnBlock {
     hi: usize,
     a: *const f32,
     a_stride: usize,
-    /// Row-major A read once (C one panel wide): prefetch the next block's rows of A (the MR
-    /// rows after this block's) one line per row every 16 keys (a line of each), so they
-    /// arrive one block ahead. A block reads MR rows in parallel a few bytes per step, which
+    /// Row-major A read once (C one panel wide): every 16 keys, prefetch one line of each of
+    /// the next block's rows of A (the MR rows after this block's), so they arrive one block
+    /// ahead. A block reads MR rows in parallel a few bytes per step, which
     /// the hardware prefetchers follow too late when the rows come from memory (MLA decode's
     /// latent scores: 1.28× faster in isolation, W5 1.07×). With several panels A is re-read
     /// from cache, and prefetching there measured no gain (W1, W3) or a slight loss (W6).
