@@ -362,6 +362,9 @@ mod tests {
                 (9, 25, 17),
                 (13, 50, 64),
                 (7, 2, 3),
+                // One row block over whole panels and a ragged one (decode's value product).
+                (4, 40, 8),
+                (6, 32, 5),
             ] {
                 let ldc = n + 1;
                 let a = data(m * k + 3 * (m + k), 4);

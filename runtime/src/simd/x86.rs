@@ -268,6 +268,10 @@ unsafe fn dot_nn_avx2(
     row_hi: *const i32,
     mut prefetcher: Option<super::Prefetcher>,
 ) {
+    if row_lo.is_null() && (1..=NN_MR).contains(&m) {
+        // SAFETY: forwarded caller contract.
+        return unsafe { nn_one_row_block(m, n, k, nn, accumulate, prefetcher) };
+    }
     // Panel-outer, row-block-inner: a block's B panel stays in L1 across the row blocks.
     let mut j = 0;
     while j < n {
@@ -298,6 +302,67 @@ unsafe fn dot_nn_avx2(
             i += mr;
         }
         j += cols;
+    }
+}
+
+/// All of C when it is one row block without per-row key ranges (a decode item's few query
+/// rows against a short key tile): one dispatch, then the whole panels in one loop, so each
+/// costs only its keys and its C update.
+///
+/// # Safety
+/// As [`dot_nn_avx2`], with `1 <= m <= NN_MR`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nn_one_row_block(
+    m: usize,
+    n: usize,
+    k: usize,
+    nn: &NnArgs,
+    accumulate: bool,
+    mut prefetcher: Option<super::Prefetcher>,
+) {
+    let whole = n / PANEL * PANEL;
+    // SAFETY: rows 0..m and columns 0..n are C's, keys 0..k are A's and B's.
+    unsafe {
+        macro_rules! panels {
+            ($($mr:literal),*) => {
+                match (m, nn.a_trans) {
+                    $(
+                        ($mr, false) => nn_panels::<$mr, false>(nn, whole, k, accumulate, &mut prefetcher),
+                        ($mr, true) => nn_panels::<$mr, true>(nn, whole, k, accumulate, &mut prefetcher),
+                    )*
+                    _ => unreachable!("one row block has at most {NN_MR} rows"),
+                }
+            };
+        }
+        panels!(6, 5, 4, 3, 2, 1);
+        if whole < n {
+            if let Some(p) = &mut prefetcher {
+                p.step();
+            }
+            nn_run(nn, 0, m, whole, n - whole, 0, k, accumulate);
+        }
+    }
+}
+
+/// Rows `0..MR`, the whole panels of columns `0..whole`, keys `0..k`.
+///
+/// # Safety
+/// As [`nn_one_row_block`], with `MR = m` and `whole <= n` a multiple of PANEL.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nn_panels<const MR: usize, const A_TRANS: bool>(
+    nn: &NnArgs,
+    whole: usize,
+    k: usize,
+    accumulate: bool,
+    prefetcher: &mut Option<super::Prefetcher>,
+) {
+    let all = lanes(8);
+    for j in (0..whole).step_by(PANEL) {
+        if let Some(p) = prefetcher {
+            p.step();
+        }
+        // SAFETY: columns j..j + PANEL <= whole of C and B, rows 0..MR of A and C.
+        unsafe { nn.block(0, j, 0, k).run::<MR, NN_NR, false, A_TRANS>(accumulate, all) };
     }
 }
 
@@ -418,6 +483,7 @@ impl NnBlock {
     /// Keys are summed in chunks of [`NN_KC`] in fresh registers, each chunk then added to C:
     /// a long product (MLA's 512-wide latent scores) rounds like `KC + k/KC` additions rather
     /// than `k` in one chain.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run<const MR: usize, const NR: usize, const MASKED: bool, const A_TRANS: bool>(
         &self,
