@@ -98,10 +98,12 @@ pub mod offsets {
     pub const SEQ_K: i32 = offset_of!(CallArgs, seq_k) as i32;
 }
 
-/// Rows of a cache tensor for `DotNn` to prefetch while it computes: `rows` rows of `width`
-/// floats, `stride` floats apart, from `base` — the rows the item reads next (the next group's,
-/// or the next key tile's). The kernel spreads the prefetches over its blocks, so they overlap
-/// the arithmetic instead of stalling in a burst.
+/// Cache lines for a tile product (`DotNt`, `DotNn`) to prefetch while it computes: share
+/// `part` of `parts` equal shares of `rows` rows of `width` floats, `stride` floats apart, from
+/// `base`, its lines taken in row-major order. An item walking a key tile group by group asks
+/// each group's products for one share of the next tile, so the next tile's lines are
+/// requested in address order, one tile ahead. The kernel spreads its share over its blocks,
+/// so the prefetches overlap the arithmetic instead of stalling in a burst.
 /// `base` may point past the tensor (the last tile's successor): prefetches never fault.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -114,6 +116,10 @@ pub struct PrefetchRows {
     pub stride: usize,
     /// Floats per row.
     pub width: usize,
+    /// The share to prefetch, `< parts`.
+    pub part: usize,
+    /// Shares the lines are cut into, at least 1.
+    pub parts: usize,
 }
 
 /// Byte offsets of [`PrefetchRows`] fields, for the emitters.
@@ -128,6 +134,10 @@ pub mod prefetch_offsets {
     pub const STRIDE: i32 = offset_of!(PrefetchRows, stride) as i32;
     /// `width`.
     pub const WIDTH: i32 = offset_of!(PrefetchRows, width) as i32;
+    /// `part`.
+    pub const PART: i32 = offset_of!(PrefetchRows, part) as i32;
+    /// `parts`.
+    pub const PARTS: i32 = offset_of!(PrefetchRows, parts) as i32;
 }
 
 /// Columns per panel of `DotNn`'s B operand: element `B[p][j]` lives at

@@ -1001,11 +1001,18 @@ impl<'a> Translator<'a> {
         });
     }
 
-    /// Fills the stack [`PrefetchRows`] with the rows of cache tensor `cache` the item reads
-    /// next — the next group's rows of this key tile, or after the item's last group the
-    /// first group's rows of the next tile — and returns its address, for a tile product to
-    /// prefetch while it computes: strided cache rows lie a page apart, past the hardware
-    /// prefetchers. Null for contiguous rows.
+    /// Fills the stack [`PrefetchRows`] with the rows of cache tensor `cache` this group's
+    /// products should prefetch, and returns its address: strided cache rows lie a page apart,
+    /// past the hardware prefetchers. Null for contiguous rows.
+    ///
+    /// An item walks each key tile group by group. Where a whole tile of its rows spans few
+    /// enough pages ([`KernelPlan::prefetches_whole_tiles`]), the group at position i of n asks
+    /// for share i of n of the next tile's rows across all the item's groups (adjacent within a
+    /// row; whole rows when the item covers every group, as decode items do): the next tile
+    /// arrives one tile ahead, in address order. That measured 1.07–1.1× faster on W4 than the
+    /// other way, which larger tiles keep: each group asks for the next group's rows of this
+    /// tile (after the last group, the first group's of the next tile), 512-byte pieces of 16
+    /// pages at a time on W4.
     fn prefetch_next(&mut self, cache: Operand, tile: Tile) -> Value {
         let width = self.row_width(cache);
         // Contiguous rows (one KV head, MLA's latent) stream through the hardware prefetchers;
@@ -1015,27 +1022,32 @@ impl<'a> Translator<'a> {
             return self.int(0);
         }
         let (k_tile, j0) = (tile.size, tile.j0);
-        // An item covering several groups reads each key tile group by group: prefetch the
-        // next group's rows of this tile, and after the last group the first group's rows of
-        // the next tile. The lines then arrive one group's products ahead, not one whole tile
-        // of every group (which can exceed L2) ahead.
-        let next_group = self.add_imm(self.group, 1);
-        let end = self.add(self.group0, self.groups);
-        let last = self.b.ins().icmp(IntCC::Equal, next_group, end);
         let next_tile = self.add_imm(j0, k_tile);
-        let next = self.b.ins().select(last, next_tile, j0);
         let group = self.group;
-        self.group = self.b.ins().select(last, self.group0, next_group);
-        let (base, stride) = self.kv_rows(cache, next);
+        let (base, stride, row, part, parts) = if self.plan.prefetches_whole_tiles(k_tile) {
+            self.group = self.group0;
+            let (base, stride) = self.kv_rows(cache, next_tile);
+            let part = self.b.ins().isub(group, self.group0);
+            (base, stride, self.mul_imm(self.groups, width), part, self.groups)
+        } else {
+            let next_group = self.add_imm(group, 1);
+            let end = self.add(self.group0, self.groups);
+            let last = self.b.ins().icmp(IntCC::Equal, next_group, end);
+            let next = self.b.ins().select(last, next_tile, j0);
+            self.group = self.b.ins().select(last, self.group0, next_group);
+            let (base, stride) = self.kv_rows(cache, next);
+            (base, stride, self.int(width as i64), self.int(0), self.int(1))
+        };
         self.group = group;
+        let (rows, stride) = (self.int(k_tile as i64), self.int(stride as i64));
         let at = self.prefetch;
-        let (rows, stride, width) =
-            (self.int(k_tile as i64), self.int(stride as i64), self.int(width as i64));
         for (value, offset) in [
             (base, prefetch_offsets::BASE),
             (rows, prefetch_offsets::ROWS),
             (stride, prefetch_offsets::STRIDE),
-            (width, prefetch_offsets::WIDTH),
+            (row, prefetch_offsets::WIDTH),
+            (part, prefetch_offsets::PART),
+            (parts, prefetch_offsets::PARTS),
         ] {
             self.b.ins().store(mem(), value, at, offset);
         }

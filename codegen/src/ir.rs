@@ -345,7 +345,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             let op = if t.accumulate { "+=" } else { "=" };
             writeln!(
                 f,
-                "{pad}Sᵀ {op} {} · {}ᵀ   (tile A·B: each key element broadcast against a row of {}ᵀ, or for items of few rows dot products of key rows with query rows; k = {}; strided cache rows: the item's next key rows prefetched, the next group's or the next tile's)",
+                "{pad}Sᵀ {op} {} · {}ᵀ   (tile A·B: each key element broadcast against a row of {}ᵀ, or for items of few rows dot products of key rows with query rows; k = {}; strided cache rows: prefetched one tile ahead, a share per group, or the next group's rows where a whole tile spans over 16 pages)",
                 tile_name(t.keys),
                 name(t.query),
                 name(t.query),
@@ -365,7 +365,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
         }
         Op::AccumulateValues { values, width } => writeln!(
             f,
-            "{pad}O += P · {}   (tile A·B over all rows, P read from Sᵀ, width {width}; per-row key ranges on edge tiles; strided cache rows: the item's next value rows prefetched)",
+            "{pad}O += P · {}   (tile A·B over all rows, P read from Sᵀ, width {width}; per-row key ranges on edge tiles; strided cache rows: prefetched like the keys)",
             tile_name(*values)
         ),
         Op::MergeSplits => {

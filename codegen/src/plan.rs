@@ -136,6 +136,8 @@ const DOT_MAX_ROWS: usize = 4;
 /// [`KernelPlan::dot_k_tile`]): a quarter of Zen 3's 64-entry L1 data TLB, leaving room for
 /// the queries, scratch and state.
 pub const DOT_TILE_PAGES: usize = 16;
+/// Bytes per page, the unit of the TLB's reach.
+const PAGE: usize = 4096;
 /// Fewest keys per dot-product tile: below 8, per-tile overheads outweigh the TLB reach
 /// (4 keys measured 1.16× slower than 8 on W4).
 const DOT_MIN_K_TILE: usize = 8;
@@ -262,6 +264,14 @@ impl KernelPlan {
         )
     }
 
+    /// Whether an item covering every group prefetches the next tile of `keys` keys whole, in
+    /// address order — its K and V cache rows span at most [`DOT_TILE_PAGES`] pages — rather
+    /// than the next group's rows of the current tile (see `PrefetchRows`). A whole next tile
+    /// any larger would be a second tile in flight beside the current one, past L1 and the TLB.
+    pub fn prefetches_whole_tiles(&self, keys: usize) -> bool {
+        keys.saturating_mul(grouped_row_bytes(&self.spec)) <= DOT_TILE_PAGES * PAGE
+    }
+
     /// Floats of each of absorbed MLA's call buffers `latent_q` and `latent_out`
     /// ([`crate::abi::CallArgs`]), `B × Sq × H × rank`: 0 for grouped specs, `None` when the
     /// count overflows `usize`.
@@ -386,6 +396,21 @@ impl fmt::Display for KernelPlan {
                 self.dot_max_rows, self.dot_k_tile
             )?;
         }
+        if matches!(spec.kv, KvLayout::Grouped { kv_heads, .. } if kv_heads > 1) {
+            let ahead = |keys| match self.prefetches_whole_tiles(keys) {
+                true => "a share of the next tile",
+                false => "the rows the next group reads",
+            };
+            let mut tiles = vec![self.k_tile];
+            tiles.extend((self.dot_k_tile < self.k_tile).then_some(self.dot_k_tile));
+            let tiles: Vec<String> =
+                tiles.into_iter().map(|t| format!("{t}-key tiles: {}", ahead(t))).collect();
+            writeln!(
+                f,
+                "  prefetch     a KV head's cache rows are strided (a whole token row apart); each group's tile products prefetch, on {}",
+                tiles.join("; ")
+            )?;
+        }
         writeln!(
             f,
             "  scratch      {} floats per work item (+ {} per extra group); state {} floats per group and split",
@@ -406,12 +431,20 @@ impl fmt::Display for KernelPlan {
 /// whose K and V cache rows span at most [`DOT_TILE_PAGES`] pages, within
 /// `DOT_MIN_K_TILE..=k_tile`. Latent specs have no dot-product items: `k_tile`.
 fn dot_tile(spec: &AttentionSpec, k_tile: usize) -> usize {
-    let KvLayout::Grouped { kv_heads, head_dim, .. } = spec.kv else { return k_tile };
-    const PAGE: usize = 4096;
-    let row_bytes = kv_heads * (head_dim + spec.v_head_dim) * 4;
-    let fits = (DOT_TILE_PAGES * PAGE / row_bytes.max(1)).max(1);
+    if matches!(spec.kv, KvLayout::Latent(_)) {
+        return k_tile;
+    }
+    let fits = (DOT_TILE_PAGES * PAGE / grouped_row_bytes(spec).max(1)).max(1);
     let power = 1 << fits.ilog2();
     power.clamp(DOT_MIN_K_TILE, k_tile)
+}
+
+/// Bytes of one token's K and V cache rows, every KV head (0 for latent specs).
+fn grouped_row_bytes(spec: &AttentionSpec) -> usize {
+    match spec.kv {
+        KvLayout::Grouped { kv_heads, head_dim, .. } => kv_heads * (head_dim + spec.v_head_dim) * 4,
+        KvLayout::Latent(_) => 0,
+    }
 }
 
 fn spec_nope(spec: &AttentionSpec) -> usize {
@@ -479,5 +512,19 @@ mod tests {
         assert_eq!(tile(AttentionSpec::gqa(6, 3, 40)), 64);
         // Latent specs have no dot-product items.
         assert_eq!(tile(AttentionSpec::mla(16, 512, 64, 128, 128)), K_TILE);
+    }
+
+    #[test]
+    fn whole_next_tiles_are_prefetched_only_within_the_tlb_reach() {
+        // Llama-3-8B: the 8-key dot tile spans 16 pages, a 64-key tile 128.
+        let llama = KernelPlan::new(&AttentionSpec::gqa(32, 8, 128));
+        assert!(llama.prefetches_whole_tiles(llama.dot_k_tile));
+        assert!(!llama.prefetches_whole_tiles(llama.k_tile));
+        // 8 KiB rows: even the smallest dot tile (8 keys) spans 32 pages.
+        let wide = KernelPlan::new(&AttentionSpec::gqa(16, 8, 256));
+        assert!(!wide.prefetches_whole_tiles(wide.dot_k_tile));
+        // 2 KV heads of 64: a whole 64-key tile spans 16 pages.
+        let narrow = KernelPlan::new(&AttentionSpec::gqa(8, 2, 64));
+        assert!(narrow.prefetches_whole_tiles(narrow.k_tile));
     }
 }

@@ -142,16 +142,17 @@ unsafe fn row_keys(row_lo: *const i32, row_hi: *const i32, i: usize, k: usize) -
     (clamp(lo), clamp(hi).max(clamp(lo)))
 }
 
-/// Issues the prefetches a [`PrefetchRows`] names, spread evenly over `steps` calls of
-/// [`Prefetcher::step`].
+/// Issues the prefetches a [`PrefetchRows`] names (its share of the rows' lines), spread
+/// evenly over `steps` calls of [`Prefetcher::step`].
 struct Prefetcher {
     base: *const u8,
-    rows: usize,
     stride: usize,
     lines_per_row: usize,
     per_step: usize,
     row: usize,
     line: usize,
+    /// Lines of the share not yet prefetched.
+    left: usize,
 }
 
 /// Bytes per cache line, the prefetch granularity.
@@ -165,32 +166,39 @@ impl Prefetcher {
     unsafe fn new(desc: *const PrefetchRows, steps: usize) -> Option<Prefetcher> {
         // SAFETY: the caller's contract.
         let desc = unsafe { desc.as_ref() }?;
-        let lines_per_row = (desc.width * 4).div_ceil(LINE);
-        let lines = desc.rows * lines_per_row;
+        let lines_per_row = (desc.width * 4).div_ceil(LINE).max(1);
+        let lines = desc.rows.saturating_mul(lines_per_row);
+        let share = lines.div_ceil(desc.parts.max(1));
+        let first = desc.part.saturating_mul(share).min(lines);
+        let left = share.min(lines - first);
         Some(Prefetcher {
             base: desc.base.cast(),
-            rows: desc.rows,
             stride: desc.stride * 4,
             lines_per_row,
-            per_step: lines.div_ceil(steps.max(1)),
-            row: 0,
-            line: 0,
+            per_step: left.div_ceil(steps.max(1)),
+            row: first / lines_per_row,
+            line: first % lines_per_row,
+            left,
         })
     }
 
-    /// Prefetches the next share of lines.
+    /// Prefetches the next `per_step` lines of the share.
     fn step(&mut self) {
         for _ in 0..self.per_step {
-            if self.row >= self.rows {
-                return;
-            }
-            let at = self.base.wrapping_add(self.row * self.stride + self.line * LINE);
-            prefetch(at);
-            self.line += 1;
-            if self.line == self.lines_per_row {
-                (self.row, self.line) = (self.row + 1, 0);
-            }
+            let Some(offset) = self.next_line() else { return };
+            prefetch(self.base.wrapping_add(offset));
         }
+    }
+
+    /// The byte offset from `base` of the share's next line, if any is left.
+    fn next_line(&mut self) -> Option<usize> {
+        self.left = self.left.checked_sub(1)?;
+        let offset = self.row * self.stride + self.line * LINE;
+        self.line += 1;
+        if self.line == self.lines_per_row {
+            (self.row, self.line) = (self.row + 1, 0);
+        }
+        Some(offset)
     }
 }
 
@@ -286,6 +294,34 @@ fn exp2(x: f32) -> f32 {
 mod tests {
     use super::*;
 
+    /// The shares of a [`PrefetchRows`] cut its lines, in row-major order, into consecutive
+    /// runs that together name every line once; `steps` steps issue the whole share.
+    #[test]
+    fn prefetch_shares_partition_the_lines() {
+        let (rows, stride, width) = (5, 100, 40); // 160 bytes: 3 lines per row
+        let all: Vec<usize> =
+            (0..rows).flat_map(|r| (0..3).map(move |l| r * stride * 4 + l * LINE)).collect();
+        for parts in 1..=17 {
+            let mut seen = Vec::new();
+            for part in 0..parts {
+                let desc =
+                    PrefetchRows { base: std::ptr::null(), rows, stride, width, part, parts };
+                for steps in [1, 2, 7] {
+                    // SAFETY: desc is a valid descriptor.
+                    let mut p = unsafe { Prefetcher::new(&desc, steps) }.unwrap();
+                    let share = p.left;
+                    (0..steps).for_each(|_| p.step());
+                    assert_eq!(p.left, 0, "{steps} steps issue share {part} of {parts}");
+                    assert!(share <= all.len().div_ceil(parts));
+                }
+                // SAFETY: as above.
+                let mut p = unsafe { Prefetcher::new(&desc, 1) }.unwrap();
+                seen.extend(std::iter::from_fn(|| p.next_line()));
+            }
+            assert_eq!(seen, all, "{parts} shares");
+        }
+    }
+
     fn data(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000)
@@ -369,7 +405,14 @@ mod tests {
                 let ldc = n + 1;
                 let a = data(m * k + 3 * (m + k), 4);
                 // Prefetching (here: A itself, and rows past its end) never changes a result.
-                let prefetch = PrefetchRows { base: a.as_ptr(), rows: k + 9, stride: m, width: 40 };
+                let prefetch = PrefetchRows {
+                    base: a.as_ptr(),
+                    rows: k + 9,
+                    stride: m,
+                    width: 40,
+                    part: 1,
+                    parts: 3,
+                };
                 let b = data(k * n.next_multiple_of(PANEL) + 5 * k, 5);
                 let lo: Vec<i32> = (0..m as i32).map(|i| i % 3 - 1).collect();
                 let hi: Vec<i32> = (0..m as i32).map(|i| k as i32 - i + 1).collect();
