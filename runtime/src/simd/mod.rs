@@ -341,8 +341,10 @@ mod tests {
         let isas = [Isa::Portable, Isa::detect()];
         for isa in isas {
             let dot_nt = isa.routines().dot_nt;
-            for (m, n, k) in [(1, 1, 1), (4, 3, 8), (5, 7, 13), (9, 25, 17), (3, 50, 64), (7, 2, 3)]
-            {
+            // (3, 50, 64) and (4, 9, 21): few rows of A, computed as Cᵀ = B·Aᵀ.
+            let shapes =
+                [(1, 1, 1), (4, 3, 8), (5, 7, 13), (9, 25, 17), (3, 50, 64), (7, 2, 3), (4, 9, 21)];
+            for (m, n, k) in shapes {
                 let (lda, ldb, ldc) = (k + 3, k + 1, n + 2);
                 let a = data(m * lda, 1);
                 let b = data(n * ldb, 2);
@@ -398,9 +400,11 @@ mod tests {
                 (9, 25, 17),
                 (13, 50, 64),
                 (7, 2, 3),
-                // One row block over whole panels and a ragged one (decode's value product).
+                // One row block over whole panels and a ragged one (decode's value product),
+                // and over several key chunks (MLA's absorption).
                 (4, 40, 8),
                 (6, 32, 5),
+                (3, 48, 29),
             ] {
                 let ldc = n + 1;
                 let a = data(m * k + 3 * (m + k), 4);
