@@ -548,7 +548,13 @@ impl JitKernel {
             // parallel loop returns.
             self.for_each_head(prologue, &args);
         }
-        self.in_pool(|| (0..tasks).into_par_iter().for_each(run_task));
+        if tasks == 1 && splits == 1 {
+            // One work item (a short decode call): run it here rather than wake a pool thread
+            // and wait for it.
+            run_task(0);
+        } else {
+            self.in_pool(|| (0..tasks).into_par_iter().for_each(run_task));
+        }
         if let Some(epilogue) = compiled.epilogue {
             self.for_each_head(epilogue, &args);
         }
