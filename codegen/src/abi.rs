@@ -100,10 +100,11 @@ pub mod offsets {
 
 /// Cache lines for a tile product (`DotNt`, `DotNn`) to prefetch while it computes: share
 /// `part` of `parts` equal shares of `rows` rows of `width` floats, `stride` floats apart, from
-/// `base`, its lines taken in row-major order. An item walking a key tile group by group asks
-/// each group's products for one share of the next tile, so the next tile's lines are
-/// requested in address order, one tile ahead. The kernel spreads its share over its blocks,
-/// so the prefetches overlap the arithmetic instead of stalling in a burst.
+/// `base`, its lines taken in row-major order. An item walking a narrow key tile group by
+/// group asks each group's products for one share of the next tile, so the next tile's lines
+/// are requested in address order, one tile ahead; with wider tiles it names the next group's
+/// rows as one share. The kernel spreads its share over its blocks, so the prefetches overlap
+/// the arithmetic instead of stalling in a burst.
 /// `base` may point past the tensor (the last tile's successor): prefetches never fault.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

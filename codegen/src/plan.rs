@@ -264,10 +264,11 @@ impl KernelPlan {
         )
     }
 
-    /// Whether an item covering every group prefetches the next tile of `keys` keys whole, in
-    /// address order — its K and V cache rows span at most [`DOT_TILE_PAGES`] pages — rather
-    /// than the next group's rows of the current tile (see `PrefetchRows`). A whole next tile
-    /// any larger would be a second tile in flight beside the current one, past L1 and the TLB.
+    /// Whether a work item walking tiles of `keys` keys prefetches the next tile whole, in
+    /// address order, a share per group — a tile's K and V cache rows, every KV head, span at
+    /// most [`DOT_TILE_PAGES`] pages — rather than the rows the next group reads (see
+    /// `abi::PrefetchRows`). A larger whole tile would be a second tile in flight beside the
+    /// current one, past L1 and the TLB. (Items of one group read the same rows either way.)
     pub fn prefetches_whole_tiles(&self, keys: usize) -> bool {
         keys.saturating_mul(grouped_row_bytes(&self.spec)) <= DOT_TILE_PAGES * PAGE
     }
