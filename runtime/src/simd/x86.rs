@@ -228,7 +228,7 @@ pub unsafe extern "C" fn dot_nn(
         a,
         a_stride: if a_col == 1 { a_row } else { a_col },
         a_trans: a_col != 1,
-        prefetch_a: a_col == 1 && n <= PANEL,
+        prefetch_a: a_col == 1 && n <= PANEL && m > NN_MR,
         b,
         b_row,
         b_panel,
@@ -259,7 +259,8 @@ struct NnArgs {
     a_stride: usize,
     a_trans: bool,
     /// See [`NnBlock::prefetch_a`]: A is row-major and C one panel wide, so each row of A is
-    /// read once, streamed (MLA decode's latent scores).
+    /// read once, streamed (MLA decode's latent scores), and C has more than one row block, so
+    /// there is a next block to prefetch for.
     prefetch_a: bool,
     b: *const f32,
     b_row: usize,
