@@ -99,18 +99,17 @@ impl Jit {
     }
 
     fn build(pool: Option<Arc<rayon::ThreadPool>>) -> Result<Jit, Error> {
-        let compile_error = |e: &dyn std::fmt::Display| Error::Compile(e.to_string());
         let mut flags = cranelift_codegen::settings::builder();
-        flags.set("opt_level", "speed").map_err(|e| compile_error(&e))?;
-        flags.set("use_colocated_libcalls", "false").map_err(|e| compile_error(&e))?;
-        flags.set("is_pic", "false").map_err(|e| compile_error(&e))?;
+        flags.set("opt_level", "speed").map_err(compile_error)?;
+        flags.set("use_colocated_libcalls", "false").map_err(compile_error)?;
+        flags.set("is_pic", "false").map_err(compile_error)?;
         // Block offsets in `dump --asm`, so profiler samples (offsets into attngen_item_N)
         // can be matched to the listing.
-        flags.set("machine_code_cfg_info", "true").map_err(|e| compile_error(&e))?;
-        let isa_builder = cranelift_native::builder().map_err(|e| compile_error(&e))?;
+        flags.set("machine_code_cfg_info", "true").map_err(compile_error)?;
+        let isa_builder = cranelift_native::builder().map_err(compile_error)?;
         let target = isa_builder
             .finish(cranelift_codegen::settings::Flags::new(flags))
-            .map_err(|e| compile_error(&e))?;
+            .map_err(compile_error)?;
         let isa = Isa::detect();
         let routines = isa.routines();
         let mut builder = JITBuilder::with_isa(target, cranelift_module::default_libcall_names());
@@ -127,7 +126,7 @@ impl Jit {
             let sig = clif::callee_signature(callee, call_conv);
             *id = module
                 .declare_function(callee.symbol(), Linkage::Import, &sig)
-                .map_err(|e| compile_error(&e))?;
+                .map_err(compile_error)?;
         }
         let ctx = module.make_context();
         let state = JitState { module, callee_ids, ctx, cache: HashMap::new(), compiled: 0 };
@@ -186,7 +185,6 @@ impl JitState {
         mut listing: Option<&mut Listing>,
     ) -> Result<Compiled, Error> {
         let started = Instant::now();
-        let compile_error = |e: &dyn std::fmt::Display| Error::Compile(e.to_string());
         let plan = KernelPlan::new(spec);
         let program: KernelIr = ir::lower(&plan);
         let frontend = self.module.isa().frontend_config();
@@ -203,7 +201,7 @@ impl JitState {
         let item = define("item", kernel.item)?;
         let finish = define("finish", kernel.finish)?;
         let epilogue = kernel.epilogue.map(|f| define("epilogue", f)).transpose()?;
-        self.module.finalize_definitions().map_err(|e| compile_error(&e))?;
+        self.module.finalize_definitions().map_err(compile_error)?;
         let code = |id: FuncId| self.module.get_finalized_function(id);
         let (prologue, item, finish, epilogue) =
             (prologue.map(code), code(item), code(finish), epilogue.map(code));
@@ -222,9 +220,7 @@ impl JitState {
         };
         Ok(Compiled { plan, prologue, item, finish, epilogue, compile_time: started.elapsed() })
     }
-}
 
-impl JitState {
     /// Declares and defines one generated function as `attngen_{role}_N`, adding its CLIF and
     /// machine code to the listing when there is one.
     fn define_function(
@@ -237,7 +233,7 @@ impl JitState {
         let id = self
             .module
             .declare_function(&name, Linkage::Local, &func.signature)
-            .map_err(|e| Error::Compile(e.to_string()))?;
+            .map_err(compile_error)?;
         self.ctx.clear();
         self.ctx.func = func;
         self.ctx.set_disasm(listing.is_some());
@@ -253,6 +249,11 @@ impl JitState {
         }
         Ok(id)
     }
+}
+
+/// A Cranelift setting, ISA or module error, as the error `Jit` reports.
+fn compile_error(e: impl std::fmt::Display) -> Error {
+    Error::Compile(e.to_string())
 }
 
 fn disassemble(ctx: &Context, isa: &dyn cranelift_codegen::isa::TargetIsa) -> String {

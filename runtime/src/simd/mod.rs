@@ -19,7 +19,8 @@
 //! Cache rows of one KV head lie `kv_heads · D` floats apart — a page apart for common shapes —
 //! and hardware prefetchers stop at page boundaries, so without help every row of a tile is a
 //! demand miss. The products therefore prefetch the rows the item reads next ([`PrefetchRows`]:
-//! the next group's, or the next key tile's) a few lines per block while they compute.
+//! their group's share of the next key tile, or with wide tiles the next group's rows) a few
+//! lines per block while they compute.
 //! Contiguous rows (one KV head, MLA's latent) are left to the hardware prefetchers.
 //!
 //! Everything else — loop nest, group mapping, masks, the online softmax's cap, max and
