@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use attngen::{Jit, Kernel, Reference, Shape, Tensor, Workload};
+use attngen::{Isa, Jit, JitOptions, Kernel, Reference, Shape, Tensor, Workload};
 use serde::Serialize;
 
 use crate::{Backend, Failure, emit, load_spec, peak, roofline, table};
@@ -24,13 +24,17 @@ pub struct BenchArgs {
     /// Backends to time.
     #[arg(long = "backend", value_enum, value_delimiter = ',', default_value = "jit")]
     pub backends: Vec<Backend>,
+    /// Micro-kernel ISAs to time the JIT with, e.g. `--isa avx512,avx2` (default: the widest
+    /// this CPU has, or `ATTNGEN_ISA`'s).
+    #[arg(long = "isa", value_delimiter = ',')]
+    pub isas: Vec<String>,
     /// Threads for the JIT's kernels (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Most timed runs per row; the JIT stops early after about a second (at least 3 runs).
     #[arg(long, default_value_t = 50)]
     pub runs: usize,
-    /// Use this FMA peak (GFLOP/s) instead of measuring it.
+    /// Use this FMA peak (GFLOP/s, of the widest ISA) instead of measuring it.
     #[arg(long)]
     pub peak_gflops: Option<f64>,
     /// Use this read bandwidth (GB/s) instead of measuring it.
@@ -53,24 +57,46 @@ struct Report {
 #[derive(Serialize)]
 struct Machine {
     threads: usize,
+    /// The FMA peak of the widest ISA.
     peak_gflops: f64,
+    /// The FMA peak of every ISA this CPU has, widest first.
+    peaks: Vec<IsaPeak>,
     peak_gbs: f64,
+    /// Bytes the bandwidth probe read (at least twice the last-level cache).
+    probe_bytes: usize,
+    /// The last-level cache, as the system reports it.
+    llc_bytes: Option<usize>,
+    /// The ISA of the JIT rows (the first, when several were timed).
     isa: &'static str,
+}
+
+#[derive(Serialize)]
+struct IsaPeak {
+    isa: &'static str,
+    gflops: f64,
 }
 
 #[derive(Serialize)]
 struct Row {
     workload: String,
     backend: &'static str,
+    /// The JIT's micro-kernel ISA (empty for the interpreter).
+    isa: &'static str,
     median_ms: f64,
     min_ms: f64,
     max_ms: f64,
     runs: usize,
+    /// design.md 4's FLOPs per second.
     gflops: f64,
+    /// FLOPs per second as the kernel runs them (absorbed for MLA; else `gflops`).
+    kernel_gflops: f64,
     gbs: f64,
+    /// design.md 4's FLOP count.
     flops: u64,
+    /// The FLOPs of the form the kernel runs ([`Workload::kernel_flops`]).
+    kernel_flops: u64,
     bytes: u64,
-    /// FLOPs per byte of compulsory traffic (inputs read once, outputs written once).
+    /// Kernel FLOPs per byte of compulsory traffic (inputs read once, outputs written once).
     intensity: f64,
     compile_ms: Option<f64>,
     decode: bool,
@@ -82,31 +108,59 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    let peak_gflops = args.peak_gflops.unwrap_or_else(|| peak::fma_gflops(threads));
+    let isas = isas(&args.isas)?;
+    let jits = isas
+        .iter()
+        .map(|&isa| Jit::with_options(JitOptions::default().isa(isa).threads(threads)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Failure { status: 2, message: e.to_string() })?;
+    let mut peaks: Vec<IsaPeak> = Isa::available()
+        .into_iter()
+        .map(|isa| IsaPeak { isa: isa.name(), gflops: peak::fma_gflops(threads, isa) })
+        .collect();
+    if let Some(gflops) = args.peak_gflops {
+        peaks[0].gflops = gflops;
+    }
     let peak_gbs = args.peak_gbs.unwrap_or_else(|| peak::read_gbs(threads));
-    let jit =
-        Jit::with_threads(threads).map_err(|e| Failure { status: 1, message: e.to_string() })?;
     let mut rows = Vec::new();
     for workload in &workloads {
         for &backend in &args.backends {
-            rows.push(time(workload, backend, &jit, args.runs)?);
+            match backend {
+                Backend::Jit => {
+                    for jit in &jits {
+                        rows.push(time(workload, backend, jit, args.runs)?);
+                    }
+                }
+                _ => rows.push(time(workload, backend, &jits[0], args.runs)?),
+            }
         }
     }
-    let report = Report {
-        machine: Machine { threads, peak_gflops, peak_gbs, isa: jit.isa().name() },
-        results: rows,
+    let machine = Machine {
+        threads,
+        peak_gflops: peaks[0].gflops,
+        peaks,
+        peak_gbs,
+        probe_bytes: peak::read_buffer_bytes(),
+        llc_bytes: peak::last_level_cache_bytes(),
+        isa: isas[0].name(),
     };
+    let report = Report { machine, results: rows };
     if let Some(path) = &args.roofline {
         let points: Vec<roofline::Point> = report
             .results
             .iter()
             .map(|r| roofline::Point {
-                label: format!("{} {}", r.workload, r.backend),
+                label: match r.isa {
+                    "" => format!("{} {}", r.workload, r.backend),
+                    isa => format!("{} {} {isa}", r.workload, r.backend),
+                },
                 intensity: r.intensity,
-                gflops: r.gflops,
+                gflops: r.kernel_gflops,
             })
             .collect();
-        roofline::draw(path, peak_gflops, peak_gbs, &points)
+        let ceilings: Vec<(String, f64)> =
+            report.machine.peaks.iter().map(|p| (p.isa.to_owned(), p.gflops)).collect();
+        roofline::draw(path, &ceilings, peak_gbs, &points)
             .map_err(|message| Failure { status: 1, message })?;
     }
     if args.json {
@@ -114,6 +168,15 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
         return emit(&format!("{text}\n"));
     }
     emit(&render(&report))
+}
+
+/// The ISAs `--isa` names, each checked against this CPU; by default the JIT's own choice.
+fn isas(names: &[String]) -> Result<Vec<Isa>, Failure> {
+    let fail = |e: attngen::Error| Failure { status: 2, message: e.to_string() };
+    if names.is_empty() {
+        return Ok(vec![Isa::from_env().map_err(fail)?.unwrap_or_else(Isa::detect)]);
+    }
+    names.iter().map(|name| name.parse::<Isa>().and_then(Isa::checked).map_err(fail)).collect()
 }
 
 fn select(args: &BenchArgs) -> Result<Vec<Workload>, Failure> {
@@ -181,19 +244,23 @@ fn time(workload: &Workload, backend: Backend, jit: &Jit, max_runs: usize) -> Re
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let median = ms(times[times.len() / 2]);
-    let (flops, bytes) = (workload.flops(), workload.kv_bytes());
+    let (flops, kernel_flops, bytes) =
+        (workload.flops(), workload.kernel_flops(), workload.kv_bytes());
     Ok(Row {
         workload: workload.id.clone(),
         backend: backend.name(),
+        isa: if backend == Backend::Jit { jit.isa().name() } else { "" },
         median_ms: median,
         min_ms: ms(times[0]),
         max_ms: ms(times[times.len() - 1]),
         runs: times.len(),
         gflops: flops as f64 / median / 1e6,
+        kernel_gflops: kernel_flops as f64 / median / 1e6,
         gbs: bytes as f64 / median / 1e6,
         flops,
+        kernel_flops,
         bytes,
-        intensity: flops as f64 / workload.compulsory_bytes() as f64,
+        intensity: kernel_flops as f64 / workload.compulsory_bytes() as f64,
         compile_ms,
         decode: workload.is_decode(),
     })
@@ -201,32 +268,54 @@ fn time(workload: &Workload, backend: Backend, jit: &Jit, max_runs: usize) -> Re
 
 fn render(report: &Report) -> String {
     let m = &report.machine;
+    let peaks: Vec<String> = m.peaks.iter().map(|p| format!("{} {:.1}", p.isa, p.gflops)).collect();
+    let llc =
+        m.llc_bytes.map_or_else(String::new, |b| format!(", last-level cache {} MiB", b >> 20));
     let mut text = format!(
-        "machine: {} threads, f32 FMA peak {:.1} GFLOP/s, streaming read {:.1} GB/s, micro-kernels {}\n\n",
-        m.threads, m.peak_gflops, m.peak_gbs, m.isa
+        "machine: {} threads, f32 FMA peak GFLOP/s {}, streaming read {:.1} GB/s (of {} MiB{llc}), micro-kernels {}\n\n",
+        m.threads,
+        peaks.join(", "),
+        m.peak_gbs,
+        m.probe_bytes >> 20,
+        m.isa
     );
+    let peak_of =
+        |isa: &str| m.peaks.iter().find(|p| p.isa == isa).map_or(m.peak_gflops, |p| p.gflops);
     let cells: Vec<Vec<String>> = report
         .results
         .iter()
         .map(|r| {
+            let same = |o: &&Row| o.workload == r.workload;
             let interp = report
                 .results
                 .iter()
-                .find(|o| o.workload == r.workload && o.backend == "interp")
+                .filter(same)
+                .find(|o| o.backend == "interp")
                 .map(|o| o.median_ms);
+            let first_jit = report.results.iter().filter(same).find(|o| o.backend == "jit");
             let (rate, peak) = if r.decode {
                 (format!("{:.1} GB/s", r.gbs), 100.0 * r.gbs / m.peak_gbs)
             } else {
                 (format!("{:.1} GFLOP/s", r.gflops), 100.0 * r.gflops / m.peak_gflops)
             };
+            let vs_first = match first_jit {
+                Some(first) if r.backend == "jit" && first.isa != r.isa => {
+                    format!("{:.2}x", r.median_ms / first.median_ms)
+                }
+                _ => String::new(),
+            };
             vec![
                 r.workload.clone(),
                 r.backend.to_owned(),
+                r.isa.to_owned(),
                 format!("{:.2}", r.median_ms),
                 format!("{:.2}", r.min_ms),
                 format!("{:.2}", r.max_ms),
                 rate,
                 format!("{peak:.0}%"),
+                format!("{:.1}", r.kernel_gflops),
+                format!("{:.0}%", 100.0 * r.kernel_gflops / peak_of(r.isa)),
+                vs_first,
                 interp.map_or_else(String::new, |i| format!("{:.0}x", i / r.median_ms)),
                 r.compile_ms.map_or_else(String::new, |c| format!("{c:.1}")),
             ]
@@ -236,17 +325,22 @@ fn render(report: &Report) -> String {
         &[
             "workload",
             "backend",
+            "isa",
             "median ms",
             "min",
             "max",
             "rate",
             "of peak",
+            "GFLOP/s run",
+            "of ISA peak",
+            "time vs 1st isa",
             "vs interp",
             "compile ms",
         ],
-        &[false, false, true, true, true, true, true, true, true],
+        &[false, false, false, true, true, true, true, true, true, true, true, true, true],
         &cells,
     ));
-    text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)); decode in GB/s of K/V or latent read once.\n");
+    text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once.\n");
+    text.push_str("GFLOP/s run: the FLOPs of the form the kernel computes (absorbed MLA: q' = q·W_UK, attention over the latent, out = o'·W_UV), against the peak of the row's ISA.\n");
     text
 }

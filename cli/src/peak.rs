@@ -3,44 +3,58 @@
 
 use std::time::Instant;
 
-/// GFLOP/s of independent f32 fused multiply-adds (2 FLOPs each) on `threads` threads, using the
-/// widest vectors this build can use on this CPU (AVX2: 8 lanes; else scalar code).
-pub fn fma_gflops(threads: usize) -> f64 {
+use attngen::Isa;
+
+/// GFLOP/s of independent f32 fused multiply-adds (2 FLOPs each) on `threads` threads, with
+/// the vectors of `isa` (AVX-512: 16 lanes, AVX2: 8; portable: scalar code). The ISA must be
+/// one this CPU supports.
+pub fn fma_gflops(threads: usize, isa: Isa) -> f64 {
     const ITERATIONS: u64 = 20_000_000;
     let start = Instant::now();
     let flops_per_thread = std::thread::scope(|scope| {
         let workers: Vec<_> =
-            (0..threads.max(1)).map(|_| scope.spawn(|| fma_loop(ITERATIONS))).collect();
+            (0..threads.max(1)).map(|_| scope.spawn(|| fma_loop(ITERATIONS, isa))).collect();
         workers.into_iter().map(|w| w.join().expect("FMA loop does not panic")).max().unwrap_or(0)
     });
     (flops_per_thread * threads.max(1) as u64) as f64 / start.elapsed().as_secs_f64() / 1e9
 }
 
-/// Runs the FMA loop; returns the FLOPs it did.
-fn fma_loop(iterations: u64) -> u64 {
+/// Runs the FMA loop of `isa`; returns the FLOPs it did.
+fn fma_loop(iterations: u64, isa: Isa) -> u64 {
+    assert!(isa.is_supported(), "the bench probes only ISAs this CPU has");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        let sink = unsafe { fma_loop_avx2(iterations) };
-        std::hint::black_box(sink);
-        return iterations * 12 * 8 * 2;
+    match isa {
+        Isa::Avx512 => {
+            // SAFETY: the CPU supports AVX-512F (asserted above).
+            std::hint::black_box(unsafe { fma_loop_avx512(iterations) });
+            return iterations * CHAINS as u64 * 16 * 2;
+        }
+        Isa::Avx2Fma => {
+            // SAFETY: the CPU supports AVX2 and FMA (asserted above).
+            std::hint::black_box(unsafe { fma_loop_avx2(iterations) });
+            return iterations * CHAINS as u64 * 8 * 2;
+        }
+        Isa::Portable => {}
     }
-    let mut acc = [1.0f32; 12];
+    let mut acc = [1.0f32; CHAINS];
     for _ in 0..iterations {
         for a in &mut acc {
             *a = a.mul_add(0.999_999, 1e-7);
         }
     }
     std::hint::black_box(acc);
-    iterations * 12 * 2
+    iterations * CHAINS as u64 * 2
 }
 
-/// Twelve independent chains of 8-lane FMAs: enough to cover the FMA latency on two pipes.
+/// Independent FMA chains per loop: enough to cover a 4-cycle FMA latency on two pipes.
+const CHAINS: usize = 12;
+
+/// [`CHAINS`] independent chains of 8-lane FMAs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn fma_loop_avx2(iterations: u64) -> f32 {
     use std::arch::x86_64::*;
-    let mut acc = [_mm256_set1_ps(1.0); 12];
+    let mut acc = [_mm256_set1_ps(1.0); CHAINS];
     let a = _mm256_set1_ps(0.999_999);
     let b = _mm256_set1_ps(1e-7);
     for _ in 0..iterations {
@@ -55,10 +69,30 @@ fn fma_loop_avx2(iterations: u64) -> f32 {
     _mm256_cvtss_f32(total)
 }
 
-/// GB/s of summing a 256 MiB f32 buffer (far larger than the caches) split over `threads`
-/// threads; the best of three passes.
+/// [`CHAINS`] independent chains of 16-lane FMAs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fma_loop_avx512(iterations: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(1.0); CHAINS];
+    let a = _mm512_set1_ps(0.999_999);
+    let b = _mm512_set1_ps(1e-7);
+    for _ in 0..iterations {
+        for x in &mut acc {
+            *x = _mm512_fmadd_ps(*x, a, b);
+        }
+    }
+    let mut total = _mm512_setzero_ps();
+    for x in acc {
+        total = _mm512_add_ps(total, x);
+    }
+    _mm512_reduce_add_ps(total)
+}
+
+/// GB/s of summing an f32 buffer of [`read_buffer_bytes`] split over `threads` threads; the
+/// best of three passes.
 pub fn read_gbs(threads: usize) -> f64 {
-    let data = vec![1.0f32; 64 << 20];
+    let data = vec![1.0f32; read_buffer_bytes() / 4];
     let chunk = data.len().div_ceil(threads.max(1));
     let mut best = f64::INFINITY;
     for _ in 0..3 {
@@ -71,6 +105,30 @@ pub fn read_gbs(threads: usize) -> f64 {
         best = best.min(start.elapsed().as_secs_f64());
     }
     (data.len() * 4) as f64 / best / 1e9
+}
+
+/// Bytes the bandwidth probe reads: at least 256 MiB and twice the last-level cache (as the
+/// system reports it), so the probe reads from memory, not from cache.
+pub fn read_buffer_bytes() -> usize {
+    (2 * last_level_cache_bytes().unwrap_or(0)).max(256 << 20)
+}
+
+/// The largest cache of CPU 0 that Linux reports under `/sys` (the last level), in bytes.
+pub fn last_level_cache_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("size")).ok())
+        .filter_map(|size| {
+            let size = size.trim();
+            let (digits, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
+            let scale = match unit {
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                _ => return None,
+            };
+            digits.parse::<usize>().ok()?.checked_mul(scale)
+        })
+        .max()
 }
 
 /// A sum with eight independent accumulators, so the loop is bound by loads, not add latency.

@@ -15,9 +15,16 @@ pub struct Point {
     pub gflops: f64,
 }
 
-/// Draws the chart as SVG at `path`: log–log axes, the ceiling `min(peak_gflops,
-/// intensity · peak_gbs)`, the ridge point, and the labelled measurements.
-pub fn draw(path: &Path, peak_gflops: f64, peak_gbs: f64, points: &[Point]) -> Result<(), String> {
+/// Draws the chart as SVG at `path`: log–log axes, one ceiling `min(peak, intensity ·
+/// peak_gbs)` per `(ISA, FMA peak)` in `ceilings` (widest first), and the labelled
+/// measurements.
+pub fn draw(
+    path: &Path,
+    ceilings: &[(String, f64)],
+    peak_gbs: f64,
+    points: &[Point],
+) -> Result<(), String> {
+    let peak_gflops = ceilings.iter().map(|c| c.1).fold(1.0, f64::max);
     let fail =
         |e: &dyn std::fmt::Display| format!("{}: cannot draw the roofline: {e}", path.display());
     let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
@@ -28,7 +35,7 @@ pub fn draw(path: &Path, peak_gflops: f64, peak_gbs: f64, points: &[Point]) -> R
     let floor = points.iter().map(|p| p.gflops).fold(peak_gflops / 100.0, f64::min).max(1e-3) / 2.0;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("attngen roofline: {peak_gflops:.0} GFLOP/s FMA peak, {peak_gbs:.1} GB/s read bandwidth"),
+            format!("attngen roofline: {peak_gflops:.0} GFLOP/s widest FMA peak, {peak_gbs:.1} GB/s read bandwidth"),
             ("sans-serif", 20),
         )
         .margin(20)
@@ -42,15 +49,18 @@ pub fn draw(path: &Path, peak_gflops: f64, peak_gbs: f64, points: &[Point]) -> R
         .y_desc("GFLOP/s")
         .draw()
         .map_err(|e| fail(&e))?;
-    let ceiling = (0..=200).map(|i| {
-        let x = lowest * (highest / lowest).powf(f64::from(i) / 200.0);
-        (x, (x * peak_gbs).min(peak_gflops))
-    });
-    chart
-        .draw_series(LineSeries::new(ceiling, BLUE.stroke_width(2)))
-        .map_err(|e| fail(&e))?
-        .label("min(FMA peak, intensity x bandwidth)")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    const COLOURS: [RGBColor; 4] = [BLUE, GREEN, MAGENTA, CYAN];
+    for ((isa, peak), &colour) in ceilings.iter().zip(COLOURS.iter().cycle()) {
+        let ceiling = (0..=200).map(|i| {
+            let x = lowest * (highest / lowest).powf(f64::from(i) / 200.0);
+            (x, (x * peak_gbs).min(*peak))
+        });
+        chart
+            .draw_series(LineSeries::new(ceiling, colour.stroke_width(2)))
+            .map_err(|e| fail(&e))?
+            .label(format!("{isa}: min({peak:.0} GFLOP/s, intensity x bandwidth)"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+    }
     chart
         .draw_series(points.iter().map(|p| Circle::new((p.intensity, p.gflops), 5, RED.filled())))
         .map_err(|e| fail(&e))?

@@ -82,6 +82,30 @@ pub fn attention_flops(spec: &AttentionSpec, batch: u64, seq_q: u64, seq_k: u64)
     2 * batch * spec.q_heads as u64 * pairs * (spec.head_dim() as u64 + spec.v_head_dim as u64)
 }
 
+/// FLOPs of one call in the form attngen runs it: [`attention_flops`] for grouped specs; for
+/// latent specs the absorbed form — per (batch, query, head) row `q' = q_nope·W_UK[h]` and
+/// `out = o'·W_UV[h]ᵀ`, and per visible pair a `rank + rope_dim` score and a `rank`-wide value
+/// update — as [`decode_flops_per_token`] counts a decoded token.
+///
+/// ```
+/// use attngen_codegen::{AttentionSpec, cost::kernel_flops};
+/// let lite = AttentionSpec::mla(16, 512, 64, 128, 128);
+/// // One decoded token over 4096 keys: 16 heads · (absorb + attend + project).
+/// let per_head = 2 * 128 * 512 + 2 * 4096 * (512 + 64 + 512) + 2 * 128 * 512;
+/// assert_eq!(kernel_flops(&lite, 1, 1, 4096), 16 * per_head);
+/// ```
+pub fn kernel_flops(spec: &AttentionSpec, batch: u64, seq_q: u64, seq_k: u64) -> u64 {
+    match &spec.kv {
+        KvLayout::Grouped { .. } => attention_flops(spec, batch, seq_q, seq_k),
+        KvLayout::Latent(l) => {
+            let (rank, rope, nope) = (l.rank as u64, l.rope_dim as u64, l.nope_dim as u64);
+            let rows = batch * seq_q * spec.q_heads as u64;
+            let pairs = batch * spec.q_heads as u64 * visible_pairs(spec.mask, seq_q, seq_k);
+            rows * 2 * rank * (nope + spec.v_head_dim as u64) + pairs * 2 * (2 * rank + rope)
+        }
+    }
+}
+
 /// Bytes of K and V (or latent and RoPE key) one call reads once: the decode traffic.
 pub fn kv_bytes(spec: &AttentionSpec, batch: u64, seq_k: u64) -> u64 {
     batch * seq_k * cache_bytes_per_token(spec)

@@ -44,6 +44,14 @@ pub enum Error {
         /// What the system said.
         reason: String,
     },
+    /// An ISA that is not one, or that this CPU lacks (`ATTNGEN_ISA` or [`crate::JitOptions`]).
+    #[error("ISA `{requested}`: {reason}")]
+    Isa {
+        /// The ISA asked for.
+        requested: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// The property check could not run to a verdict.
     #[error("property check: {0}")]
     Check(String),

@@ -83,22 +83,68 @@ extern "C" fn attngen_ln(x: f32) -> f32 {
     x.ln()
 }
 
+/// How a [`Jit`] is built: its micro-kernel ISA and its threads.
+///
+/// ```
+/// use attngen::{Isa, Jit, JitOptions};
+///
+/// // The portable routines on two threads of the JIT's own pool, whatever the CPU.
+/// let jit = Jit::with_options(JitOptions::default().isa(Isa::Portable).threads(2))?;
+/// assert_eq!(jit.isa(), Isa::Portable);
+/// # Ok::<(), attngen::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JitOptions {
+    isa: Option<Isa>,
+    threads: Option<usize>,
+}
+
+impl JitOptions {
+    /// Call this ISA's routines instead of the one `ATTNGEN_ISA` names or the widest the CPU
+    /// has; building the JIT fails if the CPU lacks it.
+    pub fn isa(self, isa: Isa) -> JitOptions {
+        JitOptions { isa: Some(isa), ..self }
+    }
+
+    /// Run kernels on a pool of their own with this many threads, instead of rayon's global
+    /// pool.
+    pub fn threads(self, threads: usize) -> JitOptions {
+        JitOptions { threads: Some(threads), ..self }
+    }
+}
+
 impl Jit {
-    /// A JIT for this CPU whose kernels use every core (rayon's global pool).
+    /// A JIT for this CPU whose kernels use every core (rayon's global pool), with the widest
+    /// ISA the CPU has or the one `ATTNGEN_ISA` names.
     pub fn new() -> Result<Jit, Error> {
-        Self::build(None)
+        Self::with_options(JitOptions::default())
     }
 
     /// A JIT whose kernels run on their own pool of `threads` threads.
     pub fn with_threads(threads: usize) -> Result<Jit, Error> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .build()
-            .map_err(|e| Error::Threads { threads, reason: e.to_string() })?;
-        Self::build(Some(Arc::new(pool)))
+        Self::with_options(JitOptions::default().threads(threads))
     }
 
-    fn build(pool: Option<Arc<rayon::ThreadPool>>) -> Result<Jit, Error> {
+    /// A JIT built as `options` say. The ISA is the one they name, else `ATTNGEN_ISA`'s, else
+    /// the widest this CPU has; one the CPU lacks is [`Error::Isa`].
+    pub fn with_options(options: JitOptions) -> Result<Jit, Error> {
+        let isa = match options.isa {
+            Some(isa) => isa.checked()?,
+            None => Isa::from_env()?.unwrap_or_else(Isa::detect),
+        };
+        let pool = match options.threads {
+            Some(threads) => Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads.max(1))
+                    .build()
+                    .map_err(|e| Error::Threads { threads, reason: e.to_string() })?,
+            )),
+            None => None,
+        };
+        Self::build(isa, pool)
+    }
+
+    fn build(isa: Isa, pool: Option<Arc<rayon::ThreadPool>>) -> Result<Jit, Error> {
         let mut flags = cranelift_codegen::settings::builder();
         flags.set("opt_level", "speed").map_err(compile_error)?;
         flags.set("use_colocated_libcalls", "false").map_err(compile_error)?;
@@ -110,7 +156,6 @@ impl Jit {
         let target = isa_builder
             .finish(cranelift_codegen::settings::Flags::new(flags))
             .map_err(compile_error)?;
-        let isa = Isa::detect();
         let routines = isa.routines();
         let mut builder = JITBuilder::with_isa(target, cranelift_module::default_libcall_names());
         builder.symbol(Callee::DotNt.symbol(), routines.dot_nt as *const u8);

@@ -38,7 +38,7 @@ pub use attngen_codegen::{
 };
 pub use attngen_macros::spec;
 pub use error::Error;
-pub use jit::{Jit, JitKernel, Listing};
+pub use jit::{Jit, JitKernel, JitOptions, Listing};
 pub use kernel::Kernel;
 pub use reference::Reference;
 pub use shape::{Inputs, Shape, Tensor, check_call};

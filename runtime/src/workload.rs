@@ -78,6 +78,13 @@ impl Workload {
         cost::attention_flops(&self.spec, s.batch as u64, s.seq_q as u64, s.seq_k as u64)
     }
 
+    /// FLOPs of one call in the form the kernels run it ([`cost::kernel_flops`]: absorbed for
+    /// MLA, else as [`Workload::flops`]).
+    pub fn kernel_flops(&self) -> u64 {
+        let s = self.shape;
+        cost::kernel_flops(&self.spec, s.batch as u64, s.seq_q as u64, s.seq_k as u64)
+    }
+
     /// Compulsory memory traffic of one call: every input read once, `out` and `lse` written
     /// once — the byte count of a roofline's arithmetic intensity.
     pub fn compulsory_bytes(&self) -> u64 {

@@ -2,7 +2,8 @@
 //! random specs, shapes and inputs (design.md 1.4 tolerance).
 
 use attngen::{
-    AttentionSpec, GroupMap, Inputs, Jit, Kernel, KvLayout, Mask, Reference, Shape, Tensor,
+    AttentionSpec, Error, GroupMap, Inputs, Isa, Jit, JitOptions, Kernel, KvLayout, Mask,
+    Reference, Shape, Tensor,
 };
 use attngen_tests::strategies::{self, Limits, OwnedInputs};
 use attngen_tests::{
@@ -47,9 +48,52 @@ fn jit() -> Jit {
     Jit::with_threads(2).unwrap()
 }
 
+/// A JIT calling `isa`'s routines, on two threads.
+fn jit_for(isa: Isa) -> Jit {
+    Jit::with_options(JitOptions::default().isa(isa).threads(2)).unwrap()
+}
+
+/// A JIT for every ISA this CPU has; the others are named as skipped, never passed.
+fn jits() -> Vec<Jit> {
+    for isa in Isa::ALL.into_iter().filter(|isa| !isa.is_supported()) {
+        println!("skipped: JIT kernels with the {isa} routines (this CPU lacks {isa})");
+    }
+    Isa::available().into_iter().map(jit_for).collect()
+}
+
+#[test]
+fn the_widest_isa_is_detected_and_lower_ones_can_be_forced() {
+    let available = Isa::available();
+    assert_eq!(Isa::detect(), available[0]);
+    assert_eq!(available.last(), Some(&Isa::Portable));
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        assert_eq!(Isa::Avx512.is_supported(), avx512 && avx2);
+        assert_eq!(Isa::Avx2Fma.is_supported(), avx2);
+    }
+    for isa in Isa::ALL {
+        let built = Jit::with_options(JitOptions::default().isa(isa));
+        match isa.is_supported() {
+            true => assert_eq!(built.unwrap().isa(), isa),
+            false => {
+                let error = built.err().unwrap();
+                assert!(matches!(error, Error::Isa { .. }), "{error}");
+                let text = error.to_string();
+                assert!(text.contains(isa.name()) && text.contains("this CPU lacks it"), "{text}");
+            }
+        }
+        assert_eq!(isa.name().parse::<Isa>().unwrap(), isa);
+    }
+    let error = "avx3".parse::<Isa>().unwrap_err().to_string();
+    assert!(error.contains("avx3") && error.contains("avx512, avx2 or portable"), "{error}");
+}
+
 #[test]
 fn every_variant_on_a_few_shapes() {
-    let jit = jit();
+    let jits = jits();
     let specs = [
         AttentionSpec::mha(2, 8),
         AttentionSpec::mha(3, 5).mask(Mask::Causal),
@@ -74,8 +118,10 @@ fn every_variant_on_a_few_shapes() {
             Shape::new(1, 1, 300),
         ] {
             let inputs = OwnedInputs::random(spec, shape, n as u64, 1.0);
-            if let Err(e) = compare(&jit, spec, shape, &inputs, 1.0) {
-                panic!("{spec:?} at {shape:?}: {e}");
+            for jit in &jits {
+                if let Err(e) = compare(jit, spec, shape, &inputs, 1.0) {
+                    panic!("{} {spec:?} at {shape:?}: {e}", jit.isa());
+                }
             }
         }
     }
@@ -88,7 +134,8 @@ fn every_variant_on_a_few_shapes() {
 /// (`dot_k_tile`), including edge tiles at the window's start and the splits' ends.
 #[test]
 fn split_decode_merges_like_the_reference() {
-    let jit = jit();
+    let jits = jits();
+    let jit = &jits[0];
     let specs = [
         AttentionSpec::gqa(6, 2, 16).group_map(GroupMap::Explicit(vec![1, 0, 0, 0, 1, 1])),
         AttentionSpec::mha(3, 9).mask(Mask::Causal),
@@ -104,8 +151,10 @@ fn split_decode_merges_like_the_reference() {
             let schedule = kernel.plan().schedule(shape.batch, shape.seq_q, shape.seq_k, 2);
             assert!(schedule.splits > 1, "{spec:?} at {shape:?} does not split: {schedule:?}");
             let inputs = OwnedInputs::random(spec, shape, 40 + n as u64, 1.0);
-            if let Err(e) = compare(&jit, spec, shape, &inputs, 1.0) {
-                panic!("{spec:?} at {shape:?}: {e}");
+            for jit in &jits {
+                if let Err(e) = compare(jit, spec, shape, &inputs, 1.0) {
+                    panic!("{} {spec:?} at {shape:?}: {e}", jit.isa());
+                }
             }
         }
     }
@@ -159,19 +208,21 @@ const JIT_LIMITS: Limits = Limits { heads: 8, dim: 256, rank: 512 };
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases()))]
 
+    /// Every ISA this CPU has, drawn per case (`jits` names the skipped ones).
     #[test]
     fn jit_matches_the_reference(
         spec in strategies::kernel_spec(JIT_LIMITS),
         shape in strategies::shape(70, 300),
         seed in any::<u64>(),
         large in proptest::bool::weighted(0.2),
+        isa in 0..Isa::available().len(),
     ) {
-        thread_local!(static JIT: Jit = jit());
+        thread_local!(static JITS: Vec<Jit> = jits());
         // Large magnitudes (scores in the hundreds: the online softmax must subtract its
         // running max) for grouped specs; latent scores are already large through W_UK.
         let magnitude = if large && matches!(spec.kv, KvLayout::Grouped { .. }) { 6.0 } else { 1.0 };
         let inputs = OwnedInputs::random(&spec, shape, seed, magnitude);
-        let result = JIT.with(|jit| compare(jit, &spec, shape, &inputs, magnitude));
-        prop_assert!(result.is_ok(), "{}", result.unwrap_err());
+        let result = JITS.with(|jits| compare(&jits[isa], &spec, shape, &inputs, magnitude));
+        prop_assert!(result.is_ok(), "{}: {}", Isa::available()[isa], result.unwrap_err());
     }
 }

@@ -1,6 +1,6 @@
 //! Pre-compiled tile routines that generated code calls, chosen per CPU.
 //!
-//! Two tile products, per ISA:
+//! Two tile products:
 //! - [`DotNn`]: `C (+)= A · B` with A row- or column-major and B in column panels — both
 //!   products of a flash tile (`Sᵀ = K·Qᵀ` and `O += P·V`) and MLA's query absorption
 //!   `q' = q_nope·W_UK`; optional per-row key ranges restrict edge tiles so a hidden key's
@@ -9,12 +9,16 @@
 //!   products when an item has only a few rows (decode: a broadcast per key element would
 //!   waste most of each vector), and MLA's output projection `out = o'·W_UVᵀ`.
 //!
-//! The exponentials of a score tile, per ISA: [`Exp2Columns`], `P = 2^(s − m)` in place with
-//! its column sums, at the full vector width (generated code is limited to 128-bit vectors).
+//! The exponentials of a score tile, [`Exp2Columns`]: `P = 2^(s − m)` in place with its column
+//! sums, at the full vector width (generated code is limited to 128-bit vectors).
 //!
-//! Two tile copies (module `pack`): [`PackRows`] (a K/V tile into scratch; a plain copy, the
-//! same on every ISA) and [`PackColumns`] (query rows, transposed and scaled; AVX2 transposes
-//! in registers).
+//! Two tile copies: [`PackRows`] (a K/V tile into scratch; a plain copy, the same on every ISA)
+//! and [`PackColumns`] (query rows, transposed and scaled in registers).
+//!
+//! The routines are written once, generic over a small set of vector primitives
+//! ([`primitives::Simd`]), and stamped out per ISA: [`Isa::Avx512`] (`avx512`),
+//! [`Isa::Avx2Fma`] (`avx2`) and [`Isa::Portable`] (`portable`), each module an implementation
+//! of the primitives and their register-block sizes.
 //!
 //! Cache rows of one KV head lie `kv_heads · D` floats apart — a page apart for common shapes —
 //! and hardware prefetchers stop at page boundaries, so without help every row of a tile is a
@@ -24,20 +28,28 @@
 //! Contiguous rows (one KV head, MLA's latent) are left to the hardware prefetchers.
 //!
 //! Everything else — loop nest, group mapping, masks, the online softmax's cap, max and
-//! rescale, splits and merges — is generated per spec. Each ISA module implements its routines
-//! with the same `extern "C"` signatures.
+//! rescale, splits and merges — is generated per spec.
 
 // The kernels take BLAS-style (sizes, pointer, leading dimension) argument lists.
 #![allow(clippy::too_many_arguments)]
 
-use attngen_codegen::abi::{PANEL, PrefetchRows};
+use attngen_codegen::abi::PrefetchRows;
 
+use crate::Error;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod dot_nn;
+mod dot_nt;
+mod exp2;
 mod pack;
 mod portable;
-#[cfg(target_arch = "x86_64")]
-mod x86;
+mod primitives;
 
 pub use pack::pack_rows;
+use primitives::{Simd, stamp_routines};
 
 /// `C[i·ldc + j] (+)= Σ_{p<k} A[i·lda + p] · B[j·ldb + p]` for `i < m`, `j < n`.
 /// `accumulate != 0` adds to C, otherwise overwrites it; `prefetch` as for [`DotNn`].
@@ -216,51 +228,121 @@ fn prefetch(at: *const u8) {
 }
 
 /// An instruction set the micro-kernels are compiled for.
+///
+/// [`Isa::detect`] picks the widest this CPU has; `ATTNGEN_ISA=avx512|avx2|portable`
+/// ([`Isa::from_env`]) or [`crate::JitOptions::isa`] forces a lower one, for comparison and
+/// tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Isa {
+    /// x86-64 with AVX-512F: 512-bit vectors, 32 registers.
+    Avx512,
     /// x86-64 with AVX2 and FMA: 256-bit vectors.
     Avx2Fma,
-    /// Scalar code the compiler may auto-vectorise; runs anywhere.
+    /// Plain Rust over 8-lane arrays that the compiler may auto-vectorise; runs anywhere.
     Portable,
 }
 
 impl Isa {
-    /// The best ISA this CPU supports.
+    /// Every ISA, widest first.
+    pub const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2Fma, Isa::Portable];
+
+    /// The widest ISA this CPU supports.
     pub fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return Isa::Avx2Fma;
-        }
-        Isa::Portable
+        Isa::ALL.into_iter().find(|isa| isa.is_supported()).unwrap_or(Isa::Portable)
     }
 
-    /// A short name for reports: `avx2+fma` or `portable`.
+    /// The ISAs this CPU supports, widest first (always ends with `Portable`).
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|isa| isa.is_supported()).collect()
+    }
+
+    /// Whether this CPU (and this build's target) can run the ISA's routines.
+    pub fn is_supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512f") && Isa::Avx2Fma.is_supported()
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            Isa::Portable => true,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The ISA `ATTNGEN_ISA` asks for, if set: an error names a value that is not an ISA, or
+    /// one this CPU lacks.
+    pub fn from_env() -> Result<Option<Isa>, Error> {
+        match std::env::var("ATTNGEN_ISA") {
+            Ok(value) => value.parse::<Isa>().and_then(Isa::checked).map(Some),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(value)) => Err(Error::Isa {
+                requested: value.to_string_lossy().into_owned(),
+                reason: "not an ISA name".to_owned(),
+            }),
+        }
+    }
+
+    /// `self` if this CPU supports it, else an error that lists what it does support.
+    pub fn checked(self) -> Result<Isa, Error> {
+        if self.is_supported() {
+            return Ok(self);
+        }
+        let have: Vec<&str> = Isa::available().into_iter().map(Isa::name).collect();
+        Err(Error::Isa {
+            requested: self.name().to_owned(),
+            reason: format!("this CPU lacks it (it has: {})", have.join(", ")),
+        })
+    }
+
+    /// The short name `ATTNGEN_ISA` and reports use: `avx512`, `avx2` or `portable`.
     pub fn name(self) -> &'static str {
         match self {
-            Isa::Avx2Fma => "avx2+fma",
+            Isa::Avx512 => "avx512",
+            Isa::Avx2Fma => "avx2",
             Isa::Portable => "portable",
         }
     }
 
-    /// The routines for this ISA. Only call with an ISA from [`Isa::detect`] (or `Portable`):
-    /// the AVX2 routines must not run on a CPU without AVX2 and FMA.
+    /// f32 lanes per vector of the micro-kernels.
+    pub fn lanes(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            Isa::Avx2Fma | Isa::Portable => 8,
+        }
+    }
+
+    /// The routines for this ISA: only for an ISA [`Isa::is_supported`] accepts (the others
+    /// would execute instructions this CPU lacks; [`Isa::checked`] verifies).
     pub fn routines(self) -> Routines {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => Routines {
-                dot_nt: x86::dot_nt,
-                dot_nn: x86::dot_nn,
-                exp2_columns: x86::exp2_columns,
-                pack_columns: x86::pack_columns,
-            },
-            _ => Routines {
-                dot_nt: portable::dot_nt,
-                dot_nn: portable::dot_nn,
-                exp2_columns: portable::exp2_columns,
-                pack_columns: pack::pack_columns,
-            },
+            Isa::Avx512 => avx512::ROUTINES,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => avx2::ROUTINES,
+            _ => portable::ROUTINES,
         }
+    }
+}
+
+impl std::str::FromStr for Isa {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Isa, Error> {
+        Isa::ALL.into_iter().find(|isa| isa.name() == name.trim()).ok_or_else(|| Error::Isa {
+            requested: name.to_owned(),
+            reason: "not an ISA name (avx512, avx2 or portable)".to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -277,23 +359,10 @@ pub struct Routines {
     pub pack_columns: PackColumns,
 }
 
-/// `2^x` of one f32, exactly as `attngen_codegen::abi::exp2` specifies: the scalar twin of the
-/// vector versions, for the portable routine and the SIMD routines' last few columns.
-#[inline(always)]
-fn exp2(x: f32) -> f32 {
-    use attngen_codegen::abi::exp2::{FLOOR, POLY, ROUNDER};
-    // Not `max`: that would turn NaN into FLOOR.
-    let x = if x < FLOOR { FLOOR } else { x };
-    let t = x + ROUNDER;
-    let f = x - (t - ROUNDER);
-    let horner = [POLY[4], POLY[3], POLY[2], POLY[1], POLY[0], 1.0];
-    let poly = horner.into_iter().fold(POLY[5], |poly, c| poly.mul_add(f, c));
-    poly * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use attngen_codegen::abi::PANEL;
 
     /// The shares of a [`PrefetchRows`] cut its lines, in row-major order, into consecutive
     /// runs that together name every line once; `steps` steps issue the whole share.
@@ -323,6 +392,14 @@ mod tests {
         }
     }
 
+    /// The ISAs this CPU runs, each tested; the others are named as skipped, never passed.
+    fn tested_isas() -> Vec<Isa> {
+        for isa in Isa::ALL.into_iter().filter(|isa| !isa.is_supported()) {
+            println!("skipped: the {isa} routines (this CPU lacks {isa})");
+        }
+        Isa::available()
+    }
+
     fn data(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000)
@@ -339,12 +416,19 @@ mod tests {
     /// `dot_nt` over every shape remainder, on every ISA this CPU has, against f64 loops.
     #[test]
     fn dot_nt_matches_naive_loops() {
-        let isas = [Isa::Portable, Isa::detect()];
-        for isa in isas {
+        for isa in tested_isas() {
             let dot_nt = isa.routines().dot_nt;
             // (3, 50, 64) and (4, 9, 21): few rows of A, computed as Cᵀ = B·Aᵀ.
-            let shapes =
-                [(1, 1, 1), (4, 3, 8), (5, 7, 13), (9, 25, 17), (3, 50, 64), (7, 2, 3), (4, 9, 21)];
+            let shapes = [
+                (1, 1, 1),
+                (4, 3, 8),
+                (5, 7, 13),
+                (9, 25, 17),
+                (3, 50, 64),
+                (7, 2, 3),
+                (4, 9, 21),
+                (13, 10, 40),
+            ];
             for (m, n, k) in shapes {
                 let (lda, ldb, ldc) = (k + 3, k + 1, n + 2);
                 let a = data(m * lda, 1);
@@ -392,7 +476,7 @@ mod tests {
     /// without row ranges, on every ISA this CPU has, against f64 loops.
     #[test]
     fn dot_nn_matches_naive_loops() {
-        for isa in [Isa::Portable, Isa::detect()] {
+        for isa in tested_isas() {
             let dot_nn = isa.routines().dot_nn;
             for (m, n, k) in [
                 (1usize, 1usize, 1usize),
@@ -406,6 +490,9 @@ mod tests {
                 (4, 40, 8),
                 (6, 32, 5),
                 (3, 48, 29),
+                // Two-panel blocks (16 lanes) with row and column remainders.
+                (17, 33, 70),
+                (8, 64, 9),
             ] {
                 let ldc = n + 1;
                 let a = data(m * k + 3 * (m + k), 4);
@@ -496,8 +583,8 @@ mod tests {
     /// masked (−∞), underflowing, NaN and maximal arguments; all ISAs agree to the bit.
     #[test]
     fn exp2_columns_match_f64_and_each_other() {
-        let (keys, ld) = (7, 41);
-        for columns in [1, 3, 4, 5, 8, 12, 16, 20, 37] {
+        let (keys, ld) = (7, 67);
+        for columns in [1, 3, 4, 5, 8, 12, 16, 20, 37, 44, 64] {
             let mut s = data(keys * ld, 7);
             s[3 * ld] = f32::NEG_INFINITY;
             s[ld + columns / 2] = -200.0;
@@ -505,21 +592,24 @@ mod tests {
             let m: Vec<f32> = data(columns, 8).iter().map(|x| x * 40.0).collect();
             s[4 * ld] = m[0] + 64.0;
             let l0 = data(columns, 9);
-            let results = [Isa::Portable, Isa::detect()].map(|isa| {
-                let (mut p, mut l) = (s.clone(), l0.clone());
-                // SAFETY: p holds keys rows of ld >= columns floats; m and l hold columns.
-                unsafe {
-                    (isa.routines().exp2_columns)(
-                        keys,
-                        columns,
-                        p.as_mut_ptr(),
-                        ld,
-                        m.as_ptr(),
-                        l.as_mut_ptr(),
-                    )
-                };
-                (p, l)
-            });
+            let results: Vec<_> = tested_isas()
+                .into_iter()
+                .map(|isa| {
+                    let (mut p, mut l) = (s.clone(), l0.clone());
+                    // SAFETY: p holds keys rows of ld >= columns floats; m and l hold columns.
+                    unsafe {
+                        (isa.routines().exp2_columns)(
+                            keys,
+                            columns,
+                            p.as_mut_ptr(),
+                            ld,
+                            m.as_ptr(),
+                            l.as_mut_ptr(),
+                        )
+                    };
+                    (p, l)
+                })
+                .collect();
             let (p, l) = &results[0];
             for c in 0..columns {
                 let mut sum = 0.0f64;
@@ -546,8 +636,10 @@ mod tests {
                 assert_eq!(p[j * ld + columns..(j + 1) * ld], s[j * ld + columns..(j + 1) * ld]);
             }
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&results[0].0), bits(&results[1].0), "{columns} columns: P differs");
-            assert_eq!(bits(&results[0].1), bits(&results[1].1), "{columns} columns: l differs");
+            for other in &results[1..] {
+                assert_eq!(bits(&results[0].0), bits(&other.0), "{columns} columns: P differs");
+                assert_eq!(bits(&results[0].1), bits(&other.1), "{columns} columns: l differs");
+            }
         }
     }
 
@@ -555,7 +647,7 @@ mod tests {
     /// straddles, width remainders; columns outside the call's stay untouched.
     #[test]
     fn pack_columns_transposes_into_panels() {
-        for isa in [Isa::Portable, Isa::detect()] {
+        for isa in tested_isas() {
             let pack = isa.routines().pack_columns;
             for (rows, width, first_column) in [
                 (1, 1, 0),
@@ -565,6 +657,7 @@ mod tests {
                 (4, 8, 12),
                 (7, 17, 6),
                 (64, 64, 0),
+                (9, 40, 4),
             ] {
                 let src_row = width + 5;
                 let src = data(rows * src_row, 10);
@@ -604,7 +697,7 @@ mod tests {
 
     #[test]
     fn masked_rows_never_touch_hidden_values() {
-        for isa in [Isa::Portable, Isa::detect()] {
+        for isa in tested_isas() {
             let dot_nn = isa.routines().dot_nn;
             // Row 0 sees key 0 only; key 1's value row is NaN.
             let a = [1.0f32, 0.0];

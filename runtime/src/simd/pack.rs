@@ -1,9 +1,11 @@
 //! Tile packing: the copies that put a tile of cache rows or query rows into the layout the
-//! micro-kernels stream. The same code serves every ISA.
+//! micro-kernels stream.
 
 use attngen_codegen::abi::PANEL;
 
-/// See [`super::PackRows`].
+use super::Simd;
+
+/// See [`super::PackRows`]: a plain copy, the same on every ISA.
 ///
 /// # Safety
 /// `src` holds `rows` rows of stride `src_row` with `width` readable floats each; `dst` holds
@@ -41,12 +43,62 @@ pub unsafe extern "C" fn pack_rows(
     }
 }
 
-/// See [`super::PackColumns`].
+/// See [`super::PackColumns`]: runs of four rows that start on a multiple of four columns are
+/// scaled and transposed `4 × LANES` in registers; the rest is copied element by element.
 ///
 /// # Safety
-/// `src` holds `rows` rows of stride `src_row` with `width` readable floats each; `dst` holds
-/// every element the layout names for columns `first_column..first_column + rows`.
-pub unsafe extern "C" fn pack_columns(
+/// `S`'s features are enabled; `src` holds `rows` rows of stride `src_row` with `width`
+/// readable floats each; `dst` holds every element the layout names for columns
+/// `first_column..first_column + rows`.
+#[inline(always)]
+pub(super) unsafe fn pack_columns<S: Simd>(
+    rows: usize,
+    width: usize,
+    src: *const f32,
+    src_row: usize,
+    factor: f32,
+    dst: *mut f32,
+    first_column: usize,
+    dst_panel: usize,
+) {
+    // Rows before the first column on a multiple of 4, and after the last whole run of 4.
+    let head = ((4 - first_column % 4) % 4).min(rows);
+    let runs_end = head + (rows - head) / 4 * 4;
+    let whole = width / S::LANES * S::LANES;
+    // SAFETY (whole function): rows r < rows and columns c < width of src, and the panel
+    // elements of columns first_column + r, depths c < width, of dst, as the caller guarantees.
+    unsafe {
+        let scale = S::splat(factor);
+        scalar_columns(head, width, src, src_row, factor, dst, first_column, dst_panel);
+        for r in (head..runs_end).step_by(4) {
+            let column = first_column + r;
+            // Four columns on a multiple of 4 never straddle a panel.
+            let to = dst.add(column / PANEL * dst_panel + column % PANEL);
+            let from = src.add(r * src_row);
+            for c in (0..whole).step_by(S::LANES) {
+                let rows =
+                    std::array::from_fn(|i| S::mul(scale, S::load(from.add(i * src_row + c))));
+                S::store_transposed4(rows, to.add(c * PANEL), PANEL);
+            }
+            if whole < width {
+                // Depths whole.. of these four columns: the same layout, shifted by `whole`
+                // rows of each panel.
+                let (src_rest, to_rest) = (from.add(whole), to.add(whole * PANEL));
+                scalar_columns(4, width - whole, src_rest, src_row, factor, to_rest, 0, dst_panel);
+            }
+        }
+        let rest = rows - runs_end;
+        let (src_rest, column_rest) = (src.add(runs_end * src_row), first_column + runs_end);
+        scalar_columns(rest, width, src_rest, src_row, factor, dst, column_rest, dst_panel);
+    }
+}
+
+/// [`super::PackColumns`] element by element.
+///
+/// # Safety
+/// As [`pack_columns`].
+#[inline(always)]
+unsafe fn scalar_columns(
     rows: usize,
     width: usize,
     src: *const f32,
@@ -69,9 +121,8 @@ pub unsafe extern "C" fn pack_columns(
     }
 }
 
-// The routines have exactly the signatures generated code is compiled against.
+// The routine has exactly the signature generated code is compiled against.
 const _: super::PackRows = pack_rows;
-const _: super::PackColumns = pack_columns;
 
 #[cfg(test)]
 mod tests {
@@ -94,20 +145,6 @@ mod tests {
                 let want = src[r * src_row + c];
                 assert_eq!(panels[c / PANEL * PANEL * rows + r * PANEL + c % PANEL], want);
                 assert_eq!(row_major[r * width + c], want);
-            }
-        }
-    }
-
-    #[test]
-    fn columns_are_transposed_and_scaled() {
-        // 2 rows of 3 floats into columns 15 and 16 of a tile 3 deep: they straddle two panels.
-        let src = [1.0f32, 2.0, 3.0, 0.0, 4.0, 5.0, 6.0];
-        let mut tile = vec![0.0f32; 2 * PANEL * 3];
-        // SAFETY: src holds 2 rows of 3 floats, 4 apart; the tile holds two panels 3 deep.
-        unsafe { pack_columns(2, 3, src.as_ptr(), 4, 0.5, tile.as_mut_ptr(), 15, PANEL * 3) };
-        for (column, row) in [(15, [0.5, 1.0, 1.5]), (16, [2.0, 2.5, 3.0])] {
-            for (c, want) in row.into_iter().enumerate() {
-                assert_eq!(tile[column / PANEL * PANEL * 3 + c * PANEL + column % PANEL], want);
             }
         }
     }

@@ -1,0 +1,127 @@
+//! AVX2 + FMA: 256-bit vectors, 16 registers.
+
+use std::arch::x86_64::*;
+
+use super::Simd;
+
+/// The AVX2 + FMA primitive set.
+#[derive(Clone, Copy, Debug)]
+pub struct Avx2;
+
+// Block sizes keep every accumulator in a register: 16 ymm registers hold the MR·NR
+// accumulators plus the operands of one step (dot_nt: 3·4 + 3 rows of A + 1 of B = 16;
+// dot_nn: 6·2 + 2 of B + 1 broadcast = 15). One more and LLVM spills in the hot loop.
+impl Simd for Avx2 {
+    const LANES: usize = 8;
+    const NT_MR: usize = 3;
+    const NT_NR: usize = 4;
+    const NN_MR: usize = 6;
+    const NN_NR: usize = 2;
+    type V = __m256;
+    type Mask = __m256i;
+
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe { _mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m256 {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe { _mm256_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m256) {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe { _mm256_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn mask(len: usize) -> __m256i {
+        const TABLE: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+        // 8 - len is in 0..=8, so the 8 loaded i32s lie inside TABLE.
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe { _mm256_loadu_si256(TABLE.as_ptr().add(8 - len.min(8)).cast()) }
+    }
+    #[inline(always)]
+    unsafe fn load_masked(p: *const f32, mask: __m256i) -> __m256 {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe { _mm256_maskload_ps(p, mask) }
+    }
+    #[inline(always)]
+    unsafe fn store_masked(p: *mut f32, mask: __m256i, v: __m256) {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe { _mm256_maskstore_ps(p, mask, v) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe { _mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe { _mm256_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe { _mm256_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(a: __m256, b: __m256, c: __m256) -> __m256 {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe { _mm256_max_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn pow2_of_rounded(t: __m256) -> __m256 {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe {
+            let biased = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased))
+        }
+    }
+    #[inline(always)]
+    unsafe fn hsum4(v: [__m256; 4]) -> [f32; 4] {
+        // Two rounds of hadd, then fold the 128-bit halves.
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe {
+            let h = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+            let folded = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            let mut sums = [0.0; 4];
+            _mm_storeu_ps(sums.as_mut_ptr(), folded);
+            sums
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_transposed4(rows: [__m256; 4], dst: *mut f32, stride: usize) {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe {
+            let [r0, r1, r2, r3] = rows;
+            // Per 128-bit half: pairs, then quads, of one depth each.
+            let (lo01, hi01) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+            let (lo23, hi23) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+            let depths = [
+                _mm256_shuffle_ps::<0x44>(lo01, lo23), // depths 0, 4
+                _mm256_shuffle_ps::<0xEE>(lo01, lo23), // 1, 5
+                _mm256_shuffle_ps::<0x44>(hi01, hi23), // 2, 6
+                _mm256_shuffle_ps::<0xEE>(hi01, hi23), // 3, 7
+            ];
+            for (d, quad) in depths.into_iter().enumerate() {
+                _mm_storeu_ps(dst.add(d * stride), _mm256_castps256_ps128(quad));
+                _mm_storeu_ps(dst.add((d + 4) * stride), _mm256_extractf128_ps::<1>(quad));
+            }
+        }
+    }
+}
+
+super::stamp_routines!(Avx2, "avx2,fma");

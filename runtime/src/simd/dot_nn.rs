@@ -1,0 +1,507 @@
+//! `C (+)= A · B` with B in column panels: register blocks of broadcast FMAs, optional per-row
+//! key ranges.
+
+use attngen_codegen::abi::{PANEL, PrefetchRows};
+
+use super::{Prefetcher, SUM_CHUNK, Simd, prefetch, row_keys};
+
+/// The parts of `dot_nn` each ISA compiles once, out of line, with its target features
+/// ([`super::primitives::stamp_routines!`] implements it): the edge-block dispatch over every
+/// block size would otherwise be inlined at each of its call sites.
+pub(super) trait OutOfLine: Simd {
+    /// [`run_block`] for this ISA.
+    ///
+    /// # Safety
+    /// As [`run_block`].
+    unsafe fn run_block(
+        nn: &NnArgs,
+        i: usize,
+        mr: usize,
+        j: usize,
+        cols: usize,
+        lo: usize,
+        hi: usize,
+        accumulate: bool,
+    );
+}
+
+/// Keys per chunk when C is one row block (see [`one_row_block`]).
+const ONE_BLOCK_KC: usize = 8;
+
+/// See [`super::DotNn`].
+///
+/// # Safety
+/// `S`'s features are enabled; every `A[i][p]`, `B[p][j]` and `C[i][j]` that [`super::DotNn`]
+/// names for `i < m`, `j < n`, `p < k` is in bounds (C writable), the row tables are null or
+/// hold `m` entries each, and `prefetch` is null or valid.
+#[inline(always)]
+pub(super) unsafe fn dot_nn<S: OutOfLine>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    a_row: usize,
+    a_col: usize,
+    b: *const f32,
+    b_row: usize,
+    b_panel: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: usize,
+    row_lo: *const i32,
+    row_hi: *const i32,
+    prefetch: *const PrefetchRows,
+) {
+    if a_col != 1 && a_row != 1 {
+        // SAFETY: forwarded caller contract; no generated kernel passes such strides.
+        return unsafe {
+            strided(m, n, k, a, a_row, a_col, b, b_row, b_panel, c, ldc, accumulate, row_lo, row_hi)
+        };
+    }
+    let block_width = S::NN_NR * S::LANES;
+    let nn = NnArgs {
+        a,
+        a_stride: if a_col == 1 { a_row } else { a_col },
+        a_trans: a_col != 1,
+        prefetch_a: a_col == 1 && n <= PANEL && m > S::NN_MR,
+        b,
+        b_row,
+        b_panel,
+        c,
+        ldc,
+    };
+    let one_block = row_lo.is_null() && (1..=S::NN_MR).contains(&m);
+    let blocks = match one_block {
+        true => n.div_ceil(block_width) * k.div_ceil(ONE_BLOCK_KC),
+        false => n.div_ceil(block_width) * m.div_ceil(S::NN_MR),
+    };
+    // SAFETY: the caller passes a null or valid descriptor.
+    let prefetcher = unsafe { Prefetcher::new(prefetch, blocks) };
+    let accumulate = accumulate != 0;
+    // SAFETY: forwarded caller contract; `one_block` as one_row_block requires.
+    unsafe {
+        match one_block {
+            true => one_row_block::<S>(m, n, k, &nn, accumulate, prefetcher),
+            false => row_blocks::<S>(m, n, k, &nn, accumulate, row_lo, row_hi, prefetcher),
+        }
+    }
+}
+
+/// `dot_nn`'s operands with A's unit stride resolved: A is row-major (`A[i][p]` at
+/// `a[i·a_stride + p]`) or, with `a_trans`, column-major (`a[p·a_stride + i]`).
+pub(super) struct NnArgs {
+    a: *const f32,
+    a_stride: usize,
+    a_trans: bool,
+    /// See [`NnBlock::prefetch_a`]: A is row-major and C one panel wide, so each row of A is
+    /// read once, streamed (MLA decode's latent scores), and C has more than one row block, so
+    /// there is a next block to prefetch for.
+    prefetch_a: bool,
+    b: *const f32,
+    b_row: usize,
+    b_panel: usize,
+    c: *mut f32,
+    ldc: usize,
+}
+
+impl NnArgs {
+    /// The operands of the block at row `i`, column `j` (a multiple of PANEL), keys `lo..hi`.
+    ///
+    /// # Safety
+    /// Row `i` of A and C and column `j` of B and C are in bounds.
+    #[inline(always)]
+    unsafe fn block(&self, i: usize, j: usize, lo: usize, hi: usize) -> NnBlock {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let a = if self.a_trans { self.a.add(i) } else { self.a.add(i * self.a_stride) };
+            let b = self.b.add(j / PANEL * self.b_panel);
+            let c = self.c.add(i * self.ldc + j);
+            let (a_stride, prefetch_a) = (self.a_stride, self.prefetch_a);
+            let (b_row, b_panel, ldc) = (self.b_row, self.b_panel, self.ldc);
+            NnBlock { lo, hi, a, a_stride, prefetch_a, b, b_row, b_panel, c, ldc }
+        }
+    }
+}
+
+/// Every block of C, in blocks of `S::NN_MR` rows by `S::NN_NR` vectors.
+///
+/// # Safety
+/// As [`dot_nn`] with unit-stride A.
+#[inline(always)]
+unsafe fn row_blocks<S: OutOfLine>(
+    m: usize,
+    n: usize,
+    k: usize,
+    nn: &NnArgs,
+    accumulate: bool,
+    row_lo: *const i32,
+    row_hi: *const i32,
+    mut prefetcher: Option<Prefetcher>,
+) {
+    let block_width = S::NN_NR * S::LANES;
+    // SAFETY: the caller's contract (S's features are enabled).
+    let all = unsafe { S::mask(S::LANES) };
+    // Column-outer, row-block-inner: a block's B panels stay in L1 across the row blocks.
+    let mut j = 0;
+    while j < n {
+        let cols = (n - j).min(block_width);
+        let mut i = 0;
+        while i < m {
+            let mr = (m - i).min(S::NN_MR);
+            if let Some(p) = &mut prefetcher {
+                p.step();
+            }
+            // SAFETY: rows i..i+mr < m, columns j..j+cols <= n, and the row ranges (if any)
+            // have m entries each.
+            unsafe {
+                if !row_lo.is_null() {
+                    ranged::<S>(nn, i, mr, j, cols, k, accumulate, row_lo, row_hi);
+                } else if mr == S::NN_MR && cols == block_width {
+                    // The common full block: its sizes are constants, so the dispatch folds.
+                    let block = nn.block(i, j, 0, k);
+                    block.dispatch::<S>(S::NN_MR, S::NN_NR, false, nn.a_trans, accumulate, all);
+                } else {
+                    S::run_block(nn, i, mr, j, cols, 0, k, accumulate);
+                }
+            }
+            i += mr;
+        }
+        j += cols;
+    }
+}
+
+/// All of C when it is one row block without per-row key ranges (a decode item's few query
+/// rows against a short key tile, absorbed MLA's per-head products): one dispatch, then the
+/// whole blocks in one loop, so each costs only its keys and its C update.
+///
+/// Long products run in chunks of [`ONE_BLOCK_KC`] keys, every block per chunk: B is then read
+/// a few rows at a time, in address order, instead of one strip of every row per block, which
+/// the hardware prefetchers lose across pages (MLA's `q_nope · W_UK[h]`, 4 rows against
+/// 128 × 512 weights from memory).
+///
+/// # Safety
+/// As [`row_blocks`] without row ranges, with `1 <= m <= S::NN_MR`.
+#[inline(always)]
+unsafe fn one_row_block<S: OutOfLine>(
+    m: usize,
+    n: usize,
+    k: usize,
+    nn: &NnArgs,
+    accumulate: bool,
+    mut prefetcher: Option<Prefetcher>,
+) {
+    let block_width = S::NN_NR * S::LANES;
+    let whole = n / block_width * block_width;
+    let mut lo = 0;
+    // At least one chunk: an empty product still clears C when not accumulating.
+    loop {
+        let hi = k.min(lo + ONE_BLOCK_KC);
+        let accumulate = accumulate || lo > 0;
+        // SAFETY: rows 0..m and columns 0..n are C's, keys lo..hi <= k are A's and B's.
+        unsafe {
+            macro_rules! blocks {
+                ($($mr:literal),*) => {
+                    match (m, nn.a_trans) {
+                        $(
+                            ($mr, false) => whole_blocks::<S, $mr, false>(nn, whole, lo, hi, accumulate, &mut prefetcher),
+                            ($mr, true) => whole_blocks::<S, $mr, true>(nn, whole, lo, hi, accumulate, &mut prefetcher),
+                        )*
+                        _ => unreachable!("one row block has at most 8 rows"),
+                    }
+                };
+            }
+            blocks!(8, 7, 6, 5, 4, 3, 2, 1);
+            if whole < n {
+                if let Some(p) = &mut prefetcher {
+                    p.step();
+                }
+                S::run_block(nn, 0, m, whole, n - whole, lo, hi, accumulate);
+            }
+        }
+        lo = hi;
+        if lo >= k {
+            break;
+        }
+    }
+}
+
+/// Rows `0..MR`, the whole blocks of columns `0..whole`, keys `lo..hi`.
+///
+/// # Safety
+/// As [`one_row_block`], with `MR = m`, `whole <= n` a multiple of the block width and
+/// `hi <= k`.
+#[inline(always)]
+unsafe fn whole_blocks<S: OutOfLine, const MR: usize, const A_TRANS: bool>(
+    nn: &NnArgs,
+    whole: usize,
+    lo: usize,
+    hi: usize,
+    accumulate: bool,
+    prefetcher: &mut Option<Prefetcher>,
+) {
+    // SAFETY: the caller's contract (S's features are enabled).
+    let all = unsafe { S::mask(S::LANES) };
+    for j in (0..whole).step_by(S::NN_NR * S::LANES) {
+        if let Some(p) = prefetcher {
+            p.step();
+        }
+        // SAFETY: columns j..j + block width <= whole of C and B, rows 0..MR of A and C, keys
+        // lo..hi of A and B.
+        unsafe {
+            let block = nn.block(0, j, lo, hi);
+            match S::NN_NR {
+                1 => block.run::<S, MR, 1, false, A_TRANS>(accumulate, all),
+                _ => block.run::<S, MR, 2, false, A_TRANS>(accumulate, all),
+            }
+        };
+    }
+}
+
+/// Rows `i..i + mr` with per-row key ranges: the keys every row sees run as one block, the
+/// ragged ends row by row, so no row ever touches a key outside its range.
+///
+/// # Safety
+/// As [`run_block`]; `row_lo` and `row_hi` hold an entry for every row of the block.
+#[inline(always)]
+unsafe fn ranged<S: OutOfLine>(
+    nn: &NnArgs,
+    i: usize,
+    mr: usize,
+    j: usize,
+    cols: usize,
+    k: usize,
+    accumulate: bool,
+    row_lo: *const i32,
+    row_hi: *const i32,
+) {
+    // SAFETY: the caller's contract covers rows i..i+mr of the tables, A, and C.
+    unsafe {
+        let range = |r: usize| row_keys(row_lo, row_hi, r, k);
+        if !accumulate {
+            for r in i..i + mr {
+                std::ptr::write_bytes(nn.c.add(r * nn.ldc + j), 0, cols);
+            }
+        }
+        let common = (i..i + mr).map(range).fold((0, k), |(lo, hi), (l, h)| (lo.max(l), hi.min(h)));
+        if common.0 < common.1 {
+            S::run_block(nn, i, mr, j, cols, common.0, common.1, true);
+        }
+        for r in i..i + mr {
+            let (lo, hi) = range(r);
+            if common.0 < common.1 {
+                S::run_block(nn, r, 1, j, cols, lo, common.0, true);
+                S::run_block(nn, r, 1, j, cols, common.1, hi, true);
+            } else {
+                S::run_block(nn, r, 1, j, cols, lo, hi, true);
+            }
+        }
+    }
+}
+
+/// One block: rows `i..i + mr` (mr <= NN_MR), columns `j..j + cols` (cols <= the block width,
+/// j a multiple of PANEL), keys `lo..hi`. An empty key range still clears C when not
+/// accumulating.
+///
+/// # Safety
+/// The block lies inside the operands described by `nn`; `hi <= k` of the call.
+#[inline(always)]
+pub(super) unsafe fn run_block<S: Simd>(
+    nn: &NnArgs,
+    i: usize,
+    mr: usize,
+    j: usize,
+    cols: usize,
+    lo: usize,
+    hi: usize,
+    accumulate: bool,
+) {
+    if lo >= hi && accumulate {
+        return;
+    }
+    let nr = cols.div_ceil(S::LANES);
+    let masked = !cols.is_multiple_of(S::LANES);
+    // SAFETY: the block's rows of A, its panels of B and its part of C are in bounds, and
+    // the tail mask selects the columns of the last vector that exist.
+    unsafe {
+        let tail = S::mask(cols - S::LANES * (nr - 1));
+        // `min` lets the compiler drop the arms of blocks larger than this ISA's.
+        let mr = mr.min(S::NN_MR);
+        nn.block(i, j, lo, hi).dispatch::<S>(mr, nr, masked, nn.a_trans, accumulate, tail);
+    }
+}
+
+/// The operands of one `dot_nn` block, already offset to the block.
+#[derive(Clone, Copy)]
+struct NnBlock {
+    lo: usize,
+    hi: usize,
+    a: *const f32,
+    a_stride: usize,
+    /// Row-major A read once (C one panel wide): every 16 keys, prefetch one line of each of
+    /// the next block's rows of A (the MR rows after this block's), so they arrive one block
+    /// ahead. A block reads MR rows in parallel a few bytes per step, which
+    /// the hardware prefetchers follow too late when the rows come from memory (MLA decode's
+    /// latent scores: 1.28× faster in isolation, W5 1.07×). With several panels A is re-read
+    /// from cache, and prefetching there measured no gain (W1, W3) or a slight loss (W6).
+    prefetch_a: bool,
+    b: *const f32,
+    b_row: usize,
+    b_panel: usize,
+    c: *mut f32,
+    ldc: usize,
+}
+
+impl NnBlock {
+    /// [`NnBlock::run`] with its sizes given at run time (constants fold the match away).
+    ///
+    /// # Safety
+    /// As [`NnBlock::run`], with `mr <= 8` and `nr <= 2`.
+    #[inline(always)]
+    unsafe fn dispatch<S: Simd>(
+        self,
+        mr: usize,
+        nr: usize,
+        masked: bool,
+        a_trans: bool,
+        accumulate: bool,
+        tail: S::Mask,
+    ) {
+        macro_rules! dispatch {
+            ($($mr:literal),*) => {
+                match (mr, nr, masked, a_trans) {
+                    $(
+                        ($mr, 2, false, false) => self.run::<S, $mr, 2, false, false>(accumulate, tail),
+                        ($mr, 2, true, false) => self.run::<S, $mr, 2, true, false>(accumulate, tail),
+                        ($mr, 1, false, false) => self.run::<S, $mr, 1, false, false>(accumulate, tail),
+                        ($mr, 1, true, false) => self.run::<S, $mr, 1, true, false>(accumulate, tail),
+                        ($mr, 2, false, true) => self.run::<S, $mr, 2, false, true>(accumulate, tail),
+                        ($mr, 2, true, true) => self.run::<S, $mr, 2, true, true>(accumulate, tail),
+                        ($mr, 1, false, true) => self.run::<S, $mr, 1, false, true>(accumulate, tail),
+                        ($mr, 1, true, true) => self.run::<S, $mr, 1, true, true>(accumulate, tail),
+                    )*
+                    _ => unreachable!("blocks are at most 8 rows by 2 vectors"),
+                }
+            };
+        }
+        // SAFETY: the caller's contract.
+        unsafe { dispatch!(8, 7, 6, 5, 4, 3, 2, 1) }
+    }
+
+    /// MR rows × NR vectors of C over keys `lo..hi`: per key, NR loads of B, MR broadcasts of
+    /// A, MR·NR FMAs. With MASKED the last vector holds only the lanes `tail` selects; with
+    /// A_TRANS, A is column-major. Vector v covers columns `v·LANES..` of the block: in panel
+    /// `v·LANES / PANEL` after the block's first.
+    ///
+    /// Keys are summed in chunks of [`SUM_CHUNK`] in fresh registers, each chunk then added to
+    /// C: a long product (MLA's 512-wide latent scores) rounds like `KC + k/KC` additions
+    /// rather than `k` in one chain.
+    ///
+    /// # Safety
+    /// The block is in bounds, and the last vector of a MASKED block names only the lanes of
+    /// columns that exist.
+    #[inline(always)]
+    unsafe fn run<
+        S: Simd,
+        const MR: usize,
+        const NR: usize,
+        const MASKED: bool,
+        const A_TRANS: bool,
+    >(
+        self,
+        accumulate: bool,
+        tail: S::Mask,
+    ) {
+        let NnBlock { lo, hi, a, a_stride, prefetch_a, b, b_row, b_panel, c, ldc } = self;
+        // SAFETY (all pointer access): the caller passes an in-bounds block, and the last vector
+        // of a MASKED block touches only the lanes of columns that exist.
+        unsafe {
+            let b_vector: [*const f32; NR] = std::array::from_fn(|v| {
+                let column = v * S::LANES;
+                b.add(column / PANEL * b_panel + column % PANEL)
+            });
+            let load = |ptr: *const f32, v: usize| {
+                if MASKED && v == NR - 1 { S::load_masked(ptr, tail) } else { S::load(ptr) }
+            };
+            let store = |ptr: *mut f32, v: usize, x: S::V| {
+                if MASKED && v == NR - 1 { S::store_masked(ptr, tail, x) } else { S::store(ptr, x) }
+            };
+            let mut first = !accumulate;
+            let mut start = lo;
+            loop {
+                let end = hi.min(start + SUM_CHUNK);
+                let mut acc = [[S::zero(); NR]; MR];
+                for p in start..end {
+                    if !A_TRANS && prefetch_a && p % 16 == 0 {
+                        for i in MR..2 * MR {
+                            prefetch(a.wrapping_add(i * a_stride + p).cast());
+                        }
+                    }
+                    let bv: [S::V; NR] =
+                        std::array::from_fn(|v| load(b_vector[v].add(p * b_row), v));
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let at = if A_TRANS { p * a_stride + i } else { i * a_stride + p };
+                        let weight = S::splat(*a.add(at));
+                        for (v, x) in row.iter_mut().enumerate() {
+                            *x = S::mul_add(weight, bv[v], *x);
+                        }
+                    }
+                }
+                for (i, row) in acc.iter().enumerate() {
+                    for (v, x) in row.iter().enumerate() {
+                        let ptr = c.add(i * ldc + v * S::LANES);
+                        let sum = if first { *x } else { S::add(load(ptr, v), *x) };
+                        store(ptr, v, sum);
+                    }
+                }
+                first = false;
+                start = end;
+                if start >= hi {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// `dot_nn` for an A with neither stride 1, element by element (no generated kernel passes
+/// one; the contract allows it).
+///
+/// # Safety
+/// As [`dot_nn`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    a_row: usize,
+    a_col: usize,
+    b: *const f32,
+    b_row: usize,
+    b_panel: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: usize,
+    row_lo: *const i32,
+    row_hi: *const i32,
+) {
+    for i in 0..m {
+        // SAFETY: the caller guarantees the row tables (if non-null) have m entries.
+        let (lo, hi) = unsafe { row_keys(row_lo, row_hi, i, k) };
+        for j in 0..n {
+            let mut sum = 0.0f32;
+            for p in lo..hi {
+                // SAFETY: i < m, p < k and j < n name elements of A and B.
+                unsafe {
+                    let b = *b.add(j / PANEL * b_panel + p * b_row + j % PANEL);
+                    sum = (*a.add(i * a_row + p * a_col)).mul_add(b, sum);
+                }
+            }
+            // SAFETY: C[i][j] is writable.
+            unsafe {
+                let dst = c.add(i * ldc + j);
+                *dst = if accumulate != 0 { *dst + sum } else { sum };
+            }
+        }
+    }
+}

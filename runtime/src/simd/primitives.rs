@@ -1,0 +1,206 @@
+//! The vector primitives every micro-kernel is written against, and the macro that stamps the
+//! kernels out for one ISA.
+//!
+//! An ISA is a type implementing [`Simd`]: a vector of `LANES` f32s, a lane mask, a dozen
+//! element-wise operations, the integer step of `exp2`, a four-way horizontal sum and a 4-row
+//! transpose — plus the block sizes its register file affords. The kernels (`dot_nt`, `dot_nn`,
+//! `exp2_columns`, `pack_columns`) are generic over it and `#[inline(always)]` all the way down;
+//! [`stamp_routines!`] wraps them in `extern "C"` entry points compiled with the ISA's target
+//! features, so LLVM inlines every primitive into code built for that ISA. A new ISA (NEON, say)
+//! is one module: an implementation of `Simd` and one `stamp_routines!` line.
+
+/// One ISA's vector primitives. Every function is `unsafe`: it may be called only from code
+/// compiled with the ISA's target features (an entry point [`stamp_routines!`] made) on a CPU
+/// that has them, and pointers must name `LANES` valid floats (or the lanes a mask selects).
+pub trait Simd: Copy + 'static {
+    /// f32 lanes per vector; divides [`attngen_codegen::abi::PANEL`].
+    const LANES: usize;
+    /// Rows of A per `dot_nt` block.
+    const NT_MR: usize;
+    /// Rows of B per `dot_nt` block.
+    const NT_NR: usize;
+    /// Rows of A per `dot_nn` block.
+    const NN_MR: usize;
+    /// Vectors of C's columns per `dot_nn` block.
+    const NN_NR: usize;
+
+    /// A vector of `LANES` f32s.
+    type V: Copy;
+    /// A selection of the first few lanes, for partial loads and stores.
+    type Mask: Copy;
+
+    /// All lanes 0.
+    unsafe fn zero() -> Self::V;
+    /// All lanes `x`.
+    unsafe fn splat(x: f32) -> Self::V;
+    /// `LANES` floats from `p` (unaligned).
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// `LANES` floats to `p` (unaligned).
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// The first `len` lanes, `len <= LANES`.
+    unsafe fn mask(len: usize) -> Self::Mask;
+    /// The masked lanes from `p`, the others 0; never touches memory of unselected lanes.
+    unsafe fn load_masked(p: *const f32, mask: Self::Mask) -> Self::V;
+    /// The masked lanes to `p`; never touches memory of unselected lanes.
+    unsafe fn store_masked(p: *mut f32, mask: Self::Mask, v: Self::V);
+    /// `a + b`.
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    /// `a − b`.
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    /// `a · b`.
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// `a · b + c`, rounded once.
+    unsafe fn mul_add(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a > b ? a : b` per lane (x86's `maxps`): a NaN in either operand gives `b`.
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// `2^n` for a vector `t = n + 1.5·2²³` holding the integer n in its low mantissa bits: the
+    /// bits `(bits(t) + 127) << 23` (`attngen_codegen::abi::exp2`'s last step).
+    unsafe fn pow2_of_rounded(t: Self::V) -> Self::V;
+    /// The sum of the lanes of each of four vectors.
+    unsafe fn hsum4(v: [Self::V; 4]) -> [f32; 4];
+    /// Writes four rows transposed: lane d of `rows[r]` to `dst[d·stride + r]`, for every lane
+    /// d (four consecutive floats per lane).
+    unsafe fn store_transposed4(rows: [Self::V; 4], dst: *mut f32, stride: usize);
+}
+
+/// Defines the ISA's `extern "C"` routines — `dot_nt`, `dot_nn`, `exp2_columns` and
+/// `pack_columns`, with the signatures of [`super::DotNt`] and friends — as the generic kernels
+/// over `$simd`, compiled with `$features` (none for the portable ISA).
+macro_rules! stamp_routines {
+    ($simd:ty $(, $features:literal)?) => {
+        /// See [`super::DotNt`].
+        ///
+        /// # Safety
+        /// The CPU has this ISA's features; buffers as [`super::DotNt`] describes.
+        $(#[target_feature(enable = $features)])?
+        pub unsafe extern "C" fn dot_nt(
+            m: usize,
+            n: usize,
+            k: usize,
+            a: *const f32,
+            lda: usize,
+            b: *const f32,
+            ldb: usize,
+            c: *mut f32,
+            ldc: usize,
+            accumulate: usize,
+            prefetch: *const attngen_codegen::abi::PrefetchRows,
+        ) {
+            // SAFETY: the caller's contract, which is the kernel's.
+            unsafe {
+                super::dot_nt::dot_nt::<$simd>(m, n, k, a, lda, b, ldb, c, ldc, accumulate, prefetch)
+            }
+        }
+
+        /// See [`super::DotNn`].
+        ///
+        /// # Safety
+        /// The CPU has this ISA's features; buffers as [`super::DotNn`] describes.
+        $(#[target_feature(enable = $features)])?
+        pub unsafe extern "C" fn dot_nn(
+            m: usize,
+            n: usize,
+            k: usize,
+            a: *const f32,
+            a_row: usize,
+            a_col: usize,
+            b: *const f32,
+            b_row: usize,
+            b_panel: usize,
+            c: *mut f32,
+            ldc: usize,
+            accumulate: usize,
+            row_lo: *const i32,
+            row_hi: *const i32,
+            prefetch: *const attngen_codegen::abi::PrefetchRows,
+        ) {
+            // SAFETY: the caller's contract, which is the kernel's.
+            unsafe {
+                super::dot_nn::dot_nn::<$simd>(
+                    m, n, k, a, a_row, a_col, b, b_row, b_panel, c, ldc, accumulate, row_lo,
+                    row_hi, prefetch,
+                )
+            }
+        }
+
+        /// See [`super::Exp2Columns`].
+        ///
+        /// # Safety
+        /// The CPU has this ISA's features; buffers as [`super::Exp2Columns`] describes.
+        $(#[target_feature(enable = $features)])?
+        pub unsafe extern "C" fn exp2_columns(
+            keys: usize,
+            columns: usize,
+            s: *mut f32,
+            ld: usize,
+            m: *const f32,
+            l: *mut f32,
+        ) {
+            // SAFETY: the caller's contract, which is the kernel's.
+            unsafe { super::exp2::exp2_columns::<$simd>(keys, columns, s, ld, m, l) }
+        }
+
+        /// See [`super::PackColumns`].
+        ///
+        /// # Safety
+        /// The CPU has this ISA's features; buffers as [`super::PackColumns`] describes.
+        $(#[target_feature(enable = $features)])?
+        pub unsafe extern "C" fn pack_columns(
+            rows: usize,
+            width: usize,
+            src: *const f32,
+            src_row: usize,
+            factor: f32,
+            dst: *mut f32,
+            first_column: usize,
+            dst_panel: usize,
+        ) {
+            // SAFETY: the caller's contract, which is the kernel's.
+            unsafe {
+                super::pack::pack_columns::<$simd>(
+                    rows, width, src, src_row, factor, dst, first_column, dst_panel,
+                )
+            }
+        }
+
+        impl super::dot_nn::OutOfLine for $simd {
+            $(#[target_feature(enable = $features)])?
+            unsafe fn run_block(
+                nn: &super::dot_nn::NnArgs,
+                i: usize,
+                mr: usize,
+                j: usize,
+                cols: usize,
+                lo: usize,
+                hi: usize,
+                accumulate: bool,
+            ) {
+                // SAFETY: the caller's contract, which is the kernel's.
+                unsafe { super::dot_nn::run_block::<$simd>(nn, i, mr, j, cols, lo, hi, accumulate) }
+            }
+        }
+
+        /// This ISA's routines.
+        pub const ROUTINES: super::Routines = super::Routines {
+            dot_nt,
+            dot_nn,
+            exp2_columns,
+            pack_columns,
+        };
+
+        const _: () = assert!(
+            attngen_codegen::abi::PANEL % <$simd as super::Simd>::LANES == 0,
+            "a vector never straddles a B panel"
+        );
+        const _: () = assert!(
+            <$simd as super::Simd>::NT_MR <= 4 && <$simd as super::Simd>::NT_NR <= 4,
+            "dot_nt dispatches blocks of at most 4 x 4"
+        );
+        const _: () = assert!(
+            <$simd as super::Simd>::NN_MR <= 8 && <$simd as super::Simd>::NN_NR <= 2,
+            "dot_nn dispatches blocks of at most 8 rows by 2 vectors"
+        );
+    };
+}
+
+pub(super) use stamp_routines;
