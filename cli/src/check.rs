@@ -246,7 +246,7 @@ fn render(rows: &[Row], args: &CheckArgs) -> String {
     );
     text.push_str(&format!(
         "backend {}; each case: random B, Sq, Sk and inputs in [-1, 1] against the float64 reference, \
-         |x - ref| <= 1e-4 + 1e-4·|ref| (design.md 1.4); seed {}\n\
+         |x - ref| <= 1e-4 + 1e-4·|ref| (semantics.md §4); seed {}\n\
          a quarter of the cases are long decode (B <= 2, Sq <= 2, Sk >= {}, split across threads) \
          where the reference's budget allows: max Sk above {}\n",
         args.backend.name(),

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use attngen::Jit;
+use attngen::{Isa, Jit};
 
 use crate::{Failure, emit, load_spec};
 
@@ -17,7 +17,14 @@ pub fn dump(path: &Path, plan: bool, ir: bool, clif: bool, asm: bool) -> Result<
         text.push_str(&format!("== {title}\n{}\n", body.trim_end()));
     };
     if plan {
-        section("plan", &listing.plan);
+        let have: Vec<&str> = Isa::available().into_iter().map(Isa::name).collect();
+        let why = match Isa::from_env() {
+            Ok(Some(_)) => "forced by ATTNGEN_ISA".to_owned(),
+            _ => format!("the widest this CPU has ({})", have.join(", ")),
+        };
+        let isa = listing.isa;
+        let line = format!("\n  micro-kernels {isa}: {} f32 lanes per vector; {why}", isa.lanes());
+        section("plan", &(listing.plan.trim_end().to_owned() + &line));
     }
     if ir {
         section("ir", &listing.ir);

@@ -32,7 +32,7 @@ struct Cli {
 enum Command {
     /// Run a spec on tensors from a safetensors file and write `out` and `lse`.
     ///
-    /// The inputs file holds the tensors of design.md 1.2 by name, all F32: q, k, v for grouped
+    /// The inputs file holds the tensors of semantics.md §2 by name, all F32: q, k, v for grouped
     /// specs; q, c_kv, k_rope, w_uk, w_uv for latent (MLA) specs. B, Sq and Sk are read from
     /// their shapes. The output file gets `out` [B, Sq, H, Dv] and `lse` [B, Sq, H]. Exit
     /// status 2, with the problem on stderr and no output file, for any bad spec, tensor name,
@@ -54,7 +54,7 @@ enum Command {
     ///
     /// For each spec (directories are searched for *.toml): compile it (reporting the time),
     /// run random cases — B, Sq, Sk and inputs in [-1, 1], drawn with the test suite's proptest
-    /// strategies — comparing every element of out and lse with design.md 1.4's tolerance, and
+    /// strategies — comparing every element of out and lse with semantics.md §4's tolerance, and
     /// print one row with the largest errors and the verdict. A failure is shrunk to a minimal
     /// case, shown with the element that differs and the command that replays it. Exit status
     /// 1 when a check fails, 2 when a spec file is invalid or unreadable.
@@ -94,7 +94,7 @@ enum Command {
         #[arg(long)]
         asm: bool,
     },
-    /// Time backends on the standard workloads W1–W6 (or a spec and shape).
+    /// Time backends on the standard workloads W1–W8 (or a spec and shape).
     ///
     /// Reports the median, min and max of repeated runs after a warm-up, GFLOP/s for prefill and
     /// GB/s for decode, and the fraction of the machine's peaks, which are measured at start-up

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use attngen::{AttentionSpec, GroupMap, Mask, Shape, Tensor};
+use attngen::{AttentionSpec, GroupMap, Isa, Mask, Shape, Tensor};
 use attngen_tests::strategies::OwnedInputs;
 use attngen_tests::{first_mismatch, independent};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
@@ -359,6 +359,7 @@ fn bench_reports_json_for_a_spec_and_shape() {
         assert_eq!(row["workload"], "llama3-8b");
         assert_eq!(row["backend"], backend);
         assert_eq!(row["flops"], flops);
+        assert_eq!(row["kernel_flops"], flops, "grouped kernels run design.md's FLOPs");
         assert_eq!(row["bytes"], 40 * 8 * 256 * 4);
         let (min, median, max) = (
             row["min_ms"].as_f64().unwrap(),
@@ -369,8 +370,62 @@ fn bench_reports_json_for_a_spec_and_shape() {
         assert!((row["gflops"].as_f64().unwrap() - flops as f64 / median / 1e6).abs() < 1e-6);
     }
     assert!(results[0]["compile_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(results[0]["isa"], Isa::from_env().unwrap().unwrap_or_else(Isa::detect).name());
     let output = attngen(&["bench", "--workload", "W9"]);
     assert_eq!(output.status.code(), Some(2));
+}
+
+/// `--isa` times the JIT once per ISA named, and counts absorbed MLA as the kernel runs it.
+#[test]
+fn bench_times_each_isa_and_counts_absorbed_mla() {
+    let widest = Isa::detect().name();
+    let isas = format!("{widest},portable");
+    let output =
+        bench_both_backends("deepseek-v2-lite.toml", "1,1,64", &["--isa", &isas, "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let results = report["results"].as_array().unwrap();
+    let backends: Vec<(&str, &str)> = results
+        .iter()
+        .map(|r| (r["backend"].as_str().unwrap(), r["isa"].as_str().unwrap()))
+        .collect();
+    assert_eq!(backends, [("jit", widest), ("jit", "portable"), ("interp", "")]);
+    // 16 heads, one query over 64 keys: absorb 128 -> 512, attend over 512 + 64 and 512,
+    // project 512 -> 128; design.md counts attention over D = 192 and Dv = 128 instead.
+    let kernel = 16 * (2 * 512 * (128 + 128) + 64 * 2 * (2 * 512 + 64));
+    assert_eq!(results[0]["kernel_flops"], kernel);
+    assert_eq!(results[0]["flops"], 2 * 16 * 64 * (192 + 128));
+    let output = attngen(&["bench", "--workload", "W1", "--isa", "avx3"]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("ISA `avx3`: not an ISA name"), "{text}");
+}
+
+/// `ATTNGEN_ISA` forces the JIT's ISA; a name that is not one, or an ISA the CPU lacks, is an
+/// error that says so.
+#[test]
+fn attngen_isa_forces_the_jit_routines() {
+    let spec = specs_dir().join("mqa.toml");
+    let dump = |isa: &str| {
+        Command::new(env!("CARGO_BIN_EXE_attngen"))
+            .args(["dump", spec.to_str().unwrap(), "--plan"])
+            .env("ATTNGEN_ISA", isa)
+            .output()
+            .expect("binary runs")
+    };
+    let output = dump("portable");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("for this CPU: portable"), "{text}");
+    let output = dump("avx3");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("ISA `avx3`"));
+    for isa in Isa::ALL.into_iter().filter(|isa| !isa.is_supported()) {
+        println!("this CPU lacks {isa}: asking for it must fail");
+        let output = dump(isa.name());
+        assert!(!output.status.success());
+        assert!(String::from_utf8_lossy(&output.stderr).contains("this CPU lacks it"));
+    }
 }
 
 #[test]
@@ -446,7 +501,7 @@ fn bench_draws_a_roofline_with_ceilings_and_one_point_per_result() {
     assert!(table.contains("mqa-16x128  jit") && table.contains("mqa-16x128  interp"), "{table}");
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.starts_with("<svg"), "not an SVG");
-    assert!(text.contains("100 GFLOP/s FMA peak, 20.0 GB/s read bandwidth"), "caption");
+    assert!(text.contains("100 GFLOP/s widest FMA peak, 20.0 GB/s read bandwidth"), "caption");
     assert!(text.contains("arithmetic intensity") && text.contains("GFLOP/s"), "axis titles");
     // Two measured points (plus one in the legend), each labelled.
     assert_eq!(text.matches("<circle").count(), 3, "{text}");

@@ -24,7 +24,7 @@ pub enum Error {
         "tensor `{tensor}`: expected shape {shape:?} = {expected} elements, got {got} elements"
     )]
     Length {
-        /// The tensor's name, as in design.md 1.2.
+        /// The tensor's name, as in semantics.md §2.
         tensor: &'static str,
         /// Its expected shape.
         shape: Vec<usize>,

@@ -1,7 +1,7 @@
 //! Spec-driven property checks of any [`Kernel`] against the [`Reference`] interpreter.
 //!
 //! [`check`] draws random call shapes and inputs with proptest (the same strategies the test
-//! suite uses), compares every element of `out` and `lse` with design.md 1.4's tolerance, and on
+//! suite uses), compares every element of `out` and `lse` with semantics.md §4's tolerance, and on
 //! a failure shrinks to a minimal (shape, input seed) and reports the first differing element.
 //! [`run_case`] replays one such case exactly.
 //!

@@ -2,7 +2,7 @@
 //!
 //! Describe a layer with [`AttentionSpec`] — MHA, MQA, GQA with any group map, or DeepSeek-style
 //! MLA — and get a [`Kernel`] for it. Every kernel checks its buffers before it touches them and
-//! agrees with the [`Reference`] interpreter to design.md 1.4's tolerance.
+//! agrees with the [`Reference`] interpreter to semantics.md §4's tolerance.
 //!
 //! ```
 //! use attngen::{AttentionSpec, Inputs, Kernel, Mask, Reference, Shape};

@@ -1,6 +1,6 @@
 //! [`Reference`]: the naive interpreter every backend is tested against.
 //!
-//! It follows design.md 1.3 literally and shares nothing with the planner or the IR: f64
+//! It follows semantics.md §3 literally and shares nothing with the planner or the IR: f64
 //! accumulation, a fully materialised score matrix per (batch, head), and for latent specs the
 //! un-absorbed form — per-head K_h and V_h are materialised from the latent first. (Batch
 //! entries and heads are independent and run in parallel; each is computed the naive way.)
@@ -103,7 +103,7 @@ impl Kernel for Reference {
     }
 }
 
-/// Whether key `j` is visible from the query at key position `diag` (design.md 1.3 step 2).
+/// Whether key `j` is visible from the query at key position `diag` (semantics.md §3 step 2).
 fn visible(mask: Mask, diag: i64, j: i64) -> bool {
     match mask {
         Mask::None => true,

@@ -22,7 +22,7 @@ impl Shape {
     }
 }
 
-/// Borrowed, named views of a call's input tensors, dense row-major f32 (design.md 1.2).
+/// Borrowed, named views of a call's input tensors, dense row-major f32 (semantics.md §2).
 #[derive(Clone, Copy, Debug)]
 pub enum Inputs<'a> {
     /// Inputs of a grouped (MHA/MQA/GQA) spec.
@@ -89,7 +89,7 @@ impl<'a> Inputs<'a> {
     }
 }
 
-/// A tensor of design.md 1.2.
+/// A tensor of semantics.md §2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Tensor {
     /// Queries.

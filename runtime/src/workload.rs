@@ -7,7 +7,7 @@ use crate::{Shape, Tensor};
 /// A named spec and call shape.
 #[derive(Clone, Debug)]
 pub struct Workload {
-    /// `W1` … `W6`, or a spec's name.
+    /// `W1` … `W8`, or a spec's name.
     pub id: String,
     /// What it models.
     pub description: &'static str,
@@ -18,7 +18,10 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// W1–W6 (f32, default scale).
+    /// W1–W6 of design.md 4.1, then two long-context decode workloads whose caches (268 MB
+    /// and 302 MB) are several times a server CPU's last-level cache, so they read from DRAM:
+    /// W7, Llama-3-8B at B = 1 over 32768 keys, and W8, DeepSeek-V2-Lite at B = 4 over 32768
+    /// (f32, default scale).
     pub fn standard() -> Vec<Workload> {
         let lite = || AttentionSpec::mla(16, 512, 64, 128, 128).mask(Mask::Causal);
         vec![
@@ -57,6 +60,18 @@ impl Workload {
                 description: "MLA prefill, DeepSeek-V2-Lite",
                 spec: lite(),
                 shape: Shape::new(1, 1024, 1024),
+            },
+            Workload {
+                id: "W7".to_owned(),
+                description: "GQA decode, long context, Llama-3-8B",
+                spec: AttentionSpec::gqa(32, 8, 128),
+                shape: Shape::new(1, 1, 32768),
+            },
+            Workload {
+                id: "W8".to_owned(),
+                description: "MLA decode, long context, DeepSeek-V2-Lite",
+                spec: lite(),
+                shape: Shape::new(4, 1, 32768),
             },
         ]
         .into_iter()

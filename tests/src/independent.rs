@@ -1,4 +1,4 @@
-//! A second float64 formulation of design.md 1.3, deliberately unlike the reference
+//! A second float64 formulation of semantics.md §3, deliberately unlike the reference
 //! interpreter's: one streaming pass per row with an online (running max) softmax, keys walked
 //! by an explicit visible range, and latent specs in the *absorbed* form
 //! (q' = W_UKᵀ q_nope; scores against the latent; out = W_UV · o'). Agreement between the two is

@@ -1,6 +1,6 @@
 //! Support shared by attngen's integration tests and CLI tests: proptest strategies for specs,
-//! shapes and inputs, an independent float64 formulation of design.md 1.3, and the
-//! tolerance check of design.md 1.4.
+//! shapes and inputs, an independent float64 formulation of semantics.md §3, and the
+//! tolerance check of semantics.md §4.
 
 pub mod independent;
 pub mod strategies;
@@ -31,7 +31,7 @@ pub fn first_mismatch_within(got: &[f32], want: &[f64], extra: f64) -> Option<(u
 /// `scale·q·k` over `dim` products then carry a rounding error up to about
 /// `Δs = 4·u·scale·dim·m²` (u = 2⁻²⁴), which the softmax turns into at most `2·m·Δs` in an
 /// output and `Δs` in an lse. Returns (output slack, lse slack); both 0 for `m <= 1`, where
-/// design.md 1.4's bound applies as written.
+/// semantics.md §4's bound applies as written.
 pub fn f32_score_slack(dim: usize, scale: f64, m: f64) -> (f64, f64) {
     if m <= 1.0 {
         return (0.0, 0.0);

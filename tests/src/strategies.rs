@@ -92,7 +92,7 @@ pub fn spec(limits: Limits) -> impl Strategy<Value = AttentionSpec> {
 }
 
 /// Like [`spec`], for running kernels: an explicit scale stays within a factor 2 of the
-/// default `1/sqrt(D)`, so scores of inputs in [−1, 1] stay in the range where design.md 1.4's
+/// default `1/sqrt(D)`, so scores of inputs in [−1, 1] stay in the range where semantics.md §4's
 /// tolerance is a fair demand on f32 arithmetic (a scale of 100 makes scores of hundreds, whose
 /// f32 rounding alone exceeds it, and a scale of 1e37 an lse beyond f32's range). Softcaps
 /// keep their full range: they only shrink scores.

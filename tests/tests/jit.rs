@@ -1,5 +1,5 @@
 //! The JIT against the reference interpreter: hand-picked edge cases, then property tests over
-//! random specs, shapes and inputs (design.md 1.4 tolerance).
+//! random specs, shapes and inputs (semantics.md §4 tolerance).
 
 use attngen::{
     AttentionSpec, Error, GroupMap, Inputs, Isa, Jit, JitOptions, Kernel, KvLayout, Mask,
