@@ -78,6 +78,11 @@ impl Simd for Avx2 {
         unsafe { _mm256_fmadd_ps(a, b, c) }
     }
     #[inline(always)]
+    unsafe fn mul_acc(a: __m256, b: __m256, c: __m256) -> __m256 {
+        // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
     unsafe fn max(a: __m256, b: __m256) -> __m256 {
         // SAFETY: the trait's contract: AVX2 and FMA are enabled; the pointers name the floats used.
         unsafe { _mm256_max_ps(a, b) }

@@ -75,6 +75,11 @@ impl Simd for Avx512 {
         unsafe { _mm512_fmadd_ps(a, b, c) }
     }
     #[inline(always)]
+    unsafe fn mul_acc(a: __m512, b: __m512, c: __m512) -> __m512 {
+        // SAFETY: the trait's contract: AVX-512F is enabled; the pointers name the floats used.
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
     unsafe fn max(a: __m512, b: __m512) -> __m512 {
         // SAFETY: the trait's contract: AVX-512F is enabled; the pointers name the floats used.
         unsafe { _mm512_max_ps(a, b) }

@@ -442,7 +442,7 @@ impl NnBlock {
                         let at = if A_TRANS { p * a_stride + i } else { i * a_stride + p };
                         let weight = S::splat(*a.add(at));
                         for (v, x) in row.iter_mut().enumerate() {
-                            *x = S::mul_add(weight, bv[v], *x);
+                            *x = S::mul_acc(weight, bv[v], *x);
                         }
                     }
                 }

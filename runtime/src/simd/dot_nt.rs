@@ -137,7 +137,7 @@ impl NtBlock {
                 for j in 0..NR {
                     let bv = S::load(b.add(j * ldb + p));
                     for i in 0..MR {
-                        acc[i][j] = S::mul_add(av[i], bv, acc[i][j]);
+                        acc[i][j] = S::mul_acc(av[i], bv, acc[i][j]);
                     }
                 }
                 p += S::LANES;
@@ -148,7 +148,7 @@ impl NtBlock {
                 for j in 0..NR {
                     let bv = S::load_masked(b.add(j * ldb + p), tail);
                     for i in 0..MR {
-                        acc[i][j] = S::mul_add(av[i], bv, acc[i][j]);
+                        acc[i][j] = S::mul_acc(av[i], bv, acc[i][j]);
                     }
                 }
             }

@@ -75,6 +75,15 @@ impl Simd for Portable {
         std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
     }
     #[inline(always)]
+    unsafe fn mul_acc(a: [f32; L], b: [f32; L], c: [f32; L]) -> [f32; L] {
+        // Without a hardware FMA, `mul_add` is a library call per element.
+        if cfg!(target_feature = "fma") || !cfg!(target_arch = "x86_64") {
+            std::array::from_fn(|i| a[i].mul_add(b[i], c[i]))
+        } else {
+            std::array::from_fn(|i| a[i] * b[i] + c[i])
+        }
+    }
+    #[inline(always)]
     unsafe fn max(a: [f32; L], b: [f32; L]) -> [f32; L] {
         zip(a, b, |x, y| if x > y { x } else { y })
     }

@@ -49,8 +49,11 @@ pub trait Simd: Copy + 'static {
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     /// `a · b`.
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
-    /// `a · b + c`, rounded once.
+    /// `a · b + c`, rounded once (exp2's polynomial, which every ISA rounds alike).
     unsafe fn mul_add(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a · b + c`, rounded once where the ISA has a fused multiply-add and twice where it
+    /// would have to emulate one (the products' accumulate step).
+    unsafe fn mul_acc(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// `a > b ? a : b` per lane (x86's `maxps`): a NaN in either operand gives `b`.
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     /// `2^n` for a vector `t = n + 1.5·2²³` holding the integer n in its low mantissa bits: the
