@@ -24,6 +24,7 @@
 struct ReadmeDoctest;
 
 mod error;
+mod exec;
 pub mod harness;
 mod jit;
 mod kernel;

@@ -1,0 +1,362 @@
+//! [`Executor`]: the call path every backend shares. A backend provides its entry points
+//! ([`EntryPoints`], the `abi` functions compiled for one plan) and the plan; the executor
+//! checks the call against the spec, sets up the call's buffers (absorbed MLA's `q'` and `o'`,
+//! the call-packed K/V), schedules the work items over the thread pool with per-thread scratch
+//! and split states, and runs prologue → items → finishes → epilogue.
+
+use std::cell::RefCell;
+
+use attngen_codegen::abi::{CallArgs, FinishFn, HeadFn, ItemFn, PANEL};
+use attngen_codegen::{KernelPlan, Schedule};
+use rayon::prelude::*;
+
+use crate::{Error, Inputs, Shape, check_call, simd};
+
+/// A kernel's generated functions for one plan, as `attngen_codegen::abi` types them: `item`
+/// and `finish`, and for absorbed MLA the per-head `prologue` and `epilogue`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EntryPoints {
+    /// Absorbs the queries of one head (absorbed MLA).
+    pub prologue: Option<HeadFn>,
+    /// Runs one work item.
+    pub item: ItemFn,
+    /// Merges a task's splits and stores its rows.
+    pub finish: FinishFn,
+    /// Projects the latent output of one head (absorbed MLA).
+    pub epilogue: Option<HeadFn>,
+}
+
+/// Runs calls of one compiled kernel: its plan, its entry points and the pool its work items
+/// run on (rayon's global pool when `None`).
+pub(crate) struct Executor<'a> {
+    /// The plan the entry points were compiled from.
+    pub plan: &'a KernelPlan,
+    /// The generated functions.
+    pub entries: &'a EntryPoints,
+    /// The kernel's own thread pool, if it has one.
+    pub pool: Option<&'a rayon::ThreadPool>,
+}
+
+impl Executor<'_> {
+    /// [`crate::Kernel::run`] of the plan's spec: checks every buffer with [`check_call`]
+    /// before anything is read or written, then runs the call.
+    pub fn run(
+        &self,
+        shape: Shape,
+        inputs: &Inputs<'_>,
+        out: &mut [f32],
+        lse: Option<&mut [f32]>,
+    ) -> Result<(), Error> {
+        let spec = &self.plan.spec;
+        check_call(spec, shape, inputs, out.len(), lse.as_deref().map(<[f32]>::len))?;
+        if shape.batch == 0 || shape.seq_q == 0 {
+            return Ok(());
+        }
+        let empty: &[f32] = &[];
+        let (q, k, v, c_kv, k_rope, w_uk, w_uv) = match *inputs {
+            Inputs::Grouped { q, k, v } => (q, k, v, empty, empty, empty, empty),
+            Inputs::Latent { q, c_kv, k_rope, w_uk, w_uv } => {
+                (q, empty, empty, c_kv, k_rope, w_uk, w_uv)
+            }
+        };
+        let args = CallArgs {
+            q: q.as_ptr(),
+            k: k.as_ptr(),
+            v: v.as_ptr(),
+            c_kv: c_kv.as_ptr(),
+            k_rope: k_rope.as_ptr(),
+            w_uk: w_uk.as_ptr(),
+            w_uv: w_uv.as_ptr(),
+            out: out.as_mut_ptr(),
+            lse: lse.map_or(std::ptr::null_mut(), |l| l.as_mut_ptr()),
+            k_packed: std::ptr::null(),
+            v_packed: std::ptr::null(),
+            latent_q: std::ptr::null_mut(),
+            latent_out: std::ptr::null_mut(),
+            batch: shape.batch,
+            seq_q: shape.seq_q,
+            seq_k: shape.seq_k,
+        };
+        let plan = self.plan;
+        // Absorbed MLA's q' and o' buffers, each latent_len floats (0 for grouped specs).
+        let lens = plan.latent_len(shape.batch, shape.seq_q);
+        let Some((latent_len, both)) = lens.and_then(|n| Some((n, n.checked_mul(2)?))) else {
+            let shape = vec![2, shape.batch, shape.seq_q, spec.q_heads, plan.acc_dim];
+            return Err(Error::TooLarge { tensor: "q' and o' (absorbed MLA)", shape });
+        };
+        if latent_len > 0 {
+            with_kept(&LATENT, both, |latent| {
+                let (latent_q, latent_out) = latent.split_at_mut(latent_len);
+                let args = CallArgs {
+                    latent_q: latent_q.as_mut_ptr(),
+                    latent_out: latent_out.as_mut_ptr(),
+                    ..args
+                };
+                self.run_checked(shape, args, k, v);
+            });
+        } else {
+            self.run_checked(shape, args, k, v);
+        }
+        Ok(())
+    }
+
+    /// Runs a call whose buffers `check_call` verified (and, for absorbed MLA, whose latent
+    /// buffers hold `plan.latent_len` floats each): the prologue per head, the work items and
+    /// finishes, the epilogue per head. `k` and `v` are the grouped caches `args` points to.
+    fn run_checked(&self, shape: Shape, args: CallArgs, k: &[f32], v: &[f32]) {
+        let plan = self.plan;
+        let threads =
+            self.pool.map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
+        let schedule = plan.schedule(shape.batch, shape.seq_q, shape.seq_k, threads);
+        if schedule.packs_call {
+            let (k_len, v_len) = plan.packed_lens(shape.batch, shape.seq_k);
+            with_kept(&PACKED, k_len + v_len, |packed| {
+                let (k_packed, v_packed) = packed.split_at_mut(k_len);
+                self.in_pool(|| pack_call(plan, shape, k, v, k_packed, v_packed));
+                let args =
+                    CallArgs { k_packed: k_packed.as_ptr(), v_packed: v_packed.as_ptr(), ..args };
+                self.execute(shape, SharedArgs(args), schedule);
+            });
+        } else {
+            self.execute(shape, SharedArgs(args), schedule);
+        }
+    }
+
+    /// Runs `f` on this kernel's thread pool (the global one by default).
+    fn in_pool(&self, f: impl FnOnce() + Send) {
+        match self.pool {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+
+    /// Runs every work item and finish of a checked call.
+    fn execute(&self, shape: Shape, args: SharedArgs, schedule: Schedule) {
+        let (entries, plan) = (self.entries, self.plan);
+        let per_item = schedule.groups_per_item;
+        let blocks = plan.groups.len() / per_item;
+        let tasks = shape.batch * blocks * schedule.q_tiles;
+        let (state_len, splits) = (plan.state_len, schedule.splits);
+        let scratch_len = plan.scratch.len(per_item);
+        // A task's states: `splits` runs of `per_item` group slots ([split][group]), so each
+        // split's item writes one contiguous run.
+        let run_task = |task: usize| {
+            let (b, rest) =
+                (task / (blocks * schedule.q_tiles), task % (blocks * schedule.q_tiles));
+            let (block, tile) = (rest / schedule.q_tiles, rest % schedule.q_tiles);
+            let (g0, q0) = (block * per_item, tile * plan.q_tile);
+            let item = |k_lo: usize, k_hi: usize, scratch: &mut [f32], states: &mut [f32]| {
+                assert!(scratch.len() >= scratch_len && states.len() >= per_item * state_len);
+                // SAFETY: `check_call` verified every buffer against `shape`; the generated
+                // code reads and writes only within those tensors for b < B, q0 < Sq, keys
+                // 0..Sk (its key range, from the start of the tile holding k_lo) and the heads
+                // of groups g0..g0 + per_item < groups; within the call's packed K/V when set
+                // (`pack_call` filled `plan.packed_lens`); within `scratch` (the plan's size for
+                // per_item groups) and per_item state slots of state_len floats, state_len apart
+                // (asserted above). Addresses past a tensor are only ever prefetched.
+                unsafe {
+                    (entries.item)(
+                        args.ptr(),
+                        b,
+                        g0,
+                        per_item,
+                        q0,
+                        k_lo,
+                        k_hi,
+                        scratch.as_mut_ptr(),
+                        states.as_mut_ptr(),
+                        state_len,
+                    )
+                };
+            };
+            let finish = |states: &mut [f32], scratch: &mut [f32]| {
+                assert!(states.len() >= splits * per_item * state_len);
+                for i in 0..per_item {
+                    // SAFETY: as above; group i's `splits` slots start at slot i and lie
+                    // per_item slots apart, inside `states` (asserted above).
+                    unsafe {
+                        (entries.finish)(
+                            args.ptr(),
+                            b,
+                            g0 + i,
+                            q0,
+                            splits,
+                            states.as_mut_ptr().add(i * state_len),
+                            per_item * state_len,
+                            scratch.as_mut_ptr(),
+                        )
+                    };
+                }
+            };
+            let states_len = splits * per_item * state_len;
+            if splits == 1 {
+                with_workspace(scratch_len + states_len, |work| {
+                    let (scratch, states) = work.split_at_mut(scratch_len);
+                    item(0, shape.seq_k, scratch, states);
+                    finish(states, scratch);
+                });
+                return;
+            }
+            with_kept(&SPLIT_STATES, states_len, |states| {
+                states.par_chunks_mut(per_item * state_len).enumerate().for_each(|(split, run)| {
+                    let k_lo = split * schedule.keys_per_split;
+                    let k_hi = (k_lo + schedule.keys_per_split).min(shape.seq_k);
+                    with_workspace(scratch_len, |scratch| item(k_lo, k_hi, scratch, run));
+                });
+                with_workspace(scratch_len, |scratch| finish(states, scratch));
+            });
+        };
+        if let Some(prologue) = entries.prologue {
+            // Every q' row is written before any item reads it: the items start after this
+            // parallel loop returns.
+            self.for_each_head(prologue, &args);
+        }
+        if tasks == 1 && splits == 1 {
+            // One work item (a short decode call): run it here rather than wake a pool thread
+            // and wait for it.
+            run_task(0);
+        } else {
+            self.in_pool(|| (0..tasks).into_par_iter().for_each(run_task));
+        }
+        if let Some(epilogue) = entries.epilogue {
+            self.for_each_head(epilogue, &args);
+        }
+    }
+
+    /// Runs a per-head program (absorbed MLA's prologue or epilogue) for every query head, in
+    /// parallel.
+    fn for_each_head(&self, program: HeadFn, args: &SharedArgs) {
+        let heads = self.plan.spec.q_heads;
+        self.in_pool(|| {
+            (0..heads).into_par_iter().for_each(|head| {
+                // SAFETY: `check_call` verified q, w_uk, w_uv and out against the call's shape,
+                // and `run` made latent_q and latent_out `plan.latent_len` floats each. Head
+                // h's program reads q's, latent_out's and the weights' slices of head h and
+                // writes only head h's slice of latent_q (prologue) or out (epilogue), for
+                // every (batch, query) row: the heads running in parallel write disjoint
+                // elements. The epilogue runs after every finish has written latent_out.
+                unsafe { program(args.ptr(), head) }
+            })
+        });
+    }
+}
+
+/// The call's tensors for generated code, shareable across the worker threads.
+struct SharedArgs(CallArgs);
+
+// SAFETY: the pointers in CallArgs come from the `&[f32]` inputs and `&mut [f32]` outputs of one
+// `run` call and from its packed K/V and latent buffers, which outlive every worker (rayon joins
+// before `run` returns). Workers only read the inputs, the packed K/V and latent_q (each written
+// before the items start), and write disjoint parts of `out`, `lse` and `latent_out`: each
+// (batch, group, query tile) task owns the rows of its group's heads and its queries, and every
+// head belongs to one group; the per-head prologue and epilogue write one head's slice each.
+unsafe impl Sync for SharedArgs {}
+
+impl SharedArgs {
+    fn ptr(&self) -> *const CallArgs {
+        &self.0
+    }
+}
+
+/// Packs grouped K and V once for a call (layouts in [`KernelPlan::packed_lens`]), one
+/// (batch, KV head, key tile) per task, with the same copy routine items use.
+fn pack_call(
+    plan: &KernelPlan,
+    shape: Shape,
+    k: &[f32],
+    v: &[f32],
+    k_packed: &mut [f32],
+    v_packed: &mut [f32],
+) {
+    let (kv, d, dv, k_tile) =
+        (plan.spec.kv_heads(), plan.spec.head_dim(), plan.spec.v_head_dim, plan.k_tile);
+    let tiles = shape.seq_k.div_ceil(k_tile);
+    let value_tile = plan.packed_value_tile();
+    // Each task writes its own tile: K rows j0..j0 + n of its (batch, head), and its V tile.
+    let k_chunks = k_packed.par_chunks_mut(k_tile * d);
+    let v_chunks = v_packed.par_chunks_mut(value_tile);
+    k_chunks.zip(v_chunks).enumerate().for_each(|(task, (k_dst, v_dst))| {
+        let (head, tile) = (task / tiles, task % tiles);
+        let (b, g) = (head / kv, head % kv);
+        let j0 = tile * k_tile;
+        let n = k_tile.min(shape.seq_k - j0);
+        let k_src = &k[((b * shape.seq_k + j0) * kv + g) * d..];
+        let v_src = &v[((b * shape.seq_k + j0) * kv + g) * dv..];
+        // Rows j0..j0 + n of head g, `kv` heads apart.
+        assert!(k_src.len() >= (n - 1) * kv * d + d && v_src.len() >= (n - 1) * kv * dv + dv);
+        assert!(k_dst.len() >= n * d && v_dst.len() >= value_tile);
+        // SAFETY: the asserts above: n source rows of d (dv) floats, kv·d (kv·dv) apart, and
+        // destinations of n·d floats (row-major) and one panel tile (k_tile rows of dv floats in
+        // PANEL-column panels).
+        unsafe {
+            simd::pack_rows(n, d, k_src.as_ptr(), kv * d, k_dst.as_mut_ptr(), d, PANEL);
+            simd::pack_rows(
+                n,
+                dv,
+                v_src.as_ptr(),
+                kv * dv,
+                v_dst.as_mut_ptr(),
+                PANEL,
+                PANEL * k_tile,
+            );
+        }
+    });
+}
+
+thread_local! {
+    /// Each thread's work-item buffers, reused across items and calls: allocating them per item
+    /// cost page faults, and with glibc's mmap threshold an unmap (a TLB shootdown on every
+    /// core) per item. Generated code writes every scratch and state element before reading it,
+    /// so the buffer is never cleared.
+    static WORKSPACE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's workspace, grown to at least `len` floats. `f` must not re-enter
+/// (it runs generated code, which never calls back into the runtime).
+fn with_workspace<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    WORKSPACE.with(|workspace| {
+        let mut workspace = workspace.borrow_mut();
+        if workspace.len() < len {
+            workspace.resize(len, 0.0);
+        }
+        f(&mut workspace[..len])
+    })
+}
+
+thread_local! {
+    /// The call-level packed K/V of the calls made from this thread, reused across calls.
+    static PACKED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Absorbed MLA's `latent_q` and `latent_out` of the calls made from this thread.
+    static LATENT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The split states of the decode tasks this thread runs, reused across tasks and calls: a
+    /// fresh zeroed buffer per task (megabytes for long contexts) cost page faults and an
+    /// unmap per task. Every state element is written (InitState) before it is read.
+    static SPLIT_STATES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Floats a thread keeps in each of its reused call buffers between calls (128 MB); larger
+/// calls allocate their own buffer and free it when they return, so a single long prefill does
+/// not pin its copy.
+const KEPT_FLOATS: usize = 1 << 25;
+
+/// Runs `f` on this thread's `buffer`, grown to at least `len` floats; a nested use on the
+/// same thread (rayon may run another task here while this one waits) or one larger than
+/// [`KEPT_FLOATS`] gets a fresh buffer.
+fn with_kept<R>(
+    buffer: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    if len > KEPT_FLOATS {
+        return f(&mut vec![0.0; len]);
+    }
+    buffer.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut kept) => {
+            if kept.len() < len {
+                kept.resize(len, 0.0);
+            }
+            f(&mut kept[..len])
+        }
+        Err(_) => f(&mut vec![0.0; len]),
+    })
+}
