@@ -176,22 +176,167 @@ pub type FinishFn = unsafe extern "C" fn(
 /// `prologue(args, h)` / `epilogue(args, h)`: one query head's call-level work.
 pub type HeadFn = unsafe extern "C" fn(args: *const CallArgs, head: usize);
 
+/// `ln(x)` of one f32 (once per output row, for `lse`).
+pub type LnFn = unsafe extern "C" fn(x: f32) -> f32;
+
+/// `C[i·ldc + j] (+)= Σ_{p<k} A[i·lda + p] · B[j·ldb + p]` for `i < m`, `j < n`.
+/// `accumulate != 0` adds to C, otherwise overwrites it; `prefetch` as for [`DotNn`].
+pub type DotNt = unsafe extern "C" fn(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: usize,
+    prefetch: *const PrefetchRows,
+);
+
+/// `C[i·ldc + j] (+)= Σ_{p ∈ P_i} A[i][p] · B[p][j]` for `i < m`, `j < n`, where
+/// - `A[i][p] = a[i·a_row + p·a_col]`: row-major (`a_col = 1`), or column-major (`a_row = 1`)
+///   such as a transposed probability tile;
+/// - `B[p][j] = b[(j / PANEL)·b_panel + p·b_row + j % PANEL]` ([`PANEL`] columns per panel): a
+///   row-major B has `b_panel = PANEL`, a packed one `b_row = PANEL`;
+/// - `P_i = 0..k`, or `row_lo[i]..row_hi[i]` (clamped to `0..k`) when the tables are non-null:
+///   a row never reads B outside its range, so a hidden key's value row cannot reach it, not
+///   even as `0 · NaN`.
+///
+/// `accumulate != 0` adds to C, otherwise overwrites it. `prefetch`, when non-null, names cache
+/// rows to prefetch while computing (the rows the item reads next), spread over the blocks.
+pub type DotNn = unsafe extern "C" fn(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    a_row: usize,
+    a_col: usize,
+    b: *const f32,
+    b_row: usize,
+    b_panel: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: usize,
+    row_lo: *const i32,
+    row_hi: *const i32,
+    prefetch: *const PrefetchRows,
+);
+
+/// `P[j][c] = 2^(S[j][c] − m[c])` in place, where `S[j][c] = s[j·ld + c]`, for `j < keys`,
+/// `c < columns`, and `l[c] += Σ_j P[j][c]` (summed in order of j) — the exponentials of one
+/// online-softmax tile, whose columns are the query rows of Sᵀ. `2^x` is evaluated exactly as
+/// [`exp2`] specifies (so `s = −∞` gives 0), for arguments `<= 64`.
+pub type Exp2Columns = unsafe extern "C" fn(
+    keys: usize,
+    columns: usize,
+    s: *mut f32,
+    ld: usize,
+    m: *const f32,
+    l: *mut f32,
+);
+
+/// Copies `rows` rows of `width` floats, `src[r·src_row + c]`, to
+/// `dst[(c / PANEL)·dst_panel + r·dst_row + c % PANEL]` (row-major: `dst_row = width`,
+/// `dst_panel = PANEL`; panels: `dst_row = PANEL`).
+pub type PackRows = unsafe extern "C" fn(
+    rows: usize,
+    width: usize,
+    src: *const f32,
+    src_row: usize,
+    dst: *mut f32,
+    dst_row: usize,
+    dst_panel: usize,
+);
+
+/// Writes `factor · src[r·src_row + c]` (`r < rows`, `c < width`) transposed into column
+/// `first_column + r` of a panel-packed tile: to `dst[(col / PANEL)·dst_panel + c·PANEL +
+/// col % PANEL]` — the query side of the score product, scaled on the way.
+pub type PackColumns = unsafe extern "C" fn(
+    rows: usize,
+    width: usize,
+    src: *const f32,
+    src_row: usize,
+    factor: f32,
+    dst: *mut f32,
+    first_column: usize,
+    dst_panel: usize,
+);
+
+/// The scalar kinds the ABI passes: a pointer-sized integer (pointers and sizes) or an f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Param {
+    /// `usize` or a pointer.
+    Word,
+    /// `f32`.
+    F32,
+}
+
+/// A Rust type the ABI passes, with its [`Param`] kind.
+pub trait AbiType {
+    /// Its kind.
+    const PARAM: Param;
+}
+
+macro_rules! abi_types {
+    ($($param:ident: $($ty:ty),*;)*) => {
+        $($(impl AbiType for $ty {
+            const PARAM: Param = Param::$param;
+        })*)*
+    };
+}
+abi_types! {
+    Word: usize, *const f32, *mut f32, *const i32, *const CallArgs, *const PrefetchRows;
+    F32: f32;
+}
+
+/// An `extern "C"` function type of the ABI: its parameters' and result's kinds, read off the
+/// Rust type itself, so the emitters' signatures (`clif::signature`) and the Rust types the
+/// runtime implements are one definition.
+pub trait AbiFn {
+    /// Kinds of the parameters, in order.
+    const PARAMS: &'static [Param];
+    /// Kind of the result, if any.
+    const RETURNS: Option<Param>;
+}
+
+macro_rules! abi_fns {
+    ($($arg:ident)*) => {
+        impl<$($arg: AbiType),*> AbiFn for unsafe extern "C" fn($($arg),*) {
+            const PARAMS: &'static [Param] = &[$($arg::PARAM),*];
+            const RETURNS: Option<Param> = None;
+        }
+        impl<R: AbiType, $($arg: AbiType),*> AbiFn for unsafe extern "C" fn($($arg),*) -> R {
+            const PARAMS: &'static [Param] = &[$($arg::PARAM),*];
+            const RETURNS: Option<Param> = Some(R::PARAM);
+        }
+    };
+}
+abi_fns!(A);
+abi_fns!(A B);
+abi_fns!(A B C D E F);
+abi_fns!(A B C D E F G);
+abi_fns!(A B C D E F G H);
+abi_fns!(A B C D E F G H I J);
+abi_fns!(A B C D E F G H I J K);
+abi_fns!(A B C D E F G H I J K L M N O);
+
 /// The pre-compiled routines generated code calls, in the order of [`Callee::ALL`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Callee {
-    /// Tile `C (+)= A·Bᵀ` (see `attngen`'s `simd::DotNt`).
+    /// Tile `C (+)= A·Bᵀ` ([`DotNt`]).
     DotNt,
-    /// Tile `C (+)= A·B` with optional per-row key ranges (`simd::DotNn`).
+    /// Tile `C (+)= A·B` with optional per-row key ranges ([`DotNn`]).
     DotNn,
-    /// Natural log of one f32 (once per output row, for `lse`).
+    /// Natural log of one f32 (once per output row, for `lse`; [`LnFn`]).
     Ln,
-    /// Copy a K/V tile into scratch, as rows or column panels (`simd::PackRows`).
+    /// Copy a K/V tile into scratch, as rows or column panels ([`PackRows`]).
     PackRows,
-    /// Copy query rows transposed and scaled into the query tile's panels
-    /// (`simd::PackColumns`).
+    /// Copy query rows transposed and scaled into the query tile's panels ([`PackColumns`]).
     PackColumns,
     /// A score tile's exponentials `P = 2^(s − m)` in place, with their column sums added to l
-    /// (`simd::Exp2Columns`).
+    /// ([`Exp2Columns`]).
     Exp2Columns,
 }
 
@@ -215,6 +360,21 @@ impl Callee {
             Callee::PackRows => "attngen_pack_rows",
             Callee::PackColumns => "attngen_pack_columns",
             Callee::Exp2Columns => "attngen_exp2_columns",
+        }
+    }
+
+    /// The kinds of the routine's parameters and result, from its Rust function type.
+    pub fn signature(self) -> (&'static [Param], Option<Param>) {
+        fn of<F: AbiFn>() -> (&'static [Param], Option<Param>) {
+            (F::PARAMS, F::RETURNS)
+        }
+        match self {
+            Callee::DotNt => of::<DotNt>(),
+            Callee::DotNn => of::<DotNn>(),
+            Callee::Ln => of::<LnFn>(),
+            Callee::PackRows => of::<PackRows>(),
+            Callee::PackColumns => of::<PackColumns>(),
+            Callee::Exp2Columns => of::<Exp2Columns>(),
         }
     }
 
@@ -256,4 +416,27 @@ pub mod exp2 {
         0.001_339_887_5,
         0.000_153_533_62,
     ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The signatures come from the Rust types: their arity and the position of every f32.
+    #[test]
+    fn signatures_are_read_off_the_function_types() {
+        let words = |n| vec![Param::Word; n];
+        assert_eq!(Callee::DotNt.signature(), (&words(11)[..], None));
+        assert_eq!(Callee::DotNn.signature(), (&words(15)[..], None));
+        assert_eq!(Callee::Exp2Columns.signature(), (&words(6)[..], None));
+        assert_eq!(Callee::PackRows.signature(), (&words(7)[..], None));
+        let mut pack_columns = words(8);
+        pack_columns[4] = Param::F32; // the scale factor
+        assert_eq!(Callee::PackColumns.signature(), (&pack_columns[..], None));
+        assert_eq!(Callee::Ln.signature(), (&[Param::F32][..], Some(Param::F32)));
+        assert_eq!(
+            (ItemFn::PARAMS.len(), FinishFn::PARAMS.len(), HeadFn::PARAMS.len()),
+            (10, 8, 2)
+        );
+    }
 }

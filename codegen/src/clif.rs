@@ -15,7 +15,9 @@ use cranelift_codegen::ir::{
 use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 
-use crate::abi::{Callee, PANEL, PrefetchRows, offsets, prefetch_offsets};
+use crate::abi::{
+    AbiFn, Callee, FinishFn, HeadFn, ItemFn, PANEL, Param, PrefetchRows, offsets, prefetch_offsets,
+};
 use crate::ir::{KernelIr, Op, Operand, ScoreTerm};
 use crate::plan::KernelPlan;
 use crate::spec::{GroupMap, KvLayout, Mask};
@@ -32,47 +34,28 @@ pub struct ClifKernel {
     pub epilogue: Option<Function>,
 }
 
-/// Signature of `item`: ten pointer-sized integers.
-pub fn item_signature(call_conv: CallConv) -> Signature {
-    int_signature(call_conv, 10, None)
+/// The Cranelift signature of an ABI function type ([`crate::abi::AbiFn`]): `ItemFn`,
+/// `FinishFn` and `HeadFn` for the generated functions, a routine's type for its calls.
+pub fn signature<F: AbiFn>(call_conv: CallConv) -> Signature {
+    signature_of(F::PARAMS, F::RETURNS, call_conv)
 }
 
-/// Signature of `finish`: eight pointer-sized integers.
-pub fn finish_signature(call_conv: CallConv) -> Signature {
-    int_signature(call_conv, 8, None)
-}
-
-/// Signature of `prologue` and `epilogue`: two pointer-sized integers.
-pub fn head_signature(call_conv: CallConv) -> Signature {
-    int_signature(call_conv, 2, None)
-}
-
-/// Signature of a callee.
+/// Signature of a callee, from its Rust function type ([`Callee::signature`]).
 pub fn callee_signature(callee: Callee, call_conv: CallConv) -> Signature {
-    match callee {
-        Callee::DotNt => int_signature(call_conv, 11, None),
-        Callee::DotNn => int_signature(call_conv, 15, None),
-        Callee::Ln => {
-            let mut sig = Signature::new(call_conv);
-            sig.params.push(AbiParam::new(types::F32));
-            sig.returns.push(AbiParam::new(types::F32));
-            sig
-        }
-        Callee::PackRows => int_signature(call_conv, 7, None),
-        Callee::PackColumns => {
-            let mut sig = int_signature(call_conv, 4, None);
-            sig.params.push(AbiParam::new(types::F32));
-            sig.params.extend([AbiParam::new(types::I64); 3]);
-            sig
-        }
-        Callee::Exp2Columns => int_signature(call_conv, 6, None),
-    }
+    let (params, returns) = callee.signature();
+    signature_of(params, returns, call_conv)
 }
 
-fn int_signature(call_conv: CallConv, params: usize, ret: Option<Type>) -> Signature {
+fn signature_of(params: &[Param], returns: Option<Param>, call_conv: CallConv) -> Signature {
+    let abi = |param: &Param| {
+        AbiParam::new(match param {
+            Param::Word => types::I64,
+            Param::F32 => types::F32,
+        })
+    };
     let mut sig = Signature::new(call_conv);
-    sig.params.extend((0..params).map(|_| AbiParam::new(types::I64)));
-    sig.returns.extend(ret.map(AbiParam::new));
+    sig.params.extend(params.iter().map(abi));
+    sig.returns.extend(returns.iter().map(abi));
     sig
 }
 
@@ -186,10 +169,10 @@ impl<'a> Translator<'a> {
     ) -> Function {
         let call_conv = frontend.default_call_conv;
         let (name, sig) = match program {
-            Program::Item => (0, item_signature(call_conv)),
-            Program::Finish => (1, finish_signature(call_conv)),
-            Program::Prologue => (2, head_signature(call_conv)),
-            Program::Epilogue => (3, head_signature(call_conv)),
+            Program::Item => (0, signature::<ItemFn>(call_conv)),
+            Program::Finish => (1, signature::<FinishFn>(call_conv)),
+            Program::Prologue => (2, signature::<HeadFn>(call_conv)),
+            Program::Epilogue => (3, signature::<HeadFn>(call_conv)),
         };
         let mut func = Function::with_name_signature(UserFuncName::user(0, name), sig);
         let callees = Callee::ALL.map(|callee| {
