@@ -19,8 +19,8 @@ use crate::abi::{
     AbiFn, Callee, FinishFn, HeadFn, ItemFn, PANEL, Param, PrefetchRows, offsets, prefetch_offsets,
 };
 use crate::ir::{KernelIr, Op, Operand, ScoreTerm};
-use crate::plan::KernelPlan;
-use crate::spec::{GroupMap, KvLayout, Mask};
+use crate::plan::{CacheRow, CacheTensor, Form, HeadMap, KernelPlan};
+use crate::spec::Mask;
 
 /// The generated functions of a kernel.
 pub struct ClifKernel {
@@ -156,6 +156,8 @@ struct Translator<'a> {
     rows: Value,
     /// `rows` rounded up to 4: the columns of the transposed tiles the softmax walks.
     rows_v4: Value,
+    /// The visibility rule of the key loop being emitted (`Op::KeyTiles`).
+    mask: Mask,
 }
 
 impl<'a> Translator<'a> {
@@ -238,6 +240,7 @@ impl<'a> Translator<'a> {
             prefetch: zero,
             rows: zero,
             rows_v4: zero,
+            mask: Mask::None,
         };
         if matches!(program, Program::Item | Program::Finish) {
             t.bind_work_item();
@@ -397,9 +400,7 @@ impl<'a> Translator<'a> {
 
     /// Explicit maps get a per-call stack table of each group's heads; named maps compute them.
     fn emit_head_table(&mut self) -> Option<Value> {
-        let explicit =
-            matches!(self.plan.spec.kv, KvLayout::Grouped { group_map: GroupMap::Explicit(_), .. });
-        if !explicit {
+        if self.plan.head_map != HeadMap::Table {
             return None;
         }
         let width = self.largest_group();
@@ -443,8 +444,7 @@ impl<'a> Translator<'a> {
 
     /// The query head in slot `slot` of the work item's group.
     fn head_of(&mut self, slot: Value) -> Value {
-        let spec = &self.plan.spec;
-        match (&spec.kv, self.head_table) {
+        match (self.plan.head_map, self.head_table) {
             (_, Some(table)) => {
                 let width = self.largest_group() + 1;
                 let row = self.mul_imm(self.group, width);
@@ -454,17 +454,15 @@ impl<'a> Translator<'a> {
                 let head = self.b.ins().load(types::I32, mem(), at, 0);
                 self.b.ins().sextend(types::I64, head)
             }
-            (KvLayout::Grouped { kv_heads, group_map: GroupMap::Interleaved, .. }, None) => {
-                let kv = *kv_heads;
-                let base = self.mul_imm(slot, kv);
+            (HeadMap::Interleaved { groups }, None) => {
+                let base = self.mul_imm(slot, groups);
                 self.add(base, self.group)
             }
-            // Contiguous maps, and latent (one group of every head).
-            (_, None) => {
-                let size = self.plan.groups[0].len();
+            (HeadMap::Contiguous { size }, None) => {
                 let base = self.mul_imm(self.group, size);
                 self.add(base, slot)
             }
+            (HeadMap::Table, None) => unreachable!("explicit maps always have a head table"),
         }
     }
 
@@ -496,7 +494,7 @@ impl<'a> Translator<'a> {
     /// Float index of row `(b, q0 + qi, h)` of a `[B, Sq, H, width]` tensor: q, out, lse and
     /// the latent buffers.
     fn row_index(&mut self, head: Value, qi: Value, width: usize) -> Value {
-        let h = self.plan.spec.q_heads;
+        let h = self.plan.q_heads;
         let bs = self.mul(self.batch, self.seq_q);
         let i = self.add(bs, self.q0);
         let i = self.add(i, qi);
@@ -526,26 +524,26 @@ impl<'a> Translator<'a> {
         (self.float_addr(base, idx), stride)
     }
 
-    /// Floats of one row of key/value tensor `operand` that an item reads: one KV head's key or
-    /// value, a latent, a RoPE key.
+    /// Floats of one row of key/value tensor `operand` that an item reads.
     fn row_width(&self, operand: Operand) -> usize {
-        let spec = &self.plan.spec;
-        match (&spec.kv, operand) {
-            (KvLayout::Grouped { head_dim, .. }, Operand::K) => *head_dim,
-            (KvLayout::Grouped { .. }, Operand::V) => spec.v_head_dim,
-            (KvLayout::Latent(l), Operand::CKv) => l.rank,
-            (KvLayout::Latent(l), Operand::KRope) => l.rope_dim,
-            _ => unreachable!("lowering pairs operands with their spec kind"),
-        }
+        self.cache_row(operand).width
     }
 
-    /// Floats from one row of key/value tensor `operand` to the next: all KV heads of a token
-    /// for grouped K and V, the row itself for MLA's latent and RoPE keys.
+    /// Floats from one row of key/value tensor `operand` to the next.
     fn row_stride(&self, operand: Operand) -> usize {
-        match (&self.plan.spec.kv, operand) {
-            (KvLayout::Grouped { kv_heads, .. }, _) => kv_heads * self.row_width(operand),
-            (KvLayout::Latent(_), _) => self.row_width(operand),
-        }
+        self.cache_row(operand).stride
+    }
+
+    /// The plan's layout of cache tensor `operand`.
+    fn cache_row(&self, operand: Operand) -> CacheRow {
+        let tensor = match operand {
+            Operand::K => CacheTensor::K,
+            Operand::V => CacheTensor::V,
+            Operand::CKv => CacheTensor::CKv,
+            Operand::KRope => CacheTensor::KRope,
+            other => unreachable!("{other:?} is not a cache tensor"),
+        };
+        self.plan.cache_row(tensor).expect("lowering pairs operands with their spec kind")
     }
 
     /// Address of row `row` of O in the state slot at `state`: O (`padded_rows × acc_dim`),
@@ -720,7 +718,7 @@ impl<'a> Translator<'a> {
     fn row_bounds(&mut self, i: Value) -> (Value, Value) {
         let offset = self.b.ins().isub(self.seq_k, self.seq_q);
         let diag = self.add(i, offset);
-        let (lo, hi) = match self.plan.spec.mask {
+        let (lo, hi) = match self.mask {
             Mask::None => (self.int(0), self.seq_k),
             Mask::Causal => {
                 let end = self.add_imm(diag, 1);
@@ -748,16 +746,16 @@ impl<'a> Translator<'a> {
             Op::ForEachGroup { body } => {
                 self.for_each_group(|t| body.iter().for_each(|op| t.op(op)))
             }
-            Op::KeyTiles { tile, few_rows_tile, body, .. } => match few_rows_tile {
-                None => self.key_tiles(*tile, body),
+            Op::KeyTiles { tile, few_rows_tile, mask, body } => match few_rows_tile {
+                None => self.key_tiles(*tile, *mask, body),
                 Some(narrow) => {
                     let dots = self.dots();
                     let pre = self.prepacked();
                     let in_place = self.b.ins().band_not(dots, pre);
                     self.if_else(
                         in_place,
-                        |t| t.key_tiles(*narrow, body),
-                        |t| t.key_tiles(*tile, body),
+                        |t| t.key_tiles(*narrow, *mask, body),
+                        |t| t.key_tiles(*tile, *mask, body),
                     );
                 }
             },
@@ -843,11 +841,11 @@ impl<'a> Translator<'a> {
     ) {
         let tile = self.tile_addr(into);
         let (base, width) = match from {
-            Operand::Q => (offsets::Q, self.plan.spec.head_dim()),
+            Operand::Q => (offsets::Q, self.plan.q_width),
             Operand::LatentQ => (offsets::LATENT_Q, self.plan.acc_dim),
             other => unreachable!("{other:?} holds no queries"),
         };
-        let row_floats = self.plan.spec.q_heads * width;
+        let row_floats = self.plan.q_heads * width;
         self.for_each_head(|t, slot, head| {
             let zero = t.int(0);
             let idx = t.row_index(head, zero, width);
@@ -873,7 +871,7 @@ impl<'a> Translator<'a> {
     /// The queries row-major and scaled (rows `rows..rows_v4` zero), for dot-product scores.
     fn pack_query_rows(&mut self, len: usize, factor: f32) {
         let dst = self.tile_addr(Operand::QueryRows);
-        let head_dim = self.plan.spec.head_dim();
+        let head_dim = self.plan.q_width;
         self.for_each_row(|t, _, head, qi, row| {
             let idx = t.row_index(head, qi, head_dim);
             let q = t.arg(offsets::Q);
@@ -1061,7 +1059,7 @@ impl<'a> Translator<'a> {
         let stride = self.b.ins().select(packs, width_v, stride);
         // Packed for the call: `[B][kv][Sk'][D]`, Sk' = Sk rounded up to whole tiles.
         let pre = self.prepacked();
-        let kv = self.plan.spec.kv_heads();
+        let kv = self.plan.groups.len();
         let head = self.mul_imm(self.batch, kv);
         let head = self.add(head, self.group);
         let k_tile = self.plan.k_tile as i64;
@@ -1099,7 +1097,7 @@ impl<'a> Translator<'a> {
         // Packed for the call: tile j0 / k_tile of (batch, group); key loops start on a
         // multiple of k_tile.
         let pre = self.prepacked();
-        let kv = self.plan.spec.kv_heads();
+        let kv = self.plan.groups.len();
         let head = self.mul_imm(self.batch, kv);
         let head = self.add(head, self.group);
         let last = self.add_imm(self.seq_k, k_tile - 1);
@@ -1121,15 +1119,15 @@ impl<'a> Translator<'a> {
     /// Prologue: `latent_q[r, h] = q_nope[r, h] · W_UK[h]` for every row r = (b, q) of the
     /// call, as one tile product.
     fn absorb_queries(&mut self, nope: usize, rank: usize) {
-        let h = self.plan.spec.q_heads;
+        let h = self.plan.q_heads;
         let rows = self.call_rows();
-        let a = self.head_slice(offsets::Q, self.plan.spec.head_dim());
+        let a = self.head_slice(offsets::Q, self.plan.q_width);
         let w = self.head_slice(offsets::W_UK, nope * rank);
         let c = self.head_slice(offsets::LATENT_Q, rank);
         let (nope, rank, lda, ldc, one, panel, zero) = (
             self.int(nope as i64),
             self.int(rank as i64),
-            self.int((h * self.plan.spec.head_dim()) as i64),
+            self.int((h * self.plan.q_width) as i64),
             self.int((h * rank) as i64),
             self.int(1),
             self.int(PANEL as i64),
@@ -1176,7 +1174,8 @@ impl<'a> Translator<'a> {
         });
     }
 
-    fn key_tiles(&mut self, tile: usize, body: &[Op]) {
+    fn key_tiles(&mut self, tile: usize, mask: Mask, body: &[Op]) {
+        self.mask = mask;
         let zero = self.int(0);
         let empty = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, self.nq, zero);
         // Rows are sorted by query, and bounds grow with the query: the first query has the
@@ -1419,9 +1418,9 @@ impl<'a> Translator<'a> {
         );
         // Grouped values are their own tensor: prefetch their next rows when strided (latent
         // values are the keys, contiguous).
-        let prefetch = match self.plan.spec.kv {
-            KvLayout::Grouped { .. } => self.prefetch_next(Operand::V, tile),
-            KvLayout::Latent(_) => zero,
+        let prefetch = match self.plan.form {
+            Form::Grouped => self.prefetch_next(Operand::V, tile),
+            Form::LatentAbsorbed => zero,
         };
         let (rows, n) = (self.rows, tile.n);
         let args =
@@ -1538,7 +1537,7 @@ impl<'a> Translator<'a> {
     /// Epilogue: `out[r, h] = latent_out[r, h] · W_UV[h]ᵀ` for every row r = (b, q) of the
     /// call, as one tile product.
     fn project_out(&mut self, rank: usize, v_dim: usize) {
-        let h = self.plan.spec.q_heads;
+        let h = self.plan.q_heads;
         let rows = self.call_rows();
         let a = self.head_slice(offsets::LATENT_OUT, rank);
         let w = self.head_slice(offsets::W_UV, v_dim * rank);

@@ -8,7 +8,7 @@ use std::fmt;
 
 use crate::abi::PANEL;
 use crate::cost;
-use crate::spec::{AttentionSpec, KvLayout, Mask};
+use crate::spec::{AttentionSpec, GroupMap, KvLayout, Mask};
 
 /// Which form of attention the kernel computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +19,48 @@ pub enum Form {
     /// MLA in the absorbed form: `q' = q_nope·W_UK[h]`, attention over `[c_kv, k_rope]` as one
     /// KV head shared by all query heads, then `out = o'·W_UV[h]ᵀ`.
     LatentAbsorbed,
+}
+
+/// How generated code finds the query heads of a group: the spec's group map, resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadMap {
+    /// Group g holds heads `g·size .. (g + 1)·size` (contiguous maps; latent: one group of
+    /// every head).
+    Contiguous {
+        /// Heads per group.
+        size: usize,
+    },
+    /// Group g holds heads `g, g + groups, g + 2·groups, …` (interleaved maps).
+    Interleaved {
+        /// Groups (KV heads).
+        groups: usize,
+    },
+    /// Groups of any sizes and members (explicit maps): generated code reads a table of
+    /// [`KernelPlan::groups`].
+    Table,
+}
+
+/// A cache tensor whose rows a work item reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheTensor {
+    /// Grouped keys `k` [B, Sk, kv_heads, D].
+    K,
+    /// Grouped values `v` [B, Sk, kv_heads, Dv].
+    V,
+    /// MLA's latent `c_kv` [B, Sk, rank].
+    CKv,
+    /// MLA's RoPE keys `k_rope` [B, Sk, rope_dim].
+    KRope,
+}
+
+/// Where a work item's rows of a cache tensor lie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheRow {
+    /// Floats of one row an item reads: one KV head's key or value, a latent, a RoPE key.
+    pub width: usize,
+    /// Floats from one token's row to the next: all KV heads of a token for grouped K and V,
+    /// the row itself for MLA's latent and RoPE keys.
+    pub stride: usize,
 }
 
 /// The planned kernel for one spec. A work item packs the query heads of its group as extra
@@ -32,6 +74,12 @@ pub struct KernelPlan {
     pub form: Form,
     /// Query heads reading each KV head (for latent, one group holding every head).
     pub groups: Vec<Vec<usize>>,
+    /// How generated code maps a group's slots to query heads.
+    pub head_map: HeadMap,
+    /// Query heads H: the head count of `q`, `out` and `lse` rows.
+    pub q_heads: usize,
+    /// Floats of one head's query row in `q`: D (latent: `nope_dim + rope_dim`).
+    pub q_width: usize,
     /// Queries per work item, Bq.
     pub q_tile: usize,
     /// Keys per inner tile, Bk (a multiple of 4, the generated vector width).
@@ -160,6 +208,13 @@ impl KernelPlan {
                 (Form::LatentAbsorbed, vec![(0..spec.q_heads).collect()], l.rank)
             }
         };
+        let head_map = match &spec.kv {
+            KvLayout::Grouped { group_map: GroupMap::Explicit(_), .. } => HeadMap::Table,
+            KvLayout::Grouped { kv_heads, group_map: GroupMap::Interleaved, .. } => {
+                HeadMap::Interleaved { groups: *kv_heads }
+            }
+            _ => HeadMap::Contiguous { size: groups[0].len() },
+        };
         let largest_group = groups.iter().map(Vec::len).max().unwrap_or(1);
         let q_tile = (TARGET_ROWS / largest_group).max(1);
         let rows = q_tile * largest_group;
@@ -204,6 +259,9 @@ impl KernelPlan {
             spec: spec.clone(),
             form,
             groups,
+            head_map,
+            q_heads: spec.q_heads,
+            q_width: spec.head_dim(),
             q_tile,
             k_tile,
             dot_k_tile,
@@ -283,6 +341,22 @@ impl KernelPlan {
             }
             KvLayout::Grouped { .. } => Some(0),
         }
+    }
+
+    /// Where a work item's rows of `tensor` lie in the cache. Only the tensors of the spec's
+    /// kind have rows: `None` for the others.
+    pub fn cache_row(&self, tensor: CacheTensor) -> Option<CacheRow> {
+        let spec = &self.spec;
+        let (width, tokens_apart) = match (&spec.kv, tensor) {
+            (KvLayout::Grouped { head_dim, kv_heads, .. }, CacheTensor::K) => {
+                (*head_dim, *kv_heads)
+            }
+            (KvLayout::Grouped { kv_heads, .. }, CacheTensor::V) => (spec.v_head_dim, *kv_heads),
+            (KvLayout::Latent(l), CacheTensor::CKv) => (l.rank, 1),
+            (KvLayout::Latent(l), CacheTensor::KRope) => (l.rope_dim, 1),
+            _ => return None,
+        };
+        Some(CacheRow { width, stride: tokens_apart * width })
     }
 
     /// Floats of one packed value tile: `k_tile × Dv` in [`PANEL`]-column panels.
@@ -474,6 +548,26 @@ mod tests {
             (mla.form, mla.groups.len(), mla.q_tile, mla.acc_dim),
             (Form::LatentAbsorbed, 1, 4, 512)
         );
+    }
+
+    #[test]
+    fn head_maps_and_cache_rows_resolve_the_spec_for_the_emitters() {
+        let contiguous = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16));
+        assert_eq!(contiguous.head_map, HeadMap::Contiguous { size: 4 });
+        let interleaved =
+            KernelPlan::new(&AttentionSpec::gqa(8, 2, 16).group_map(GroupMap::Interleaved));
+        assert_eq!(interleaved.head_map, HeadMap::Interleaved { groups: 2 });
+        let explicit =
+            AttentionSpec::gqa(5, 3, 8).group_map(GroupMap::Explicit(vec![2, 0, 0, 1, 2]));
+        assert_eq!(KernelPlan::new(&explicit).head_map, HeadMap::Table);
+        // Grouped rows are one KV head's slice of a token's row of every KV head.
+        let row = contiguous.cache_row(CacheTensor::V);
+        assert_eq!(row, Some(CacheRow { width: 16, stride: 32 }));
+        assert_eq!(contiguous.cache_row(CacheTensor::CKv), None);
+        let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128));
+        assert_eq!(mla.head_map, HeadMap::Contiguous { size: 16 });
+        assert_eq!(mla.cache_row(CacheTensor::KRope), Some(CacheRow { width: 64, stride: 64 }));
+        assert_eq!((mla.q_heads, mla.q_width), (16, 192));
     }
 
     #[test]
