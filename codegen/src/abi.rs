@@ -391,6 +391,23 @@ impl Callee {
     }
 }
 
+pub mod softcap {
+    //! The `c·tanh(s/c)` every kernel evaluates for a softcap c, so all emitters round alike,
+    //! with `x = s/c`:
+    //! - for `|x| <` [`SMALL`]: `s · (tanh x / x)` with `tanh x / x = 1 + x²·(c₁ + x²·(c₂ +
+    //!   x²·c₃))` ([`RATIO_POLY`], the Taylor series to x⁶): no cancellation, and an enormous cap
+    //!   leaves s exactly unchanged instead of losing it to underflow in `s/c`;
+    //! - else `c · sign(x) · (1 − 2 / (2^(2·log2 e·|x|) + 1))`, the exponent capped at
+    //!   [`EXP_LIMIT`] (where tanh is 1 in f32) so [`super::exp2`] stays in range.
+
+    /// `|x|` below which the ratio polynomial is used.
+    pub const SMALL: f32 = 0.125;
+    /// Coefficients of x², x⁴, x⁶ of `tanh x / x`, highest first as Horner's rule uses them.
+    pub const RATIO_POLY: [f32; 3] = [-17.0 / 315.0, 2.0 / 15.0, -1.0 / 3.0];
+    /// Largest argument passed to `exp2`.
+    pub const EXP_LIMIT: f32 = 64.0;
+}
+
 pub mod exp2 {
     //! The `2^x` every kernel evaluates, generated or pre-compiled, so all of them round alike:
     //! - x is first raised to [`FLOOR`], where the built exponent field is 0: masked scores

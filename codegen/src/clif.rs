@@ -614,20 +614,17 @@ impl<'a> Translator<'a> {
         self.b.ins().fmul(poly, pow2)
     }
 
-    /// The softcap in base-2 units for f32x4: `log2 e · cap · tanh(s / cap)`. With
-    /// `x = s / cap`, large |x| (>= 1/8) uses `cap · sign(x)·(1 − 2/(e^{2|x|} + 1))` (absolute
-    /// error ~1e-7, e^{2|x|} from `exp2` with its argument capped at 64: tanh is 1 in f32 long
-    /// before); small |x| uses `s · (tanh x / x)` with the even series
-    /// `1 − x²/3 + 2x⁴/15 − 17x⁶/315` (relative error < 2e-9). The small form never divides by
-    /// or multiplies with `cap`, so a huge cap — whose reciprocal is subnormal — leaves `s`
-    /// exactly unchanged instead of losing it to underflow.
+    /// The softcap in base-2 units for f32x4: `log2 e · cap · tanh(s / cap)`, evaluated as
+    /// [`crate::abi::softcap`] specifies (absolute error ~1e-7 in the large form, relative
+    /// < 2e-9 in the small one).
     fn softcap_log2(&mut self, s: Value, cap: f32) -> Value {
+        use crate::abi::softcap::{EXP_LIMIT, RATIO_POLY, SMALL};
         let inv_cap = self.splat((1.0 / f64::from(cap)) as f32);
         let x = self.b.ins().fmul(s, inv_cap);
         let ax = self.b.ins().fabs(x);
         let two_log2e = self.splat(2.0 * std::f32::consts::LOG2_E);
         let arg = self.b.ins().fmul(ax, two_log2e);
-        let limit = self.splat(64.0);
+        let limit = self.splat(EXP_LIMIT);
         let arg = self.min_ps(limit, arg);
         let e = self.exp2(arg);
         let one = self.splat(1.0);
@@ -642,14 +639,14 @@ impl<'a> Translator<'a> {
         let vcap = self.splat(cap);
         let large = self.b.ins().fmul(signed, vcap);
         let x2 = self.b.ins().fmul(x, x);
-        let mut poly = self.splat(-17.0 / 315.0);
-        for c in [2.0 / 15.0, -1.0 / 3.0] {
+        let mut poly = self.splat(RATIO_POLY[0]);
+        for c in [RATIO_POLY[1], RATIO_POLY[2]] {
             let c = self.splat(c);
             poly = self.b.ins().fma(poly, x2, c);
         }
         let ratio = self.b.ins().fma(poly, x2, one);
         let small = self.b.ins().fmul(s, ratio);
-        let threshold = self.splat(0.125);
+        let threshold = self.splat(SMALL);
         let is_small = self.b.ins().fcmp(FloatCC::LessThan, ax, threshold);
         let is_small = self.b.ins().bitcast(F32X4, MemFlagsData::new(), is_small);
         let capped = self.b.ins().bitselect(is_small, small, large);
