@@ -154,7 +154,8 @@ struct Translator<'a> {
     prefetch: Value,
     /// Rows of this work item: the group's heads × nq.
     rows: Value,
-    /// `rows` rounded up to 4: the columns of the transposed tiles the softmax walks.
+    /// `rows` rounded up to the plan's row multiple: the columns of the transposed tiles the
+    /// softmax walks.
     rows_v4: Value,
     /// The visibility rule of the key loop being emitted (`Op::KeyTiles`).
     mask: Mask,
@@ -270,8 +271,7 @@ impl<'a> Translator<'a> {
         self.prefetch = self.b.ins().stack_addr(types::I64, slot, 0);
         let heads = self.group_size();
         self.rows = self.mul(heads, self.nq);
-        let rows3 = self.add_imm(self.rows, 3);
-        self.rows_v4 = self.b.ins().band_imm_s(rows3, -4);
+        self.rows_v4 = self.pad_rows(self.rows);
     }
 
     // ---- small helpers -------------------------------------------------------------------
@@ -294,6 +294,14 @@ impl<'a> Translator<'a> {
 
     fn add_imm(&mut self, a: Value, x: usize) -> Value {
         self.b.ins().iadd_imm_s(a, x as i64)
+    }
+
+    /// `rows` rounded up to the plan's row multiple.
+    fn pad_rows(&mut self, rows: Value) -> Value {
+        let multiple = self.plan.row_multiple;
+        debug_assert!(multiple.is_power_of_two());
+        let up = self.add_imm(rows, multiple - 1);
+        self.b.ins().band_imm_s(up, -(multiple as i64))
     }
 
     /// `base + 4·index`: the address of float `index`.
@@ -813,8 +821,7 @@ impl<'a> Translator<'a> {
             t.group = t.add(group0, i);
             let heads = t.group_size();
             t.rows = t.mul(heads, t.nq);
-            let rows3 = t.add_imm(t.rows, 3);
-            t.rows_v4 = t.b.ins().band_imm_s(rows3, -4);
+            t.rows_v4 = t.pad_rows(t.rows);
             let slot = t.mul(i, stride);
             t.state = t.float_addr(state0, slot);
             let block = t.mul_imm(i, t.plan.scratch.group_len);

@@ -92,9 +92,13 @@ pub struct KernelPlan {
     pub dot_k_tile: usize,
     /// Rows of the tile buffers: `q_tile · (largest group)`.
     pub rows: usize,
-    /// `rows` rounded up to the generated vector width (4): the row count of the transposed
+    /// `rows` rounded up to [`KernelPlan::row_multiple`]: the row count of the transposed
     /// score tile and of the m and l state, which the softmax walks four rows at a time.
     pub padded_rows: usize,
+    /// The multiple every work item's rows are padded to (the generated code's vector
+    /// width, 4): its softmax loads m, l and a score row's columns four at a time, and the
+    /// padding rows see no key.
+    pub row_multiple: usize,
     /// Width of the running output O: Dv (grouped) or the latent rank (absorbed MLA).
     pub acc_dim: usize,
     /// The spec's score scale.
@@ -177,6 +181,8 @@ impl ScratchLayout {
 const TARGET_ROWS: usize = 64;
 /// Keys per tile.
 const K_TILE: usize = 64;
+/// Rows of a work item are padded to a multiple of this (see [`KernelPlan::row_multiple`]).
+const ROW_MULTIPLE: usize = 4;
 /// Most rows of a work item that computes scores as dot products (see
 /// [`KernelPlan::dot_max_rows`]).
 const DOT_MAX_ROWS: usize = 4;
@@ -218,7 +224,7 @@ impl KernelPlan {
         let largest_group = groups.iter().map(Vec::len).max().unwrap_or(1);
         let q_tile = (TARGET_ROWS / largest_group).max(1);
         let rows = q_tile * largest_group;
-        let padded_rows = rows.next_multiple_of(4);
+        let padded_rows = rows.next_multiple_of(ROW_MULTIPLE);
         let k_tile = K_TILE;
         // Latent keys and values are read in place: c_kv rows are contiguous (packing them
         // into panels measured 14% slower on W5).
@@ -267,6 +273,7 @@ impl KernelPlan {
             dot_k_tile,
             rows,
             padded_rows,
+            row_multiple: ROW_MULTIPLE,
             acc_dim,
             scale: scale as f32,
             query_factor: query_factor as f32,
