@@ -1,0 +1,171 @@
+//! The flash tile: scores, the online softmax and the value product.
+
+use super::*;
+
+impl Translator<'_> {
+    /// `Sᵀ (+)= keys · Qᵀ`: `n` keys by `rows_v4` columns.
+    pub(super) fn scores(&mut self, term: &ScoreTerm, tile: Tile) {
+        let (a, a_row) = self.key_side(term.keys, term.len, tile.j0);
+        let b = self.tile_addr(term.query);
+        let zero = self.int(0);
+        let c = self.scratch_at(self.plan.scratch.scores, zero);
+        let (len, one, panel, panel_len, ldc, acc) = (
+            self.int(term.len as i64),
+            self.int(1),
+            self.int(PANEL as i64),
+            self.int((PANEL * term.len) as i64),
+            self.int(self.plan.padded_rows as i64),
+            self.int(i64::from(term.accumulate)),
+        );
+        // The first term prefetches the next rows of the keys it reads, when they are strided.
+        let prefetch = match term.keys {
+            _ if term.accumulate => zero,
+            Operand::KeyTile => self.prefetch_next(Operand::K, tile),
+            keys => self.prefetch_next(keys, tile),
+        };
+        let (n, rows_v4) = (tile.n, self.rows_v4);
+        let broadcast = |t: &mut Self| {
+            let args = [
+                n, rows_v4, len, a, a_row, one, b, panel, panel_len, c, ldc, acc, zero, zero,
+                prefetch,
+            ];
+            t.call(Callee::DotNn, &args);
+        };
+        if term.query == Operand::QueryTile && self.plan.dot_max_rows > 0 {
+            let dots = self.dots();
+            self.if_else(
+                dots,
+                |t| {
+                    let rows = t.tile_addr(Operand::QueryRows);
+                    let args = [n, rows_v4, len, a, a_row, rows, len, c, ldc, acc, prefetch];
+                    t.call(Callee::DotNt, &args);
+                },
+                broadcast,
+            );
+        } else {
+            broadcast(self);
+        }
+    }
+
+    /// The online softmax of a tile: a generated pass down Sᵀ's columns, four rows per vector,
+    /// for the tile max (applying the cap and the edge mask) and the rare lazy rescale; then
+    /// `P = 2^(s − m)` and its row sums over the whole tile in one call of the pre-compiled
+    /// tile exponentials, which use the CPU's full vector width.
+    pub(super) fn online_softmax(&mut self, cap: Option<f32>, threshold: f32, tile: Tile) {
+        let ld = self.plan.padded_rows;
+        let zero = self.int(0);
+        let scores = self.scratch_at(self.plan.scratch.scores, zero);
+        let (lows, highs) = self.range_tables();
+        let state = self.state;
+        let (rows_v4, n) = (self.rows_v4, tile.n);
+        let neg_inf = self.splat(f32::NEG_INFINITY);
+        self.for_range(zero, rows_v4, 4, |t, c| {
+            let column = t.float_addr(scores, c);
+            let bounds = tile.partial.then(|| {
+                let offset = t.mul_imm(c, 4);
+                let (lo_at, hi_at) = (t.add(lows, offset), t.add(highs, offset));
+                let lo = t.b.ins().load(types::I32X4, mem(), lo_at, 0);
+                let hi = t.b.ins().load(types::I32X4, mem(), hi_at, 0);
+                (lo, hi)
+            });
+            let max_var = t.b.declare_var(F32X4);
+            t.b.def_var(max_var, neg_inf);
+            let start = t.int(0);
+            t.for_range_unrolled(start, n, 4, |t, j| {
+                let offset = t.mul_imm(j, 4 * ld);
+                let at = t.add(column, offset);
+                let mut s = t.b.ins().load(F32X4, mem(), at, 0);
+                if let Some(cap) = cap {
+                    s = t.softcap_log2(s, cap);
+                }
+                if let Some((lo, hi)) = bounds {
+                    let j32 = t.b.ins().ireduce(types::I32, j);
+                    let key = t.b.ins().splat(types::I32X4, j32);
+                    let after_lo = t.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, key, lo);
+                    let before_hi = t.b.ins().icmp(IntCC::SignedLessThan, key, hi);
+                    let visible = t.b.ins().band(after_lo, before_hi);
+                    let visible = t.b.ins().bitcast(F32X4, MemFlagsData::new(), visible);
+                    s = t.b.ins().bitselect(visible, s, neg_inf);
+                }
+                if cap.is_some() || bounds.is_some() {
+                    t.b.ins().store(mem(), s, at, 0);
+                }
+                let m = t.b.use_var(max_var);
+                let m = t.max_ps(m, s);
+                t.b.def_var(max_var, m);
+            });
+            let tile_max = t.b.use_var(max_var);
+            // Lazy rescale: m moves only in lanes whose tile max exceeds it by the threshold
+            // (always on a row's first visible tile, where m = f32::MIN).
+            let m_at = t.state_m(state, c);
+            let m_old = t.b.ins().load(F32X4, mem(), m_at, 0);
+            let vthreshold = t.splat(threshold);
+            let limit = t.b.ins().fadd(m_old, vthreshold);
+            let raise = t.b.ins().fcmp(FloatCC::GreaterThan, tile_max, limit);
+            let any = t.b.ins().vany_true(raise);
+            t.if_then(any, |t| t.rescale(c, raise, tile_max));
+        });
+        // P = 2^(s − m), l += column sums. m is finite (it starts at f32::MIN), so a hidden
+        // key's 2^(−∞ − m) is 0, never NaN.
+        let m = self.state_m(state, zero);
+        let l = self.state_l(state, zero);
+        let ld = self.int(ld as i64);
+        self.call(Callee::Exp2Columns, &[n, rows_v4, scores, ld, m, l]);
+    }
+
+    /// Rows `c..c + 4`, in the lanes `raise` selects: `m' = tile_max`, and l and O scaled by
+    /// `2^(m − m')`. O rows are scaled only where the factor is not 1.
+    pub(super) fn rescale(&mut self, c: Value, raise: Value, tile_max: Value) {
+        let state = self.state;
+        let m_at = self.state_m(state, c);
+        let l_at = self.state_l(state, c);
+        let m_old = self.b.ins().load(F32X4, mem(), m_at, 0);
+        let raise = self.b.ins().bitcast(F32X4, MemFlagsData::new(), raise);
+        let m_new = self.b.ins().bitselect(raise, tile_max, m_old);
+        // Lanes not raised get exactly 2^0 = 1; from m = f32::MIN the shift may round to −∞,
+        // giving 0.
+        let shift = self.b.ins().fsub(m_old, m_new);
+        let factor = self.exp2(shift);
+        let l = self.b.ins().load(F32X4, mem(), l_at, 0);
+        let l = self.b.ins().fmul(l, factor);
+        self.b.ins().store(mem(), l, l_at, 0);
+        self.b.ins().store(mem(), m_new, m_at, 0);
+        let acc_dim = self.plan.acc_dim;
+        let one = self.f32(1.0);
+        for lane in 0..4u8 {
+            let f = self.b.ins().extractlane(factor, lane);
+            let same = self.b.ins().fcmp(FloatCC::Equal, f, one);
+            let moved = self.b.ins().bnot(same);
+            self.if_then(moved, |t| {
+                let row = t.add_imm(c, usize::from(lane));
+                let o = t.state_o(state, row);
+                t.scale_row(o, o, acc_dim, f);
+            });
+        }
+    }
+
+    /// `O += P · values`: P read column-major from Sᵀ, per-row key ranges on edge tiles.
+    pub(super) fn accumulate_values(&mut self, values: Operand, width: usize, tile: Tile) {
+        let zero = self.int(0);
+        let p = self.scratch_at(self.plan.scratch.scores, zero);
+        let (v, b_row, b_panel) = self.value_side(values, tile.j0);
+        let o = self.state;
+        let (lows, highs) = if tile.partial { self.range_tables() } else { (zero, zero) };
+        let (width, one, lda, ldc) = (
+            self.int(width as i64),
+            self.int(1),
+            self.int(self.plan.padded_rows as i64),
+            self.int(self.plan.acc_dim as i64),
+        );
+        // Grouped values are their own tensor: prefetch their next rows when strided (latent
+        // values are the keys, contiguous).
+        let prefetch = match self.plan.form {
+            Form::Grouped => self.prefetch_next(Operand::V, tile),
+            Form::LatentAbsorbed => zero,
+        };
+        let (rows, n) = (self.rows, tile.n);
+        let args =
+            [rows, width, n, p, one, lda, v, b_row, b_panel, o, ldc, one, lows, highs, prefetch];
+        self.call(Callee::DotNn, &args);
+    }
+}

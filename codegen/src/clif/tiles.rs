@@ -1,0 +1,308 @@
+//! Query and K/V tiles: packing, tile addresses, the call-packed copies and prefetching.
+
+use super::*;
+
+impl Translator<'_> {
+    /// Scratch address of a tile operand: the query tiles in the current group's block, the
+    /// K/V tiles in the shared part.
+    pub(super) fn tile_addr(&mut self, operand: Operand) -> Value {
+        let scratch = &self.plan.scratch;
+        let (base, floats) = match operand {
+            Operand::QueryTile => (self.group_scratch, scratch.queries),
+            Operand::RopeTile => (self.group_scratch, scratch.rope_queries),
+            Operand::QueryRows => (self.group_scratch, scratch.query_rows),
+            Operand::KeyTile => (self.scratch, scratch.keys),
+            Operand::ValueTile => (self.scratch, scratch.values),
+            other => unreachable!("{other:?} is a tensor, not a scratch tile"),
+        };
+        self.add_imm(base, 4 * floats)
+    }
+
+    /// Qᵀ: `factor · q` of every row, transposed into [`PANEL`]-column panels (`len` deep),
+    /// one `PackColumns` call per head; the columns from `rows` up to `rows_v4` are zero, so
+    /// the score product may cover them.
+    pub(super) fn pack_queries(
+        &mut self,
+        from: Operand,
+        offset: usize,
+        len: usize,
+        factor: f32,
+        into: Operand,
+    ) {
+        let tile = self.tile_addr(into);
+        let (base, width) = match from {
+            Operand::Q => (offsets::Q, self.plan.q_width),
+            Operand::LatentQ => (offsets::LATENT_Q, self.plan.acc_dim),
+            other => unreachable!("{other:?} holds no queries"),
+        };
+        let row_floats = self.plan.q_heads * width;
+        self.for_each_head(|t, slot, head| {
+            let zero = t.int(0);
+            let idx = t.row_index(head, zero, width);
+            let idx = t.add_imm(idx, offset);
+            let queries = t.arg(base);
+            let src = t.float_addr(queries, idx);
+            let first_column = t.mul(slot, t.nq);
+            t.pack_columns(t.nq, len, src, row_floats, factor, tile, first_column);
+        });
+        self.zero_padding_columns(tile, len);
+        if into == Operand::QueryTile && self.plan.dot_max_rows > 0 {
+            let dots = self.dots();
+            self.if_then(dots, |t| t.pack_query_rows(len, factor));
+        }
+    }
+
+    /// Whether this work item computes scores as dot products: it has few rows.
+    pub(super) fn dots(&mut self) -> Value {
+        let max = self.int(self.plan.dot_max_rows as i64);
+        self.b.ins().icmp(IntCC::SignedLessThanOrEqual, self.rows, max)
+    }
+
+    /// The queries row-major and scaled (rows `rows..rows_v4` zero), for dot-product scores.
+    pub(super) fn pack_query_rows(&mut self, len: usize, factor: f32) {
+        let dst = self.tile_addr(Operand::QueryRows);
+        let head_dim = self.plan.q_width;
+        self.for_each_row(|t, _, head, qi, row| {
+            let idx = t.row_index(head, qi, head_dim);
+            let q = t.arg(offsets::Q);
+            let src = t.float_addr(q, idx);
+            let at = t.mul_imm(row, len);
+            let at = t.float_addr(dst, at);
+            let factor = t.f32(factor);
+            t.scale_row(at, src, len, factor);
+        });
+        let (rows, rows_v4) = (self.rows, self.rows_v4);
+        self.for_range(rows, rows_v4, 1, |t, row| {
+            let at = t.mul_imm(row, len);
+            let at = t.float_addr(dst, at);
+            t.zero_floats(at, len);
+        });
+    }
+
+    /// `dst[0..len] = 0`: a vector loop, then a scalar tail.
+    pub(super) fn zero_floats(&mut self, dst: Value, len: usize) {
+        let vectors = self.int((len / 4 * 4) as i64);
+        self.zero_vectors(dst, vectors);
+        let zero = self.f32(0.0);
+        for c in len / 4 * 4..len {
+            self.b.ins().store(mem(), zero, dst, 4 * c as i32);
+        }
+    }
+
+    /// `dst[0..len] = 0` for a multiple of 4 known at run time: one vector store per trip, the
+    /// loop counting the address itself (nothing to recompute per store).
+    pub(super) fn zero_vectors(&mut self, dst: Value, len: Value) {
+        let zeros = self.splat(0.0);
+        let bytes = self.mul_imm(len, 4);
+        let end = self.add(dst, bytes);
+        self.for_range(dst, end, 16, |t, at| {
+            t.b.ins().store(mem(), zeros, at, 0);
+        });
+    }
+
+    /// Calls `PackColumns`: `rows` rows of `len` floats at `src` into columns
+    /// `first_column..` of the panel-packed tile at `tile`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn pack_columns(
+        &mut self,
+        rows: Value,
+        len: usize,
+        src: Value,
+        src_row: usize,
+        factor: f32,
+        tile: Value,
+        first_column: Value,
+    ) {
+        let (width, src_row, panel) =
+            (self.int(len as i64), self.int(src_row as i64), self.int((PANEL * len) as i64));
+        let factor = self.f32(factor);
+        let args = [rows, width, src, src_row, factor, tile, first_column, panel];
+        self.call(Callee::PackColumns, &args);
+    }
+
+    /// Address of column `row`, depth 0, of a panel-packed transposed tile `len` deep.
+    pub(super) fn panel_column(&mut self, tile: Value, len: usize, row: Value) -> Value {
+        let panel = self.b.ins().ushr_imm_u(row, i64::from(PANEL.trailing_zeros()));
+        let panel_floats = self.mul_imm(panel, PANEL * len);
+        let lane = self.b.ins().band_imm_s(row, PANEL as i64 - 1);
+        let idx = self.add(panel_floats, lane);
+        self.float_addr(tile, idx)
+    }
+
+    /// Zeroes columns `rows..rows_v4` of a transposed tile `len` deep.
+    pub(super) fn zero_padding_columns(&mut self, tile: Value, len: usize) {
+        let zero = self.f32(0.0);
+        let (rows, rows_v4) = (self.rows, self.rows_v4);
+        self.for_range(rows, rows_v4, 1, |t, row| {
+            let dst = t.panel_column(tile, len, row);
+            let start = t.int(0);
+            let end = t.int(len as i64);
+            t.for_range(start, end, 1, |t, d| {
+                let d_floats = t.mul_imm(d, PANEL);
+                let at = t.float_addr(dst, d_floats);
+                t.b.ins().store(mem(), zero, at, 0);
+            });
+        });
+    }
+
+    /// Whether this work item packs K/V tiles: only with enough rows to repay the copy.
+    pub(super) fn packs(&mut self) -> Value {
+        if !self.plan.pack_per_item {
+            return self.b.ins().iconst(types::I8, 0);
+        }
+        let min_rows = self.int(self.plan.pack_min_rows as i64);
+        self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, self.rows, min_rows)
+    }
+
+    /// Copies the tile's rows of `from` (when this item packs): into a row-major key tile, or
+    /// into the value tile's [`PANEL`]-column panels (`k_tile` deep).
+    pub(super) fn pack_tile(&mut self, from: Operand, into: Operand, width: usize, tile: Tile) {
+        // Nothing to copy when this item reads the call's packed copy or the cache in place.
+        let packs = self.packs();
+        let pre = self.prepacked();
+        let copies = self.b.ins().band_not(packs, pre);
+        let k_tile = self.plan.k_tile;
+        self.if_then(copies, |t| {
+            let (src, stride) = t.kv_rows(from, tile.j0);
+            let dst = t.tile_addr(into);
+            let (dst_row, dst_panel) =
+                if into == Operand::ValueTile { (PANEL, PANEL * k_tile) } else { (width, PANEL) };
+            let (width, stride, dst_row, dst_panel) = (
+                t.int(width as i64),
+                t.int(stride as i64),
+                t.int(dst_row as i64),
+                t.int(dst_panel as i64),
+            );
+            let args = [tile.n, width, src, stride, dst, dst_row, dst_panel];
+            t.call(Callee::PackRows, &args);
+        });
+    }
+
+    /// Fills the stack [`PrefetchRows`] with the rows of cache tensor `cache` this group's
+    /// products should prefetch, and returns its address: strided cache rows lie a page apart,
+    /// past the hardware prefetchers. Null for contiguous rows.
+    ///
+    /// An item walks each key tile group by group. Where a whole tile of its rows spans few
+    /// enough pages ([`KernelPlan::prefetches_whole_tiles`]), the group at position i of n asks
+    /// for share i of n of the next tile's rows across all the item's groups (adjacent within a
+    /// row; whole rows when the item covers every group, as decode items do): the next tile
+    /// arrives one tile ahead, in address order. That measured 1.07–1.1× faster on W4 than the
+    /// other way, which larger tiles keep: each group asks for the next group's rows of this
+    /// tile (after the last group, the first group's of the next tile), 512-byte pieces of 16
+    /// pages at a time on W4.
+    pub(super) fn prefetch_next(&mut self, cache: Operand, tile: Tile) -> Value {
+        let width = self.row_width(cache);
+        // Contiguous rows (one KV head, MLA's latent) stream through the hardware prefetchers;
+        // prefetching a whole tile ahead into L1 only evicted the current one (W5: 1.04–1.06×
+        // faster without).
+        if self.row_stride(cache) == width {
+            return self.int(0);
+        }
+        let (k_tile, j0) = (tile.size, tile.j0);
+        let next_tile = self.add_imm(j0, k_tile);
+        let group = self.group;
+        let (base, stride, row, part, parts) = if self.plan.prefetches_whole_tiles(k_tile) {
+            self.group = self.group0;
+            let (base, stride) = self.kv_rows(cache, next_tile);
+            let part = self.b.ins().isub(group, self.group0);
+            (base, stride, self.mul_imm(self.groups, width), part, self.groups)
+        } else {
+            let next_group = self.add_imm(group, 1);
+            let end = self.add(self.group0, self.groups);
+            let last = self.b.ins().icmp(IntCC::Equal, next_group, end);
+            let next = self.b.ins().select(last, next_tile, j0);
+            self.group = self.b.ins().select(last, self.group0, next_group);
+            let (base, stride) = self.kv_rows(cache, next);
+            (base, stride, self.int(width as i64), self.int(0), self.int(1))
+        };
+        self.group = group;
+        let (rows, stride) = (self.int(k_tile as i64), self.int(stride as i64));
+        let at = self.prefetch;
+        for (value, offset) in [
+            (base, prefetch_offsets::BASE),
+            (rows, prefetch_offsets::ROWS),
+            (stride, prefetch_offsets::STRIDE),
+            (row, prefetch_offsets::WIDTH),
+            (part, prefetch_offsets::PART),
+            (parts, prefetch_offsets::PARTS),
+        ] {
+            self.b.ins().store(mem(), value, at, offset);
+        }
+        // Items reading the call's packed copy stream it contiguously: no prefetch needed.
+        let pre = self.prepacked();
+        let none = self.int(0);
+        self.b.ins().select(pre, none, at)
+    }
+
+    /// Address and row stride of a key operand (the broadcast side of the score product): the
+    /// packed tile when this item packs, else the cache rows in place.
+    pub(super) fn key_side(&mut self, operand: Operand, width: usize, j0: Value) -> (Value, Value) {
+        if operand != Operand::KeyTile {
+            let (addr, stride) = self.kv_rows(operand, j0);
+            return (addr, self.int(stride as i64));
+        }
+        let (in_place, stride) = self.kv_rows(Operand::K, j0);
+        let packed = self.tile_addr(operand);
+        let packs = self.packs();
+        let addr = self.b.ins().select(packs, packed, in_place);
+        let (width_v, stride) = (self.int(width as i64), self.int(stride as i64));
+        let stride = self.b.ins().select(packs, width_v, stride);
+        // Packed for the call: `[B][kv][Sk'][D]`, Sk' = Sk rounded up to whole tiles.
+        let pre = self.prepacked();
+        let kv = self.plan.groups.len();
+        let head = self.mul_imm(self.batch, kv);
+        let head = self.add(head, self.group);
+        let k_tile = self.plan.k_tile as i64;
+        let rows = self.b.ins().iadd_imm_s(self.seq_k, k_tile - 1);
+        let rows = self.b.ins().band_imm_s(rows, -k_tile);
+        let row = self.mul(head, rows);
+        let row = self.add(row, j0);
+        let idx = self.mul_imm(row, width);
+        let base = self.arg(offsets::K_PACKED);
+        let call_packed = self.float_addr(base, idx);
+        (self.b.ins().select(pre, call_packed, addr), self.b.ins().select(pre, width_v, stride))
+    }
+
+    /// Whether K and V were packed once for the whole call (`CallArgs::k_packed` is set).
+    pub(super) fn prepacked(&mut self) -> Value {
+        let k_packed = self.arg(offsets::K_PACKED);
+        self.b.ins().icmp_imm_s(IntCC::NotEqual, k_packed, 0)
+    }
+
+    /// Address, row stride and panel stride of a value operand (B of the value product): the
+    /// packed panels when this item packs, else the cache rows in place.
+    pub(super) fn value_side(&mut self, operand: Operand, j0: Value) -> (Value, Value, Value) {
+        let cache = if operand == Operand::ValueTile { Operand::V } else { operand };
+        let (in_place, stride) = self.kv_rows(cache, j0);
+        let (panel_row, panel) = (self.int(PANEL as i64), self.int(PANEL as i64));
+        let stride = self.int(stride as i64);
+        if operand != Operand::ValueTile {
+            return (in_place, stride, panel);
+        }
+        let packed = self.tile_addr(operand);
+        let k_tile = self.plan.k_tile;
+        let packed_panel = self.int((PANEL * k_tile) as i64);
+        let packs = self.packs();
+        let addr = self.b.ins().select(packs, packed, in_place);
+        // Packed for the call: tile j0 / k_tile of (batch, group); key loops start on a
+        // multiple of k_tile.
+        let pre = self.prepacked();
+        let kv = self.plan.groups.len();
+        let head = self.mul_imm(self.batch, kv);
+        let head = self.add(head, self.group);
+        let last = self.add_imm(self.seq_k, k_tile - 1);
+        let tiles = self.b.ins().udiv_imm_u(last, k_tile as i64);
+        let tile = self.mul(head, tiles);
+        let index = self.b.ins().udiv_imm_u(j0, k_tile as i64);
+        let tile = self.add(tile, index);
+        let idx = self.mul_imm(tile, self.plan.packed_value_tile());
+        let base = self.arg(offsets::V_PACKED);
+        let call_packed = self.float_addr(base, idx);
+        let packed_tiles = self.b.ins().bor(packs, pre);
+        (
+            self.b.ins().select(pre, call_packed, addr),
+            self.b.ins().select(packed_tiles, panel_row, stride),
+            self.b.ins().select(packed_tiles, packed_panel, panel),
+        )
+    }
+}
