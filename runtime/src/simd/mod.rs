@@ -317,6 +317,22 @@ mod tests {
         Isa::available()
     }
 
+    /// Each ISA maps to its own routines (a fallback to another ISA's would pass every
+    /// correctness test).
+    #[test]
+    fn each_isa_has_routines_of_its_own() {
+        let isas = tested_isas();
+        for (i, a) in isas.iter().enumerate() {
+            for b in &isas[i + 1..] {
+                let (ra, rb) = (a.routines(), b.routines());
+                assert_ne!(ra.dot_nn as usize, rb.dot_nn as usize, "{a} and {b}");
+                assert_ne!(ra.dot_nt as usize, rb.dot_nt as usize, "{a} and {b}");
+                assert_ne!(ra.exp2_columns as usize, rb.exp2_columns as usize, "{a} and {b}");
+                assert_ne!(ra.pack_columns as usize, rb.pack_columns as usize, "{a} and {b}");
+            }
+        }
+    }
+
     fn data(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000)
