@@ -280,8 +280,8 @@ fn render(report: &Report) -> String {
         m.probe_bytes >> 20,
         m.isa
     );
-    let peak_of =
-        |isa: &str| m.peaks.iter().find(|p| p.isa == isa).map_or(m.peak_gflops, |p| p.gflops);
+    // Only ISAs whose peak is known: with --peak-gflops, the widest timed one alone.
+    let peak_of = |isa: &str| m.peaks.iter().find(|p| p.isa == isa).map(|p| p.gflops);
     let cells: Vec<Vec<String>> = report
         .results
         .iter()
@@ -315,7 +315,9 @@ fn render(report: &Report) -> String {
                 rate,
                 format!("{peak:.0}%"),
                 format!("{:.1}", r.kernel_gflops),
-                format!("{:.0}%", 100.0 * r.kernel_gflops / peak_of(r.isa)),
+                peak_of(r.isa)
+                    .or((r.isa.is_empty()).then_some(m.peak_gflops))
+                    .map_or_else(String::new, |p| format!("{:.0}%", 100.0 * r.kernel_gflops / p)),
                 vs_first,
                 interp.map_or_else(String::new, |i| format!("{:.0}x", i / r.median_ms)),
                 r.compile_ms.map_or_else(String::new, |c| format!("{c:.1}")),
