@@ -406,6 +406,24 @@ pub mod softcap {
     pub const RATIO_POLY: [f32; 3] = [-17.0 / 315.0, 2.0 / 15.0, -1.0 / 3.0];
     /// Largest argument passed to `exp2`.
     pub const EXP_LIMIT: f32 = 64.0;
+
+    /// `log2 e · c·tanh(s/c)` of one score, in these steps: the softcap in the base-2 units
+    /// the softmax works in. Written without branches, so a loop of it vectorises.
+    #[inline(always)]
+    pub fn log2_capped(s: f32, cap: f32) -> f32 {
+        let x = s * (1.0 / f64::from(cap)) as f32;
+        let ax = x.abs();
+        let arg = ax * (2.0 * std::f32::consts::LOG2_E);
+        // Not `f32::min`: a NaN score stays NaN.
+        let arg = if EXP_LIMIT < arg { EXP_LIMIT } else { arg };
+        let t = 1.0 - 2.0 / (super::exp2::eval(arg) + 1.0);
+        let large = f32::from_bits(t.to_bits() | (x.to_bits() & 0x8000_0000)) * cap;
+        let x2 = x * x;
+        let poly = RATIO_POLY[0].mul_add(x2, RATIO_POLY[1]).mul_add(x2, RATIO_POLY[2]);
+        let small = s * poly.mul_add(x2, 1.0);
+        let capped = if ax < SMALL { small } else { large };
+        capped * std::f32::consts::LOG2_E
+    }
 }
 
 pub mod exp2 {
@@ -433,6 +451,21 @@ pub mod exp2 {
         0.001_339_887_5,
         0.000_153_533_62,
     ];
+
+    /// `2^x` of one f32 in these steps (`x <= 64`), for code that works a float at a time.
+    #[inline(always)]
+    pub fn eval(x: f32) -> f32 {
+        // NaN is not below FLOOR: it stays NaN.
+        let x = if FLOOR > x { FLOOR } else { x };
+        let t = x + ROUNDER;
+        let f = x - (t - ROUNDER);
+        let mut poly = POLY[5];
+        for c in POLY[..5].iter().rev() {
+            poly = poly.mul_add(f, *c);
+        }
+        let poly = poly.mul_add(f, 1.0);
+        poly * f32::from_bits(t.to_bits().wrapping_add(127) << 23)
+    }
 }
 
 #[cfg(test)]

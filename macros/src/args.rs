@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use attngen_codegen::{GroupMap, LatentFields, Mask, SpecFields};
-use proc_macro2::Span;
+use attngen_codegen::{AttentionSpec, GroupMap, LatentFields, Mask, SpecFields};
+use proc_macro2::{Span, TokenStream};
 use syn::parse::{Parse, ParseStream};
 use syn::{Ident, LitFloat, LitInt, LitStr, Token, braced, bracketed};
 
@@ -34,6 +34,64 @@ impl SpecArgs {
     /// Where the field at `path` was written (the whole call if it was not).
     pub fn span_of(&self, path: &str) -> Span {
         self.spans.get(path).copied().unwrap_or_else(Span::call_site)
+    }
+
+    /// The validated spec, or one compile error per problem, each at its argument.
+    pub fn spec(&self) -> Result<AttentionSpec, TokenStream> {
+        self.fields.clone().into_spec().map_err(|errors| {
+            errors
+                .iter()
+                .map(|error| syn::Error::new(self.span_of(error.field()), error).to_compile_error())
+                .collect()
+        })
+    }
+}
+
+/// The arguments of `#[attngen::kernel]`: a spec written inline, or `spec = "path.toml"`.
+pub enum KernelArgs {
+    /// `key = value, ...` as for `spec!`.
+    Inline(Box<SpecArgs>),
+    /// `spec = "path"`, relative to `CARGO_MANIFEST_DIR`.
+    File(LitStr),
+}
+
+impl Parse for KernelArgs {
+    fn parse(input: ParseStream<'_>) -> syn::Result<Self> {
+        let fork = input.fork();
+        if fork.parse::<Ident>().is_ok_and(|key| key == "spec") && fork.peek(Token![=]) {
+            input.parse::<Ident>()?;
+            input.parse::<Token![=]>()?;
+            let path: LitStr = input.parse()?;
+            if !input.is_empty() {
+                let message =
+                    "`spec = \"path.toml\"` takes the whole spec from the file: no other arguments";
+                return Err(input.error(message));
+            }
+            return Ok(KernelArgs::File(path));
+        }
+        input.parse().map(|args| KernelArgs::Inline(Box::new(args)))
+    }
+}
+
+impl KernelArgs {
+    /// The validated spec, and the absolute path of its file when it came from one (for the
+    /// generated code to `include_bytes!`, so editing the file rebuilds the crate).
+    pub fn spec(&self) -> Result<(AttentionSpec, Option<String>), TokenStream> {
+        let literal = match self {
+            KernelArgs::Inline(args) => return args.spec().map(|spec| (spec, None)),
+            KernelArgs::File(literal) => literal,
+        };
+        let fail = |message: String| syn::Error::new(literal.span(), message).to_compile_error();
+        let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".to_owned());
+        let path = std::path::Path::new(&dir).join(literal.value());
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| fail(format!("cannot read spec file `{shown}`: {e}")))?;
+        let spec = AttentionSpec::from_toml(&text).map_err(|e| {
+            let lines: Vec<String> = e.errors.iter().map(|e| format!("{shown}: {e}")).collect();
+            fail(lines.join("\n"))
+        })?;
+        Ok((spec, Some(shown)))
     }
 }
 
@@ -156,4 +214,43 @@ fn latent(input: ParseStream<'_>, spans: &mut HashMap<String, Span>) -> syn::Res
         rope_dim: rope_dim.ok_or_else(|| missing("rope_dim"))?,
         nope_dim: nope_dim.ok_or_else(|| missing("nope_dim"))?,
     })
+}
+
+/// The spec files of `spec_tests!`'s folder, sorted: `(module name, absolute path)` of every
+/// `.toml` in it, each checked to be a valid spec (an invalid one is a compile error naming
+/// the file, its line and the problem).
+pub fn spec_files(dir: &LitStr) -> syn::Result<Vec<(String, String)>> {
+    let fail = |message: String| syn::Error::new(dir.span(), message);
+    let root = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".to_owned());
+    let folder = std::path::Path::new(&root).join(dir.value());
+    let entries = std::fs::read_dir(&folder)
+        .map_err(|e| fail(format!("cannot read spec folder `{}`: {e}", folder.display())))?;
+    let mut paths: Vec<_> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(fail(format!("no .toml spec files in `{}`", folder.display())));
+    }
+    let mut files = Vec::new();
+    for path in paths {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| fail(format!("cannot read spec file `{shown}`: {e}")))?;
+        if let Err(e) = AttentionSpec::from_toml(&text) {
+            let lines: Vec<String> = e.errors.iter().map(|e| format!("{shown}: {e}")).collect();
+            return Err(fail(lines.join("\n")));
+        }
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut module: String = stem
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .collect();
+        if !module.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            module.insert_str(0, "spec_");
+        }
+        files.push((module, shown));
+    }
+    Ok(files)
 }

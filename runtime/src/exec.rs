@@ -15,7 +15,7 @@ use crate::{Error, Inputs, Shape, check_call, simd};
 /// A kernel's generated functions for one plan, as `attngen_codegen::abi` types them: `item`
 /// and `finish`, and for absorbed MLA the per-head `prologue` and `epilogue`.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct EntryPoints {
+pub struct EntryPoints {
     /// Absorbs the queries of one head (absorbed MLA).
     pub prologue: Option<HeadFn>,
     /// Runs one work item.

@@ -226,19 +226,36 @@ pub fn uniform(seed: u64, len: usize, lo: f32, hi: f32) -> Vec<f32> {
 /// Runs one case on `kernel` and on the reference and compares them.
 pub fn run_case(kernel: &dyn Kernel, case: Case) -> Result<CaseResult, Error> {
     let spec = kernel.spec();
-    let reference = Reference::new(spec)?;
     let tensors = inputs(spec, case.shape, case.input_seed, 1.0)?;
-    let run = |k: &dyn Kernel| -> Result<(Vec<f32>, Vec<f32>), Error> {
-        let mut out = vec![0.0; Tensor::Out.len(spec, case.shape)?];
-        let mut lse = vec![0.0; Tensor::Lse.len(spec, case.shape)?];
-        k.run(case.shape, &view(spec, &tensors), &mut out, Some(&mut lse))?;
-        Ok((out, lse))
-    };
-    let (out, lse) = run(kernel)?;
-    let (want_out, want_lse) = run(&reference)?;
+    let got = outputs(kernel, case.shape, &tensors)?;
+    let want = outputs(&Reference::new(spec)?, case.shape, &tensors)?;
+    Ok(compare(spec, case.shape, &got, &want))
+}
+
+/// `out` and `lse` of one call of `kernel` on `tensors`.
+fn outputs(
+    kernel: &dyn Kernel,
+    shape: Shape,
+    tensors: &[(Tensor, Vec<f32>)],
+) -> Result<(Vec<f32>, Vec<f32>), Error> {
+    let spec = kernel.spec();
+    let mut out = vec![0.0; Tensor::Out.len(spec, shape)?];
+    let mut lse = vec![0.0; Tensor::Lse.len(spec, shape)?];
+    kernel.run(shape, &view(spec, tensors), &mut out, Some(&mut lse))?;
+    Ok((out, lse))
+}
+
+/// A kernel's outputs against the reference's: the largest differences and the first element
+/// outside semantics.md §4's tolerance.
+fn compare(
+    spec: &AttentionSpec,
+    shape: Shape,
+    (out, lse): &(Vec<f32>, Vec<f32>),
+    (want_out, want_lse): &(Vec<f32>, Vec<f32>),
+) -> CaseResult {
     let mut result = CaseResult { max_abs: 0.0, max_rel: 0.0, mismatch: None };
     for (name, tensor, got, want) in
-        [("out", Tensor::Out, &out, &want_out), ("lse", Tensor::Lse, &lse, &want_lse)]
+        [("out", Tensor::Out, out, want_out), ("lse", Tensor::Lse, lse, want_lse)]
     {
         for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
             let (g64, w64) = (f64::from(g), f64::from(w));
@@ -252,13 +269,13 @@ pub fn run_case(kernel: &dyn Kernel, case: Case) -> Result<CaseResult, Error> {
             }
             let within = both_special || (g64 - w64).abs() <= 1e-4 + 1e-4 * w64.abs();
             if !within && result.mismatch.is_none() {
-                let dims = tensor.dims(spec, case.shape);
+                let dims = tensor.dims(spec, shape);
                 result.mismatch =
                     Some(Mismatch { tensor: name, index: unravel(i, &dims), got: g, expected: w });
             }
         }
     }
-    Ok(result)
+    result
 }
 
 fn unravel(mut flat: usize, dims: &[usize]) -> Vec<usize> {
@@ -333,5 +350,52 @@ impl Kernel for Perturbed {
             out[2 * spec.q_heads * spec.v_head_dim] += 0.5;
         }
         Ok(())
+    }
+}
+
+/// The ISAs this CPU runs, widest first; each one it lacks is named on stdout as skipped, so a
+/// test over ISAs never passes one silently.
+pub fn tested_isas() -> Vec<crate::Isa> {
+    for isa in crate::Isa::ALL.into_iter().filter(|isa| !isa.is_supported()) {
+        println!("skipped: {isa} kernels (this CPU lacks {isa})");
+    }
+    crate::Isa::available()
+}
+
+/// Panics, naming the kernel, the shrunk failing case and its first differing element,
+/// unless every kernel of `kernels` (one spec, each with a label) agrees with the reference
+/// on `cases` random cases sized for the spec ([`CheckConfig::sized_for`]); the reference
+/// runs once per case for all of them. What `attngen::spec_tests!` runs.
+pub fn assert_matches_reference(kernels: &[(String, &dyn Kernel)], cases: u32) {
+    let Some((_, first)) = kernels.first() else { return };
+    let spec = first.spec();
+    let name = spec.name.clone().unwrap_or_else(|| spec.summary());
+    let reference = Reference::new(spec).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let config = CheckConfig::sized_for(spec, cases, 0);
+    let mut runner = TestRunner::new_with_rng(
+        Config { cases, failure_persistence: None, ..Config::default() },
+        TestRng::from_seed(RngAlgorithm::ChaCha, &[0; 32]),
+    );
+    let shapes =
+        shapes(config.max_batch, config.max_seq_q, config.max_seq_k, config.max_long_seq_k);
+    let outcome = runner.run(&(shapes, any::<u64>()), |(shape, input_seed)| {
+        let fail = |e: Error| TestCaseError::fail(e.to_string());
+        let tensors = inputs(spec, shape, input_seed, 1.0).map_err(fail)?;
+        let want = outputs(&reference, shape, &tensors).map_err(fail)?;
+        for (label, kernel) in kernels {
+            let got = outputs(*kernel, shape, &tensors).map_err(fail)?;
+            if let Some(m) = compare(spec, shape, &got, &want).mismatch {
+                return Err(TestCaseError::fail(format!("{label}: {m:?}")));
+            }
+        }
+        Ok(())
+    });
+    match outcome {
+        Ok(()) => {}
+        Err(TestError::Fail(reason, (shape, input_seed))) => panic!(
+            "{name}: differs from the reference at {:?}: {reason}",
+            Case { shape, input_seed }
+        ),
+        Err(TestError::Abort(reason)) => panic!("{name}: aborted: {reason}"),
     }
 }

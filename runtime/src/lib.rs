@@ -23,11 +23,15 @@
 #[doc = include_str!("../../README.md")]
 struct ReadmeDoctest;
 
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
 mod error;
 mod exec;
 pub mod harness;
 mod jit;
 mod kernel;
+mod macro_kernel;
 mod reference;
 mod shape;
 mod simd;
@@ -37,10 +41,11 @@ pub use attngen_codegen::{
     AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask, SpecError, SpecFileError, Variant,
     cost, validate,
 };
-pub use attngen_macros::spec;
+pub use attngen_macros::{kernel, spec, spec_tests};
 pub use error::Error;
 pub use jit::{Jit, JitKernel, JitOptions, Listing};
 pub use kernel::Kernel;
+pub use macro_kernel::MacroKernel;
 pub use reference::Reference;
 pub use shape::{Inputs, Shape, Tensor, check_call};
 pub use simd::Isa;

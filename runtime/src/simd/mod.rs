@@ -38,14 +38,14 @@ use attngen_codegen::abi::PrefetchRows;
 use crate::Error;
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+pub(crate) mod avx512;
 mod dot_nn;
 mod dot_nt;
 mod exp2;
 mod pack;
-mod portable;
+pub(crate) mod portable;
 mod primitives;
 
 pub use pack::pack_rows;

@@ -1,0 +1,828 @@
+//! Translates a kernel's tile programs ([`crate::ir`]) into Rust: the four `extern "C"`
+//! functions of [`crate::abi`] with every size of the plan a constant, calling the
+//! pre-compiled tile routines through `routines::` (the caller binds that path to one ISA's
+//! routines and stamps the functions with its target features).
+//!
+//! The translation mirrors `clif`'s op for op; what differs is only how: the softmax's max and
+//! rescale are plain loops that LLVM vectorises at the ISA's full width, and row updates call
+//! `attngen::__private`'s inlined helpers.
+
+use proc_macro2::{Literal, TokenStream};
+use quote::quote;
+
+use crate::abi::PANEL;
+use crate::ir::{KernelIr, Op, Operand, ScoreTerm};
+use crate::plan::{CacheRow, CacheTensor, Form, HeadMap, KernelPlan};
+use crate::spec::Mask;
+
+/// The four entry points of a kernel (`prologue` and `epilogue` only for absorbed MLA), each
+/// preceded by `attributes` (the ISA's `#[target_feature]`).
+pub fn functions(plan: &KernelPlan, ir: &KernelIr, attributes: &TokenStream) -> TokenStream {
+    let emitter = Emitter { plan };
+    let item = emitter.ops(&ir.item, None);
+    let finish = emitter.ops(&ir.finish, None);
+    let setup = emitter.work_item_setup();
+    let lowest = Literal::f32_suffixed(f32::MIN);
+    let mut fns = quote! {
+        /// `item` (see `attngen_codegen::abi::ItemFn`).
+        ///
+        /// # Safety
+        /// The executor's contract: `args` and every tensor it names were checked against the
+        /// call's shape, `scratch` and the state slots are as large as the plan says.
+        #attributes
+        pub unsafe extern "C" fn item(
+            args: *const CallArgs,
+            b: usize,
+            g0: usize,
+            groups: usize,
+            q0: usize,
+            k_lo: usize,
+            k_hi: usize,
+            scratch: *mut f32,
+            state0: *mut f32,
+            state_stride: usize,
+        ) {
+            // SAFETY: the executor's contract, above; every address below is one the plan
+            // places inside those buffers, except prefetch hints (wrapping arithmetic).
+            unsafe {
+                let args = &*args;
+                let state = state0;
+                let lowest = #lowest;
+                #setup
+                #item
+            }
+        }
+
+        /// `finish` (see `attngen_codegen::abi::FinishFn`).
+        ///
+        /// # Safety
+        /// As for `item`: `states` holds `n_states` slots `split_stride` floats apart.
+        #attributes
+        pub unsafe extern "C" fn finish(
+            args: *const CallArgs,
+            b: usize,
+            g: usize,
+            q0: usize,
+            n_states: usize,
+            states: *mut f32,
+            split_stride: usize,
+            scratch: *mut f32,
+        ) {
+            // SAFETY: as for `item`.
+            unsafe {
+                let args = &*args;
+                let (g0, groups, k_lo, k_hi) = (g, 1usize, 0usize, 0usize);
+                let (state, state_stride) = (states, split_stride);
+                #setup
+                #finish
+            }
+        }
+    };
+    for (name, ops) in [("prologue", &ir.prologue), ("epilogue", &ir.epilogue)] {
+        if ops.is_empty() {
+            continue;
+        }
+        let name = quote::format_ident!("{name}");
+        let body = emitter.ops(ops, None);
+        fns.extend(quote! {
+            /// A per-head program (see `attngen_codegen::abi::HeadFn`).
+            ///
+            /// # Safety
+            /// As for `item`, with the call's latent buffers set.
+            #attributes
+            pub unsafe extern "C" fn #name(args: *const CallArgs, head: usize) {
+                // SAFETY: as for `item`: head < H, and every tensor holds B × Sq rows.
+                unsafe {
+                    let args = &*args;
+                    #body
+                }
+            }
+        });
+    }
+    fns
+}
+
+/// The key tile a tile op is emitted for: its loop's tile size, and whether it is an edge
+/// tile (the generated code binds `j0` and `n`).
+#[derive(Clone, Copy)]
+struct Tile {
+    size: usize,
+    partial: bool,
+}
+
+struct Emitter<'a> {
+    plan: &'a KernelPlan,
+}
+
+/// A usize constant, unsuffixed so it takes the type its use needs.
+fn lit(x: usize) -> Literal {
+    Literal::usize_unsuffixed(x)
+}
+
+impl Emitter<'_> {
+    fn ops(&self, ops: &[Op], tile: Option<Tile>) -> TokenStream {
+        ops.iter().map(|op| self.op(op, tile)).collect()
+    }
+
+    /// What every work-item program binds first: Sk, the tile's valid queries, the first
+    /// group's rows and scratch block, the prefetch descriptor.
+    fn work_item_setup(&self) -> TokenStream {
+        let plan = self.plan;
+        let (q_tile, shared) = (lit(plan.q_tile), lit(plan.scratch.shared_len));
+        let heads = self.group_size();
+        let multiple = lit(plan.row_multiple);
+        quote! {
+            let (seq_q, seq_k) = (args.seq_q, args.seq_k);
+            let nq = (seq_q - q0).min(#q_tile);
+            let g = g0;
+            let rows = #heads * nq;
+            let rows_v4 = rows.next_multiple_of(#multiple);
+            let group_scratch = scratch.add(#shared);
+            let mut prefetch = PrefetchRows {
+                base: ::core::ptr::null(), rows: 0, stride: 0, width: 0, part: 0, parts: 1,
+            };
+        }
+    }
+
+    fn op(&self, op: &Op, tile: Option<Tile>) -> TokenStream {
+        match op {
+            Op::PackQueries { from, offset, len, factor, into } => {
+                self.pack_queries(*from, *offset, *len, *factor, *into)
+            }
+            Op::AbsorbQueries { nope, rank } => self.absorb_queries(*nope, *rank),
+            Op::InitState => self.init_state(),
+            Op::ForEachGroup { body } => self.for_each_group(body, tile),
+            Op::KeyTiles { tile, few_rows_tile, mask, body } => {
+                let wide = self.key_tiles(*tile, *mask, body);
+                match few_rows_tile {
+                    None => wide,
+                    Some(narrow) => {
+                        let narrow = self.key_tiles(*narrow, *mask, body);
+                        let dots = self.dots();
+                        quote! {
+                            if #dots && args.k_packed.is_null() { #narrow } else { #wide }
+                        }
+                    }
+                }
+            }
+            Op::PackTile { from, into, width } => self.pack_tile(*from, *into, *width, tile),
+            Op::Scores(term) => self.scores(term, tile),
+            Op::OnlineSoftmax { cap, threshold } => self.online_softmax(*cap, *threshold, tile),
+            Op::AccumulateValues { values, width } => self.accumulate_values(*values, *width, tile),
+            Op::MergeSplits => self.merge_splits(),
+            Op::Normalize => self.normalize(),
+            Op::StoreOut { into } => self.store_out(*into),
+            Op::ProjectOut { rank, v_dim } => self.project_out(*rank, *v_dim),
+            Op::StoreLse => self.store_lse(),
+        }
+    }
+
+    // --- The group mapping (the plan's `HeadMap`).
+
+    /// The number of query heads of group `g`.
+    fn group_size(&self) -> TokenStream {
+        match self.plan.head_map {
+            HeadMap::Table => quote!((GROUP_HEADS[g][0] as usize)),
+            _ => {
+                let size = lit(self.plan.groups[0].len());
+                quote!(#size)
+            }
+        }
+    }
+
+    /// The query head in slot `slot` of group `g`.
+    fn head_of(&self) -> TokenStream {
+        match self.plan.head_map {
+            HeadMap::Table => quote!((GROUP_HEADS[g][slot + 1] as usize)),
+            HeadMap::Interleaved { groups } => {
+                let groups = lit(groups);
+                quote!((slot * #groups + g))
+            }
+            HeadMap::Contiguous { size } => {
+                let size = lit(size);
+                quote!((g * #size + slot))
+            }
+        }
+    }
+
+    /// `body` for every head of group `g`, with `slot` and `head` bound.
+    fn for_each_head(&self, body: TokenStream) -> TokenStream {
+        let (heads, head) = (self.group_size(), self.head_of());
+        quote! {
+            for slot in 0..#heads {
+                let head = #head;
+                #body
+            }
+        }
+    }
+
+    /// `body` for every valid row of the work item's group, with `slot`, `head`, `qi` and
+    /// `row` bound.
+    fn for_each_row(&self, body: TokenStream) -> TokenStream {
+        self.for_each_head(quote! {
+            for qi in 0..nq {
+                let row = slot * nq + qi;
+                #body
+            }
+        })
+    }
+
+    /// Float index of row `(b, q0 + qi, head)` of a `[B, Sq, H, width]` tensor.
+    fn row_index(&self, qi: TokenStream, width: usize) -> TokenStream {
+        let (h, width) = (lit(self.plan.q_heads), lit(width));
+        quote!((((b * seq_q + q0 + #qi) * #h + head) * #width))
+    }
+
+    // --- State and scratch.
+
+    fn state_m(&self) -> Literal {
+        lit(self.plan.padded_rows * self.plan.acc_dim)
+    }
+
+    fn state_l(&self) -> Literal {
+        lit(self.plan.padded_rows * (self.plan.acc_dim + 1))
+    }
+
+    /// Scratch address of a tile operand.
+    fn tile_addr(&self, operand: Operand) -> TokenStream {
+        let scratch = &self.plan.scratch;
+        let (base, floats) = match operand {
+            Operand::QueryTile => (quote!(group_scratch), scratch.queries),
+            Operand::RopeTile => (quote!(group_scratch), scratch.rope_queries),
+            Operand::QueryRows => (quote!(group_scratch), scratch.query_rows),
+            Operand::KeyTile => (quote!(scratch), scratch.keys),
+            Operand::ValueTile => (quote!(scratch), scratch.values),
+            other => unreachable!("{other:?} is a tensor, not a scratch tile"),
+        };
+        let floats = lit(floats);
+        quote!(#base.add(#floats))
+    }
+
+    fn for_each_group(&self, body: &[Op], tile: Option<Tile>) -> TokenStream {
+        let plan = self.plan;
+        let heads = self.group_size();
+        let (multiple, shared, group_len) =
+            (lit(plan.row_multiple), lit(plan.scratch.shared_len), lit(plan.scratch.group_len));
+        let ranges = match tile {
+            Some(Tile { partial: true, .. }) => self.write_row_ranges(),
+            _ => TokenStream::new(),
+        };
+        let body = self.ops(body, tile);
+        quote! {
+            for i in 0..groups {
+                let g = g0 + i;
+                let rows = #heads * nq;
+                let rows_v4 = rows.next_multiple_of(#multiple);
+                let state = state0.add(i * state_stride);
+                let group_scratch = scratch.add(#shared + i * #group_len);
+                #ranges
+                #body
+            }
+        }
+    }
+
+    fn init_state(&self) -> TokenStream {
+        let (acc, m, l) = (lit(self.plan.acc_dim), self.state_m(), self.state_l());
+        quote! {
+            ::attngen::__private::zero(state, rows_v4 * #acc);
+            for r in 0..rows_v4 {
+                *state.add(#m + r) = lowest;
+                *state.add(#l + r) = 0.0;
+            }
+        }
+    }
+
+    // --- Query tiles.
+
+    fn pack_queries(
+        &self,
+        from: Operand,
+        offset: usize,
+        len: usize,
+        factor: f32,
+        into: Operand,
+    ) -> TokenStream {
+        let plan = self.plan;
+        let tile = self.tile_addr(into);
+        let (base, width) = match from {
+            Operand::Q => (quote!(args.q), plan.q_width),
+            Operand::LatentQ => (quote!(args.latent_q.cast_const()), plan.acc_dim),
+            other => unreachable!("{other:?} holds no queries"),
+        };
+        let index = self.row_index(quote!(0), width);
+        let (offset, row_floats, len_lit, panel, panel_len) =
+            (lit(offset), lit(plan.q_heads * width), lit(len), lit(PANEL), lit(PANEL * len));
+        let factor_lit = Literal::f32_suffixed(factor);
+        let pack = self.for_each_head(quote! {
+            let src = #base.add(#index + #offset);
+            routines::pack_columns(nq, #len_lit, src, #row_floats, #factor_lit, tile, slot * nq, #panel_len);
+        });
+        let rows_major = if into == Operand::QueryTile && plan.dot_max_rows > 0 {
+            let dst = self.tile_addr(Operand::QueryRows);
+            let dots = self.dots();
+            let index = self.row_index(quote!(qi), plan.q_width);
+            let copy = self.for_each_row(quote! {
+                ::attngen::__private::scale_row(dst.add(row * #len_lit), args.q.add(#index), #len_lit, #factor_lit);
+            });
+            quote! {
+                if #dots {
+                    let dst = #dst;
+                    #copy
+                    for row in rows..rows_v4 {
+                        ::attngen::__private::zero(dst.add(row * #len_lit), #len_lit);
+                    }
+                }
+            }
+        } else {
+            TokenStream::new()
+        };
+        quote! {
+            {
+                let tile = #tile;
+                #pack
+                for row in rows..rows_v4 {
+                    let column = tile.add(row / #panel * #panel_len + row % #panel);
+                    for d in 0..#len_lit {
+                        *column.add(d * #panel) = 0.0;
+                    }
+                }
+                #rows_major
+            }
+        }
+    }
+
+    /// Whether this work item's group computes scores as dot products: it has few rows.
+    fn dots(&self) -> TokenStream {
+        let max = lit(self.plan.dot_max_rows);
+        quote!((rows <= #max))
+    }
+
+    /// Whether this work item packs K/V tiles: only with enough rows to repay the copy.
+    fn packs(&self) -> TokenStream {
+        if !self.plan.pack_per_item {
+            return quote!(false);
+        }
+        let min = lit(self.plan.pack_min_rows);
+        quote!((rows >= #min))
+    }
+
+    // --- Key and value tiles.
+
+    fn cache_row(&self, operand: Operand) -> CacheRow {
+        let tensor = match operand {
+            Operand::K => CacheTensor::K,
+            Operand::V => CacheTensor::V,
+            Operand::CKv => CacheTensor::CKv,
+            Operand::KRope => CacheTensor::KRope,
+            other => unreachable!("{other:?} is not a cache tensor"),
+        };
+        self.plan.cache_row(tensor).expect("lowering pairs operands with their spec kind")
+    }
+
+    /// Address of cache tensor `operand`'s row at key `j0` for group `group` (wrapping: a
+    /// prefetch may name the row past the tensor).
+    fn kv_rows(&self, operand: Operand, j0: TokenStream, group: TokenStream) -> TokenStream {
+        let CacheRow { width, stride } = self.cache_row(operand);
+        let (width_lit, stride_lit) = (lit(width), lit(stride));
+        match operand {
+            Operand::K | Operand::V => {
+                let base = if operand == Operand::K { quote!(args.k) } else { quote!(args.v) };
+                let heads = lit(stride / width);
+                quote!(#base.wrapping_add(((b * seq_k + #j0) * #heads + #group) * #width_lit))
+            }
+            Operand::CKv => quote!(args.c_kv.wrapping_add((b * seq_k + #j0) * #stride_lit)),
+            Operand::KRope => quote!(args.k_rope.wrapping_add((b * seq_k + #j0) * #stride_lit)),
+            other => unreachable!("{other:?} is not a cache tensor"),
+        }
+    }
+
+    fn pack_tile(
+        &self,
+        from: Operand,
+        into: Operand,
+        width: usize,
+        tile: Option<Tile>,
+    ) -> TokenStream {
+        assert!(tile.is_some(), "tile ops only appear inside KeyTiles");
+        let packs = self.packs();
+        let src = self.kv_rows(from, quote!(j0), quote!(g));
+        let stride = lit(self.cache_row(from).stride);
+        let dst = self.tile_addr(into);
+        let (dst_row, dst_panel) = if into == Operand::ValueTile {
+            (lit(PANEL), lit(PANEL * self.plan.k_tile))
+        } else {
+            (lit(width), lit(PANEL))
+        };
+        let width = lit(width);
+        quote! {
+            if #packs && args.k_packed.is_null() {
+                ::attngen::__private::pack_rows(n, #width, #src, #stride, #dst, #dst_row, #dst_panel);
+            }
+        }
+    }
+
+    /// Address and row stride of a key operand: the call's packed copy, the item's packed
+    /// tile, or the cache rows in place.
+    fn key_side(&self, operand: Operand, width: usize) -> TokenStream {
+        if operand != Operand::KeyTile {
+            let addr = self.kv_rows(operand, quote!(j0), quote!(g));
+            let stride = lit(self.cache_row(operand).stride);
+            return quote!((#addr, #stride));
+        }
+        let (kv, k_tile, width_lit) =
+            (lit(self.plan.groups.len()), lit(self.plan.k_tile), lit(width));
+        let packs = self.packs();
+        let packed = self.tile_addr(Operand::KeyTile);
+        let in_place = self.kv_rows(Operand::K, quote!(j0), quote!(g));
+        let stride = lit(self.cache_row(Operand::K).stride);
+        quote! {
+            if !args.k_packed.is_null() {
+                // `[B][kv][Sk'][D]`, Sk' = Sk rounded up to whole tiles.
+                let row = (b * #kv + g) * seq_k.next_multiple_of(#k_tile) + j0;
+                (args.k_packed.add(row * #width_lit), #width_lit)
+            } else if #packs {
+                (#packed.cast_const(), #width_lit)
+            } else {
+                (#in_place, #stride)
+            }
+        }
+    }
+
+    /// Address, row stride and panel stride of a value operand.
+    fn value_side(&self, operand: Operand) -> TokenStream {
+        let panel = lit(PANEL);
+        if operand != Operand::ValueTile {
+            let addr = self.kv_rows(operand, quote!(j0), quote!(g));
+            let stride = lit(self.cache_row(operand).stride);
+            return quote!((#addr, #stride, #panel));
+        }
+        let plan = self.plan;
+        let (kv, k_tile, tile_floats, panel_floats) = (
+            lit(plan.groups.len()),
+            lit(plan.k_tile),
+            lit(plan.packed_value_tile()),
+            lit(PANEL * plan.k_tile),
+        );
+        let packs = self.packs();
+        let packed = self.tile_addr(Operand::ValueTile);
+        let in_place = self.kv_rows(Operand::V, quote!(j0), quote!(g));
+        let stride = lit(self.cache_row(Operand::V).stride);
+        quote! {
+            if !args.v_packed.is_null() {
+                // Tile j0 / k_tile of (batch, group); key loops start on a multiple of k_tile.
+                let tile = (b * #kv + g) * seq_k.div_ceil(#k_tile) + j0 / #k_tile;
+                (args.v_packed.add(tile * #tile_floats), #panel, #panel_floats)
+            } else if #packs {
+                (#packed.cast_const(), #panel, #panel_floats)
+            } else {
+                (#in_place, #stride, #panel)
+            }
+        }
+    }
+
+    /// The `*const PrefetchRows` a tile product gets for cache tensor `cache`: null for
+    /// contiguous rows and for items reading the call's packed copy; else the rows the next
+    /// group reads, or this group's share of the next tile (as `clif` describes).
+    fn prefetch_next(&self, cache: Operand, tile: Tile) -> TokenStream {
+        let CacheRow { width, stride } = self.cache_row(cache);
+        if stride == width {
+            return quote!(::core::ptr::null());
+        }
+        let (size, stride, width_lit) = (lit(tile.size), lit(stride), lit(width));
+        let fill = if self.plan.prefetches_whole_tiles(tile.size) {
+            let base = self.kv_rows(cache, quote!((j0 + #size)), quote!(g0));
+            quote! {
+                PrefetchRows {
+                    base: #base, rows: #size, stride: #stride, width: groups * #width_lit,
+                    part: g - g0, parts: groups,
+                }
+            }
+        } else {
+            let base = self.kv_rows(cache, quote!(next), quote!(next_group));
+            quote! {{
+                let last = g + 1 == g0 + groups;
+                let (next, next_group) = if last { (j0 + #size, g0) } else { (j0, g + 1) };
+                PrefetchRows {
+                    base: #base, rows: #size, stride: #stride, width: #width_lit,
+                    part: 0, parts: 1,
+                }
+            }}
+        };
+        quote! {{
+            prefetch = #fill;
+            if args.k_packed.is_null() { &raw const prefetch } else { ::core::ptr::null() }
+        }}
+    }
+
+    // --- The flash tile.
+
+    fn scores(&self, term: &ScoreTerm, tile: Option<Tile>) -> TokenStream {
+        let tile = tile.expect("tile ops only appear inside KeyTiles");
+        let plan = self.plan;
+        let key_side = self.key_side(term.keys, term.len);
+        let query = self.tile_addr(term.query);
+        let (scores, ld, len, panel, panel_len, acc) = (
+            lit(plan.scratch.scores),
+            lit(plan.padded_rows),
+            lit(term.len),
+            lit(PANEL),
+            lit(PANEL * term.len),
+            lit(usize::from(term.accumulate)),
+        );
+        let prefetch = match term.keys {
+            _ if term.accumulate => quote!(::core::ptr::null()),
+            Operand::KeyTile => self.prefetch_next(Operand::K, tile),
+            keys => self.prefetch_next(keys, tile),
+        };
+        let broadcast = quote! {
+            routines::dot_nn(n, rows_v4, #len, a, a_row, 1, #query.cast_const(), #panel, #panel_len,
+                c, #ld, #acc, ::core::ptr::null(), ::core::ptr::null(), prefetch);
+        };
+        let product = if term.query == Operand::QueryTile && plan.dot_max_rows > 0 {
+            let dots = self.dots();
+            let rows = self.tile_addr(Operand::QueryRows);
+            quote! {
+                if #dots {
+                    routines::dot_nt(n, rows_v4, #len, a, a_row, #rows.cast_const(), #len, c, #ld, #acc, prefetch);
+                } else {
+                    #broadcast
+                }
+            }
+        } else {
+            broadcast
+        };
+        quote! {{
+            let (a, a_row) = #key_side;
+            let c = scratch.add(#scores);
+            let prefetch: *const PrefetchRows = #prefetch;
+            #product
+        }}
+    }
+
+    fn online_softmax(&self, cap: Option<f32>, threshold: f32, tile: Option<Tile>) -> TokenStream {
+        let tile = tile.expect("tile ops only appear inside KeyTiles");
+        let plan = self.plan;
+        let (scores, ld, ranges, acc, m, l) = (
+            lit(plan.scratch.scores),
+            lit(plan.padded_rows),
+            lit(plan.scratch.ranges),
+            lit(plan.acc_dim),
+            self.state_m(),
+            self.state_l(),
+        );
+        let capped = cap.map(|cap| {
+            let cap = Literal::f32_suffixed(cap);
+            quote!(s = ::attngen::__private::abi::softcap::log2_capped(s, #cap);)
+        });
+        let masked = tile.partial.then(|| {
+            quote! {
+                let key = j as i32;
+                if !(key >= *lows.add(c) && key < *highs.add(c)) {
+                    s = f32::NEG_INFINITY;
+                }
+            }
+        });
+        let store = (cap.is_some() || tile.partial).then(|| quote!(*row.add(c) = s;));
+        let threshold = Literal::f32_suffixed(threshold);
+        quote! {{
+            let s_tile = scratch.add(#scores);
+            let lows = scratch.add(#ranges).cast::<i32>().cast_const();
+            let highs = lows.add(#ld);
+            // The tile max of every row: `s < t ? t : s`, so a NaN score reaches its row.
+            let mut tile_max = [f32::NEG_INFINITY; #ld];
+            for j in 0..n {
+                let row = s_tile.add(j * #ld);
+                for c in 0..rows_v4 {
+                    let mut s = *row.add(c);
+                    #capped
+                    #masked
+                    #store
+                    let t = tile_max[c];
+                    tile_max[c] = if s < t { t } else { s };
+                }
+            }
+            // Lazy rescale: m moves only where the tile max exceeds it by the threshold.
+            for c in 0..rows_v4 {
+                let m_old = *state.add(#m + c);
+                if tile_max[c] > m_old + #threshold {
+                    let m_new = tile_max[c];
+                    let factor = ::attngen::__private::abi::exp2::eval(m_old - m_new);
+                    *state.add(#l + c) *= factor;
+                    *state.add(#m + c) = m_new;
+                    if factor != 1.0 {
+                        let o = state.add(c * #acc);
+                        ::attngen::__private::scale_row(o, o, #acc, factor);
+                    }
+                }
+            }
+            routines::exp2_columns(n, rows_v4, s_tile, #ld, state.add(#m).cast_const(), state.add(#l));
+        }}
+    }
+
+    fn accumulate_values(&self, values: Operand, width: usize, tile: Option<Tile>) -> TokenStream {
+        let tile = tile.expect("tile ops only appear inside KeyTiles");
+        let plan = self.plan;
+        let value_side = self.value_side(values);
+        let (scores, ld, acc, ranges, width) = (
+            lit(plan.scratch.scores),
+            lit(plan.padded_rows),
+            lit(plan.acc_dim),
+            lit(plan.scratch.ranges),
+            lit(width),
+        );
+        let prefetch = match plan.form {
+            Form::Grouped => self.prefetch_next(Operand::V, tile),
+            Form::LatentAbsorbed => quote!(::core::ptr::null()),
+        };
+        let (lows, highs) = if tile.partial {
+            (
+                quote!(scratch.add(#ranges).cast::<i32>().cast_const()),
+                quote!(scratch.add(#ranges + #ld).cast::<i32>().cast_const()),
+            )
+        } else {
+            (quote!(::core::ptr::null()), quote!(::core::ptr::null()))
+        };
+        quote! {{
+            let (v, b_row, b_panel) = #value_side;
+            let prefetch: *const PrefetchRows = #prefetch;
+            routines::dot_nn(rows, #width, n, scratch.add(#scores).cast_const(), 1, #ld, v, b_row,
+                b_panel, state, #acc, 1, #lows, #highs, prefetch);
+        }}
+    }
+
+    /// The visible keys `(lo, hi)` of query `i` under `mask`, within the item's key range, as
+    /// a closure `bounds`.
+    fn bounds(&self, mask: Mask) -> TokenStream {
+        let range = match mask {
+            Mask::None => quote!((0isize, seq_k as isize)),
+            Mask::Causal => quote!((0isize, (diag + 1).min(seq_k as isize))),
+            Mask::SlidingWindow(w) => {
+                let w = Literal::isize_unsuffixed(w as isize);
+                quote!(((diag + 1 - #w).max(0), (diag + 1).min(seq_k as isize)))
+            }
+        };
+        quote! {
+            let bounds = |i: usize| -> (isize, isize) {
+                let diag = i as isize + seq_k as isize - seq_q as isize;
+                let (lo, hi) = #range;
+                (lo.max(k_lo as isize), hi.min(k_hi as isize))
+            };
+        }
+    }
+
+    /// The key loop: tiles from the first visible key's tile to the last visible key, each
+    /// emitted twice — full (every row sees it whole: `n` is the constant tile) and edge.
+    fn key_tiles(&self, size: usize, mask: Mask, body: &[Op]) -> TokenStream {
+        assert!(size.is_power_of_two(), "key tiles are aligned with a mask");
+        let bounds = self.bounds(mask);
+        let full = self.ops(body, Some(Tile { size, partial: false }));
+        let edge = self.ops(body, Some(Tile { size, partial: true }));
+        let size = lit(size);
+        quote! {
+            if nq > 0 {
+                #bounds
+                // Rows are sorted by query and bounds grow with it: the first query has the
+                // smallest lo and hi, the last the largest.
+                let (start, hi_min) = bounds(q0);
+                let (lo_max, end) = bounds(q0 + nq - 1);
+                let mut j0 = start & -(#size as isize);
+                while j0 < end {
+                    let n = (end - j0).min(#size) as usize;
+                    if j0 >= lo_max && j0 + #size <= hi_min {
+                        let (j0, n) = (j0 as usize, #size as usize);
+                        #full
+                    } else {
+                        let j0 = j0 as usize;
+                        #edge
+                    }
+                    j0 += #size;
+                }
+            }
+        }
+    }
+
+    /// An edge tile's per-row visible keys relative to `j0`, clamped to `0..n`; the padding
+    /// rows see nothing.
+    fn write_row_ranges(&self) -> TokenStream {
+        let (ranges, ld) = (lit(self.plan.scratch.ranges), lit(self.plan.padded_rows));
+        let each = self.for_each_row(quote! {
+            let (lo, hi) = bounds(q0 + qi);
+            let clamp = |x: isize| (x - j0 as isize).max(0).min(n as isize) as i32;
+            *lows.add(row) = clamp(lo);
+            *highs.add(row) = clamp(hi);
+        });
+        quote! {
+            let lows = scratch.add(#ranges).cast::<i32>();
+            let highs = lows.add(#ld);
+            #each
+            for row in rows..rows_v4 {
+                *lows.add(row) = 0;
+                *highs.add(row) = 0;
+            }
+        }
+    }
+
+    // --- Finishing.
+
+    fn merge_splits(&self) -> TokenStream {
+        let (acc, m, l) = (lit(self.plan.acc_dim), self.state_m(), self.state_l());
+        let each = self.for_each_row(quote! {
+            let m0 = *state.add(#m + row);
+            let mut big_m = m0;
+            for s in 1..n_states {
+                let ms = *state.add(s * state_stride + #m + row);
+                big_m = if big_m < ms { ms } else { big_m };
+            }
+            // Every m is finite, so each 2^(m_s − M) is a number in [0, 1].
+            let c0 = ::attngen::__private::abi::exp2::eval(m0 - big_m);
+            let mut l = *state.add(#l + row) * c0;
+            let o0 = state.add(row * #acc);
+            ::attngen::__private::scale_row(o0, o0, #acc, c0);
+            for s in 1..n_states {
+                let slot = state.add(s * state_stride);
+                let c = ::attngen::__private::abi::exp2::eval(*slot.add(#m + row) - big_m);
+                l = (*slot.add(#l + row)).mul_add(c, l);
+                ::attngen::__private::axpy_row(o0, slot.add(row * #acc), #acc, c);
+            }
+            *state.add(#l + row) = l;
+            *state.add(#m + row) = big_m;
+        });
+        quote! {
+            if n_states > 1 {
+                #each
+            }
+        }
+    }
+
+    fn normalize(&self) -> TokenStream {
+        let (m, l) = (self.state_m(), self.state_l());
+        self.for_each_row(quote! {
+            let l = *state.add(#l + row);
+            let m = *state.add(#m + row);
+            let empty = l == 0.0;
+            *state.add(#l + row) = if empty { 0.0 } else { 1.0 / l };
+            let lse = m.mul_add(::core::f32::consts::LN_2, l.ln());
+            *state.add(#m + row) = if empty { f32::NEG_INFINITY } else { lse };
+        })
+    }
+
+    fn store_out(&self, into: Operand) -> TokenStream {
+        let width = self.plan.acc_dim;
+        let base = match into {
+            Operand::Out => quote!(args.out),
+            Operand::LatentOut => quote!(args.latent_out),
+            other => unreachable!("{other:?} is not an output"),
+        };
+        let index = self.row_index(quote!(qi), width);
+        let (acc, l) = (lit(width), self.state_l());
+        self.for_each_row(quote! {
+            ::attngen::__private::scale_row(#base.add(#index), state.add(row * #acc), #acc, *state.add(#l + row));
+        })
+    }
+
+    fn store_lse(&self) -> TokenStream {
+        let index = self.row_index(quote!(qi), 1);
+        let m = self.state_m();
+        let each = self.for_each_row(quote! {
+            *args.lse.add(#index) = *state.add(#m + row);
+        });
+        quote! {
+            if !args.lse.is_null() {
+                #each
+            }
+        }
+    }
+
+    // --- Absorbed MLA's per-head programs.
+
+    fn absorb_queries(&self, nope: usize, rank: usize) -> TokenStream {
+        let h = self.plan.q_heads;
+        let width = self.plan.q_width;
+        let (q_head, w_head, c_head, lda, ldc, nope, rank, panel) = (
+            lit(width),
+            lit(nope * rank),
+            lit(rank),
+            lit(h * width),
+            lit(h * rank),
+            lit(nope),
+            lit(rank),
+            lit(PANEL),
+        );
+        quote! {
+            routines::dot_nn(args.batch * args.seq_q, #rank, #nope, args.q.add(head * #q_head), #lda, 1,
+                args.w_uk.add(head * #w_head), #rank, #panel, args.latent_q.add(head * #c_head), #ldc,
+                0, ::core::ptr::null(), ::core::ptr::null(), ::core::ptr::null());
+        }
+    }
+
+    fn project_out(&self, rank: usize, v_dim: usize) -> TokenStream {
+        let h = self.plan.q_heads;
+        let (a_head, w_head, lda, ldc, rank, v_dim_lit) =
+            (lit(rank), lit(v_dim * rank), lit(h * rank), lit(h * v_dim), lit(rank), lit(v_dim));
+        quote! {
+            routines::dot_nt(args.batch * args.seq_q, #v_dim_lit, #rank,
+                args.latent_out.add(head * #a_head).cast_const(), #lda, args.w_uv.add(head * #w_head),
+                #rank, args.out.add(head * #v_dim_lit), #ldc, 0, ::core::ptr::null());
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Kernels compiled by `#[attngen::kernel]` against the reference interpreter: every kind of
+//! spec, on every ISA this CPU has, over random shapes and inputs (semantics.md §4 tolerance).
+
+use attngen::{Isa, Kernel, KvLayout, MacroKernel, Reference, Shape, Tensor};
+use attngen_tests::strategies::{self, OwnedInputs};
+use attngen_tests::{f32_score_slack, first_mismatch_within};
+use proptest::prelude::*;
+
+#[attngen::kernel(q_heads = 8, kv_heads = 2, head_dim = 16, mask = "causal")]
+struct GqaCausal;
+
+#[attngen::kernel(q_heads = 4, head_dim = 24)]
+struct Mha;
+
+#[attngen::kernel(q_heads = 6, kv_heads = 1, head_dim = 33, mask = { sliding_window = 7 })]
+struct MqaWindow;
+
+#[attngen::kernel(
+    q_heads = 5,
+    kv_heads = 3,
+    head_dim = 20,
+    v_head_dim = 12,
+    group_map = [2, 0, 0, 1, 2],
+    softcap = 30.0,
+    mask = "causal"
+)]
+struct UnevenSoftcap;
+
+#[attngen::kernel(q_heads = 8, kv_heads = 2, head_dim = 8, group_map = "interleaved", scale = 0.3)]
+struct Interleaved;
+
+#[attngen::kernel(q_heads = 3, kv_heads = 3, head_dim = 1, mask = { sliding_window = 1 })]
+struct OneWide;
+
+#[attngen::kernel(
+    q_heads = 4,
+    v_head_dim = 12,
+    mask = "causal",
+    latent = { rank = 32, rope_dim = 8, nope_dim = 16 }
+)]
+struct MlaRope;
+
+#[attngen::kernel(
+    q_heads = 3,
+    v_head_dim = 20,
+    softcap = 5.0,
+    latent = { rank = 24, rope_dim = 0, nope_dim = 16 }
+)]
+struct MlaNoRope;
+
+#[attngen::kernel(spec = "../specs/llama3-8b.toml")]
+struct Llama3FromFile;
+
+/// Every kernel above, for `isa`.
+fn kernels(isa: Isa) -> Vec<MacroKernel> {
+    vec![
+        GqaCausal::with_isa(isa),
+        Mha::with_isa(isa),
+        MqaWindow::with_isa(isa),
+        UnevenSoftcap::with_isa(isa),
+        Interleaved::with_isa(isa),
+        OneWide::with_isa(isa),
+        MlaRope::with_isa(isa),
+        MlaNoRope::with_isa(isa),
+    ]
+}
+
+/// The ISAs this CPU runs; the others are named as skipped, never passed.
+fn isas() -> Vec<Isa> {
+    for isa in Isa::ALL.into_iter().filter(|isa| !isa.is_supported()) {
+        println!("skipped: macro kernels for {isa} (this CPU lacks {isa})");
+    }
+    Isa::available()
+}
+
+fn run(kernel: &dyn Kernel, shape: Shape, inputs: &OwnedInputs) -> (Vec<f32>, Vec<f32>) {
+    let spec = kernel.spec();
+    let out_len = Tensor::Out.len(spec, shape).unwrap();
+    let lse_len = Tensor::Lse.len(spec, shape).unwrap();
+    let (mut out, mut lse) = (vec![f32::NAN; out_len], vec![f32::NAN; lse_len]);
+    kernel.run(shape, &inputs.inputs(), &mut out, Some(&mut lse)).expect("valid call");
+    (out, lse)
+}
+
+/// The kernel against the reference on one case with inputs of magnitude `m`.
+fn compare(kernel: &MacroKernel, shape: Shape, seed: u64, m: f32) -> Result<(), String> {
+    let spec = kernel.spec();
+    let inputs = OwnedInputs::random(spec, shape, seed, m);
+    let (out_slack, lse_slack) =
+        f32_score_slack(spec.head_dim(), spec.effective_scale(), f64::from(m));
+    let (want_out, want_lse) = run(&Reference::new(spec).unwrap(), shape, &inputs);
+    let (out, lse) = run(kernel, shape, &inputs);
+    let widen = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+    let name = spec.summary();
+    if let Some((i, got, want)) = first_mismatch_within(&out, &widen(&want_out), out_slack) {
+        return Err(format!("{name} on {}: out[{i}] {got}, reference {want}", kernel.isa()));
+    }
+    if let Some((i, got, want)) = first_mismatch_within(&lse, &widen(&want_lse), lse_slack) {
+        return Err(format!("{name} on {}: lse[{i}] {got}, reference {want}", kernel.isa()));
+    }
+    Ok(())
+}
+
+#[test]
+fn the_widest_isa_is_chosen_and_a_missing_one_is_an_error() {
+    assert_eq!(GqaCausal::compiled().isa(), Isa::from_env().unwrap().unwrap_or_else(Isa::detect));
+    for isa in Isa::ALL.into_iter().filter(|isa| !isa.is_supported()) {
+        let kernel = GqaCausal::with_isa(isa);
+        let inputs = OwnedInputs::random(kernel.spec(), Shape::new(1, 1, 1), 1, 1.0);
+        let mut out = vec![0.0; 8 * 16];
+        let err = kernel.run(Shape::new(1, 1, 1), &inputs.inputs(), &mut out, None).unwrap_err();
+        assert!(err.to_string().contains(isa.name()), "{err}");
+    }
+}
+
+#[test]
+fn a_spec_file_kernel_is_the_file_s_spec() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../specs/llama3-8b.toml"));
+    let spec = attngen::AttentionSpec::from_toml(&text.unwrap()).unwrap();
+    assert_eq!(Llama3FromFile.spec(), &spec);
+    for isa in isas() {
+        // One short decode and one prefill step of the real shape.
+        for shape in [Shape::new(1, 1, 300), Shape::new(1, 9, 9)] {
+            let kernel = Llama3FromFile::with_isa(isa);
+            compare(&kernel, shape, 7, 1.0).unwrap();
+        }
+    }
+}
+
+#[test]
+fn every_kernel_on_edge_shapes() {
+    let shapes = [(1, 1, 1), (2, 1, 70), (1, 5, 3), (1, 3, 130), (2, 66, 66), (1, 17, 600)];
+    for isa in isas() {
+        for kernel in kernels(isa) {
+            for (b, q, k) in shapes {
+                compare(&kernel, Shape::new(b, q, k), 3, 1.0).unwrap();
+            }
+        }
+    }
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(128)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    /// Every kernel and ISA, drawn per case.
+    #[test]
+    fn macro_kernels_match_the_reference(
+        which in 0..8usize,
+        shape in strategies::shape(70, 300),
+        seed in any::<u64>(),
+        large in proptest::bool::weighted(0.2),
+        isa in 0..Isa::available().len(),
+    ) {
+        thread_local!(static KERNELS: Vec<Vec<MacroKernel>> =
+            isas().into_iter().map(kernels).collect());
+        KERNELS.with(|kernels| {
+            let kernel = &kernels[isa][which];
+            let grouped = matches!(kernel.spec().kv, KvLayout::Grouped { .. });
+            let magnitude = if large && grouped { 6.0 } else { 1.0 };
+            let result = compare(kernel, shape, seed, magnitude);
+            prop_assert!(result.is_ok(), "{}", result.unwrap_err());
+            Ok(())
+        })?;
+    }
+}
