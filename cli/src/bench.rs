@@ -125,16 +125,18 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
     let peak_gbs = args.peak_gbs.unwrap_or_else(|| peak::read_gbs(threads));
     let mut rows = Vec::new();
     for workload in &workloads {
+        let mut timed = Vec::new();
         for &backend in &args.backends {
             match backend {
-                Backend::Jit => {
+                Backend::Jit | Backend::Macro => {
                     for jit in &jits {
-                        rows.push(time(workload, backend, jit, args.runs)?);
+                        timed.push(build(workload, backend, jit, threads)?);
                     }
                 }
-                _ => rows.push(time(workload, backend, &jits[0], args.runs)?),
+                _ => timed.push(build(workload, backend, &jits[0], threads)?),
             }
         }
+        rows.extend(time(workload, timed, args.runs)?);
     }
     let machine = Machine {
         threads,
@@ -203,14 +205,23 @@ fn select(args: &BenchArgs) -> Result<Vec<Workload>, Failure> {
         .collect()
 }
 
-fn time(workload: &Workload, backend: Backend, jit: &Jit, max_runs: usize) -> Result<Row, Failure> {
+/// A kernel to time: its backend, ISA (empty for the interpreter) and compile time.
+struct Timed {
+    backend: Backend,
+    isa: &'static str,
+    kernel: Box<dyn Kernel>,
+    compile_ms: Option<f64>,
+}
+
+/// The kernel of `backend` for `workload`: the JIT's and macro's with `jit`'s ISA, on
+/// `threads` threads.
+fn build(
+    workload: &Workload,
+    backend: Backend,
+    jit: &Jit,
+    threads: usize,
+) -> Result<Timed, Failure> {
     let spec = &workload.spec;
-    let shape = workload.shape;
-    let inputs = attngen::harness::inputs(spec, shape, 1, 1.0).map_err(Failure::input)?;
-    let named = attngen::harness::view(spec, &inputs);
-    let len = |t: Tensor| t.len(spec, shape).map_err(Failure::input);
-    let mut out = vec![0.0f32; len(Tensor::Out)?];
-    let mut lse = vec![0.0f32; len(Tensor::Lse)?];
     let (kernel, compile_ms): (Box<dyn Kernel>, Option<f64>) = match backend {
         Backend::Interp => (Box::new(Reference::new(spec).map_err(Failure::input)?), None),
         Backend::Perturbed => {
@@ -221,50 +232,83 @@ fn time(workload: &Workload, backend: Backend, jit: &Jit, max_runs: usize) -> Re
             let ms = kernel.compile_time().as_secs_f64() * 1e3;
             (Box::new(kernel), Some(ms))
         }
+        Backend::Macro => {
+            let kernel = crate::bundled::kernel(spec, jit.isa())
+                .ok_or_else(|| Failure::input(crate::bundled::missing(spec)))?;
+            (Box::new(kernel.threads(threads).map_err(Failure::input)?), Some(0.0))
+        }
     };
-    let mut call = || -> Result<Duration, Failure> {
+    let isa = match backend {
+        Backend::Jit | Backend::Macro => jit.isa().name(),
+        Backend::Interp | Backend::Perturbed => "",
+    };
+    Ok(Timed { backend, isa, kernel, compile_ms })
+}
+
+/// Times `kernels` on `workload`. The interpreter is slow: one timed run. The compiled
+/// kernels: a warm-up each, then rounds that run each once in turn — so a slow spell of a
+/// shared machine falls on all of them alike — until about a second per kernel has passed (at
+/// least 3 rounds, at most `max_runs`).
+fn time(workload: &Workload, kernels: Vec<Timed>, max_runs: usize) -> Result<Vec<Row>, Failure> {
+    let spec = &workload.spec;
+    let shape = workload.shape;
+    let inputs = attngen::harness::inputs(spec, shape, 1, 1.0).map_err(Failure::input)?;
+    let named = attngen::harness::view(spec, &inputs);
+    let len = |t: Tensor| t.len(spec, shape).map_err(Failure::input);
+    let mut out = vec![0.0f32; len(Tensor::Out)?];
+    let mut lse = vec![0.0f32; len(Tensor::Lse)?];
+    let mut call = |kernel: &dyn Kernel| -> Result<Duration, Failure> {
         let start = Instant::now();
         kernel.run(shape, &named, &mut out, Some(&mut lse)).map_err(Failure::input)?;
         Ok(start.elapsed())
     };
-    // The interpreter is slow: one timed run. The JIT: a warm-up, then runs until about a
-    // second has passed (at least 3, at most `max_runs`).
-    let mut times = Vec::new();
-    if backend != Backend::Interp {
-        call()?;
-    }
-    let budget = Instant::now();
-    while times.len() < max_runs.max(1) {
-        times.push(call()?);
-        let enough = backend == Backend::Interp
-            || (times.len() >= 3 && budget.elapsed() > Duration::from_secs(1));
-        if enough {
-            break;
+    let mut times = vec![Vec::new(); kernels.len()];
+    let compiled: Vec<usize> =
+        (0..kernels.len()).filter(|&i| kernels[i].backend != Backend::Interp).collect();
+    for (i, timed) in kernels.iter().enumerate() {
+        if timed.backend == Backend::Interp {
+            times[i].push(call(timed.kernel.as_ref())?);
         }
     }
-    times.sort();
+    for &i in &compiled {
+        call(kernels[i].kernel.as_ref())?;
+    }
+    let budget = Instant::now();
+    let seconds = Duration::from_secs(compiled.len() as u64);
+    for round in 0..max_runs.max(1) {
+        if round >= 3 && budget.elapsed() > seconds {
+            break;
+        }
+        for &i in &compiled {
+            times[i].push(call(kernels[i].kernel.as_ref())?);
+        }
+    }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let median = ms(times[times.len() / 2]);
     let (flops, kernel_flops, bytes) =
         (workload.flops(), workload.kernel_flops(), workload.kv_bytes());
-    Ok(Row {
-        workload: workload.id.clone(),
-        backend: backend.name(),
-        isa: if backend == Backend::Jit { jit.isa().name() } else { "" },
-        median_ms: median,
-        min_ms: ms(times[0]),
-        max_ms: ms(times[times.len() - 1]),
-        runs: times.len(),
-        gflops: flops as f64 / median / 1e6,
-        kernel_gflops: kernel_flops as f64 / median / 1e6,
-        gbs: bytes as f64 / median / 1e6,
-        flops,
-        kernel_flops,
-        bytes,
-        intensity: kernel_flops as f64 / workload.compulsory_bytes() as f64,
-        compile_ms,
-        decode: workload.is_decode(),
-    })
+    let rows = kernels.into_iter().zip(times).map(|(timed, mut times)| {
+        times.sort();
+        let median = ms(times[times.len() / 2]);
+        Row {
+            workload: workload.id.clone(),
+            backend: timed.backend.name(),
+            isa: timed.isa,
+            median_ms: median,
+            min_ms: ms(times[0]),
+            max_ms: ms(times[times.len() - 1]),
+            runs: times.len(),
+            gflops: flops as f64 / median / 1e6,
+            kernel_gflops: kernel_flops as f64 / median / 1e6,
+            gbs: bytes as f64 / median / 1e6,
+            flops,
+            kernel_flops,
+            bytes,
+            intensity: kernel_flops as f64 / workload.compulsory_bytes() as f64,
+            compile_ms: timed.compile_ms,
+            decode: workload.is_decode(),
+        }
+    });
+    Ok(rows.collect())
 }
 
 fn render(report: &Report) -> String {
@@ -305,6 +349,13 @@ fn render(report: &Report) -> String {
                 }
                 _ => String::new(),
             };
+            // The macro kernel's speed against the JIT's with the same ISA (> 1: faster).
+            let jit_same_isa =
+                report.results.iter().filter(same).find(|o| o.backend == "jit" && o.isa == r.isa);
+            let vs_jit = match jit_same_isa {
+                Some(jit) if r.backend == "macro" => format!("{:.2}x", jit.median_ms / r.median_ms),
+                _ => String::new(),
+            };
             vec![
                 r.workload.clone(),
                 r.backend.to_owned(),
@@ -319,6 +370,7 @@ fn render(report: &Report) -> String {
                     .or((r.isa.is_empty()).then_some(m.peak_gflops))
                     .map_or_else(String::new, |p| format!("{:.0}%", 100.0 * r.kernel_gflops / p)),
                 vs_first,
+                vs_jit,
                 interp.map_or_else(String::new, |i| format!("{:.0}x", i / r.median_ms)),
                 r.compile_ms.map_or_else(String::new, |c| format!("{c:.1}")),
             ]
@@ -337,10 +389,11 @@ fn render(report: &Report) -> String {
             "GFLOP/s run",
             "of ISA peak",
             "time vs 1st isa",
+            "speed vs jit",
             "vs interp",
             "compile ms",
         ],
-        &[false, false, false, true, true, true, true, true, true, true, true, true, true],
+        &[false, false, false, true, true, true, true, true, true, true, true, true, true, true],
         &cells,
     ));
     text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once.\n");

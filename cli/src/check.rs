@@ -60,7 +60,7 @@ pub fn check(args: CheckArgs) -> Result<(), Failure> {
         Backend::Jit | Backend::Perturbed => {
             Some(Jit::new().map_err(|e| Failure { status: 1, message: e.to_string() })?)
         }
-        Backend::Interp => None,
+        Backend::Interp | Backend::Macro => None,
     };
     let bar = progress(files.len());
     let mut rows = Vec::new();
@@ -78,6 +78,13 @@ pub fn check(args: CheckArgs) -> Result<(), Failure> {
     emit(&text)?;
     let invalid = rows.iter().filter(|r| r.verdict == "invalid").count();
     let failed = rows.iter().filter(|r| r.verdict == "FAIL").count();
+    let unbundled = rows.iter().filter(|r| r.verdict == "not bundled").count();
+    if unbundled > 0 && invalid == 0 && failed == 0 {
+        return Err(Failure::input(format!(
+            "{unbundled} of {} specs have no kernel compiled into attngen: `--backend macro` runs the bundled specs only",
+            rows.len()
+        )));
+    }
     match (invalid, failed) {
         (0, 0) => Ok(()),
         (0, n) => {
@@ -161,6 +168,14 @@ fn check_file(file: &Path, args: &CheckArgs, jit: Option<&Jit>) -> Row {
             row.compile_ms = Some(ms(&k));
             Box::new(Perturbed(Box::new(k))) as Box<dyn Kernel>
         }),
+        (Backend::Macro, _) => match crate::bundled::default_kernel(&spec) {
+            Ok(kernel) => Ok(Box::new(kernel) as Box<dyn Kernel>),
+            Err(failure) => {
+                row.verdict = "not bundled";
+                row.problem = Some(failure.message);
+                return row;
+            }
+        },
         _ => Reference::new(&spec).map(|k| Box::new(k) as Box<dyn Kernel>),
     };
     let kernel = match kernel {

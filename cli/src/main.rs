@@ -1,6 +1,7 @@
 //! `attngen`: run, plan and validate attention specs from the command line.
 
 mod bench;
+mod bundled;
 mod check;
 mod dump;
 mod peak;
@@ -93,6 +94,9 @@ enum Command {
         /// The generated machine code, disassembled.
         #[arg(long)]
         asm: bool,
+        /// The Rust `#[attngen::kernel(spec = "SPEC.toml")] struct Kernel;` expands to.
+        #[arg(long)]
+        rust: bool,
     },
     /// Time backends on the standard workloads W1–W8 (or a spec and shape).
     ///
@@ -117,6 +121,9 @@ pub enum Backend {
     Interp,
     /// The Cranelift JIT: a fused kernel compiled for this spec and this CPU.
     Jit,
+    /// A kernel compiled into this binary by `#[attngen::kernel]`: the specs of specs/ and the
+    /// standard workloads only (any other spec is refused, naming what is bundled).
+    Macro,
     /// Test only: the JIT with one output element perturbed, to exercise failure reports.
     #[value(hide = true)]
     Perturbed,
@@ -128,6 +135,7 @@ impl Backend {
         match self {
             Backend::Interp => "interp",
             Backend::Jit => "jit",
+            Backend::Macro => "macro",
             Backend::Perturbed => "perturbed",
         }
     }
@@ -201,7 +209,9 @@ fn main() -> ExitCode {
         Command::Run { spec, inputs, out, backend } => run::run(&spec, &inputs, &out, backend),
         Command::Plan { specs, context, json } => plan::plan(&specs, context, json),
         Command::Check(args) => check::check(args),
-        Command::Dump { spec, plan, ir, clif, asm } => dump::dump(&spec, plan, ir, clif, asm),
+        Command::Dump { spec, plan, ir, clif, asm, rust } => {
+            dump::dump(&spec, dump::Sections { plan, ir, clif, asm, rust })
+        }
         Command::Validate { specs } => validate::validate(&specs),
         Command::Bench(args) => bench::bench(args),
     };

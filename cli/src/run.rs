@@ -28,6 +28,7 @@ pub fn run(
             let jit = Jit::new().map_err(|e| Failure { status: 1, message: e.to_string() })?;
             Box::new(jit.compile(&spec).map_err(Failure::input)?)
         }
+        Backend::Macro => Box::new(crate::bundled::default_kernel(&spec)?),
     };
     let shape = loaded.shape;
     let too_large = |t: Tensor| t.len(&spec, shape).map_err(Failure::input);

@@ -511,3 +511,92 @@ fn bench_draws_a_roofline_with_ceilings_and_one_point_per_result() {
     assert!(text.contains("mqa-16x128 jit") && text.contains("mqa-16x128 interp"));
     assert!(text.contains("<polyline"), "the roofline ceiling");
 }
+
+/// `--backend macro` runs the kernels compiled into the binary: `check` and `run` on bundled
+/// specs, `bench` beside the JIT (compile time 0); a spec that is not bundled exits 2 naming
+/// what is.
+#[test]
+fn the_macro_backend_runs_the_bundled_specs_and_names_what_it_lacks() {
+    let output = attngen(&[
+        "check",
+        specs_dir().to_str().unwrap(),
+        "--backend",
+        "macro",
+        "--cases",
+        "4",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert!(rows.len() >= 9 && rows.iter().all(|r| r["verdict"] == "ok"), "{rows:?}");
+    let dir = scratch("macro-unbundled");
+    let spec = AttentionSpec::mha(2, 4);
+    let shape = Shape::new(1, 3, 5);
+    let (spec_path, inputs_path, _) = prepare(&dir, &spec, shape, 5);
+    let output = attngen(&["check", spec_path.to_str().unwrap(), "--backend", "macro"]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("not bundled") && text.contains("llama3-8b"), "{text}");
+    let output = run_cli(&spec_path, &inputs_path, &dir.join("out.safetensors"), Some("macro"));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(!dir.join("out.safetensors").exists());
+    // A bundled spec (written anew: names aside, it is the bundled one) runs and agrees.
+    let spec = AttentionSpec::gqa(10, 4, 64)
+        .group_map(GroupMap::Explicit(vec![0, 0, 0, 1, 2, 2, 2, 2, 3, 3]))
+        .mask(Mask::Causal);
+    let shape = Shape::new(2, 5, 70);
+    let (spec_path, inputs_path, inputs) = prepare(&dir, &spec, shape, 6);
+    let out_path = dir.join("out.safetensors");
+    let output = run_cli(&spec_path, &inputs_path, &out_path, Some("macro"));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let bytes = std::fs::read(&out_path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let (want_out, want_lse) = independent::attention(&spec, shape, &inputs.tensors());
+    assert_eq!(first_mismatch(&read_f32(&file, "out").1, &want_out), None);
+    assert_eq!(first_mismatch(&read_f32(&file, "lse").1, &want_lse), None);
+    let spec = specs_dir().join("llama3-8b.toml");
+    let mut args = vec!["bench", spec.to_str().unwrap(), "--shape", "1,8,40", "--json"];
+    args.extend([
+        "--backend",
+        "jit,macro",
+        "--runs",
+        "3",
+        "--peak-gflops",
+        "100",
+        "--peak-gbs",
+        "20",
+    ]);
+    let output = attngen(&args);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let results = report["results"].as_array().unwrap();
+    let backends: Vec<&str> = results.iter().map(|r| r["backend"].as_str().unwrap()).collect();
+    assert_eq!(backends, ["jit", "macro"]);
+    assert_eq!(results[1]["compile_ms"], 0.0);
+    assert_eq!(results[0]["isa"], results[1]["isa"]);
+}
+
+/// `dump --rust` prints the attribute's expansion: every ISA's functions and the impls.
+#[test]
+fn dump_rust_prints_what_the_attribute_generates() {
+    let spec = specs_dir().join("gemma2-9b.toml");
+    let output = attngen(&["dump", spec.to_str().unwrap(), "--rust"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    for needle in [
+        "== rust",
+        "pub struct Kernel;",
+        "#[target_feature(enable = \"avx512f,avx2,fma\")]",
+        "#[target_feature(enable = \"avx2,fma\")]",
+        "pub mod portable",
+        "pub unsafe extern \"C\" fn item(",
+        "pub unsafe extern \"C\" fn finish(",
+        "softcap::log2_capped(",
+        "50f32",
+        "impl ::attngen::Kernel for Kernel",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?}");
+    }
+    assert!(!text.contains("== plan"), "only the sections asked for");
+}

@@ -5,6 +5,7 @@
 //! FLOPs and bytes every report uses.
 
 pub mod abi;
+#[cfg(feature = "jit")]
 pub mod clif;
 pub mod cost;
 pub mod ir;

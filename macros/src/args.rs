@@ -118,12 +118,7 @@ impl Parse for SpecArgs {
                 "group_map" => fields.group_map = Some(group_map(input)?),
                 "mask" => fields.mask = Some(mask(input)?),
                 "latent" => fields.latent = Some(latent(input, &mut spans)?),
-                _ => {
-                    let expected: Vec<String> = KEYS.iter().map(|k| format!("`{k}`")).collect();
-                    let message =
-                        format!("unknown field `{name}`, expected one of {}", expected.join(", "));
-                    return Err(syn::Error::new(key.span(), message));
-                }
+                _ => return Err(syn::Error::new(key.span(), unknown_key(&name, KEYS))),
             }
             if input.is_empty() {
                 break;
@@ -132,6 +127,36 @@ impl Parse for SpecArgs {
         }
         Ok(SpecArgs { fields, spans })
     }
+}
+
+/// "unknown field `name`", the closest of `keys` when one is close (at most a third of its
+/// letters edited), and every key.
+fn unknown_key(name: &str, keys: &[&str]) -> String {
+    let closest = keys
+        .iter()
+        .map(|key| (edit_distance(name, key), *key))
+        .filter(|(distance, key)| *distance <= key.len().max(name.len()).div_ceil(3))
+        .min();
+    let expected: Vec<String> = keys.iter().map(|k| format!("`{k}`")).collect();
+    let hint = closest.map_or(String::new(), |(_, key)| format!("did you mean `{key}`? "));
+    format!("unknown field `{name}`, {hint}expected one of {}", expected.join(", "))
+}
+
+/// Levenshtein distance: the fewest single-character insertions, deletions and substitutions
+/// that turn `a` into `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substituted = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substituted.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
 }
 
 fn int(input: ParseStream<'_>) -> syn::Result<u64> {
@@ -193,9 +218,7 @@ fn latent(input: ParseStream<'_>, spans: &mut HashMap<String, Span>) -> syn::Res
             "rope_dim" => &mut rope_dim,
             "nope_dim" => &mut nope_dim,
             other => {
-                let message = format!(
-                    "unknown field `{other}`, expected one of `rank`, `rope_dim`, `nope_dim`"
-                );
+                let message = unknown_key(other, &["rank", "rope_dim", "nope_dim"]);
                 return Err(syn::Error::new(key.span(), message));
             }
         };

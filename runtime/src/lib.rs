@@ -28,7 +28,9 @@ struct ReadmeDoctest;
 pub mod __private;
 mod error;
 mod exec;
+#[cfg(feature = "harness")]
 pub mod harness;
+#[cfg(feature = "jit")]
 mod jit;
 mod kernel;
 mod macro_kernel;
@@ -43,6 +45,7 @@ pub use attngen_codegen::{
 };
 pub use attngen_macros::{kernel, spec, spec_tests};
 pub use error::Error;
+#[cfg(feature = "jit")]
 pub use jit::{Jit, JitKernel, JitOptions, Listing};
 pub use kernel::Kernel;
 pub use macro_kernel::MacroKernel;

@@ -2,6 +2,8 @@
 //! its plan and its functions for the ISA chosen at first use — run by the executor every
 //! backend shares.
 
+use std::sync::Arc;
+
 use attngen_codegen::{AttentionSpec, KernelPlan};
 
 use crate::exec::{EntryPoints, Executor};
@@ -31,6 +33,8 @@ pub struct MacroKernel {
     /// The ISA and its functions, or why none can run (an ISA this CPU lacks, or a plan that
     /// differs from the one the functions were generated for).
     chosen: Result<(Isa, EntryPoints), Error>,
+    /// The kernel's own thread pool, or `None` for rayon's global one.
+    pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl MacroKernel {
@@ -55,7 +59,17 @@ impl MacroKernel {
         } else {
             choose(isa, versions)
         };
-        MacroKernel { spec, plan, chosen }
+        MacroKernel { spec, plan, chosen, pool: None }
+    }
+
+    /// The same kernel on a pool of its own with `threads` threads, instead of rayon's
+    /// global pool.
+    pub fn threads(self, threads: usize) -> Result<MacroKernel, Error> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .build()
+            .map_err(|e| Error::Threads { threads, reason: e.to_string() })?;
+        Ok(MacroKernel { pool: Some(Arc::new(pool)), ..self })
     }
 
     /// The ISA whose functions run (the portable ones if none could be chosen).
@@ -98,6 +112,7 @@ impl Kernel for MacroKernel {
         lse: Option<&mut [f32]>,
     ) -> Result<(), Error> {
         let (_, entries) = self.chosen.as_ref().map_err(Clone::clone)?;
-        Executor { plan: &self.plan, entries, pool: None }.run(shape, inputs, out, lse)
+        let pool = self.pool.as_deref();
+        Executor { plan: &self.plan, entries, pool }.run(shape, inputs, out, lse)
     }
 }

@@ -22,7 +22,6 @@ pub fn functions(plan: &KernelPlan, ir: &KernelIr, attributes: &TokenStream) -> 
     let item = emitter.ops(&ir.item, None);
     let finish = emitter.ops(&ir.finish, None);
     let setup = emitter.work_item_setup();
-    let lowest = Literal::f32_suffixed(f32::MIN);
     let mut fns = quote! {
         /// `item` (see `attngen_codegen::abi::ItemFn`).
         ///
@@ -47,7 +46,7 @@ pub fn functions(plan: &KernelPlan, ir: &KernelIr, attributes: &TokenStream) -> 
             unsafe {
                 let args = &*args;
                 let state = state0;
-                let lowest = #lowest;
+                let lowest = f32::MIN;
                 #setup
                 #item
             }
@@ -582,38 +581,59 @@ impl Emitter<'_> {
                 }
             }
         });
-        let store = (cap.is_some() || tile.partial).then(|| quote!(*row.add(c) = s;));
+        let store = (cap.is_some() || tile.partial).then(|| quote!(*row.add(lane) = s;));
         let threshold = Literal::f32_suffixed(threshold);
+        // One block of `width` columns: their tile max (`s < t ? t : s`, so a NaN score
+        // reaches its row) down the tile, then the lazy rescale of their rows: m moves only
+        // where the tile max exceeds it by the threshold.
+        let columns = |width: usize| {
+            let width = lit(width);
+            quote! {{
+                let mut tile_max = [f32::NEG_INFINITY; #width];
+                for j in 0..n {
+                    let row = s_tile.add(j * #ld + c0);
+                    for lane in 0..#width {
+                        let c = c0 + lane;
+                        let mut s = *row.add(lane);
+                        #capped
+                        #masked
+                        #store
+                        let t = tile_max[lane];
+                        tile_max[lane] = if s < t { t } else { s };
+                    }
+                }
+                for lane in 0..#width {
+                    let c = c0 + lane;
+                    let m_old = *state.add(#m + c);
+                    if tile_max[lane] > m_old + #threshold {
+                        let m_new = tile_max[lane];
+                        let factor = ::attngen::__private::abi::exp2::eval(m_old - m_new);
+                        *state.add(#l + c) *= factor;
+                        *state.add(#m + c) = m_new;
+                        if factor != 1.0 {
+                            let o = state.add(c * #acc);
+                            ::attngen::__private::scale_row(o, o, #acc, factor);
+                        }
+                    }
+                }
+            }}
+        };
+        // Blocks of a panel's width while they fit, then of the row multiple (rows_v4 is one):
+        // fixed-width blocks become whole vectors, with no scalar tail.
+        let (wide, narrow) = (columns(PANEL), columns(plan.row_multiple));
+        let (panel, multiple) = (lit(PANEL), lit(plan.row_multiple));
         quote! {{
             let s_tile = scratch.add(#scores);
             let lows = scratch.add(#ranges).cast::<i32>().cast_const();
             let highs = lows.add(#ld);
-            // The tile max of every row: `s < t ? t : s`, so a NaN score reaches its row.
-            let mut tile_max = [f32::NEG_INFINITY; #ld];
-            for j in 0..n {
-                let row = s_tile.add(j * #ld);
-                for c in 0..rows_v4 {
-                    let mut s = *row.add(c);
-                    #capped
-                    #masked
-                    #store
-                    let t = tile_max[c];
-                    tile_max[c] = if s < t { t } else { s };
-                }
+            let mut c0 = 0;
+            while c0 + #panel <= rows_v4 {
+                #wide
+                c0 += #panel;
             }
-            // Lazy rescale: m moves only where the tile max exceeds it by the threshold.
-            for c in 0..rows_v4 {
-                let m_old = *state.add(#m + c);
-                if tile_max[c] > m_old + #threshold {
-                    let m_new = tile_max[c];
-                    let factor = ::attngen::__private::abi::exp2::eval(m_old - m_new);
-                    *state.add(#l + c) *= factor;
-                    *state.add(#m + c) = m_new;
-                    if factor != 1.0 {
-                        let o = state.add(c * #acc);
-                        ::attngen::__private::scale_row(o, o, #acc, factor);
-                    }
-                }
+            while c0 < rows_v4 {
+                #narrow
+                c0 += #multiple;
             }
             routines::exp2_columns(n, rows_v4, s_tile, #ld, state.add(#m).cast_const(), state.add(#l));
         }}
