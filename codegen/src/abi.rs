@@ -40,7 +40,7 @@ pub struct CallArgs {
     /// `lse`, or null.
     pub lse: *mut f32,
     /// Grouped K packed once for the call (`[B][kv_heads][Sk'][D]`, Sk rounded up to whole key
-    /// tiles, see `KernelPlan::packed_lens`), or null: items then pack their tiles or read in
+    /// tiles, see `plan::CallPacking`), or null: items then pack their tiles or read in
     /// place.
     pub k_packed: *const f32,
     /// Grouped V packed once for the call: per (batch, KV head, key tile), the tile's

@@ -17,7 +17,7 @@
 
 use std::fmt;
 
-use crate::plan::KernelPlan;
+use crate::plan::{CacheRow, CacheTensor, CallPacking, KernelPlan};
 use crate::spec::{KvLayout, Mask};
 
 /// The programs of a kernel: two over a work item, and for absorbed MLA two over a query head.
@@ -50,9 +50,13 @@ pub enum Op {
         factor: f32,
         /// The scratch tile written.
         into: Operand,
+        /// Items that compute scores as dot products also copy the queries, scaled, row-major
+        /// into that variant's query operand (rows past the item's zero).
+        row_major: Option<DotScores>,
     },
-    /// Copy the current key tile's rows of a cache tensor into scratch: keys row-major,
-    /// values into column panels.
+    /// Copy the current key tile's rows of a cache tensor into scratch — keys row-major,
+    /// values into column panels — in items whose group has at least `min_rows` rows and
+    /// whose call did not pack K/V itself.
     PackTile {
         /// `K` or `V`.
         from: Operand,
@@ -60,6 +64,8 @@ pub enum Op {
         into: Operand,
         /// Row width.
         width: usize,
+        /// Fewest rows for which the copy repays itself.
+        min_rows: usize,
     },
     /// Absorbed MLA, prologue: `latent_q[.., h] = q_nope[.., h] · W_UK[h]` (`nope → rank`) for
     /// every (batch, query) row of the call, as one tile product.
@@ -83,15 +89,17 @@ pub enum Op {
     /// query of the tile. Tiles every row sees whole run `body` unmasked; edge tiles (the
     /// diagonal, the window's start, the sequence's end) apply the mask by index.
     ///
-    /// Items that compute scores as dot products (at most `KernelPlan::dot_max_rows` rows) and
-    /// read the cache rows in place — decode — take `few_rows_tile` keys per tile instead when
-    /// it is set: the same body over narrower tiles, whose pages stay in the TLB while the
-    /// item walks the tile group by group.
+    /// Items whose first group has at most `narrow.max_rows` rows and whose call did not pack
+    /// K/V — decode — take `narrow.tile` keys per tile instead when `narrow` is set: the same
+    /// body over narrower tiles, whose pages stay in the TLB while the item walks the tile
+    /// group by group.
     KeyTiles {
         /// Keys per tile.
         tile: usize,
-        /// Keys per tile of dot-product items reading the cache in place, when narrower.
-        few_rows_tile: Option<usize>,
+        /// How the tile products of this loop prefetch strided cache rows.
+        prefetch: Prefetch,
+        /// The narrower loop of few-row items reading the cache in place.
+        narrow: Option<NarrowTiles>,
         /// The visibility rule.
         mask: Mask,
         /// Ops run per tile.
@@ -114,7 +122,7 @@ pub enum Op {
     /// ranges on edge tiles.
     AccumulateValues {
         /// Where the values come from.
-        values: Operand,
+        values: TileSource,
         /// Width of a value row.
         width: usize,
     },
@@ -145,14 +153,79 @@ pub enum Op {
 /// One part of a score dot product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ScoreTerm {
-    /// The query side: a scratch tile of packed rows.
+    /// The query side: a scratch tile of packed rows, transposed (`Qᵀ`, for the broadcast
+    /// product).
     pub query: Operand,
-    /// The key side: a cache tensor read in place, or a packed tile.
-    pub keys: Operand,
+    /// The key side.
+    pub keys: TileSource,
     /// Dot-product length.
     pub len: usize,
     /// Add to S instead of overwriting it.
     pub accumulate: bool,
+    /// Items with few rows compute this term as dot products of key rows with row-major
+    /// queries instead (a broadcast per key element would fill `rows / lanes` of a vector).
+    pub dot: Option<DotScores>,
+}
+
+/// The dot-product variant of a score term (`DotNt`), for items with few rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DotScores {
+    /// Most rows of an item's group that take it.
+    pub max_rows: usize,
+    /// The row-major queries it reads.
+    pub query: Operand,
+}
+
+/// Where a tile product reads a cache tensor's current tile. The choice is the work item's,
+/// at run time: the call's packed copy when the call made one (`CallArgs::k_packed` is set),
+/// else the item's own packed tile when its group has enough rows, else the cache rows in
+/// place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileSource {
+    /// The cache tensor: `K`, `V`, `CKv` or `KRope`.
+    pub cache: Operand,
+    /// The layout of the call-level packed copy, if calls may make one.
+    pub call_packed: Option<CallPacking>,
+    /// The item-packed tile, if items may pack one (a `PackTile` op fills it).
+    pub item_packed: Option<ItemPacked>,
+    /// Whether the product prefetches the next rows of the cache tensor, as its loop's
+    /// [`Prefetch`] says (strided rows, past the hardware prefetchers), when it reads them in
+    /// place or packs them itself.
+    pub prefetch: bool,
+}
+
+/// An item-packed tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ItemPacked {
+    /// `KeyTile` or `ValueTile`.
+    pub tile: Operand,
+    /// Fewest rows of the item's group that pack it.
+    pub min_rows: usize,
+}
+
+/// How a key loop's tile products prefetch strided cache rows ([`abi::PrefetchRows`]).
+///
+/// [`abi::PrefetchRows`]: crate::abi::PrefetchRows
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefetch {
+    /// The group at position i of the item's n asks for share i of n of the next tile's rows
+    /// across all the item's groups: the next tile arrives one tile ahead, in address order
+    /// (tiles whose rows span few pages, `KernelPlan::prefetches_whole_tiles`).
+    WholeNextTile,
+    /// Each group asks for the next group's rows of this tile; the last group, for the first
+    /// group's rows of the next tile.
+    NextGroup,
+}
+
+/// The narrow key loop of [`Op::KeyTiles`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NarrowTiles {
+    /// Keys per tile.
+    pub tile: usize,
+    /// Most rows of the item's first group that take it.
+    pub max_rows: usize,
+    /// How its products prefetch.
+    pub prefetch: Prefetch,
 }
 
 /// A tensor or buffer an op reads.
@@ -186,13 +259,31 @@ pub enum Operand {
     ValueTile,
 }
 
+impl Operand {
+    /// Where a work item's rows of this cache tensor lie (`K`, `V`, `CKv` or `KRope`, of the
+    /// plan's kind: lowering pairs them).
+    pub fn cache_row(self, plan: &KernelPlan) -> CacheRow {
+        let tensor = match self {
+            Operand::K => CacheTensor::K,
+            Operand::V => CacheTensor::V,
+            Operand::CKv => CacheTensor::CKv,
+            Operand::KRope => CacheTensor::KRope,
+            other => unreachable!("{other:?} is not a cache tensor"),
+        };
+        plan.cache_row(tensor).expect("lowering pairs operands with their spec kind")
+    }
+}
+
 /// Lowers a plan to its tile program.
 pub fn lower(plan: &KernelPlan) -> KernelIr {
     let spec = &plan.spec;
     let softmax = Op::OnlineSoftmax { cap: spec.softcap, threshold: plan.rescale_threshold };
     let factor = plan.query_factor;
-    let term =
-        |query, keys, len, accumulate| Op::Scores(ScoreTerm { query, keys, len, accumulate });
+    let in_place =
+        |cache, prefetch| TileSource { cache, call_packed: None, item_packed: None, prefetch };
+    let term = |query, keys, len, accumulate, dot| {
+        Op::Scores(ScoreTerm { query, keys, len, accumulate, dot })
+    };
     let (mut setup, body, store, calls) = match &spec.kv {
         KvLayout::Latent(l) => {
             let mut setup = vec![Op::PackQueries {
@@ -201,9 +292,13 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
                 len: l.rank,
                 factor,
                 into: Operand::QueryTile,
+                row_major: None,
             }];
-            // c_kv rows are contiguous: keys and values are read in place.
-            let mut body = vec![term(Operand::QueryTile, Operand::CKv, l.rank, false)];
+            // c_kv rows are contiguous: keys and values are read in place, left to the
+            // hardware prefetchers (a software prefetch a tile ahead measured 1.04–1.06×
+            // slower on W5).
+            let latent = in_place(Operand::CKv, false);
+            let mut body = vec![term(Operand::QueryTile, latent, l.rank, false, None)];
             if l.rope_dim > 0 {
                 setup.push(Op::PackQueries {
                     from: Operand::Q,
@@ -211,46 +306,79 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
                     len: l.rope_dim,
                     factor,
                     into: Operand::RopeTile,
+                    row_major: None,
                 });
-                body.push(term(Operand::RopeTile, Operand::KRope, l.rope_dim, true));
+                let rope = in_place(Operand::KRope, false);
+                body.push(term(Operand::RopeTile, rope, l.rope_dim, true, None));
             }
             body.push(softmax);
-            body.push(Op::AccumulateValues { values: Operand::CKv, width: l.rank });
+            body.push(Op::AccumulateValues { values: latent, width: l.rank });
             let calls = CallPrograms {
                 prologue: vec![Op::AbsorbQueries { nope: l.nope_dim, rank: l.rank }],
                 epilogue: vec![Op::ProjectOut { rank: l.rank, v_dim: spec.v_head_dim }],
             };
             (setup, body, Operand::LatentOut, calls)
         }
-        KvLayout::Grouped { head_dim, .. } => {
+        KvLayout::Grouped { head_dim, kv_heads, .. } => {
             let (d, dv) = (*head_dim, spec.v_head_dim);
+            let dot = (plan.dot_max_rows > 0)
+                .then_some(DotScores { max_rows: plan.dot_max_rows, query: Operand::QueryRows });
             let setup = vec![Op::PackQueries {
                 from: Operand::Q,
                 offset: 0,
                 len: d,
                 factor,
                 into: Operand::QueryTile,
+                row_major: dot,
             }];
-            // K/V come from packed tiles: the call's packed copy (prefill), the item's own
-            // (several KV heads, enough rows), or the cache rows in place.
+            // K/V come from the call's packed copy (prefill), the item's own packed tiles
+            // (several KV heads, enough rows), or the cache rows in place; rows of one KV head
+            // among several are strided, so products reading them prefetch.
+            let min_rows = plan.pack_min_rows;
+            let source = |cache, tile| TileSource {
+                cache,
+                call_packed: plan.call_packing,
+                item_packed: plan.pack_per_item.then_some(ItemPacked { tile, min_rows }),
+                prefetch: *kv_heads > 1,
+            };
+            let (keys, values) =
+                (source(Operand::K, Operand::KeyTile), source(Operand::V, Operand::ValueTile));
             let mut body = Vec::new();
             if plan.pack_per_item {
-                body.push(Op::PackTile { from: Operand::K, into: Operand::KeyTile, width: d });
-                body.push(Op::PackTile { from: Operand::V, into: Operand::ValueTile, width: dv });
+                body.push(Op::PackTile {
+                    from: Operand::K,
+                    into: Operand::KeyTile,
+                    width: d,
+                    min_rows,
+                });
+                body.push(Op::PackTile {
+                    from: Operand::V,
+                    into: Operand::ValueTile,
+                    width: dv,
+                    min_rows,
+                });
             }
-            body.push(term(Operand::QueryTile, Operand::KeyTile, d, false));
+            body.push(term(Operand::QueryTile, keys, d, false, dot));
             body.push(softmax);
-            body.push(Op::AccumulateValues { values: Operand::ValueTile, width: dv });
+            body.push(Op::AccumulateValues { values, width: dv });
             (setup, body, Operand::Out, CallPrograms::default())
         }
     };
     setup.push(Op::InitState);
+    let prefetch = |keys| match plan.prefetches_whole_tiles(keys) {
+        true => Prefetch::WholeNextTile,
+        false => Prefetch::NextGroup,
+    };
     let item = vec![
         Op::ForEachGroup { body: setup },
         Op::KeyTiles {
             tile: plan.k_tile,
-            few_rows_tile: (plan.dot_max_rows > 0 && plan.dot_k_tile < plan.k_tile)
-                .then_some(plan.dot_k_tile),
+            prefetch: prefetch(plan.k_tile),
+            narrow: (plan.dot_max_rows > 0 && plan.dot_k_tile < plan.k_tile).then(|| NarrowTiles {
+                tile: plan.dot_k_tile,
+                max_rows: plan.dot_max_rows,
+                prefetch: prefetch(plan.dot_k_tile),
+            }),
             mask: spec.mask,
             body: vec![Op::ForEachGroup { body }],
         },
@@ -291,23 +419,30 @@ impl fmt::Display for KernelIr {
 fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
     let pad = "  ".repeat(depth);
     match op {
-        Op::PackQueries { from, offset, len, factor, into } => writeln!(
+        Op::PackQueries { from, offset, len, factor, into, row_major } => {
+            writeln!(
+                f,
+                "{pad}{}ᵀ[.., rows of h, q] = {factor} * {}[b, q0 + q, h, {offset}..{}] for each head h of g   (rows = heads x queries; transposed, in panels)",
+                name(*into),
+                name(*from),
+                offset + len
+            )?;
+            if let Some(dot) = row_major {
+                writeln!(
+                    f,
+                    "{pad}  items of <= {} rows: also {} = the same rows, row-major",
+                    dot.max_rows,
+                    name(dot.query)
+                )?;
+            }
+            Ok(())
+        }
+        Op::PackTile { from, into, width, min_rows } => writeln!(
             f,
-            "{pad}{}ᵀ[.., rows of h, q] = {factor} * {}[b, q0 + q, h, {offset}..{}] for each head h of g   (rows = heads x queries; transposed, in panels)",
-            name(*into),
-            name(*from),
-            offset + len
-        ),
-        Op::PackTile { from, into, width } => writeln!(
-            f,
-            "{pad}{} = {}, {width} wide   ({}; cache rows alias in L1)",
+            "{pad}{} = {}, {width} wide, in items of >= {min_rows} rows whose call packed nothing   ({})",
             name(*into),
             tile_name(*from),
-            if *into == Operand::ValueTile {
-                "items with enough rows: copied into column panels"
-            } else {
-                "items with enough rows: contiguous copy"
-            }
+            if *into == Operand::ValueTile { "into column panels" } else { "row-major" }
         ),
         Op::AbsorbQueries { nope, rank } => writeln!(
             f,
@@ -321,20 +456,24 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             }
             Ok(())
         }
-        Op::KeyTiles { tile, few_rows_tile, mask, body } => {
+        Op::KeyTiles { tile, prefetch, narrow, mask, body } => {
             let skip = match mask {
                 Mask::None => "",
                 Mask::Causal => ", tiles past the last query's diagonal skipped",
                 Mask::SlidingWindow(_) => ", tiles outside the window band skipped",
             };
-            let narrow = few_rows_tile.map_or(String::new(), |t| {
+            let narrow = narrow.map_or(String::new(), |n| {
                 format!(
-                    "; step {t} for items of dot-product rows reading the cache in place, so a tile's pages stay in the TLB"
+                    "; items whose first group has <= {} rows and whose call packed nothing: step {} (a tile's pages stay in the TLB; prefetch {})",
+                    n.max_rows,
+                    n.tile,
+                    prefetch_name(n.prefetch)
                 )
             });
             writeln!(
                 f,
-                "{pad}for each key tile j0 in k_lo..k_hi step {tile} (mask {mask}{skip}{narrow}):"
+                "{pad}for each key tile j0 in k_lo..k_hi step {tile} (mask {mask}{skip}; prefetch {}{narrow}):",
+                prefetch_name(*prefetch)
             )?;
             for op in body {
                 write_op(f, op, depth + 1)?;
@@ -345,12 +484,21 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             let op = if t.accumulate { "+=" } else { "=" };
             writeln!(
                 f,
-                "{pad}Sᵀ {op} {} · {}ᵀ   (tile A·B: each key element broadcast against a row of {}ᵀ, or for items of few rows dot products of key rows with query rows; k = {}; strided cache rows: prefetched one tile ahead, a share per group, or the next group's rows where a whole tile spans over 16 pages)",
-                tile_name(t.keys),
+                "{pad}Sᵀ {op} keys · {}ᵀ   (tile A·B, each key element broadcast against a row of {}ᵀ; k = {}); keys: {}",
                 name(t.query),
                 name(t.query),
-                t.len
-            )
+                t.len,
+                source_text(&t.keys, t.accumulate)
+            )?;
+            if let Some(dot) = t.dot {
+                writeln!(
+                    f,
+                    "{pad}  items of <= {} rows: dot products of key rows with {} (tile A·Bᵀ)",
+                    dot.max_rows,
+                    name(dot.query)
+                )?;
+            }
+            Ok(())
         }
         Op::OnlineSoftmax { cap, threshold } => {
             write!(f, "{pad}s = S")?;
@@ -360,13 +508,13 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             writeln!(f, "; edge tiles: hidden keys -> -inf   (base-2 units)")?;
             writeln!(
                 f,
-                "{pad}t = rowmax s; where t > m + {threshold}: m' = t, l *= 2^(m - m'), O *= 2^(m - m'); P = 2^(s - m'); l += rowsum P   (max and rescale: generated f32x4 code, 4 rows per vector; P and sums: one call of the tile exponentials)"
+                "{pad}t = rowmax s; where t > m + {threshold}: m' = t, l *= 2^(m - m'), O *= 2^(m - m'); P = 2^(s - m'); l += rowsum P   (max and rescale: generated per spec, down the columns of Sᵀ; P and sums: one call of the tile exponentials)"
             )
         }
         Op::AccumulateValues { values, width } => writeln!(
             f,
-            "{pad}O += P · {}   (tile A·B over all rows, P read from Sᵀ, width {width}; per-row key ranges on edge tiles; strided cache rows: prefetched like the keys)",
-            tile_name(*values)
+            "{pad}O += P · values   (tile A·B over all rows, P read from Sᵀ, width {width}; per-row key ranges on edge tiles); values: {}",
+            source_text(values, false)
         ),
         Op::MergeSplits => {
             writeln!(
@@ -409,6 +557,36 @@ fn name(operand: Operand) -> &'static str {
     }
 }
 
+/// Where a tile product reads, in words: the call's packed copy, the item's tile, the cache.
+fn source_text(source: &TileSource, accumulate: bool) -> String {
+    let mut text = String::new();
+    if let Some(layout) = source.call_packed {
+        let layout = match source.cache {
+            Operand::V => format!("per (b, g, {}-key tile), its panels", layout.k_tile),
+            _ => format!("per (b, g), Sk rows rounded up to {}-key tiles", layout.k_tile),
+        };
+        text.push_str(&format!(
+            "the call's packed copy of {} when it made one ({layout}); else ",
+            name(source.cache)
+        ));
+    }
+    if let Some(item) = source.item_packed {
+        text.push_str(&format!("{} in items of >= {} rows; else ", name(item.tile), item.min_rows));
+    }
+    text.push_str(&format!("{} in place", tile_name(source.cache)));
+    if source.prefetch && !accumulate {
+        text.push_str(" (strided: its next rows prefetched while computing)");
+    }
+    text
+}
+
+fn prefetch_name(prefetch: Prefetch) -> &'static str {
+    match prefetch {
+        Prefetch::WholeNextTile => "a share of the next tile per group",
+        Prefetch::NextGroup => "the rows the next group reads",
+    }
+}
+
 /// A key-side operand as the tile it denotes.
 fn tile_name(operand: Operand) -> String {
     match operand {
@@ -439,6 +617,7 @@ mod tests {
         let ir = lower(&plan);
         let (setup, body, mask) = parts(&ir);
         let factor = plan.query_factor;
+        let dot = Some(DotScores { max_rows: 4, query: Operand::QueryRows });
         assert_eq!(
             setup,
             [
@@ -447,27 +626,64 @@ mod tests {
                     offset: 0,
                     len: 16,
                     factor,
-                    into: Operand::QueryTile
+                    into: Operand::QueryTile,
+                    row_major: dot,
                 },
                 Op::InitState
             ]
         );
         assert_eq!(mask, Mask::Causal);
-        // Two KV heads: their rows are strided in the cache, so tiles are packed.
-        assert!(matches!(body[0], Op::PackTile { from: Operand::K, width: 16, .. }));
-        assert!(matches!(body[2], Op::Scores(ScoreTerm { keys: Operand::KeyTile, len: 16, .. })));
-        assert!(matches!(body[4], Op::AccumulateValues { values: Operand::ValueTile, width: 16 }));
+        // Two KV heads: their rows are strided in the cache, so items with enough rows pack
+        // tiles, and products reading the cache prefetch.
+        assert!(matches!(body[0], Op::PackTile { from: Operand::K, width: 16, min_rows: 16, .. }));
+        let Op::Scores(scores) = body[2] else { panic!("{ir}") };
+        let layout = plan.call_packing;
+        assert_eq!(
+            (scores.keys, scores.len, scores.dot),
+            (
+                TileSource {
+                    cache: Operand::K,
+                    call_packed: layout,
+                    item_packed: Some(ItemPacked { tile: Operand::KeyTile, min_rows: 16 }),
+                    prefetch: true,
+                },
+                16,
+                dot
+            )
+        );
+        let Op::AccumulateValues { values, width: 16 } = body[4] else { panic!("{ir}") };
+        assert_eq!(
+            (values.cache, values.item_packed.unwrap().tile),
+            (Operand::V, Operand::ValueTile)
+        );
         let store = Op::StoreOut { into: Operand::Out };
         assert_eq!(ir.finish, [Op::MergeSplits, Op::Normalize, store, Op::StoreLse]);
         assert!(ir.prologue.is_empty() && ir.epilogue.is_empty());
-        // One KV head: rows are contiguous already, so items never copy them (the call may).
+        // One KV head: rows are contiguous already, so items never copy them (the call may)
+        // and nothing is prefetched.
         let ir = lower(&KernelPlan::new(&AttentionSpec::mqa(8, 16)));
         let (_, body, _) = parts(&ir);
-        assert!(matches!(body[0], Op::Scores(ScoreTerm { keys: Operand::KeyTile, .. })));
-        // Decode items of Llama-3-8B's shape read 4 KiB cache rows: 8-key tiles.
+        let Op::Scores(scores) = body[0] else { panic!("{ir}") };
+        assert_eq!((scores.keys.item_packed, scores.keys.prefetch), (None, false));
+        assert!(scores.keys.call_packed.is_some());
+        // Decode items of Llama-3-8B's shape read 4 KiB cache rows: 8-key tiles, each
+        // prefetched a share of the next tile per group; 64-key tiles, the next group's rows.
         let ir = lower(&KernelPlan::new(&AttentionSpec::gqa(32, 8, 128)));
-        assert!(matches!(ir.item[1], Op::KeyTiles { tile: 64, few_rows_tile: Some(8), .. }));
-        assert!(ir.to_string().contains("step 8 for items of dot-product rows"), "{ir}");
+        let narrow = NarrowTiles { tile: 8, max_rows: 4, prefetch: Prefetch::WholeNextTile };
+        assert!(matches!(
+            ir.item[1],
+            Op::KeyTiles { tile: 64, prefetch: Prefetch::NextGroup, narrow: Some(n), .. } if n == narrow
+        ));
+        let text = ir.to_string();
+        for decision in [
+            "items whose first group has <= 4 rows and whose call packed nothing: step 8",
+            "Ktile in items of >= 16 rows",
+            "items of <= 4 rows: dot products of key rows with Qrows",
+            "the call's packed copy of k when it made one (per (b, g), Sk rows rounded up to 64-key tiles)",
+            "prefetch the rows the next group reads",
+        ] {
+            assert!(text.contains(decision), "{decision:?} not in {text}");
+        }
     }
 
     #[test]
@@ -478,18 +694,30 @@ mod tests {
         let (setup, body, _) = parts(&ir);
         // The prologue absorbs every row of the call; items pack their rows of q'.
         assert_eq!(ir.prologue, [Op::AbsorbQueries { nope: 16, rank: 32 }]);
-        let pack = |from, offset, len, into| Op::PackQueries { from, offset, len, factor, into };
+        let pack = |from, offset, len, into| Op::PackQueries {
+            from,
+            offset,
+            len,
+            factor,
+            into,
+            row_major: None,
+        };
         assert_eq!(setup[0], pack(Operand::LatentQ, 0, 32, Operand::QueryTile));
         assert_eq!(setup[1], pack(Operand::Q, 16, 8, Operand::RopeTile));
         assert_eq!(body.len(), 4); // latent scores, rope scores, softmax, values
-        assert!(matches!(
-            body[1],
-            Op::Scores(ScoreTerm { keys: Operand::KRope, accumulate: true, .. })
-        ));
+        // Latent rows are contiguous and read in place, whatever the item.
+        let Op::Scores(rope) = body[1] else { panic!("{ir}") };
+        let in_place = TileSource {
+            cache: Operand::KRope,
+            call_packed: None,
+            item_packed: None,
+            prefetch: false,
+        };
+        assert_eq!((rope.keys, rope.accumulate, rope.dot), (in_place, true, None));
         // Finishes leave o' for the epilogue, which projects every row of the call.
         assert_eq!(ir.finish[2], Op::StoreOut { into: Operand::LatentOut });
         assert_eq!(ir.epilogue, [Op::ProjectOut { rank: 32, v_dim: 12 }]);
-        assert!(matches!(ir.item[1], Op::KeyTiles { few_rows_tile: None, .. }));
+        assert!(matches!(ir.item[1], Op::KeyTiles { narrow: None, .. }));
         let text = ir.to_string();
         assert!(text.contains("W_UK[h]") && text.contains("W_UV[h]"), "{text}");
         assert!(text.starts_with("prologue(h)") && text.contains("\nepilogue(h)"), "{text}");

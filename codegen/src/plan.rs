@@ -63,6 +63,56 @@ pub struct CacheRow {
     pub stride: usize,
 }
 
+/// The call-level packed copy of grouped K and V (`CallArgs::k_packed` and `v_packed`),
+/// made when a call has several query tiles so each tile is copied once rather than by every
+/// query tile: the one description of its layout, which the executor fills and both emitters
+/// address.
+/// - K: per (batch, KV head), its Sk rows of D floats, row-major, Sk rounded up to whole key
+///   tiles: key j of (b, g) at float `((b·kv_heads + g)·Sk' + j)·D` ([`CallPacking::key_row`]).
+/// - V: per (batch, KV head, key tile), the tile's `k_tile × Dv` values in [`PANEL`]-column
+///   panels, `k_tile` rows deep ([`CallPacking::value_tile_at`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallPacking {
+    /// Keys per tile.
+    pub k_tile: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// D, floats of a packed key row.
+    pub key_width: usize,
+    /// Dv, floats of a value row.
+    pub value_width: usize,
+}
+
+impl CallPacking {
+    /// Floats of one packed value tile: `k_tile × Dv` in panels.
+    pub fn value_tile(&self) -> usize {
+        ScratchLayout::panels(self.k_tile, self.value_width)
+    }
+
+    /// Floats from one panel of a packed value tile to the next.
+    pub fn value_panel(&self) -> usize {
+        PANEL * self.k_tile
+    }
+
+    /// Floats of the packed K and of the packed V for `batch` sequences of `seq_k` keys.
+    pub fn lens(&self, batch: usize, seq_k: usize) -> (usize, usize) {
+        let heads = batch * self.kv_heads;
+        let tiles = seq_k.div_ceil(self.k_tile);
+        (heads * tiles * self.k_tile * self.key_width, heads * tiles * self.value_tile())
+    }
+
+    /// Float index of key `j` of (batch `b`, KV head `g`) in the packed K.
+    pub fn key_row(&self, b: usize, g: usize, seq_k: usize, j: usize) -> usize {
+        ((b * self.kv_heads + g) * seq_k.next_multiple_of(self.k_tile) + j) * self.key_width
+    }
+
+    /// Float index of the packed value tile of (batch `b`, KV head `g`) holding key `j`.
+    pub fn value_tile_at(&self, b: usize, g: usize, seq_k: usize, j: usize) -> usize {
+        ((b * self.kv_heads + g) * seq_k.div_ceil(self.k_tile) + j / self.k_tile)
+            * self.value_tile()
+    }
+}
+
 /// The planned kernel for one spec. A work item packs the query heads of its group as extra
 /// rows: with `nq` valid queries, row `slot · nq + qi` of every tile buffer holds query
 /// `q0 + qi` of the `slot`-th head of the group, so each tile product is one call over all rows.
@@ -112,6 +162,9 @@ pub struct KernelPlan {
     pub rescale_threshold: f32,
     /// Fewest keys a decode split gets, so splitting never costs more than it saves.
     pub min_keys_per_split: usize,
+    /// The layout of the call-level packed K/V (grouped specs; `None` for latent ones, whose
+    /// rows are read in place).
+    pub call_packing: Option<CallPacking>,
     /// Items pack their own tiles when the call did not: only for several KV heads, whose
     /// cache rows lie `kv_heads · D` floats apart (a multiple of 4 KiB for common shapes, so a
     /// tile's rows collide in the same L1 sets). One KV head's rows are contiguous already.
@@ -278,6 +331,15 @@ impl KernelPlan {
             scale: scale as f32,
             query_factor: query_factor as f32,
             rescale_threshold: RESCALE_THRESHOLD,
+            call_packing: match &spec.kv {
+                KvLayout::Grouped { kv_heads, head_dim, .. } => Some(CallPacking {
+                    k_tile,
+                    kv_heads: *kv_heads,
+                    key_width: *head_dim,
+                    value_width: spec.v_head_dim,
+                }),
+                KvLayout::Latent(_) => None,
+            },
             pack_per_item,
             pack_min_rows: 16,
             dot_max_rows,
@@ -314,19 +376,6 @@ impl KernelPlan {
             keys_per_split: seq_k.div_ceil(splits).max(1),
             packs_call,
         }
-    }
-
-    /// Floats of the call-level packed K and V ([`crate::abi::CallArgs::k_packed`]) for
-    /// `batch` sequences of `seq_k` keys: K as `[B][kv_heads][Sk'][D]` with Sk rounded up to
-    /// whole key tiles, V as one [`ScratchLayout::panels`] tile (`k_tile × Dv`) per (batch, KV
-    /// head, key tile).
-    pub fn packed_lens(&self, batch: usize, seq_k: usize) -> (usize, usize) {
-        let heads = batch * self.spec.kv_heads();
-        let tiles = seq_k.div_ceil(self.k_tile);
-        (
-            heads * tiles * self.k_tile * self.spec.head_dim(),
-            heads * tiles * self.packed_value_tile(),
-        )
     }
 
     /// Whether a work item walking tiles of `keys` keys prefetches the next tile whole, in
@@ -366,11 +415,6 @@ impl KernelPlan {
         Some(CacheRow { width, stride: tokens_apart * width })
     }
 
-    /// Floats of one packed value tile: `k_tile × Dv` in [`PANEL`]-column panels.
-    pub fn packed_value_tile(&self) -> usize {
-        ScratchLayout::panels(self.k_tile, self.spec.v_head_dim)
-    }
-
     /// FLOPs per (query, key) pair per head the kernel actually does (absorbed MLA attends over
     /// `rank + rope_dim` and accumulates `rank`-wide values).
     pub fn flops_per_pair(&self) -> u64 {
@@ -392,7 +436,7 @@ pub struct Schedule {
     pub splits: usize,
     /// Keys per split (the last may have fewer).
     pub keys_per_split: usize,
-    /// Pack grouped K/V once for the call ([`KernelPlan::packed_lens`]) instead of per item.
+    /// Pack grouped K/V once for the call ([`KernelPlan::call_packing`]) instead of per item.
     pub packs_call: bool,
 }
 
@@ -628,5 +672,22 @@ mod tests {
         // 2 KV heads of 64: a whole 64-key tile spans 16 pages.
         let narrow = KernelPlan::new(&AttentionSpec::gqa(8, 2, 64));
         assert!(narrow.prefetches_whole_tiles(narrow.k_tile));
+    }
+
+    #[test]
+    fn the_call_packing_addresses_what_its_lengths_hold() {
+        let plan = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16).v_head_dim(20));
+        let packing = plan.call_packing.unwrap();
+        assert_eq!(
+            packing,
+            CallPacking { k_tile: 64, kv_heads: 2, key_width: 16, value_width: 20 }
+        );
+        // Sk = 100: two tiles per (b, g); V tiles are 2 panels of 16 columns, 64 deep.
+        assert_eq!(packing.lens(3, 100), (3 * 2 * 128 * 16, 3 * 2 * 2 * 2 * 16 * 64));
+        assert_eq!(packing.key_row(2, 1, 100, 99), ((2 * 2 + 1) * 128 + 99) * 16);
+        assert_eq!(packing.value_tile_at(2, 1, 100, 64), ((2 * 2 + 1) * 2 + 1) * 2048);
+        let last = packing.value_tile_at(2, 1, 100, 99) + packing.value_tile();
+        assert_eq!(last, packing.lens(3, 100).1);
+        assert_eq!(KernelPlan::new(&AttentionSpec::mla(4, 32, 8, 16, 12)).call_packing, None);
     }
 }

@@ -7,6 +7,7 @@
 use std::cell::RefCell;
 
 use attngen_codegen::abi::{CallArgs, FinishFn, HeadFn, ItemFn, PANEL};
+use attngen_codegen::plan::CallPacking;
 use attngen_codegen::{KernelPlan, Schedule};
 use rayon::prelude::*;
 
@@ -108,11 +109,11 @@ impl Executor<'_> {
         let threads =
             self.pool.map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
         let schedule = plan.schedule(shape.batch, shape.seq_q, shape.seq_k, threads);
-        if schedule.packs_call {
-            let (k_len, v_len) = plan.packed_lens(shape.batch, shape.seq_k);
+        if let Some(packing) = plan.call_packing.filter(|_| schedule.packs_call) {
+            let (k_len, v_len) = packing.lens(shape.batch, shape.seq_k);
             with_kept(&PACKED, k_len + v_len, |packed| {
                 let (k_packed, v_packed) = packed.split_at_mut(k_len);
-                self.in_pool(|| pack_call(plan, shape, k, v, k_packed, v_packed));
+                self.in_pool(|| pack_call(packing, shape, k, v, k_packed, v_packed));
                 let args =
                     CallArgs { k_packed: k_packed.as_ptr(), v_packed: v_packed.as_ptr(), ..args };
                 self.execute(shape, SharedArgs(args), schedule);
@@ -151,7 +152,7 @@ impl Executor<'_> {
                 // code reads and writes only within those tensors for b < B, q0 < Sq, keys
                 // 0..Sk (its key range, from the start of the tile holding k_lo) and the heads
                 // of groups g0..g0 + per_item < groups; within the call's packed K/V when set
-                // (`pack_call` filled `plan.packed_lens`); within `scratch` (the plan's size for
+                // (`pack_call` filled `CallPacking::lens`); within `scratch` (the plan's size for
                 // per_item groups) and per_item state slots of state_len floats, state_len apart
                 // (asserted above). Addresses past a tensor are only ever prefetched.
                 unsafe {
@@ -258,21 +259,21 @@ impl SharedArgs {
     }
 }
 
-/// Packs grouped K and V once for a call (layouts in [`KernelPlan::packed_lens`]), one
-/// (batch, KV head, key tile) per task, with the same copy routine items use.
+/// Packs grouped K and V once for a call, as [`CallPacking`] lays them out, one (batch, KV
+/// head, key tile) per task, with the same copy routine items use.
 fn pack_call(
-    plan: &KernelPlan,
+    packing: CallPacking,
     shape: Shape,
     k: &[f32],
     v: &[f32],
     k_packed: &mut [f32],
     v_packed: &mut [f32],
 ) {
-    let (kv, d, dv, k_tile) =
-        (plan.spec.kv_heads(), plan.spec.head_dim(), plan.spec.v_head_dim, plan.k_tile);
+    let CallPacking { k_tile, kv_heads: kv, key_width: d, value_width: dv } = packing;
     let tiles = shape.seq_k.div_ceil(k_tile);
-    let value_tile = plan.packed_value_tile();
-    // Each task writes its own tile: K rows j0..j0 + n of its (batch, head), and its V tile.
+    let value_tile = packing.value_tile();
+    // Each task writes its own tile: K rows j0..j0 + n of its (batch, head) — chunk `task` starts
+    // at `key_row(b, g, Sk, j0)` — and its V tile, `value_tile_at(b, g, Sk, j0)`.
     let k_chunks = k_packed.par_chunks_mut(k_tile * d);
     let v_chunks = v_packed.par_chunks_mut(value_tile);
     k_chunks.zip(v_chunks).enumerate().for_each(|(task, (k_dst, v_dst))| {
@@ -280,6 +281,8 @@ fn pack_call(
         let (b, g) = (head / kv, head % kv);
         let j0 = tile * k_tile;
         let n = k_tile.min(shape.seq_k - j0);
+        debug_assert_eq!(task * k_tile * d, packing.key_row(b, g, shape.seq_k, j0));
+        debug_assert_eq!(task * value_tile, packing.value_tile_at(b, g, shape.seq_k, j0));
         let k_src = &k[((b * shape.seq_k + j0) * kv + g) * d..];
         let v_src = &v[((b * shape.seq_k + j0) * kv + g) * dv..];
         // Rows j0..j0 + n of head g, `kv` heads apart.
@@ -297,7 +300,7 @@ fn pack_call(
                 kv * dv,
                 v_dst.as_mut_ptr(),
                 PANEL,
-                PANEL * k_tile,
+                packing.value_panel(),
             );
         }
     });

@@ -48,14 +48,7 @@ impl Translator<'_> {
 
     /// The plan's layout of cache tensor `operand`.
     pub(super) fn cache_row(&self, operand: Operand) -> CacheRow {
-        let tensor = match operand {
-            Operand::K => CacheTensor::K,
-            Operand::V => CacheTensor::V,
-            Operand::CKv => CacheTensor::CKv,
-            Operand::KRope => CacheTensor::KRope,
-            other => unreachable!("{other:?} is not a cache tensor"),
-        };
-        self.plan.cache_row(tensor).expect("lowering pairs operands with their spec kind")
+        operand.cache_row(self.plan)
     }
 
     /// Address of row `row` of O in the state slot at `state`: O (`padded_rows × acc_dim`),

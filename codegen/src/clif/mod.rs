@@ -23,8 +23,8 @@ use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 use crate::abi::{
     AbiFn, Callee, FinishFn, HeadFn, ItemFn, PANEL, Param, PrefetchRows, offsets, prefetch_offsets,
 };
-use crate::ir::{KernelIr, Op, Operand, ScoreTerm};
-use crate::plan::{CacheRow, CacheTensor, Form, HeadMap, KernelPlan};
+use crate::ir::{DotScores, KernelIr, Op, Operand, Prefetch, ScoreTerm, TileSource};
+use crate::plan::{CacheRow, HeadMap, KernelPlan};
 use crate::spec::Mask;
 
 mod addresses;
@@ -123,6 +123,8 @@ enum RowUpdate {
 struct Tile {
     /// Keys per full tile of the loop this tile belongs to.
     size: usize,
+    /// How that loop's products prefetch.
+    prefetch: Prefetch,
     /// First key.
     j0: Value,
     /// Keys in the tile.

@@ -5,24 +5,24 @@ use super::*;
 impl Translator<'_> {
     pub(super) fn op(&mut self, op: &Op) {
         match op {
-            Op::PackQueries { from, offset, len, factor, into } => {
-                self.pack_queries(*from, *offset, *len, *factor, *into)
+            Op::PackQueries { from, offset, len, factor, into, row_major } => {
+                self.pack_queries(*from, *offset, *len, *factor, *into, *row_major)
             }
             Op::AbsorbQueries { nope, rank } => self.absorb_queries(*nope, *rank),
             Op::InitState => self.init_state(),
             Op::ForEachGroup { body } => {
                 self.for_each_group(|t| body.iter().for_each(|op| t.op(op)))
             }
-            Op::KeyTiles { tile, few_rows_tile, mask, body } => match few_rows_tile {
-                None => self.key_tiles(*tile, *mask, body),
+            Op::KeyTiles { tile, prefetch, narrow, mask, body } => match narrow {
+                None => self.key_tiles(*tile, *prefetch, *mask, body),
                 Some(narrow) => {
-                    let dots = self.dots();
+                    let few = self.rows_at_most(narrow.max_rows);
                     let pre = self.prepacked();
-                    let in_place = self.b.ins().band_not(dots, pre);
+                    let in_place = self.b.ins().band_not(few, pre);
                     self.if_else(
                         in_place,
-                        |t| t.key_tiles(*narrow, *mask, body),
-                        |t| t.key_tiles(*tile, *mask, body),
+                        |t| t.key_tiles(narrow.tile, narrow.prefetch, *mask, body),
+                        |t| t.key_tiles(*tile, *prefetch, *mask, body),
                     );
                 }
             },
@@ -42,10 +42,12 @@ impl Translator<'_> {
 
     pub(super) fn tile_op(&mut self, op: &Op, tile: Tile) {
         match op {
-            Op::PackTile { from, into, width } => self.pack_tile(*from, *into, *width, tile),
+            Op::PackTile { from, into, width, min_rows } => {
+                self.pack_tile(*from, *into, *width, *min_rows, tile)
+            }
             Op::Scores(term) => self.scores(term, tile),
             Op::OnlineSoftmax { cap, threshold } => self.online_softmax(*cap, *threshold, tile),
-            Op::AccumulateValues { values, width } => self.accumulate_values(*values, *width, tile),
+            Op::AccumulateValues { values, width } => self.accumulate_values(values, *width, tile),
             // An edge tile's row ranges depend on the group's rows: written per group.
             Op::ForEachGroup { body } => self.for_each_group(|t| {
                 if tile.partial {
@@ -101,7 +103,7 @@ impl Translator<'_> {
         });
     }
 
-    pub(super) fn key_tiles(&mut self, tile: usize, mask: Mask, body: &[Op]) {
+    pub(super) fn key_tiles(&mut self, tile: usize, prefetch: Prefetch, mask: Mask, body: &[Op]) {
         self.mask = mask;
         let zero = self.int(0);
         let empty = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, self.nq, zero);
@@ -136,13 +138,13 @@ impl Translator<'_> {
                 // A full tile has exactly `tile` keys: a constant for the loops.
                 let n_full = t.int(tile as i64);
                 for op in body {
-                    t.tile_op(op, Tile { size: tile, j0, n: n_full, partial: false });
+                    t.tile_op(op, Tile { size: tile, prefetch, j0, n: n_full, partial: false });
                 }
                 t.b.ins().jump(done, &[]);
                 t.b.switch_to_block(partial_block);
                 t.b.seal_block(partial_block);
                 for op in body {
-                    t.tile_op(op, Tile { size: tile, j0, n, partial: true });
+                    t.tile_op(op, Tile { size: tile, prefetch, j0, n, partial: true });
                 }
                 t.b.ins().jump(done, &[]);
                 t.b.switch_to_block(done);

@@ -5,7 +5,7 @@ use super::*;
 impl Translator<'_> {
     /// `Sᵀ (+)= keys · Qᵀ`: `n` keys by `rows_v4` columns.
     pub(super) fn scores(&mut self, term: &ScoreTerm, tile: Tile) {
-        let (a, a_row) = self.key_side(term.keys, term.len, tile.j0);
+        let (a, a_row) = self.key_side(&term.keys, term.len, tile.j0);
         let b = self.tile_addr(term.query);
         let zero = self.int(0);
         let c = self.scratch_at(self.plan.scratch.scores, zero);
@@ -18,10 +18,9 @@ impl Translator<'_> {
             self.int(i64::from(term.accumulate)),
         );
         // The first term prefetches the next rows of the keys it reads, when they are strided.
-        let prefetch = match term.keys {
-            _ if term.accumulate => zero,
-            Operand::KeyTile => self.prefetch_next(Operand::K, tile),
-            keys => self.prefetch_next(keys, tile),
+        let prefetch = match term.accumulate {
+            true => zero,
+            false => self.prefetch_next(&term.keys, tile),
         };
         let (n, rows_v4) = (tile.n, self.rows_v4);
         let broadcast = |t: &mut Self| {
@@ -31,12 +30,12 @@ impl Translator<'_> {
             ];
             t.call(Callee::DotNn, &args);
         };
-        if term.query == Operand::QueryTile && self.plan.dot_max_rows > 0 {
-            let dots = self.dots();
+        if let Some(dot) = term.dot {
+            let few = self.rows_at_most(dot.max_rows);
             self.if_else(
-                dots,
+                few,
                 |t| {
-                    let rows = t.tile_addr(Operand::QueryRows);
+                    let rows = t.tile_addr(dot.query);
                     let args = [n, rows_v4, len, a, a_row, rows, len, c, ldc, acc, prefetch];
                     t.call(Callee::DotNt, &args);
                 },
@@ -145,7 +144,7 @@ impl Translator<'_> {
     }
 
     /// `O += P · values`: P read column-major from Sᵀ, per-row key ranges on edge tiles.
-    pub(super) fn accumulate_values(&mut self, values: Operand, width: usize, tile: Tile) {
+    pub(super) fn accumulate_values(&mut self, values: &TileSource, width: usize, tile: Tile) {
         let zero = self.int(0);
         let p = self.scratch_at(self.plan.scratch.scores, zero);
         let (v, b_row, b_panel) = self.value_side(values, tile.j0);
@@ -157,11 +156,9 @@ impl Translator<'_> {
             self.int(self.plan.padded_rows as i64),
             self.int(self.plan.acc_dim as i64),
         );
-        // Grouped values are their own tensor: prefetch their next rows when strided (latent
-        // values are the keys, contiguous).
-        let prefetch = match self.plan.form {
-            Form::Grouped => self.prefetch_next(Operand::V, tile),
-            Form::LatentAbsorbed => zero,
+        let prefetch = match values.prefetch {
+            true => self.prefetch_next(values, tile),
+            false => zero,
         };
         let (rows, n) = (self.rows, tile.n);
         let args =

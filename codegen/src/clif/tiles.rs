@@ -28,6 +28,7 @@ impl Translator<'_> {
         len: usize,
         factor: f32,
         into: Operand,
+        row_major: Option<DotScores>,
     ) {
         let tile = self.tile_addr(into);
         let (base, width) = match from {
@@ -46,21 +47,22 @@ impl Translator<'_> {
             t.pack_columns(t.nq, len, src, row_floats, factor, tile, first_column);
         });
         self.zero_padding_columns(tile, len);
-        if into == Operand::QueryTile && self.plan.dot_max_rows > 0 {
-            let dots = self.dots();
-            self.if_then(dots, |t| t.pack_query_rows(len, factor));
+        if let Some(dot) = row_major {
+            let few = self.rows_at_most(dot.max_rows);
+            self.if_then(few, |t| t.pack_query_rows(dot.query, len, factor));
         }
     }
 
-    /// Whether this work item computes scores as dot products: it has few rows.
-    pub(super) fn dots(&mut self) -> Value {
-        let max = self.int(self.plan.dot_max_rows as i64);
+    /// Whether the work item's group has at most `max` rows.
+    pub(super) fn rows_at_most(&mut self, max: usize) -> Value {
+        let max = self.int(max as i64);
         self.b.ins().icmp(IntCC::SignedLessThanOrEqual, self.rows, max)
     }
 
-    /// The queries row-major and scaled (rows `rows..rows_v4` zero), for dot-product scores.
-    pub(super) fn pack_query_rows(&mut self, len: usize, factor: f32) {
-        let dst = self.tile_addr(Operand::QueryRows);
+    /// The queries row-major and scaled into `into` (rows `rows..rows_v4` zero), for
+    /// dot-product scores.
+    pub(super) fn pack_query_rows(&mut self, into: Operand, len: usize, factor: f32) {
+        let dst = self.tile_addr(into);
         let head_dim = self.plan.q_width;
         self.for_each_row(|t, _, head, qi, row| {
             let idx = t.row_index(head, qi, head_dim);
@@ -145,20 +147,25 @@ impl Translator<'_> {
         });
     }
 
-    /// Whether this work item packs K/V tiles: only with enough rows to repay the copy.
-    pub(super) fn packs(&mut self) -> Value {
-        if !self.plan.pack_per_item {
-            return self.b.ins().iconst(types::I8, 0);
-        }
-        let min_rows = self.int(self.plan.pack_min_rows as i64);
+    /// Whether the work item's group has at least `min_rows` rows: enough to repay packing
+    /// its own K/V tiles.
+    pub(super) fn packs(&mut self, min_rows: usize) -> Value {
+        let min_rows = self.int(min_rows as i64);
         self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, self.rows, min_rows)
     }
 
     /// Copies the tile's rows of `from` (when this item packs): into a row-major key tile, or
     /// into the value tile's [`PANEL`]-column panels (`k_tile` deep).
-    pub(super) fn pack_tile(&mut self, from: Operand, into: Operand, width: usize, tile: Tile) {
+    pub(super) fn pack_tile(
+        &mut self,
+        from: Operand,
+        into: Operand,
+        width: usize,
+        min_rows: usize,
+        tile: Tile,
+    ) {
         // Nothing to copy when this item reads the call's packed copy or the cache in place.
-        let packs = self.packs();
+        let packs = self.packs(min_rows);
         let pre = self.prepacked();
         let copies = self.b.ins().band_not(packs, pre);
         let k_tile = self.plan.k_tile;
@@ -190,18 +197,17 @@ impl Translator<'_> {
     /// other way, which larger tiles keep: each group asks for the next group's rows of this
     /// tile (after the last group, the first group's of the next tile), 512-byte pieces of 16
     /// pages at a time on W4.
-    pub(super) fn prefetch_next(&mut self, cache: Operand, tile: Tile) -> Value {
-        let width = self.row_width(cache);
-        // Contiguous rows (one KV head, MLA's latent) stream through the hardware prefetchers;
-        // prefetching a whole tile ahead into L1 only evicted the current one (W5: 1.04–1.06×
-        // faster without).
-        if self.row_stride(cache) == width {
+    pub(super) fn prefetch_next(&mut self, source: &TileSource, tile: Tile) -> Value {
+        // Contiguous rows (one KV head, MLA's latent) stream through the hardware prefetchers.
+        if !source.prefetch {
             return self.int(0);
         }
+        let cache = source.cache;
+        let width = self.row_width(cache);
         let (k_tile, j0) = (tile.size, tile.j0);
         let next_tile = self.add_imm(j0, k_tile);
         let group = self.group;
-        let (base, stride, row, part, parts) = if self.plan.prefetches_whole_tiles(k_tile) {
+        let (base, stride, row, part, parts) = if tile.prefetch == Prefetch::WholeNextTile {
             self.group = self.group0;
             let (base, stride) = self.kv_rows(cache, next_tile);
             let part = self.b.ins().isub(group, self.group0);
@@ -229,35 +235,49 @@ impl Translator<'_> {
             self.b.ins().store(mem(), value, at, offset);
         }
         // Items reading the call's packed copy stream it contiguously: no prefetch needed.
+        if source.call_packed.is_none() {
+            return at;
+        }
         let pre = self.prepacked();
         let none = self.int(0);
         self.b.ins().select(pre, none, at)
     }
 
-    /// Address and row stride of a key operand (the broadcast side of the score product): the
-    /// packed tile when this item packs, else the cache rows in place.
-    pub(super) fn key_side(&mut self, operand: Operand, width: usize, j0: Value) -> (Value, Value) {
-        if operand != Operand::KeyTile {
-            let (addr, stride) = self.kv_rows(operand, j0);
-            return (addr, self.int(stride as i64));
+    /// Address and row stride of a key tile (the broadcast side of the score product): the
+    /// call's packed copy when there is one, else the item's packed tile when it packs, else
+    /// the cache rows in place.
+    pub(super) fn key_side(
+        &mut self,
+        source: &TileSource,
+        width: usize,
+        j0: Value,
+    ) -> (Value, Value) {
+        let (in_place, stride) = self.kv_rows(source.cache, j0);
+        let item = source.item_packed.map(|item| {
+            let packed = self.tile_addr(item.tile);
+            let packs = self.packs(item.min_rows);
+            (packs, self.b.ins().select(packs, packed, in_place))
+        });
+        if item.is_none() && source.call_packed.is_none() {
+            return (in_place, self.int(stride as i64));
         }
-        let (in_place, stride) = self.kv_rows(Operand::K, j0);
-        let packed = self.tile_addr(operand);
-        let packs = self.packs();
-        let addr = self.b.ins().select(packs, packed, in_place);
+        let addr = item.map_or(in_place, |(_, addr)| addr);
         let (width_v, stride) = (self.int(width as i64), self.int(stride as i64));
-        let stride = self.b.ins().select(packs, width_v, stride);
-        // Packed for the call: `[B][kv][Sk'][D]`, Sk' = Sk rounded up to whole tiles.
+        let stride = match item {
+            Some((packs, _)) => self.b.ins().select(packs, width_v, stride),
+            None => stride,
+        };
+        let Some(layout) = source.call_packed else { return (addr, stride) };
+        // CallPacking::key_row: ((b·kv + g)·Sk' + j0)·D, Sk' = Sk rounded up to whole tiles.
         let pre = self.prepacked();
-        let kv = self.plan.groups.len();
-        let head = self.mul_imm(self.batch, kv);
+        let head = self.mul_imm(self.batch, layout.kv_heads);
         let head = self.add(head, self.group);
-        let k_tile = self.plan.k_tile as i64;
+        let k_tile = layout.k_tile as i64;
         let rows = self.b.ins().iadd_imm_s(self.seq_k, k_tile - 1);
         let rows = self.b.ins().band_imm_s(rows, -k_tile);
         let row = self.mul(head, rows);
         let row = self.add(row, j0);
-        let idx = self.mul_imm(row, width);
+        let idx = self.mul_imm(row, layout.key_width);
         let base = self.arg(offsets::K_PACKED);
         let call_packed = self.float_addr(base, idx);
         (self.b.ins().select(pre, call_packed, addr), self.b.ins().select(pre, width_v, stride))
@@ -269,40 +289,55 @@ impl Translator<'_> {
         self.b.ins().icmp_imm_s(IntCC::NotEqual, k_packed, 0)
     }
 
-    /// Address, row stride and panel stride of a value operand (B of the value product): the
-    /// packed panels when this item packs, else the cache rows in place.
-    pub(super) fn value_side(&mut self, operand: Operand, j0: Value) -> (Value, Value, Value) {
-        let cache = if operand == Operand::ValueTile { Operand::V } else { operand };
-        let (in_place, stride) = self.kv_rows(cache, j0);
+    /// Address, row stride and panel stride of a value tile (B of the value product): the
+    /// call's packed panels when there are some, else the item's packed tile when it packs,
+    /// else the cache rows in place. Both packed forms store a tile as panels `k_tile` deep.
+    pub(super) fn value_side(&mut self, source: &TileSource, j0: Value) -> (Value, Value, Value) {
+        let (in_place, stride) = self.kv_rows(source.cache, j0);
         let (panel_row, panel) = (self.int(PANEL as i64), self.int(PANEL as i64));
         let stride = self.int(stride as i64);
-        if operand != Operand::ValueTile {
+        if source.item_packed.is_none() && source.call_packed.is_none() {
             return (in_place, stride, panel);
         }
-        let packed = self.tile_addr(operand);
-        let k_tile = self.plan.k_tile;
-        let packed_panel = self.int((PANEL * k_tile) as i64);
-        let packs = self.packs();
-        let addr = self.b.ins().select(packs, packed, in_place);
-        // Packed for the call: tile j0 / k_tile of (batch, group); key loops start on a
-        // multiple of k_tile.
-        let pre = self.prepacked();
-        let kv = self.plan.groups.len();
-        let head = self.mul_imm(self.batch, kv);
-        let head = self.add(head, self.group);
-        let last = self.add_imm(self.seq_k, k_tile - 1);
-        let tiles = self.b.ins().udiv_imm_u(last, k_tile as i64);
-        let tile = self.mul(head, tiles);
-        let index = self.b.ins().udiv_imm_u(j0, k_tile as i64);
-        let tile = self.add(tile, index);
-        let idx = self.mul_imm(tile, self.plan.packed_value_tile());
-        let base = self.arg(offsets::V_PACKED);
-        let call_packed = self.float_addr(base, idx);
-        let packed_tiles = self.b.ins().bor(packs, pre);
+        let packed_panel_floats = PANEL * self.plan.k_tile;
+        if let Some(layout) = source.call_packed {
+            assert_eq!(layout.value_panel(), packed_panel_floats, "one panel depth for both");
+        }
+        let item = source.item_packed.map(|item| self.tile_addr(item.tile));
+        let packed_panel = self.int(packed_panel_floats as i64);
+        let item = item.zip(source.item_packed).map(|(packed, item)| {
+            let packs = self.packs(item.min_rows);
+            (packs, self.b.ins().select(packs, packed, in_place))
+        });
+        let addr = item.map_or(in_place, |(_, addr)| addr);
+        let (addr, packed) = match source.call_packed {
+            Some(layout) => {
+                // CallPacking::value_tile_at: tile j0 / k_tile of (batch, group); key loops
+                // start on a multiple of k_tile.
+                let pre = self.prepacked();
+                let head = self.mul_imm(self.batch, layout.kv_heads);
+                let head = self.add(head, self.group);
+                let k_tile = layout.k_tile;
+                let last = self.add_imm(self.seq_k, k_tile - 1);
+                let tiles = self.b.ins().udiv_imm_u(last, k_tile as i64);
+                let tile = self.mul(head, tiles);
+                let index = self.b.ins().udiv_imm_u(j0, k_tile as i64);
+                let tile = self.add(tile, index);
+                let idx = self.mul_imm(tile, layout.value_tile());
+                let base = self.arg(offsets::V_PACKED);
+                let call_packed = self.float_addr(base, idx);
+                let packed = match item {
+                    Some((packs, _)) => self.b.ins().bor(packs, pre),
+                    None => pre,
+                };
+                (self.b.ins().select(pre, call_packed, addr), packed)
+            }
+            None => (addr, item.map(|(packs, _)| packs).expect("an item-packed source")),
+        };
         (
-            self.b.ins().select(pre, call_packed, addr),
-            self.b.ins().select(packed_tiles, panel_row, stride),
-            self.b.ins().select(packed_tiles, packed_panel, panel),
+            addr,
+            self.b.ins().select(packed, panel_row, stride),
+            self.b.ins().select(packed, packed_panel, panel),
         )
     }
 }

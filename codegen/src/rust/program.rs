@@ -11,8 +11,8 @@ use proc_macro2::{Literal, TokenStream};
 use quote::quote;
 
 use crate::abi::PANEL;
-use crate::ir::{KernelIr, Op, Operand, ScoreTerm};
-use crate::plan::{CacheRow, CacheTensor, Form, HeadMap, KernelPlan};
+use crate::ir::{DotScores, KernelIr, Op, Operand, Prefetch, ScoreTerm, TileSource};
+use crate::plan::{CacheRow, HeadMap, KernelPlan};
 use crate::spec::Mask;
 
 /// The four entry points of a kernel (`prologue` and `epilogue` only for absorbed MLA), each
@@ -106,6 +106,7 @@ pub fn functions(plan: &KernelPlan, ir: &KernelIr, attributes: &TokenStream) -> 
 #[derive(Clone, Copy)]
 struct Tile {
     size: usize,
+    prefetch: Prefetch,
     partial: bool,
 }
 
@@ -145,29 +146,31 @@ impl Emitter<'_> {
 
     fn op(&self, op: &Op, tile: Option<Tile>) -> TokenStream {
         match op {
-            Op::PackQueries { from, offset, len, factor, into } => {
-                self.pack_queries(*from, *offset, *len, *factor, *into)
+            Op::PackQueries { from, offset, len, factor, into, row_major } => {
+                self.pack_queries(*from, *offset, *len, *factor, *into, *row_major)
             }
             Op::AbsorbQueries { nope, rank } => self.absorb_queries(*nope, *rank),
             Op::InitState => self.init_state(),
             Op::ForEachGroup { body } => self.for_each_group(body, tile),
-            Op::KeyTiles { tile, few_rows_tile, mask, body } => {
-                let wide = self.key_tiles(*tile, *mask, body);
-                match few_rows_tile {
+            Op::KeyTiles { tile, prefetch, narrow, mask, body } => {
+                let wide = self.key_tiles(*tile, *prefetch, *mask, body);
+                match narrow {
                     None => wide,
                     Some(narrow) => {
-                        let narrow = self.key_tiles(*narrow, *mask, body);
-                        let dots = self.dots();
+                        let few = self.rows_at_most(narrow.max_rows);
+                        let narrow = self.key_tiles(narrow.tile, narrow.prefetch, *mask, body);
                         quote! {
-                            if #dots && args.k_packed.is_null() { #narrow } else { #wide }
+                            if #few && args.k_packed.is_null() { #narrow } else { #wide }
                         }
                     }
                 }
             }
-            Op::PackTile { from, into, width } => self.pack_tile(*from, *into, *width, tile),
+            Op::PackTile { from, into, width, min_rows } => {
+                self.pack_tile(*from, *into, *width, *min_rows, tile)
+            }
             Op::Scores(term) => self.scores(term, tile),
             Op::OnlineSoftmax { cap, threshold } => self.online_softmax(*cap, *threshold, tile),
-            Op::AccumulateValues { values, width } => self.accumulate_values(*values, *width, tile),
+            Op::AccumulateValues { values, width } => self.accumulate_values(values, *width, tile),
             Op::MergeSplits => self.merge_splits(),
             Op::Normalize => self.normalize(),
             Op::StoreOut { into } => self.store_out(*into),
@@ -300,6 +303,7 @@ impl Emitter<'_> {
         len: usize,
         factor: f32,
         into: Operand,
+        row_major: Option<DotScores>,
     ) -> TokenStream {
         let plan = self.plan;
         let tile = self.tile_addr(into);
@@ -316,9 +320,9 @@ impl Emitter<'_> {
             let src = #base.add(#index + #offset);
             routines::pack_columns(nq, #len_lit, src, #row_floats, #factor_lit, tile, slot * nq, #panel_len);
         });
-        let rows_major = if into == Operand::QueryTile && plan.dot_max_rows > 0 {
-            let dst = self.tile_addr(Operand::QueryRows);
-            let dots = self.dots();
+        let rows_major = if let Some(dot) = row_major {
+            let dst = self.tile_addr(dot.query);
+            let dots = self.rows_at_most(dot.max_rows);
             let index = self.row_index(quote!(qi), plan.q_width);
             let copy = self.for_each_row(quote! {
                 ::attngen::__private::scale_row(dst.add(row * #len_lit), args.q.add(#index), #len_lit, #factor_lit);
@@ -350,32 +354,23 @@ impl Emitter<'_> {
         }
     }
 
-    /// Whether this work item's group computes scores as dot products: it has few rows.
-    fn dots(&self) -> TokenStream {
-        let max = lit(self.plan.dot_max_rows);
+    /// Whether the work item's group has at most `max` rows.
+    fn rows_at_most(&self, max: usize) -> TokenStream {
+        let max = lit(max);
         quote!((rows <= #max))
     }
 
-    /// Whether this work item packs K/V tiles: only with enough rows to repay the copy.
-    fn packs(&self) -> TokenStream {
-        if !self.plan.pack_per_item {
-            return quote!(false);
-        }
-        let min = lit(self.plan.pack_min_rows);
+    /// Whether the work item's group has at least `min_rows` rows: enough to repay packing
+    /// its own K/V tiles.
+    fn packs(&self, min_rows: usize) -> TokenStream {
+        let min = lit(min_rows);
         quote!((rows >= #min))
     }
 
     // --- Key and value tiles.
 
     fn cache_row(&self, operand: Operand) -> CacheRow {
-        let tensor = match operand {
-            Operand::K => CacheTensor::K,
-            Operand::V => CacheTensor::V,
-            Operand::CKv => CacheTensor::CKv,
-            Operand::KRope => CacheTensor::KRope,
-            other => unreachable!("{other:?} is not a cache tensor"),
-        };
-        self.plan.cache_row(tensor).expect("lowering pairs operands with their spec kind")
+        operand.cache_row(self.plan)
     }
 
     /// Address of cache tensor `operand`'s row at key `j0` for group `group` (wrapping: a
@@ -400,10 +395,11 @@ impl Emitter<'_> {
         from: Operand,
         into: Operand,
         width: usize,
+        min_rows: usize,
         tile: Option<Tile>,
     ) -> TokenStream {
         assert!(tile.is_some(), "tile ops only appear inside KeyTiles");
-        let packs = self.packs();
+        let packs = self.packs(min_rows);
         let src = self.kv_rows(from, quote!(j0), quote!(g));
         let stride = lit(self.cache_row(from).stride);
         let dst = self.tile_addr(into);
@@ -420,75 +416,77 @@ impl Emitter<'_> {
         }
     }
 
-    /// Address and row stride of a key operand: the call's packed copy, the item's packed
-    /// tile, or the cache rows in place.
-    fn key_side(&self, operand: Operand, width: usize) -> TokenStream {
-        if operand != Operand::KeyTile {
-            let addr = self.kv_rows(operand, quote!(j0), quote!(g));
-            let stride = lit(self.cache_row(operand).stride);
-            return quote!((#addr, #stride));
+    /// Address and row stride of a key tile: the call's packed copy when there is one, else
+    /// the item's packed tile when it packs, else the cache rows in place.
+    fn key_side(&self, source: &TileSource, width: usize) -> TokenStream {
+        let width_lit = lit(width);
+        let in_place = self.kv_rows(source.cache, quote!(j0), quote!(g));
+        let stride = lit(self.cache_row(source.cache).stride);
+        let mut side = quote!((#in_place, #stride));
+        if let Some(item) = source.item_packed {
+            let (packs, packed) = (self.packs(item.min_rows), self.tile_addr(item.tile));
+            side = quote!(if #packs { (#packed.cast_const(), #width_lit) } else { #side });
         }
-        let (kv, k_tile, width_lit) =
-            (lit(self.plan.groups.len()), lit(self.plan.k_tile), lit(width));
-        let packs = self.packs();
-        let packed = self.tile_addr(Operand::KeyTile);
-        let in_place = self.kv_rows(Operand::K, quote!(j0), quote!(g));
-        let stride = lit(self.cache_row(Operand::K).stride);
-        quote! {
-            if !args.k_packed.is_null() {
-                // `[B][kv][Sk'][D]`, Sk' = Sk rounded up to whole tiles.
-                let row = (b * #kv + g) * seq_k.next_multiple_of(#k_tile) + j0;
-                (args.k_packed.add(row * #width_lit), #width_lit)
-            } else if #packs {
-                (#packed.cast_const(), #width_lit)
-            } else {
-                (#in_place, #stride)
-            }
+        if let Some(layout) = source.call_packed {
+            let (kv, k_tile, key_width) =
+                (lit(layout.kv_heads), lit(layout.k_tile), lit(layout.key_width));
+            side = quote! {
+                if !args.k_packed.is_null() {
+                    // CallPacking::key_row.
+                    let row = (b * #kv + g) * seq_k.next_multiple_of(#k_tile) + j0;
+                    (args.k_packed.add(row * #key_width), #width_lit)
+                } else {
+                    #side
+                }
+            };
         }
+        side
     }
 
-    /// Address, row stride and panel stride of a value operand.
-    fn value_side(&self, operand: Operand) -> TokenStream {
+    /// Address, row stride and panel stride of a value tile: the call's packed panels when
+    /// there are some, else the item's packed tile when it packs, else the cache rows in place.
+    fn value_side(&self, source: &TileSource) -> TokenStream {
         let panel = lit(PANEL);
-        if operand != Operand::ValueTile {
-            let addr = self.kv_rows(operand, quote!(j0), quote!(g));
-            let stride = lit(self.cache_row(operand).stride);
-            return quote!((#addr, #stride, #panel));
+        let in_place = self.kv_rows(source.cache, quote!(j0), quote!(g));
+        let stride = lit(self.cache_row(source.cache).stride);
+        let mut side = quote!((#in_place, #stride, #panel));
+        if let Some(item) = source.item_packed {
+            let (packs, packed) = (self.packs(item.min_rows), self.tile_addr(item.tile));
+            let panel_floats = lit(PANEL * self.plan.k_tile);
+            side =
+                quote!(if #packs { (#packed.cast_const(), #panel, #panel_floats) } else { #side });
         }
-        let plan = self.plan;
-        let (kv, k_tile, tile_floats, panel_floats) = (
-            lit(plan.groups.len()),
-            lit(plan.k_tile),
-            lit(plan.packed_value_tile()),
-            lit(PANEL * plan.k_tile),
-        );
-        let packs = self.packs();
-        let packed = self.tile_addr(Operand::ValueTile);
-        let in_place = self.kv_rows(Operand::V, quote!(j0), quote!(g));
-        let stride = lit(self.cache_row(Operand::V).stride);
-        quote! {
-            if !args.v_packed.is_null() {
-                // Tile j0 / k_tile of (batch, group); key loops start on a multiple of k_tile.
-                let tile = (b * #kv + g) * seq_k.div_ceil(#k_tile) + j0 / #k_tile;
-                (args.v_packed.add(tile * #tile_floats), #panel, #panel_floats)
-            } else if #packs {
-                (#packed.cast_const(), #panel, #panel_floats)
-            } else {
-                (#in_place, #stride, #panel)
-            }
+        if let Some(layout) = source.call_packed {
+            let (kv, k_tile, tile_floats, panel_floats) = (
+                lit(layout.kv_heads),
+                lit(layout.k_tile),
+                lit(layout.value_tile()),
+                lit(layout.value_panel()),
+            );
+            side = quote! {
+                if !args.v_packed.is_null() {
+                    // CallPacking::value_tile_at; key loops start on a multiple of k_tile.
+                    let tile = (b * #kv + g) * seq_k.div_ceil(#k_tile) + j0 / #k_tile;
+                    (args.v_packed.add(tile * #tile_floats), #panel, #panel_floats)
+                } else {
+                    #side
+                }
+            };
         }
+        side
     }
 
     /// The `*const PrefetchRows` a tile product gets for cache tensor `cache`: null for
     /// contiguous rows and for items reading the call's packed copy; else the rows the next
     /// group reads, or this group's share of the next tile (as `clif` describes).
-    fn prefetch_next(&self, cache: Operand, tile: Tile) -> TokenStream {
-        let CacheRow { width, stride } = self.cache_row(cache);
-        if stride == width {
+    fn prefetch_next(&self, source: &TileSource, tile: Tile) -> TokenStream {
+        if !source.prefetch {
             return quote!(::core::ptr::null());
         }
+        let cache = source.cache;
+        let CacheRow { width, stride } = self.cache_row(cache);
         let (size, stride, width_lit) = (lit(tile.size), lit(stride), lit(width));
-        let fill = if self.plan.prefetches_whole_tiles(tile.size) {
+        let fill = if tile.prefetch == Prefetch::WholeNextTile {
             let base = self.kv_rows(cache, quote!((j0 + #size)), quote!(g0));
             quote! {
                 PrefetchRows {
@@ -507,10 +505,16 @@ impl Emitter<'_> {
                 }
             }}
         };
-        quote! {{
-            prefetch = #fill;
-            if args.k_packed.is_null() { &raw const prefetch } else { ::core::ptr::null() }
-        }}
+        match source.call_packed {
+            Some(_) => quote! {{
+                prefetch = #fill;
+                if args.k_packed.is_null() { &raw const prefetch } else { ::core::ptr::null() }
+            }},
+            None => quote! {{
+                prefetch = #fill;
+                &raw const prefetch
+            }},
+        }
     }
 
     // --- The flash tile.
@@ -518,7 +522,7 @@ impl Emitter<'_> {
     fn scores(&self, term: &ScoreTerm, tile: Option<Tile>) -> TokenStream {
         let tile = tile.expect("tile ops only appear inside KeyTiles");
         let plan = self.plan;
-        let key_side = self.key_side(term.keys, term.len);
+        let key_side = self.key_side(&term.keys, term.len);
         let query = self.tile_addr(term.query);
         let (scores, ld, len, panel, panel_len, acc) = (
             lit(plan.scratch.scores),
@@ -528,18 +532,17 @@ impl Emitter<'_> {
             lit(PANEL * term.len),
             lit(usize::from(term.accumulate)),
         );
-        let prefetch = match term.keys {
-            _ if term.accumulate => quote!(::core::ptr::null()),
-            Operand::KeyTile => self.prefetch_next(Operand::K, tile),
-            keys => self.prefetch_next(keys, tile),
+        let prefetch = match term.accumulate {
+            true => quote!(::core::ptr::null()),
+            false => self.prefetch_next(&term.keys, tile),
         };
         let broadcast = quote! {
             routines::dot_nn(n, rows_v4, #len, a, a_row, 1, #query.cast_const(), #panel, #panel_len,
                 c, #ld, #acc, ::core::ptr::null(), ::core::ptr::null(), prefetch);
         };
-        let product = if term.query == Operand::QueryTile && plan.dot_max_rows > 0 {
-            let dots = self.dots();
-            let rows = self.tile_addr(Operand::QueryRows);
+        let product = if let Some(dot) = term.dot {
+            let dots = self.rows_at_most(dot.max_rows);
+            let rows = self.tile_addr(dot.query);
             quote! {
                 if #dots {
                     routines::dot_nt(n, rows_v4, #len, a, a_row, #rows.cast_const(), #len, c, #ld, #acc, prefetch);
@@ -639,7 +642,12 @@ impl Emitter<'_> {
         }}
     }
 
-    fn accumulate_values(&self, values: Operand, width: usize, tile: Option<Tile>) -> TokenStream {
+    fn accumulate_values(
+        &self,
+        values: &TileSource,
+        width: usize,
+        tile: Option<Tile>,
+    ) -> TokenStream {
         let tile = tile.expect("tile ops only appear inside KeyTiles");
         let plan = self.plan;
         let value_side = self.value_side(values);
@@ -650,10 +658,7 @@ impl Emitter<'_> {
             lit(plan.scratch.ranges),
             lit(width),
         );
-        let prefetch = match plan.form {
-            Form::Grouped => self.prefetch_next(Operand::V, tile),
-            Form::LatentAbsorbed => quote!(::core::ptr::null()),
-        };
+        let prefetch = self.prefetch_next(values, tile);
         let (lows, highs) = if tile.partial {
             (
                 quote!(scratch.add(#ranges).cast::<i32>().cast_const()),
@@ -692,11 +697,11 @@ impl Emitter<'_> {
 
     /// The key loop: tiles from the first visible key's tile to the last visible key, each
     /// emitted twice — full (every row sees it whole: `n` is the constant tile) and edge.
-    fn key_tiles(&self, size: usize, mask: Mask, body: &[Op]) -> TokenStream {
+    fn key_tiles(&self, size: usize, prefetch: Prefetch, mask: Mask, body: &[Op]) -> TokenStream {
         assert!(size.is_power_of_two(), "key tiles are aligned with a mask");
         let bounds = self.bounds(mask);
-        let full = self.ops(body, Some(Tile { size, partial: false }));
-        let edge = self.ops(body, Some(Tile { size, partial: true }));
+        let full = self.ops(body, Some(Tile { size, prefetch, partial: false }));
+        let edge = self.ops(body, Some(Tile { size, prefetch, partial: true }));
         let size = lit(size);
         quote! {
             if nq > 0 {
