@@ -178,9 +178,22 @@ pub struct KernelPlan {
     pub dot_max_rows: usize,
     /// Where each tile buffer lives in a work item's scratch.
     pub scratch: ScratchLayout,
-    /// Floats of one split's state: O (`padded_rows × acc_dim`), then m and l
-    /// (`padded_rows` each).
+    /// Where O, m and l lie in one split's state slot.
+    pub state: StateLayout,
+    /// Floats of one split's state slot ([`StateLayout`]).
     pub state_len: usize,
+}
+
+/// Offsets (floats) in a state slot: O, row-major (`padded_rows × acc_dim`), at 0; then m and
+/// l, `padded_rows` each, so the softmax loads four (or more) rows' m and l as one vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateLayout {
+    /// Floats of one row of O (`acc_dim`): row r's O starts at `r · o_row`.
+    pub o_row: usize,
+    /// Where m of row 0 lies.
+    pub m: usize,
+    /// Where l of row 0 lies.
+    pub l: usize,
 }
 
 /// Offsets (in floats) of the buffers in a work item's scratch: a part every group of the item
@@ -345,6 +358,11 @@ impl KernelPlan {
             dot_max_rows,
             min_keys_per_split: 256,
             scratch,
+            state: StateLayout {
+                o_row: acc_dim,
+                m: padded_rows * acc_dim,
+                l: padded_rows * (acc_dim + 1),
+            },
             state_len: padded_rows * (acc_dim + 2),
         }
     }

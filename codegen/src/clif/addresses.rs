@@ -54,19 +54,19 @@ impl Translator<'_> {
     /// Address of row `row` of O in the state slot at `state`: O (`padded_rows × acc_dim`),
     /// then m, then l (`padded_rows` each, so four rows load as one vector).
     pub(super) fn state_o(&mut self, state: Value, row: Value) -> Value {
-        let idx = self.mul_imm(row, self.plan.acc_dim);
+        let idx = self.mul_imm(row, self.plan.state.o_row);
         self.float_addr(state, idx)
     }
 
     /// Address of m of row `row`.
     pub(super) fn state_m(&mut self, state: Value, row: Value) -> Value {
-        let idx = self.add_imm(row, self.plan.padded_rows * self.plan.acc_dim);
+        let idx = self.add_imm(row, self.plan.state.m);
         self.float_addr(state, idx)
     }
 
     /// Address of l of row `row`.
     pub(super) fn state_l(&mut self, state: Value, row: Value) -> Value {
-        let idx = self.add_imm(row, self.plan.padded_rows * (self.plan.acc_dim + 1));
+        let idx = self.add_imm(row, self.plan.state.l);
         self.float_addr(state, idx)
     }
 

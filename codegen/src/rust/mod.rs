@@ -42,13 +42,6 @@ pub const ISA_VERSIONS: [IsaVersion; 3] = [
     IsaVersion { module: "portable", features: None, x86_only: false, variant: "Portable" },
 ];
 
-/// The functions of `spec`'s kernel for one ISA, as `attngen dump --rust` shows them.
-pub fn kernel_functions(spec: &AttentionSpec, isa: IsaVersion) -> TokenStream {
-    let plan = KernelPlan::new(spec);
-    let program = ir::lower(&plan);
-    program::functions(&plan, &program, &target_features(isa))
-}
-
 fn target_features(isa: IsaVersion) -> TokenStream {
     match isa.features {
         Some(features) => quote!(#[target_feature(enable = #features)]),

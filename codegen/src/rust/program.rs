@@ -237,12 +237,18 @@ impl Emitter<'_> {
 
     // --- State and scratch.
 
+    /// Address of row `row`'s O in the state slot `state`.
+    fn state_o(&self, row: TokenStream) -> TokenStream {
+        let o_row = lit(self.plan.state.o_row);
+        quote!(state.add(#row * #o_row))
+    }
+
     fn state_m(&self) -> Literal {
-        lit(self.plan.padded_rows * self.plan.acc_dim)
+        lit(self.plan.state.m)
     }
 
     fn state_l(&self) -> Literal {
-        lit(self.plan.padded_rows * (self.plan.acc_dim + 1))
+        lit(self.plan.state.l)
     }
 
     /// Scratch address of a tile operand.
@@ -589,6 +595,7 @@ impl Emitter<'_> {
         // One block of `width` columns: their tile max (`s < t ? t : s`, so a NaN score
         // reaches its row) down the tile, then the lazy rescale of their rows: m moves only
         // where the tile max exceeds it by the threshold.
+        let o_c = self.state_o(quote!(c));
         let columns = |width: usize| {
             let width = lit(width);
             quote! {{
@@ -614,7 +621,7 @@ impl Emitter<'_> {
                         *state.add(#l + c) *= factor;
                         *state.add(#m + c) = m_new;
                         if factor != 1.0 {
-                            let o = state.add(c * #acc);
+                            let o = #o_c;
                             ::attngen::__private::scale_row(o, o, #acc, factor);
                         }
                     }
@@ -751,6 +758,7 @@ impl Emitter<'_> {
 
     fn merge_splits(&self) -> TokenStream {
         let (acc, m, l) = (lit(self.plan.acc_dim), self.state_m(), self.state_l());
+        let (o_row, o_pitch) = (self.state_o(quote!(row)), lit(self.plan.state.o_row));
         let each = self.for_each_row(quote! {
             let m0 = *state.add(#m + row);
             let mut big_m = m0;
@@ -761,13 +769,13 @@ impl Emitter<'_> {
             // Every m is finite, so each 2^(m_s − M) is a number in [0, 1].
             let c0 = ::attngen::__private::abi::exp2::eval(m0 - big_m);
             let mut l = *state.add(#l + row) * c0;
-            let o0 = state.add(row * #acc);
+            let o0 = #o_row;
             ::attngen::__private::scale_row(o0, o0, #acc, c0);
             for s in 1..n_states {
                 let slot = state.add(s * state_stride);
                 let c = ::attngen::__private::abi::exp2::eval(*slot.add(#m + row) - big_m);
                 l = (*slot.add(#l + row)).mul_add(c, l);
-                ::attngen::__private::axpy_row(o0, slot.add(row * #acc), #acc, c);
+                ::attngen::__private::axpy_row(o0, slot.add(row * #o_pitch), #acc, c);
             }
             *state.add(#l + row) = l;
             *state.add(#m + row) = big_m;
@@ -799,9 +807,9 @@ impl Emitter<'_> {
             other => unreachable!("{other:?} is not an output"),
         };
         let index = self.row_index(quote!(qi), width);
-        let (acc, l) = (lit(width), self.state_l());
+        let (acc, l, o_row) = (lit(width), self.state_l(), self.state_o(quote!(row)));
         self.for_each_row(quote! {
-            ::attngen::__private::scale_row(#base.add(#index), state.add(row * #acc), #acc, *state.add(#l + row));
+            ::attngen::__private::scale_row(#base.add(#index), #o_row, #acc, *state.add(#l + row));
         })
     }
 
