@@ -50,6 +50,11 @@ impl Kernel for Reference {
         mut lse: Option<&mut [f32]>,
     ) -> Result<(), Error> {
         check_call(&self.spec, shape, inputs, out.len(), lse.as_deref().map(<[f32]>::len))?;
+        if shape.batch == 0 || shape.seq_q == 0 {
+            // No output rows. Not even a list of (batch, head) pairs: B may be huge when
+            // Sq = 0, since every tensor then still has 0 elements.
+            return Ok(());
+        }
         let spec = &self.spec;
         let (h_count, d, dv) = (spec.q_heads, spec.head_dim(), spec.v_head_dim);
         let q = match *inputs {

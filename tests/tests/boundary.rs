@@ -124,3 +124,18 @@ proptest! {
         KERNELS.with(|kernels| check(kernels[which].as_ref(), &call))?;
     }
 }
+
+/// B may be anything when Sq = 0 (every tensor still has 0 elements): no kernel, nor the
+/// reference, may size anything by B then (the reference once listed B × H pairs: 4 GB).
+#[test]
+fn a_huge_batch_of_empty_sequences_is_no_work() {
+    let reference = Reference::new(Grouped.spec()).unwrap();
+    let jit = Jit::with_threads(2).unwrap().compile(Grouped.spec()).unwrap();
+    for kernel in [&reference as &dyn Kernel, &Grouped, &jit] {
+        for shape in [Shape::new(usize::MAX / 3 + 1, 0, 0), Shape::new(usize::MAX, 0, 7)] {
+            let k_len = Tensor::K.len(kernel.spec(), shape);
+            let call = kernel.run(shape, &Inputs::grouped(&[], &[], &[]), &mut [], Some(&mut []));
+            assert_eq!(call.is_ok(), k_len == Ok(0), "{shape:?}: {call:?}");
+        }
+    }
+}
