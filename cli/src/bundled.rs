@@ -26,25 +26,28 @@ struct Mqa;
 #[attngen::kernel(q_heads = 32, kv_heads = 8, head_dim = 128)]
 struct Llama3Decode;
 
-/// `with_isa` of every bundled kernel.
-const BUNDLED: [fn(Isa) -> MacroKernel; 10] = [
-    DeepSeekV2Lite::with_isa,
-    DeepSeekV2::with_isa,
-    Gemma2::with_isa,
-    GqaInterleaved::with_isa,
-    GqaUneven::with_isa,
-    Llama3::with_isa,
-    Mha::with_isa,
-    Mistral::with_isa,
-    Mqa::with_isa,
-    Llama3Decode::with_isa,
+/// Every bundled kernel: its process-wide instance (for its spec) and `with_isa`.
+type Bundled = (fn() -> &'static MacroKernel, fn(Isa) -> MacroKernel);
+
+const BUNDLED: [Bundled; 10] = [
+    (DeepSeekV2Lite::compiled, DeepSeekV2Lite::with_isa),
+    (DeepSeekV2::compiled, DeepSeekV2::with_isa),
+    (Gemma2::compiled, Gemma2::with_isa),
+    (GqaInterleaved::compiled, GqaInterleaved::with_isa),
+    (GqaUneven::compiled, GqaUneven::with_isa),
+    (Llama3::compiled, Llama3::with_isa),
+    (Mha::compiled, Mha::with_isa),
+    (Mistral::compiled, Mistral::with_isa),
+    (Mqa::compiled, Mqa::with_isa),
+    (Llama3Decode::compiled, Llama3Decode::with_isa),
 ];
 
 /// The bundled kernel for `spec` (names aside) with `isa`'s functions, if the binary has one.
 pub fn kernel(spec: &AttentionSpec, isa: Isa) -> Option<MacroKernel> {
     let unnamed = |s: &AttentionSpec| AttentionSpec { name: None, ..s.clone() };
     let wanted = unnamed(spec);
-    BUNDLED.iter().map(|with_isa| with_isa(isa)).find(|k| unnamed(k.spec()) == wanted)
+    let found = BUNDLED.iter().find(|(compiled, _)| unnamed(compiled().spec()) == wanted);
+    found.map(|(_, with_isa)| with_isa(isa))
 }
 
 /// The bundled kernel for `spec` with the ISA `ATTNGEN_ISA` names, else the widest this CPU
@@ -56,14 +59,12 @@ pub fn default_kernel(spec: &AttentionSpec) -> Result<MacroKernel, crate::Failur
 
 /// Why `--backend macro` cannot run `spec`: it lists what the binary has.
 pub fn missing(spec: &AttentionSpec) -> String {
-    let have: Vec<String> = BUNDLED
-        .iter()
-        .map(|with_isa| with_isa(Isa::Portable).spec().name.clone().unwrap_or_default())
-        .collect();
+    let have: Vec<String> =
+        BUNDLED.iter().filter_map(|(compiled, _)| compiled().spec().name.clone()).collect();
     format!(
         "`--backend macro` runs only the kernels compiled into attngen (the specs of specs/ and \
-         the standard workloads); {} is not one of them. Bundled: {} and the unmasked Llama-3-8B decode spec of W4/W7. Use `--backend jit` for \
-         any spec.",
+         the standard workloads); {} is not one of them. Bundled: {} and the unmasked Llama-3-8B \
+         decode spec of W4/W7. Use `--backend jit` for any spec.",
         spec.summary(),
         have.join("; ")
     )

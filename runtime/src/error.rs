@@ -33,8 +33,9 @@ pub enum Error {
         /// The buffer's length.
         got: usize,
     },
-    /// Code generation failed: a bug in attngen, reported rather than hidden.
-    #[error("the JIT could not compile the kernel: {0}")]
+    /// Code generation failed (the JIT), or a macro kernel's generated code does not match
+    /// this attngen's plan: a bug or a version mix-up, reported rather than hidden.
+    #[error("the kernel cannot be built: {0}")]
     Compile(String),
     /// The JIT's own thread pool could not be started.
     #[error("cannot start {threads} threads: {reason}")]

@@ -366,7 +366,7 @@ pub fn tested_isas() -> Vec<crate::Isa> {
 /// unless every kernel of `kernels` (one spec, each with a label) agrees with the reference
 /// on `cases` random cases sized for the spec ([`CheckConfig::sized_for`]); the reference
 /// runs once per case for all of them. What `attngen::spec_tests!` runs.
-pub fn assert_matches_reference(kernels: &[(String, &dyn Kernel)], cases: u32) {
+pub fn assert_matches_reference<K: Kernel>(kernels: &[(String, K)], cases: u32) {
     let Some((_, first)) = kernels.first() else { return };
     let spec = first.spec();
     let name = spec.name.clone().unwrap_or_else(|| spec.summary());
@@ -383,7 +383,7 @@ pub fn assert_matches_reference(kernels: &[(String, &dyn Kernel)], cases: u32) {
         let tensors = inputs(spec, shape, input_seed, 1.0).map_err(fail)?;
         let want = outputs(&reference, shape, &tensors).map_err(fail)?;
         for (label, kernel) in kernels {
-            let got = outputs(*kernel, shape, &tensors).map_err(fail)?;
+            let got = outputs(kernel, shape, &tensors).map_err(fail)?;
             if let Some(m) = compare(spec, shape, &got, &want).mismatch {
                 return Err(TestCaseError::fail(format!("{label}: {m:?}")));
             }

@@ -22,3 +22,21 @@ pub trait Kernel: Send + Sync {
         lse: Option<&mut [f32]>,
     ) -> Result<(), Error>;
 }
+
+/// A boxed kernel is a kernel, so collections of different backends (`Box<dyn Kernel>`) go
+/// wherever one kernel type does.
+impl<K: Kernel + ?Sized> Kernel for Box<K> {
+    fn spec(&self) -> &AttentionSpec {
+        (**self).spec()
+    }
+
+    fn run(
+        &self,
+        shape: Shape,
+        inputs: &Inputs<'_>,
+        out: &mut [f32],
+        lse: Option<&mut [f32]>,
+    ) -> Result<(), Error> {
+        (**self).run(shape, inputs, out, lse)
+    }
+}

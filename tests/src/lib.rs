@@ -68,3 +68,43 @@ pub fn assert_errors_leave_outputs_untouched(kernel: &dyn attngen::Kernel) {
     assert!(kernel.run(huge, &Inputs::grouped(&q, &k, &v), &mut out, None).is_err());
     assert!(out.iter().all(|&x| x == -7.0));
 }
+
+/// `out` and `lse` of one valid call of `kernel` (both start as NaN, so an element the kernel
+/// never writes cannot pass).
+pub fn run_kernel(
+    kernel: &dyn attngen::Kernel,
+    shape: attngen::Shape,
+    inputs: &attngen::Inputs<'_>,
+) -> (Vec<f32>, Vec<f32>) {
+    use attngen::Tensor;
+    let spec = kernel.spec();
+    let out_len = Tensor::Out.len(spec, shape).unwrap();
+    let lse_len = Tensor::Lse.len(spec, shape).unwrap();
+    let (mut out, mut lse) = (vec![f32::NAN; out_len], vec![f32::NAN; lse_len]);
+    kernel.run(shape, inputs, &mut out, Some(&mut lse)).expect("valid call");
+    (out, lse)
+}
+
+/// `kernel` against the reference on one case whose inputs have magnitude `m`, within
+/// semantics.md §4 plus [`f32_score_slack`]; describes the first mismatch.
+pub fn compare_with_reference(
+    kernel: &dyn attngen::Kernel,
+    shape: attngen::Shape,
+    inputs: &strategies::OwnedInputs,
+    m: f32,
+) -> Result<(), String> {
+    let spec = kernel.spec();
+    let (out_slack, lse_slack) =
+        f32_score_slack(spec.head_dim(), spec.effective_scale(), f64::from(m));
+    let reference = attngen::Reference::new(spec).unwrap();
+    let (want_out, want_lse) = run_kernel(&reference, shape, &inputs.inputs());
+    let (out, lse) = run_kernel(kernel, shape, &inputs.inputs());
+    let widen = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+    if let Some((i, got, want)) = first_mismatch_within(&out, &widen(&want_out), out_slack) {
+        return Err(format!("out[{i}]: kernel {got}, reference {want}"));
+    }
+    if let Some((i, got, want)) = first_mismatch_within(&lse, &widen(&want_lse), lse_slack) {
+        return Err(format!("lse[{i}]: kernel {got}, reference {want}"));
+    }
+    Ok(())
+}

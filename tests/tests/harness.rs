@@ -116,10 +116,9 @@ fn assert_matches_reference_names_the_kernel_that_differs() {
     let spec = AttentionSpec::gqa(4, 2, 8).mask(Mask::Causal);
     let jit = Jit::with_threads(2).unwrap().compile(&spec).unwrap();
     let broken = Perturbed(Box::new(Reference::new(&spec).unwrap()));
-    let good: [(String, &dyn attngen::Kernel); 1] = [("jit".to_owned(), &jit)];
-    harness::assert_matches_reference(&good, 16);
-    let both: [(String, &dyn attngen::Kernel); 2] =
-        [("jit".to_owned(), &jit), ("broken".to_owned(), &broken)];
+    harness::assert_matches_reference(&[("jit".to_owned(), jit.clone())], 16);
+    let both: [(String, Box<dyn attngen::Kernel>); 2] =
+        [("jit".to_owned(), Box::new(jit)), ("broken".to_owned(), Box::new(broken))];
     let check = std::panic::AssertUnwindSafe(|| harness::assert_matches_reference(&both, 64));
     let panic = std::panic::catch_unwind(check);
     let message = *panic.unwrap_err().downcast::<String>().unwrap();

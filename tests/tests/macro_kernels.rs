@@ -1,9 +1,9 @@
 //! Kernels compiled by `#[attngen::kernel]` against the reference interpreter: every kind of
 //! spec, on every ISA this CPU has, over random shapes and inputs (semantics.md §4 tolerance).
 
-use attngen::{Isa, Kernel, KvLayout, MacroKernel, Reference, Shape, Tensor};
+use attngen::{Isa, Kernel, KvLayout, MacroKernel, Shape};
+use attngen_tests::compare_with_reference;
 use attngen_tests::strategies::{self, OwnedInputs};
-use attngen_tests::{f32_score_slack, first_mismatch_within};
 use proptest::prelude::*;
 
 #[attngen::kernel(q_heads = 8, kv_heads = 2, head_dim = 16, mask = "causal")]
@@ -67,38 +67,14 @@ fn kernels(isa: Isa) -> Vec<MacroKernel> {
 
 /// The ISAs this CPU runs; the others are named as skipped, never passed.
 fn isas() -> Vec<Isa> {
-    for isa in Isa::ALL.into_iter().filter(|isa| !isa.is_supported()) {
-        println!("skipped: macro kernels for {isa} (this CPU lacks {isa})");
-    }
-    Isa::available()
-}
-
-fn run(kernel: &dyn Kernel, shape: Shape, inputs: &OwnedInputs) -> (Vec<f32>, Vec<f32>) {
-    let spec = kernel.spec();
-    let out_len = Tensor::Out.len(spec, shape).unwrap();
-    let lse_len = Tensor::Lse.len(spec, shape).unwrap();
-    let (mut out, mut lse) = (vec![f32::NAN; out_len], vec![f32::NAN; lse_len]);
-    kernel.run(shape, &inputs.inputs(), &mut out, Some(&mut lse)).expect("valid call");
-    (out, lse)
+    attngen::harness::tested_isas()
 }
 
 /// The kernel against the reference on one case with inputs of magnitude `m`.
 fn compare(kernel: &MacroKernel, shape: Shape, seed: u64, m: f32) -> Result<(), String> {
-    let spec = kernel.spec();
-    let inputs = OwnedInputs::random(spec, shape, seed, m);
-    let (out_slack, lse_slack) =
-        f32_score_slack(spec.head_dim(), spec.effective_scale(), f64::from(m));
-    let (want_out, want_lse) = run(&Reference::new(spec).unwrap(), shape, &inputs);
-    let (out, lse) = run(kernel, shape, &inputs);
-    let widen = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
-    let name = spec.summary();
-    if let Some((i, got, want)) = first_mismatch_within(&out, &widen(&want_out), out_slack) {
-        return Err(format!("{name} on {}: out[{i}] {got}, reference {want}", kernel.isa()));
-    }
-    if let Some((i, got, want)) = first_mismatch_within(&lse, &widen(&want_lse), lse_slack) {
-        return Err(format!("{name} on {}: lse[{i}] {got}, reference {want}", kernel.isa()));
-    }
-    Ok(())
+    let inputs = OwnedInputs::random(kernel.spec(), shape, seed, m);
+    compare_with_reference(kernel, shape, &inputs, m)
+        .map_err(|e| format!("{} on {}: {e}", kernel.spec().summary(), kernel.isa()))
 }
 
 #[test]
@@ -167,4 +143,37 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+/// A NaN key behind the causal mask reaches only the query that sees it, on every ISA.
+#[test]
+fn hidden_nan_keys_do_not_leak_and_visible_ones_do() {
+    let shape = Shape::new(1, 3, 3);
+    for isa in isas() {
+        let kernel = GqaCausal::with_isa(isa);
+        let mut inputs = OwnedInputs::random(kernel.spec(), shape, 9, 1.0);
+        // Key 2 of both KV heads (k and v): only query 2 sees it.
+        inputs.get_mut(attngen::Tensor::K)[64..96].fill(f32::NAN);
+        inputs.get_mut(attngen::Tensor::V)[64..96].fill(f32::NAN);
+        // Zeros before the call, so the NaN rows are ones the kernel wrote.
+        let (mut out, mut lse) = (vec![0.0; 3 * 8 * 16], vec![0.0; 3 * 8]);
+        kernel.run(shape, &inputs.inputs(), &mut out, Some(&mut lse)).unwrap();
+        let (seen, hidden) = out.split_at(2 * 8 * 16);
+        assert!(seen.iter().all(|x| x.is_finite()) && hidden.iter().all(|x| x.is_nan()), "{isa}");
+        assert!(lse[..16].iter().all(|x| x.is_finite()) && lse[16..].iter().all(|x| x.is_nan()));
+    }
+}
+
+/// Generated functions bake in their plan's sizes: a kernel whose recorded plan is not the
+/// one this attngen makes for its spec refuses to run, and writes nothing.
+#[test]
+fn functions_from_another_plan_never_run() {
+    let spec = GqaCausal.spec().clone();
+    let kernel = MacroKernel::new(spec, "KernelPlan { .. another version .. }", Vec::new(), None);
+    let shape = Shape::new(1, 1, 1);
+    let inputs = OwnedInputs::random(kernel.spec(), shape, 1, 1.0);
+    let mut out = vec![-7.0; 8 * 16];
+    let err = kernel.run(shape, &inputs.inputs(), &mut out, None).unwrap_err();
+    assert!(matches!(err, attngen::Error::Compile(_)), "{err}");
+    assert!(out.iter().all(|&x| x == -7.0));
 }

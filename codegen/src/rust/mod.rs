@@ -268,8 +268,6 @@ pub fn spec_tests_tokens(files: &[(String, String)]) -> TokenStream {
                             .into_iter()
                             .map(|isa| (::std::format!("macro kernel, {isa}"), SpecKernel::with_isa(isa)))
                             .collect();
-                        let kernels: ::std::vec::Vec<(::std::string::String, &dyn ::attngen::Kernel)> =
-                            kernels.iter().map(|(label, k)| (label.clone(), k as &dyn ::attngen::Kernel)).collect();
                         ::attngen::harness::assert_matches_reference(&kernels, cases());
                     }
 
@@ -284,8 +282,6 @@ pub fn spec_tests_tokens(files: &[(String, String)]) -> TokenStream {
                                 (::std::format!("JIT kernel, {isa}"), jit.compile(spec).expect("the spec is valid"))
                             })
                             .collect();
-                        let kernels: ::std::vec::Vec<(::std::string::String, &dyn ::attngen::Kernel)> =
-                            kernels.iter().map(|(label, k)| (label.clone(), k as &dyn ::attngen::Kernel)).collect();
                         ::attngen::harness::assert_matches_reference(&kernels, cases());
                     }
                 }
