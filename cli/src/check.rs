@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use attngen::harness::{self, Case, CheckConfig, Mismatch, Perturbed};
-use attngen::{Error, Jit, Kernel, Reference, Shape};
+use attngen::{Error, Jit, Kernel, Reference};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
@@ -48,8 +48,11 @@ struct Row {
     verdict: &'static str,
     /// Why a spec is invalid, or the failing element.
     problem: Option<String>,
-    /// The minimal failing case: B, Sq, Sk, input seed.
-    failing_case: Option<[u64; 4]>,
+    /// The minimal failing case, as `--replay` takes it: `B,Sq,Sk,SEED[,ragged]`.
+    failing_case: Option<String>,
+    /// Its sizes and seed, for the text report.
+    #[serde(skip)]
+    failing: Option<Case>,
     replay: Option<String>,
 }
 
@@ -144,6 +147,7 @@ fn check_file(file: &Path, args: &CheckArgs, jit: Option<&Jit>) -> Row {
         verdict: "ok",
         problem: None,
         failing_case: None,
+        failing: None,
         replay: None,
     };
     let spec = match crate::load_spec(file) {
@@ -212,13 +216,12 @@ fn check_file(file: &Path, args: &CheckArgs, jit: Option<&Jit>) -> Row {
             row.verdict = "FAIL";
             row.problem =
                 Some(format!("{}{:?}: got {}, expected {}", m.tensor, m.index, m.got, m.expected));
-            let Shape { batch, seq_q, seq_k } = case.shape;
-            row.failing_case = Some([batch as u64, seq_q as u64, seq_k as u64, case.input_seed]);
+            row.failing_case = Some(case.to_string());
+            row.failing = Some(case);
             row.replay = Some(format!(
-                "attngen check {} --backend {} --replay {batch},{seq_q},{seq_k},{}",
+                "attngen check {} --backend {} --replay {case}",
                 row.file,
                 args.backend.name(),
-                case.input_seed
             ));
         }
         Err(e) => {
@@ -276,8 +279,12 @@ fn render(rows: &[Row], args: &CheckArgs) -> String {
             r.spec,
             r.problem.as_deref().unwrap_or("")
         ));
-        if let Some([b, sq, sk, seed]) = r.failing_case {
-            text.push_str(&format!("  minimal case: B={b} Sq={sq} Sk={sk}, input seed {seed}\n"));
+        if let Some(Case { shape, input_seed, ragged }) = r.failing {
+            let lengths = if ragged { ", per-sequence key lengths" } else { "" };
+            text.push_str(&format!(
+                "  minimal case: B={} Sq={} Sk={}, input seed {input_seed}{lengths}\n",
+                shape.batch, shape.seq_q, shape.seq_k
+            ));
         }
         if let Some(replay) = &r.replay {
             text.push_str(&format!("  replay: {replay}\n"));

@@ -56,8 +56,12 @@ pub struct CallArgs {
     pub batch: usize,
     /// Sq.
     pub seq_q: usize,
-    /// Sk.
+    /// Sk: the rows each sequence's cache tensors hold (`k`, `v`, `c_kv`, `k_rope` are
+    /// `[B, Sk, ..]`), which address row j of sequence b at `b·Sk + j`.
     pub seq_k: usize,
+    /// The keys of each sequence, `[B]`, each at most Sk: sequence b attends to its cache rows
+    /// `0..kv_lens[b]` and never reads the rest; null when every sequence has Sk keys.
+    pub kv_lens: *const usize,
 }
 
 /// Byte offsets of [`CallArgs`] fields, for the emitters.
@@ -96,6 +100,8 @@ pub mod offsets {
     pub const SEQ_Q: i32 = offset_of!(CallArgs, seq_q) as i32;
     /// `seq_k`.
     pub const SEQ_K: i32 = offset_of!(CallArgs, seq_k) as i32;
+    /// `kv_lens`.
+    pub const KV_LENS: i32 = offset_of!(CallArgs, kv_lens) as i32;
 }
 
 /// Cache lines for a tile product (`DotNt`, `DotNn`) to prefetch while it computes: share

@@ -33,6 +33,18 @@ pub enum Error {
         /// The buffer's length.
         got: usize,
     },
+    /// A sequence's key length beyond the rows its cache tensors hold.
+    #[error(
+        "kv_lens[{sequence}] is {len}, more than the {seq_k} rows per sequence (Sk) of the cache"
+    )]
+    KvLen {
+        /// The sequence, b.
+        sequence: usize,
+        /// Its key length, `kv_lens[b]`.
+        len: usize,
+        /// Sk: the cache tensors' rows per sequence.
+        seq_k: usize,
+    },
     /// Code generation failed (the JIT), or a macro kernel's generated code does not match
     /// this attngen's plan: a bug or a version mix-up, reported rather than hidden.
     #[error("the kernel cannot be built: {0}")]

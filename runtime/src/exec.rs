@@ -3,6 +3,16 @@
 //! checks the call against the spec, sets up the call's buffers (absorbed MLA's `q'` and `o'`,
 //! the call-packed K/V), schedules the work items over the thread pool with per-thread scratch
 //! and split states, and runs prologue → items → finishes → epilogue.
+//!
+//! How generated code finds a sequence's keys: `CallArgs::seq_k` is the cache tensors' rows
+//! per sequence (row j of sequence b is row `b·Sk + j`) and `CallArgs::kv_lens` each
+//! sequence's keys, so one call serves a batch of different lengths in a cache with room to
+//! grow. The cache layouts still to come slot in at the two places that already vary per
+//! product, the IR's `TileSource`: a paged cache (a block table per sequence) changes the
+//! in-place row address at each key tile, whose start is a multiple of `k_tile` (pages of a
+//! multiple of it never split a tile), and its call-packed copy's source; a bf16/f16 cache
+//! reads through the packing step (the copy converts) or through product routines over 16-bit
+//! elements. Neither changes this executor's order of work.
 
 use std::cell::RefCell;
 
@@ -11,7 +21,7 @@ use attngen_codegen::plan::CallPacking;
 use attngen_codegen::{KernelPlan, Schedule};
 use rayon::prelude::*;
 
-use crate::{Error, Inputs, Shape, check_call, simd};
+use crate::{Error, InputTensors, Inputs, Shape, check_call, simd};
 
 /// A kernel's generated functions for one plan, as `attngen_codegen::abi` types them: `item`
 /// and `finish`, and for absorbed MLA the per-head `prologue` and `epilogue`.
@@ -54,9 +64,9 @@ impl Executor<'_> {
             return Ok(());
         }
         let empty: &[f32] = &[];
-        let (q, k, v, c_kv, k_rope, w_uk, w_uv) = match *inputs {
-            Inputs::Grouped { q, k, v } => (q, k, v, empty, empty, empty, empty),
-            Inputs::Latent { q, c_kv, k_rope, w_uk, w_uv } => {
+        let (q, k, v, c_kv, k_rope, w_uk, w_uv) = match inputs.tensors {
+            InputTensors::Grouped { q, k, v } => (q, k, v, empty, empty, empty, empty),
+            InputTensors::Latent { q, c_kv, k_rope, w_uk, w_uv } => {
                 (q, empty, empty, c_kv, k_rope, w_uk, w_uv)
             }
         };
@@ -77,6 +87,7 @@ impl Executor<'_> {
             batch: shape.batch,
             seq_q: shape.seq_q,
             seq_k: shape.seq_k,
+            kv_lens: inputs.kv_lens.map_or(std::ptr::null(), <[usize]>::as_ptr),
         };
         let plan = self.plan;
         // Absorbed MLA's q' and o' buffers, each latent_len floats (0 for grouped specs).
@@ -93,10 +104,10 @@ impl Executor<'_> {
                     latent_out: latent_out.as_mut_ptr(),
                     ..args
                 };
-                self.run_checked(shape, args, k, v);
+                self.run_checked(shape, inputs, args, k, v);
             });
         } else {
-            self.run_checked(shape, args, k, v);
+            self.run_checked(shape, inputs, args, k, v);
         }
         Ok(())
     }
@@ -104,22 +115,26 @@ impl Executor<'_> {
     /// Runs a call whose buffers `check_call` verified (and, for absorbed MLA, whose latent
     /// buffers hold `plan.latent_len` floats each): the prologue per head, the work items and
     /// finishes, the epilogue per head. `k` and `v` are the grouped caches `args` points to.
-    fn run_checked(&self, shape: Shape, args: CallArgs, k: &[f32], v: &[f32]) {
+    fn run_checked(&self, shape: Shape, inputs: &Inputs<'_>, args: CallArgs, k: &[f32], v: &[f32]) {
         let plan = self.plan;
         let threads =
             self.pool.map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
-        let schedule = plan.schedule(shape.batch, shape.seq_q, shape.seq_k, threads);
+        // Work is split by the longest sequence's keys; a shorter one's items past its end
+        // find no visible key and leave an empty state.
+        let longest =
+            inputs.kv_lens.map_or(shape.seq_k, |lens| lens.iter().copied().max().unwrap_or(0));
+        let schedule = plan.schedule(shape.batch, shape.seq_q, longest, threads);
         if let Some(packing) = plan.call_packing.filter(|_| schedule.packs_call) {
             let (k_len, v_len) = packing.lens(shape.batch, shape.seq_k);
             with_kept(&PACKED, k_len + v_len, |packed| {
                 let (k_packed, v_packed) = packed.split_at_mut(k_len);
-                self.in_pool(|| pack_call(packing, shape, k, v, k_packed, v_packed));
+                self.in_pool(|| pack_call(packing, shape, inputs, k, v, k_packed, v_packed));
                 let args =
                     CallArgs { k_packed: k_packed.as_ptr(), v_packed: v_packed.as_ptr(), ..args };
-                self.execute(shape, SharedArgs(args), schedule);
+                self.execute(shape, longest, SharedArgs(args), schedule);
             });
         } else {
-            self.execute(shape, SharedArgs(args), schedule);
+            self.execute(shape, longest, SharedArgs(args), schedule);
         }
     }
 
@@ -131,8 +146,9 @@ impl Executor<'_> {
         }
     }
 
-    /// Runs every work item and finish of a checked call.
-    fn execute(&self, shape: Shape, args: SharedArgs, schedule: Schedule) {
+    /// Runs every work item and finish of a checked call whose longest sequence has `longest`
+    /// keys.
+    fn execute(&self, shape: Shape, longest: usize, args: SharedArgs, schedule: Schedule) {
         let (entries, plan) = (self.entries, self.plan);
         let per_item = schedule.groups_per_item;
         let blocks = plan.groups.len() / per_item;
@@ -150,7 +166,8 @@ impl Executor<'_> {
                 assert!(scratch.len() >= scratch_len && states.len() >= per_item * state_len);
                 // SAFETY: `check_call` verified every buffer against `shape`; the generated
                 // code reads and writes only within those tensors for b < B, q0 < Sq, keys
-                // 0..Sk (its key range, from the start of the tile holding k_lo) and the heads
+                // 0..kv_lens[b] <= Sk (Sk without kv_lens; `check_call` bounded each length;
+                // its key range, from the start of the tile holding k_lo) and the heads
                 // of groups g0..g0 + per_item < groups; within the call's packed K/V when set
                 // (`pack_call` filled `CallPacking::lens`); within `scratch` (the plan's size for
                 // per_item groups) and per_item state slots of state_len floats, state_len apart
@@ -193,7 +210,7 @@ impl Executor<'_> {
             if splits == 1 {
                 with_workspace(scratch_len + states_len, |work| {
                     let (scratch, states) = work.split_at_mut(scratch_len);
-                    item(0, shape.seq_k, scratch, states);
+                    item(0, longest, scratch, states);
                     finish(states, scratch);
                 });
                 return;
@@ -201,7 +218,7 @@ impl Executor<'_> {
             with_kept(&SPLIT_STATES, states_len, |states| {
                 states.par_chunks_mut(per_item * state_len).enumerate().for_each(|(split, run)| {
                     let k_lo = split * schedule.keys_per_split;
-                    let k_hi = (k_lo + schedule.keys_per_split).min(shape.seq_k);
+                    let k_hi = (k_lo + schedule.keys_per_split).min(longest);
                     with_workspace(scratch_len, |scratch| item(k_lo, k_hi, scratch, run));
                 });
                 with_workspace(scratch_len, |scratch| finish(states, scratch));
@@ -260,10 +277,12 @@ impl SharedArgs {
 }
 
 /// Packs grouped K and V once for a call, as [`CallPacking`] lays them out, one (batch, KV
-/// head, key tile) per task, with the same copy routine items use.
+/// head, key tile) per task, with the same copy routine items use. Only each sequence's keys
+/// are copied: items never read a packed row past them.
 fn pack_call(
     packing: CallPacking,
     shape: Shape,
+    inputs: &Inputs<'_>,
     k: &[f32],
     v: &[f32],
     k_packed: &mut [f32],
@@ -280,7 +299,11 @@ fn pack_call(
         let (head, tile) = (task / tiles, task % tiles);
         let (b, g) = (head / kv, head % kv);
         let j0 = tile * k_tile;
-        let n = k_tile.min(shape.seq_k - j0);
+        let keys = inputs.keys(b, shape.seq_k);
+        if j0 >= keys {
+            return;
+        }
+        let n = k_tile.min(keys - j0);
         debug_assert_eq!(task * k_tile * d, packing.key_row(b, g, shape.seq_k, j0));
         debug_assert_eq!(task * value_tile, packing.value_tile_at(b, g, shape.seq_k, j0));
         let k_src = &k[((b * shape.seq_k + j0) * kv + g) * d..];

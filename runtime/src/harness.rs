@@ -102,13 +102,78 @@ impl CheckConfig {
     }
 }
 
-/// One case: a call shape and the seed its inputs (uniform in [−1, 1]) are drawn from.
+/// One case: a call shape, the seed its inputs (uniform in [−1, 1]) are drawn from, and
+/// whether its sequences have their own key lengths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Case {
     /// B, Sq, Sk.
     pub shape: Shape,
     /// Seed of the inputs.
     pub input_seed: u64,
+    /// Whether the call passes per-sequence key lengths, [`kv_lens`] of the shape and seed,
+    /// with every cache row past them NaN (no kernel may read those).
+    pub ragged: bool,
+}
+
+impl std::fmt::Display for Case {
+    /// `B,Sq,Sk,SEED`, then `,ragged` for a ragged case: what [`Case::from_str`] reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Shape { batch, seq_q, seq_k } = self.shape;
+        write!(f, "{batch},{seq_q},{seq_k},{}", self.input_seed)?;
+        if self.ragged { write!(f, ",ragged") } else { Ok(()) }
+    }
+}
+
+impl std::str::FromStr for Case {
+    type Err = String;
+
+    /// Reads `B,Sq,Sk,SEED` or `B,Sq,Sk,SEED,ragged`.
+    fn from_str(text: &str) -> Result<Case, String> {
+        let fields: Vec<&str> = text.split(',').map(str::trim).collect();
+        let (numbers, ragged) = match fields[..] {
+            [ref numbers @ .., "ragged"] => (numbers, true),
+            ref numbers => (numbers, false),
+        };
+        let numbers: Vec<u64> = numbers
+            .iter()
+            .map(|n| n.parse().map_err(|_| format!("`{n}` is not a whole number")))
+            .collect::<Result<_, _>>()?;
+        let size = |n: u64| usize::try_from(n).map_err(|_| format!("{n} does not fit in usize"));
+        match numbers[..] {
+            [b, sq, sk, input_seed] => {
+                Ok(Case { shape: Shape::new(size(b)?, size(sq)?, size(sk)?), input_seed, ragged })
+            }
+            _ => Err(format!("expected B,Sq,Sk,SEED or B,Sq,Sk,SEED,ragged, got `{text}`")),
+        }
+    }
+}
+
+/// The per-sequence key lengths of a ragged case: each drawn from `seed`, uniform in 0..=Sk
+/// (so the longest may stop short of the cache's end, as in a KV cache with room to grow).
+pub fn kv_lens(shape: Shape, seed: u64) -> Vec<usize> {
+    let draws = uniform(seed ^ 0x006B_765F_6C65_6E73, shape.batch, 0.0, 1.0);
+    draws.iter().map(|u| ((u * (shape.seq_k + 1) as f32) as usize).min(shape.seq_k)).collect()
+}
+
+/// Writes NaN into every cache row past its sequence's length (`k`, `v`, `c_kv`, `k_rope`):
+/// semantics.md §3 step 5 says no output may see them.
+pub fn poison_unused_rows(
+    spec: &AttentionSpec,
+    shape: Shape,
+    lens: &[usize],
+    tensors: &mut [(Tensor, Vec<f32>)],
+) {
+    for (tensor, data) in tensors.iter_mut() {
+        if !matches!(tensor, Tensor::K | Tensor::V | Tensor::CKv | Tensor::KRope) {
+            continue;
+        }
+        // [B, Sk, ...]: a sequence's rows are `row` floats each.
+        let row = tensor.dims(spec, shape)[2..].iter().product::<usize>();
+        for (b, &len) in lens.iter().enumerate() {
+            let sequence = &mut data[b * shape.seq_k * row..][..shape.seq_k * row];
+            sequence[len * row..].fill(f32::NAN);
+        }
+    }
 }
 
 /// The first element where a kernel and the reference disagree.
@@ -172,6 +237,17 @@ pub fn shapes(
     prop_oneof![3 => short, 1 => long].boxed()
 }
 
+/// The cases [`check`] runs: shapes from `shapes`, any input seed, and a quarter of them
+/// ragged (per-sequence key lengths, NaN past them); shrinking goes toward dense calls.
+pub fn cases_over(shapes: impl Strategy<Value = Shape>) -> impl Strategy<Value = Case> {
+    let ragged = proptest::bool::weighted(0.25);
+    (shapes, any::<u64>(), ragged).prop_map(|(shape, input_seed, ragged)| Case {
+        shape,
+        input_seed,
+        ragged,
+    })
+}
+
 /// Deterministic inputs for a spec and shape: every input tensor uniform in
 /// [−`magnitude`, `magnitude`], from `seed` (splitmix64 per tensor).
 pub fn inputs(
@@ -226,23 +302,41 @@ pub fn uniform(seed: u64, len: usize, lo: f32, hi: f32) -> Vec<f32> {
 /// Runs one case on `kernel` and on the reference and compares them.
 pub fn run_case(kernel: &dyn Kernel, case: Case) -> Result<CaseResult, Error> {
     let spec = kernel.spec();
-    let tensors = inputs(spec, case.shape, case.input_seed, 1.0)?;
-    let got = outputs(kernel, case.shape, &tensors)?;
-    let want = outputs(&Reference::new(spec)?, case.shape, &tensors)?;
+    let call = CaseCall::new(spec, case)?;
+    let got = call.outputs(kernel)?;
+    let want = call.outputs(&Reference::new(spec)?)?;
     Ok(compare(spec, case.shape, &got, &want))
 }
 
-/// `out` and `lse` of one call of `kernel` on `tensors`.
-fn outputs(
-    kernel: &dyn Kernel,
+/// The inputs of one case, built once for every kernel it runs on.
+struct CaseCall {
     shape: Shape,
-    tensors: &[(Tensor, Vec<f32>)],
-) -> Result<(Vec<f32>, Vec<f32>), Error> {
-    let spec = kernel.spec();
-    let mut out = vec![0.0; Tensor::Out.len(spec, shape)?];
-    let mut lse = vec![0.0; Tensor::Lse.len(spec, shape)?];
-    kernel.run(shape, &view(spec, tensors), &mut out, Some(&mut lse))?;
-    Ok((out, lse))
+    tensors: Vec<(Tensor, Vec<f32>)>,
+    kv_lens: Option<Vec<usize>>,
+}
+
+impl CaseCall {
+    fn new(spec: &AttentionSpec, case: Case) -> Result<CaseCall, Error> {
+        let mut tensors = inputs(spec, case.shape, case.input_seed, 1.0)?;
+        let kv_lens = case.ragged.then(|| kv_lens(case.shape, case.input_seed));
+        if let Some(lens) = &kv_lens {
+            poison_unused_rows(spec, case.shape, lens, &mut tensors);
+        }
+        Ok(CaseCall { shape: case.shape, tensors, kv_lens })
+    }
+
+    /// `out` and `lse` of `kernel` on these inputs.
+    fn outputs(&self, kernel: &dyn Kernel) -> Result<(Vec<f32>, Vec<f32>), Error> {
+        let (spec, shape) = (kernel.spec(), self.shape);
+        let mut out = vec![0.0; Tensor::Out.len(spec, shape)?];
+        let mut lse = vec![0.0; Tensor::Lse.len(spec, shape)?];
+        let mut inputs = view(spec, &self.tensors);
+        if let Some(lens) = &self.kv_lens {
+            inputs = inputs.with_kv_lens(lens);
+        }
+        kernel.run(shape, &inputs, &mut out, Some(&mut lse))?;
+        Ok((out, lse))
+    }
 }
 
 /// A kernel's outputs against the reference's: the largest differences and the first element
@@ -300,11 +394,9 @@ pub fn check(kernel: &dyn Kernel, config: &CheckConfig) -> Result<CheckReport, E
     let mut runner = TestRunner::new_with_rng(runner_config, rng);
     let shapes =
         shapes(config.max_batch, config.max_seq_q, config.max_seq_k, config.max_long_seq_k);
-    let strategy = (shapes, any::<u64>());
     let worst = std::cell::Cell::new((0.0f64, 0.0f64));
-    let outcome = runner.run(&strategy, |(shape, input_seed)| {
-        let result = run_case(kernel, Case { shape, input_seed })
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let outcome = runner.run(&cases_over(shapes), |case| {
+        let result = run_case(kernel, case).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let (abs, rel) = worst.get();
         worst.set((abs.max(result.max_abs), rel.max(result.max_rel)));
         match result.mismatch {
@@ -315,8 +407,7 @@ pub fn check(kernel: &dyn Kernel, config: &CheckConfig) -> Result<CheckReport, E
     let (max_abs, max_rel) = worst.get();
     let failure = match outcome {
         Ok(()) => None,
-        Err(TestError::Fail(_, (shape, input_seed))) => {
-            let case = Case { shape, input_seed };
+        Err(TestError::Fail(_, case)) => {
             let mismatch = run_case(kernel, case)?.mismatch.ok_or_else(|| {
                 Error::Check("the shrunk failing case passed when replayed".to_owned())
             })?;
@@ -378,13 +469,13 @@ pub fn assert_matches_reference<K: Kernel>(kernels: &[(String, K)], cases: u32) 
     );
     let shapes =
         shapes(config.max_batch, config.max_seq_q, config.max_seq_k, config.max_long_seq_k);
-    let outcome = runner.run(&(shapes, any::<u64>()), |(shape, input_seed)| {
+    let outcome = runner.run(&cases_over(shapes), |case| {
         let fail = |e: Error| TestCaseError::fail(e.to_string());
-        let tensors = inputs(spec, shape, input_seed, 1.0).map_err(fail)?;
-        let want = outputs(&reference, shape, &tensors).map_err(fail)?;
+        let call = CaseCall::new(spec, case).map_err(fail)?;
+        let want = call.outputs(&reference).map_err(fail)?;
         for (label, kernel) in kernels {
-            let got = outputs(kernel, shape, &tensors).map_err(fail)?;
-            if let Some(m) = compare(spec, shape, &got, &want).mismatch {
+            let got = call.outputs(kernel).map_err(fail)?;
+            if let Some(m) = compare(spec, case.shape, &got, &want).mismatch {
                 return Err(TestCaseError::fail(format!("{label}: {m:?}")));
             }
         }
@@ -392,10 +483,9 @@ pub fn assert_matches_reference<K: Kernel>(kernels: &[(String, K)], cases: u32) 
     });
     match outcome {
         Ok(()) => {}
-        Err(TestError::Fail(reason, (shape, input_seed))) => panic!(
-            "{name}: differs from the reference at {:?}: {reason}",
-            Case { shape, input_seed }
-        ),
+        Err(TestError::Fail(reason, case)) => {
+            panic!("{name}: differs from the reference at {case:?}: {reason}")
+        }
         Err(TestError::Abort(reason)) => panic!("{name}: aborted: {reason}"),
     }
 }

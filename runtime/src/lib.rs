@@ -50,6 +50,6 @@ pub use jit::{Jit, JitKernel, JitOptions, Listing};
 pub use kernel::Kernel;
 pub use macro_kernel::MacroKernel;
 pub use reference::Reference;
-pub use shape::{Inputs, Shape, Tensor, check_call};
+pub use shape::{InputTensors, Inputs, Shape, Tensor, check_call};
 pub use simd::Isa;
 pub use workload::Workload;

@@ -9,7 +9,7 @@ use attngen_codegen::{AttentionSpec, KvLayout, LatentKv, Mask, validate};
 
 use rayon::prelude::*;
 
-use crate::{Error, Inputs, Kernel, Shape, check_call};
+use crate::{Error, InputTensors, Inputs, Kernel, Shape, check_call};
 
 /// The reference interpreter for one validated spec.
 ///
@@ -57,25 +57,25 @@ impl Kernel for Reference {
         }
         let spec = &self.spec;
         let (h_count, d, dv) = (spec.q_heads, spec.head_dim(), spec.v_head_dim);
-        let q = match *inputs {
-            Inputs::Grouped { q, .. } | Inputs::Latent { q, .. } => q,
-        };
+        let q = inputs.q();
         let scale = spec.effective_scale();
         let softcap = spec.softcap.map(f64::from);
-        // Bottom-right alignment: query i sits at key position i + offset.
-        let offset = shape.seq_k as i64 - shape.seq_q as i64;
         // Each (batch, head) is independent: compute them in parallel, then write in order.
         let heads: Vec<(usize, usize)> =
             (0..shape.batch).flat_map(|b| (0..h_count).map(move |h| (b, h))).collect();
         let rows: Vec<Vec<(Vec<f64>, f64)>> = heads
             .par_iter()
             .map(|&(b, h)| {
-                let (keys, values) = materialise_kv(spec, inputs, shape, b, h);
-                // The full Sq × Sk score matrix; None marks a key the mask hides.
+                // Sequence b's keys: its first kv_lens[b] cache rows (all Sk without lengths).
+                let len = inputs.keys(b, shape.seq_k);
+                let (keys, values) = materialise_kv(spec, inputs, shape.seq_k, len, b, h);
+                // Bottom-right alignment: query i sits at key position i + offset.
+                let offset = len as i64 - shape.seq_q as i64;
+                // The full Sq × len score matrix; None marks a key the mask hides.
                 let scores: Vec<Vec<Option<f64>>> = (0..shape.seq_q)
                     .map(|i| {
                         let q_row = &q[((b * shape.seq_q + i) * h_count + h) * d..][..d];
-                        (0..shape.seq_k)
+                        (0..len)
                             .map(|j| {
                                 visible(spec.mask, i as i64 + offset, j as i64).then(|| {
                                     let dot: f64 = q_row
@@ -140,27 +140,29 @@ fn softmax_times_values(row: &[Option<f64>], values: &[Vec<f64>], dv: usize) -> 
     (acc.iter().map(|a| a / sum).collect(), max + sum.ln())
 }
 
-/// Per-key rows of K_h and V_h for batch `b`, head `h`, in f64. For latent specs these are the
-/// explicit up-projections K_h[t] = [W_UK[h]·c_kv[t], k_rope[t]] and V_h[t] = W_UV[h]·c_kv[t].
+/// The first `len` per-key rows of K_h and V_h for batch `b` (whose cache rows start at row
+/// `b · seq_k`), head `h`, in f64. For latent specs these are the explicit up-projections
+/// K_h[t] = [W_UK[h]·c_kv[t], k_rope[t]] and V_h[t] = W_UV[h]·c_kv[t].
 fn materialise_kv(
     spec: &AttentionSpec,
     inputs: &Inputs<'_>,
-    shape: Shape,
+    seq_k: usize,
+    len: usize,
     b: usize,
     h: usize,
 ) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
-    let (d, dv, sk) = (spec.head_dim(), spec.v_head_dim, shape.seq_k);
+    let (d, dv, sk) = (spec.head_dim(), spec.v_head_dim, seq_k);
     let widen = |xs: &[f32]| xs.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
-    match (*inputs, &spec.kv) {
-        (Inputs::Grouped { k, v, .. }, KvLayout::Grouped { kv_heads, .. }) => {
+    match (inputs.tensors, &spec.kv) {
+        (InputTensors::Grouped { k, v, .. }, KvLayout::Grouped { kv_heads, .. }) => {
             let g = spec.kv_head_of(h);
             let row = |t: usize| (b * sk + t) * kv_heads + g;
             (
-                (0..sk).map(|t| widen(&k[row(t) * d..][..d])).collect(),
-                (0..sk).map(|t| widen(&v[row(t) * dv..][..dv])).collect(),
+                (0..len).map(|t| widen(&k[row(t) * d..][..d])).collect(),
+                (0..len).map(|t| widen(&v[row(t) * dv..][..dv])).collect(),
             )
         }
-        (Inputs::Latent { c_kv, k_rope, w_uk, w_uv, .. }, KvLayout::Latent(latent)) => {
+        (InputTensors::Latent { c_kv, k_rope, w_uk, w_uv, .. }, KvLayout::Latent(latent)) => {
             let LatentKv { rank, rope_dim, nope_dim } = *latent;
             let project = |w: &[f32], rows: usize, c: &[f32]| -> Vec<f64> {
                 (0..rows)
@@ -171,14 +173,14 @@ fn materialise_kv(
                     .collect()
             };
             let latent_of = |t: usize| &c_kv[(b * sk + t) * rank..][..rank];
-            let keys = (0..sk)
+            let keys = (0..len)
                 .map(|t| {
                     let mut key = project(w_uk, nope_dim, latent_of(t));
                     key.extend(widen(&k_rope[(b * sk + t) * rope_dim..][..rope_dim]));
                     key
                 })
                 .collect();
-            let values = (0..sk).map(|t| project(w_uv, dv, latent_of(t))).collect();
+            let values = (0..len).map(|t| project(w_uv, dv, latent_of(t))).collect();
             (keys, values)
         }
         // check_call has matched the inputs' kind to the spec's.

@@ -22,9 +22,35 @@ impl Shape {
     }
 }
 
-/// Borrowed, named views of a call's input tensors, dense row-major f32 (semantics.md §2).
+/// A call's inputs: borrowed views of its tensors (dense row-major f32, semantics.md §2) and,
+/// optionally, the number of keys of each sequence.
+///
+/// ```
+/// use attngen::{AttentionSpec, Inputs, Kernel, Reference, Shape};
+///
+/// // Two sequences in a cache of 3 rows each (Sk = 3): the first holds 2 keys, the second 3.
+/// let kernel = Reference::new(&AttentionSpec::mha(1, 1))?;
+/// let (q, k) = ([0.0, 0.0], [0.0; 6]);
+/// let v = [1.0, 2.0, f32::NAN, 10.0, 20.0, 30.0]; // sequence 0's row 2 is never read
+/// let inputs = Inputs::grouped(&q, &k, &v).with_kv_lens(&[2, 3]);
+/// let mut out = [0.0; 2];
+/// kernel.run(Shape::new(2, 1, 3), &inputs, &mut out, None)?;
+/// assert_eq!(out, [1.5, 20.0]);
+/// # Ok::<(), attngen::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug)]
-pub enum Inputs<'a> {
+pub struct Inputs<'a> {
+    /// The input tensors.
+    pub tensors: InputTensors<'a>,
+    /// `kv_lens`: [B], the keys of each sequence, each at most Sk: sequence b attends to rows
+    /// `0..kv_lens[b]` of its cache tensors, which keep Sk rows per sequence (a KV cache's
+    /// capacity), and never reads the rest. `None`: every sequence has Sk keys.
+    pub kv_lens: Option<&'a [usize]>,
+}
+
+/// Borrowed, named views of a call's input tensors.
+#[derive(Clone, Copy, Debug)]
+pub enum InputTensors<'a> {
     /// Inputs of a grouped (MHA/MQA/GQA) spec.
     Grouped {
         /// `q`: [B, Sq, H, D].
@@ -50,12 +76,12 @@ pub enum Inputs<'a> {
 }
 
 impl<'a> Inputs<'a> {
-    /// Inputs for a grouped spec.
+    /// Inputs for a grouped spec, every sequence with Sk keys.
     pub fn grouped(q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> Self {
-        Inputs::Grouped { q, k, v }
+        Inputs { tensors: InputTensors::Grouped { q, k, v }, kv_lens: None }
     }
 
-    /// Inputs for a latent spec.
+    /// Inputs for a latent spec, every sequence with Sk keys.
     pub fn latent(
         q: &'a [f32],
         c_kv: &'a [f32],
@@ -63,22 +89,42 @@ impl<'a> Inputs<'a> {
         w_uk: &'a [f32],
         w_uv: &'a [f32],
     ) -> Self {
-        Inputs::Latent { q, c_kv, k_rope, w_uk, w_uv }
+        Inputs { tensors: InputTensors::Latent { q, c_kv, k_rope, w_uk, w_uv }, kv_lens: None }
+    }
+
+    /// The same tensors with per-sequence key lengths ([`Inputs::kv_lens`]).
+    pub fn with_kv_lens(self, kv_lens: &'a [usize]) -> Self {
+        Inputs { kv_lens: Some(kv_lens), ..self }
     }
 
     /// `grouped` or `latent`.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Inputs::Grouped { .. } => "grouped",
-            Inputs::Latent { .. } => "latent",
+        match self.tensors {
+            InputTensors::Grouped { .. } => "grouped",
+            InputTensors::Latent { .. } => "latent",
         }
+    }
+
+    /// `q`.
+    pub fn q(&self) -> &'a [f32] {
+        match self.tensors {
+            InputTensors::Grouped { q, .. } | InputTensors::Latent { q, .. } => q,
+        }
+    }
+
+    /// The keys of sequence `b`: `kv_lens[b]`, or `seq_k` without per-sequence lengths. For
+    /// a call [`check_call`] accepted, `b < B`.
+    pub fn keys(&self, b: usize, seq_k: usize) -> usize {
+        self.kv_lens.map_or(seq_k, |lens| lens[b])
     }
 
     /// The tensors by name, in the order of [`Tensor::inputs`].
     pub fn named(&self) -> Vec<(Tensor, &'a [f32])> {
-        match *self {
-            Inputs::Grouped { q, k, v } => vec![(Tensor::Q, q), (Tensor::K, k), (Tensor::V, v)],
-            Inputs::Latent { q, c_kv, k_rope, w_uk, w_uv } => vec![
+        match self.tensors {
+            InputTensors::Grouped { q, k, v } => {
+                vec![(Tensor::Q, q), (Tensor::K, k), (Tensor::V, v)]
+            }
+            InputTensors::Latent { q, c_kv, k_rope, w_uk, w_uv } => vec![
                 (Tensor::Q, q),
                 (Tensor::CKv, c_kv),
                 (Tensor::KRope, k_rope),
@@ -174,9 +220,9 @@ impl Tensor {
     }
 }
 
-/// Checks a call before any kernel touches memory: the inputs' kind matches the spec, and every
+/// Checks a call before any kernel touches memory: the inputs' kind matches the spec, every
 /// buffer (inputs, `out`, `lse`) has exactly its tensor's element count, computed with checked
-/// arithmetic. Every [`crate::Kernel::run`] calls this first, so on error nothing was written.
+/// arithmetic, and `kv_lens`, if given, has one length per sequence, none above Sk. Every [`crate::Kernel::run`] calls this first, so on error nothing was written.
 /// The spec itself must already be validated (kernels validate when they are built).
 pub fn check_call(
     spec: &AttentionSpec,
@@ -194,6 +240,15 @@ pub fn check_call(
     }
     for (tensor, data) in inputs.named() {
         tensor.check(spec, shape, data.len())?;
+    }
+    if let Some(lens) = inputs.kv_lens {
+        if lens.len() != shape.batch {
+            let (expected, got) = (shape.batch, lens.len());
+            return Err(Error::Length { tensor: "kv_lens", shape: vec![expected], expected, got });
+        }
+        if let Some((sequence, &len)) = lens.iter().enumerate().find(|&(_, &n)| n > shape.seq_k) {
+            return Err(Error::KvLen { sequence, len, seq_k: shape.seq_k });
+        }
     }
     Tensor::Out.check(spec, shape, out_len)?;
     if let Some(len) = lse_len {

@@ -116,6 +116,8 @@ pub fn shape(max_q: usize, max_k: usize) -> impl Strategy<Value = Shape> {
 pub struct OwnedInputs {
     /// Each input tensor with its data, in [`Tensor::inputs`] order.
     pub tensors: Vec<(Tensor, Vec<f32>)>,
+    /// Per-sequence key lengths, if the call passes them.
+    pub kv_lens: Option<Vec<usize>>,
 }
 
 impl OwnedInputs {
@@ -124,7 +126,15 @@ impl OwnedInputs {
     pub fn random(spec: &AttentionSpec, shape: Shape, seed: u64, magnitude: f32) -> Self {
         let tensors =
             attngen::harness::inputs(spec, shape, seed, magnitude).expect("test shapes are small");
-        OwnedInputs { tensors }
+        OwnedInputs { tensors, kv_lens: None }
+    }
+
+    /// The same call with per-sequence key lengths drawn from `seed` (`harness::kv_lens`),
+    /// every cache row past them NaN, as `attngen check` draws its ragged cases.
+    pub fn ragged(mut self, spec: &AttentionSpec, shape: Shape, seed: u64) -> Self {
+        let lens = attngen::harness::kv_lens(shape, seed);
+        attngen::harness::poison_unused_rows(spec, shape, &lens, &mut self.tensors);
+        OwnedInputs { kv_lens: Some(lens), ..self }
     }
 
     /// The buffer of one tensor (empty if the spec has none).
@@ -139,6 +149,15 @@ impl OwnedInputs {
 
     /// Borrowed views for `Kernel::run`.
     pub fn inputs(&self) -> Inputs<'_> {
+        let inputs = self.tensors_only();
+        match &self.kv_lens {
+            Some(lens) => inputs.with_kv_lens(lens),
+            None => inputs,
+        }
+    }
+
+    /// The tensors' views, without key lengths.
+    fn tensors_only(&self) -> Inputs<'_> {
         if self.tensors.len() == 3 {
             Inputs::grouped(self.get(Tensor::Q), self.get(Tensor::K), self.get(Tensor::V))
         } else {

@@ -1,5 +1,5 @@
-//! `Kernel::run` at the boundary, for both backends: random and mostly wrong shapes and buffer
-//! lengths. Every call either returns the reference's typed error and leaves `out` and `lse`
+//! `Kernel::run` at the boundary, for both backends: random and mostly wrong shapes, buffer
+//! lengths and per-sequence key lengths. Every call either returns the reference's typed error and leaves `out` and `lse`
 //! untouched, or succeeds and agrees with the reference; none panics.
 
 use attngen::{AttentionSpec, Inputs, Jit, Kernel, KvLayout, Reference, Shape, Tensor};
@@ -25,6 +25,19 @@ struct Call {
     wrong_kind: bool,
     /// Omit `lse`.
     no_lse: bool,
+    /// Per-sequence key lengths, if any: how far their count is off B (at most 6 are
+    /// passed), and draws that make lengths 0..=Sk + 1 (Sk + 1 is one row too many).
+    kv_lens: Option<(i64, Vec<u8>)>,
+}
+
+impl Call {
+    /// The `kv_lens` this call passes.
+    fn kv_lens(&self) -> Option<Vec<usize>> {
+        let (offset, draws) = self.kv_lens.as_ref()?;
+        let count = (self.shape.batch.min(6) as i64 + offset).max(0) as usize;
+        let most = self.shape.seq_k.min(8) + 1;
+        Some(draws.iter().cycle().take(count).map(|&d| usize::from(d) % (most + 1)).collect())
+    }
 }
 
 fn size() -> impl Strategy<Value = usize> {
@@ -40,13 +53,21 @@ fn offsets() -> impl Strategy<Value = Vec<i64>> {
     prop_oneof![1 => Just(vec![0; 7]), 3 => proptest::collection::vec(offset(), 7)]
 }
 
+fn kv_lens() -> impl Strategy<Value = Option<(i64, Vec<u8>)>> {
+    let count = prop_oneof![4 => Just(0i64), 1 => -1i64..=1];
+    let lens = (count, proptest::collection::vec(any::<u8>(), 1..=6));
+    prop_oneof![3 => Just(None), 2 => lens.prop_map(Some)]
+}
+
 fn call() -> impl Strategy<Value = Call> {
-    (size(), size(), size(), offsets(), proptest::bool::weighted(0.1), any::<bool>()).prop_map(
-        |(b, q, k, offsets, wrong_kind, no_lse)| Call {
+    let flags = (proptest::bool::weighted(0.1), any::<bool>());
+    (size(), size(), size(), offsets(), flags, kv_lens()).prop_map(
+        |(b, q, k, offsets, (wrong_kind, no_lse), kv_lens)| Call {
             shape: Shape::new(b, q, k),
             offsets,
             wrong_kind,
             no_lse,
+            kv_lens,
         },
     )
 }
@@ -72,10 +93,14 @@ fn check(kernel: &dyn Kernel, call: &Call) -> Result<(), TestCaseError> {
         .enumerate()
         .map(|(i, &t)| buffer(spec, t, call.shape, call.offsets[i], i as u64))
         .collect();
-    let inputs = match owned.len() {
+    let mut inputs = match owned.len() {
         5 => Inputs::latent(&owned[0], &owned[1], &owned[2], &owned[3], &owned[4]),
         _ => Inputs::grouped(&owned[0], &owned[1], &owned[2]),
     };
+    let kv_lens = call.kv_lens();
+    if let Some(lens) = &kv_lens {
+        inputs = inputs.with_kv_lens(lens);
+    }
     let out_len = buffer(spec, Tensor::Out, call.shape, call.offsets[5], 0).len();
     let lse_len = buffer(spec, Tensor::Lse, call.shape, call.offsets[6], 0).len();
     let outputs = |lse| (vec![SENTINEL; out_len], (!call.no_lse).then(|| vec![lse; lse_len]));

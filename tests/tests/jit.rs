@@ -191,13 +191,17 @@ proptest! {
         shape in strategies::shape(70, 300),
         seed in any::<u64>(),
         large in proptest::bool::weighted(0.2),
+        ragged in proptest::bool::weighted(0.25),
         isa in 0..Isa::available().len(),
     ) {
         thread_local!(static JITS: Vec<Jit> = jits());
         // Large magnitudes (scores in the hundreds: the online softmax must subtract its
         // running max) for grouped specs; latent scores are already large through W_UK.
         let magnitude = if large && matches!(spec.kv, KvLayout::Grouped { .. }) { 6.0 } else { 1.0 };
-        let inputs = OwnedInputs::random(&spec, shape, seed, magnitude);
+        let mut inputs = OwnedInputs::random(&spec, shape, seed, magnitude);
+        if ragged {
+            inputs = inputs.ragged(&spec, shape, seed);
+        }
         let result = JITS.with(|jits| compare(&jits[isa], &spec, shape, &inputs, magnitude));
         prop_assert!(result.is_ok(), "{}: {}", Isa::available()[isa], result.unwrap_err());
     }

@@ -70,9 +70,19 @@ fn isas() -> Vec<Isa> {
     attngen::harness::tested_isas()
 }
 
-/// The kernel against the reference on one case with inputs of magnitude `m`.
-fn compare(kernel: &MacroKernel, shape: Shape, seed: u64, m: f32) -> Result<(), String> {
-    let inputs = OwnedInputs::random(kernel.spec(), shape, seed, m);
+/// The kernel against the reference on one case with inputs of magnitude `m`, `ragged` with
+/// per-sequence key lengths.
+fn compare(
+    kernel: &MacroKernel,
+    shape: Shape,
+    seed: u64,
+    m: f32,
+    ragged: bool,
+) -> Result<(), String> {
+    let mut inputs = OwnedInputs::random(kernel.spec(), shape, seed, m);
+    if ragged {
+        inputs = inputs.ragged(kernel.spec(), shape, seed);
+    }
     compare_with_reference(kernel, shape, &inputs, m)
         .map_err(|e| format!("{} on {}: {e}", kernel.spec().summary(), kernel.isa()))
 }
@@ -99,7 +109,7 @@ fn a_spec_file_kernel_is_the_file_s_spec() {
         // One short decode and one prefill step of the real shape.
         for shape in [Shape::new(1, 1, 300), Shape::new(1, 9, 9)] {
             let kernel = Llama3FromFile::with_isa(isa);
-            compare(&kernel, shape, 7, 1.0).unwrap();
+            compare(&kernel, shape, 7, 1.0, false).unwrap();
         }
     }
 }
@@ -109,8 +119,8 @@ fn every_kernel_on_edge_shapes() {
     let shapes = [(1, 1, 1), (2, 1, 70), (1, 5, 3), (1, 3, 130), (2, 66, 66), (1, 17, 600)];
     for isa in isas() {
         for kernel in kernels(isa) {
-            for (b, q, k) in shapes {
-                compare(&kernel, Shape::new(b, q, k), 3, 1.0).unwrap();
+            for ((b, q, k), ragged) in shapes.into_iter().flat_map(|s| [(s, false), (s, true)]) {
+                compare(&kernel, Shape::new(b, q, k), 3, 1.0, ragged).unwrap();
             }
         }
     }
@@ -130,6 +140,7 @@ proptest! {
         shape in strategies::shape(70, 300),
         seed in any::<u64>(),
         large in proptest::bool::weighted(0.2),
+        ragged in proptest::bool::weighted(0.25),
         isa in 0..Isa::available().len(),
     ) {
         thread_local!(static KERNELS: Vec<Vec<MacroKernel>> =
@@ -138,7 +149,7 @@ proptest! {
             let kernel = &kernels[isa][which];
             let grouped = matches!(kernel.spec().kv, KvLayout::Grouped { .. });
             let magnitude = if large && grouped { 6.0 } else { 1.0 };
-            let result = compare(kernel, shape, seed, magnitude);
+            let result = compare(kernel, shape, seed, magnitude, ragged);
             prop_assert!(result.is_ok(), "{}", result.unwrap_err());
             Ok(())
         })?;

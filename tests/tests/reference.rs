@@ -219,6 +219,72 @@ fn invalid_specs_are_rejected() {
     );
 }
 
+#[test]
+fn per_sequence_key_lengths_by_hand() {
+    // Two sequences, a cache of 3 rows each, causal, Sq = 2: sequence 0 holds 2 keys, so its
+    // queries sit at positions 0 and 1; sequence 1 holds 3, positions 1 and 2. q = 0 makes each
+    // row the mean of its visible values; the unused row is NaN and must not matter.
+    let spec = AttentionSpec::mha(1, 1).mask(Mask::Causal);
+    let (q, k) = ([0.0; 4], [0.0; 6]);
+    let v = [1.0, 3.0, f32::NAN, 10.0, 20.0, 60.0];
+    let inputs = Inputs::grouped(&q, &k, &v).with_kv_lens(&[2, 3]);
+    let (out, lse) = run(&spec, Shape::new(2, 2, 3), &inputs);
+    assert_close(&out, &[1.0, 2.0, 15.0, 30.0]);
+    assert_close(&lse, &[0.0, 2f64.ln(), 2f64.ln(), 3f64.ln()]);
+    // A sequence with no keys sees nothing.
+    let (out, lse) =
+        run(&spec, Shape::new(2, 2, 3), &Inputs::grouped(&q, &k, &v).with_kv_lens(&[0, 3]));
+    assert_close(&out, &[0.0, 0.0, 15.0, 30.0]);
+    assert_close(&lse, &[f64::NEG_INFINITY, f64::NEG_INFINITY, 2f64.ln(), 3f64.ln()]);
+}
+
+#[test]
+fn key_lengths_are_checked() {
+    let kernel = Reference::new(&AttentionSpec::mha(1, 1)).unwrap();
+    let (q, kv) = ([0.0; 2], [0.0; 6]);
+    let mut out = [0.0; 2];
+    let mut call = |lens: &[usize]| {
+        let inputs = Inputs::grouped(&q, &kv, &kv).with_kv_lens(lens);
+        kernel.run(Shape::new(2, 1, 3), &inputs, &mut out, None).map_err(|e| e.to_string())
+    };
+    assert_eq!(
+        call(&[3]),
+        Err("tensor `kv_lens`: expected shape [2] = 2 elements, got 1 elements".into())
+    );
+    assert_eq!(
+        call(&[3, 4]),
+        Err("kv_lens[1] is 4, more than the 3 rows per sequence (Sk) of the cache".into())
+    );
+    assert_eq!(call(&[3, 0]), Ok(()));
+}
+
+/// The inputs of sequence `b` alone, its cache cut to its first `len` rows.
+fn one_sequence(
+    spec: &AttentionSpec,
+    shape: Shape,
+    inputs: &OwnedInputs,
+    b: usize,
+    len: usize,
+) -> OwnedInputs {
+    let tensors = inputs
+        .tensors
+        .iter()
+        .map(|(tensor, data)| {
+            let dims = tensor.dims(spec, shape);
+            let row: usize = dims[2..].iter().product();
+            let part = match tensor {
+                Tensor::Q => &data[b * shape.seq_q * row..][..shape.seq_q * row],
+                Tensor::K | Tensor::V | Tensor::CKv | Tensor::KRope => {
+                    &data[b * shape.seq_k * row..][..len * row]
+                }
+                _ => &data[..],
+            };
+            (*tensor, part.to_vec())
+        })
+        .collect();
+    OwnedInputs { tensors, kv_lens: None }
+}
+
 /// 96 cases, or `PROPTEST_CASES`.
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(96)
@@ -241,5 +307,26 @@ proptest! {
         let (want_out, want_lse) = independent::attention(&spec, shape, &inputs.tensors());
         prop_assert_eq!(first_mismatch(&out, &want_out), None);
         prop_assert_eq!(first_mismatch(&lse, &want_lse), None);
+    }
+
+    /// A call with per-sequence key lengths equals one call per sequence on just its keys
+    /// (the rows past them NaN), output for output.
+    #[test]
+    fn ragged_calls_equal_one_call_per_sequence(
+        spec in strategies::kernel_spec(Limits::SMALL),
+        shape in strategies::shape(6, 12),
+        seed in any::<u64>(),
+    ) {
+        let mut inputs = OwnedInputs::random(&spec, shape, seed, 1.0);
+        let lens = attngen::harness::kv_lens(shape, seed);
+        attngen::harness::poison_unused_rows(&spec, shape, &lens, &mut inputs.tensors);
+        let (out, lse) = run(&spec, shape, &inputs.inputs().with_kv_lens(&lens));
+        let rows = shape.seq_q * spec.q_heads;
+        for (b, &len) in lens.iter().enumerate() {
+            let alone = Shape::new(1, shape.seq_q, len);
+            let (want_out, want_lse) = run(&spec, alone, &one_sequence(&spec, shape, &inputs, b, len).inputs());
+            prop_assert_eq!(&out[b * rows * spec.v_head_dim..][..rows * spec.v_head_dim], &want_out[..]);
+            prop_assert_eq!(&lse[b * rows..][..rows], &want_lse[..]);
+        }
     }
 }

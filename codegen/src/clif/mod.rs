@@ -163,7 +163,10 @@ struct Translator<'a> {
     group_scratch: Value,
     // Loaded once at entry.
     seq_q: Value,
+    /// Rows per sequence of the cache tensors (their addressing stride).
     seq_k: Value,
+    /// Keys of this item's sequence: `kv_lens[b]`, or Sk without per-sequence lengths.
+    keys: Value,
     /// Valid queries in this tile: min(q_tile, Sq − q0).
     nq: Value,
     /// Explicit maps: the stack table of heads per group, `groups × largest group` i32.
@@ -254,6 +257,7 @@ impl<'a> Translator<'a> {
             group_scratch: zero,
             seq_q,
             seq_k: zero,
+            keys: zero,
             nq: zero,
             head_table: None,
             prefetch: zero,
@@ -272,10 +276,12 @@ impl<'a> Translator<'a> {
         func
     }
 
-    /// Emits what the work-item programs share: Sk, the tile's valid queries and rows, the
-    /// group blocks of scratch, the explicit map's head table and the prefetch descriptor.
+    /// Emits what the work-item programs share: Sk, the sequence's keys, the tile's valid
+    /// queries and rows, the group blocks of scratch, the explicit map's head table and the
+    /// prefetch descriptor.
     fn bind_work_item(&mut self) {
         self.seq_k = self.b.ins().load(types::I64, mem(), self.args, offsets::SEQ_K);
+        self.keys = self.sequence_keys();
         let left = self.b.ins().isub(self.seq_q, self.q0);
         let q_tile = self.int(self.plan.q_tile as i64);
         self.nq = self.b.ins().smin(left, q_tile);

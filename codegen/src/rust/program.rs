@@ -124,8 +124,8 @@ impl Emitter<'_> {
         ops.iter().map(|op| self.op(op, tile)).collect()
     }
 
-    /// What every work-item program binds first: Sk, the tile's valid queries, the first
-    /// group's rows and scratch block, the prefetch descriptor.
+    /// What every work-item program binds first: Sk, the sequence's keys, the tile's valid
+    /// queries, the first group's rows and scratch block, the prefetch descriptor.
     fn work_item_setup(&self) -> TokenStream {
         let plan = self.plan;
         let (q_tile, shared) = (lit(plan.q_tile), lit(plan.scratch.shared_len));
@@ -133,6 +133,9 @@ impl Emitter<'_> {
         let multiple = lit(plan.row_multiple);
         quote! {
             let (seq_q, seq_k) = (args.seq_q, args.seq_k);
+            // The sequence's keys (`CallArgs::kv_lens`); the cache rows stay Sk apart per
+            // sequence.
+            let keys = if args.kv_lens.is_null() { seq_k } else { *args.kv_lens.add(b) };
             let nq = (seq_q - q0).min(#q_tile);
             let g = g0;
             let rows = #heads * nq;
@@ -682,20 +685,20 @@ impl Emitter<'_> {
         }}
     }
 
-    /// The visible keys `(lo, hi)` of query `i` under `mask`, within the item's key range, as
-    /// a closure `bounds`.
+    /// The visible keys `(lo, hi)` of query `i` under `mask`, within its sequence's keys and
+    /// the item's key range, as a closure `bounds`.
     fn bounds(&self, mask: Mask) -> TokenStream {
         let range = match mask {
-            Mask::None => quote!((0isize, seq_k as isize)),
-            Mask::Causal => quote!((0isize, (diag + 1).min(seq_k as isize))),
+            Mask::None => quote!((0isize, keys as isize)),
+            Mask::Causal => quote!((0isize, (diag + 1).min(keys as isize))),
             Mask::SlidingWindow(w) => {
                 let w = Literal::isize_unsuffixed(w as isize);
-                quote!(((diag + 1 - #w).max(0), (diag + 1).min(seq_k as isize)))
+                quote!(((diag + 1 - #w).max(0), (diag + 1).min(keys as isize)))
             }
         };
         quote! {
             let bounds = |i: usize| -> (isize, isize) {
-                let diag = i as isize + seq_k as isize - seq_q as isize;
+                let diag = i as isize + keys as isize - seq_q as isize;
                 let (lo, hi) = #range;
                 (lo.max(k_lo as isize), hi.min(k_hi as isize))
             };
