@@ -3,6 +3,7 @@
 mod bench;
 mod bundled;
 mod check;
+mod compress;
 mod dump;
 mod peak;
 mod plan;
@@ -104,6 +105,17 @@ enum Command {
     /// GB/s for decode, and the fraction of the machine's peaks, which are measured at start-up
     /// (an FMA loop and a streaming read) unless given.
     Bench(bench::BenchArgs),
+    /// Convert a grouped layer into multi-head latent attention: a joint low-rank factoring of
+    /// its key and value projections.
+    ///
+    /// Reads W_K and W_V ([kv_heads·head_dim, hidden], F32, as Hugging Face checkpoints store
+    /// k_proj and v_proj), factors [W_K; W_V] by a thin SVD, and per rank writes w_dkv [R,
+    /// hidden], w_uk and w_uv [H, D, R] and a matching MLA spec (rope_dim 0). Reports per rank
+    /// the singular-value energy kept, the K and V reconstruction errors, the KV-cache bytes
+    /// per token before and after, and the attention output error on random activations. Exit
+    /// status 2, writing nothing, for a missing tensor, a wrong shape or dtype, or a rank above
+    /// min(hidden, 2·kv_heads·head_dim).
+    Compress(compress::CompressArgs),
     /// Check spec files and print each one's errors as file:line:column, or `ok`.
     ///
     /// Exit status 1 if any spec is invalid, 2 if a file cannot be read.
@@ -211,6 +223,7 @@ fn main() -> ExitCode {
         }
         Command::Validate { specs } => validate::validate(&specs),
         Command::Bench(args) => bench::bench(args),
+        Command::Compress(args) => compress::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -600,3 +600,150 @@ fn dump_rust_prints_what_the_attribute_generates() {
     }
     assert!(!text.contains("== plan"), "only the sections asked for");
 }
+
+/// A random grouped layer's projections: H 4, G 2, D 8, hidden 24 (2·G·D = 32, so full rank is
+/// 24), named as Hugging Face checkpoints name them.
+fn grouped_layer(dir: &Path) -> (PathBuf, Vec<f32>, Vec<f32>) {
+    let (rows, hidden) = (16, 24);
+    let w_k = attngen_tests::uniform(21, rows * hidden, -0.3, 0.3);
+    let w_v = attngen_tests::uniform(22, rows * hidden, -0.3, 0.3);
+    let bytes = |w: &[f32]| w.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let path = dir.join("layer.safetensors");
+    write_safetensors(
+        &path,
+        &[
+            ("k_proj.weight", Dtype::F32, vec![rows, hidden], bytes(&w_k)),
+            ("v_proj.weight", Dtype::F32, vec![rows, hidden], bytes(&w_v)),
+        ],
+    );
+    (path, w_k, w_v)
+}
+
+/// `attngen compress` of `grouped_layer`'s file at `rank`; `changes` (flag, value pairs)
+/// replace flags' values, or add flags.
+fn compress(weights: &Path, out: &Path, rank: &str, changes: &[&str]) -> Output {
+    let mut flags = [
+        ("--weights", weights.to_str().unwrap()),
+        ("--k-proj", "k_proj.weight"),
+        ("--v-proj", "v_proj.weight"),
+        ("--heads", "4"),
+        ("--kv-heads", "2"),
+        ("--head-dim", "8"),
+        ("--rank", rank),
+        ("--out", out.to_str().unwrap()),
+    ];
+    let mut extra = Vec::new();
+    for change in changes.chunks(2) {
+        match (flags.iter_mut().find(|(flag, _)| *flag == change[0]), change) {
+            (Some(flag), [_, value]) => flag.1 = value,
+            _ => extra.extend_from_slice(change),
+        }
+    }
+    let mut args = vec!["compress"];
+    args.extend(flags.iter().flat_map(|(flag, value)| [*flag, *value]));
+    args.extend(extra);
+    attngen(&args)
+}
+
+/// At full rank the converted layer is the original: its attention output, computed here from
+/// the written files (not from the command's own report), matches the grouped layer's.
+#[test]
+fn compress_at_full_rank_reproduces_the_grouped_layer() {
+    use attngen::{Inputs, Kernel, Reference};
+    let dir = scratch("compress-full");
+    let (weights, w_k, w_v) = grouped_layer(&dir);
+    let out = dir.join("mla.safetensors");
+    let output = compress(&weights, &out, "24", &[]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let spec_text = std::fs::read_to_string(dir.join("mla.toml")).unwrap();
+    let spec = AttentionSpec::from_toml(&spec_text).unwrap();
+    assert_eq!(spec, AttentionSpec::mla(4, 24, 0, 8, 8).mask(Mask::Causal).named("mla"));
+    let bytes = std::fs::read(&out).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(file.tensor("w_uk").unwrap().shape(), [4, 8, 24]);
+    let (w_dkv, w_uk, w_uv) =
+        (read_f32(&file, "w_dkv").1, read_f32(&file, "w_uk").1, read_f32(&file, "w_uv").1);
+    // Activations: 10 tokens of hidden states, 3 queries per head.
+    let (tokens, hidden) = (10, 24);
+    let x = attngen_tests::uniform(5, tokens * hidden, -1.0, 1.0);
+    let q = attngen_tests::uniform(6, 3 * 4 * 8, -1.0, 1.0);
+    let project = |w: &[f32], rows: usize| -> Vec<f32> {
+        let x = &x;
+        (0..tokens)
+            .flat_map(|t| {
+                (0..rows).map(move |r| {
+                    let x_t = &x[t * hidden..][..hidden];
+                    w[r * hidden..][..hidden].iter().zip(x_t).map(|(a, b)| a * b).sum::<f32>()
+                })
+            })
+            .collect()
+    };
+    let shape = Shape::new(1, 3, tokens);
+    let grouped = Reference::new(&AttentionSpec::gqa(4, 2, 8).mask(Mask::Causal)).unwrap();
+    let (k, v) = (project(&w_k, 16), project(&w_v, 16));
+    let mut want = vec![0.0; 3 * 4 * 8];
+    grouped.run(shape, &Inputs::grouped(&q, &k, &v), &mut want, None).unwrap();
+    let c_kv = project(&w_dkv, 24);
+    let mut got = vec![0.0; want.len()];
+    let latent = Reference::new(&spec).unwrap();
+    latent.run(shape, &Inputs::latent(&q, &c_kv, &[], &w_uk, &w_uv), &mut got, None).unwrap();
+    let widen = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+    assert_eq!(first_mismatch(&got, &widen(&want)), None);
+}
+
+/// More rank never costs accuracy: the energy kept rises, and the K, V and output errors fall,
+/// to about 0 at full rank; the cache holds R floats per token.
+#[test]
+fn compress_errors_shrink_as_the_rank_grows() {
+    let dir = scratch("compress-ranks");
+    let (weights, _, _) = grouped_layer(&dir);
+    let output = compress(&weights, &dir.join("mla.safetensors"), "2,6,12,24", &["--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let column = |key: &str| rows.iter().map(|r| r[key].as_f64().unwrap()).collect::<Vec<_>>();
+    assert!(column("energy").windows(2).all(|w| w[0] <= w[1]), "{rows:?}");
+    for key in ["k_error", "v_error", "output_error"] {
+        assert!(column(key).windows(2).all(|w| w[0] >= w[1]), "{key}: {rows:?}");
+    }
+    let last = rows.last().unwrap();
+    assert!((last["energy"].as_f64().unwrap() - 1.0).abs() < 1e-12, "{last}");
+    assert!(last["k_error"].as_f64().unwrap() < 1e-6, "{last}");
+    assert!(last["output_error"].as_f64().unwrap() < 1e-5, "{last}");
+    assert_eq!(column("cache_bytes_before"), [128.0; 4]);
+    assert_eq!(column("cache_bytes_after"), [8.0, 24.0, 48.0, 96.0]);
+    for rank in [2, 6, 12, 24] {
+        assert!(dir.join(format!("mla-r{rank}.safetensors")).exists());
+        assert!(dir.join(format!("mla-r{rank}.toml")).exists());
+    }
+}
+
+/// Bad inputs exit 2 with a message naming the tensor or flag, and write nothing.
+#[test]
+fn compress_rejects_bad_inputs_and_writes_nothing() {
+    let dir = scratch("compress-bad");
+    let (weights, _, _) = grouped_layer(&dir);
+    let f64_weights = dir.join("f64.safetensors");
+    let zeros = vec![0u8; 16 * 24 * 8];
+    write_safetensors(
+        &f64_weights,
+        &[
+            ("k_proj.weight", Dtype::F64, vec![16, 24], zeros.clone()),
+            ("v_proj.weight", Dtype::F64, vec![16, 24], zeros),
+        ],
+    );
+    let out = dir.join("never.safetensors");
+    let cases: [(&Path, &str, &[&str], &str); 5] = [
+        (&weights, "25", &[], "--rank 25: a rank must be 1..=24"),
+        (&weights, "4,0", &[], "--rank 0"),
+        (&f64_weights, "4", &[], "--k-proj k_proj.weight: dtype F64, expected F32"),
+        (&weights, "4", &["--head-dim", "4"], "shape [16, 24], expected [kv_heads·head_dim = 8"),
+        (&weights, "4", &["--v-proj", "v.weight"], "--v-proj v.weight: no such tensor"),
+    ];
+    for (file, rank, changes, message) in cases {
+        let output = compress(file, &out, rank, changes);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{message}: {stderr}");
+        assert!(stderr.contains(message), "expected `{message}` in: {stderr}");
+        assert!(!out.exists() && !dir.join("never.toml").exists());
+    }
+}
