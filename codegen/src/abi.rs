@@ -46,6 +46,9 @@ pub struct CallArgs {
     /// Grouped V packed once for the call: per (batch, KV head, key tile), the tile's
     /// `PANEL`-column panels, `k_tile` deep; null with `k_packed`.
     pub v_packed: *const f32,
+    /// Expanded MLA: the first key of the task's up-projected K/V at `k_packed`/`v_packed`
+    /// (`plan::CallPacking::per_task`, a multiple of `k_tile`); 0 otherwise.
+    pub packed_first_key: usize,
     /// Absorbed MLA: `q' = q_nope·W_UK[h]` of every (batch, query, head), `[B, Sq, H, rank]`,
     /// written by the prologue and read by the items; null for grouped specs.
     pub latent_q: *mut f32,
@@ -90,6 +93,8 @@ pub mod offsets {
     pub const K_PACKED: i32 = offset_of!(CallArgs, k_packed) as i32;
     /// `v_packed`.
     pub const V_PACKED: i32 = offset_of!(CallArgs, v_packed) as i32;
+    /// `packed_first_key`.
+    pub const PACKED_FIRST_KEY: i32 = offset_of!(CallArgs, packed_first_key) as i32;
     /// `latent_q`.
     pub const LATENT_Q: i32 = offset_of!(CallArgs, latent_q) as i32;
     /// `latent_out`.
@@ -181,6 +186,20 @@ pub type FinishFn = unsafe extern "C" fn(
 
 /// `prologue(args, h)` / `epilogue(args, h)`: one query head's call-level work.
 pub type HeadFn = unsafe extern "C" fn(args: *const CallArgs, head: usize);
+
+/// `expand(args, b, head, j0, n, keys, values)`: expanded MLA's up-projection of keys
+/// `j0..j0 + n` of sequence `b` for query head `head`: `keys[r·D ..]` = `[c_kv[b, j0 + r] ·
+/// W_UK[h]ᵀ, k_rope[b, j0 + r]]` and `values[r·Dv ..]` = `c_kv[b, j0 + r] · W_UV[h]ᵀ`, both
+/// row-major, for `r < n`.
+pub type ExpandFn = unsafe extern "C" fn(
+    args: *const CallArgs,
+    b: usize,
+    head: usize,
+    j0: usize,
+    n: usize,
+    keys: *mut f32,
+    values: *mut f32,
+);
 
 /// `ln(x)` of one f32 (once per output row, for `lse`).
 pub type LnFn = unsafe extern "C" fn(x: f32) -> f32;

@@ -3,7 +3,7 @@
 //! The `attngen plan` table, the benchmark's GFLOP/s and GB/s, and the planner's cost model all
 //! count with these functions, so every report agrees on what a FLOP and a byte are.
 
-use crate::spec::{AttentionSpec, KvLayout, Mask};
+use crate::spec::{AttentionSpec, KvLayout, Mask, MlaForm};
 
 /// Elements one token adds to the KV cache of one layer: `kv_heads · (D + Dv)` for grouped KV,
 /// `rank + rope_dim` for latent KV.
@@ -60,18 +60,34 @@ pub fn decode_flops_per_token(spec: &AttentionSpec, context: u64) -> u64 {
 /// assert_eq!(visible_pairs(Mask::SlidingWindow(2), 4, 4), 7);
 /// ```
 pub fn visible_pairs(mask: Mask, seq_q: u64, seq_k: u64) -> u64 {
-    let offset = seq_k as i128 - seq_q as i128;
-    (0..seq_q as i128)
-        .map(|i| {
-            let last = (i + offset).min(seq_k as i128 - 1); // last visible key, inclusive
-            let first = match mask {
-                Mask::None => return seq_k,
-                Mask::Causal => 0,
-                Mask::SlidingWindow(w) => (i + offset - w as i128 + 1).max(0),
-            };
-            (last - first + 1).max(0) as u64
-        })
-        .sum()
+    // Row i (at key position p = i + Sk − Sq) sees keys up to min(p, Sk − 1), from 0 or, under
+    // a window W, from p − W + 1: clamp(p + 1, 0, Sk) − clamp(p + 1 − W, 0, Sk) keys. In
+    // closed form, so a call's cost is O(1) whatever its shape.
+    let (n, k) = (i128::from(seq_q), i128::from(seq_k));
+    let first_end = k - n + 1; // p + 1 of row 0
+    let pairs = match mask {
+        Mask::None => n.saturating_mul(k),
+        Mask::Causal => sum_clamped(first_end, n, k),
+        Mask::SlidingWindow(w) => {
+            sum_clamped(first_end, n, k).saturating_sub(sum_clamped(first_end - w as i128, n, k))
+        }
+    };
+    u64::try_from(pairs).unwrap_or(u64::MAX)
+}
+
+/// `Σ_{i < n} clamp(start + i, 0, hi)`.
+fn sum_clamped(start: i128, n: i128, hi: i128) -> i128 {
+    let rising = (-start).clamp(0, n); // first i with start + i >= 0
+    let capped = (hi - start + 1).clamp(rising, n); // first i with start + i > hi
+    let (a, b) = (start + rising, start + capped - 1); // the unclamped run, a..=b
+    // Saturating: only an absurd shape (near 2^64 queries and keys) reaches i128's range.
+    ((capped - rising).saturating_mul(a + b) / 2).saturating_add((n - capped).saturating_mul(hi))
+}
+
+/// `Π factors`, saturating at `u64::MAX` rather than overflowing: the cost of an absurd but
+/// valid shape (a huge batch of empty sequences) stays a number.
+fn product(factors: &[u64]) -> u64 {
+    factors.iter().fold(1u64, |acc, &f| acc.saturating_mul(f))
 }
 
 /// FLOPs of one attention call as design.md 4 counts them: `2 · B · H · pairs · (D + Dv)`.
@@ -79,7 +95,8 @@ pub fn visible_pairs(mask: Mask, seq_q: u64, seq_k: u64) -> u64 {
 /// up-projection is extra work it does not count, as the peers do not.
 pub fn attention_flops(spec: &AttentionSpec, batch: u64, seq_q: u64, seq_k: u64) -> u64 {
     let pairs = visible_pairs(spec.mask, seq_q, seq_k);
-    2 * batch * spec.q_heads as u64 * pairs * (spec.head_dim() as u64 + spec.v_head_dim as u64)
+    let width = spec.head_dim() as u64 + spec.v_head_dim as u64;
+    product(&[2, batch, spec.q_heads as u64, pairs, width])
 }
 
 /// FLOPs of one call in the form attngen runs it: [`attention_flops`] for grouped specs; for
@@ -99,16 +116,139 @@ pub fn kernel_flops(spec: &AttentionSpec, batch: u64, seq_q: u64, seq_k: u64) ->
         KvLayout::Grouped { .. } => attention_flops(spec, batch, seq_q, seq_k),
         KvLayout::Latent(l) => {
             let (rank, rope, nope) = (l.rank as u64, l.rope_dim as u64, l.nope_dim as u64);
-            let rows = batch * seq_q * spec.q_heads as u64;
-            let pairs = batch * spec.q_heads as u64 * visible_pairs(spec.mask, seq_q, seq_k);
-            rows * 2 * rank * (nope + spec.v_head_dim as u64) + pairs * 2 * (2 * rank + rope)
+            let h = spec.q_heads as u64;
+            let pairs = visible_pairs(spec.mask, seq_q, seq_k);
+            let rows = product(&[batch, seq_q, h, 2, rank, nope + spec.v_head_dim as u64]);
+            rows.saturating_add(product(&[batch, h, pairs, 2, 2 * rank + rope]))
         }
     }
 }
 
 /// Bytes of K and V (or latent and RoPE key) one call reads once: the decode traffic.
 pub fn kv_bytes(spec: &AttentionSpec, batch: u64, seq_k: u64) -> u64 {
-    batch * seq_k * cache_bytes_per_token(spec)
+    product(&[batch, seq_k, cache_bytes_per_token(spec)])
+}
+
+/// A machine's throughput, as the cost model ([`form_costs`]) weighs work: FLOP/s of its FMA
+/// units and bytes/s of its streaming reads, over the threads a call runs on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Machine {
+    /// FMA throughput, FLOP/s (an FMA counts 2).
+    pub flops: f64,
+    /// Streaming read bandwidth, bytes/s.
+    pub bytes: f64,
+}
+
+impl Machine {
+    /// An estimate without measuring: `threads` cores of two FMA units of `lanes` f32 lanes at
+    /// 3 GHz, reading 20 GB/s. Only the ratio of the two forms' times decides, and both are
+    /// bound by FMAs wherever the choice is close, so the estimate rarely matters (`attngen
+    /// bench` measures the real figures; `attngen dump --plan --shape` prints the estimate's
+    /// costs, which are what the kernel decides by).
+    pub fn estimate(lanes: usize, threads: usize) -> Machine {
+        Machine { flops: (threads.max(1) * lanes * 2 * 2) as f64 * 3e9, bytes: 20e9 }
+    }
+}
+
+/// The work of one call in one MLA form, and its time at a machine's throughput.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FormCost {
+    /// FLOPs the form's kernel does.
+    pub flops: u64,
+    /// Bytes it reads from memory at least once: the latent cache, the weights, the queries and
+    /// the outputs.
+    pub bytes: u64,
+    /// Estimated seconds: the larger of `flops` at the form's share of the FMA peak
+    /// ([`ABSORBED_EFFICIENCY`], [`EXPANDED_EFFICIENCY`]) and `bytes` at the read bandwidth.
+    pub seconds: f64,
+}
+
+/// Both MLA forms' costs for one call, and the cost model's choice between them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FormCosts {
+    /// Weight absorption.
+    pub absorbed: FormCost,
+    /// Per-head up-projection of the visible keys.
+    pub expanded: FormCost,
+}
+
+impl FormCosts {
+    /// The form with the smaller estimated time (absorbed on a tie).
+    pub fn choice(&self) -> MlaForm {
+        match self.expanded.seconds < self.absorbed.seconds {
+            true => MlaForm::Expanded,
+            false => MlaForm::Absorbed,
+        }
+    }
+}
+
+/// The share of the FMA peak absorbed MLA's kernels reach: attention over one 576-wide latent
+/// head shared by every query head (measured on W5 and W6, both ISAs).
+pub const ABSORBED_EFFICIENCY: f64 = 0.7;
+/// The share of the FMA peak expanded MLA's kernels reach, up-projection and attention
+/// together (measured on W6 and the `bench --forms` grid, both ISAs).
+pub const EXPANDED_EFFICIENCY: f64 = 0.65;
+
+/// FLOPs of one call in MLA's expanded form: per (batch, head) `2 · rank · (nope_dim + Dv)`
+/// for each key some query sees (the up-projection), plus [`attention_flops`]; 0 for grouped
+/// specs.
+pub fn expanded_flops(spec: &AttentionSpec, batch: u64, seq_q: u64, seq_k: u64) -> u64 {
+    let KvLayout::Latent(l) = &spec.kv else { return 0 };
+    let visible = match spec.mask {
+        Mask::SlidingWindow(w) => seq_k.min(seq_q.saturating_add(w as u64).saturating_sub(1)),
+        Mask::None | Mask::Causal => seq_k,
+    };
+    let per_key = 2 * l.rank as u64 * (l.nope_dim as u64 + spec.v_head_dim as u64);
+    let up_projection = product(&[batch, spec.q_heads as u64, visible, per_key]);
+    up_projection.saturating_add(attention_flops(spec, batch, seq_q, seq_k))
+}
+
+/// The cost of one call of `batch` sequences of `seq_q` queries over `seq_k` keys in each MLA
+/// form, on `machine`; `None` for grouped specs.
+///
+/// Absorbed: [`kernel_flops`]. Expanded: each (batch, head) up-projects the keys some query
+/// sees (`2 · rank · (nope_dim + Dv)` FLOPs a key), then attends over them
+/// ([`attention_flops`]). Both read the latent cache and the weights once.
+///
+/// ```
+/// use attngen_codegen::{AttentionSpec, Mask, MlaForm, cost::{Machine, form_costs}};
+/// let lite = AttentionSpec::mla(16, 512, 64, 128, 128).mask(Mask::Causal);
+/// let machine = Machine::estimate(16, 2);
+/// // Decode: one query per key cannot repay up-projecting every key.
+/// assert_eq!(form_costs(&lite, 4, 1, 4096, machine).unwrap().choice(), MlaForm::Absorbed);
+/// // Prefill: 1024 queries share each up-projected key.
+/// assert_eq!(form_costs(&lite, 1, 1024, 1024, machine).unwrap().choice(), MlaForm::Expanded);
+/// ```
+pub fn form_costs(
+    spec: &AttentionSpec,
+    batch: u64,
+    seq_q: u64,
+    seq_k: u64,
+    machine: Machine,
+) -> Option<FormCosts> {
+    let KvLayout::Latent(l) = &spec.kv else { return None };
+    let (rank, nope, dv, h) =
+        (l.rank as u64, l.nope_dim as u64, spec.v_head_dim as u64, spec.q_heads as u64);
+    let weights = product(&[4, h, rank, nope + dv]);
+    let rows = product(&[batch, seq_q, h]);
+    let cache = kv_bytes(spec, batch, seq_k);
+    let cost = |flops: u64, bytes: u64, efficiency: f64| FormCost {
+        flops,
+        bytes,
+        seconds: (flops as f64 / (machine.flops * efficiency)).max(bytes as f64 / machine.bytes),
+    };
+    let io = |width| cache.saturating_add(weights).saturating_add(product(&[4, rows, width]));
+    let absorbed_bytes = io(spec.head_dim() as u64 + dv + 2 * rank);
+    let expanded_flops = expanded_flops(spec, batch, seq_q, seq_k);
+    let expanded_bytes = io(spec.head_dim() as u64 + dv);
+    Some(FormCosts {
+        absorbed: cost(
+            kernel_flops(spec, batch, seq_q, seq_k),
+            absorbed_bytes,
+            ABSORBED_EFFICIENCY,
+        ),
+        expanded: cost(expanded_flops, expanded_bytes, EXPANDED_EFFICIENCY),
+    })
 }
 
 #[cfg(test)]
@@ -158,6 +298,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn form_costs_count_each_form_s_work() {
+        let lite = AttentionSpec::mla(16, 512, 64, 128, 128).mask(Mask::Causal);
+        let machine = Machine { flops: 1e11, bytes: 1e10 };
+        let costs = form_costs(&lite, 1, 1024, 1024, machine).unwrap();
+        let pairs = 1024 * 1025 / 2;
+        // Up-projection of every key per head, then attention over 192-wide keys and
+        // 128-wide values.
+        let expanded = 2 * 16 * 1024 * 512 * 256 + 2 * 16 * pairs * 320;
+        assert_eq!(costs.expanded.flops, expanded);
+        assert_eq!(costs.absorbed.flops, kernel_flops(&lite, 1, 1024, 1024));
+        let seconds = expanded as f64 / (1e11 * EXPANDED_EFFICIENCY);
+        assert!((costs.expanded.seconds - seconds).abs() < 1e-12 * seconds);
+        assert_eq!(costs.choice(), MlaForm::Expanded);
+        // A sliding window up-projects only the keys some query sees.
+        let window = lite.clone().mask(Mask::SlidingWindow(64));
+        let costs = form_costs(&window, 1, 16, 4096, machine).unwrap();
+        let attend = 2 * 16 * visible_pairs(window.mask, 16, 4096) * 320;
+        assert_eq!(costs.expanded.flops, 2 * 16 * 79 * 512 * 256 + attend);
+        assert!(form_costs(&AttentionSpec::gqa(8, 2, 64), 1, 1, 1, machine).is_none());
     }
 
     #[test]

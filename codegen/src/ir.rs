@@ -12,12 +12,17 @@
 //! `epilogue` projects the latent output (`out = o'·W_UV[h]ᵀ`) after the finishes, so each
 //! head's weights are read once per call rather than once per work item and split.
 //!
+//! Expanded MLA adds one program over a key tile of one (batch, head) task: `expand`
+//! up-projects the tile's keys and values (`K_h = [c_kv·W_UK[h]ᵀ, k_rope]`, `V_h =
+//! c_kv·W_UV[h]ᵀ`) into the task's buffer; the runtime runs it over the keys the call's
+//! queries see, before the task's items, which read the buffer as a per-task packed copy.
+//!
 //! Every op works on whole tiles, for every head slot of the group: the ops name *what* happens
 //! to a tile; the emitter decides how (generated vector loops, or a call to a tile micro-kernel).
 
 use std::fmt;
 
-use crate::plan::{CacheRow, CacheTensor, CallPacking, KernelPlan};
+use crate::plan::{CacheRow, CacheTensor, CallPacking, Form, KernelPlan};
 use crate::spec::{KvLayout, Mask};
 
 /// The programs of a kernel: two over a work item, and for absorbed MLA two over a query head.
@@ -31,6 +36,8 @@ pub struct KernelIr {
     pub finish: Vec<Op>,
     /// Per query head, over the whole call, after the finishes (empty for grouped specs).
     pub epilogue: Vec<Op>,
+    /// Per key tile of a (batch, head) task, before its items (expanded MLA; else empty).
+    pub expand: Vec<Op>,
 }
 
 /// One tile-level operation.
@@ -148,6 +155,23 @@ pub enum Op {
     },
     /// `lse[b, q0 + qi, h] = lse` of each row, when the caller asked for it.
     StoreLse,
+    /// Expanded MLA: `keys[r, 0..nope] = c_kv[b, j0 + r] · W_UK[h]ᵀ` and `keys[r, nope..] =
+    /// k_rope[b, j0 + r]` for the tile's rows, row-major, `nope + rope` floats a row.
+    ExpandKeys {
+        /// Latent rank.
+        rank: usize,
+        /// Key columns from the latent.
+        nope: usize,
+        /// Key columns copied from `k_rope`.
+        rope: usize,
+    },
+    /// Expanded MLA: `values[r] = c_kv[b, j0 + r] · W_UV[h]ᵀ` for the tile's rows, row-major.
+    ExpandValues {
+        /// Latent rank.
+        rank: usize,
+        /// Value width Dv.
+        v_dim: usize,
+    },
 }
 
 /// One part of a score dot product.
@@ -285,6 +309,38 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
         Op::Scores(ScoreTerm { query, keys, len, accumulate, dot })
     };
     let (mut setup, body, store, calls) = match &spec.kv {
+        KvLayout::Latent(l) if plan.form == Form::LatentExpanded => {
+            let d = spec.head_dim();
+            let setup = vec![Op::PackQueries {
+                from: Operand::Q,
+                offset: 0,
+                len: d,
+                factor,
+                into: Operand::QueryTile,
+                row_major: None,
+            }];
+            // K and V exist only as the task's up-projected copy (`CallPacking::per_task`),
+            // contiguous rows.
+            let source = |cache| TileSource {
+                cache,
+                call_packed: plan.call_packing,
+                item_packed: None,
+                prefetch: false,
+            };
+            let body = vec![
+                term(Operand::QueryTile, source(Operand::K), d, false, None),
+                softmax,
+                Op::AccumulateValues { values: source(Operand::V), width: spec.v_head_dim },
+            ];
+            let calls = CallPrograms {
+                expand: vec![
+                    Op::ExpandKeys { rank: l.rank, nope: l.nope_dim, rope: l.rope_dim },
+                    Op::ExpandValues { rank: l.rank, v_dim: spec.v_head_dim },
+                ],
+                ..CallPrograms::default()
+            };
+            (setup, body, Operand::Out, calls)
+        }
         KvLayout::Latent(l) => {
             let mut setup = vec![Op::PackQueries {
                 from: Operand::LatentQ,
@@ -316,6 +372,7 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
             let calls = CallPrograms {
                 prologue: vec![Op::AbsorbQueries { nope: l.nope_dim, rank: l.rank }],
                 epilogue: vec![Op::ProjectOut { rank: l.rank, v_dim: spec.v_head_dim }],
+                ..CallPrograms::default()
             };
             (setup, body, Operand::LatentOut, calls)
         }
@@ -388,14 +445,16 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
         item,
         finish: vec![Op::MergeSplits, Op::Normalize, Op::StoreOut { into: store }, Op::StoreLse],
         epilogue: calls.epilogue,
+        expand: calls.expand,
     }
 }
 
-/// The call-level programs of a kernel (absorbed MLA only).
+/// The programs of a kernel besides its items and finishes (MLA only).
 #[derive(Default)]
 struct CallPrograms {
     prologue: Vec<Op>,
     epilogue: Vec<Op>,
+    expand: Vec<Op>,
 }
 
 impl fmt::Display for KernelIr {
@@ -405,6 +464,10 @@ impl fmt::Display for KernelIr {
             ("item(b, groups g0.., q0, keys k_lo..k_hi) -> state per group", &self.item),
             ("finish(b, g, q0, states of the task's splits)", &self.finish),
             ("epilogue(h), once per query head after the finishes", &self.epilogue),
+            (
+                "expand(b, h, key tile j0..j0 + n), per tile a (batch, head) task's queries see, before its items",
+                &self.expand,
+            ),
         ];
         for (title, ops) in programs.into_iter().filter(|(_, ops)| !ops.is_empty()) {
             writeln!(f, "{title}:")?;
@@ -536,6 +599,24 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             "{pad}out[.., h] = o'[.., h] · W_UV[h]ᵀ for every (batch, query) row   (tile A·Bᵀ, {rank} -> {v_dim}; W_UV[h] read once per call)"
         ),
         Op::StoreLse => writeln!(f, "{pad}lse[b, q0.., h] = lse   (if requested)"),
+        Op::ExpandKeys { rank, nope, rope } => {
+            writeln!(
+                f,
+                "{pad}K_h[j0 + r, 0..{nope}] = c_kv[b, j0 + r] · W_UK[h]ᵀ   (tile A·Bᵀ, {rank} -> {nope}, row-major into the task's K)"
+            )?;
+            if *rope > 0 {
+                writeln!(
+                    f,
+                    "{pad}K_h[j0 + r, {nope}..{}] = k_rope[b, j0 + r]   (copied)",
+                    nope + rope
+                )?;
+            }
+            Ok(())
+        }
+        Op::ExpandValues { rank, v_dim } => writeln!(
+            f,
+            "{pad}V_h[j0 + r] = c_kv[b, j0 + r] · W_UV[h]ᵀ   (tile A·Bᵀ, {rank} -> {v_dim}, row-major into the task's V)"
+        ),
     }
 }
 
@@ -560,6 +641,13 @@ fn name(operand: Operand) -> &'static str {
 /// Where a tile product reads, in words: the call's packed copy, the item's tile, the cache.
 fn source_text(source: &TileSource, accumulate: bool) -> String {
     let mut text = String::new();
+    if let Some(layout) = source.call_packed.filter(|layout| layout.per_task) {
+        return format!(
+            "the task's up-projected {} ({}-key tiles, row-major)",
+            if source.cache == Operand::V { "V_h" } else { "K_h" },
+            layout.k_tile
+        );
+    }
     if let Some(layout) = source.call_packed {
         let layout = match source.cache {
             Operand::V => format!("per (b, g, {}-key tile), its panels", layout.k_tile),
@@ -599,7 +687,7 @@ fn tile_name(operand: Operand) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::AttentionSpec;
+    use crate::spec::{AttentionSpec, MlaForm};
 
     /// The per-group setup ops, the per-group tile ops and the mask of an item program.
     fn parts(ir: &KernelIr) -> (&[Op], &[Op], Mask) {
@@ -721,6 +809,25 @@ mod tests {
         let text = ir.to_string();
         assert!(text.contains("W_UK[h]") && text.contains("W_UV[h]"), "{text}");
         assert!(text.starts_with("prologue(h)") && text.contains("\nepilogue(h)"), "{text}");
+        // The expanded form: one head per group, scores over the task's up-projected keys,
+        // an expand program and no latent buffers.
+        let expanded =
+            KernelPlan::new(&AttentionSpec::mla(4, 32, 8, 16, 12).mla_form(MlaForm::Expanded));
+        let ir = lower(&expanded);
+        assert!(ir.prologue.is_empty() && ir.epilogue.is_empty());
+        assert_eq!(
+            ir.expand,
+            [
+                Op::ExpandKeys { rank: 32, nope: 16, rope: 8 },
+                Op::ExpandValues { rank: 32, v_dim: 12 }
+            ]
+        );
+        let (setup, body, _) = parts(&ir);
+        assert!(matches!(setup[0], Op::PackQueries { from: Operand::Q, offset: 0, len: 24, .. }));
+        let Op::Scores(scores) = body[0] else { panic!("{ir}") };
+        assert_eq!((scores.len, scores.keys.call_packed.map(|p| p.per_task)), (24, Some(true)));
+        assert_eq!(ir.finish[2], Op::StoreOut { into: Operand::Out });
+        assert!(ir.to_string().contains("the task's up-projected K_h"), "{ir}");
         // Without a RoPE part there is one score term.
         let ir = lower(&KernelPlan::new(&AttentionSpec::mla(4, 32, 0, 16, 12)));
         assert_eq!(parts(&ir).1.len(), 3);

@@ -17,6 +17,6 @@ pub mod validate;
 
 pub use ir::KernelIr;
 pub use plan::{Form, KernelPlan, Schedule};
-pub use spec::{AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask, Variant};
+pub use spec::{AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask, MlaForm, Variant};
 pub use spec_file::{LatentFields, SpecFields, SpecFileError, TomlError, TomlProblem};
 pub use validate::{SpecError, validate};

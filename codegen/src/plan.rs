@@ -8,7 +8,7 @@ use std::fmt;
 
 use crate::abi::PANEL;
 use crate::cost;
-use crate::spec::{AttentionSpec, GroupMap, KvLayout, Mask};
+use crate::spec::{AttentionSpec, GroupMap, KvLayout, Mask, MlaForm};
 
 /// Which form of attention the kernel computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +19,34 @@ pub enum Form {
     /// MLA in the absorbed form: `q' = q_nope·W_UK[h]`, attention over `[c_kv, k_rope]` as one
     /// KV head shared by all query heads, then `out = o'·W_UV[h]ᵀ`.
     LatentAbsorbed,
+    /// MLA in the expanded (un-absorbed) form: each (batch, head) task up-projects its visible
+    /// keys tile by tile, `K_h = [c_kv·W_UK[h]ᵀ, k_rope]` and `V_h = c_kv·W_UV[h]ᵀ`, into a
+    /// buffer of its own ([`CallPacking::per_task`]) that every query tile of the task then
+    /// reads: flash attention with one head per group, `nope_dim + rope_dim` wide scores and
+    /// `Dv`-wide values.
+    LatentExpanded,
+}
+
+impl Form {
+    /// The forms a kernel for `spec` compiles: the grouped form, or for latent specs the
+    /// forced MLA form, or both when each call chooses ([`MlaForm::Auto`]; absorbed first).
+    pub fn compiled(spec: &AttentionSpec) -> Vec<Form> {
+        match spec.requested_form() {
+            None => vec![Form::Grouped],
+            Some(MlaForm::Auto) => vec![Form::LatentAbsorbed, Form::LatentExpanded],
+            Some(MlaForm::Absorbed) => vec![Form::LatentAbsorbed],
+            Some(MlaForm::Expanded) => vec![Form::LatentExpanded],
+        }
+    }
+
+    /// A short name: `grouped`, `absorbed` or `expanded`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Form::Grouped => "grouped",
+            Form::LatentAbsorbed => "absorbed",
+            Form::LatentExpanded => "expanded",
+        }
+    }
 }
 
 /// How generated code finds the query heads of a group: the spec's group map, resolved.
@@ -81,17 +109,30 @@ pub struct CallPacking {
     pub key_width: usize,
     /// Dv, floats of a value row.
     pub value_width: usize,
+    /// The copy holds one task's (batch, KV head) only, from key `CallArgs::packed_first_key`
+    /// (a multiple of `k_tile`) on, with values row-major (expanded MLA, whose tasks write
+    /// their own copy): key j at float `(j − first)·D`, its value tile at
+    /// `(j − first) / k_tile · value_tile()`.
+    pub per_task: bool,
 }
 
 impl CallPacking {
-    /// Floats of one packed value tile: `k_tile × Dv` in panels.
+    /// Floats of one packed value tile: `k_tile × Dv`, in panels (row-major per task).
     pub fn value_tile(&self) -> usize {
-        ScratchLayout::panels(self.k_tile, self.value_width)
+        match self.per_task {
+            true => self.k_tile * self.value_width,
+            false => ScratchLayout::panels(self.k_tile, self.value_width),
+        }
     }
 
-    /// Floats from one panel of a packed value tile to the next.
+    /// Floats from one row of a packed value tile to the next: a panel's row, or Dv.
+    pub fn value_row(&self) -> usize {
+        if self.per_task { self.value_width } else { PANEL }
+    }
+
+    /// Floats from one panel of a packed value tile to the next (`DotNn`'s `b_panel`).
     pub fn value_panel(&self) -> usize {
-        PANEL * self.k_tile
+        if self.per_task { PANEL } else { PANEL * self.k_tile }
     }
 
     /// Floats of the packed K and of the packed V for `batch` sequences of `seq_k` keys.
@@ -266,20 +307,36 @@ const DOT_MIN_K_TILE: usize = 8;
 const RESCALE_THRESHOLD: f32 = 8.0;
 
 impl KernelPlan {
-    /// Plans a kernel for a spec that [`crate::validate()`] accepted.
+    /// Plans a kernel for a spec that [`crate::validate()`] accepted, in the first form it
+    /// compiles ([`Form::compiled`]: absorbed for a latent spec that leaves the choice to each
+    /// call).
     pub fn new(spec: &AttentionSpec) -> KernelPlan {
-        let (form, groups, acc_dim) = match &spec.kv {
-            KvLayout::Grouped { kv_heads, .. } => {
+        KernelPlan::with_form(spec, Form::compiled(spec)[0])
+    }
+
+    /// Every plan a kernel for `spec` compiles, one per [`Form::compiled`].
+    pub fn all(spec: &AttentionSpec) -> Vec<KernelPlan> {
+        Form::compiled(spec).into_iter().map(|form| KernelPlan::with_form(spec, form)).collect()
+    }
+
+    /// Plans a kernel for a validated spec in `form`, one of [`Form::compiled`]'s for it.
+    pub fn with_form(spec: &AttentionSpec, form: Form) -> KernelPlan {
+        let (groups, acc_dim) = match (&spec.kv, form) {
+            (KvLayout::Grouped { kv_heads, .. }, _) => {
                 let mut groups = vec![Vec::new(); *kv_heads];
                 for h in 0..spec.q_heads {
                     groups[spec.kv_head_of(h)].push(h);
                 }
-                (Form::Grouped, groups, spec.v_head_dim)
+                (groups, spec.v_head_dim)
             }
-            KvLayout::Latent(l) => {
-                (Form::LatentAbsorbed, vec![(0..spec.q_heads).collect()], l.rank)
+            (KvLayout::Latent(l), Form::LatentAbsorbed) => {
+                (vec![(0..spec.q_heads).collect()], l.rank)
+            }
+            (KvLayout::Latent(_), _) => {
+                ((0..spec.q_heads).map(|h| vec![h]).collect(), spec.v_head_dim)
             }
         };
+        let expanded = form == Form::LatentExpanded;
         let head_map = match &spec.kv {
             KvLayout::Grouped { group_map: GroupMap::Explicit(_), .. } => HeadMap::Table,
             KvLayout::Grouped { kv_heads, group_map: GroupMap::Interleaved, .. } => {
@@ -296,6 +353,7 @@ impl KernelPlan {
         // into panels measured 14% slower on W5).
         let pack_per_item = matches!(spec.kv, KvLayout::Grouped { kv_heads, .. } if kv_heads > 1);
         let (query_width, rope, key_width, value_width) = match &spec.kv {
+            KvLayout::Latent(_) if expanded => (spec.head_dim(), 0, 0, 0),
             KvLayout::Latent(l) => (l.rank, l.rope_dim, 0, 0),
             KvLayout::Grouped { head_dim, .. } if pack_per_item => {
                 (*head_dim, 0, *head_dim, spec.v_head_dim)
@@ -350,6 +408,14 @@ impl KernelPlan {
                     kv_heads: *kv_heads,
                     key_width: *head_dim,
                     value_width: spec.v_head_dim,
+                    per_task: false,
+                }),
+                KvLayout::Latent(_) if expanded => Some(CallPacking {
+                    k_tile,
+                    kv_heads: spec.q_heads,
+                    key_width: spec.head_dim(),
+                    value_width: spec.v_head_dim,
+                    per_task: true,
                 }),
                 KvLayout::Latent(_) => None,
             },
@@ -380,7 +446,9 @@ impl KernelPlan {
         let q_tiles = seq_q.div_ceil(self.q_tile);
         let largest_group = self.groups.iter().map(Vec::len).max().unwrap_or(1);
         let rows = seq_q.min(self.q_tile) * largest_group;
-        let groups_per_item = if rows < self.pack_min_rows { self.groups.len() } else { 1 };
+        // An expanded MLA task up-projects one head's keys: its items cover that head alone.
+        let few_rows = rows < self.pack_min_rows && self.form != Form::LatentExpanded;
+        let groups_per_item = if few_rows { self.groups.len() } else { 1 };
         let tasks = batch * (self.groups.len() / groups_per_item) * q_tiles;
         let wanted = (4 * threads.max(1)).div_ceil(tasks.max(1));
         let affordable = (seq_k / self.min_keys_per_split).max(1);
@@ -410,10 +478,10 @@ impl KernelPlan {
     /// count overflows `usize`.
     pub fn latent_len(&self, batch: usize, seq_q: usize) -> Option<usize> {
         match &self.spec.kv {
-            KvLayout::Latent(l) => {
+            KvLayout::Latent(l) if self.form == Form::LatentAbsorbed => {
                 [seq_q, self.spec.q_heads, l.rank].into_iter().try_fold(batch, usize::checked_mul)
             }
-            KvLayout::Grouped { .. } => Some(0),
+            _ => Some(0),
         }
     }
 
@@ -437,9 +505,24 @@ impl KernelPlan {
     /// `rank + rope_dim` and accumulates `rank`-wide values).
     pub fn flops_per_pair(&self) -> u64 {
         match &self.spec.kv {
-            KvLayout::Latent(l) => 2 * (2 * l.rank + l.rope_dim) as u64,
-            KvLayout::Grouped { .. } => 2 * (self.spec.head_dim() + self.spec.v_head_dim) as u64,
+            KvLayout::Latent(l) if self.form == Form::LatentAbsorbed => {
+                2 * (2 * l.rank + l.rope_dim) as u64
+            }
+            _ => 2 * (self.spec.head_dim() + self.spec.v_head_dim) as u64,
         }
+    }
+
+    /// The keys of a sequence of `keys` keys that some query of the call sees, as a range of
+    /// whole `k_tile` tiles' keys (ending at `keys`): what an expanded MLA task up-projects.
+    /// Queries are bottom-right aligned (semantics §3): the last sees keys up to `keys`, and
+    /// under a sliding window the first sees none before `keys − seq_q − W + 1`.
+    pub fn visible_keys(&self, seq_q: usize, keys: usize) -> std::ops::Range<usize> {
+        let first = match self.spec.mask {
+            Mask::SlidingWindow(w) => (keys + 1).saturating_sub(seq_q.saturating_add(w)),
+            Mask::None | Mask::Causal => 0,
+        };
+        let first = first / self.k_tile * self.k_tile;
+        first.min(keys)..keys
     }
 }
 
@@ -476,6 +559,13 @@ impl fmt::Display for KernelPlan {
                 self.acc_dim,
                 spec.head_dim() - spec_nope(spec),
                 spec.q_heads
+            )?,
+            Form::LatentExpanded => writeln!(
+                f,
+                "  form         expanded MLA: per (batch, head) task, its visible keys up-projected {} at a time, K_h = [c_kv·W_UK[h]ᵀ, k_rope] ({} wide) and V_h = c_kv·W_UV[h]ᵀ ({} wide), into the task's own buffer, which all its query tiles read",
+                self.k_tile,
+                spec.head_dim(),
+                spec.v_head_dim
             )?,
         }
         let sizes: Vec<String> = self.groups.iter().map(|g| g.len().to_string()).collect();
@@ -698,7 +788,13 @@ mod tests {
         let packing = plan.call_packing.unwrap();
         assert_eq!(
             packing,
-            CallPacking { k_tile: 64, kv_heads: 2, key_width: 16, value_width: 20 }
+            CallPacking {
+                k_tile: 64,
+                kv_heads: 2,
+                key_width: 16,
+                value_width: 20,
+                per_task: false
+            }
         );
         // Sk = 100: two tiles per (b, g); V tiles are 2 panels of 16 columns, 64 deep.
         assert_eq!(packing.lens(3, 100), (3 * 2 * 128 * 16, 3 * 2 * 2 * 2 * 16 * 64));
@@ -707,5 +803,45 @@ mod tests {
         let last = packing.value_tile_at(2, 1, 100, 99) + packing.value_tile();
         assert_eq!(last, packing.lens(3, 100).1);
         assert_eq!(KernelPlan::new(&AttentionSpec::mla(4, 32, 8, 16, 12)).call_packing, None);
+    }
+
+    #[test]
+    fn expanded_mla_plans_one_head_per_group_over_each_task_s_own_copy() {
+        let spec = AttentionSpec::mla(16, 512, 64, 128, 128).mask(Mask::Causal);
+        let forms: Vec<Form> = KernelPlan::all(&spec).iter().map(|plan| plan.form).collect();
+        assert_eq!(forms, [Form::LatentAbsorbed, Form::LatentExpanded]);
+        let forced = spec.clone().mla_form(MlaForm::Expanded);
+        assert_eq!(Form::compiled(&forced), [Form::LatentExpanded]);
+        let plan = KernelPlan::new(&forced);
+        assert_eq!(
+            (plan.form, plan.groups.len(), plan.q_tile, plan.acc_dim),
+            (Form::LatentExpanded, 16, 64, 128)
+        );
+        assert_eq!(
+            (plan.q_width, plan.scratch.query_width, plan.latent_len(4, 3)),
+            (192, 192, Some(0))
+        );
+        let packing = plan.call_packing.unwrap();
+        assert!(packing.per_task);
+        // Values row-major: a 64-key tile is 64 rows of 128, rows 128 floats apart.
+        assert_eq!(
+            (packing.value_tile(), packing.value_row(), packing.value_panel()),
+            (64 * 128, 128, 16)
+        );
+        assert_eq!(plan.flops_per_pair(), 2 * (192 + 128));
+        // Decode items still cover one head: the task's buffer holds that head's keys.
+        assert_eq!(plan.schedule(4, 1, 4096, 2).groups_per_item, 1);
+    }
+
+    #[test]
+    fn visible_keys_are_whole_tiles_up_to_the_sequence_end() {
+        let causal = KernelPlan::new(&AttentionSpec::mla(2, 8, 0, 8, 8).mask(Mask::Causal));
+        assert_eq!(causal.visible_keys(3, 1000), 0..1000);
+        assert_eq!(causal.visible_keys(3, 0), 0..0);
+        let window = AttentionSpec::mla(2, 8, 0, 8, 8).mask(Mask::SlidingWindow(100));
+        let plan = KernelPlan::new(&window);
+        // The first of 10 queries sits at key 990 and sees 891..=990: from tile 832.
+        assert_eq!(plan.visible_keys(10, 1000), 832..1000);
+        assert_eq!(plan.visible_keys(2000, 1000), 0..1000);
     }
 }

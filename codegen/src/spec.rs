@@ -69,6 +69,66 @@ pub struct LatentKv {
     pub rope_dim: usize,
     /// Per-head key dimension produced by `w_uk` from the latent.
     pub nope_dim: usize,
+    /// Which form the kernel computes: chosen per call by the cost model (`Auto`, the
+    /// default), or forced.
+    pub form: MlaForm,
+}
+
+/// The two ways to compute multi-head latent attention. Both give the same output (semantics
+/// §1); they differ in work. Per (query, key) pair and head the absorbed form attends over
+/// `rank + rope_dim` and accumulates `rank`-wide values, against `nope_dim + rope_dim` and
+/// `Dv` for the expanded one, which in turn up-projects every visible key once per head.
+/// Decode (few queries per key) favours absorbed, prefill expanded.
+///
+/// ```
+/// use attngen_codegen::{AttentionSpec, MlaForm};
+/// let prefill = AttentionSpec::mla(16, 512, 64, 128, 128).mla_form(MlaForm::Expanded);
+/// assert_eq!(prefill.requested_form(), Some(MlaForm::Expanded));
+/// assert_eq!("absorbed".parse(), Ok(MlaForm::Absorbed));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MlaForm {
+    /// Each call takes the form the cost model ([`crate::cost::form_costs`]) finds cheaper at
+    /// its shape.
+    #[default]
+    Auto,
+    /// Weight absorption: `q' = q_nope·W_UK[h]`, attention over `[c_kv, k_rope]` as one KV
+    /// head shared by every query head, then `out = o'·W_UV[h]ᵀ`.
+    Absorbed,
+    /// Per head, `K_h = [c_kv·W_UK[h]ᵀ, k_rope]` and `V_h = c_kv·W_UV[h]ᵀ` are computed tile by
+    /// tile inside the kernel, then flash attention over them.
+    Expanded,
+}
+
+impl MlaForm {
+    /// The name spec files and the macro use: `"auto"`, `"absorbed"` or `"expanded"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MlaForm::Auto => "auto",
+            MlaForm::Absorbed => "absorbed",
+            MlaForm::Expanded => "expanded",
+        }
+    }
+}
+
+impl FromStr for MlaForm {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<MlaForm, String> {
+        [MlaForm::Auto, MlaForm::Absorbed, MlaForm::Expanded]
+            .into_iter()
+            .find(|form| form.name() == name)
+            .ok_or_else(|| {
+                format!("unknown MLA form {name:?} (expected auto, absorbed or expanded)")
+            })
+    }
+}
+
+impl fmt::Display for MlaForm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Which KV head g(h) query head h reads, for grouped KV.
@@ -167,7 +227,7 @@ impl AttentionSpec {
         AttentionSpec {
             name: None,
             q_heads,
-            kv: KvLayout::Latent(LatentKv { rank, rope_dim, nope_dim }),
+            kv: KvLayout::Latent(LatentKv { rank, rope_dim, nope_dim, form: MlaForm::Auto }),
             v_head_dim,
             mask: Mask::None,
             scale: None,
@@ -206,6 +266,15 @@ impl AttentionSpec {
         self
     }
 
+    /// Forces the form of a latent spec's kernel (default [`MlaForm::Auto`]: chosen per call).
+    /// A grouped spec has one form, so there this has no effect.
+    pub fn mla_form(mut self, form: MlaForm) -> Self {
+        if let KvLayout::Latent(latent) = &mut self.kv {
+            latent.form = form;
+        }
+        self
+    }
+
     /// Sets the group map of a grouped spec. A latent spec has one shared latent KV head and no
     /// group map, so there this has no effect.
     pub fn group_map(mut self, map: GroupMap) -> Self {
@@ -213,6 +282,14 @@ impl AttentionSpec {
             *group_map = map;
         }
         self
+    }
+
+    /// The MLA form a latent spec asks for; `None` for grouped specs.
+    pub fn requested_form(&self) -> Option<MlaForm> {
+        match &self.kv {
+            KvLayout::Latent(l) => Some(l.form),
+            KvLayout::Grouped { .. } => None,
+        }
     }
 
     /// Query/key dimension per head, D (`nope_dim + rope_dim` for latent specs).

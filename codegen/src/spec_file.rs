@@ -11,7 +11,7 @@ use std::ops::Range;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use crate::spec::{AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask};
+use crate::spec::{AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask, MlaForm};
 use crate::validate::{self, SpecError};
 
 /// The keys of a spec file, each as written (absent keys are `None`).
@@ -52,6 +52,10 @@ pub struct LatentFields {
     pub rope_dim: u64,
     /// `nope_dim = dn`: per-head key length produced from the latent.
     pub nope_dim: u64,
+    /// `form = "auto" | "absorbed" | "expanded"`: force the kernel's MLA form (default auto,
+    /// chosen per call).
+    #[serde(default)]
+    pub form: Option<MlaForm>,
 }
 
 /// Saturates rather than wraps, so an absurd value still fails its range check.
@@ -99,6 +103,7 @@ impl SpecFields {
                     rank: size(latent.rank),
                     rope_dim: size(latent.rope_dim),
                     nope_dim: size(latent.nope_dim),
+                    form: latent.form.unwrap_or_default(),
                 };
                 (KvLayout::Latent(latent), v_head_dim)
             }
@@ -261,6 +266,9 @@ impl AttentionSpec {
                 "\n[latent]\nrank = {}\nrope_dim = {}\nnope_dim = {}\n",
                 l.rank, l.rope_dim, l.nope_dim
             );
+            if l.form != MlaForm::Auto {
+                let _ = writeln!(out, "form = \"{}\"", l.form);
+            }
         }
         out
     }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use attngen_codegen::{AttentionSpec, GroupMap, LatentFields, Mask, SpecFields};
+use attngen_codegen::{AttentionSpec, GroupMap, LatentFields, Mask, MlaForm, SpecFields};
 use proc_macro2::{Span, TokenStream};
 use syn::parse::{Parse, ParseStream};
 use syn::{Ident, LitFloat, LitInt, LitStr, Token, braced, bracketed};
@@ -209,7 +209,7 @@ fn mask(input: ParseStream<'_>) -> syn::Result<Mask> {
 fn latent(input: ParseStream<'_>, spans: &mut HashMap<String, Span>) -> syn::Result<LatentFields> {
     let content;
     let brace = braced!(content in input);
-    let (mut rank, mut rope_dim, mut nope_dim) = (None, None, None);
+    let (mut rank, mut rope_dim, mut nope_dim, mut form) = (None, None, None, None);
     while !content.is_empty() {
         let key: Ident = content.parse()?;
         content.parse::<Token![=]>()?;
@@ -217,8 +217,17 @@ fn latent(input: ParseStream<'_>, spans: &mut HashMap<String, Span>) -> syn::Res
             "rank" => &mut rank,
             "rope_dim" => &mut rope_dim,
             "nope_dim" => &mut nope_dim,
+            "form" => {
+                form = Some(parsed_str::<MlaForm>(&content)?);
+                spans.insert(format!("latent.{key}"), key.span());
+                if content.is_empty() {
+                    break;
+                }
+                content.parse::<Token![,]>()?;
+                continue;
+            }
             other => {
-                let message = unknown_key(other, &["rank", "rope_dim", "nope_dim"]);
+                let message = unknown_key(other, &["rank", "rope_dim", "nope_dim", "form"]);
                 return Err(syn::Error::new(key.span(), message));
             }
         };
@@ -236,6 +245,7 @@ fn latent(input: ParseStream<'_>, spans: &mut HashMap<String, Span>) -> syn::Res
         rank: rank.ok_or_else(|| missing("rank"))?,
         rope_dim: rope_dim.ok_or_else(|| missing("rope_dim"))?,
         nope_dim: nope_dim.ok_or_else(|| missing("nope_dim"))?,
+        form,
     })
 }
 

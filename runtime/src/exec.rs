@@ -16,15 +16,16 @@
 
 use std::cell::RefCell;
 
-use attngen_codegen::abi::{CallArgs, FinishFn, HeadFn, ItemFn, PANEL};
+use attngen_codegen::abi::{CallArgs, ExpandFn, FinishFn, HeadFn, ItemFn, PANEL};
 use attngen_codegen::plan::CallPacking;
-use attngen_codegen::{KernelPlan, Schedule};
+use attngen_codegen::{Form, KernelPlan, MlaForm, Schedule, cost};
 use rayon::prelude::*;
 
-use crate::{Error, InputTensors, Inputs, Shape, check_call, simd};
+use crate::{Error, InputTensors, Inputs, Isa, Shape, check_call, simd};
 
 /// A kernel's generated functions for one plan, as `attngen_codegen::abi` types them: `item`
-/// and `finish`, and for absorbed MLA the per-head `prologue` and `epilogue`.
+/// and `finish`, for absorbed MLA the per-head `prologue` and `epilogue`, and for expanded MLA
+/// the per-tile `expand`.
 #[derive(Clone, Copy, Debug)]
 pub struct EntryPoints {
     /// Absorbs the queries of one head (absorbed MLA).
@@ -35,6 +36,64 @@ pub struct EntryPoints {
     pub finish: FinishFn,
     /// Projects the latent output of one head (absorbed MLA).
     pub epilogue: Option<HeadFn>,
+    /// Up-projects one key tile of one (batch, head) task (expanded MLA).
+    pub expand: Option<ExpandFn>,
+}
+
+/// One form of a compiled kernel: its plan and the functions generated from it.
+pub(crate) struct CompiledForm {
+    /// The plan.
+    pub plan: KernelPlan,
+    /// Its functions.
+    pub entries: EntryPoints,
+}
+
+/// Runs a call on the form of `forms` (one per [`Form::compiled`]) that suits its shape: the
+/// only one, or the one [`cost::form_costs`] finds cheaper at (B, Sq, Sk) on `threads` threads
+/// of `isa`'s width.
+pub(crate) fn run_call(
+    forms: &[CompiledForm],
+    isa: Isa,
+    pool: Option<&rayon::ThreadPool>,
+    shape: Shape,
+    inputs: &Inputs<'_>,
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+) -> Result<(), Error> {
+    let form = pick_form(forms, isa, pool, shape);
+    Executor { plan: &form.plan, entries: &form.entries, pool }.run(shape, inputs, out, lse)
+}
+
+/// The form of `forms` that runs a call of `shape` ([`run_call`]).
+pub(crate) fn pick_form<'a>(
+    forms: &'a [CompiledForm],
+    isa: Isa,
+    pool: Option<&rayon::ThreadPool>,
+    shape: Shape,
+) -> &'a CompiledForm {
+    let [first, rest @ ..] = forms else { unreachable!("a kernel compiles at least one form") };
+    if rest.is_empty() {
+        return first;
+    }
+    let form = match call_costs(&first.plan.spec, isa, pool, shape).map(|c| c.choice()) {
+        Some(MlaForm::Expanded) => Form::LatentExpanded,
+        _ => Form::LatentAbsorbed,
+    };
+    forms.iter().find(|f| f.plan.form == form).unwrap_or(first)
+}
+
+/// The cost model's figures for a call of `shape` to a latent `spec` on `isa` and the pool's
+/// threads ([`cost::Machine::estimate`]); `None` for grouped specs.
+pub(crate) fn call_costs(
+    spec: &attngen_codegen::AttentionSpec,
+    isa: Isa,
+    pool: Option<&rayon::ThreadPool>,
+    shape: Shape,
+) -> Option<cost::FormCosts> {
+    let threads = pool.map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
+    let machine = cost::Machine::estimate(isa.lanes(), threads);
+    let (b, q, k) = (shape.batch as u64, shape.seq_q as u64, shape.seq_k as u64);
+    cost::form_costs(spec, b, q, k, machine)
 }
 
 /// Runs calls of one compiled kernel: its plan, its entry points and the pool its work items
@@ -82,6 +141,7 @@ impl Executor<'_> {
             lse: lse.map_or(std::ptr::null_mut(), |l| l.as_mut_ptr()),
             k_packed: std::ptr::null(),
             v_packed: std::ptr::null(),
+            packed_first_key: 0,
             latent_q: std::ptr::null_mut(),
             latent_out: std::ptr::null_mut(),
             batch: shape.batch,
@@ -124,6 +184,9 @@ impl Executor<'_> {
         let longest =
             inputs.kv_lens.map_or(shape.seq_k, |lens| lens.iter().copied().max().unwrap_or(0));
         let schedule = plan.schedule(shape.batch, shape.seq_q, longest, threads);
+        if plan.form == Form::LatentExpanded {
+            return self.execute_expanded(shape, inputs, longest, SharedArgs(args), schedule);
+        }
         if let Some(packing) = plan.call_packing.filter(|_| schedule.packs_call) {
             let (k_len, v_len) = packing.lens(shape.batch, shape.seq_k);
             with_kept(&PACKED, k_len + v_len, |packed| {
@@ -241,6 +304,130 @@ impl Executor<'_> {
         }
     }
 
+    /// Runs an expanded MLA call: one task per (batch, head), each of whose splits up-projects
+    /// the keys its queries see into a buffer of its own, tile by tile (`expand`), then runs
+    /// every query tile's item over that buffer — so each visible key is up-projected once per
+    /// head, as materialising K and V once per call would, but the buffer holds one head's
+    /// keys of one split and stays in cache. Finishes run per query tile.
+    fn execute_expanded(
+        &self,
+        shape: Shape,
+        inputs: &Inputs<'_>,
+        longest: usize,
+        args: SharedArgs,
+        schedule: Schedule,
+    ) {
+        let (entries, plan) = (self.entries, self.plan);
+        let expand = entries.expand.expect("expanded plans have an expand program");
+        let packing = plan.call_packing.expect("expanded plans have a per-task packing");
+        let heads = plan.groups.len();
+        let (q_tiles, splits, state_len) = (schedule.q_tiles, schedule.splits, plan.state_len);
+        let scratch_len = plan.scratch.len(1);
+        let (k_tile, key_width, value_tile) =
+            (packing.k_tile, packing.key_width, packing.value_tile());
+        let run_task = |task: usize| {
+            let (b, h) = (task / heads, task % heads);
+            let visible = plan.visible_keys(shape.seq_q, inputs.keys(b, shape.seq_k));
+            // One split: keys k_lo..k_hi of every query tile, into `states` (one slot per
+            // query tile, state_len apart).
+            let split = |k_lo: usize, k_hi: usize, states: &mut [f32]| {
+                let first = k_lo.max(visible.start) / k_tile * k_tile;
+                let end = k_hi.min(visible.end);
+                let tiles = end.saturating_sub(first).div_ceil(k_tile);
+                let (k_len, v_len) = (tiles * k_tile * key_width, tiles * value_tile);
+                assert!(states.len() >= q_tiles * state_len);
+                with_workspace(scratch_len + k_len + v_len, |work| {
+                    let (scratch, packed) = work.split_at_mut(scratch_len);
+                    let (keys, values) = packed.split_at_mut(k_len);
+                    for tile in 0..tiles {
+                        let j0 = first + tile * k_tile;
+                        let n = k_tile.min(end - j0);
+                        let (k_dst, v_dst) = (
+                            &mut keys[tile * k_tile * key_width..],
+                            &mut values[tile * value_tile..],
+                        );
+                        assert!(k_dst.len() >= n * key_width && v_dst.len() >= value_tile);
+                        // SAFETY: `check_call` verified c_kv, k_rope, w_uk and w_uv against the
+                        // shape; b < B, h < H, and keys j0..j0 + n <= kv_lens[b] (or Sk) are
+                        // rows of sequence b; the destinations hold n rows of D floats and one
+                        // value tile (k_tile rows of Dv, row-major) (asserted above).
+                        unsafe {
+                            expand(args.ptr(), b, h, j0, n, k_dst.as_mut_ptr(), v_dst.as_mut_ptr())
+                        };
+                    }
+                    // The task's copy: keys first..end, tile t at t·k_tile·D and t·value_tile.
+                    let task_args = CallArgs {
+                        k_packed: keys.as_ptr(),
+                        v_packed: values.as_ptr(),
+                        packed_first_key: first,
+                        ..args.0
+                    };
+                    for (tile, state) in states.chunks_mut(state_len).take(q_tiles).enumerate() {
+                        // SAFETY: as for the grouped items (`execute`), for one group (head h);
+                        // the item reads the packed K/V only at keys of its tiles that its
+                        // queries see within k_lo..k_hi — tiles from `first` (the tile holding
+                        // the first such key) to `end`, all written above — through
+                        // `task_args`, which points at this split's buffers.
+                        unsafe {
+                            (entries.item)(
+                                &task_args,
+                                b,
+                                h,
+                                1,
+                                tile * plan.q_tile,
+                                k_lo,
+                                k_hi,
+                                scratch.as_mut_ptr(),
+                                state.as_mut_ptr(),
+                                state_len,
+                            )
+                        };
+                    }
+                });
+            };
+            // States [split][query tile]: a split writes one contiguous run; query tile t's
+            // splits lie q_tiles slots apart.
+            let states_len = splits * q_tiles * state_len;
+            let finish = |states: &mut [f32], scratch: &mut [f32]| {
+                assert!(states.len() >= states_len && scratch.len() >= scratch_len);
+                for tile in 0..q_tiles {
+                    // SAFETY: as for the grouped finishes; query tile `tile`'s `splits` slots
+                    // start at slot `tile` and lie q_tiles slots apart, inside `states`.
+                    unsafe {
+                        (entries.finish)(
+                            args.ptr(),
+                            b,
+                            h,
+                            tile * plan.q_tile,
+                            splits,
+                            states.as_mut_ptr().add(tile * state_len),
+                            q_tiles * state_len,
+                            scratch.as_mut_ptr(),
+                        )
+                    };
+                }
+            };
+            with_kept(&SPLIT_STATES, states_len, |states| {
+                if splits == 1 {
+                    split(0, longest, states);
+                } else {
+                    let runs = states.par_chunks_mut(q_tiles * state_len);
+                    runs.enumerate().for_each(|(s, run)| {
+                        let k_lo = s * schedule.keys_per_split;
+                        split(k_lo, (k_lo + schedule.keys_per_split).min(longest), run);
+                    });
+                }
+                with_workspace(scratch_len, |scratch| finish(states, scratch));
+            });
+        };
+        let tasks = shape.batch * heads;
+        if tasks == 1 && splits == 1 {
+            run_task(0);
+        } else {
+            self.in_pool(|| (0..tasks).into_par_iter().for_each(run_task));
+        }
+    }
+
     /// Runs a per-head program (absorbed MLA's prologue or epilogue) for every query head, in
     /// parallel.
     fn for_each_head(&self, program: HeadFn, args: &SharedArgs) {
@@ -288,7 +475,7 @@ fn pack_call(
     k_packed: &mut [f32],
     v_packed: &mut [f32],
 ) {
-    let CallPacking { k_tile, kv_heads: kv, key_width: d, value_width: dv } = packing;
+    let CallPacking { k_tile, kv_heads: kv, key_width: d, value_width: dv, .. } = packing;
     let tiles = shape.seq_k.div_ceil(k_tile);
     let value_tile = packing.value_tile();
     // Each task writes its own tile: K rows j0..j0 + n of its (batch, head) — chunk `task` starts

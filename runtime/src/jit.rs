@@ -10,14 +10,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use attngen_codegen::abi::{Callee, FinishFn, HeadFn, ItemFn};
+use attngen_codegen::abi::{Callee, ExpandFn, FinishFn, HeadFn, ItemFn};
 use attngen_codegen::{AttentionSpec, KernelIr, KernelPlan, clif, ir, validate};
 use cranelift_codegen::Context;
 use cranelift_codegen::settings::Configurable;
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{FuncId, Linkage, Module};
 
-use crate::exec::{EntryPoints, Executor};
+use crate::exec::{CompiledForm, EntryPoints, call_costs, pick_form, run_call};
 use crate::{Error, Inputs, Isa, Kernel, Shape, simd};
 
 /// The run-time compiler. Cheap to share: compiling takes an internal lock, running kernels
@@ -49,10 +49,9 @@ struct JitState {
     compiled: usize,
 }
 
-/// One compiled spec: its plan and entry points.
+/// One compiled spec: a plan and entry points per form it compiles.
 struct Compiled {
-    plan: KernelPlan,
-    entries: EntryPoints,
+    forms: Vec<CompiledForm>,
     compile_time: Duration,
 }
 
@@ -63,8 +62,9 @@ pub struct Listing {
     pub plan: String,
     /// The tile IR, as text.
     pub ir: String,
-    /// The Cranelift IR of the kernel's functions: `item` and `finish`, and for absorbed MLA
-    /// `prologue` and `epilogue`.
+    /// The Cranelift IR of the kernel's functions: `item` and `finish`, for absorbed MLA
+    /// `prologue` and `epilogue`, for expanded MLA `expand` (a latent spec whose calls choose
+    /// their form lists both forms' functions).
     pub clif: String,
     /// Their machine code, disassembled.
     pub asm: String,
@@ -193,7 +193,7 @@ impl Jit {
                 compiled
             }
         };
-        Ok(JitKernel { spec: spec.clone(), compiled, pool: self.pool.clone() })
+        Ok(JitKernel { spec: spec.clone(), isa: self.isa, compiled, pool: self.pool.clone() })
     }
 
     /// Compiles `spec` afresh and returns its plan, IR, CLIF and disassembly.
@@ -220,48 +220,69 @@ impl Jit {
 }
 
 impl JitState {
-    /// Plans, lowers, emits and defines every function of a spec's kernel.
+    /// Plans, lowers, emits and defines every function of a spec's kernel, in each form it
+    /// compiles.
     fn define(
         &mut self,
         spec: &AttentionSpec,
         mut listing: Option<&mut Listing>,
     ) -> Result<Compiled, Error> {
         let started = Instant::now();
-        let plan = KernelPlan::new(spec);
-        let program: KernelIr = ir::lower(&plan);
+        let mut forms = Vec::new();
+        for plan in KernelPlan::all(spec) {
+            let entries = self.define_form(&plan, &mut listing)?;
+            forms.push(CompiledForm { plan, entries });
+        }
+        Ok(Compiled { forms, compile_time: started.elapsed() })
+    }
+
+    /// Lowers, emits and defines the functions of one form's plan.
+    fn define_form(
+        &mut self,
+        plan: &KernelPlan,
+        listing: &mut Option<&mut Listing>,
+    ) -> Result<EntryPoints, Error> {
+        let program: KernelIr = ir::lower(plan);
         let frontend = self.module.isa().frontend_config();
         let callee_ids = self.callee_ids.map(|id| id.as_u32());
-        let kernel = clif::emit(&plan, &program, frontend, callee_ids);
+        let kernel = clif::emit(plan, &program, frontend, callee_ids);
         if let Some(listing) = listing.as_deref_mut() {
-            listing.plan = plan.to_string();
-            listing.ir = program.to_string();
+            let join = |text: &mut String, part: String| {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(&part);
+            };
+            join(&mut listing.plan, plan.to_string());
+            join(&mut listing.ir, format!("{} form:\n{program}", plan.form.name()));
         }
         // Each compile defines fresh symbols: the cache, not the module, deduplicates.
         self.compiled += 1;
-        let mut define = |role, f| self.define_function(role, f, &mut listing);
+        let mut define = |role, f| self.define_function(role, f, listing);
         let prologue = kernel.prologue.map(|f| define("prologue", f)).transpose()?;
         let item = define("item", kernel.item)?;
         let finish = define("finish", kernel.finish)?;
         let epilogue = kernel.epilogue.map(|f| define("epilogue", f)).transpose()?;
+        let expand = kernel.expand.map(|f| define("expand", f)).transpose()?;
         self.module.finalize_definitions().map_err(compile_error)?;
         let code = |id: FuncId| self.module.get_finalized_function(id);
-        let (prologue, item, finish, epilogue) =
-            (prologue.map(code), code(item), code(finish), epilogue.map(code));
+        let (prologue, item, finish, epilogue, expand) =
+            (prologue.map(code), code(item), code(finish), epilogue.map(code), expand.map(code));
         // SAFETY: each function was just defined with the signature derived from its type
-        // (`clif::signature::<ItemFn>`, `::<FinishFn>`, `::<HeadFn>`: the types' own parameter
-        // kinds, in the platform's C calling convention), and the module never
-        // frees their code (Cranelift's system memory provider leaks it on drop to keep such
-        // pointers valid).
-        let (prologue, item, finish, epilogue) = unsafe {
-            (
-                prologue.map(|code| std::mem::transmute::<*const u8, HeadFn>(code)),
-                std::mem::transmute::<*const u8, ItemFn>(item),
-                std::mem::transmute::<*const u8, FinishFn>(finish),
-                epilogue.map(|code| std::mem::transmute::<*const u8, HeadFn>(code)),
-            )
+        // (`clif::signature::<ItemFn>`, `::<FinishFn>`, `::<HeadFn>`, `::<ExpandFn>`: the
+        // types' own parameter kinds, in the platform's C calling convention), and the module
+        // never frees their code (Cranelift's system memory provider leaks it on drop to keep
+        // such pointers valid).
+        let entries = unsafe {
+            EntryPoints {
+                prologue: prologue.map(|code| std::mem::transmute::<*const u8, HeadFn>(code)),
+                item: std::mem::transmute::<*const u8, ItemFn>(item),
+                finish: std::mem::transmute::<*const u8, FinishFn>(finish),
+                epilogue: epilogue.map(|code| std::mem::transmute::<*const u8, HeadFn>(code)),
+                expand: expand.map(|code| std::mem::transmute::<*const u8, ExpandFn>(code)),
+            }
         };
-        let entries = EntryPoints { prologue, item, finish, epilogue };
-        Ok(Compiled { plan, entries, compile_time: started.elapsed() })
+        Ok(entries)
     }
 
     /// Declares and defines one generated function as `attngen_{role}_N`, adding its CLIF and
@@ -318,6 +339,7 @@ fn cache_key(spec: &AttentionSpec) -> String {
 #[derive(Clone)]
 pub struct JitKernel {
     spec: AttentionSpec,
+    isa: Isa,
     compiled: Arc<Compiled>,
     pool: Option<Arc<rayon::ThreadPool>>,
 }
@@ -328,9 +350,28 @@ impl JitKernel {
         self.compiled.compile_time
     }
 
-    /// The plan the kernel was compiled from.
+    /// The plan the kernel was compiled from (for a latent spec that leaves the form to each
+    /// call, the absorbed one; [`JitKernel::plans`] lists every form's).
     pub fn plan(&self) -> &KernelPlan {
-        &self.compiled.plan
+        &self.compiled.forms[0].plan
+    }
+
+    /// The plan of every form the kernel compiled, one per [`attngen_codegen::Form::compiled`].
+    pub fn plans(&self) -> impl Iterator<Item = &KernelPlan> {
+        self.compiled.forms.iter().map(|form| &form.plan)
+    }
+
+    /// The form a call of `shape` runs in: the only one compiled, or the cost model's choice
+    /// ([`attngen_codegen::cost::form_costs`]).
+    pub fn form_for(&self, shape: Shape) -> attngen_codegen::Form {
+        pick_form(&self.compiled.forms, self.isa, self.pool.as_deref(), shape).plan.form
+    }
+
+    /// Both MLA forms' costs for a call of `shape`, at the machine figures the kernel's choice
+    /// uses ([`attngen_codegen::cost::Machine::estimate`] for its ISA and threads); `None` for
+    /// grouped specs.
+    pub fn form_costs(&self, shape: Shape) -> Option<attngen_codegen::cost::FormCosts> {
+        call_costs(&self.spec, self.isa, self.pool.as_deref(), shape)
     }
 
     /// Whether two kernels share one compiled body (an equal spec hit the cache).
@@ -351,8 +392,7 @@ impl Kernel for JitKernel {
         out: &mut [f32],
         lse: Option<&mut [f32]>,
     ) -> Result<(), Error> {
-        let compiled = &*self.compiled;
-        let (plan, entries, pool) = (&compiled.plan, &compiled.entries, self.pool.as_deref());
-        Executor { plan, entries, pool }.run(shape, inputs, out, lse)
+        let (forms, pool) = (&self.compiled.forms, self.pool.as_deref());
+        run_call(forms, self.isa, pool, shape, inputs, out, lse)
     }
 }

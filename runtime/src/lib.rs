@@ -40,8 +40,8 @@ mod simd;
 mod workload;
 
 pub use attngen_codegen::{
-    AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask, SpecError, SpecFileError, Variant,
-    cost, validate,
+    AttentionSpec, Dtype, Form, GroupMap, KvLayout, LatentKv, Mask, MlaForm, SpecError,
+    SpecFileError, Variant, cost, validate,
 };
 pub use attngen_macros::{kernel, spec, spec_tests};
 pub use error::Error;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use attngen_codegen::{AttentionSpec, KernelPlan};
 
-use crate::exec::{EntryPoints, Executor};
+use crate::exec::{CompiledForm, EntryPoints, pick_form, run_call};
 use crate::{Error, Inputs, Isa, Kernel, Shape};
 
 /// A kernel the attribute macro generated: `Name::compiled()` of a struct declared with
@@ -29,37 +29,43 @@ use crate::{Error, Inputs, Isa, Kernel, Shape};
 /// ```
 pub struct MacroKernel {
     spec: AttentionSpec,
+    /// The first form's plan (see [`MacroKernel::plan`]).
     plan: KernelPlan,
-    /// The ISA and its functions, or why none can run (an ISA this CPU lacks, or a plan that
-    /// differs from the one the functions were generated for).
-    chosen: Result<(Isa, EntryPoints), Error>,
+    /// The ISA and its functions, one per form the spec compiles, or why none can run (an ISA
+    /// this CPU lacks, or plans that differ from the ones the functions were generated for).
+    chosen: Result<(Isa, Vec<CompiledForm>), Error>,
     /// The kernel's own thread pool, or `None` for rayon's global one.
     pool: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl MacroKernel {
     /// Plans `spec` as the macro did and picks the functions of `isa` (else `ATTNGEN_ISA`'s,
-    /// else the widest this CPU has) from `versions`. `generated_plan` is the plan the
-    /// functions were generated from, as `{:?}` printed it: the functions bake in its sizes,
-    /// so a different plan (attngen-macros built from another attngen-codegen) must not run.
+    /// else the widest this CPU has) from `versions`, each holding one set of functions per
+    /// form ([`KernelPlan::all`]). `generated_plans` are the plans the functions were
+    /// generated from, as `{:?}` printed them: the functions bake in their sizes, so a
+    /// different plan (attngen-macros built from another attngen-codegen) must not run.
     #[doc(hidden)]
     pub fn new(
         spec: AttentionSpec,
-        generated_plan: &str,
-        versions: Vec<(Isa, EntryPoints)>,
+        generated_plans: &[&str],
+        versions: Vec<(Isa, Vec<EntryPoints>)>,
         isa: Option<Isa>,
     ) -> MacroKernel {
-        let plan = KernelPlan::new(&spec);
-        let chosen = if format!("{plan:?}") != generated_plan {
+        let plans = KernelPlan::all(&spec);
+        let debug: Vec<String> = plans.iter().map(|plan| format!("{plan:?}")).collect();
+        let chosen = if debug != generated_plans {
             Err(Error::Compile(
                 "the kernel's functions were generated from a different plan: attngen-macros \
                  and attngen come from different versions of attngen-codegen"
                     .to_owned(),
             ))
         } else {
-            choose(isa, versions)
+            choose(isa, versions).map(|(isa, entries)| {
+                let forms = plans.iter().cloned().zip(entries);
+                (isa, forms.map(|(plan, entries)| CompiledForm { plan, entries }).collect())
+            })
         };
-        MacroKernel { spec, plan, chosen, pool: None }
+        MacroKernel { spec, plan: plans[0].clone(), chosen, pool: None }
     }
 
     /// The same kernel on a pool of its own with `threads` threads, instead of rayon's
@@ -77,7 +83,17 @@ impl MacroKernel {
         self.chosen.as_ref().map_or(Isa::Portable, |(isa, _)| *isa)
     }
 
-    /// The plan the functions were generated from.
+    /// The form a call of `shape` runs in: the only one compiled, or the cost model's choice
+    /// (the first form if no functions could be chosen).
+    pub fn form_for(&self, shape: Shape) -> attngen_codegen::Form {
+        match &self.chosen {
+            Ok((isa, forms)) => pick_form(forms, *isa, self.pool.as_deref(), shape).plan.form,
+            Err(_) => self.plan.form,
+        }
+    }
+
+    /// The plan the functions were generated from (for a latent spec that leaves the form to
+    /// each call, the absorbed one; [`KernelPlan::all`] lists both).
     pub fn plan(&self) -> &KernelPlan {
         &self.plan
     }
@@ -86,8 +102,8 @@ impl MacroKernel {
 /// The functions of the ISA asked for, else `ATTNGEN_ISA`'s, else the widest this CPU has.
 fn choose(
     isa: Option<Isa>,
-    versions: Vec<(Isa, EntryPoints)>,
-) -> Result<(Isa, EntryPoints), Error> {
+    versions: Vec<(Isa, Vec<EntryPoints>)>,
+) -> Result<(Isa, Vec<EntryPoints>), Error> {
     let isa = match isa {
         Some(isa) => isa.checked()?,
         None => Isa::from_env()?.unwrap_or_else(Isa::detect),
@@ -111,8 +127,7 @@ impl Kernel for MacroKernel {
         out: &mut [f32],
         lse: Option<&mut [f32]>,
     ) -> Result<(), Error> {
-        let (_, entries) = self.chosen.as_ref().map_err(Clone::clone)?;
-        let pool = self.pool.as_deref();
-        Executor { plan: &self.plan, entries, pool }.run(shape, inputs, out, lse)
+        let (isa, forms) = self.chosen.as_ref().map_err(Clone::clone)?;
+        run_call(forms, *isa, self.pool.as_deref(), shape, inputs, out, lse)
     }
 }

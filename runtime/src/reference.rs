@@ -163,7 +163,7 @@ fn materialise_kv(
             )
         }
         (InputTensors::Latent { c_kv, k_rope, w_uk, w_uv, .. }, KvLayout::Latent(latent)) => {
-            let LatentKv { rank, rope_dim, nope_dim } = *latent;
+            let LatentKv { rank, rope_dim, nope_dim, .. } = *latent;
             let project = |w: &[f32], rows: usize, c: &[f32]| -> Vec<f64> {
                 (0..rows)
                     .map(|r| {

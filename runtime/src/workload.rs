@@ -1,6 +1,6 @@
 //! The standard workloads of design.md 4.1, for benchmarks and reports.
 
-use attngen_codegen::{AttentionSpec, Mask, cost};
+use attngen_codegen::{AttentionSpec, Form, Mask, cost};
 
 use crate::{Shape, Tensor};
 
@@ -93,11 +93,15 @@ impl Workload {
         cost::attention_flops(&self.spec, s.batch as u64, s.seq_q as u64, s.seq_k as u64)
     }
 
-    /// FLOPs of one call in the form the kernels run it ([`cost::kernel_flops`]: absorbed for
-    /// MLA, else as [`Workload::flops`]).
-    pub fn kernel_flops(&self) -> u64 {
-        let s = self.shape;
-        cost::kernel_flops(&self.spec, s.batch as u64, s.seq_q as u64, s.seq_k as u64)
+    /// FLOPs of one call in `form` ([`cost::kernel_flops`] for the grouped and the absorbed
+    /// form, [`cost::expanded_flops`] for the expanded one).
+    pub fn kernel_flops(&self, form: Form) -> u64 {
+        let (s, spec) = (self.shape, &self.spec);
+        let (b, q, k) = (s.batch as u64, s.seq_q as u64, s.seq_k as u64);
+        match form {
+            Form::LatentExpanded => cost::expanded_flops(spec, b, q, k),
+            Form::Grouped | Form::LatentAbsorbed => cost::kernel_flops(spec, b, q, k),
+        }
     }
 
     /// Compulsory memory traffic of one call: every input read once, `out` and `lse` written

@@ -1,6 +1,6 @@
 //! proptest strategies for valid specs, call shapes and inputs.
 
-use attngen::{AttentionSpec, GroupMap, Inputs, Mask, Shape, Tensor};
+use attngen::{AttentionSpec, GroupMap, Inputs, Mask, MlaForm, Shape, Tensor};
 use proptest::prelude::*;
 
 /// Size limits for generated specs.
@@ -70,7 +70,12 @@ fn latent(limits: Limits) -> impl Strategy<Value = AttentionSpec> {
         .prop_filter("nope_dim + rope_dim in 1..=dim", move |(_, _, rope, nope, _)| {
             (1..=limits.dim).contains(&(rope + nope))
         })
-        .prop_map(|(h, rank, rope, nope, dv)| AttentionSpec::mla(h, rank, rope, nope, dv))
+        .prop_flat_map(|(h, rank, rope, nope, dv)| {
+            // Either form forced, or the per-call choice: every form meets every shape.
+            let forms = [MlaForm::Auto, MlaForm::Absorbed, MlaForm::Expanded];
+            proptest::sample::select(forms.to_vec())
+                .prop_map(move |form| AttentionSpec::mla(h, rank, rope, nope, dv).mla_form(form))
+        })
 }
 
 /// Any valid spec within `limits`: every variant, map, mask, and optional scale and softcap.

@@ -3,7 +3,8 @@
 
 use attngen::harness;
 use attngen::{
-    AttentionSpec, Error, GroupMap, Isa, Jit, JitOptions, Kernel, KvLayout, Mask, Shape, Tensor,
+    AttentionSpec, Error, Form, GroupMap, Isa, Jit, JitOptions, Kernel, KvLayout, Mask, MlaForm,
+    Shape, Tensor,
 };
 use attngen_tests::strategies::{self, Limits, OwnedInputs};
 use attngen_tests::{assert_errors_leave_outputs_untouched, compare_with_reference};
@@ -132,6 +133,36 @@ fn split_decode_merges_like_the_reference() {
             }
         }
     }
+}
+
+#[test]
+fn latent_kernels_choose_their_form_per_call_and_both_match_the_reference() {
+    let jits = jits();
+    let lite = AttentionSpec::mla(4, 64, 8, 16, 12).mask(Mask::Causal);
+    let auto = jits[0].compile(&lite).unwrap();
+    let forms: Vec<Form> = auto.plans().map(|plan| plan.form).collect();
+    assert_eq!(forms, [Form::LatentAbsorbed, Form::LatentExpanded]);
+    // Decode absorbs; a long prefill up-projects (each key then serves hundreds of queries).
+    let (decode, prefill) = (Shape::new(1, 1, 1500), Shape::new(1, 400, 400));
+    assert_eq!(auto.form_for(decode), Form::LatentAbsorbed);
+    assert_eq!(auto.form_for(prefill), Form::LatentExpanded);
+    for form in [MlaForm::Auto, MlaForm::Absorbed, MlaForm::Expanded] {
+        let spec = lite.clone().mla_form(form);
+        for (n, shape) in [decode, prefill, Shape::new(3, 70, 200)].into_iter().enumerate() {
+            let inputs = OwnedInputs::random(&spec, shape, 90 + n as u64, 1.0);
+            for jit in &jits {
+                if let Err(e) = compare(jit, &spec, shape, &inputs, 1.0) {
+                    panic!("{} {form} at {shape:?}: {e}", jit.isa());
+                }
+            }
+        }
+    }
+    // A forced form compiles alone and runs whatever the shape, splits included.
+    let expanded = jits[0].compile(&lite.clone().mla_form(MlaForm::Expanded)).unwrap();
+    assert_eq!(expanded.plans().count(), 1);
+    assert_eq!(expanded.form_for(decode), Form::LatentExpanded);
+    let schedule = expanded.plan().schedule(decode.batch, decode.seq_q, decode.seq_k, 2);
+    assert!(schedule.splits > 1, "{schedule:?}");
 }
 
 #[test]

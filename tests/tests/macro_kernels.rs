@@ -48,6 +48,23 @@ struct MlaRope;
 )]
 struct MlaNoRope;
 
+#[attngen::kernel(
+    q_heads = 3,
+    v_head_dim = 20,
+    mask = "causal",
+    latent = { rank = 24, rope_dim = 8, nope_dim = 12, form = "expanded" }
+)]
+struct MlaExpanded;
+
+#[attngen::kernel(
+    q_heads = 2,
+    v_head_dim = 16,
+    mask = { sliding_window = 37 },
+    softcap = 20.0,
+    latent = { rank = 32, rope_dim = 0, nope_dim = 16, form = "expanded" }
+)]
+struct MlaExpandedWindow;
+
 #[attngen::kernel(spec = "../specs/llama3-8b.toml")]
 struct Llama3FromFile;
 
@@ -62,6 +79,8 @@ fn kernels(isa: Isa) -> Vec<MacroKernel> {
         OneWide::with_isa(isa),
         MlaRope::with_isa(isa),
         MlaNoRope::with_isa(isa),
+        MlaExpanded::with_isa(isa),
+        MlaExpandedWindow::with_isa(isa),
     ]
 }
 
@@ -180,7 +199,8 @@ fn hidden_nan_keys_do_not_leak_and_visible_ones_do() {
 #[test]
 fn functions_from_another_plan_never_run() {
     let spec = GqaCausal.spec().clone();
-    let kernel = MacroKernel::new(spec, "KernelPlan { .. another version .. }", Vec::new(), None);
+    let kernel =
+        MacroKernel::new(spec, &["KernelPlan { .. another version .. }"], Vec::new(), None);
     let shape = Shape::new(1, 1, 1);
     let inputs = OwnedInputs::random(kernel.spec(), shape, 1, 1.0);
     let mut out = vec![-7.0; 8 * 16];

@@ -1,4 +1,5 @@
-//! Absorbed MLA's per-head call-level programs: the query absorption and the output projection.
+//! MLA's programs besides the items: absorbed MLA's per-head query absorption and output
+//! projection, and expanded MLA's per-tile up-projection of keys and values.
 
 use super::*;
 
@@ -55,5 +56,43 @@ impl Translator<'_> {
             self.int(0),
         );
         self.call(Callee::DotNt, &[rows, v_dim, rank, a, lda, w, rank, c, ldc, zero, zero]);
+    }
+
+    /// Expand: `keys[r] = [c_kv[b, j0 + r] · W_UK[h]ᵀ, k_rope[b, j0 + r]]` for the tile's `n`
+    /// rows (the program's `k_lo` and `k_hi` parameters hold j0 and n, `scratch` the keys).
+    pub(super) fn expand_keys(&mut self, rank: usize, nope: usize, rope: usize) {
+        let d = nope + rope;
+        let a = self.latent_rows(offsets::C_KV, rank);
+        let w = self.head_slice(offsets::W_UK, nope * rank);
+        let (n, keys) = (self.k_hi, self.scratch);
+        let (nope_v, rank_v, d_v, zero) =
+            (self.int(nope as i64), self.int(rank as i64), self.int(d as i64), self.int(0));
+        self.call(Callee::DotNt, &[n, nope_v, rank_v, a, rank_v, w, rank_v, keys, d_v, zero, zero]);
+        if rope > 0 {
+            let src = self.latent_rows(offsets::K_ROPE, rope);
+            let dst = self.add_imm(keys, 4 * nope);
+            let (rope, panel) = (self.int(rope as i64), self.int(PANEL as i64));
+            self.call(Callee::PackRows, &[n, rope, src, rope, dst, d_v, panel]);
+        }
+    }
+
+    /// Expand: `values[r] = c_kv[b, j0 + r] · W_UV[h]ᵀ` for the tile's `n` rows (`state`
+    /// holds the values' address).
+    pub(super) fn expand_values(&mut self, rank: usize, v_dim: usize) {
+        let a = self.latent_rows(offsets::C_KV, rank);
+        let w = self.head_slice(offsets::W_UV, v_dim * rank);
+        let (n, values) = (self.k_hi, self.state);
+        let (v_dim, rank, zero) = (self.int(v_dim as i64), self.int(rank as i64), self.int(0));
+        self.call(Callee::DotNt, &[n, v_dim, rank, a, rank, w, rank, values, v_dim, zero, zero]);
+    }
+
+    /// Row `b·Sk + j0` of the `[B, Sk, width]` cache tensor at byte offset `field`.
+    fn latent_rows(&mut self, field: i32, width: usize) -> Value {
+        let seq_k = self.b.ins().load(types::I64, mem(), self.args, offsets::SEQ_K);
+        let row = self.mul(self.batch, seq_k);
+        let row = self.add(row, self.k_lo);
+        let at = self.mul_imm(row, width);
+        let base = self.arg(field);
+        self.float_addr(base, at)
     }
 }

@@ -21,7 +21,8 @@ use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
 
 use crate::abi::{
-    AbiFn, Callee, FinishFn, HeadFn, ItemFn, PANEL, Param, PrefetchRows, offsets, prefetch_offsets,
+    AbiFn, Callee, ExpandFn, FinishFn, HeadFn, ItemFn, PANEL, Param, PrefetchRows, offsets,
+    prefetch_offsets,
 };
 use crate::ir::{DotScores, KernelIr, Op, Operand, Prefetch, ScoreTerm, TileSource};
 use crate::plan::{CacheRow, HeadMap, KernelPlan};
@@ -48,6 +49,8 @@ pub struct ClifKernel {
     pub finish: Function,
     /// `epilogue(args, h)`, when the IR has one (absorbed MLA).
     pub epilogue: Option<Function>,
+    /// `expand(args, b, h, j0, n, keys, values)`, when the IR has one (expanded MLA).
+    pub expand: Option<Function>,
 }
 
 /// The Cranelift signature of an ABI function type ([`crate::abi::AbiFn`]): `ItemFn`,
@@ -91,7 +94,8 @@ pub fn emit(
     let item = build(&ir.item, Program::Item);
     let finish = build(&ir.finish, Program::Finish);
     let epilogue = (!ir.epilogue.is_empty()).then(|| build(&ir.epilogue, Program::Epilogue));
-    ClifKernel { prologue, item, finish, epilogue }
+    let expand = (!ir.expand.is_empty()).then(|| build(&ir.expand, Program::Expand));
+    ClifKernel { prologue, item, finish, epilogue, expand }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -100,6 +104,7 @@ enum Program {
     Item,
     Finish,
     Epilogue,
+    Expand,
 }
 
 /// Unaligned, non-trapping: every address is in bounds (checked by the runtime before the call).
@@ -197,6 +202,7 @@ impl<'a> Translator<'a> {
             Program::Finish => (1, signature::<FinishFn>(call_conv)),
             Program::Prologue => (2, signature::<HeadFn>(call_conv)),
             Program::Epilogue => (3, signature::<HeadFn>(call_conv)),
+            Program::Expand => (4, signature::<ExpandFn>(call_conv)),
         };
         let mut func = Function::with_name_signature(UserFuncName::user(0, name), sig);
         let callees = Callee::ALL.map(|callee| {
@@ -221,7 +227,8 @@ impl<'a> Translator<'a> {
         let zero = b.ins().iconst(types::I64, 0);
         let one = b.ins().iconst(types::I64, 1);
         // (b, g0, groups, q0, k_lo, k_hi, scratch, state, state_stride, n_states); the per-head
-        // programs have only their head (p[1]) and work on whole call buffers.
+        // programs have only their head (p[1]) and work on whole call buffers; expand's
+        // (b, h, j0, n, keys, values) take batch, head, k_lo, k_hi, scratch and state.
         let (batch, g0, groups, q0, k_lo, k_hi, scratch, state, state_stride, n_states) =
             match program {
                 Program::Item => (p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], zero),
@@ -229,9 +236,11 @@ impl<'a> Translator<'a> {
                 Program::Prologue | Program::Epilogue => {
                     (zero, zero, one, zero, zero, zero, zero, zero, zero, zero)
                 }
+                Program::Expand => (p[1], zero, one, zero, p[3], p[4], p[5], p[6], zero, zero),
             };
         let head = match program {
             Program::Prologue | Program::Epilogue => p[1],
+            Program::Expand => p[2],
             Program::Item | Program::Finish => zero,
         };
         let args = p[0];

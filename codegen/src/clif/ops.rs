@@ -31,6 +31,8 @@ impl Translator<'_> {
             Op::StoreOut { into } => self.store_out(*into),
             Op::ProjectOut { rank, v_dim } => self.project_out(*rank, *v_dim),
             Op::StoreLse => self.store_lse(),
+            Op::ExpandKeys { rank, nope, rope } => self.expand_keys(*rank, *nope, *rope),
+            Op::ExpandValues { rank, v_dim } => self.expand_values(*rank, *v_dim),
             Op::Scores(_)
             | Op::OnlineSoftmax { .. }
             | Op::AccumulateValues { .. }

@@ -252,6 +252,14 @@ impl Translator<'_> {
         width: usize,
         j0: Value,
     ) -> (Value, Value) {
+        if let Some(layout) = source.call_packed.filter(|layout| layout.per_task) {
+            // CallPacking::per_task: key j at (j − packed_first_key)·D.
+            let first = self.arg(offsets::PACKED_FIRST_KEY);
+            let row = self.b.ins().isub(j0, first);
+            let idx = self.mul_imm(row, layout.key_width);
+            let base = self.arg(offsets::K_PACKED);
+            return (self.float_addr(base, idx), self.int(width as i64));
+        }
         let (in_place, stride) = self.kv_rows(source.cache, j0);
         let item = source.item_packed.map(|item| {
             let packed = self.tile_addr(item.tile);
@@ -293,6 +301,17 @@ impl Translator<'_> {
     /// call's packed panels when there are some, else the item's packed tile when it packs,
     /// else the cache rows in place. Both packed forms store a tile as panels `k_tile` deep.
     pub(super) fn value_side(&mut self, source: &TileSource, j0: Value) -> (Value, Value, Value) {
+        if let Some(layout) = source.call_packed.filter(|layout| layout.per_task) {
+            // CallPacking::per_task: key j's tile at (j − packed_first_key) / k_tile, row-major.
+            let first = self.arg(offsets::PACKED_FIRST_KEY);
+            let key = self.b.ins().isub(j0, first);
+            let tile = self.b.ins().udiv_imm_u(key, layout.k_tile as i64);
+            let idx = self.mul_imm(tile, layout.value_tile());
+            let base = self.arg(offsets::V_PACKED);
+            let (row, panel) =
+                (self.int(layout.value_row() as i64), self.int(layout.value_panel() as i64));
+            return (self.float_addr(base, idx), row, panel);
+        }
         let (in_place, stride) = self.kv_rows(source.cache, j0);
         let (panel_row, panel) = (self.int(PANEL as i64), self.int(PANEL as i64));
         let stride = self.int(stride as i64);

@@ -1,10 +1,12 @@
 //! Emits Rust tokens for the proc macros: the construction of a validated [`AttentionSpec`]
 //! (`attngen::spec!`), and a whole kernel (`#[attngen::kernel]`, [`kernel_tokens`]).
 //!
-//! A kernel is the spec's [`KernelIr`] translated into the four `extern "C"` functions of
-//! [`crate::abi`] ([`program`]), stamped once per ISA with its target features and its
-//! pre-compiled tile routines, plus the impls that hand them to attngen's executor — the one
-//! every backend runs through, which picks the ISA at first use.
+//! A kernel is the spec's [`KernelIr`] translated into the `extern "C"` functions of
+//! [`crate::abi`] ([`program`]), once per form the spec compiles ([`KernelPlan::all`]: a
+//! latent spec whose calls choose their form has two), stamped once per ISA with its target
+//! features and its pre-compiled tile routines, plus the impls that hand them to attngen's
+//! executor — the one every backend runs through, which picks the ISA at first use and the
+//! form per call.
 
 mod program;
 
@@ -13,7 +15,7 @@ use quote::{format_ident, quote};
 
 use crate::ir::{self, KernelIr};
 use crate::plan::{HeadMap, KernelPlan};
-use crate::spec::{AttentionSpec, GroupMap, KvLayout, Mask};
+use crate::spec::{AttentionSpec, GroupMap, KvLayout, Mask, MlaForm};
 
 /// One ISA the generated kernels are compiled for: the module of `attngen::__private` holding
 /// its tile routines, the target features its functions enable (the same as those routines'),
@@ -57,28 +59,39 @@ pub fn kernel_tokens(
     spec: &AttentionSpec,
     tracked_file: Option<&str>,
 ) -> TokenStream {
-    let plan = KernelPlan::new(spec);
-    let program = ir::lower(&plan);
+    let plans = KernelPlan::all(spec);
+    let programs: Vec<KernelIr> = plans.iter().map(ir::lower).collect();
     let module = format_ident!("__attngen_kernel_{}", name.to_string().to_lowercase());
     let spec_expr = spec_tokens(spec);
-    let plan_debug = format!("{plan:?}");
-    let group_heads = group_heads(&plan);
+    let plan_debug: Vec<String> = plans.iter().map(|plan| format!("{plan:?}")).collect();
+    let group_heads = group_heads(&plans[0]);
     let mut versions = TokenStream::new();
     let mut table = TokenStream::new();
     for isa in ISA_VERSIONS {
         let ident = format_ident!("{}", isa.module);
-        let fns = program::functions(&plan, &program, &target_features(isa));
+        let mut forms = TokenStream::new();
+        let mut entries = Vec::new();
+        for (plan, program) in plans.iter().zip(&programs) {
+            let form = format_ident!("{}", plan.form.name());
+            let fns = program::functions(plan, program, &target_features(isa));
+            forms.extend(quote! {
+                pub mod #form {
+                    use super::super::*;
+                    use ::attngen::__private::#ident as routines;
+                    #fns
+                }
+            });
+            entries.push(entry_points(&quote!(#ident::#form), program));
+        }
         let cfg = isa.x86_only.then(|| quote!(#[cfg(target_arch = "x86_64")]));
         versions.extend(quote! {
             #cfg
             pub mod #ident {
-                use super::*;
-                use ::attngen::__private::#ident as routines;
-                #fns
+                #forms
             }
         });
-        let entries = entry_points(&ident, &program);
         let variant = format_ident!("{}", isa.variant);
+        let entries = quote!(::std::vec![#(#entries),*]);
         versions_table(&mut table, cfg, quote!((::attngen::Isa::#variant, #entries)));
     }
     let track = tracked_file.map(|path| {
@@ -100,11 +113,11 @@ pub fn kernel_tokens(
                 #spec_expr
             }
 
-            /// The plan the functions were generated from, as `{:?}` prints it.
-            pub const PLAN: &str = #plan_debug;
+            /// The plan of each form the functions were generated from, as `{:?}` prints it.
+            pub const PLANS: &[&str] = &[#(#plan_debug),*];
 
-            /// The functions of every ISA this target has.
-            pub fn versions() -> ::std::vec::Vec<(::attngen::Isa, ::attngen::__private::EntryPoints)> {
+            /// The functions of every ISA this target has, one set per form.
+            pub fn versions() -> ::std::vec::Vec<(::attngen::Isa, ::std::vec::Vec<::attngen::__private::EntryPoints>)> {
                 let mut versions = ::std::vec::Vec::new();
                 #table
                 versions
@@ -117,14 +130,14 @@ pub fn kernel_tokens(
             pub fn compiled() -> &'static ::attngen::MacroKernel {
                 static KERNEL: ::std::sync::OnceLock<::attngen::MacroKernel> = ::std::sync::OnceLock::new();
                 KERNEL.get_or_init(|| {
-                    ::attngen::MacroKernel::new(#module::spec(), #module::PLAN, #module::versions(), None)
+                    ::attngen::MacroKernel::new(#module::spec(), #module::PLANS, #module::versions(), None)
                 })
             }
 
             /// The kernel's functions for `isa` (for comparisons and tests): running it fails
             /// with `attngen::Error::Isa` if this CPU lacks `isa`.
             pub fn with_isa(isa: ::attngen::Isa) -> ::attngen::MacroKernel {
-                ::attngen::MacroKernel::new(#module::spec(), #module::PLAN, #module::versions(), Some(isa))
+                ::attngen::MacroKernel::new(#module::spec(), #module::PLANS, #module::versions(), Some(isa))
             }
         }
 
@@ -154,25 +167,27 @@ fn versions_table(table: &mut TokenStream, cfg: Option<TokenStream>, entry: Toke
     });
 }
 
-/// `EntryPoints` of the ISA module `isa`.
-fn entry_points(isa: &Ident, program: &KernelIr) -> TokenStream {
-    let optional = |present: bool, name: &str| {
-        let name = format_ident!("{name}");
-        match present {
-            true => {
-                quote!(::core::option::Option::Some(#isa::#name as ::attngen::__private::abi::HeadFn))
+/// `EntryPoints` of the functions in module `path` (an ISA's module of one form).
+fn entry_points(path: &TokenStream, program: &KernelIr) -> TokenStream {
+    let optional = |ops: &[ir::Op], name: &str, ty: &str| {
+        let (name, ty) = (format_ident!("{name}"), format_ident!("{ty}"));
+        match ops.is_empty() {
+            false => {
+                quote!(::core::option::Option::Some(#path::#name as ::attngen::__private::abi::#ty))
             }
-            false => quote!(::core::option::Option::None),
+            true => quote!(::core::option::Option::None),
         }
     };
-    let prologue = optional(!program.prologue.is_empty(), "prologue");
-    let epilogue = optional(!program.epilogue.is_empty(), "epilogue");
+    let prologue = optional(&program.prologue, "prologue", "HeadFn");
+    let epilogue = optional(&program.epilogue, "epilogue", "HeadFn");
+    let expand = optional(&program.expand, "expand", "ExpandFn");
     quote! {
         ::attngen::__private::EntryPoints {
             prologue: #prologue,
-            item: #isa::item,
-            finish: #isa::finish,
+            item: #path::item,
+            finish: #path::finish,
             epilogue: #epilogue,
+            expand: #expand,
         }
     }
 }
@@ -214,8 +229,13 @@ pub fn spec_tokens(spec: &AttentionSpec) -> TokenStream {
         }
         KvLayout::Latent(l) => {
             let (rank, rope_dim, nope_dim) = (l.rank, l.rope_dim, l.nope_dim);
+            let form = match l.form {
+                MlaForm::Auto => quote!(::attngen::MlaForm::Auto),
+                MlaForm::Absorbed => quote!(::attngen::MlaForm::Absorbed),
+                MlaForm::Expanded => quote!(::attngen::MlaForm::Expanded),
+            };
             quote!(::attngen::KvLayout::Latent(::attngen::LatentKv {
-                rank: #rank, rope_dim: #rope_dim, nope_dim: #nope_dim
+                rank: #rank, rope_dim: #rope_dim, nope_dim: #nope_dim, form: #form
             }))
         }
     };

@@ -1,4 +1,4 @@
-//! Translates a kernel's tile programs ([`crate::ir`]) into Rust: the four `extern "C"`
+//! Translates a kernel's tile programs ([`crate::ir`]) into Rust: the `extern "C"`
 //! functions of [`crate::abi`] with every size of the plan a constant, calling the
 //! pre-compiled tile routines through `routines::` (the caller binds that path to one ISA's
 //! routines and stamps the functions with its target features).
@@ -15,8 +15,8 @@ use crate::ir::{DotScores, KernelIr, Op, Operand, Prefetch, ScoreTerm, TileSourc
 use crate::plan::{CacheRow, HeadMap, KernelPlan};
 use crate::spec::Mask;
 
-/// The four entry points of a kernel (`prologue` and `epilogue` only for absorbed MLA), each
-/// preceded by `attributes` (the ISA's `#[target_feature]`).
+/// The entry points of a kernel (`prologue` and `epilogue` only for absorbed MLA, `expand`
+/// only for expanded MLA), each preceded by `attributes` (the ISA's `#[target_feature]`).
 pub fn functions(plan: &KernelPlan, ir: &KernelIr, attributes: &TokenStream) -> TokenStream {
     let emitter = Emitter { plan };
     let item = emitter.ops(&ir.item, None);
@@ -93,6 +93,34 @@ pub fn functions(plan: &KernelPlan, ir: &KernelIr, attributes: &TokenStream) -> 
                 // SAFETY: as for `item`: head < H, and every tensor holds B × Sq rows.
                 unsafe {
                     let args = &*args;
+                    #body
+                }
+            }
+        });
+    }
+    if !ir.expand.is_empty() {
+        let body = emitter.ops(&ir.expand, None);
+        fns.extend(quote! {
+            /// `expand` (see `attngen_codegen::abi::ExpandFn`).
+            ///
+            /// # Safety
+            /// As for `item`: b < B, head < H, keys j0..j0 + n within the sequence's rows, and
+            /// `keys` and `values` hold n rows of D and Dv floats.
+            #attributes
+            pub unsafe extern "C" fn expand(
+                args: *const CallArgs,
+                b: usize,
+                head: usize,
+                j0: usize,
+                n: usize,
+                keys: *mut f32,
+                values: *mut f32,
+            ) {
+                // SAFETY: as for `item`: every address below is a row of sequence b's
+                // c_kv or k_rope, a head-h weight matrix, or one of the n destination rows.
+                unsafe {
+                    let args = &*args;
+                    let latent_row = b * args.seq_k + j0;
                     #body
                 }
             }
@@ -178,6 +206,8 @@ impl Emitter<'_> {
             Op::Normalize => self.normalize(),
             Op::StoreOut { into } => self.store_out(*into),
             Op::ProjectOut { rank, v_dim } => self.project_out(*rank, *v_dim),
+            Op::ExpandKeys { rank, nope, rope } => self.expand_keys(*rank, *nope, *rope),
+            Op::ExpandValues { rank, v_dim } => self.expand_values(*rank, *v_dim),
             Op::StoreLse => self.store_lse(),
         }
     }
@@ -429,6 +459,13 @@ impl Emitter<'_> {
     /// the item's packed tile when it packs, else the cache rows in place.
     fn key_side(&self, source: &TileSource, width: usize) -> TokenStream {
         let width_lit = lit(width);
+        if let Some(layout) = source.call_packed.filter(|layout| layout.per_task) {
+            let key_width = lit(layout.key_width);
+            // CallPacking::per_task: key j at (j − packed_first_key)·D.
+            return quote! {
+                (args.k_packed.add((j0 - args.packed_first_key) * #key_width), #width_lit)
+            };
+        }
         let in_place = self.kv_rows(source.cache, quote!(j0), quote!(g));
         let stride = lit(self.cache_row(source.cache).stride);
         let mut side = quote!((#in_place, #stride));
@@ -456,6 +493,18 @@ impl Emitter<'_> {
     /// there are some, else the item's packed tile when it packs, else the cache rows in place.
     fn value_side(&self, source: &TileSource) -> TokenStream {
         let panel = lit(PANEL);
+        if let Some(layout) = source.call_packed.filter(|layout| layout.per_task) {
+            let (k_tile, tile_floats, row, panel_floats) = (
+                lit(layout.k_tile),
+                lit(layout.value_tile()),
+                lit(layout.value_row()),
+                lit(layout.value_panel()),
+            );
+            // CallPacking::per_task: key j's tile at (j − packed_first_key) / k_tile, row-major.
+            return quote! {
+                (args.v_packed.add((j0 - args.packed_first_key) / #k_tile * #tile_floats), #row, #panel_floats)
+            };
+        }
         let in_place = self.kv_rows(source.cache, quote!(j0), quote!(g));
         let stride = lit(self.cache_row(source.cache).stride);
         let mut side = quote!((#in_place, #stride, #panel));
@@ -859,6 +908,33 @@ impl Emitter<'_> {
             routines::dot_nt(args.batch * args.seq_q, #v_dim_lit, #rank,
                 args.latent_out.add(head * #a_head).cast_const(), #lda, args.w_uv.add(head * #w_head),
                 #rank, args.out.add(head * #v_dim_lit), #ldc, 0, ::core::ptr::null());
+        }
+    }
+
+    /// Expand: `keys[r] = [c_kv[b, j0 + r] · W_UK[h]ᵀ, k_rope[b, j0 + r]]` for r < n.
+    fn expand_keys(&self, rank: usize, nope: usize, rope: usize) -> TokenStream {
+        let (d, w_head) = (lit(nope + rope), lit(nope * rank));
+        let (rank, nope_lit) = (lit(rank), lit(nope));
+        let mut code = quote! {
+            routines::dot_nt(n, #nope_lit, #rank, args.c_kv.add(latent_row * #rank), #rank,
+                args.w_uk.add(head * #w_head), #rank, keys, #d, 0, ::core::ptr::null());
+        };
+        if rope > 0 {
+            let (rope, panel) = (lit(rope), lit(PANEL));
+            code.extend(quote! {
+                ::attngen::__private::pack_rows(n, #rope, args.k_rope.add(latent_row * #rope),
+                    #rope, keys.add(#nope_lit), #d, #panel);
+            });
+        }
+        code
+    }
+
+    /// Expand: `values[r] = c_kv[b, j0 + r] · W_UV[h]ᵀ` for r < n.
+    fn expand_values(&self, rank: usize, v_dim: usize) -> TokenStream {
+        let (w_head, rank, v_dim) = (lit(v_dim * rank), lit(rank), lit(v_dim));
+        quote! {
+            routines::dot_nt(n, #v_dim, #rank, args.c_kv.add(latent_row * #rank), #rank,
+                args.w_uv.add(head * #w_head), #rank, values, #v_dim, 0, ::core::ptr::null());
         }
     }
 }
