@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use attngen::{Isa, Jit, JitOptions, Kernel, Reference, Shape, Tensor, Workload};
+use attngen::{Form, Isa, Jit, JitOptions, Kernel, MlaForm, Reference, Shape, Tensor, Workload};
 use serde::Serialize;
 
 use crate::{Backend, Failure, emit, load_spec, peak, roofline, table};
@@ -46,6 +46,104 @@ pub struct BenchArgs {
     /// Also draw a roofline chart (SVG): the FMA and bandwidth ceilings and every result.
     #[arg(long, value_name = "FILE.svg")]
     pub roofline: Option<PathBuf>,
+    /// Instead of workloads, time the two MLA forms and the cost model's per-call choice on
+    /// DeepSeek-V2-Lite (or `--spec`'s latent spec) over Sq in {1, 16, 128, 1024} x Sk in
+    /// {1024, 4096}, B = 1, with the JIT: how far the choice is from the faster form.
+    #[arg(long)]
+    pub forms: bool,
+}
+
+/// One shape of the `--forms` grid.
+#[derive(Serialize)]
+struct FormsRow {
+    seq_q: usize,
+    seq_k: usize,
+    absorbed_ms: f64,
+    expanded_ms: f64,
+    /// The form the cost model picks.
+    choice: &'static str,
+    /// The choice's time over the faster form's (1.0: the choice is the faster).
+    choice_vs_best: f64,
+    /// GFLOP/s of the faster form, in its own FLOPs.
+    best_gflops: f64,
+}
+
+/// `bench --forms`: both MLA forms and the choice, timed in alternating rounds per shape.
+fn forms_grid(args: &BenchArgs, threads: usize) -> Result<(), Failure> {
+    let spec = match &args.spec {
+        Some(path) => load_spec(path)?,
+        None => Workload::standard().swap_remove(4).spec,
+    };
+    if spec.requested_form().is_none() {
+        return Err(Failure::input("--forms needs a latent (MLA) spec"));
+    }
+    let isa = isas(&args.isas)?[0];
+    let jit = Jit::with_options(JitOptions::default().isa(isa).threads(threads))
+        .map_err(|e| Failure { status: 2, message: e.to_string() })?;
+    let mut rows = Vec::new();
+    for seq_k in [1024, 4096] {
+        for seq_q in [1, 16, 128, 1024] {
+            let shape = Shape::new(1, seq_q, seq_k);
+            let workload = Workload {
+                id: format!("{seq_q}x{seq_k}"),
+                description: "MLA form grid",
+                spec: spec.clone(),
+                shape,
+            };
+            let mut timed = Vec::new();
+            for form in [MlaForm::Absorbed, MlaForm::Expanded] {
+                let forced = Workload { spec: spec.clone().mla_form(form), ..workload.clone() };
+                timed.push(build(&forced, Backend::Jit, &jit, threads)?);
+            }
+            let choice =
+                jit.compile(&spec.clone().mla_form(MlaForm::Auto)).map_err(Failure::input)?;
+            let choice = choice.form_for(shape);
+            let times = time(&workload, timed, args.runs)?;
+            let (absorbed, expanded) = (&times[0], &times[1]);
+            let best = if absorbed.median_ms <= expanded.median_ms { absorbed } else { expanded };
+            let chosen = match choice {
+                Form::LatentExpanded => expanded.median_ms,
+                _ => absorbed.median_ms,
+            };
+            rows.push(FormsRow {
+                seq_q,
+                seq_k,
+                absorbed_ms: absorbed.median_ms,
+                expanded_ms: expanded.median_ms,
+                choice: choice.name(),
+                choice_vs_best: chosen / best.median_ms,
+                best_gflops: best.kernel_gflops,
+            });
+        }
+    }
+    if args.json {
+        let text = serde_json::to_string_pretty(&rows).expect("plain data serialises");
+        return emit(&format!("{text}\n"));
+    }
+    let header =
+        ["Sq", "Sk", "absorbed ms", "expanded ms", "choice", "choice vs best", "best GFLOP/s"];
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.seq_q.to_string(),
+                r.seq_k.to_string(),
+                format!("{:.3}", r.absorbed_ms),
+                format!("{:.3}", r.expanded_ms),
+                r.choice.to_owned(),
+                format!("{:.2}", r.choice_vs_best),
+                format!("{:.1}", r.best_gflops),
+            ]
+        })
+        .collect();
+    let mut text = format!(
+        "{} ({}), B = 1, {threads} threads, micro-kernels {isa}\n",
+        spec.name.as_deref().unwrap_or("MLA"),
+        spec.summary()
+    );
+    text.push_str(&table::render(&header, &[true, true, true, true, false, true, true], &cells));
+    text.push_str("choice vs best: the chosen form's median over the faster one's (both timed in alternating rounds); best GFLOP/s in the faster form's own FLOPs.\n");
+    emit(&text)
 }
 
 #[derive(Serialize)]
@@ -95,6 +193,8 @@ struct Row {
     flops: u64,
     /// The FLOPs of the form the kernel runs ([`Workload::kernel_flops`]).
     kernel_flops: u64,
+    /// That form: `grouped`, `absorbed` or `expanded`.
+    form: &'static str,
     bytes: u64,
     /// Kernel FLOPs per byte of compulsory traffic (inputs read once, outputs written once).
     intensity: f64,
@@ -104,10 +204,13 @@ struct Row {
 
 /// Runs the benchmark and prints the table or JSON.
 pub fn bench(args: BenchArgs) -> Result<(), Failure> {
-    let workloads = select(&args)?;
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
+    if args.forms {
+        return forms_grid(&args, threads);
+    }
+    let workloads = select(&args)?;
     let isas = isas(&args.isas)?;
     let jits = isas
         .iter()
@@ -211,6 +314,8 @@ struct Timed {
     isa: &'static str,
     kernel: Box<dyn Kernel>,
     compile_ms: Option<f64>,
+    /// The form the kernel runs the workload's call in (the reference: the spec's first).
+    form: Form,
 }
 
 /// The kernel of `backend` for `workload`: the JIT's and macro's with `jit`'s ISA, on
@@ -222,6 +327,7 @@ fn build(
     threads: usize,
 ) -> Result<Timed, Failure> {
     let spec = &workload.spec;
+    let mut form = Form::compiled(spec)[0];
     let (kernel, compile_ms): (Box<dyn Kernel>, Option<f64>) = match backend {
         Backend::Interp => (Box::new(Reference::new(spec).map_err(Failure::input)?), None),
         Backend::Perturbed => {
@@ -230,19 +336,22 @@ fn build(
         Backend::Jit => {
             let kernel = jit.compile(spec).map_err(Failure::input)?;
             let ms = kernel.compile_time().as_secs_f64() * 1e3;
+            form = kernel.form_for(workload.shape);
             (Box::new(kernel), Some(ms))
         }
         Backend::Macro => {
             let kernel = crate::bundled::kernel(spec, jit.isa())
                 .ok_or_else(|| Failure::input(crate::bundled::missing(spec)))?;
-            (Box::new(kernel.threads(threads).map_err(Failure::input)?), Some(0.0))
+            let kernel = kernel.threads(threads).map_err(Failure::input)?;
+            form = kernel.form_for(workload.shape);
+            (Box::new(kernel), Some(0.0))
         }
     };
     let isa = match backend {
         Backend::Jit | Backend::Macro => jit.isa().name(),
         Backend::Interp | Backend::Perturbed => "",
     };
-    Ok(Timed { backend, isa, kernel, compile_ms })
+    Ok(Timed { backend, isa, kernel, compile_ms, form })
 }
 
 /// Times `kernels` on `workload`. The interpreter is slow: one timed run. The compiled
@@ -284,10 +393,10 @@ fn time(workload: &Workload, kernels: Vec<Timed>, max_runs: usize) -> Result<Vec
         }
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let (flops, kernel_flops, bytes) =
-        (workload.flops(), workload.kernel_flops(), workload.kv_bytes());
+    let (flops, bytes) = (workload.flops(), workload.kv_bytes());
     let rows = kernels.into_iter().zip(times).map(|(timed, mut times)| {
         times.sort();
+        let kernel_flops = workload.kernel_flops(timed.form);
         let median = ms(times[times.len() / 2]);
         Row {
             workload: workload.id.clone(),
@@ -302,6 +411,7 @@ fn time(workload: &Workload, kernels: Vec<Timed>, max_runs: usize) -> Result<Vec
             gbs: bytes as f64 / median / 1e6,
             flops,
             kernel_flops,
+            form: timed.form.name(),
             bytes,
             intensity: kernel_flops as f64 / workload.compulsory_bytes() as f64,
             compile_ms: timed.compile_ms,
@@ -397,6 +507,6 @@ fn render(report: &Report) -> String {
         &cells,
     ));
     text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once.\n");
-    text.push_str("GFLOP/s run: the FLOPs of the form the kernel computes (absorbed MLA: q' = q·W_UK, attention over the latent, out = o'·W_UV), against the peak of the row's ISA.\n");
+    text.push_str("GFLOP/s run: the FLOPs of the form the kernel computes for the call (absorbed MLA: q' = q·W_UK, attention over the latent, out = o'·W_UV; expanded MLA: K_h and V_h up-projected per head, then attention over them), against the peak of the row's ISA; the form is in --json.\n");
     text
 }

@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use attngen::{Isa, Jit};
+use attngen::cost::{self, FormCost};
+use attngen::{Isa, Jit, JitKernel, Shape};
 
 use crate::{Failure, emit, load_spec};
 
@@ -21,7 +22,7 @@ pub struct Sections {
 }
 
 /// Prints the requested sections (plan and IR when none is requested).
-pub fn dump(path: &Path, sections: Sections) -> Result<(), Failure> {
+pub fn dump(path: &Path, sections: Sections, shape: Option<Shape>) -> Result<(), Failure> {
     let Sections { plan, ir, clif, asm, rust } = sections;
     let spec = load_spec(path)?;
     let jit = Jit::new().map_err(|e| Failure { status: 1, message: e.to_string() })?;
@@ -39,7 +40,13 @@ pub fn dump(path: &Path, sections: Sections) -> Result<(), Failure> {
         };
         let isa = listing.isa;
         let line = format!("\n  micro-kernels {isa}: {} f32 lanes per vector; {why}", isa.lanes());
-        section("plan", &(listing.plan.trim_end().to_owned() + &line));
+        let mut plan = listing.plan.trim_end().to_owned() + &line;
+        if let Some(shape) = shape {
+            let kernel =
+                jit.compile(&spec).map_err(|e| Failure { status: 1, message: e.to_string() })?;
+            plan.push_str(&call_plan(&kernel, shape, listing.isa));
+        }
+        section("plan", &plan);
     }
     if ir {
         section("ir", &listing.ir);
@@ -61,6 +68,48 @@ pub fn dump(path: &Path, sections: Sections) -> Result<(), Failure> {
         );
     }
     emit(&text)
+}
+
+/// What a call of `shape` does: its form (and for latent specs why), and its schedule.
+fn call_plan(kernel: &JitKernel, shape: Shape, isa: Isa) -> String {
+    let form = kernel.form_for(shape);
+    let (b, q, k) = (shape.batch, shape.seq_q, shape.seq_k);
+    let mut text = format!("\n\ncall B = {b}, Sq = {q}, Sk = {k}: {} form", form.name());
+    if let Some(costs) = kernel.form_costs(shape) {
+        let forced = kernel.plans().count() == 1;
+        text.push_str(if forced { " (forced by the spec)" } else { " (the cost model's choice)" });
+        let row = |name: &str, cost: FormCost| {
+            format!(
+                "\n  {name:<9} {:>9.3} GFLOP  {:>9.3} MB  est. {:>9.3} ms",
+                cost.flops as f64 / 1e9,
+                cost.bytes as f64 / 1e6,
+                cost.seconds * 1e3
+            )
+        };
+        text.push_str(&row("absorbed", costs.absorbed));
+        text.push_str(&row("expanded", costs.expanded));
+        text.push_str(&format!(
+            "\n  estimates: the larger of FLOPs at {:.0}% (absorbed) or {:.0}% (expanded) of an estimated FMA peak and bytes at the read bandwidth (cost::Machine::estimate for {} lanes); {} is cheaper, {:.2}x",
+            100.0 * cost::ABSORBED_EFFICIENCY,
+            100.0 * cost::EXPANDED_EFFICIENCY,
+            isa.lanes(),
+            costs.choice(),
+            costs.absorbed.seconds.max(costs.expanded.seconds)
+                / costs.absorbed.seconds.min(costs.expanded.seconds)
+        ));
+    }
+    let plan = kernel.plans().find(|plan| plan.form == form).unwrap_or(kernel.plan());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let s = plan.schedule(b, q, k, threads);
+    text.push_str(&format!(
+        "\n  schedule on {threads} threads: {} query tiles, {} groups per item, {} key splits of {} keys{}",
+        s.q_tiles,
+        s.groups_per_item,
+        s.splits,
+        s.keys_per_split,
+        if s.packs_call { ", K/V packed once for the call" } else { "" }
+    ));
+    text
 }
 
 /// `#[attngen::kernel]` on `pub struct Kernel;` for `spec`, formatted.

@@ -98,6 +98,10 @@ enum Command {
         /// The Rust `#[attngen::kernel(spec = "SPEC.toml")] struct Kernel;` expands to.
         #[arg(long)]
         rust: bool,
+        /// With --plan: a call's shape `B,Sq,Sk` — its schedule and, for latent specs, both MLA
+        /// forms' FLOPs, bytes and estimated time, and the form the kernel picks for it.
+        #[arg(long, value_parser = parse_shape)]
+        shape: Option<attngen::Shape>,
     },
     /// Time backends on the standard workloads W1–W8 (or a spec and shape).
     ///
@@ -218,8 +222,8 @@ fn main() -> ExitCode {
         Command::Run { spec, inputs, out, backend } => run::run(&spec, &inputs, &out, backend),
         Command::Plan { specs, context, json } => plan::plan(&specs, context, json),
         Command::Check(args) => check::check(args),
-        Command::Dump { spec, plan, ir, clif, asm, rust } => {
-            dump::dump(&spec, dump::Sections { plan, ir, clif, asm, rust })
+        Command::Dump { spec, plan, ir, clif, asm, rust, shape } => {
+            dump::dump(&spec, dump::Sections { plan, ir, clif, asm, rust }, shape)
         }
         Command::Validate { specs } => validate::validate(&specs),
         Command::Bench(args) => bench::bench(args),
