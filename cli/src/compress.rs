@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use attngen::{AttentionSpec, Inputs, Kernel, Mask, Reference, Shape};
+use attngen_codegen::spec_file::Compression;
 use faer::Mat;
 use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
@@ -131,9 +132,11 @@ pub fn run(args: &CompressArgs) -> Result<(), Failure> {
             weights: weights.clone(),
             spec: spec_path.clone(),
         });
-        files.push((weights, spec_path, spec, converted));
+        let compression =
+            Compression { retained_energy: factors.energy(rank), k_error, v_error, output_error };
+        files.push((weights, spec_path, spec, converted, compression));
     }
-    for (weights, spec_path, spec, converted) in &files {
+    for (weights, spec_path, spec, converted, compression) in &files {
         let (r, h, d, hidden) = (converted.rank, layer.heads, layer.head_dim, layer.hidden);
         let tensors = [
             ("w_dkv", vec![r, hidden], converted.w_dkv.as_slice()),
@@ -144,7 +147,8 @@ pub fn run(args: &CompressArgs) -> Result<(), Failure> {
             status: 1,
             message: format!("{}: cannot write: {e}", weights.display()),
         })?;
-        std::fs::write(spec_path, spec.to_toml()).map_err(|e| Failure {
+        let text = spec.to_toml() + &compression.to_toml();
+        std::fs::write(spec_path, text).map_err(|e| Failure {
             status: 1,
             message: format!("{}: cannot write: {e}", spec_path.display()),
         })?;

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use attngen::{AttentionSpec, cost};
+use attngen_codegen::spec_file::Compression;
 use serde::Serialize;
 
 use crate::{Failure, emit, load_spec, table};
@@ -28,10 +29,17 @@ struct PlanRow {
     decode_flops_per_token: u64,
     /// Decode FLOPs per byte of cache read.
     decode_flop_per_byte: f64,
+    /// What `attngen compress` measured when it wrote the spec (its `[compressed]` table).
+    compressed: Option<Compression>,
 }
 
 impl PlanRow {
-    fn new(file: String, spec: &AttentionSpec, context: u64) -> Self {
+    fn new(
+        file: String,
+        spec: &AttentionSpec,
+        context: u64,
+        compressed: Option<Compression>,
+    ) -> Self {
         let per_token = cost::cache_bytes_per_token(spec);
         let flops = cost::decode_flops_per_token(spec, context);
         let cache = per_token.saturating_mul(context);
@@ -52,6 +60,7 @@ impl PlanRow {
                 / cost::mha_cache_elems_per_token(spec) as f64,
             decode_flops_per_token: flops,
             decode_flop_per_byte: if cache == 0 { 0.0 } else { flops as f64 / cache as f64 },
+            compressed,
         }
     }
 }
@@ -60,7 +69,11 @@ impl PlanRow {
 pub fn plan(paths: &[PathBuf], context: u64, json: bool) -> Result<(), Failure> {
     let rows = paths
         .iter()
-        .map(|path| Ok(PlanRow::new(path.display().to_string(), &load_spec(path)?, context)))
+        .map(|path| {
+            let spec = load_spec(path)?;
+            let compressed = std::fs::read_to_string(path).ok().and_then(|t| Compression::of(&t));
+            Ok(PlanRow::new(path.display().to_string(), &spec, context, compressed))
+        })
         .collect::<Result<Vec<_>, Failure>>()?;
     if json {
         let text = serde_json::to_string_pretty(&rows).expect("plain data serialises");
@@ -78,6 +91,7 @@ pub fn plan(paths: &[PathBuf], context: u64, json: bool) -> Result<(), Failure> 
                 format!("{:.1}%", 100.0 * r.vs_mha),
                 table::si(r.decode_flops_per_token as f64),
                 format!("{:.2}", r.decode_flop_per_byte),
+                r.compressed.map_or_else(|| "-".to_owned(), |c| format!("{:.2e}", c.output_error)),
             ]
         })
         .collect();
@@ -92,13 +106,20 @@ pub fn plan(paths: &[PathBuf], context: u64, json: bool) -> Result<(), Failure> 
             "vs MHA",
             "decode FLOP/token",
             "FLOP/byte",
+            "output err",
         ],
-        &[false, false, true, true, true, true, true, true],
+        &[false, false, true, true, true, true, true, true, true],
         &cells,
     );
     report.push_str(&format!(
         "Per layer, f32. Latent (MLA) decode is counted in the absorbed form attngen runs: \
          q' = W_UKᵀ·q_nope, attention over the {context}-token latent cache, out = W_UV·o'.\n"
     ));
+    if rows.iter().any(|r| r.compressed.is_some()) {
+        report.push_str(
+            "output err: for a spec `attngen compress` wrote, the relative error of its attention \
+             output against the original layer's on random activations, as measured then.\n",
+        );
+    }
     emit(&report)
 }

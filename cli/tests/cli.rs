@@ -715,6 +715,21 @@ fn compress_errors_shrink_as_the_rank_grows() {
         assert!(dir.join(format!("mla-r{rank}.safetensors")).exists());
         assert!(dir.join(format!("mla-r{rank}.toml")).exists());
     }
+    // `plan` shows each converted spec's measured output error next to the others' numbers.
+    let specs: Vec<String> =
+        [2, 24].iter().map(|r| dir.join(format!("mla-r{r}.toml")).display().to_string()).collect();
+    let mut args = vec!["plan", specs[0].as_str(), specs[1].as_str(), "--json"];
+    let output = attngen(&args);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let planned: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    for (planned, measured) in planned.iter().zip([&rows[0], &rows[3]]) {
+        let (got, want) = (&planned["compressed"]["output_error"], &measured["output_error"]);
+        assert_eq!(got.as_f64(), want.as_f64(), "{planned}");
+    }
+    args.pop();
+    let table = String::from_utf8(attngen(&args).stdout).unwrap();
+    let error = format!("{:.2e}", rows[0]["output_error"].as_f64().unwrap());
+    assert!(table.contains("output err") && table.contains(&error), "{error} not in {table}");
 }
 
 /// Bad inputs exit 2 with a message naming the tensor or flag, and write nothing.

@@ -40,6 +40,47 @@ pub struct SpecFields {
     pub dtype: Option<Dtype>,
     /// The `[latent]` table (MLA).
     pub latent: Option<LatentFields>,
+    /// The `[compressed]` table: what `attngen compress` measured when it wrote this spec.
+    /// Informational: the kernel ignores it; `attngen plan` shows it.
+    pub compressed: Option<Compression>,
+}
+
+/// What a rank of `attngen compress` keeps of the layer it converted, as the `[compressed]`
+/// table of the spec it writes records it.
+///
+/// ```
+/// use attngen_codegen::spec_file::Compression;
+/// let text = "q_heads = 4\nv_head_dim = 8\n[latent]\nrank = 8\nrope_dim = 0\nnope_dim = 8\n\
+///             [compressed]\nretained_energy = 0.9\nk_error = 0.2\nv_error = 0.3\noutput_error = 0.05\n";
+/// assert_eq!(Compression::of(text).unwrap().output_error, 0.05);
+/// assert!(attngen_codegen::AttentionSpec::from_toml(text).is_ok());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compression {
+    /// Σ_{i<R} σᵢ² / Σ σᵢ² of the stacked `[W_K; W_V]`.
+    pub retained_energy: f64,
+    /// ‖W_K − Ŵ_K‖_F / ‖W_K‖_F.
+    pub k_error: f64,
+    /// ‖W_V − Ŵ_V‖_F / ‖W_V‖_F.
+    pub v_error: f64,
+    /// ‖out_MLA − out_original‖_F / ‖out_original‖_F, measured on random activations.
+    pub output_error: f64,
+}
+
+impl Compression {
+    /// The `[compressed]` table of a spec file's text, if it has a valid one.
+    pub fn of(text: &str) -> Option<Compression> {
+        toml::from_str::<SpecFields>(text).ok()?.compressed
+    }
+
+    /// The table as TOML, to append to a spec file.
+    pub fn to_toml(&self) -> String {
+        format!(
+            "\n[compressed]\nretained_energy = {:e}\nk_error = {:e}\nv_error = {:e}\noutput_error = {:e}\n",
+            self.retained_energy, self.k_error, self.v_error, self.output_error
+        )
+    }
 }
 
 /// The keys of the `[latent]` table.
