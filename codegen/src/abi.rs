@@ -49,6 +49,10 @@ pub struct CallArgs {
     /// Expanded MLA: the first key of the task's up-projected K/V at `k_packed`/`v_packed`
     /// (`plan::CallPacking::per_task`, a multiple of `k_tile`); 0 otherwise.
     pub packed_first_key: usize,
+    /// Expanded MLA: per head, `W_UK[h]ᵀ` then `W_UV[h]ᵀ` (`rank` rows each) in `PANEL`-column
+    /// panels (`KernelPlan::transposed_weights`), written by the prologue, read by `expand`;
+    /// null otherwise.
+    pub weights_t: *mut f32,
     /// Absorbed MLA: `q' = q_nope·W_UK[h]` of every (batch, query, head), `[B, Sq, H, rank]`,
     /// written by the prologue and read by the items; null for grouped specs.
     pub latent_q: *mut f32,
@@ -95,6 +99,8 @@ pub mod offsets {
     pub const V_PACKED: i32 = offset_of!(CallArgs, v_packed) as i32;
     /// `packed_first_key`.
     pub const PACKED_FIRST_KEY: i32 = offset_of!(CallArgs, packed_first_key) as i32;
+    /// `weights_t`.
+    pub const WEIGHTS_T: i32 = offset_of!(CallArgs, weights_t) as i32;
     /// `latent_q`.
     pub const LATENT_Q: i32 = offset_of!(CallArgs, latent_q) as i32;
     /// `latent_out`.

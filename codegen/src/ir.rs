@@ -155,6 +155,16 @@ pub enum Op {
     },
     /// `lse[b, q0 + qi, h] = lse` of each row, when the caller asked for it.
     StoreLse,
+    /// Expanded MLA, prologue: `weights_t[h] = [W_UK[h]ᵀ, W_UV[h]ᵀ]` in column panels
+    /// (`KernelPlan::transposed_weights`), so the up-projection is a broadcast product.
+    TransposeWeights {
+        /// Latent rank (rows of each transposed matrix).
+        rank: usize,
+        /// Columns of `W_UK[h]ᵀ`.
+        nope: usize,
+        /// Columns of `W_UV[h]ᵀ`.
+        v_dim: usize,
+    },
     /// Expanded MLA: `keys[r, 0..nope] = c_kv[b, j0 + r] · W_UK[h]ᵀ` and `keys[r, nope..] =
     /// k_rope[b, j0 + r]` for the tile's rows, row-major, `nope + rope` floats a row.
     ExpandKeys {
@@ -333,11 +343,16 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
                 Op::AccumulateValues { values: source(Operand::V), width: spec.v_head_dim },
             ];
             let calls = CallPrograms {
+                prologue: vec![Op::TransposeWeights {
+                    rank: l.rank,
+                    nope: l.nope_dim,
+                    v_dim: spec.v_head_dim,
+                }],
                 expand: vec![
                     Op::ExpandKeys { rank: l.rank, nope: l.nope_dim, rope: l.rope_dim },
                     Op::ExpandValues { rank: l.rank, v_dim: spec.v_head_dim },
                 ],
-                ..CallPrograms::default()
+                epilogue: Vec::new(),
             };
             (setup, body, Operand::Out, calls)
         }
@@ -599,10 +614,14 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             "{pad}out[.., h] = o'[.., h] · W_UV[h]ᵀ for every (batch, query) row   (tile A·Bᵀ, {rank} -> {v_dim}; W_UV[h] read once per call)"
         ),
         Op::StoreLse => writeln!(f, "{pad}lse[b, q0.., h] = lse   (if requested)"),
+        Op::TransposeWeights { rank, nope, v_dim } => writeln!(
+            f,
+            "{pad}weights_t[h] = [W_UK[h]ᵀ ({rank} x {nope}), W_UV[h]ᵀ ({rank} x {v_dim})] in column panels   (once per call)"
+        ),
         Op::ExpandKeys { rank, nope, rope } => {
             writeln!(
                 f,
-                "{pad}K_h[j0 + r, 0..{nope}] = c_kv[b, j0 + r] · W_UK[h]ᵀ   (tile A·Bᵀ, {rank} -> {nope}, row-major into the task's K)"
+                "{pad}K_h[j0 + r, 0..{nope}] = c_kv[b, j0 + r] · W_UK[h]ᵀ   (tile A·B against weights_t[h], {rank} -> {nope}, row-major into the task's K)"
             )?;
             if *rope > 0 {
                 writeln!(
@@ -615,7 +634,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
         }
         Op::ExpandValues { rank, v_dim } => writeln!(
             f,
-            "{pad}V_h[j0 + r] = c_kv[b, j0 + r] · W_UV[h]ᵀ   (tile A·Bᵀ, {rank} -> {v_dim}, row-major into the task's V)"
+            "{pad}V_h[j0 + r] = c_kv[b, j0 + r] · W_UV[h]ᵀ   (tile A·B against weights_t[h], {rank} -> {v_dim}, row-major into the task's V)"
         ),
     }
 }
@@ -814,7 +833,8 @@ mod tests {
         let expanded =
             KernelPlan::new(&AttentionSpec::mla(4, 32, 8, 16, 12).mla_form(MlaForm::Expanded));
         let ir = lower(&expanded);
-        assert!(ir.prologue.is_empty() && ir.epilogue.is_empty());
+        assert_eq!(ir.prologue, [Op::TransposeWeights { rank: 32, nope: 16, v_dim: 12 }]);
+        assert!(ir.epilogue.is_empty());
         assert_eq!(
             ir.expand,
             [

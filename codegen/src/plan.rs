@@ -473,6 +473,20 @@ impl KernelPlan {
         keys.saturating_mul(grouped_row_bytes(&self.spec)) <= DOT_TILE_PAGES * PAGE
     }
 
+    /// Expanded MLA's transposed weights (`CallArgs::weights_t`): per head, `W_UK[h]ᵀ` then
+    /// `W_UV[h]ᵀ`, each `rank` rows deep in [`PANEL`]-column panels — the B operand of the
+    /// up-projection's broadcast product. `(floats per head, offset of W_UV[h]ᵀ)`; `None` for
+    /// other forms.
+    pub fn transposed_weights(&self) -> Option<(usize, usize)> {
+        match &self.spec.kv {
+            KvLayout::Latent(l) if self.form == Form::LatentExpanded => {
+                let keys = ScratchLayout::panels(l.rank, l.nope_dim);
+                Some((keys + ScratchLayout::panels(l.rank, self.spec.v_head_dim), keys))
+            }
+            _ => None,
+        }
+    }
+
     /// Floats of each of absorbed MLA's call buffers `latent_q` and `latent_out`
     /// ([`crate::abi::CallArgs`]), `B × Sq × H × rank`: 0 for grouped specs, `None` when the
     /// count overflows `usize`.

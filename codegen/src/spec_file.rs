@@ -464,7 +464,7 @@ mod tests {
             first_error("q_heads = 4\nhead_dim = 8\nheads = 3\n"),
             "line 3, column 1: unknown field `heads`, expected one of `name`, `q_heads`, \
              `kv_heads`, `head_dim`, `v_head_dim`, `group_map`, `mask`, `scale`, `softcap`, \
-             `dtype`, `latent`"
+             `dtype`, `latent`, `compressed`"
         );
         assert!(
             first_error("q_heads = 4\nv_head_dim = 8\n[latent]\nrank = 8\nrope_dim = 0\nnope_dim = 8\nextra = 1\n")

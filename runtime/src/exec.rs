@@ -142,6 +142,7 @@ impl Executor<'_> {
             k_packed: std::ptr::null(),
             v_packed: std::ptr::null(),
             packed_first_key: 0,
+            weights_t: std::ptr::null_mut(),
             latent_q: std::ptr::null_mut(),
             latent_out: std::ptr::null_mut(),
             batch: shape.batch,
@@ -304,7 +305,9 @@ impl Executor<'_> {
         }
     }
 
-    /// Runs an expanded MLA call: one task per (batch, head), each of whose splits up-projects
+    /// Runs an expanded MLA call: the prologue transposes each head's weights into a call
+    /// buffer (`CallArgs::weights_t`); then one task per (batch, head), each of whose splits
+    /// up-projects
     /// the keys its queries see into a buffer of its own, tile by tile (`expand`), then runs
     /// every query tile's item over that buffer — so each visible key is up-projected once per
     /// head, as materialising K and V once per call would, but the buffer holds one head's
@@ -315,6 +318,29 @@ impl Executor<'_> {
         inputs: &Inputs<'_>,
         longest: usize,
         args: SharedArgs,
+        schedule: Schedule,
+    ) {
+        let (entries, plan) = (self.entries, self.plan);
+        let (per_head, _) = plan.transposed_weights().expect("expanded plans transpose weights");
+        let prologue = entries.prologue.expect("expanded plans have a prologue");
+        // The weights' copy is the size of w_uk and w_uv (in whole panels), which `check_call`
+        // found in memory: the product fits.
+        with_kept(&LATENT, per_head * plan.spec.q_heads, |weights_t| {
+            let args = SharedArgs(CallArgs { weights_t: weights_t.as_mut_ptr(), ..args.0 });
+            // Every head's copy is written before any task reads it: the tasks start after
+            // this parallel loop returns.
+            self.for_each_head(prologue, &args);
+            self.expanded_tasks(shape, inputs, longest, &args, schedule);
+        });
+    }
+
+    /// The (batch, head) tasks of an expanded call whose `args.weights_t` the prologue filled.
+    fn expanded_tasks(
+        &self,
+        shape: Shape,
+        inputs: &Inputs<'_>,
+        longest: usize,
+        args: &SharedArgs,
         schedule: Schedule,
     ) {
         let (entries, plan) = (self.entries, self.plan);
@@ -435,11 +461,13 @@ impl Executor<'_> {
         self.in_pool(|| {
             (0..heads).into_par_iter().for_each(|head| {
                 // SAFETY: `check_call` verified q, w_uk, w_uv and out against the call's shape,
-                // and `run` made latent_q and latent_out `plan.latent_len` floats each. Head
-                // h's program reads q's, latent_out's and the weights' slices of head h and
-                // writes only head h's slice of latent_q (prologue) or out (epilogue), for
-                // every (batch, query) row: the heads running in parallel write disjoint
-                // elements. The epilogue runs after every finish has written latent_out.
+                // and `run` made latent_q and latent_out `plan.latent_len` floats each (absorbed
+                // MLA), or `execute_expanded` weights_t `transposed_weights` floats per head
+                // (expanded MLA). Head h's program reads q's, latent_out's and the weights'
+                // slices of head h and writes only head h's slice of latent_q or weights_t
+                // (prologue) or out (epilogue), for every (batch, query) row: the heads running
+                // in parallel write disjoint elements. The epilogue runs after every finish
+                // has written latent_out.
                 unsafe { program(args.ptr(), head) }
             })
         });
@@ -450,11 +478,13 @@ impl Executor<'_> {
 struct SharedArgs(CallArgs);
 
 // SAFETY: the pointers in CallArgs come from the `&[f32]` inputs and `&mut [f32]` outputs of one
-// `run` call and from its packed K/V and latent buffers, which outlive every worker (rayon joins
-// before `run` returns). Workers only read the inputs, the packed K/V and latent_q (each written
-// before the items start), and write disjoint parts of `out`, `lse` and `latent_out`: each
-// (batch, group, query tile) task owns the rows of its group's heads and its queries, and every
-// head belongs to one group; the per-head prologue and epilogue write one head's slice each.
+// `run` call and from its packed K/V, latent and transposed-weight buffers, which outlive every
+// worker (rayon joins before `run` returns). Workers only read the inputs, the packed K/V,
+// latent_q and weights_t (each written before the items start), and write disjoint parts of
+// `out`, `lse` and `latent_out`: each (batch, group, query tile) task owns the rows of its
+// group's heads and its queries, and every head belongs to one group; the per-head prologue and
+// epilogue write one head's slice each. An expanded task's own K/V copy is in its thread's
+// workspace, reached through a CallArgs of its own.
 unsafe impl Sync for SharedArgs {}
 
 impl SharedArgs {

@@ -58,16 +58,57 @@ impl Translator<'_> {
         self.call(Callee::DotNt, &[rows, v_dim, rank, a, lda, w, rank, c, ldc, zero, zero]);
     }
 
+    /// Prologue (expanded MLA): `weights_t[h] = [W_UK[h]ᵀ, W_UV[h]ᵀ]` in column panels, two
+    /// `PackColumns` calls (each weight row becomes a column).
+    pub(super) fn transpose_weights(&mut self, rank: usize, nope: usize, v_dim: usize) {
+        let (per_head, values_at) =
+            self.plan.transposed_weights().expect("expanded plans transpose their weights");
+        let dst = self.head_slice(offsets::WEIGHTS_T, per_head);
+        for (field, width, at) in [(offsets::W_UK, nope, 0), (offsets::W_UV, v_dim, values_at)] {
+            let src = self.head_slice(field, width * rank);
+            let dst = self.add_imm(dst, 4 * at);
+            let (rows, rank_v, one, zero, panel) = (
+                self.int(width as i64),
+                self.int(rank as i64),
+                self.f32(1.0),
+                self.int(0),
+                self.int((PANEL * rank) as i64),
+            );
+            self.call(Callee::PackColumns, &[rows, rank_v, src, rank_v, one, dst, zero, panel]);
+        }
+    }
+
+    /// The broadcast product `C = c_kv rows · B` of the up-projection, B being the head's
+    /// transposed weights from float `at` on (`rank` rows in panels), `width` columns into
+    /// `c` with row stride `ldc`.
+    fn up_project(&mut self, rank: usize, width: usize, at: usize, c: Value, ldc: usize) {
+        let (per_head, _) =
+            self.plan.transposed_weights().expect("expanded plans transpose their weights");
+        let a = self.latent_rows(offsets::C_KV, rank);
+        let b = self.head_slice(offsets::WEIGHTS_T, per_head);
+        let b = self.add_imm(b, 4 * at);
+        let (n, width, rank_v, one, panel, b_panel, ldc, zero) = (
+            self.k_hi,
+            self.int(width as i64),
+            self.int(rank as i64),
+            self.int(1),
+            self.int(PANEL as i64),
+            self.int((PANEL * rank) as i64),
+            self.int(ldc as i64),
+            self.int(0),
+        );
+        let args =
+            [n, width, rank_v, a, rank_v, one, b, panel, b_panel, c, ldc, zero, zero, zero, zero];
+        self.call(Callee::DotNn, &args);
+    }
+
     /// Expand: `keys[r] = [c_kv[b, j0 + r] · W_UK[h]ᵀ, k_rope[b, j0 + r]]` for the tile's `n`
     /// rows (the program's `k_lo` and `k_hi` parameters hold j0 and n, `scratch` the keys).
     pub(super) fn expand_keys(&mut self, rank: usize, nope: usize, rope: usize) {
         let d = nope + rope;
-        let a = self.latent_rows(offsets::C_KV, rank);
-        let w = self.head_slice(offsets::W_UK, nope * rank);
-        let (n, keys) = (self.k_hi, self.scratch);
-        let (nope_v, rank_v, d_v, zero) =
-            (self.int(nope as i64), self.int(rank as i64), self.int(d as i64), self.int(0));
-        self.call(Callee::DotNt, &[n, nope_v, rank_v, a, rank_v, w, rank_v, keys, d_v, zero, zero]);
+        let keys = self.scratch;
+        self.up_project(rank, nope, 0, keys, d);
+        let (n, d_v) = (self.k_hi, self.int(d as i64));
         if rope > 0 {
             let src = self.latent_rows(offsets::K_ROPE, rope);
             let dst = self.add_imm(keys, 4 * nope);
@@ -79,11 +120,10 @@ impl Translator<'_> {
     /// Expand: `values[r] = c_kv[b, j0 + r] · W_UV[h]ᵀ` for the tile's `n` rows (`state`
     /// holds the values' address).
     pub(super) fn expand_values(&mut self, rank: usize, v_dim: usize) {
-        let a = self.latent_rows(offsets::C_KV, rank);
-        let w = self.head_slice(offsets::W_UV, v_dim * rank);
-        let (n, values) = (self.k_hi, self.state);
-        let (v_dim, rank, zero) = (self.int(v_dim as i64), self.int(rank as i64), self.int(0));
-        self.call(Callee::DotNt, &[n, v_dim, rank, a, rank, w, rank, values, v_dim, zero, zero]);
+        let (_, values_at) =
+            self.plan.transposed_weights().expect("expanded plans transpose their weights");
+        let values = self.state;
+        self.up_project(rank, v_dim, values_at, values, v_dim);
     }
 
     /// Row `b·Sk + j0` of the `[B, Sk, width]` cache tensor at byte offset `field`.

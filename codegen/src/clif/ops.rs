@@ -31,6 +31,9 @@ impl Translator<'_> {
             Op::StoreOut { into } => self.store_out(*into),
             Op::ProjectOut { rank, v_dim } => self.project_out(*rank, *v_dim),
             Op::StoreLse => self.store_lse(),
+            Op::TransposeWeights { rank, nope, v_dim } => {
+                self.transpose_weights(*rank, *nope, *v_dim)
+            }
             Op::ExpandKeys { rank, nope, rope } => self.expand_keys(*rank, *nope, *rope),
             Op::ExpandValues { rank, v_dim } => self.expand_values(*rank, *v_dim),
             Op::Scores(_)

@@ -206,6 +206,9 @@ impl Emitter<'_> {
             Op::Normalize => self.normalize(),
             Op::StoreOut { into } => self.store_out(*into),
             Op::ProjectOut { rank, v_dim } => self.project_out(*rank, *v_dim),
+            Op::TransposeWeights { rank, nope, v_dim } => {
+                self.transpose_weights(*rank, *nope, *v_dim)
+            }
             Op::ExpandKeys { rank, nope, rope } => self.expand_keys(*rank, *nope, *rope),
             Op::ExpandValues { rank, v_dim } => self.expand_values(*rank, *v_dim),
             Op::StoreLse => self.store_lse(),
@@ -911,14 +914,52 @@ impl Emitter<'_> {
         }
     }
 
+    /// Prologue (expanded MLA): `weights_t[h] = [W_UK[h]ᵀ, W_UV[h]ᵀ]` in column panels.
+    fn transpose_weights(&self, rank: usize, nope: usize, v_dim: usize) -> TokenStream {
+        let (per_head, values_at) = self.transposed_weights();
+        let (per_head, panel) = (lit(per_head), lit(PANEL * rank));
+        let parts =
+            [(quote!(w_uk), nope, 0), (quote!(w_uv), v_dim, values_at)].map(|(w, width, at)| {
+                let (head, width, at, rank) = (lit(width * rank), lit(width), lit(at), lit(rank));
+                quote! {
+                    routines::pack_columns(#width, #rank, args.#w.add(head * #head), #rank, 1.0,
+                        args.weights_t.add(head * #per_head + #at), 0, #panel);
+                }
+            });
+        quote!(#(#parts)*)
+    }
+
+    /// The head's transposed weights: floats per head and where `W_UV[h]ᵀ` starts.
+    fn transposed_weights(&self) -> (usize, usize) {
+        self.plan.transposed_weights().expect("expanded plans transpose their weights")
+    }
+
+    /// `c = c_kv rows · B` (`width` columns, row stride `ldc`), B the head's transposed
+    /// weights from float `at`: the up-projection's broadcast product.
+    fn up_project(
+        &self,
+        rank: usize,
+        width: usize,
+        at: usize,
+        c: TokenStream,
+        ldc: usize,
+    ) -> TokenStream {
+        let (per_head, _) = self.transposed_weights();
+        let (per_head, at, panel, b_panel) =
+            (lit(per_head), lit(at), lit(PANEL), lit(PANEL * rank));
+        let (rank, width, ldc) = (lit(rank), lit(width), lit(ldc));
+        quote! {
+            routines::dot_nn(n, #width, #rank, args.c_kv.add(latent_row * #rank), #rank, 1,
+                args.weights_t.add(head * #per_head + #at).cast_const(), #panel, #b_panel, #c, #ldc,
+                0, ::core::ptr::null(), ::core::ptr::null(), ::core::ptr::null());
+        }
+    }
+
     /// Expand: `keys[r] = [c_kv[b, j0 + r] · W_UK[h]ᵀ, k_rope[b, j0 + r]]` for r < n.
     fn expand_keys(&self, rank: usize, nope: usize, rope: usize) -> TokenStream {
-        let (d, w_head) = (lit(nope + rope), lit(nope * rank));
-        let (rank, nope_lit) = (lit(rank), lit(nope));
-        let mut code = quote! {
-            routines::dot_nt(n, #nope_lit, #rank, args.c_kv.add(latent_row * #rank), #rank,
-                args.w_uk.add(head * #w_head), #rank, keys, #d, 0, ::core::ptr::null());
-        };
+        let d = nope + rope;
+        let mut code = self.up_project(rank, nope, 0, quote!(keys), d);
+        let (d, nope_lit) = (lit(d), lit(nope));
         if rope > 0 {
             let (rope, panel) = (lit(rope), lit(PANEL));
             code.extend(quote! {
@@ -931,10 +972,7 @@ impl Emitter<'_> {
 
     /// Expand: `values[r] = c_kv[b, j0 + r] · W_UV[h]ᵀ` for r < n.
     fn expand_values(&self, rank: usize, v_dim: usize) -> TokenStream {
-        let (w_head, rank, v_dim) = (lit(v_dim * rank), lit(rank), lit(v_dim));
-        quote! {
-            routines::dot_nt(n, #v_dim, #rank, args.c_kv.add(latent_row * #rank), #rank,
-                args.w_uv.add(head * #w_head), #rank, values, #v_dim, 0, ::core::ptr::null());
-        }
+        let (_, values_at) = self.transposed_weights();
+        self.up_project(rank, v_dim, values_at, quote!(values), v_dim)
     }
 }
