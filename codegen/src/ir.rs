@@ -318,17 +318,19 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
     let term = |query, keys, len, accumulate, dot| {
         Op::Scores(ScoreTerm { query, keys, len, accumulate, dot })
     };
+    // The queries of a head-per-row form (grouped, expanded MLA): all D of q.
+    let pack_q = |len, row_major| Op::PackQueries {
+        from: Operand::Q,
+        offset: 0,
+        len,
+        factor,
+        into: Operand::QueryTile,
+        row_major,
+    };
     let (mut setup, body, store, calls) = match &spec.kv {
         KvLayout::Latent(l) if plan.form == Form::LatentExpanded => {
             let d = spec.head_dim();
-            let setup = vec![Op::PackQueries {
-                from: Operand::Q,
-                offset: 0,
-                len: d,
-                factor,
-                into: Operand::QueryTile,
-                row_major: None,
-            }];
+            let setup = vec![pack_q(d, None)];
             // K and V exist only as the task's up-projected copy (`CallPacking::per_task`),
             // contiguous rows.
             let source = |cache| TileSource {
@@ -395,14 +397,7 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
             let (d, dv) = (*head_dim, spec.v_head_dim);
             let dot = (plan.dot_max_rows > 0)
                 .then_some(DotScores { max_rows: plan.dot_max_rows, query: Operand::QueryRows });
-            let setup = vec![Op::PackQueries {
-                from: Operand::Q,
-                offset: 0,
-                len: d,
-                factor,
-                into: Operand::QueryTile,
-                row_major: dot,
-            }];
+            let setup = vec![pack_q(d, dot)];
             // K/V come from the call's packed copy (prefill), the item's own packed tiles
             // (several KV heads, enough rows), or the cache rows in place; rows of one KV head
             // among several are strided, so products reading them prefetch.
