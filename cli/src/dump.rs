@@ -24,6 +24,8 @@ pub struct Sections {
 /// Prints the requested sections (plan and IR when none is requested).
 pub fn dump(path: &Path, sections: Sections, shape: Option<Shape>) -> Result<(), Failure> {
     let Sections { plan, ir, clif, asm, rust } = sections;
+    // A shape is a question about the plan: it brings the plan section with it.
+    let plan = plan || shape.is_some();
     let spec = load_spec(path)?;
     let jit = Jit::new().map_err(|e| Failure { status: 1, message: e.to_string() })?;
     let listing = jit.dump(&spec).map_err(|e| Failure { status: 1, message: e.to_string() })?;

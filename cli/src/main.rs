@@ -98,8 +98,9 @@ enum Command {
         /// The Rust `#[attngen::kernel(spec = "SPEC.toml")] struct Kernel;` expands to.
         #[arg(long)]
         rust: bool,
-        /// With --plan: a call's shape `B,Sq,Sk` — its schedule and, for latent specs, both MLA
-        /// forms' FLOPs, bytes and estimated time, and the form the kernel picks for it.
+        /// A call's shape `B,Sq,Sk`, shown in the plan section (which it turns on): the call's
+        /// schedule and, for latent specs, both MLA forms' FLOPs, bytes and estimated time, and
+        /// the form the kernel picks for it.
         #[arg(long, value_parser = parse_shape)]
         shape: Option<attngen::Shape>,
     },

@@ -307,6 +307,28 @@ fn run_jit_agrees_with_the_independent_formulation() {
 }
 
 #[test]
+fn dump_with_a_shape_prints_both_mla_forms_costs_and_the_choice() {
+    let spec = specs_dir().join("deepseek-v2-lite.toml");
+    let dump = |shape: &str| {
+        let output = attngen(&["dump", spec.to_str().unwrap(), "--shape", shape]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let decode = dump("4,1,4096");
+    assert!(
+        decode.contains("call B = 4, Sq = 1, Sk = 4096: absorbed form (the cost model's choice)"),
+        "{decode}"
+    );
+    for line in ["  absorbed ", "  expanded ", "absorbed is cheaper", "schedule on"] {
+        assert!(decode.contains(line), "{line:?} not in {decode}");
+    }
+    let prefill = dump("1,1024,1024");
+    assert!(prefill.contains("expanded form (the cost model's choice)"), "{prefill}");
+    // Both forms are compiled, and both plans listed.
+    assert!(prefill.contains("absorbed MLA") && prefill.contains("expanded MLA"), "{prefill}");
+}
+
+#[test]
 fn dump_shows_plan_ir_clif_and_machine_code() {
     let spec = specs_dir().join("deepseek-v2-lite.toml");
     let output = attngen(&["dump", spec.to_str().unwrap()]);
