@@ -72,7 +72,10 @@ struct FormsRow {
 fn forms_grid(args: &BenchArgs, threads: usize) -> Result<(), Failure> {
     let spec = match &args.spec {
         Some(path) => load_spec(path)?,
-        None => Workload::standard().swap_remove(4).spec,
+        None => {
+            let mut standard = Workload::standard().into_iter();
+            standard.find(|w| w.id == "W5").expect("W5 is a standard workload").spec
+        }
     };
     if spec.requested_form().is_none() {
         return Err(Failure::input("--forms needs a latent (MLA) spec"));

@@ -1,7 +1,7 @@
 //! Kernels compiled by `#[attngen::kernel]` against the reference interpreter: every kind of
 //! spec, on every ISA this CPU has, over random shapes and inputs (semantics.md §4 tolerance).
 
-use attngen::{Isa, Kernel, KvLayout, MacroKernel, Shape};
+use attngen::{Form, Isa, Kernel, KvLayout, MacroKernel, Shape};
 use attngen_tests::compare_with_reference;
 use attngen_tests::strategies::{self, OwnedInputs};
 use proptest::prelude::*;
@@ -67,6 +67,9 @@ struct MlaExpandedWindow;
 
 #[attngen::kernel(spec = "../specs/llama3-8b.toml")]
 struct Llama3FromFile;
+
+/// How many kernels [`kernels`] lists: the property test draws from all of them.
+const KERNELS: usize = 10;
 
 /// Every kernel above, for `isa`.
 fn kernels(isa: Isa) -> Vec<MacroKernel> {
@@ -145,6 +148,22 @@ fn every_kernel_on_edge_shapes() {
     }
 }
 
+/// The property test draws every kernel; an auto MLA kernel absorbs for decode and expands for
+/// a long prefill, and both of its forms match the reference.
+#[test]
+fn every_kernel_is_drawn_and_auto_mla_kernels_run_both_forms() {
+    assert_eq!(kernels(Isa::Portable).len(), KERNELS);
+    let (decode, prefill) = (Shape::new(1, 1, 600), Shape::new(1, 400, 400));
+    for isa in isas() {
+        let kernel = MlaRope::with_isa(isa);
+        assert_eq!(kernel.form_for(decode), Form::LatentAbsorbed);
+        assert_eq!(kernel.form_for(prefill), Form::LatentExpanded);
+        for shape in [decode, prefill] {
+            compare(&kernel, shape, 5, 1.0, false).unwrap();
+        }
+    }
+}
+
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(128)
 }
@@ -155,7 +174,7 @@ proptest! {
     /// Every kernel and ISA, drawn per case.
     #[test]
     fn macro_kernels_match_the_reference(
-        which in 0..8usize,
+        which in 0..KERNELS,
         shape in strategies::shape(70, 300),
         seed in any::<u64>(),
         large in proptest::bool::weighted(0.2),
