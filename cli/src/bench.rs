@@ -101,7 +101,7 @@ fn forms_grid(args: &BenchArgs, threads: usize) -> Result<(), Failure> {
             let choice =
                 jit.compile(&spec.clone().mla_form(MlaForm::Auto)).map_err(Failure::input)?;
             let choice = choice.form_for(shape);
-            let times = time(&workload, timed, args.runs)?;
+            let times = time(&workload, timed, args.runs, threads)?;
             let (absorbed, expanded) = (&times[0], &times[1]);
             let best = if absorbed.median_ms <= expanded.median_ms { absorbed } else { expanded };
             let chosen = match choice {
@@ -203,6 +203,9 @@ struct Row {
     intensity: f64,
     compile_ms: Option<f64>,
     decode: bool,
+    /// Decode: the median time of reading the workload's cache tensors once on the kernels'
+    /// threads, in the same rounds as the kernels — the memory ceiling of this sitting.
+    read_ms: Option<f64>,
 }
 
 /// Runs the benchmark and prints the table or JSON.
@@ -242,7 +245,7 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
                 _ => timed.push(build(workload, backend, &jits[0], threads)?),
             }
         }
-        rows.extend(time(workload, timed, args.runs)?);
+        rows.extend(time(workload, timed, args.runs, threads)?);
     }
     let machine = Machine {
         threads,
@@ -250,7 +253,7 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
         peaks,
         peak_gbs,
         probe_bytes: peak::read_buffer_bytes(),
-        llc_bytes: peak::last_level_cache_bytes(),
+        llc_bytes: attngen::last_level_cache_bytes(),
         isa: isas[0].name(),
     };
     let report = Report { machine, results: rows };
@@ -360,8 +363,14 @@ fn build(
 /// Times `kernels` on `workload`. The interpreter is slow: one timed run. The compiled
 /// kernels: a warm-up each, then rounds that run each once in turn — so a slow spell of a
 /// shared machine falls on all of them alike — until about a second per kernel has passed (at
-/// least 3 rounds, at most `max_runs`).
-fn time(workload: &Workload, kernels: Vec<Timed>, max_runs: usize) -> Result<Vec<Row>, Failure> {
+/// least 3 rounds, at most `max_runs`). A decode workload's rounds also read its cache once on
+/// `threads` threads ([`peak::read_once`]): each row's `read_ms` is that ceiling's median.
+fn time(
+    workload: &Workload,
+    kernels: Vec<Timed>,
+    max_runs: usize,
+    threads: usize,
+) -> Result<Vec<Row>, Failure> {
     let spec = &workload.spec;
     let shape = workload.shape;
     let inputs = attngen::harness::inputs(spec, shape, 1, 1.0).map_err(Failure::input)?;
@@ -374,6 +383,20 @@ fn time(workload: &Workload, kernels: Vec<Timed>, max_runs: usize) -> Result<Vec
         kernel.run(shape, &named, &mut out, Some(&mut lse)).map_err(Failure::input)?;
         Ok(start.elapsed())
     };
+    // A decode workload's ceiling in the same sitting: its cache tensors read once, split over
+    // the kernels' threads, in the same rounds as the kernels.
+    let cache: Vec<&[f32]> = match workload.is_decode() {
+        true => inputs.iter().filter(|(t, _)| t.is_cache()).map(|(_, d)| d.as_slice()).collect(),
+        false => Vec::new(),
+    };
+    let read = |times: &mut Vec<Duration>| {
+        if !cache.is_empty() {
+            let start = Instant::now();
+            peak::read_once(&cache, threads);
+            times.push(start.elapsed());
+        }
+    };
+    let mut read_times = Vec::new();
     let mut times = vec![Vec::new(); kernels.len()];
     let compiled: Vec<usize> =
         (0..kernels.len()).filter(|&i| kernels[i].backend != Backend::Interp).collect();
@@ -394,8 +417,11 @@ fn time(workload: &Workload, kernels: Vec<Timed>, max_runs: usize) -> Result<Vec
         for &i in &compiled {
             times[i].push(call(kernels[i].kernel.as_ref())?);
         }
+        read(&mut read_times);
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    read_times.sort();
+    let read_ms = read_times.get(read_times.len() / 2).map(|&d| ms(d));
     let (flops, bytes) = (workload.flops(), workload.kv_bytes());
     let rows = kernels.into_iter().zip(times).map(|(timed, mut times)| {
         times.sort();
@@ -419,6 +445,7 @@ fn time(workload: &Workload, kernels: Vec<Timed>, max_runs: usize) -> Result<Vec
             intensity: kernel_flops as f64 / workload.compulsory_bytes() as f64,
             compile_ms: timed.compile_ms,
             decode: workload.is_decode(),
+            read_ms,
         }
     });
     Ok(rows.collect())
@@ -469,6 +496,11 @@ fn render(report: &Report) -> String {
                 Some(jit) if r.backend == "macro" => format!("{:.2}x", jit.median_ms / r.median_ms),
                 _ => String::new(),
             };
+            // Decode: the cache read's median in the same rounds over the kernel's median.
+            let of_read = match (r.decode, r.read_ms) {
+                (true, Some(read)) => format!("{:.0}%", 100.0 * read / r.median_ms),
+                _ => String::new(),
+            };
             vec![
                 r.workload.clone(),
                 r.backend.to_owned(),
@@ -478,6 +510,7 @@ fn render(report: &Report) -> String {
                 format!("{:.2}", r.max_ms),
                 rate,
                 format!("{peak:.0}%"),
+                of_read,
                 format!("{:.1}", r.kernel_gflops),
                 peak_of(r.isa)
                     .or((r.isa.is_empty()).then_some(m.peak_gflops))
@@ -499,6 +532,7 @@ fn render(report: &Report) -> String {
             "max",
             "rate",
             "of peak",
+            "of read",
             "GFLOP/s run",
             "of ISA peak",
             "time vs 1st isa",
@@ -506,10 +540,10 @@ fn render(report: &Report) -> String {
             "vs interp",
             "compile ms",
         ],
-        &[false, false, false, true, true, true, true, true, true, true, true, true, true, true],
+        &[false, false, false, true, true, true, true, true, true, true, true, true, true, true, true],
         &cells,
     ));
-    text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once.\n");
+    text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once, of the start-up probe's bandwidth, and of read: the time to read the same cache once on the same threads, timed in the same rounds, over the kernel's.\n");
     text.push_str("GFLOP/s run: the FLOPs of the form the kernel computes for the call (absorbed MLA: q' = q·W_UK, attention over the latent, out = o'·W_UV; expanded MLA: K_h and V_h up-projected per head, then attention over them), against the peak of the row's ISA; the form is in --json.\n");
     text
 }

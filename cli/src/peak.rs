@@ -110,28 +110,27 @@ pub fn read_gbs(threads: usize) -> f64 {
     (data.len() * 4) as f64 / best / 1e9
 }
 
+/// Reads every float of `buffers` once, each buffer split evenly over `threads` threads (the
+/// ceiling of a kernel that must read them).
+pub fn read_once(buffers: &[&[f32]], threads: usize) {
+    let threads = threads.max(1);
+    std::thread::scope(|scope| {
+        for part in 0..threads {
+            scope.spawn(move || {
+                for data in buffers {
+                    let chunk = data.len().div_ceil(threads);
+                    let lo = (part * chunk).min(data.len());
+                    std::hint::black_box(sum(&data[lo..(lo + chunk).min(data.len())]));
+                }
+            });
+        }
+    });
+}
+
 /// Bytes the bandwidth probe reads: at least 256 MiB and twice the last-level cache (as the
 /// system reports it), so the probe reads from memory, not from cache.
 pub fn read_buffer_bytes() -> usize {
-    (2 * last_level_cache_bytes().unwrap_or(0)).max(256 << 20)
-}
-
-/// The largest cache of CPU 0 that Linux reports under `/sys` (the last level), in bytes.
-pub fn last_level_cache_bytes() -> Option<usize> {
-    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
-    dir.filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("size")).ok())
-        .filter_map(|size| {
-            let size = size.trim();
-            let (digits, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
-            let scale = match unit {
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                _ => return None,
-            };
-            digits.parse::<usize>().ok()?.checked_mul(scale)
-        })
-        .max()
+    (2 * attngen::last_level_cache_bytes().unwrap_or(0)).max(256 << 20)
 }
 
 /// A sum with eight independent accumulators, so the loop is bound by loads, not add latency.

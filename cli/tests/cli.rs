@@ -390,6 +390,7 @@ fn bench_reports_json_for_a_spec_and_shape() {
         );
         assert!(0.0 < min && min <= median && median <= max, "{row}");
         assert!((row["gflops"].as_f64().unwrap() - flops as f64 / median / 1e6).abs() < 1e-6);
+        assert!(row["read_ms"].is_null(), "prefill has no cache-read ceiling: {row}");
     }
     assert!(results[0]["compile_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(results[0]["isa"], Isa::from_env().unwrap().unwrap_or_else(Isa::detect).name());
@@ -417,6 +418,9 @@ fn bench_times_each_isa_and_counts_absorbed_mla() {
     let kernel = 16 * (2 * 512 * (128 + 128) + 64 * 2 * (2 * 512 + 64));
     assert_eq!(results[0]["kernel_flops"], kernel);
     assert_eq!(results[0]["flops"], 2 * 16 * 64 * (192 + 128));
+    // Decode rows carry the time of reading the cache once, timed in the same rounds.
+    let read_ms = results[0]["read_ms"].as_f64().unwrap();
+    assert!(read_ms > 0.0 && results.iter().all(|r| r["read_ms"] == read_ms), "{results:?}");
     let output = attngen(&["bench", "--workload", "W1", "--isa", "avx3"]);
     assert_eq!(output.status.code(), Some(2));
     let text = String::from_utf8_lossy(&output.stderr);

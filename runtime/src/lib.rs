@@ -52,4 +52,4 @@ pub use macro_kernel::MacroKernel;
 pub use reference::Reference;
 pub use shape::{InputTensors, Inputs, Shape, Tensor, check_call};
 pub use simd::Isa;
-pub use workload::Workload;
+pub use workload::{Workload, last_level_cache_bytes};
