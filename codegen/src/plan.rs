@@ -450,9 +450,13 @@ impl KernelPlan {
         let few_rows = rows < self.pack_min_rows && self.form != Form::LatentExpanded;
         let groups_per_item = if few_rows { self.groups.len() } else { 1 };
         let tasks = batch * (self.groups.len() / groups_per_item) * q_tiles;
-        let wanted = (4 * threads.max(1)).div_ceil(tasks.max(1));
+        let threads = threads.max(1);
+        let wanted = (4 * threads).div_ceil(tasks.max(1));
+        // As many work units on every thread: 3 tasks on 2 threads split 4 ways, not 3 (9
+        // units would leave one thread a unit of work alone at the end).
+        let balanced = (wanted..wanted + threads).find(|s| tasks * s % threads == 0);
         let affordable = (seq_k / self.min_keys_per_split).max(1);
-        let splits = wanted.min(affordable).max(1);
+        let splits = balanced.unwrap_or(wanted).min(affordable).max(1);
         // Every query tile of a prefill item would copy the same K/V tiles: pack them once.
         let packs_call = self.form == Form::Grouped && groups_per_item == 1 && q_tiles > 1;
         Schedule {
@@ -757,6 +761,10 @@ mod tests {
         let s = mla.schedule(1, 1, 4096, 2);
         assert_eq!((s.splits, s.keys_per_split), (8, 512));
         assert_eq!(mla.schedule(1, 1, 300, 2).splits, 1); // too few keys to split
+        // 3 tasks on 2 threads: 4 splits each, so both threads get 6 units.
+        assert_eq!(gqa.schedule(3, 1, 32768, 2).splits, 4);
+        assert_eq!(gqa.schedule(3, 1, 32768, 3).splits, 4);
+        assert_eq!(gqa.schedule(5, 1, 32768, 4).splits, 4);
     }
 
     #[test]
