@@ -132,13 +132,19 @@ impl Prefetcher {
     }
 }
 
-/// Asks for the cache line at `at`; never faults, whatever the address.
+/// Asks for the cache line at `at` into L2 (T1); never faults, whatever the address.
+///
+/// Into L2 rather than L1: a decode item prefetches a whole tile ahead, 64 KiB and more, which
+/// is more than L1's fill buffers hold in flight; an L1 prefetch stalls behind them, and the
+/// lines it brings are evicted before use. Measured in alternating runs on an AVX-512 Xeon:
+/// long-context GQA decode (W7) went from 90% to 96–106% of the time of reading its cache
+/// once, W4 from 87–89% to 93–94%, W8 from 49% to 57–64% of the read bandwidth.
 #[inline(always)]
 fn prefetch(at: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint with no architectural effect; any address is allowed.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(at.cast())
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = at;
