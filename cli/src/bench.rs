@@ -540,7 +540,10 @@ fn render(report: &Report) -> String {
             "vs interp",
             "compile ms",
         ],
-        &[false, false, false, true, true, true, true, true, true, true, true, true, true, true, true],
+        &[
+            false, false, false, true, true, true, true, true, true, true, true, true, true, true,
+            true,
+        ],
         &cells,
     ));
     text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once, of the start-up probe's bandwidth, and of read: the time to read the same cache once on the same threads, timed in the same rounds, over the kernel's.\n");

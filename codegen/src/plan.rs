@@ -454,7 +454,7 @@ impl KernelPlan {
         let wanted = (4 * threads).div_ceil(tasks.max(1));
         // As many work units on every thread: 3 tasks on 2 threads split 4 ways, not 3 (9
         // units would leave one thread a unit of work alone at the end).
-        let balanced = (wanted..wanted + threads).find(|s| tasks * s % threads == 0);
+        let balanced = (wanted..wanted + threads).find(|s| (tasks * s).is_multiple_of(threads));
         let affordable = (seq_k / self.min_keys_per_split).max(1);
         let splits = balanced.unwrap_or(wanted).min(affordable).max(1);
         // Every query tile of a prefill item would copy the same K/V tiles: pack them once.
