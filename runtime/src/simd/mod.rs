@@ -432,6 +432,9 @@ mod tests {
                 // Two-panel blocks (16 lanes) with row and column remainders.
                 (17, 33, 70),
                 (8, 64, 9),
+                // One-panel C over several row blocks (absorbed MLA's latent scores): keys in
+                // unrolled groups and a remainder, with A's next rows prefetched.
+                (20, 16, 45),
             ] {
                 let ldc = n + 1;
                 let a = data(m * k + 3 * (m + k), 4);
