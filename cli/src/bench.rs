@@ -497,10 +497,9 @@ fn render(report: &Report) -> String {
                 _ => String::new(),
             };
             // Decode: the cache read's median in the same rounds over the kernel's median.
-            let of_read = match (r.decode, r.read_ms) {
-                (true, Some(read)) => format!("{:.0}%", 100.0 * read / r.median_ms),
-                _ => String::new(),
-            };
+            let of_read = r
+                .read_ms
+                .map_or_else(String::new, |read| format!("{:.0}%", 100.0 * read / r.median_ms));
             vec![
                 r.workload.clone(),
                 r.backend.to_owned(),
