@@ -96,35 +96,35 @@ fn fma_loop_avx512(iterations: u64) -> f32 {
 /// best of three passes.
 pub fn read_gbs(threads: usize) -> f64 {
     let data = vec![1.0f32; read_buffer_bytes() / 4];
-    let chunk = data.len().div_ceil(threads.max(1));
     let mut best = f64::INFINITY;
     for _ in 0..3 {
         let start = Instant::now();
-        std::thread::scope(|scope| {
-            for part in data.chunks(chunk) {
-                scope.spawn(move || std::hint::black_box(sum(part)));
-            }
-        });
+        std::hint::black_box(read_once(&[&data], threads));
         best = best.min(start.elapsed().as_secs_f64());
     }
     (data.len() * 4) as f64 / best / 1e9
 }
 
 /// Reads every float of `buffers` once, each buffer split evenly over `threads` threads (the
-/// ceiling of a kernel that must read them).
-pub fn read_once(buffers: &[&[f32]], threads: usize) {
+/// ceiling of a kernel that must read them); returns their sum, so nothing is skipped.
+pub fn read_once(buffers: &[&[f32]], threads: usize) -> f32 {
     let threads = threads.max(1);
     std::thread::scope(|scope| {
-        for part in 0..threads {
-            scope.spawn(move || {
-                for data in buffers {
-                    let chunk = data.len().div_ceil(threads);
-                    let lo = (part * chunk).min(data.len());
-                    std::hint::black_box(sum(&data[lo..(lo + chunk).min(data.len())]));
-                }
-            });
-        }
-    });
+        let parts: Vec<_> = (0..threads)
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut total = 0.0;
+                    for data in buffers {
+                        let chunk = data.len().div_ceil(threads);
+                        let lo = (part * chunk).min(data.len());
+                        total += sum(&data[lo..(lo + chunk).min(data.len())]);
+                    }
+                    total
+                })
+            })
+            .collect();
+        parts.into_iter().map(|p| p.join().expect("a sum does not panic")).sum()
+    })
 }
 
 /// Bytes the bandwidth probe reads: at least 256 MiB and twice the last-level cache (as the
@@ -143,4 +143,19 @@ fn sum(xs: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every float of every buffer is read exactly once, whatever the thread count.
+    #[test]
+    fn read_once_reads_every_float_once() {
+        let (a, b) = (vec![1.0f32; 1000], vec![2.0f32; 37]);
+        for threads in [0, 1, 2, 3, 7, 64] {
+            assert_eq!(read_once(&[&a, &b], threads), 1074.0, "{threads} threads");
+        }
+        assert_eq!(read_once(&[], 2), 0.0);
+    }
 }
