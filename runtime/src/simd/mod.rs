@@ -435,6 +435,9 @@ mod tests {
                 // One-panel C over several row blocks (absorbed MLA's latent scores): keys in
                 // unrolled groups and a remainder, with A's next rows prefetched.
                 (20, 16, 45),
+                // A strip of B past L1 on every ISA: passes of key_chunk keys, the last ragged
+                // (expanded MLA's up-projection).
+                (19, 40, 600),
             ] {
                 let ldc = n + 1;
                 let a = data(m * k + 3 * (m + k), 4);
@@ -507,8 +510,10 @@ mod tests {
                                             .sum::<f64>();
                                     }
                                     let got = c[i * ldc + j] as f64;
+                                    // f32 rounding grows with the partial sums added.
+                                    let tolerance = 1e-4 * (k as f64 / 64.0).max(1.0);
                                     assert!(
-                                        (got - want).abs() < 1e-4,
+                                        (got - want).abs() < tolerance,
                                         "{isa:?} nn {m}x{n}x{k} a ({a_row},{a_col}) b ({b_row},{b_panel}) \
                                          acc {accumulate} ranged {ranged} [{i},{j}] {got} vs {want}"
                                     );
