@@ -39,10 +39,11 @@ const B_STRIP_BYTES: usize = 32 * 1024;
 /// The keys [`row_blocks`] runs per pass over C: all `k` when one column block's strip of B
 /// (`k` rows of `cols` floats) fits [`B_STRIP_BYTES`], else the most whole [`SUM_CHUNK`]s
 /// whose strip fills half of it, so that the strip stays in L1 across the row blocks of a
-/// pass. Expanded MLA's up-projection (keys against 512 × 128 transposed weights, a 64 KiB
-/// strip a block) ran 3–4% faster whole in 128-key passes on AVX-512 (W6, alternating
-/// runs; 64 and 256 were slower). Chunks start at multiples of `SUM_CHUNK`, so C sums the
-/// same partial sums in the same order: results are bit-identical.
+/// pass. Expanded MLA's up-projection (latent rows against 512 × 128 transposed weights, a
+/// 64 KiB strip per block on AVX-512) is what this is for: with 128-key passes W6 took 0.96×
+/// the time in alternating runs, with 64- or 256-key passes more. Chunks start at multiples
+/// of `SUM_CHUNK`, so C adds the same partial sums in the same order: results are
+/// bit-identical to one pass.
 fn key_chunk(k: usize, cols: usize) -> usize {
     let row_bytes = cols.max(1) * size_of::<f32>();
     if k.saturating_mul(row_bytes) <= B_STRIP_BYTES {
