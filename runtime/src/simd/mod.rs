@@ -352,6 +352,55 @@ mod tests {
         if accumulate == 1 || j >= n { before[i * ldc + j] as f64 } else { 0.0 }
     }
 
+    /// A product long enough to run in key passes (a wide C) rounds exactly like one pass (a
+    /// C narrow enough to run whole): each element adds the same partial sums in the same
+    /// order, so its columns match bit for bit.
+    #[test]
+    fn dot_nn_passes_round_like_one_pass() {
+        let (m, k, wide, narrow) = (19usize, 600usize, 40usize, 8usize);
+        let a = data(m * k, 7);
+        let b = data(k * wide.next_multiple_of(PANEL), 8);
+        for isa in tested_isas() {
+            let dot_nn = isa.routines().dot_nn;
+            let run = |n: usize| {
+                let mut c = vec![0.0f32; m * n];
+                // SAFETY: A is m × k row-major, B k rows of panel-packed columns (at least n),
+                // C m × n.
+                unsafe {
+                    let null = std::ptr::null();
+                    dot_nn(
+                        m,
+                        n,
+                        k,
+                        a.as_ptr(),
+                        k,
+                        1,
+                        b.as_ptr(),
+                        PANEL,
+                        PANEL * k,
+                        c.as_mut_ptr(),
+                        n,
+                        0,
+                        null,
+                        null,
+                        std::ptr::null(),
+                    );
+                }
+                c
+            };
+            let (passes, whole) = (run(wide), run(narrow));
+            for i in 0..m {
+                for j in 0..narrow {
+                    assert_eq!(
+                        passes[i * wide + j].to_bits(),
+                        whole[i * narrow + j].to_bits(),
+                        "{isa:?} [{i},{j}]"
+                    );
+                }
+            }
+        }
+    }
+
     /// `dot_nt` over every shape remainder, on every ISA this CPU has, against f64 loops.
     #[test]
     fn dot_nt_matches_naive_loops() {
