@@ -37,16 +37,18 @@ impl Workload {
     /// ```
     /// use attngen::Workload;
     ///
+    /// let batch = |llc: usize, id: &str| {
+    ///     let workloads = Workload::standard_for_cache(Some(llc));
+    ///     workloads.into_iter().find(|w| w.id == id).unwrap().shape.batch
+    /// };
+    /// assert_eq!(batch(480 << 20, "W7"), 4); // 4 × 268 MB ≥ 2 × 480 MiB
     /// let workloads = Workload::standard_for_cache(Some(480 << 20));
     /// let w7 = workloads.iter().find(|w| w.id == "W7").unwrap();
-    /// assert_eq!(w7.shape.batch, 4); // 4 × 268 MB ≥ 2 × 480 MiB
     /// assert!(w7.kv_bytes() >= 2 * (480 << 20));
-    /// let w8 = workloads.iter().find(|w| w.id == "W8").unwrap();
-    /// assert_eq!(w8.shape.batch, 14); // 14 × 75.5 MB
+    /// assert_eq!(batch(480 << 20, "W8"), 14); // 14 × 75.5 MB
     /// // A small cache: the workloads' own batch sizes.
-    /// let small = Workload::standard_for_cache(Some(32 << 20));
-    /// assert_eq!(small[6].shape.batch, 1);
-    /// assert_eq!(small[7].shape.batch, 4);
+    /// assert_eq!(batch(32 << 20, "W7"), 1);
+    /// assert_eq!(batch(32 << 20, "W8"), 4);
     /// ```
     pub fn standard_for_cache(llc_bytes: Option<usize>) -> Vec<Workload> {
         let lite = || AttentionSpec::mla(16, 512, 64, 128, 128).mask(Mask::Causal);
