@@ -10,9 +10,9 @@ use attngen::Isa;
 /// [`FMA_ROUNDS`] short rounds, each timing all threads together. A peak is what the machine
 /// can do, so the fastest round is the estimate: on a shared VM one long round reads whatever
 /// its neighbours left (on a 2-core AVX-512 Xeon, five start-ups of one 20M-iteration round
-/// read 286–337 GFLOP/s; five of this probe 328–332). The ISA must be one this CPU supports.
+/// read 286–337 GFLOP/s; eight of this probe 328–342). The ISA must be one this CPU supports.
 pub fn fma_gflops(threads: usize, isa: Isa) -> f64 {
-    const ITERATIONS: u64 = 3_000_000;
+    const ITERATIONS: u64 = 5_000_000;
     let threads = threads.max(1);
     let round = || {
         let start = Instant::now();
@@ -26,7 +26,8 @@ pub fn fma_gflops(threads: usize, isa: Isa) -> f64 {
     (0..FMA_ROUNDS).map(|_| round()).fold(0.0, f64::max) / 1e9
 }
 
-/// Rounds [`fma_gflops`] takes the best of: eight of ~10 ms each with AVX-512.
+/// Rounds [`fma_gflops`] takes the best of: eight of about 12 ms each with AVX-512 on a 2.6 GHz
+/// core, so starting the threads (tens of microseconds) costs under 1%.
 const FMA_ROUNDS: usize = 8;
 
 /// Runs the FMA loop of `isa`; returns the FLOPs it did.
