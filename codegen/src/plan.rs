@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use crate::abi::PANEL;
+use crate::abi::{ALIGN_FLOATS, PANEL};
 use crate::cost;
 use crate::spec::{AttentionSpec, GroupMap, KvLayout, Mask, MlaForm};
 
@@ -221,7 +221,8 @@ pub struct KernelPlan {
     pub scratch: ScratchLayout,
     /// Where O, m and l lie in one split's state slot.
     pub state: StateLayout,
-    /// Floats of one split's state slot ([`StateLayout`]).
+    /// Floats of one split's state slot ([`StateLayout`]), a multiple of [`ALIGN_FLOATS`] so
+    /// that every slot's O starts on a cache line.
     pub state_len: usize,
 }
 
@@ -265,9 +266,10 @@ pub struct ScratchLayout {
     pub values: usize,
     /// Per-row visible key range of an edge tile: `padded_rows` i32 lows, then as many highs.
     pub ranges: usize,
-    /// Where the first group's block starts: the floats of the shared part.
+    /// Where the first group's block starts: the floats of the shared part (a multiple of
+    /// [`ALIGN_FLOATS`], as every offset here is).
     pub shared_len: usize,
-    /// Floats of one group's block.
+    /// Floats of one group's block (a multiple of [`ALIGN_FLOATS`]).
     pub group_len: usize,
 }
 
@@ -378,9 +380,9 @@ impl KernelPlan {
             keys,
             values,
             ranges,
-            shared_len: ranges + 2 * padded_rows,
+            shared_len: (ranges + 2 * padded_rows).next_multiple_of(ALIGN_FLOATS),
             query_rows,
-            group_len: query_rows + row_major,
+            group_len: (query_rows + row_major).next_multiple_of(ALIGN_FLOATS),
         };
         let scale = spec.effective_scale();
         let log2e = std::f64::consts::LOG2_E;
@@ -429,7 +431,7 @@ impl KernelPlan {
                 m: padded_rows * acc_dim,
                 l: padded_rows * (acc_dim + 1),
             },
-            state_len: padded_rows * (acc_dim + 2),
+            state_len: (padded_rows * (acc_dim + 2)).next_multiple_of(ALIGN_FLOATS),
         }
     }
 
@@ -865,5 +867,42 @@ mod tests {
         // The first of 10 queries sits at key 990 and sees 891..=990: from tile 832.
         assert_eq!(plan.visible_keys(10, 1000), 832..1000);
         assert_eq!(plan.visible_keys(2000, 1000), 0..1000);
+    }
+
+    /// Every scratch region, group block and state slot is a whole number of cache lines, so
+    /// the runtime's line-aligned buffers keep each of them aligned, whatever the head sizes
+    /// (odd widths, and the 60 rows of five-head groups, included).
+    #[test]
+    fn scratch_regions_and_state_slots_are_whole_cache_lines() {
+        let specs = [
+            AttentionSpec::gqa(32, 8, 128),
+            AttentionSpec::gqa(6, 3, 33),
+            AttentionSpec::gqa(10, 2, 33),
+            AttentionSpec::gqa(8, 2, 16).v_head_dim(20),
+            AttentionSpec::mha(3, 7),
+            AttentionSpec::mla(16, 512, 64, 128, 128),
+            AttentionSpec::mla(4, 48, 0, 16, 12),
+            AttentionSpec::mla(3, 40, 8, 24, 20).mla_form(MlaForm::Expanded),
+        ];
+        for spec in specs {
+            for plan in KernelPlan::all(&spec) {
+                let l = plan.scratch;
+                let offsets = [
+                    ("scores", l.scores),
+                    ("keys", l.keys),
+                    ("values", l.values),
+                    ("ranges", l.ranges),
+                    ("shared_len", l.shared_len),
+                    ("queries", l.queries),
+                    ("rope_queries", l.rope_queries),
+                    ("query_rows", l.query_rows),
+                    ("group_len", l.group_len),
+                    ("state_len", plan.state_len),
+                ];
+                for (name, floats) in offsets {
+                    assert_eq!(floats % ALIGN_FLOATS, 0, "{name} of {spec:?} ({:?})", plan.form);
+                }
+            }
+        }
     }
 }

@@ -16,7 +16,7 @@
 
 use std::cell::RefCell;
 
-use attngen_codegen::abi::{CallArgs, ExpandFn, FinishFn, HeadFn, ItemFn, PANEL};
+use attngen_codegen::abi::{ALIGN_FLOATS, CallArgs, ExpandFn, FinishFn, HeadFn, ItemFn, PANEL};
 use attngen_codegen::plan::CallPacking;
 use attngen_codegen::{Form, KernelPlan, MlaForm, Schedule, cost};
 use rayon::prelude::*;
@@ -151,15 +151,17 @@ impl Executor<'_> {
             kv_lens: inputs.kv_lens.map_or(std::ptr::null(), <[usize]>::as_ptr),
         };
         let plan = self.plan;
-        // Absorbed MLA's q' and o' buffers, each latent_len floats (0 for grouped specs).
+        // Absorbed MLA's q' and o' buffers, each latent_len floats (0 for grouped specs), o'
+        // from the first cache line after q'.
         let lens = plan.latent_len(shape.batch, shape.seq_q);
-        let Some((latent_len, both)) = lens.and_then(|n| Some((n, n.checked_mul(2)?))) else {
+        let both = |n: usize| n.checked_next_multiple_of(ALIGN_FLOATS)?.checked_mul(2);
+        let Some((latent_len, both)) = lens.and_then(|n| Some((n, both(n)?))) else {
             let shape = vec![2, shape.batch, shape.seq_q, spec.q_heads, plan.acc_dim];
             return Err(Error::TooLarge { tensor: "q' and o' (absorbed MLA)", shape });
         };
         if latent_len > 0 {
             with_kept(&LATENT, both, |latent| {
-                let (latent_q, latent_out) = latent.split_at_mut(latent_len);
+                let (latent_q, latent_out) = latent.split_at_mut(both / 2);
                 let args = CallArgs {
                     latent_q: latent_q.as_mut_ptr(),
                     latent_out: latent_out.as_mut_ptr(),
@@ -557,13 +559,21 @@ thread_local! {
 /// Runs `f` on this thread's workspace, grown to at least `len` floats. `f` must not re-enter
 /// (it runs generated code, which never calls back into the runtime).
 fn with_workspace<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    WORKSPACE.with(|workspace| {
-        let mut workspace = workspace.borrow_mut();
-        if workspace.len() < len {
-            workspace.resize(len, 0.0);
-        }
-        f(&mut workspace[..len])
-    })
+    WORKSPACE.with(|workspace| f(aligned(&mut workspace.borrow_mut(), len)))
+}
+
+/// `len` floats of `buffer` from its first 64-byte boundary ([`ALIGN_FLOATS`] floats), growing
+/// it as needed: the plan lays out the scratch, state and packed buffers in whole cache lines
+/// from their start, which the allocator aligns only to 16 bytes.
+fn aligned(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    let needed = len.checked_add(ALIGN_FLOATS - 1).expect("buffer lengths fit in memory");
+    if buffer.len() < needed {
+        buffer.resize(needed, 0.0);
+    }
+    // The data pointer of a Vec<f32> is 4-byte aligned, so this is a whole number of floats.
+    let line = ALIGN_FLOATS * size_of::<f32>();
+    let skip = (buffer.as_ptr() as usize).wrapping_neg() % line / size_of::<f32>();
+    &mut buffer[skip..skip + len]
 }
 
 thread_local! {
@@ -591,15 +601,46 @@ fn with_kept<R>(
     f: impl FnOnce(&mut [f32]) -> R,
 ) -> R {
     if len > KEPT_FLOATS {
-        return f(&mut vec![0.0; len]);
+        return f(aligned(&mut Vec::new(), len));
     }
     buffer.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut kept) => {
-            if kept.len() < len {
-                kept.resize(len, 0.0);
-            }
-            f(&mut kept[..len])
-        }
-        Err(_) => f(&mut vec![0.0; len]),
+        Ok(mut kept) => f(aligned(&mut kept, len)),
+        Err(_) => f(aligned(&mut Vec::new(), len)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ALIGN_FLOATS, PACKED, WORKSPACE, aligned, with_kept, with_workspace};
+
+    fn starts_a_line(slice: &[f32]) -> bool {
+        (slice.as_ptr() as usize).is_multiple_of(ALIGN_FLOATS * size_of::<f32>())
+    }
+
+    /// Whatever the allocator returned, and as the buffer grows, the slice handed out starts
+    /// on a cache line and holds exactly the floats asked for.
+    #[test]
+    fn buffers_start_on_a_cache_line() {
+        let mut buffer = Vec::new();
+        for len in [0, 1, 17, 1000, 5, 70_000, 3] {
+            let slice = aligned(&mut buffer, len);
+            assert_eq!(slice.len(), len);
+            assert!(starts_a_line(slice), "len {len}");
+        }
+        // Fresh small buffers land anywhere on the allocator's 16-byte grid.
+        for len in 1..64 {
+            let mut fresh = Vec::new();
+            let slice = aligned(&mut fresh, len);
+            assert!(starts_a_line(slice) && slice.len() == len);
+        }
+        for len in [1, 33, 4097] {
+            with_workspace(len, |work| assert!(starts_a_line(work) && work.len() == len));
+            with_kept(&PACKED, len, |kept| assert!(starts_a_line(kept) && kept.len() == len));
+        }
+        // Nested: the inner use gets a fresh buffer, aligned too.
+        with_kept(&PACKED, 8, |_| {
+            with_kept(&PACKED, 9, |inner| assert!(starts_a_line(inner) && inner.len() == 9))
+        });
+        WORKSPACE.with(|w| assert!(w.borrow().len() >= 4097));
+    }
 }
