@@ -203,8 +203,9 @@ struct Row {
     intensity: f64,
     compile_ms: Option<f64>,
     decode: bool,
-    /// Decode: the median time of reading the workload's cache tensors once on the kernels'
-    /// threads, in the same rounds as the kernels — the memory ceiling of this sitting.
+    /// Decode: the median time of reading the workload's inputs once (the cache, the queries
+    /// and MLA's weights) on the kernels' threads, in the same rounds as the kernels — the
+    /// memory ceiling of this sitting.
     read_ms: Option<f64>,
 }
 
@@ -364,7 +365,8 @@ fn build(
 /// kernels: a warm-up each, then rounds that run each once in turn — so a slow spell of a
 /// shared machine falls on all of them alike — until about a second per kernel has passed (at
 /// least 3 rounds, at most `max_runs`). A decode workload's rounds also read its cache once on
-/// `threads` threads ([`peak::read_once`]): each row's `read_ms` is that ceiling's median.
+/// `threads` threads ([`peak::read_once`]), with its queries and weights: each row's `read_ms`
+/// is that ceiling's median.
 fn time(
     workload: &Workload,
     kernels: Vec<Timed>,
@@ -383,10 +385,11 @@ fn time(
         kernel.run(shape, &named, &mut out, Some(&mut lse)).map_err(Failure::input)?;
         Ok(start.elapsed())
     };
-    // A decode workload's ceiling in the same sitting: its cache tensors read once, split over
-    // the kernels' threads, in the same rounds as the kernels.
+    // A decode workload's ceiling in the same sitting: every input it must read (the cache,
+    // and for MLA the up-projection weights, which a call reads too) read once, split over the
+    // kernels' threads, in the same rounds as the kernels.
     let cache: Vec<&[f32]> = match workload.is_decode() {
-        true => inputs.iter().filter(|(t, _)| t.is_cache()).map(|(_, d)| d.as_slice()).collect(),
+        true => inputs.iter().map(|(_, d)| d.as_slice()).collect(),
         false => Vec::new(),
     };
     let read = |times: &mut Vec<Duration>| {
@@ -545,7 +548,7 @@ fn render(report: &Report) -> String {
         ],
         &cells,
     ));
-    text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once, of the start-up probe's bandwidth, and of read: the time to read the same cache once on the same threads, timed in the same rounds, over the kernel's.\n");
+    text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once, of the start-up probe's bandwidth, and of read: the time to read the same inputs once (cache, queries, MLA's weights) on the same threads, timed in the same rounds, over the kernel's.\n");
     text.push_str("GFLOP/s run: the FLOPs of the form the kernel computes for the call (absorbed MLA: q' = q·W_UK, attention over the latent, out = o'·W_UV; expanded MLA: K_h and V_h up-projected per head, then attention over them), against the peak of the row's ISA; the form is in --json.\n");
     text
 }

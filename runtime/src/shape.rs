@@ -169,12 +169,6 @@ impl Tensor {
         }
     }
 
-    /// Whether the tensor is part of the KV cache (`k`, `v`, `c_kv`, `k_rope`): Sk rows per
-    /// sequence, what a decode call reads most of.
-    pub fn is_cache(self) -> bool {
-        matches!(self, Tensor::K | Tensor::V | Tensor::CKv | Tensor::KRope)
-    }
-
     /// The tensor's name in files and messages.
     pub fn name(self) -> &'static str {
         match self {
