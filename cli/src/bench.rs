@@ -364,9 +364,8 @@ fn build(
 /// Times `kernels` on `workload`. The interpreter is slow: one timed run. The compiled
 /// kernels: a warm-up each, then rounds that run each once in turn — so a slow spell of a
 /// shared machine falls on all of them alike — until about a second per kernel has passed (at
-/// least 3 rounds, at most `max_runs`). A decode workload's rounds also read its cache once on
-/// `threads` threads ([`peak::read_once`]), with its queries and weights: each row's `read_ms`
-/// is that ceiling's median.
+/// least 3 rounds, at most `max_runs`). A decode workload's rounds also read its inputs once on
+/// `threads` threads ([`peak::read_once`]): each row's `read_ms` is that ceiling's median.
 fn time(
     workload: &Workload,
     kernels: Vec<Timed>,
@@ -385,17 +384,17 @@ fn time(
         kernel.run(shape, &named, &mut out, Some(&mut lse)).map_err(Failure::input)?;
         Ok(start.elapsed())
     };
-    // A decode workload's ceiling in the same sitting: every input it must read (the cache,
-    // and for MLA the up-projection weights, which a call reads too) read once, split over the
-    // kernels' threads, in the same rounds as the kernels.
-    let cache: Vec<&[f32]> = match workload.is_decode() {
+    // A decode workload's ceiling in the same sitting: every input a call must read (the
+    // cache, the queries and MLA's up-projection weights) read once, split over the kernels'
+    // threads, in the same rounds as the kernels.
+    let to_read: Vec<&[f32]> = match workload.is_decode() {
         true => inputs.iter().map(|(_, d)| d.as_slice()).collect(),
         false => Vec::new(),
     };
     let read = |times: &mut Vec<Duration>| {
-        if !cache.is_empty() {
+        if !to_read.is_empty() {
             let start = Instant::now();
-            std::hint::black_box(peak::read_once(&cache, threads));
+            std::hint::black_box(peak::read_once(&to_read, threads));
             times.push(start.elapsed());
         }
     };
@@ -499,7 +498,7 @@ fn render(report: &Report) -> String {
                 Some(jit) if r.backend == "macro" => format!("{:.2}x", jit.median_ms / r.median_ms),
                 _ => String::new(),
             };
-            // Decode: the cache read's median in the same rounds over the kernel's median.
+            // Decode: the inputs read's median in the same rounds over the kernel's median.
             let of_read = r
                 .read_ms
                 .map_or_else(String::new, |read| format!("{:.0}%", 100.0 * read / r.median_ms));
