@@ -498,7 +498,7 @@ fn render(report: &Report) -> String {
                 Some(jit) if r.backend == "macro" => format!("{:.2}x", jit.median_ms / r.median_ms),
                 _ => String::new(),
             };
-            // Decode: the inputs read's median in the same rounds over the kernel's median.
+            // Decode: the median time to read the inputs once (same rounds) over the kernel's.
             let of_read = r
                 .read_ms
                 .map_or_else(String::new, |read| format!("{:.0}%", 100.0 * read / r.median_ms));
