@@ -207,6 +207,10 @@ struct Row {
     /// and MLA's weights) on the kernels' threads, in the same rounds as the kernels — the
     /// memory ceiling of this sitting.
     read_ms: Option<f64>,
+    /// Prefill: the median GFLOP/s of one short round of the widest ISA's FMA loop on the
+    /// kernels' threads, timed in the same rounds as the kernels — the compute ceiling of this
+    /// sitting (on a shared machine, often well below the start-up probe's best round).
+    fma_gflops: Option<f64>,
 }
 
 /// Runs the benchmark and prints the table or JSON.
@@ -365,7 +369,9 @@ fn build(
 /// kernels: a warm-up each, then rounds that run each once in turn — so a slow spell of a
 /// shared machine falls on all of them alike — until about a second per kernel has passed (at
 /// least 3 rounds, at most `max_runs`). A decode workload's rounds also read its inputs once on
-/// `threads` threads ([`peak::read_once`]): each row's `read_ms` is that ceiling's median.
+/// `threads` threads ([`peak::read_once`]): each row's `read_ms` is that ceiling's median; a
+/// prefill workload's rounds run one short round of the widest ISA's FMA loop instead
+/// ([`peak::fma_round`]), whose median is each row's `fma_gflops`.
 fn time(
     workload: &Workload,
     kernels: Vec<Timed>,
@@ -398,6 +404,15 @@ fn time(
             times.push(start.elapsed());
         }
     };
+    // A prefill workload's compute ceiling in the same sitting: the FMA loop of the widest ISA
+    // this CPU has, half a start-up probe round (a few ms), in the same rounds as the kernels.
+    let widest = Isa::detect();
+    let fma = |rates: &mut Vec<f64>| {
+        if !workload.is_decode() {
+            rates.push(peak::fma_round(threads, widest, peak::FMA_ROUND_ITERATIONS / 2));
+        }
+    };
+    let mut fma_rates = Vec::new();
     let mut read_times = Vec::new();
     let mut times = vec![Vec::new(); kernels.len()];
     let compiled: Vec<usize> =
@@ -420,10 +435,13 @@ fn time(
             times[i].push(call(kernels[i].kernel.as_ref())?);
         }
         read(&mut read_times);
+        fma(&mut fma_rates);
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     read_times.sort();
     let read_ms = read_times.get(read_times.len() / 2).map(|&d| ms(d));
+    fma_rates.sort_by(f64::total_cmp);
+    let fma_gflops = fma_rates.get(fma_rates.len() / 2).copied();
     let (flops, bytes) = (workload.flops(), workload.kv_bytes());
     let rows = kernels.into_iter().zip(times).map(|(timed, mut times)| {
         times.sort();
@@ -448,6 +466,7 @@ fn time(
             compile_ms: timed.compile_ms,
             decode: workload.is_decode(),
             read_ms,
+            fma_gflops,
         }
     });
     Ok(rows.collect())
@@ -498,10 +517,14 @@ fn render(report: &Report) -> String {
                 Some(jit) if r.backend == "macro" => format!("{:.2}x", jit.median_ms / r.median_ms),
                 _ => String::new(),
             };
-            // Decode: the median time to read the inputs once (same rounds) over the kernel's.
-            let of_read = r
-                .read_ms
-                .map_or_else(String::new, |read| format!("{:.0}%", 100.0 * read / r.median_ms));
+            // The same rounds' ceiling: decode, the median time to read the inputs once over
+            // the kernel's; prefill, the kernel's GFLOP/s (of the form it runs) over the FMA
+            // loop's median.
+            let same_rounds = match (r.read_ms, r.fma_gflops) {
+                (Some(read), _) => format!("{:.0}% read", 100.0 * read / r.median_ms),
+                (None, Some(fma)) => format!("{:.0}% FMA", 100.0 * r.kernel_gflops / fma),
+                (None, None) => String::new(),
+            };
             vec![
                 r.workload.clone(),
                 r.backend.to_owned(),
@@ -511,7 +534,7 @@ fn render(report: &Report) -> String {
                 format!("{:.2}", r.max_ms),
                 rate,
                 format!("{peak:.0}%"),
-                of_read,
+                same_rounds,
                 format!("{:.1}", r.kernel_gflops),
                 peak_of(r.isa)
                     .or((r.isa.is_empty()).then_some(m.peak_gflops))
@@ -533,7 +556,7 @@ fn render(report: &Report) -> String {
             "max",
             "rate",
             "of peak",
-            "of read",
+            "of same rounds",
             "GFLOP/s run",
             "of ISA peak",
             "time vs 1st isa",
@@ -547,7 +570,7 @@ fn render(report: &Report) -> String {
         ],
         &cells,
     ));
-    text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once, of the start-up probe's bandwidth, and of read: the time to read the same inputs once (cache, queries, MLA's weights) on the same threads, timed in the same rounds, over the kernel's.\n");
+    text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once, of the start-up probe's bandwidth. Of same rounds: the machine's ceiling while the kernels ran, timed in the same rounds on the same threads — decode, the time to read the same inputs once (cache, queries, MLA's weights) over the kernel's; prefill, the kernel's GFLOP/s run over the widest ISA's FMA loop's.\n");
     text.push_str("GFLOP/s run: the FLOPs of the form the kernel computes for the call (absorbed MLA: q' = q·W_UK, attention over the latent, out = o'·W_UV; expanded MLA: K_h and V_h up-projected per head, then attention over them), against the peak of the row's ISA; the form is in --json.\n");
     text
 }

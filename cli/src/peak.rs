@@ -12,19 +12,26 @@ use attngen::Isa;
 /// its neighbours left (on a 2-core AVX-512 Xeon, five start-ups of one 20M-iteration round
 /// read 286–337 GFLOP/s; eight of this probe 328–342). The ISA must be one this CPU supports.
 pub fn fma_gflops(threads: usize, isa: Isa) -> f64 {
-    const ITERATIONS: u64 = 5_000_000;
-    let threads = threads.max(1);
-    let round = || {
-        let start = Instant::now();
-        let flops_per_thread = std::thread::scope(|scope| {
-            let workers: Vec<_> =
-                (0..threads).map(|_| scope.spawn(|| fma_loop(ITERATIONS, isa))).collect();
-            workers.into_iter().map(|w| w.join().expect("FMA loop does not panic")).max()
-        });
-        (flops_per_thread.unwrap_or(0) * threads as u64) as f64 / start.elapsed().as_secs_f64()
-    };
-    (0..FMA_ROUNDS).map(|_| round()).fold(0.0, f64::max) / 1e9
+    (0..FMA_ROUNDS).map(|_| fma_round(threads, isa, FMA_ROUND_ITERATIONS)).fold(0.0, f64::max)
 }
+
+/// GFLOP/s of one round of the FMA loop: `iterations` of it on each of `threads` threads, all
+/// timed together. `bench` also times one short round per timing round of a prefill workload,
+/// next to the kernels: what the machine gave in that moment, where [`fma_gflops`] is the best
+/// it gave at start-up.
+pub fn fma_round(threads: usize, isa: Isa, iterations: u64) -> f64 {
+    let threads = threads.max(1);
+    let start = Instant::now();
+    let flops_per_thread = std::thread::scope(|scope| {
+        let workers: Vec<_> =
+            (0..threads).map(|_| scope.spawn(|| fma_loop(iterations, isa))).collect();
+        workers.into_iter().map(|w| w.join().expect("FMA loop does not panic")).max()
+    });
+    (flops_per_thread.unwrap_or(0) * threads as u64) as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// Iterations of one [`fma_gflops`] round.
+pub const FMA_ROUND_ITERATIONS: u64 = 5_000_000;
 
 /// Rounds [`fma_gflops`] takes the best of: eight of about 12 ms each with AVX-512 on a 2.6 GHz
 /// core, so starting the threads (tens of microseconds) costs under 1%.
