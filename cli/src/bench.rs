@@ -211,7 +211,17 @@ struct Row {
     /// kernels' threads, timed in the same rounds as the kernels — the compute ceiling of this
     /// sitting (on a shared machine, often well below the start-up probe's best round).
     fma_gflops: Option<f64>,
+    /// Prefill: the median GFLOP/s of the widest ISA's tile product on operands in L1
+    /// ([`peak::product_round`]), in the same rounds: the ceiling of code that loads its
+    /// operands, which a shared machine's neighbours can lower more than the FMA loop's.
+    product_gflops: Option<f64>,
 }
+
+/// The pause before a round's ceilings, for the kernels' idle pool workers to stop spinning.
+const SETTLE: Duration = Duration::from_millis(3);
+
+/// Calls of [`peak::product_round`] per timing round: about 2 ms on an AVX-512 core.
+const PRODUCT_REPS: u64 = 1000;
 
 /// Runs the benchmark and prints the table or JSON.
 pub fn bench(args: BenchArgs) -> Result<(), Failure> {
@@ -370,8 +380,9 @@ fn build(
 /// shared machine falls on all of them alike — until about a second per kernel has passed (at
 /// least 3 rounds, at most `max_runs`). A decode workload's rounds also read its inputs once on
 /// `threads` threads ([`peak::read_once`]): each row's `read_ms` is that ceiling's median; a
-/// prefill workload's rounds run one short round of the widest ISA's FMA loop instead
-/// ([`peak::fma_round`]), whose median is each row's `fma_gflops`.
+/// prefill workload's rounds run a few milliseconds of the widest ISA's FMA loop
+/// ([`peak::fma_round`]) and of its tile product in L1 ([`peak::product_round`]) instead, whose
+/// medians are each row's `fma_gflops` and `product_gflops`.
 fn time(
     workload: &Workload,
     kernels: Vec<Timed>,
@@ -404,15 +415,17 @@ fn time(
             times.push(start.elapsed());
         }
     };
-    // A prefill workload's compute ceiling in the same sitting: the FMA loop of the widest ISA
-    // this CPU has, half a start-up probe round (a few ms), in the same rounds as the kernels.
+    // A prefill workload's compute ceilings in the same sitting, with the widest ISA this CPU
+    // has, in the same rounds as the kernels: its FMA loop (half a start-up probe round, a few
+    // ms) and its tile product on operands in L1 (a few ms too).
     let widest = Isa::detect();
-    let fma = |rates: &mut Vec<f64>| {
+    let compute = |fma: &mut Vec<f64>, product: &mut Vec<f64>| {
         if !workload.is_decode() {
-            rates.push(peak::fma_round(threads, widest, peak::FMA_ROUND_ITERATIONS / 2));
+            fma.push(peak::fma_round(threads, widest, peak::FMA_ROUND_ITERATIONS / 2));
+            product.push(peak::product_round(threads, widest, PRODUCT_REPS));
         }
     };
-    let mut fma_rates = Vec::new();
+    let (mut fma_rates, mut product_rates) = (Vec::new(), Vec::new());
     let mut read_times = Vec::new();
     let mut times = vec![Vec::new(); kernels.len()];
     let compiled: Vec<usize> =
@@ -434,14 +447,21 @@ fn time(
         for &i in &compiled {
             times[i].push(call(kernels[i].kernel.as_ref())?);
         }
+        // The kernels' pools keep their workers spinning for about a millisecond after a
+        // call; a ceiling timed then would share the cores with them (a 2-thread FMA round
+        // of 3 ms right after a call read half of one timed 1 ms later).
+        std::thread::sleep(SETTLE);
         read(&mut read_times);
-        fma(&mut fma_rates);
+        compute(&mut fma_rates, &mut product_rates);
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     read_times.sort();
     let read_ms = read_times.get(read_times.len() / 2).map(|&d| ms(d));
-    fma_rates.sort_by(f64::total_cmp);
-    let fma_gflops = fma_rates.get(fma_rates.len() / 2).copied();
+    let median = |mut rates: Vec<f64>| {
+        rates.sort_by(f64::total_cmp);
+        rates.get(rates.len() / 2).copied()
+    };
+    let (fma_gflops, product_gflops) = (median(fma_rates), median(product_rates));
     let (flops, bytes) = (workload.flops(), workload.kv_bytes());
     let rows = kernels.into_iter().zip(times).map(|(timed, mut times)| {
         times.sort();
@@ -467,6 +487,7 @@ fn time(
             decode: workload.is_decode(),
             read_ms,
             fma_gflops,
+            product_gflops,
         }
     });
     Ok(rows.collect())
@@ -517,13 +538,17 @@ fn render(report: &Report) -> String {
                 Some(jit) if r.backend == "macro" => format!("{:.2}x", jit.median_ms / r.median_ms),
                 _ => String::new(),
             };
-            // The same rounds' ceiling: decode, the median time to read the inputs once over
+            // The same rounds' ceilings: decode, the median time to read the inputs once over
             // the kernel's; prefill, the kernel's GFLOP/s (of the form it runs) over the FMA
-            // loop's median.
-            let same_rounds = match (r.read_ms, r.fma_gflops) {
-                (Some(read), _) => format!("{:.0}% read", 100.0 * read / r.median_ms),
-                (None, Some(fma)) => format!("{:.0}% FMA", 100.0 * r.kernel_gflops / fma),
-                (None, None) => String::new(),
+            // loop's and the tile product's medians.
+            let same_rounds = match (r.read_ms, r.fma_gflops, r.product_gflops) {
+                (Some(read), ..) => format!("{:.0}% read", 100.0 * read / r.median_ms),
+                (None, Some(fma), Some(product)) => format!(
+                    "{:.0}% FMA, {:.0}% tile",
+                    100.0 * r.kernel_gflops / fma,
+                    100.0 * r.kernel_gflops / product
+                ),
+                _ => String::new(),
             };
             vec![
                 r.workload.clone(),
@@ -570,7 +595,7 @@ fn render(report: &Report) -> String {
         ],
         &cells,
     ));
-    text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once, of the start-up probe's bandwidth. Of same rounds: the machine's ceiling while the kernels ran, timed in the same rounds on the same threads — decode, the time to read the same inputs once (cache, queries, MLA's weights) over the kernel's; prefill, the kernel's GFLOP/s run over the widest ISA's FMA loop's.\n");
+    text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once, of the start-up probe's bandwidth. Of same rounds: the machine's ceiling while the kernels ran, timed in the same rounds on the same threads — decode, the time to read the same inputs once (cache, queries, MLA's weights) over the kernel's; prefill, the kernel's GFLOP/s run over the widest ISA's FMA loop's and over its tile product's with every operand in L1 (the ceiling of code that loads its operands).\n");
     text.push_str("GFLOP/s run: the FLOPs of the form the kernel computes for the call (absorbed MLA: q' = q·W_UK, attention over the latent, out = o'·W_UV; expanded MLA: K_h and V_h up-projected per head, then attention over them), against the peak of the row's ISA; the form is in --json.\n");
     text
 }

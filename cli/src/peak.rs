@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use attngen::Isa;
+use attngen_codegen::abi::PANEL;
 
 /// GFLOP/s of independent f32 fused multiply-adds (2 FLOPs each) on `threads` threads, with
 /// the vectors of `isa` (AVX-512: 16 lanes, AVX2: 8; portable: scalar code): the best of
@@ -28,6 +29,84 @@ pub fn fma_round(threads: usize, isa: Isa, iterations: u64) -> f64 {
         workers.into_iter().map(|w| w.join().expect("FMA loop does not panic")).max()
     });
     (flops_per_thread.unwrap_or(0) * threads as u64) as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// GFLOP/s of the ISA's tile product ([`DotNn`](attngen_codegen::abi::DotNn), the routine behind every prefill tile's
+/// scores and value update) on operands that stay in L1: `C = A·B` of 32 × 32 × 128 (A
+/// row-major, B in 16-column panels; 36 KiB with C), `reps` times on each of `threads` threads,
+/// all timed together. Unlike the FMA loop it loads its operands (with AVX-512, two vectors and
+/// eight broadcasts per sixteen FMAs): the most a load-bearing kernel reaches on this core at
+/// this moment, which on a shared host can be well below the FMA loop's rate.
+pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
+    assert!(isa.is_supported(), "the bench probes only ISAs this CPU has");
+    let threads = threads.max(1);
+    let (m, n, k) = (PRODUCT_SIDE, PRODUCT_SIDE, PRODUCT_DEPTH);
+    let dot_nn = isa.routines().dot_nn;
+    let product = move || {
+        let a = Lines::filled(m * k, 0.5);
+        let b = Lines::filled(k * n, 0.25);
+        let mut c = Lines::filled(m * n, 0.0);
+        for _ in 0..reps {
+            // SAFETY: the CPU has the ISA (asserted above); A holds m rows of k floats
+            // (a_row = k, a_col = 1), B n / PANEL panels of k rows of PANEL floats (b_row =
+            // PANEL, b_panel = PANEL·k; n is a multiple of PANEL), C m rows of n floats
+            // (ldc = n); no range tables and no prefetch (null pointers).
+            unsafe {
+                dot_nn(
+                    m,
+                    n,
+                    k,
+                    a.as_ptr(),
+                    k,
+                    1,
+                    b.as_ptr(),
+                    PANEL,
+                    PANEL * k,
+                    c.as_mut_ptr(),
+                    n,
+                    0,
+                    std::ptr::null(),
+                    std::ptr::null(),
+                    std::ptr::null(),
+                )
+            };
+        }
+        std::hint::black_box(c.as_mut_ptr());
+    };
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads).map(|_| scope.spawn(product)).collect();
+        workers.into_iter().for_each(|w| w.join().expect("the product does not panic"));
+    });
+    let flops = 2 * (m * n * k) as u64 * reps * threads as u64;
+    flops as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// Rows and columns of [`product_round`]'s C: four 8-row AVX-512 blocks of two panels.
+const PRODUCT_SIDE: usize = 32;
+/// Its depth: a head dimension.
+const PRODUCT_DEPTH: usize = 128;
+
+/// One 64-byte line of floats.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// Floats on whole 64-byte lines, as every buffer the kernels own.
+struct Lines(Vec<Line>);
+
+impl Lines {
+    fn filled(len: usize, value: f32) -> Lines {
+        Lines(vec![Line([value; 16]); len.div_ceil(16)])
+    }
+
+    fn as_ptr(&self) -> *const f32 {
+        self.0.as_ptr().cast()
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.0.as_mut_ptr().cast()
+    }
 }
 
 /// Iterations of one [`fma_gflops`] round.
@@ -166,6 +245,19 @@ fn sum(xs: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every ISA's probes run on this CPU and read a positive, finite rate.
+    #[test]
+    fn probes_run_on_every_isa() {
+        for isa in Isa::available() {
+            for threads in [1, 2] {
+                let (fma, product) =
+                    (fma_round(threads, isa, 1000), product_round(threads, isa, 3));
+                assert!(fma.is_finite() && fma > 0.0, "{isa} FMA on {threads}: {fma}");
+                assert!(product.is_finite() && product > 0.0, "{isa} tile on {threads}: {product}");
+            }
+        }
+    }
 
     /// Every float of every buffer is read exactly once, whatever the thread count.
     #[test]

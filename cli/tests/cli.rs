@@ -392,9 +392,12 @@ fn bench_reports_json_for_a_spec_and_shape() {
         assert!((row["gflops"].as_f64().unwrap() - flops as f64 / median / 1e6).abs() < 1e-6);
         assert!(row["read_ms"].is_null(), "prefill has no cache-read ceiling: {row}");
     }
-    // Prefill rows carry the FMA loop's rate, timed in the same rounds as the kernels.
-    let fma = results[0]["fma_gflops"].as_f64().unwrap();
-    assert!(fma > 0.0 && results.iter().all(|r| r["fma_gflops"] == fma), "{results:?}");
+    // Prefill rows carry the FMA loop's and the tile product's rates, timed in the same rounds
+    // as the kernels.
+    for ceiling in ["fma_gflops", "product_gflops"] {
+        let rate = results[0][ceiling].as_f64().unwrap();
+        assert!(rate > 0.0 && results.iter().all(|r| r[ceiling] == rate), "{results:?}");
+    }
     assert!(results[0]["compile_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(results[0]["isa"], Isa::from_env().unwrap().unwrap_or_else(Isa::detect).name());
     let output = attngen(&["bench", "--workload", "W9"]);
@@ -424,7 +427,9 @@ fn bench_times_each_isa_and_counts_absorbed_mla() {
     // Decode rows carry the time of reading the cache once, timed in the same rounds.
     let read_ms = results[0]["read_ms"].as_f64().unwrap();
     assert!(read_ms > 0.0 && results.iter().all(|r| r["read_ms"] == read_ms), "{results:?}");
-    assert!(results.iter().all(|r| r["fma_gflops"].is_null()), "decode has no FMA ceiling");
+    let compute =
+        |r: &serde_json::Value| r["fma_gflops"].is_null() && r["product_gflops"].is_null();
+    assert!(results.iter().all(compute), "decode has no compute ceilings");
     let output = attngen(&["bench", "--workload", "W1", "--isa", "avx3"]);
     assert_eq!(output.status.code(), Some(2));
     let text = String::from_utf8_lossy(&output.stderr);
