@@ -1,6 +1,7 @@
 //! The machine's limits, measured in a few hundred milliseconds: f32 FMA throughput and
 //! streaming read bandwidth, on a given number of threads.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use attngen::Isa;
@@ -8,7 +9,7 @@ use attngen_codegen::abi::PANEL;
 
 /// GFLOP/s of independent f32 fused multiply-adds (2 FLOPs each) on `threads` threads, with
 /// the vectors of `isa` (AVX-512: 16 lanes, AVX2: 8; portable: scalar code): the best of
-/// [`FMA_ROUNDS`] short rounds, each timing all threads together. A peak is what the machine
+/// [`FMA_ROUNDS`] short rounds, each timing all threads together ([`fma_round`]). A peak is what the machine
 /// can do, so the fastest round is the estimate: on a shared VM one long round reads whatever
 /// its neighbours left (on a 2-core AVX-512 Xeon, five start-ups of one 20M-iteration round
 /// read 286–337 GFLOP/s; eight of this probe 328–342). The ISA must be one this CPU supports.
@@ -21,14 +22,37 @@ pub fn fma_gflops(threads: usize, isa: Isa) -> f64 {
 /// next to the kernels: what the machine gave in that moment, where [`fma_gflops`] is the best
 /// it gave at start-up.
 pub fn fma_round(threads: usize, isa: Isa, iterations: u64) -> f64 {
+    on_threads(threads, || fma_loop(iterations, isa))
+}
+
+/// GFLOP/s of `work` (which returns the FLOPs it did) run once on each of `threads` threads,
+/// timed from the moment all of them run — they spin at a barrier until the last arrives — to
+/// the last one's end. Starting threads and waking an idle core are no part of the machine's
+/// throughput, and in a round of a few milliseconds on a busy VM they would be: a 2-thread tile
+/// product of 3 ms timed from its spawn once read below the prefill kernels it bounds.
+fn on_threads(threads: usize, work: impl Fn() -> u64 + Sync) -> f64 {
     let threads = threads.max(1);
-    let start = Instant::now();
-    let flops_per_thread = std::thread::scope(|scope| {
-        let workers: Vec<_> =
-            (0..threads).map(|_| scope.spawn(|| fma_loop(iterations, isa))).collect();
-        workers.into_iter().map(|w| w.join().expect("FMA loop does not panic")).max()
+    let arrived = AtomicUsize::new(0);
+    let spans: Vec<(Instant, Instant, u64)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    arrived.fetch_add(1, Ordering::AcqRel);
+                    while arrived.load(Ordering::Acquire) < threads {
+                        std::hint::spin_loop();
+                    }
+                    let start = Instant::now();
+                    let flops = work();
+                    (start, Instant::now(), flops)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("a probe does not panic")).collect()
     });
-    (flops_per_thread.unwrap_or(0) * threads as u64) as f64 / start.elapsed().as_secs_f64() / 1e9
+    let start = spans.iter().map(|s| s.0).min().expect("at least one thread");
+    let end = spans.iter().map(|s| s.1).max().expect("at least one thread");
+    let flops: u64 = spans.iter().map(|s| s.2).sum();
+    flops as f64 / (end - start).as_secs_f64() / 1e9
 }
 
 /// GFLOP/s of the ISA's tile product ([`DotNn`](attngen_codegen::abi::DotNn), the routine behind every prefill tile's
@@ -39,10 +63,9 @@ pub fn fma_round(threads: usize, isa: Isa, iterations: u64) -> f64 {
 /// this moment, which on a shared host can be well below the FMA loop's rate.
 pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
     assert!(isa.is_supported(), "the bench probes only ISAs this CPU has");
-    let threads = threads.max(1);
     let (m, n, k) = (PRODUCT_SIDE, PRODUCT_SIDE, PRODUCT_DEPTH);
     let dot_nn = isa.routines().dot_nn;
-    let product = move || {
+    on_threads(threads, || {
         let a = Lines::filled(m * k, 0.5);
         let b = Lines::filled(k * n, 0.25);
         let mut c = Lines::filled(m * n, 0.0);
@@ -72,14 +95,8 @@ pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
             };
         }
         std::hint::black_box(c.as_mut_ptr());
-    };
-    let start = Instant::now();
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads).map(|_| scope.spawn(product)).collect();
-        workers.into_iter().for_each(|w| w.join().expect("the product does not panic"));
-    });
-    let flops = 2 * (m * n * k) as u64 * reps * threads as u64;
-    flops as f64 / start.elapsed().as_secs_f64() / 1e9
+        2 * (m * n * k) as u64 * reps
+    })
 }
 
 /// Rows and columns of [`product_round`]'s C: four 8-row AVX-512 blocks of two panels.
@@ -113,7 +130,7 @@ impl Lines {
 pub const FMA_ROUND_ITERATIONS: u64 = 5_000_000;
 
 /// Rounds [`fma_gflops`] takes the best of: eight of about 12 ms each with AVX-512 on a 2.6 GHz
-/// core, so starting the threads (tens of microseconds) costs under 1%.
+/// core.
 const FMA_ROUNDS: usize = 8;
 
 /// Runs the FMA loop of `isa`; returns the FLOPs it did.
