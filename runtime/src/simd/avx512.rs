@@ -8,15 +8,20 @@ use super::Simd;
 #[derive(Clone, Copy, Debug)]
 pub struct Avx512;
 
-// 32 zmm registers: dot_nn's 8 × 2 block keeps 16 accumulators, 2 vectors of B and a broadcast
-// in registers with room to spare, and a 32-column block spans two 16-column B panels; dot_nt's
-// 4 × 4 block holds 16 accumulators, 4 rows of A and 1 of B.
+// 32 zmm registers: dot_nn's 6 × 4 block (C at least 64 columns wide: a prefill tile's scores
+// and value update) keeps 24 accumulators, 4 vectors of B and a broadcast, and issues 10 loads
+// per 24 FMAs, where the 8 × 2 block issues 10 per 16 (W1, W2 and W6 0.88–0.92× the time in
+// alternating runs, W3 0.91–0.94×); narrower C (absorbed MLA's 16 heads, decode) keeps 8 × 2,
+// whose 8 rows suit a one-panel C. dot_nt's 4 × 4 block holds 16 accumulators, 4 rows of A and
+// 1 of B.
 impl Simd for Avx512 {
     const LANES: usize = 16;
     const NT_MR: usize = 4;
     const NT_NR: usize = 4;
     const NN_MR: usize = 8;
     const NN_NR: usize = 2;
+    const NN_WIDE_MR: usize = 6;
+    const NN_WIDE_NR: usize = 4;
     type V = __m512;
     type Mask = __mmask16;
 

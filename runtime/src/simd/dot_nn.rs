@@ -82,7 +82,6 @@ pub(super) unsafe fn dot_nn<S: OutOfLine>(
             strided(m, n, k, a, a_row, a_col, b, b_row, b_panel, c, ldc, accumulate, row_lo, row_hi)
         };
     }
-    let block_width = S::NN_NR * S::LANES;
     let nn = NnArgs {
         a,
         a_stride: if a_col == 1 { a_row } else { a_col },
@@ -95,11 +94,13 @@ pub(super) unsafe fn dot_nn<S: OutOfLine>(
         ldc,
     };
     let one_block = row_lo.is_null() && (1..=S::NN_MR).contains(&m);
+    let wide = !one_block && n >= S::NN_WIDE_NR * S::LANES;
+    let (block_rows, block_width) = block_shape::<S>(wide);
     // Per-row key ranges are relative to all of 0..k: those calls run in one pass.
     let key_chunk = if row_lo.is_null() { key_chunk(k, n.min(block_width)) } else { k.max(1) };
     let blocks = match one_block {
         true => n.div_ceil(block_width) * k.div_ceil(ONE_BLOCK_KC),
-        false => n.div_ceil(block_width) * m.div_ceil(S::NN_MR) * k.div_ceil(key_chunk).max(1),
+        false => n.div_ceil(block_width) * m.div_ceil(block_rows) * k.div_ceil(key_chunk).max(1),
     };
     // SAFETY: the caller passes a null or valid descriptor.
     let prefetcher = unsafe { Prefetcher::new(prefetch, blocks) };
@@ -109,9 +110,20 @@ pub(super) unsafe fn dot_nn<S: OutOfLine>(
         match one_block {
             true => one_row_block::<S>(m, n, k, &nn, accumulate, prefetcher),
             false => {
-                row_blocks::<S>(m, n, k, key_chunk, &nn, accumulate, row_lo, row_hi, prefetcher)
+                let keys = (k, key_chunk);
+                row_blocks::<S>(m, n, keys, wide, &nn, accumulate, row_lo, row_hi, prefetcher)
             }
         }
+    }
+}
+
+/// The rows and columns of a `dot_nn` block: the ISA's wide shape (C at least that wide) or
+/// its narrow one.
+#[inline(always)]
+fn block_shape<S: Simd>(wide: bool) -> (usize, usize) {
+    match wide {
+        true => (S::NN_WIDE_MR, S::NN_WIDE_NR * S::LANES),
+        false => (S::NN_MR, S::NN_NR * S::LANES),
     }
 }
 
@@ -151,25 +163,26 @@ impl NnArgs {
     }
 }
 
-/// Every block of C, in blocks of `S::NN_MR` rows by `S::NN_NR` vectors, in passes of
-/// `key_chunk` keys (see [`key_chunk`]).
+/// Every block of C, in blocks of the ISA's wide or narrow shape ([`block_shape`]), in passes
+/// of `key_chunk` keys (see [`key_chunk`]); `keys` is `(k, key_chunk)`.
 ///
 /// # Safety
-/// As [`dot_nn`] with unit-stride A; `key_chunk >= k` with row ranges.
+/// As [`dot_nn`] with unit-stride A; `key_chunk >= k` with row ranges; with `wide`, C is at
+/// least a wide block across.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn row_blocks<S: OutOfLine>(
     m: usize,
     n: usize,
-    k: usize,
-    key_chunk: usize,
+    (k, key_chunk): (usize, usize),
+    wide: bool,
     nn: &NnArgs,
     accumulate: bool,
     row_lo: *const i32,
     row_hi: *const i32,
     mut prefetcher: Option<Prefetcher>,
 ) {
-    let block_width = S::NN_NR * S::LANES;
+    let (block_rows, block_width) = block_shape::<S>(wide);
     // SAFETY: the caller's contract (S's features are enabled).
     let all = unsafe { S::mask(S::LANES) };
     let mut lo = 0;
@@ -183,7 +196,7 @@ unsafe fn row_blocks<S: OutOfLine>(
             let cols = (n - j).min(block_width);
             let mut i = 0;
             while i < m {
-                let mr = (m - i).min(S::NN_MR);
+                let mr = (m - i).min(block_rows);
                 if let Some(p) = &mut prefetcher {
                     p.step();
                 }
@@ -192,11 +205,29 @@ unsafe fn row_blocks<S: OutOfLine>(
                 unsafe {
                     if !row_lo.is_null() {
                         ranged::<S>(nn, i, mr, j, cols, k, accumulate, row_lo, row_hi);
-                    } else if mr == S::NN_MR && cols == block_width {
-                        // The common full block: its sizes are constants, so the dispatch
-                        // folds.
+                    } else if mr == block_rows && cols == block_width {
+                        // The common full block: its sizes are constants in each arm, so each
+                        // dispatch folds.
                         let block = nn.block(i, j, lo, hi);
-                        block.dispatch::<S>(S::NN_MR, S::NN_NR, false, nn.a_trans, accumulate, all);
+                        let a_trans = nn.a_trans;
+                        match wide {
+                            true => block.dispatch::<S>(
+                                S::NN_WIDE_MR,
+                                S::NN_WIDE_NR,
+                                false,
+                                a_trans,
+                                accumulate,
+                                all,
+                            ),
+                            false => block.dispatch::<S>(
+                                S::NN_MR,
+                                S::NN_NR,
+                                false,
+                                a_trans,
+                                accumulate,
+                                all,
+                            ),
+                        }
                     } else {
                         S::run_block(nn, i, mr, j, cols, lo, hi, accumulate);
                     }
@@ -367,7 +398,8 @@ pub(super) unsafe fn run_block<S: Simd>(
     unsafe {
         let tail = S::mask(cols - S::LANES * (nr - 1));
         // `min` lets the compiler drop the arms of blocks larger than this ISA's.
-        let mr = mr.min(S::NN_MR);
+        let mr = mr.min(S::NN_MR.max(S::NN_WIDE_MR));
+        let nr = nr.min(S::NN_NR.max(S::NN_WIDE_NR));
         nn.block(i, j, lo, hi).dispatch::<S>(mr, nr, masked, nn.a_trans, accumulate, tail);
     }
 }
@@ -397,7 +429,7 @@ impl NnBlock {
     /// [`NnBlock::run`] with its sizes given at run time (constants fold the match away).
     ///
     /// # Safety
-    /// As [`NnBlock::run`], with `mr <= 8` and `nr <= 2`.
+    /// As [`NnBlock::run`], with `mr <= 8` and `nr <= 2`, or `mr <= 6` and `nr <= 4`.
     #[inline(always)]
     unsafe fn dispatch<S: Simd>(
         self,
@@ -409,8 +441,18 @@ impl NnBlock {
         tail: S::Mask,
     ) {
         macro_rules! dispatch {
-            ($($mr:literal),*) => {
+            ($($mr:literal),*; $($wide_mr:literal),*) => {
                 match (mr, nr, masked, a_trans) {
+                    $(
+                        ($wide_mr, 4, false, false) => self.run::<S, $wide_mr, 4, false, false>(accumulate, tail),
+                        ($wide_mr, 4, true, false) => self.run::<S, $wide_mr, 4, true, false>(accumulate, tail),
+                        ($wide_mr, 3, false, false) => self.run::<S, $wide_mr, 3, false, false>(accumulate, tail),
+                        ($wide_mr, 3, true, false) => self.run::<S, $wide_mr, 3, true, false>(accumulate, tail),
+                        ($wide_mr, 4, false, true) => self.run::<S, $wide_mr, 4, false, true>(accumulate, tail),
+                        ($wide_mr, 4, true, true) => self.run::<S, $wide_mr, 4, true, true>(accumulate, tail),
+                        ($wide_mr, 3, false, true) => self.run::<S, $wide_mr, 3, false, true>(accumulate, tail),
+                        ($wide_mr, 3, true, true) => self.run::<S, $wide_mr, 3, true, true>(accumulate, tail),
+                    )*
                     $(
                         ($mr, 2, false, false) => self.run::<S, $mr, 2, false, false>(accumulate, tail),
                         ($mr, 2, true, false) => self.run::<S, $mr, 2, true, false>(accumulate, tail),
@@ -421,12 +463,12 @@ impl NnBlock {
                         ($mr, 1, false, true) => self.run::<S, $mr, 1, false, true>(accumulate, tail),
                         ($mr, 1, true, true) => self.run::<S, $mr, 1, true, true>(accumulate, tail),
                     )*
-                    _ => unreachable!("blocks are at most 8 rows by 2 vectors"),
+                    _ => unreachable!("blocks are at most 8 rows by 2 vectors or 6 by 4"),
                 }
             };
         }
         // SAFETY: the caller's contract.
-        unsafe { dispatch!(8, 7, 6, 5, 4, 3, 2, 1) }
+        unsafe { dispatch!(8, 7, 6, 5, 4, 3, 2, 1; 6, 5, 4, 3, 2, 1) }
     }
 
     /// MR rows × NR vectors of C over keys `lo..hi`: per key, NR loads of B, MR broadcasts of

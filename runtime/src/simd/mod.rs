@@ -487,6 +487,13 @@ mod tests {
                 // A strip of B past L1 on every ISA: passes of key_chunk keys, the last ragged
                 // (expanded MLA's up-projection).
                 (19, 40, 600),
+                // C at least 64 columns wide (AVX-512's 6 × 4 blocks): whole wide blocks with a
+                // row remainder; a masked 3-vector edge block; two wide column blocks, a masked
+                // one-vector edge and a 2-row remainder; wide blocks in several key passes.
+                (17, 64, 20),
+                (13, 100, 33),
+                (26, 130, 70),
+                (14, 80, 300),
             ] {
                 let ldc = n + 1;
                 let a = data(m * k + 3 * (m + k), 4);

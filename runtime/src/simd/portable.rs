@@ -21,6 +21,8 @@ impl Simd for Portable {
     const NT_NR: usize = 4;
     const NN_MR: usize = 6;
     const NN_NR: usize = 2;
+    const NN_WIDE_MR: usize = Self::NN_MR;
+    const NN_WIDE_NR: usize = Self::NN_NR;
     type V = [f32; L];
     type Mask = usize;
 

@@ -23,6 +23,12 @@ pub trait Simd: Copy + 'static {
     const NN_MR: usize;
     /// Vectors of C's columns per `dot_nn` block.
     const NN_NR: usize;
+    /// Rows of A per `dot_nn` block when C is at least `NN_WIDE_NR` vectors wide: a wider block
+    /// of fewer rows loads fewer operands per FMA (`NN_WIDE_NR + NN_WIDE_MR` loads for
+    /// `NN_WIDE_MR · NN_WIDE_NR` FMAs). ISAs without the registers for it repeat `NN_MR`.
+    const NN_WIDE_MR: usize;
+    /// Vectors of C's columns per wide `dot_nn` block (ISAs without it: `NN_NR`).
+    const NN_WIDE_NR: usize;
 
     /// A vector of `LANES` f32s.
     type V: Copy;
@@ -202,6 +208,10 @@ macro_rules! stamp_routines {
         const _: () = assert!(
             <$simd as super::Simd>::NN_MR <= 8 && <$simd as super::Simd>::NN_NR <= 2,
             "dot_nn dispatches blocks of at most 8 rows by 2 vectors"
+        );
+        const _: () = assert!(
+            <$simd as super::Simd>::NN_WIDE_MR <= 6 && <$simd as super::Simd>::NN_WIDE_NR <= 4,
+            "dot_nn dispatches wide blocks of at most 6 rows by 4 vectors"
         );
     };
 }
