@@ -220,7 +220,7 @@ struct Row {
 /// The pause before a round's ceilings, for the kernels' idle pool workers to stop spinning.
 const SETTLE: Duration = Duration::from_millis(3);
 
-/// Calls of [`peak::product_round`] per timing round: about 2 ms on an AVX-512 core.
+/// Calls of [`peak::product_round`] per timing round: about 3 ms on an AVX-512 core.
 const PRODUCT_REPS: u64 = 1000;
 
 /// Runs the benchmark and prints the table or JSON.

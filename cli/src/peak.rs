@@ -55,15 +55,17 @@ fn on_threads(threads: usize, work: impl Fn() -> u64 + Sync) -> f64 {
     flops as f64 / (end - start).as_secs_f64() / 1e9
 }
 
-/// GFLOP/s of the ISA's tile product ([`DotNn`](attngen_codegen::abi::DotNn), the routine behind every prefill tile's
-/// scores and value update) on operands that stay in L1: `C = A·B` of 32 × 32 × 128 (A
-/// row-major, B in 16-column panels; 36 KiB with C), `reps` times on each of `threads` threads,
-/// all timed together. Unlike the FMA loop it loads its operands (with AVX-512, two vectors and
-/// eight broadcasts per sixteen FMAs): the most a load-bearing kernel reaches on this core at
-/// this moment, which on a shared host can be well below the FMA loop's rate.
+/// GFLOP/s of the ISA's tile product ([`DotNn`](attngen_codegen::abi::DotNn), the routine
+/// behind every prefill tile's scores and value update) on operands that stay in L1: `C = A·B`
+/// of 48 × 64 × 64 (A row-major, B in 16-column panels; 40 KiB with C), `reps` times on each of
+/// `threads` threads, all timed together. C is as wide as a prefill tile's, so the product runs
+/// the ISA's wide blocks (AVX-512: 6 rows × 4 vectors). Unlike the FMA loop it loads its
+/// operands (there, four vectors and six broadcasts per 24 FMAs): the most a load-bearing kernel
+/// reaches on this core at this moment, which on a shared host can be well below the FMA loop's
+/// rate.
 pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
     assert!(isa.is_supported(), "the bench probes only ISAs this CPU has");
-    let (m, n, k) = (PRODUCT_SIDE, PRODUCT_SIDE, PRODUCT_DEPTH);
+    let (m, n, k) = PRODUCT_SHAPE;
     let dot_nn = isa.routines().dot_nn;
     on_threads(threads, || {
         let a = Lines::filled(m * k, 0.5);
@@ -99,10 +101,9 @@ pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
     })
 }
 
-/// Rows and columns of [`product_round`]'s C: four 8-row AVX-512 blocks of two panels.
-const PRODUCT_SIDE: usize = 32;
-/// Its depth: a head dimension.
-const PRODUCT_DEPTH: usize = 128;
+/// [`product_round`]'s (rows, columns, depth): a prefill tile's 64 columns, rows that are whole
+/// blocks on every ISA (6 and 8 rows), and a depth that keeps A, B and C within a 48 KiB L1.
+const PRODUCT_SHAPE: (usize, usize, usize) = (48, 64, 64);
 
 /// One 64-byte line of floats.
 #[derive(Clone, Copy)]
