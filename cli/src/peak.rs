@@ -2,16 +2,16 @@
 //! streaming read bandwidth, on a given number of threads.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use attngen::Isa;
 use attngen_codegen::abi::PANEL;
 
 /// GFLOP/s of independent f32 fused multiply-adds (2 FLOPs each) on `threads` threads, with
 /// the vectors of `isa` (AVX-512: 16 lanes, AVX2: 8; portable: scalar code): the best of
-/// [`FMA_ROUNDS`] short rounds, each timing all threads together ([`fma_round`]). A peak is what the machine
-/// can do, so the fastest round is the estimate: on a shared VM one long round reads whatever
-/// its neighbours left (on a 2-core AVX-512 Xeon, five start-ups of one 20M-iteration round
+/// [`FMA_ROUNDS`] short rounds, each timing all threads together ([`fma_round`]). A peak is
+/// what the machine can do, so the fastest round is the estimate: on a shared VM one long round
+/// reads whatever its neighbours left (on a 2-core AVX-512 Xeon, five start-ups of one 20M-iteration round
 /// read 286–337 GFLOP/s; eight of this probe 328–342). The ISA must be one this CPU supports.
 pub fn fma_gflops(threads: usize, isa: Isa) -> f64 {
     (0..FMA_ROUNDS).map(|_| fma_round(threads, isa, FMA_ROUND_ITERATIONS)).fold(0.0, f64::max)
@@ -22,28 +22,37 @@ pub fn fma_gflops(threads: usize, isa: Isa) -> f64 {
 /// next to the kernels: what the machine gave in that moment, where [`fma_gflops`] is the best
 /// it gave at start-up.
 pub fn fma_round(threads: usize, isa: Isa, iterations: u64) -> f64 {
-    on_threads(threads, || fma_loop(iterations, isa))
+    gflops(on_threads(threads, |_| fma_loop(iterations, isa)))
 }
 
-/// GFLOP/s of `work` (which returns the FLOPs it did) run once on each of `threads` threads,
-/// timed from the moment all of them run — they spin at a barrier until the last arrives — to
-/// the last one's end. Starting threads and waking an idle core are no part of the machine's
-/// throughput, and in a round of a few milliseconds on a busy VM they would be: a 2-thread tile
-/// product of 3 ms timed from its spawn once read below the prefill kernels it bounds.
-fn on_threads(threads: usize, work: impl Fn() -> u64 + Sync) -> f64 {
+/// GFLOP/s of what [`on_threads`] returned: each thread's FLOPs and the time they took.
+fn gflops((flops, time): (Vec<u64>, Duration)) -> f64 {
+    flops.iter().sum::<u64>() as f64 / time.as_secs_f64() / 1e9
+}
+
+/// Runs `work(part)` once on each of `threads` threads (`part` in `0..threads`, at least one)
+/// and returns what each returned, and the time from the moment all of them run — they wait at
+/// a barrier, yielding, until the last arrives — to the last one's end. Starting threads and
+/// waking an idle core are no part of the machine's throughput, and in a round of a few
+/// milliseconds on a busy VM they would be: a 2-thread tile product of 3 ms timed from its
+/// spawn once read below the prefill kernels it bounds.
+fn on_threads<T: Send>(threads: usize, work: impl Fn(usize) -> T + Sync) -> (Vec<T>, Duration) {
     let threads = threads.max(1);
     let arrived = AtomicUsize::new(0);
-    let spans: Vec<(Instant, Instant, u64)> = std::thread::scope(|scope| {
+    let (work, arrived) = (&work, &arrived);
+    let spans: Vec<(Instant, Instant, T)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
+            .map(|part| {
+                scope.spawn(move || {
                     arrived.fetch_add(1, Ordering::AcqRel);
+                    // Yielding rather than spinning lets a thread not yet started run where
+                    // there are more threads than cores.
                     while arrived.load(Ordering::Acquire) < threads {
-                        std::hint::spin_loop();
+                        std::thread::yield_now();
                     }
                     let start = Instant::now();
-                    let flops = work();
-                    (start, Instant::now(), flops)
+                    let result = work(part);
+                    (start, Instant::now(), result)
                 })
             })
             .collect();
@@ -51,8 +60,7 @@ fn on_threads(threads: usize, work: impl Fn() -> u64 + Sync) -> f64 {
     });
     let start = spans.iter().map(|s| s.0).min().expect("at least one thread");
     let end = spans.iter().map(|s| s.1).max().expect("at least one thread");
-    let flops: u64 = spans.iter().map(|s| s.2).sum();
-    flops as f64 / (end - start).as_secs_f64() / 1e9
+    (spans.into_iter().map(|s| s.2).collect(), end - start)
 }
 
 /// GFLOP/s of the ISA's tile product ([`DotNn`](attngen_codegen::abi::DotNn), the routine
@@ -67,7 +75,7 @@ pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
     assert!(isa.is_supported(), "the bench probes only ISAs this CPU has");
     let (m, n, k) = PRODUCT_SHAPE;
     let dot_nn = isa.routines().dot_nn;
-    on_threads(threads, || {
+    gflops(on_threads(threads, |_| {
         let a = Lines::filled(m * k, 0.5);
         let b = Lines::filled(k * n, 0.25);
         let mut c = Lines::filled(m * n, 0.0);
@@ -98,7 +106,7 @@ pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
         }
         std::hint::black_box(c.as_mut_ptr());
         2 * (m * n * k) as u64 * reps
-    })
+    }))
 }
 
 /// [`product_round`]'s (rows, columns, depth): a prefill tile's 64 columns, rows that are whole
@@ -213,33 +221,28 @@ pub fn read_gbs(threads: usize) -> f64 {
     let data = vec![1.0f32; read_buffer_bytes() / 4];
     let mut best = f64::INFINITY;
     for _ in 0..3 {
-        let start = Instant::now();
-        std::hint::black_box(read_once(&[&data], threads));
-        best = best.min(start.elapsed().as_secs_f64());
+        let (total, time) = read_once(&[&data], threads);
+        std::hint::black_box(total);
+        best = best.min(time.as_secs_f64());
     }
     (data.len() * 4) as f64 / best / 1e9
 }
 
 /// Reads every float of `buffers` once, each buffer split evenly over `threads` threads (the
-/// ceiling of a kernel that must read them); returns their sum, so nothing is skipped.
-pub fn read_once(buffers: &[&[f32]], threads: usize) -> f32 {
+/// ceiling of a kernel that must read them); returns their sum, so nothing is skipped, and the
+/// time the reading took, from the moment all threads run ([`on_threads`]).
+pub fn read_once(buffers: &[&[f32]], threads: usize) -> (f32, Duration) {
     let threads = threads.max(1);
-    std::thread::scope(|scope| {
-        let parts: Vec<_> = (0..threads)
-            .map(|part| {
-                scope.spawn(move || {
-                    let mut total = 0.0;
-                    for data in buffers {
-                        let chunk = data.len().div_ceil(threads);
-                        let lo = (part * chunk).min(data.len());
-                        total += sum(&data[lo..(lo + chunk).min(data.len())]);
-                    }
-                    total
-                })
-            })
-            .collect();
-        parts.into_iter().map(|p| p.join().expect("a sum does not panic")).sum()
-    })
+    let (totals, time) = on_threads(threads, |part| {
+        let mut total = 0.0;
+        for data in buffers {
+            let chunk = data.len().div_ceil(threads);
+            let lo = (part * chunk).min(data.len());
+            total += sum(&data[lo..(lo + chunk).min(data.len())]);
+        }
+        total
+    });
+    (totals.into_iter().sum(), time)
 }
 
 /// Bytes the bandwidth probe reads: at least 256 MiB and twice the last-level cache (as the
@@ -282,8 +285,8 @@ mod tests {
     fn read_once_reads_every_float_once() {
         let (a, b) = (vec![1.0f32; 1000], vec![2.0f32; 37]);
         for threads in [0, 1, 2, 3, 7, 64] {
-            assert_eq!(read_once(&[&a, &b], threads), 1074.0, "{threads} threads");
+            assert_eq!(read_once(&[&a, &b], threads).0, 1074.0, "{threads} threads");
         }
-        assert_eq!(read_once(&[], 2), 0.0);
+        assert_eq!(read_once(&[], 2).0, 0.0);
     }
 }
