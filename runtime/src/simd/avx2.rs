@@ -10,7 +10,9 @@ pub struct Avx2;
 
 // Block sizes keep every accumulator in a register: 16 ymm registers hold the MR·NR
 // accumulators plus the operands of one step (dot_nt: 3·4 + 3 rows of A + 1 of B = 16;
-// dot_nn: 6·2 + 2 of B + 1 broadcast = 15). One more and LLVM spills in the hot loop.
+// dot_nn: 6·2 + 2 of B + 1 broadcast = 15). One more and LLVM spills in the hot loop. So dot_nn
+// has no wider block here: a block spans whole 16-column panels, and the next width, 4 vectors,
+// takes 3·4 + 4 + 1 = 17 registers even at 3 rows.
 impl Simd for Avx2 {
     const LANES: usize = 8;
     const NT_MR: usize = 3;
