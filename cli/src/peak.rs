@@ -1,6 +1,7 @@
 //! The machine's limits, measured in a few hundred milliseconds: f32 FMA throughput and
 //! streaming read bandwidth, on a given number of threads.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -70,15 +71,17 @@ fn on_threads<T: Send>(threads: usize, work: impl Fn(usize) -> T + Sync) -> (Vec
 /// the ISA's wide blocks (AVX-512: 6 rows × 4 vectors). Unlike the FMA loop it loads its
 /// operands (there, four vectors and six broadcasts per 24 FMAs): the most a load-bearing kernel
 /// reaches on this core at this moment, which on a shared host can be well below the FMA loop's
-/// rate.
+/// rate. Panics if the product's C is not exactly what it should be.
 pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
     assert!(isa.is_supported(), "the bench probes only ISAs this CPU has");
     let (m, n, k) = PRODUCT_SHAPE;
     let dot_nn = isa.routines().dot_nn;
-    gflops(on_threads(threads, |_| {
-        let a = Lines::filled(m * k, 0.5);
-        let b = Lines::filled(k * n, 0.25);
-        let mut c = Lines::filled(m * n, 0.0);
+    // The operands exist before the clock starts: A and B shared, a C per thread.
+    let (a, b) = (Lines::filled(m * k, 0.5), Lines::filled(k * n, 0.25));
+    let cs: Vec<Mutex<Lines>> =
+        (0..threads.max(1)).map(|_| Mutex::new(Lines::filled(m * n, 0.0))).collect();
+    let rate = gflops(on_threads(threads, |part| {
+        let mut c = cs[part].lock().expect("each C has one user");
         for _ in 0..reps {
             // SAFETY: the CPU has the ISA (asserted above); A holds m rows of k floats
             // (a_row = k, a_col = 1), B n / PANEL panels of k rows of PANEL floats (b_row =
@@ -104,9 +107,15 @@ pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
                 )
             };
         }
-        std::hint::black_box(c.as_mut_ptr());
         2 * (m * n * k) as u64 * reps
-    }))
+    }));
+    // Every element of C is k · 0.5 · 0.25, exactly: a rate of a wrong product is no rate.
+    let want = k as f32 * 0.125;
+    for c in cs {
+        let c = c.into_inner().expect("each C has one user");
+        assert!(c.0.iter().flat_map(|line| line.0).all(|x| x == want), "{isa} tile product");
+    }
+    rate
 }
 
 /// [`product_round`]'s (rows, columns, depth): a prefill tile's 64 columns, rows that are whole
