@@ -356,14 +356,38 @@ impl Executor<'_> {
         let run_task = |task: usize| {
             let (b, h) = (task / heads, task % heads);
             let visible = plan.visible_keys(shape.seq_q, inputs.keys(b, shape.seq_k));
-            // One split: keys k_lo..k_hi of every query tile, into `states` (one slot per
-            // query tile, state_len apart).
+            // Query tile `tile`'s finish, its `splits` slots starting at `states` and
+            // `stride` floats apart.
+            let finish = |tile: usize, states: &mut [f32], stride: usize, scratch: &mut [f32]| {
+                assert!(
+                    states.len() >= (splits - 1) * stride + state_len
+                        && scratch.len() >= scratch_len
+                );
+                // SAFETY: as for the grouped finishes; the tile's `splits` slots of state_len
+                // floats lie `stride` apart inside `states` (asserted above).
+                unsafe {
+                    (entries.finish)(
+                        args.ptr(),
+                        b,
+                        h,
+                        tile * plan.q_tile,
+                        splits,
+                        states.as_mut_ptr(),
+                        stride,
+                        scratch.as_mut_ptr(),
+                    )
+                };
+            };
+            // One split: keys k_lo..k_hi of every query tile. The only split finishes each
+            // query tile right after its item, while its state is in cache, so every tile
+            // uses slot 0; one of several leaves tile t's state in slot t for the merge.
             let split = |k_lo: usize, k_hi: usize, states: &mut [f32]| {
+                let only = splits == 1;
                 let first = k_lo.max(visible.start) / k_tile * k_tile;
                 let end = k_hi.min(visible.end);
                 let tiles = end.saturating_sub(first).div_ceil(k_tile);
                 let (k_len, v_len) = (tiles * k_tile * key_width, tiles * value_tile);
-                assert!(states.len() >= q_tiles * state_len);
+                assert!(states.len() >= if only { state_len } else { q_tiles * state_len });
                 with_workspace(scratch_len + k_len + v_len, |work| {
                     let (scratch, packed) = work.split_at_mut(scratch_len);
                     let (keys, values) = packed.split_at_mut(k_len);
@@ -390,12 +414,14 @@ impl Executor<'_> {
                         packed_first_key: first,
                         ..args.0
                     };
-                    for (tile, state) in states.chunks_mut(state_len).take(q_tiles).enumerate() {
+                    for tile in 0..q_tiles {
+                        let state = &mut states[if only { 0 } else { tile * state_len }..];
                         // SAFETY: as for the grouped items (`execute`), for one group (head h);
                         // the item reads the packed K/V only at keys of its tiles that its
                         // queries see within k_lo..k_hi — tiles from `first` (the tile holding
                         // the first such key) to `end`, all written above — through
-                        // `task_args`, which points at this split's buffers.
+                        // `task_args`, which points at this split's buffers; its state slot
+                        // holds state_len floats (asserted above).
                         unsafe {
                             (entries.item)(
                                 &task_args,
@@ -410,42 +436,29 @@ impl Executor<'_> {
                                 state_len,
                             )
                         };
+                        if only {
+                            finish(tile, state, state_len, scratch);
+                        }
                     }
                 });
             };
+            if splits == 1 {
+                with_kept(&SPLIT_STATES, state_len, |state| split(0, longest, state));
+                return;
+            }
             // States [split][query tile]: a split writes one contiguous run; query tile t's
             // splits lie q_tiles slots apart.
-            let states_len = splits * q_tiles * state_len;
-            let finish = |states: &mut [f32], scratch: &mut [f32]| {
-                assert!(states.len() >= states_len && scratch.len() >= scratch_len);
-                for tile in 0..q_tiles {
-                    // SAFETY: as for the grouped finishes; query tile `tile`'s `splits` slots
-                    // start at slot `tile` and lie q_tiles slots apart, inside `states`.
-                    unsafe {
-                        (entries.finish)(
-                            args.ptr(),
-                            b,
-                            h,
-                            tile * plan.q_tile,
-                            splits,
-                            states.as_mut_ptr().add(tile * state_len),
-                            q_tiles * state_len,
-                            scratch.as_mut_ptr(),
-                        )
-                    };
-                }
-            };
-            with_kept(&SPLIT_STATES, states_len, |states| {
-                if splits == 1 {
-                    split(0, longest, states);
-                } else {
-                    let runs = states.par_chunks_mut(q_tiles * state_len);
-                    runs.enumerate().for_each(|(s, run)| {
-                        let k_lo = s * schedule.keys_per_split;
-                        split(k_lo, (k_lo + schedule.keys_per_split).min(longest), run);
-                    });
-                }
-                with_workspace(scratch_len, |scratch| finish(states, scratch));
+            with_kept(&SPLIT_STATES, splits * q_tiles * state_len, |states| {
+                let runs = states.par_chunks_mut(q_tiles * state_len);
+                runs.enumerate().for_each(|(s, run)| {
+                    let k_lo = s * schedule.keys_per_split;
+                    split(k_lo, (k_lo + schedule.keys_per_split).min(longest), run);
+                });
+                with_workspace(scratch_len, |scratch| {
+                    for tile in 0..q_tiles {
+                        finish(tile, &mut states[tile * state_len..], q_tiles * state_len, scratch);
+                    }
+                });
             });
         };
         let tasks = shape.batch * heads;
