@@ -661,6 +661,8 @@ mod tests {
                 (7, 17, 6),
                 (64, 64, 0),
                 (9, 40, 4),
+                // Several groups of runs, the last partial, between a head and a tail.
+                (43, 37, 2),
             ] {
                 let src_row = width + 5;
                 let src = data(rows * src_row, 10);
