@@ -76,26 +76,27 @@ impl Translator<'_> {
         self.b.seal_block(exit);
     }
 
-    /// `for i in lo..hi { body(i) }` with `unroll` copies of the body per trip (then single
-    /// steps for the rest), so loop overhead and constant loads are shared between copies.
+    /// `for i in lo..hi { body(i, copy) }` with `unroll` copies of the body per trip, `copy`
+    /// 0..unroll, then single steps for the rest as copy 0: loop overhead and constant loads
+    /// are shared between copies, and a reduction can keep one accumulator per copy.
     pub(super) fn for_range_unrolled(
         &mut self,
         lo: Value,
         hi: Value,
         unroll: usize,
-        body: impl Fn(&mut Self, Value),
+        body: impl Fn(&mut Self, Value, usize),
     ) {
         assert!(unroll.is_power_of_two(), "the trip count is rounded down with a mask");
         let whole = self.b.ins().isub(hi, lo);
         let whole = self.b.ins().band_imm_s(whole, -(unroll as i64));
         let main_end = self.add(lo, whole);
         self.for_range(lo, main_end, unroll, |t, i| {
-            for u in 0..unroll {
-                let iu = t.add_imm(i, u);
-                body(t, iu);
+            for copy in 0..unroll {
+                let at = t.add_imm(i, copy);
+                body(t, at, copy);
             }
         });
-        self.for_range(main_end, hi, 1, body);
+        self.for_range(main_end, hi, 1, |t, i| body(t, i, 0));
     }
 
     /// `if cond { then() } else { otherwise() }`.

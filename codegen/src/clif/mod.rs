@@ -18,7 +18,7 @@ use cranelift_codegen::ir::{
     StackSlotData, StackSlotKind, Type, UserExternalName, UserFuncName, Value, types,
 };
 use cranelift_codegen::isa::{CallConv, TargetFrontendConfig};
-use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 
 use crate::abi::{
     AbiFn, Callee, ExpandFn, FinishFn, HeadFn, ItemFn, PANEL, Param, PrefetchRows, offsets,

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// Keys per trip of the tile max's loop, each with its own partial max.
+const KEY_UNROLL: usize = 4;
+
 impl Translator<'_> {
     /// `Sᵀ (+)= keys · Qᵀ`: `n` keys by `rows_v4` columns.
     pub(super) fn scores(&mut self, term: &ScoreTerm, tile: Tile) {
@@ -67,10 +70,15 @@ impl Translator<'_> {
                 let hi = t.b.ins().load(types::I32X4, mem(), hi_at, 0);
                 (lo, hi)
             });
-            let max_var = t.b.declare_var(F32X4);
-            t.b.def_var(max_var, neg_inf);
+            // One partial max per copy of the unrolled key loop: four independent chains of
+            // `maxps` (latency 4) rather than one, which left this pass latency-bound.
+            let partial_max: [Variable; KEY_UNROLL] = std::array::from_fn(|_| {
+                let var = t.b.declare_var(F32X4);
+                t.b.def_var(var, neg_inf);
+                var
+            });
             let start = t.int(0);
-            t.for_range_unrolled(start, n, 4, |t, j| {
+            t.for_range_unrolled(start, n, KEY_UNROLL, |t, j, copy| {
                 let offset = t.mul_imm(j, 4 * ld);
                 let at = t.add(column, offset);
                 let mut s = t.b.ins().load(F32X4, mem(), at, 0);
@@ -89,11 +97,15 @@ impl Translator<'_> {
                 if cap.is_some() || bounds.is_some() {
                     t.b.ins().store(mem(), s, at, 0);
                 }
-                let m = t.b.use_var(max_var);
+                let m = t.b.use_var(partial_max[copy]);
                 let m = t.max_ps(m, s);
-                t.b.def_var(max_var, m);
+                t.b.def_var(partial_max[copy], m);
             });
-            let tile_max = t.b.use_var(max_var);
+            // The max of finite scores does not depend on the order (a NaN score reaches its
+            // row through `2^(s − m)` whatever m is).
+            let [m0, m1, m2, m3] = partial_max.map(|var| t.b.use_var(var));
+            let (m01, m23) = (t.max_ps(m0, m1), t.max_ps(m2, m3));
+            let tile_max = t.max_ps(m01, m23);
             // Lazy rescale: m moves only in lanes whose tile max exceeds it by the threshold
             // (always on a row's first visible tile, where m = f32::MIN).
             let m_at = t.state_m(state, c);

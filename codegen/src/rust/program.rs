@@ -647,15 +647,16 @@ impl Emitter<'_> {
         });
         let store = (cap.is_some() || tile.partial).then(|| quote!(*row.add(lane) = s;));
         let threshold = Literal::f32_suffixed(threshold);
-        // One block of `width` columns: their tile max (`s < t ? t : s`, so a NaN score
-        // reaches its row) down the tile, then the lazy rescale of their rows: m moves only
-        // where the tile max exceeds it by the threshold.
+        // One block of `width` columns: their tile max (`s < t ? t : s`) down the tile, as
+        // four partial maxima, one per key of an unrolled step (independent chains of `maxps`,
+        // whose latency one chain waited on), then the lazy rescale of their rows: m moves
+        // only where the tile max exceeds it by the threshold. The max of finite scores does
+        // not depend on the order; a NaN score reaches its row through `2^(s − m)`.
         let o_c = self.state_o(quote!(c));
         let columns = |width: usize| {
             let width = lit(width);
             quote! {{
-                let mut tile_max = [f32::NEG_INFINITY; #width];
-                for j in 0..n {
+                let step = |j: usize, partial: &mut [f32; #width]| {
                     let row = s_tile.add(j * #ld + c0);
                     for lane in 0..#width {
                         let c = c0 + lane;
@@ -663,10 +664,29 @@ impl Emitter<'_> {
                         #capped
                         #masked
                         #store
-                        let t = tile_max[lane];
-                        tile_max[lane] = if s < t { t } else { s };
+                        let t = partial[lane];
+                        partial[lane] = if s < t { t } else { s };
                     }
+                };
+                let mut partial_max = [[f32::NEG_INFINITY; #width]; 4];
+                let mut j = 0;
+                while j + 4 <= n {
+                    for (copy, partial) in partial_max.iter_mut().enumerate() {
+                        step(j + copy, partial);
+                    }
+                    j += 4;
                 }
+                while j < n {
+                    step(j, &mut partial_max[0]);
+                    j += 1;
+                }
+                // As the JIT combines them: (m0 max m1) max (m2 max m3), `a max b` being
+                // `b < a ? a : b`.
+                let tile_max: [f32; #width] = ::core::array::from_fn(|lane| {
+                    let max = |a: f32, b: f32| if b < a { a } else { b };
+                    let [m0, m1, m2, m3] = partial_max.map(|partial| partial[lane]);
+                    max(max(m0, m1), max(m2, m3))
+                });
                 for lane in 0..#width {
                     let c = c0 + lane;
                     let m_old = *state.add(#m + c);
