@@ -579,6 +579,7 @@ impl CallPack<'_> {
         let value_tile = packing.value_tile();
         let (b, g) = (head / kv, head % kv);
         let keys = inputs.keys(b, shape.seq_k);
+        let (k_part, v_part) = self.head_lens();
         // Each task writes its own tile: K rows j0..j0 + n — at `key_row(b, g, Sk, j0)` in the
         // whole buffer — and its V tile, `value_tile_at(b, g, Sk, j0)`.
         let k_chunks = k_packed.par_chunks_mut(k_tile * d);
@@ -589,7 +590,6 @@ impl CallPack<'_> {
                 return;
             }
             let n = k_tile.min(keys - j0);
-            let (k_part, v_part) = self.head_lens();
             debug_assert_eq!(head * k_part + j0 * d, packing.key_row(b, g, shape.seq_k, j0));
             debug_assert_eq!(
                 head * v_part + tile * value_tile,
