@@ -12,8 +12,9 @@ use attngen_codegen::abi::PANEL;
 /// the vectors of `isa` (AVX-512: 16 lanes, AVX2: 8; portable: scalar code): the best of
 /// [`FMA_ROUNDS`] short rounds, each timing all threads together ([`fma_round`]). A peak is
 /// what the machine can do, so the fastest round is the estimate: on a shared VM one long round
-/// reads whatever its neighbours left (on a 2-core AVX-512 Xeon, five start-ups of one 20M-iteration round
-/// read 286–337 GFLOP/s; eight of this probe 328–342). The ISA must be one this CPU supports.
+/// reads whatever its neighbours left (on a 2-core AVX-512 Xeon, five start-ups of one
+/// 20M-iteration round read 286–337 GFLOP/s; eight of this probe 328–342). The ISA must be one
+/// this CPU supports.
 pub fn fma_gflops(threads: usize, isa: Isa) -> f64 {
     (0..FMA_ROUNDS).map(|_| fma_round(threads, isa, FMA_ROUND_ITERATIONS)).fold(0.0, f64::max)
 }

@@ -124,6 +124,10 @@ pub enum Op {
         cap: Option<f32>,
         /// `KernelPlan::rescale_threshold`.
         threshold: f32,
+        /// `KernelPlan::max_partials`: the tile max keeps this many partial maxima, key `j`
+        /// of an unrolled step feeding partial `j mod partials` (the remainder keys partial 0),
+        /// combined pairwise — `(m0 max m1) max (m2 max m3)`, `a max b` being `b < a ? a : b`.
+        partials: usize,
     },
     /// `O += P · values`, all rows at once (P read from the transposed tile), with per-row key
     /// ranges on edge tiles.
@@ -311,7 +315,11 @@ impl Operand {
 /// Lowers a plan to its tile program.
 pub fn lower(plan: &KernelPlan) -> KernelIr {
     let spec = &plan.spec;
-    let softmax = Op::OnlineSoftmax { cap: spec.softcap, threshold: plan.rescale_threshold };
+    let softmax = Op::OnlineSoftmax {
+        cap: spec.softcap,
+        threshold: plan.rescale_threshold,
+        partials: plan.max_partials,
+    };
     let factor = plan.query_factor;
     let in_place =
         |cache, prefetch| TileSource { cache, call_packed: None, item_packed: None, prefetch };
@@ -573,7 +581,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             }
             Ok(())
         }
-        Op::OnlineSoftmax { cap, threshold } => {
+        Op::OnlineSoftmax { cap, threshold, partials } => {
             write!(f, "{pad}s = S")?;
             if let Some(c) = cap {
                 write!(f, "; s = log2 e * {c} * tanh(s / {c})")?;
@@ -581,7 +589,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             writeln!(f, "; edge tiles: hidden keys -> -inf   (base-2 units)")?;
             writeln!(
                 f,
-                "{pad}t = rowmax s; where t > m + {threshold}: m' = t, l *= 2^(m - m'), O *= 2^(m - m'); P = 2^(s - m'); l += rowsum P   (max and rescale: generated per spec, down the columns of Sᵀ; P and sums: one call of the tile exponentials)"
+                "{pad}t = rowmax s; where t > m + {threshold}: m' = t, l *= 2^(m - m'), O *= 2^(m - m'); P = 2^(s - m'); l += rowsum P   (max and rescale: generated per spec, down the columns of Sᵀ, the max in {partials} partial maxima; P and sums: one call of the tile exponentials)"
             )
         }
         Op::AccumulateValues { values, width } => writeln!(
@@ -753,6 +761,10 @@ mod tests {
                 dot
             )
         );
+        // The softmax's tile max runs in the plan's partial maxima, several, combined pairwise.
+        let Op::OnlineSoftmax { partials, .. } = body[3] else { panic!("{ir}") };
+        assert_eq!(partials, plan.max_partials);
+        assert!(partials > 1 && partials.is_power_of_two());
         let Op::AccumulateValues { values, width: 16 } = body[4] else { panic!("{ir}") };
         assert_eq!(
             (values.cache, values.item_packed.unwrap().tile),

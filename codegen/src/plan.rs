@@ -201,6 +201,10 @@ pub struct KernelPlan {
     /// Lazy rescaling: the running max m (base-2 units) moves only when a tile's max exceeds it
     /// by more than this, so O is rescaled rarely; probabilities stay below `2^threshold`.
     pub rescale_threshold: f32,
+    /// Partial maxima the softmax keeps while it takes a tile's max, one per key of an unrolled
+    /// step (a power of two), so the max instructions form that many independent chains instead
+    /// of one that waits on each instruction's latency; combined pairwise at the end.
+    pub max_partials: usize,
     /// Fewest keys a decode split gets, so splitting never costs more than it saves.
     pub min_keys_per_split: usize,
     /// The layout of the call-level packed K/V (grouped specs; `None` for latent ones, whose
@@ -304,6 +308,9 @@ const PAGE: usize = 4096;
 /// Fewest keys per dot-product tile: below 8, per-tile overheads outweigh the TLB reach
 /// (4 keys measured 1.16× slower than 8 on W4).
 const DOT_MIN_K_TILE: usize = 8;
+/// See [`KernelPlan::max_partials`]: four chains cover `maxps`'s latency of 4 cycles (with one,
+/// W2's generated item took 5.6% of its time on one thread; with four, 4.3%).
+const MAX_PARTIALS: usize = 4;
 /// How far (base-2 units) a tile's max may exceed the running max before O is rescaled: 8, as
 /// in FlashAttention-4, keeps every probability below 256.
 const RESCALE_THRESHOLD: f32 = 8.0;
@@ -404,6 +411,7 @@ impl KernelPlan {
             scale: scale as f32,
             query_factor: query_factor as f32,
             rescale_threshold: RESCALE_THRESHOLD,
+            max_partials: MAX_PARTIALS,
             call_packing: match &spec.kv {
                 KvLayout::Grouped { kv_heads, head_dim, .. } => Some(CallPacking {
                     k_tile,
@@ -630,13 +638,14 @@ impl fmt::Display for KernelPlan {
         writeln!(f)?;
         writeln!(
             f,
-            "  softmax      base 2: queries packed transposed and pre-multiplied by {}{}; O rescaled only when a tile's max exceeds m by {}",
+            "  softmax      base 2: queries packed transposed and pre-multiplied by {}{}; O rescaled only when a tile's max exceeds m by {}; the tile max in {} partial maxima",
             self.query_factor,
             match spec.softcap {
                 Some(c) => format!(" (= scale); s = log2 e * {c} * tanh(S / {c})"),
                 None => " (= scale * log2 e)".to_owned(),
             },
-            self.rescale_threshold
+            self.rescale_threshold,
+            self.max_partials
         )?;
         writeln!(
             f,

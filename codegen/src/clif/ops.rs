@@ -51,7 +51,9 @@ impl Translator<'_> {
                 self.pack_tile(*from, *into, *width, *min_rows, tile)
             }
             Op::Scores(term) => self.scores(term, tile),
-            Op::OnlineSoftmax { cap, threshold } => self.online_softmax(*cap, *threshold, tile),
+            Op::OnlineSoftmax { cap, threshold, partials } => {
+                self.online_softmax(*cap, *threshold, *partials, tile)
+            }
             Op::AccumulateValues { values, width } => self.accumulate_values(values, *width, tile),
             // An edge tile's row ranges depend on the group's rows: written per group.
             Op::ForEachGroup { body } => self.for_each_group(|t| {

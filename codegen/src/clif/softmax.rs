@@ -2,9 +2,6 @@
 
 use super::*;
 
-/// Keys per trip of the tile max's loop, each with its own partial max.
-const KEY_UNROLL: usize = 4;
-
 impl Translator<'_> {
     /// `Sᵀ (+)= keys · Qᵀ`: `n` keys by `rows_v4` columns.
     pub(super) fn scores(&mut self, term: &ScoreTerm, tile: Tile) {
@@ -53,7 +50,13 @@ impl Translator<'_> {
     /// for the tile max (applying the cap and the edge mask) and the rare lazy rescale; then
     /// `P = 2^(s − m)` and its row sums over the whole tile in one call of the pre-compiled
     /// tile exponentials, which use the CPU's full vector width.
-    pub(super) fn online_softmax(&mut self, cap: Option<f32>, threshold: f32, tile: Tile) {
+    pub(super) fn online_softmax(
+        &mut self,
+        cap: Option<f32>,
+        threshold: f32,
+        partials: usize,
+        tile: Tile,
+    ) {
         let ld = self.plan.padded_rows;
         let zero = self.int(0);
         let scores = self.scratch_at(self.plan.scratch.scores, zero);
@@ -70,15 +73,16 @@ impl Translator<'_> {
                 let hi = t.b.ins().load(types::I32X4, mem(), hi_at, 0);
                 (lo, hi)
             });
-            // One partial max per copy of the unrolled key loop: four independent chains of
-            // `maxps` (latency 4) rather than one, which left this pass latency-bound.
-            let partial_max: [Variable; KEY_UNROLL] = std::array::from_fn(|_| {
-                let var = t.b.declare_var(F32X4);
-                t.b.def_var(var, neg_inf);
-                var
-            });
+            // One partial max per copy of the unrolled key loop (`Op::OnlineSoftmax`).
+            let partial_max: Vec<Variable> = (0..partials)
+                .map(|_| {
+                    let var = t.b.declare_var(F32X4);
+                    t.b.def_var(var, neg_inf);
+                    var
+                })
+                .collect();
             let start = t.int(0);
-            t.for_range_unrolled(start, n, KEY_UNROLL, |t, j, copy| {
+            t.for_range_unrolled(start, n, partials, |t, j, copy| {
                 let offset = t.mul_imm(j, 4 * ld);
                 let at = t.add(column, offset);
                 let mut s = t.b.ins().load(F32X4, mem(), at, 0);
@@ -101,11 +105,13 @@ impl Translator<'_> {
                 let m = t.max_ps(m, s);
                 t.b.def_var(partial_max[copy], m);
             });
-            // The max of finite scores does not depend on the order (a NaN score reaches its
-            // row through `2^(s − m)` whatever m is).
-            let [m0, m1, m2, m3] = partial_max.map(|var| t.b.use_var(var));
-            let (m01, m23) = (t.max_ps(m0, m1), t.max_ps(m2, m3));
-            let tile_max = t.max_ps(m01, m23);
+            // Pairwise, as the op says. The max of finite scores does not depend on the order
+            // (a NaN score reaches its row through `2^(s − m)` whatever m is).
+            let mut level: Vec<Value> = partial_max.iter().map(|&var| t.b.use_var(var)).collect();
+            while level.len() > 1 {
+                level = level.chunks(2).map(|pair| t.max_ps(pair[0], pair[1])).collect();
+            }
+            let tile_max = level[0];
             // Lazy rescale: m moves only in lanes whose tile max exceeds it by the threshold
             // (always on a row's first visible tile, where m = f32::MIN).
             let m_at = t.state_m(state, c);

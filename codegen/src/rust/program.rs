@@ -200,7 +200,9 @@ impl Emitter<'_> {
                 self.pack_tile(*from, *into, *width, *min_rows, tile)
             }
             Op::Scores(term) => self.scores(term, tile),
-            Op::OnlineSoftmax { cap, threshold } => self.online_softmax(*cap, *threshold, tile),
+            Op::OnlineSoftmax { cap, threshold, partials } => {
+                self.online_softmax(*cap, *threshold, *partials, tile)
+            }
             Op::AccumulateValues { values, width } => self.accumulate_values(values, *width, tile),
             Op::MergeSplits => self.merge_splits(),
             Op::Normalize => self.normalize(),
@@ -622,7 +624,13 @@ impl Emitter<'_> {
         }}
     }
 
-    fn online_softmax(&self, cap: Option<f32>, threshold: f32, tile: Option<Tile>) -> TokenStream {
+    fn online_softmax(
+        &self,
+        cap: Option<f32>,
+        threshold: f32,
+        partials: usize,
+        tile: Option<Tile>,
+    ) -> TokenStream {
         let tile = tile.expect("tile ops only appear inside KeyTiles");
         let plan = self.plan;
         let (scores, ld, ranges, acc, m, l) = (
@@ -647,12 +655,26 @@ impl Emitter<'_> {
         });
         let store = (cap.is_some() || tile.partial).then(|| quote!(*row.add(lane) = s;));
         let threshold = Literal::f32_suffixed(threshold);
-        // One block of `width` columns: their tile max (`s < t ? t : s`) down the tile, as
-        // four partial maxima, one per key of an unrolled step (independent chains of `maxps`,
-        // whose latency one chain waited on), then the lazy rescale of their rows: m moves
-        // only where the tile max exceeds it by the threshold. The max of finite scores does
-        // not depend on the order; a NaN score reaches its row through `2^(s − m)`.
+        // One block of `width` columns: their tile max (`s < t ? t : s`) down the tile, in
+        // `partials` partial maxima combined pairwise (`Op::OnlineSoftmax`), then the lazy
+        // rescale of their rows: m moves only where the tile max exceeds it by the threshold.
+        // The max of finite scores does not depend on the order; a NaN score reaches its row
+        // through `2^(s − m)`.
         let o_c = self.state_o(quote!(c));
+        assert!(partials.is_power_of_two(), "partial maxima combine pairwise");
+        let mut level: Vec<TokenStream> =
+            (0..partials).map(|p| quote!(partial_max[#p][lane])).collect();
+        while level.len() > 1 {
+            level = level
+                .chunks(2)
+                .map(|pair| {
+                    let (a, b) = (&pair[0], &pair[1]);
+                    quote!(max(#a, #b))
+                })
+                .collect();
+        }
+        let combined = &level[0];
+        let partials = lit(partials);
         let columns = |width: usize| {
             let width = lit(width);
             quote! {{
@@ -668,24 +690,21 @@ impl Emitter<'_> {
                         partial[lane] = if s < t { t } else { s };
                     }
                 };
-                let mut partial_max = [[f32::NEG_INFINITY; #width]; 4];
+                let mut partial_max = [[f32::NEG_INFINITY; #width]; #partials];
                 let mut j = 0;
-                while j + 4 <= n {
+                while j + #partials <= n {
                     for (copy, partial) in partial_max.iter_mut().enumerate() {
                         step(j + copy, partial);
                     }
-                    j += 4;
+                    j += #partials;
                 }
                 while j < n {
                     step(j, &mut partial_max[0]);
                     j += 1;
                 }
-                // As the JIT combines them: (m0 max m1) max (m2 max m3), `a max b` being
-                // `b < a ? a : b`.
                 let tile_max: [f32; #width] = ::core::array::from_fn(|lane| {
                     let max = |a: f32, b: f32| if b < a { a } else { b };
-                    let [m0, m1, m2, m3] = partial_max.map(|partial| partial[lane]);
-                    max(max(m0, m1), max(m2, m3))
+                    #combined
                 });
                 for lane in 0..#width {
                     let c = c0 + lane;
