@@ -201,10 +201,7 @@ pub struct ScoreTerm {
     /// Add to S instead of overwriting it.
     pub accumulate: bool,
     /// Items with few rows compute this term as dot products of key rows with row-major
-    /// queries instead (a broadcast per key element would fill `rows / lanes` of a vector),
-    /// when their keys are row-major: not from the call's packed copy, whose tiles are
-    /// transposed (`CallPacking::key_strides`; only a call's last, partial query tile can have
-    /// so few rows).
+    /// queries instead (a broadcast per key element would fill `rows / lanes` of a vector).
     pub dot: Option<DotScores>,
 }
 
@@ -577,7 +574,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             if let Some(dot) = t.dot {
                 writeln!(
                     f,
-                    "{pad}  items of <= {} rows reading row-major keys: dot products of key rows with {} (tile A·Bᵀ)",
+                    "{pad}  items of <= {} rows: dot products of key rows with {} (tile A·Bᵀ)",
                     dot.max_rows,
                     name(dot.query)
                 )?;
@@ -676,10 +673,7 @@ fn source_text(source: &TileSource, accumulate: bool) -> String {
     if let Some(layout) = source.call_packed {
         let layout = match source.cache {
             Operand::V => format!("per (b, g, {}-key tile), its panels", layout.k_tile),
-            _ => format!(
-                "per (b, g), Sk rows rounded up to {}-key tiles, each transposed",
-                layout.k_tile
-            ),
+            _ => format!("per (b, g), Sk rows rounded up to {}-key tiles", layout.k_tile),
         };
         text.push_str(&format!(
             "the call's packed copy of {} when it made one ({layout}); else ",
@@ -798,8 +792,8 @@ mod tests {
         for decision in [
             "items whose first group has <= 4 rows and whose call packed nothing: step 8",
             "Ktile in items of >= 16 rows",
-            "items of <= 4 rows reading row-major keys: dot products of key rows with Qrows",
-            "the call's packed copy of k when it made one (per (b, g), Sk rows rounded up to 64-key tiles, each transposed)",
+            "items of <= 4 rows: dot products of key rows with Qrows",
+            "the call's packed copy of k when it made one (per (b, g), Sk rows rounded up to 64-key tiles)",
             "prefetch the rows the next group reads",
         ] {
             assert!(text.contains(decision), "{decision:?} not in {text}");

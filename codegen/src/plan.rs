@@ -95,10 +95,8 @@ pub struct CacheRow {
 /// made when a call has several query tiles so each tile is copied once rather than by every
 /// query tile: the one description of its layout, which the executor fills and both emitters
 /// address.
-/// - K: per (batch, KV head), its Sk keys of D floats, Sk rounded up to whole key tiles; the
-///   tile whose first key is j0 starts at float `((b·kv_heads + g)·Sk' + j0)·D`
-///   ([`CallPacking::key_tile_at`]) and holds its keys transposed: element d of key j at
-///   `d·k_tile + (j − j0)` from there ([`CallPacking::key_strides`]).
+/// - K: per (batch, KV head), its Sk rows of D floats, row-major, Sk rounded up to whole key
+///   tiles: key j of (b, g) at float `((b·kv_heads + g)·Sk' + j)·D` ([`CallPacking::key_row`]).
 /// - V: per (batch, KV head, key tile), the tile's `k_tile × Dv` values in [`PANEL`]-column
 ///   panels, `k_tile` rows deep ([`CallPacking::value_tile_at`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,26 +142,9 @@ impl CallPacking {
         (heads * tiles * self.k_tile * self.key_width, heads * tiles * self.value_tile())
     }
 
-    /// Float index of the packed key tile of (batch `b`, KV head `g`) holding key `j`.
-    pub fn key_tile_at(&self, b: usize, g: usize, seq_k: usize, j: usize) -> usize {
-        let first = j / self.k_tile * self.k_tile;
-        ((b * self.kv_heads + g) * seq_k.next_multiple_of(self.k_tile) + first) * self.key_width
-    }
-
-    /// `(row, column)` strides of a packed key tile as the score product's A, whose rows are
-    /// keys and columns depths: `(1, k_tile)` for the call's copy, whose tiles are transposed;
-    /// `(D, 1)` for a task's up-projected keys, which the up-projection writes row-major.
-    ///
-    /// Transposed, the product broadcasts each depth's keys from consecutive floats, one
-    /// address per key step; row-major, from rows D floats apart, one address per row, and on
-    /// AVX2 that address arithmetic takes issue slots from the FMAs (a 64 × 64 × 128 tile
-    /// product on one busy Zen 3 core, alternating: 58–62 GFLOP/s from row-major keys, 61–84
-    /// from transposed).
-    pub fn key_strides(&self) -> (usize, usize) {
-        match self.per_task {
-            true => (self.key_width, 1),
-            false => (1, self.k_tile),
-        }
+    /// Float index of key `j` of (batch `b`, KV head `g`) in the packed K.
+    pub fn key_row(&self, b: usize, g: usize, seq_k: usize, j: usize) -> usize {
+        ((b * self.kv_heads + g) * seq_k.next_multiple_of(self.k_tile) + j) * self.key_width
     }
 
     /// Float index of the packed value tile of (batch `b`, KV head `g`) holding key `j`.
@@ -639,7 +620,7 @@ impl fmt::Display for KernelPlan {
             };
             writeln!(
                 f,
-                "  kv tiles     packed once per call when it has several query tiles (key tiles transposed, values into {PANEL}-column panels), {items}"
+                "  kv tiles     packed (values into {PANEL}-column panels) once per call when it has several query tiles, {items}"
             )?;
         }
         let mask = match spec.mask {
@@ -850,10 +831,7 @@ mod tests {
         );
         // Sk = 100: two tiles per (b, g); V tiles are 2 panels of 16 columns, 64 deep.
         assert_eq!(packing.lens(3, 100), (3 * 2 * 128 * 16, 3 * 2 * 2 * 2 * 16 * 64));
-        assert_eq!(packing.key_tile_at(2, 1, 100, 99), ((2 * 2 + 1) * 128 + 64) * 16);
-        assert_eq!(packing.key_tile_at(2, 1, 100, 64), packing.key_tile_at(2, 1, 100, 99));
-        // Tiles transposed: a depth's 64 keys are consecutive.
-        assert_eq!(packing.key_strides(), (1, 64));
+        assert_eq!(packing.key_row(2, 1, 100, 99), ((2 * 2 + 1) * 128 + 99) * 16);
         assert_eq!(packing.value_tile_at(2, 1, 100, 64), ((2 * 2 + 1) * 2 + 1) * 2048);
         let last = packing.value_tile_at(2, 1, 100, 99) + packing.value_tile();
         assert_eq!(last, packing.lens(3, 100).1);
@@ -878,8 +856,7 @@ mod tests {
         );
         let packing = plan.call_packing.unwrap();
         assert!(packing.per_task);
-        // Keys and values row-major: a 64-key tile is 64 rows of 192 (128) floats.
-        assert_eq!(packing.key_strides(), (192, 1));
+        // Values row-major: a 64-key tile is 64 rows of 128, rows 128 floats apart.
         assert_eq!(
             (packing.value_tile(), packing.value_row(), packing.value_panel()),
             (64 * 128, 128, 16)

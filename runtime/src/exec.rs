@@ -61,7 +61,7 @@ pub(crate) fn run_call(
     lse: Option<&mut [f32]>,
 ) -> Result<(), Error> {
     let form = pick_form(forms, isa, pool, shape);
-    Executor { plan: &form.plan, entries: &form.entries, isa, pool }.run(shape, inputs, out, lse)
+    Executor { plan: &form.plan, entries: &form.entries, pool }.run(shape, inputs, out, lse)
 }
 
 /// The form of `forms` that runs a call of `shape` ([`run_call`]).
@@ -103,9 +103,6 @@ pub(crate) struct Executor<'a> {
     pub plan: &'a KernelPlan,
     /// The generated functions.
     pub entries: &'a EntryPoints,
-    /// The ISA whose routines the generated functions call (the executor's own copies use
-    /// it too).
-    pub isa: Isa,
     /// The kernel's own thread pool, if it has one.
     pub pool: Option<&'a rayon::ThreadPool>,
 }
@@ -203,8 +200,7 @@ impl Executor<'_> {
                     v_packed: v_packed.as_mut_ptr(),
                     ..args
                 };
-                let transpose = self.isa.routines().pack_transposed;
-                let pack = CallPack { packing, transpose, shape, inputs, k, v };
+                let pack = CallPack { packing, shape, inputs, k, v };
                 self.execute(shape, longest, SharedArgs(args), schedule, Some(&pack));
             });
         } else {
@@ -557,12 +553,10 @@ impl SharedArgs {
 }
 
 /// A call's grouped K and V, to be packed once as [`CallPacking`] lays them out, (batch, KV
-/// head) by (batch, KV head): values with the row copy items use, keys transposed with the
-/// ISA's `transpose`. Only each sequence's keys are copied: items never read a packed row
-/// past them.
+/// head) by (batch, KV head), with the same copy routine items use. Only each sequence's keys
+/// are copied: items never read a packed row past them.
 struct CallPack<'a> {
     packing: CallPacking,
-    transpose: simd::PackTransposed,
     shape: Shape,
     inputs: &'a Inputs<'a>,
     k: &'a [f32],
@@ -580,14 +574,14 @@ impl CallPack<'_> {
     /// Packs the keys of (batch, KV head) `head` (`b · kv_heads + g`) into its parts of the
     /// packed K and V ([`CallPack::head_lens`] floats each), a key tile per task.
     fn pack_head(&self, head: usize, k_packed: &mut [f32], v_packed: &mut [f32]) {
-        let CallPack { packing, transpose, shape, inputs, k, v } = self;
+        let CallPack { packing, shape, inputs, k, v } = self;
         let CallPacking { k_tile, kv_heads: kv, key_width: d, value_width: dv, .. } = *packing;
         let value_tile = packing.value_tile();
         let (b, g) = (head / kv, head % kv);
         let keys = inputs.keys(b, shape.seq_k);
         let (k_part, v_part) = self.head_lens();
-        // Each task writes its own tiles: K's — at `key_tile_at(b, g, Sk, j0)` in the whole
-        // buffer — and V's, `value_tile_at(b, g, Sk, j0)`.
+        // Each task writes its own tile: K rows j0..j0 + n — at `key_row(b, g, Sk, j0)` in the
+        // whole buffer — and its V tile, `value_tile_at(b, g, Sk, j0)`.
         let k_chunks = k_packed.par_chunks_mut(k_tile * d);
         let v_chunks = v_packed.par_chunks_mut(value_tile);
         k_chunks.zip(v_chunks).enumerate().for_each(|(tile, (k_dst, v_dst))| {
@@ -596,7 +590,7 @@ impl CallPack<'_> {
                 return;
             }
             let n = k_tile.min(keys - j0);
-            debug_assert_eq!(head * k_part + j0 * d, packing.key_tile_at(b, g, shape.seq_k, j0));
+            debug_assert_eq!(head * k_part + j0 * d, packing.key_row(b, g, shape.seq_k, j0));
             debug_assert_eq!(
                 head * v_part + tile * value_tile,
                 packing.value_tile_at(b, g, shape.seq_k, j0)
@@ -605,15 +599,12 @@ impl CallPack<'_> {
             let v_src = &v[((b * shape.seq_k + j0) * kv + g) * dv..];
             // Rows j0..j0 + n of head g, `kv` heads apart.
             assert!(k_src.len() >= (n - 1) * kv * d + d && v_src.len() >= (n - 1) * kv * dv + dv);
-            assert!(k_dst.len() >= k_tile * d && v_dst.len() >= value_tile);
-            assert_eq!(packing.key_strides(), (1, k_tile), "the call's key tiles are transposed");
-
+            assert!(k_dst.len() >= n * d && v_dst.len() >= value_tile);
             // SAFETY: the asserts above: n source rows of d (dv) floats, kv·d (kv·dv) apart,
-            // and destinations of one transposed key tile (d depths of k_tile >= n keys) and
-            // one panel tile (k_tile rows of dv floats in PANEL-column panels); `transpose` is
-            // the ISA's the kernel runs, which this CPU supports.
+            // and destinations of n·d floats (row-major) and one panel tile (k_tile rows of dv
+            // floats in PANEL-column panels).
             unsafe {
-                transpose(n, d, k_src.as_ptr(), kv * d, k_dst.as_mut_ptr(), k_tile);
+                simd::pack_rows(n, d, k_src.as_ptr(), kv * d, k_dst.as_mut_ptr(), d, PANEL);
                 simd::pack_rows(
                     n,
                     dv,

@@ -90,7 +90,7 @@ fn every_variant_on_a_few_shapes() {
             Shape::new(2, 3, 7),
             Shape::new(1, 70, 130),
             // The call packs K/V; with one head per group its last query tile has 2 rows, whose
-            // scores take the broadcast product from the transposed key tiles.
+            // scores are dot products with the call's packed keys.
             Shape::new(1, 66, 130),
             Shape::new(2, 9, 4),
             Shape::new(1, 1, 300),

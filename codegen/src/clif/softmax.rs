@@ -5,12 +5,13 @@ use super::*;
 impl Translator<'_> {
     /// `Sᵀ (+)= keys · Qᵀ`: `n` keys by `rows_v4` columns.
     pub(super) fn scores(&mut self, term: &ScoreTerm, tile: Tile) {
-        let (a, a_row, a_col) = self.key_side(&term.keys, term.len, tile.j0);
+        let (a, a_row) = self.key_side(&term.keys, term.len, tile.j0);
         let b = self.tile_addr(term.query);
         let zero = self.int(0);
         let c = self.scratch_at(self.plan.scratch.scores, zero);
-        let (len, panel, panel_len, ldc, acc) = (
+        let (len, one, panel, panel_len, ldc, acc) = (
             self.int(term.len as i64),
+            self.int(1),
             self.int(PANEL as i64),
             self.int((PANEL * term.len) as i64),
             self.int(self.plan.padded_rows as i64),
@@ -24,16 +25,13 @@ impl Translator<'_> {
         let (n, rows_v4) = (tile.n, self.rows_v4);
         let broadcast = |t: &mut Self| {
             let args = [
-                n, rows_v4, len, a, a_row, a_col, b, panel, panel_len, c, ldc, acc, zero, zero,
+                n, rows_v4, len, a, a_row, one, b, panel, panel_len, c, ldc, acc, zero, zero,
                 prefetch,
             ];
             t.call(Callee::DotNn, &args);
         };
         if let Some(dot) = term.dot {
-            // Dot products need row-major keys: the call's transposed tiles take the broadcast.
             let few = self.rows_at_most(dot.max_rows);
-            let row_major = self.b.ins().icmp_imm_s(IntCC::Equal, a_col, 1);
-            let few = self.b.ins().band(few, row_major);
             self.if_else(
                 few,
                 |t| {

@@ -243,26 +243,22 @@ impl Translator<'_> {
         self.b.ins().select(pre, none, at)
     }
 
-    /// Address, row stride and column stride of a key tile (A of the score product): the
-    /// call's packed copy when there is one (transposed tiles: `CallPacking::key_strides`),
-    /// else the item's packed tile when it packs, else the cache rows in place (both
-    /// row-major).
+    /// Address and row stride of a key tile (the broadcast side of the score product): the
+    /// call's packed copy when there is one, else the item's packed tile when it packs, else
+    /// the cache rows in place.
     pub(super) fn key_side(
         &mut self,
         source: &TileSource,
         width: usize,
         j0: Value,
-    ) -> (Value, Value, Value) {
-        let one = self.int(1);
+    ) -> (Value, Value) {
         if let Some(layout) = source.call_packed.filter(|layout| layout.per_task) {
             // CallPacking::per_task: key j at (j − packed_first_key)·D.
             let first = self.arg(offsets::PACKED_FIRST_KEY);
             let row = self.b.ins().isub(j0, first);
             let idx = self.mul_imm(row, layout.key_width);
             let base = self.arg(offsets::K_PACKED);
-            let (a_row, a_col) = layout.key_strides();
-            let (a_row, a_col) = (self.int(a_row as i64), self.int(a_col as i64));
-            return (self.float_addr(base, idx), a_row, a_col);
+            return (self.float_addr(base, idx), self.int(width as i64));
         }
         let (in_place, stride) = self.kv_rows(source.cache, j0);
         let item = source.item_packed.map(|item| {
@@ -271,7 +267,7 @@ impl Translator<'_> {
             (packs, self.b.ins().select(packs, packed, in_place))
         });
         if item.is_none() && source.call_packed.is_none() {
-            return (in_place, self.int(stride as i64), one);
+            return (in_place, self.int(stride as i64));
         }
         let addr = item.map_or(in_place, |(_, addr)| addr);
         let (width_v, stride) = (self.int(width as i64), self.int(stride as i64));
@@ -279,9 +275,8 @@ impl Translator<'_> {
             Some((packs, _)) => self.b.ins().select(packs, width_v, stride),
             None => stride,
         };
-        let Some(layout) = source.call_packed else { return (addr, stride, one) };
-        // CallPacking::key_tile_at: ((b·kv + g)·Sk' + j0)·D, Sk' = Sk rounded up to whole
-        // tiles (j0 is a tile's first key).
+        let Some(layout) = source.call_packed else { return (addr, stride) };
+        // CallPacking::key_row: ((b·kv + g)·Sk' + j0)·D, Sk' = Sk rounded up to whole tiles.
         let pre = self.prepacked();
         let head = self.mul_imm(self.batch, layout.kv_heads);
         let head = self.add(head, self.group);
@@ -293,13 +288,7 @@ impl Translator<'_> {
         let idx = self.mul_imm(row, layout.key_width);
         let base = self.arg(offsets::K_PACKED);
         let call_packed = self.float_addr(base, idx);
-        let (packed_row, packed_col) = layout.key_strides();
-        let (packed_row, packed_col) = (self.int(packed_row as i64), self.int(packed_col as i64));
-        (
-            self.b.ins().select(pre, call_packed, addr),
-            self.b.ins().select(pre, packed_row, stride),
-            self.b.ins().select(pre, packed_col, one),
-        )
+        (self.b.ins().select(pre, call_packed, addr), self.b.ins().select(pre, width_v, stride))
     }
 
     /// Whether K and V were packed once for the whole call (`CallArgs::k_packed` is set).

@@ -460,37 +460,32 @@ impl Emitter<'_> {
         }
     }
 
-    /// Address, row stride and column stride of a key tile: the call's packed copy when there
-    /// is one (transposed tiles: `CallPacking::key_strides`), else the item's packed tile when
-    /// it packs, else the cache rows in place (both row-major).
+    /// Address and row stride of a key tile: the call's packed copy when there is one, else
+    /// the item's packed tile when it packs, else the cache rows in place.
     fn key_side(&self, source: &TileSource, width: usize) -> TokenStream {
         let width_lit = lit(width);
         if let Some(layout) = source.call_packed.filter(|layout| layout.per_task) {
             let key_width = lit(layout.key_width);
-            let (a_row, a_col) = layout.key_strides();
-            let (a_row, a_col) = (lit(a_row), lit(a_col));
             // CallPacking::per_task: key j at (j − packed_first_key)·D.
             return quote! {
-                (args.k_packed.add((j0 - args.packed_first_key) * #key_width), #a_row, #a_col)
+                (args.k_packed.add((j0 - args.packed_first_key) * #key_width), #width_lit)
             };
         }
         let in_place = self.kv_rows(source.cache, quote!(j0), quote!(g));
         let stride = lit(self.cache_row(source.cache).stride);
-        let mut side = quote!((#in_place, #stride, 1));
+        let mut side = quote!((#in_place, #stride));
         if let Some(item) = source.item_packed {
             let (packs, packed) = (self.packs(item.min_rows), self.tile_addr(item.tile));
-            side = quote!(if #packs { (#packed.cast_const(), #width_lit, 1) } else { #side });
+            side = quote!(if #packs { (#packed.cast_const(), #width_lit) } else { #side });
         }
         if let Some(layout) = source.call_packed {
             let (kv, k_tile, key_width) =
                 (lit(layout.kv_heads), lit(layout.k_tile), lit(layout.key_width));
-            let (a_row, a_col) = layout.key_strides();
-            let (a_row, a_col) = (lit(a_row), lit(a_col));
             side = quote! {
                 if !args.k_packed.is_null() {
-                    // CallPacking::key_tile_at (j0 is a tile's first key).
+                    // CallPacking::key_row.
                     let row = (b * #kv + g) * seq_k.next_multiple_of(#k_tile) + j0;
-                    (args.k_packed.add(row * #key_width), #a_row, #a_col)
+                    (args.k_packed.add(row * #key_width), #width_lit)
                 } else {
                     #side
                 }
@@ -605,15 +600,14 @@ impl Emitter<'_> {
             false => self.prefetch_next(&term.keys, tile),
         };
         let broadcast = quote! {
-            routines::dot_nn(n, rows_v4, #len, a, a_row, a_col, #query.cast_const(), #panel, #panel_len,
+            routines::dot_nn(n, rows_v4, #len, a, a_row, 1, #query.cast_const(), #panel, #panel_len,
                 c, #ld, #acc, ::core::ptr::null(), ::core::ptr::null(), prefetch);
         };
         let product = if let Some(dot) = term.dot {
             let dots = self.rows_at_most(dot.max_rows);
             let rows = self.tile_addr(dot.query);
-            // Dot products need row-major keys: the call's transposed tiles take the broadcast.
             quote! {
-                if #dots && a_col == 1 {
+                if #dots {
                     routines::dot_nt(n, rows_v4, #len, a, a_row, #rows.cast_const(), #len, c, #ld, #acc, prefetch);
                 } else {
                     #broadcast
@@ -623,7 +617,7 @@ impl Emitter<'_> {
             broadcast
         };
         quote! {{
-            let (a, a_row, a_col): (*const f32, usize, usize) = #key_side;
+            let (a, a_row) = #key_side;
             let c = scratch.add(#scores);
             let prefetch: *const PrefetchRows = #prefetch;
             #product

@@ -13,8 +13,7 @@
 //! sums, at the full vector width (generated code is limited to 128-bit vectors).
 //!
 //! Two tile copies: [`PackRows`] (a K/V tile into scratch; a plain copy, the same on every ISA)
-//! and [`PackColumns`] (query rows, transposed and scaled in registers); and one the executor
-//! calls, [`PackTransposed`] (the call's key tiles, transposed in registers the same way).
+//! and [`PackColumns`] (query rows, transposed and scaled in registers).
 //!
 //! The routines are written once, generic over a small set of vector primitives
 //! ([`primitives::Simd`]), and stamped out per ISA: [`Isa::Avx512`] (`avx512`),
@@ -270,26 +269,7 @@ impl std::fmt::Display for Isa {
     }
 }
 
-/// Copies `rows` rows of `width` floats, `src[r·src_row + c]`, transposed to
-/// `dst[c·dst_row + r]`: the call's packed key tiles
-/// ([`attngen_codegen::plan::CallPacking::key_strides`]). The executor's, never called by
-/// generated code.
-///
-/// # Safety
-/// The CPU has the ISA's features; `src` holds `rows` rows of stride `src_row` with `width`
-/// readable floats each; `dst` holds `dst[c·dst_row + r]` for every `r < rows`, `c < width`;
-/// the two do not overlap.
-pub type PackTransposed = unsafe fn(
-    rows: usize,
-    width: usize,
-    src: *const f32,
-    src_row: usize,
-    dst: *mut f32,
-    dst_row: usize,
-);
-
-/// The ISA-specific routines generated code calls (the row copy is the same everywhere), and
-/// the executor's transposing copy.
+/// The ISA-specific routines generated code calls (the row copy is the same everywhere).
 #[derive(Clone, Copy, Debug)]
 pub struct Routines {
     /// See [`DotNt`].
@@ -300,8 +280,6 @@ pub struct Routines {
     pub exp2_columns: Exp2Columns,
     /// See [`PackColumns`].
     pub pack_columns: PackColumns,
-    /// See [`PackTransposed`].
-    pub pack_transposed: PackTransposed,
 }
 
 #[cfg(test)]
@@ -357,8 +335,6 @@ mod tests {
                 assert_ne!(ra.dot_nt as usize, rb.dot_nt as usize, "{a} and {b}");
                 assert_ne!(ra.exp2_columns as usize, rb.exp2_columns as usize, "{a} and {b}");
                 assert_ne!(ra.pack_columns as usize, rb.pack_columns as usize, "{a} and {b}");
-                let (ta, tb) = (ra.pack_transposed as usize, rb.pack_transposed as usize);
-                assert_ne!(ta, tb, "{a} and {b}");
             }
         }
     }
@@ -717,36 +693,6 @@ mod tests {
                         assert_eq!(
                             got, want,
                             "{isa:?} {rows}x{width} from {first_column}: [{column}, {depth}]"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// `pack_transposed` on every ISA: runs of four rows, row and width remainders, a
-    /// destination wider than the rows (a key tile's last, partial one); what lies past the
-    /// rows stays untouched.
-    #[test]
-    fn pack_transposed_transposes() {
-        for isa in tested_isas() {
-            let pack = isa.routines().pack_transposed;
-            for (rows, width, dst_row) in
-                [(1, 1, 1), (3, 5, 8), (4, 8, 4), (64, 128, 64), (61, 100, 64), (18, 9, 19)]
-            {
-                let src_row = width + 3;
-                let src = data(rows * src_row, 11);
-                let mut dst = vec![-7.0f32; width * dst_row];
-                // SAFETY: src holds rows rows of src_row >= width floats; dst holds width
-                // depths of dst_row >= rows floats.
-                unsafe { pack(rows, width, src.as_ptr(), src_row, dst.as_mut_ptr(), dst_row) };
-                for depth in 0..width {
-                    for r in 0..dst_row {
-                        let want = if r < rows { src[r * src_row + depth] } else { -7.0 };
-                        let got = dst[depth * dst_row + r];
-                        assert_eq!(
-                            got, want,
-                            "{isa:?} {rows}x{width} into {dst_row}: [{depth}, {r}]"
                         );
                     }
                 }

@@ -43,26 +43,21 @@ pub unsafe extern "C" fn pack_rows(
     }
 }
 
+/// See [`super::PackColumns`]: runs of four rows that start on a multiple of four columns are
+/// scaled and transposed `4 × LANES` in registers; the rest is copied element by element.
+/// Up to [`RUNS_TOGETHER`] runs walk the width together, so each line of a panel is written
+/// whole within a few stores and that many source rows stream at once.
+///
+/// # Safety
+/// `S`'s features are enabled; `src` holds `rows` rows of stride `src_row` with `width`
+/// readable floats each; `dst` holds every element the layout names for columns
+/// `first_column..first_column + rows`.
 /// Runs of four rows [`pack_columns`] transposes in step: a panel's worth (16 columns), whose
 /// lines each take one store from every run. Walking one run at a time over the whole width,
 /// W6's weight transposition took 1.3–1.5× the time and its query packing 1.1× (one thread,
 /// medians of 20 calls); in the kernels, 0.99× the time, within the noise.
 const RUNS_TOGETHER: usize = PANEL / 4;
 
-/// See [`super::PackColumns`], with depths `dst_depth` floats apart (`PANEL` there): column
-/// `col`, depth `c` to `dst[(col / PANEL)·dst_panel + c·dst_depth + col % PANEL]`. With
-/// `dst_panel = PANEL` that is a plain transpose, `dst[c·dst_depth + col]`
-/// ([`super::PackTransposed`]).
-///
-/// Runs of four rows that start on a multiple of four columns are scaled and transposed
-/// `4 × LANES` in registers; the rest is copied element by element. Up to [`RUNS_TOGETHER`]
-/// runs walk the width together, so each line of a panel is written whole within a few stores
-/// and that many source rows stream at once.
-///
-/// # Safety
-/// `S`'s features are enabled; `src` holds `rows` rows of stride `src_row` with `width`
-/// readable floats each; `dst` holds every element the layout names for columns
-/// `first_column..first_column + rows`.
 #[inline(always)]
 pub(super) unsafe fn pack_columns<S: Simd>(
     rows: usize,
@@ -73,7 +68,6 @@ pub(super) unsafe fn pack_columns<S: Simd>(
     dst: *mut f32,
     first_column: usize,
     dst_panel: usize,
-    dst_depth: usize,
 ) {
     // Rows before the first column on a multiple of 4, and after the last whole run of 4.
     let head = ((4 - first_column % 4) % 4).min(rows);
@@ -83,8 +77,7 @@ pub(super) unsafe fn pack_columns<S: Simd>(
     // elements of columns first_column + r, depths c < width, of dst, as the caller guarantees.
     unsafe {
         let scale = S::splat(factor);
-        let layout = (dst_panel, dst_depth);
-        scalar_columns(head, width, src, src_row, factor, dst, first_column, layout);
+        scalar_columns(head, width, src, src_row, factor, dst, first_column, dst_panel);
         // Run r's first column, and where it goes (four columns on a multiple of 4 never
         // straddle a panel).
         let run = |r: usize| {
@@ -100,26 +93,35 @@ pub(super) unsafe fn pack_columns<S: Simd>(
                     let (from, to) = run(r);
                     let rows =
                         std::array::from_fn(|i| S::mul(scale, S::load(from.add(i * src_row + c))));
-                    S::store_transposed4(rows, to.add(c * dst_depth), dst_depth);
+                    S::store_transposed4(rows, to.add(c * PANEL), PANEL);
                 }
             }
             if whole < width {
                 for r in (group..group_end).step_by(4) {
                     // Depths whole.. of these four columns: the same layout, shifted by
-                    // `whole` depths.
+                    // `whole` rows of each panel.
                     let (from, to) = run(r);
-                    let (src_rest, to_rest) = (from.add(whole), to.add(whole * dst_depth));
-                    scalar_columns(4, width - whole, src_rest, src_row, factor, to_rest, 0, layout);
+                    let (src_rest, to_rest) = (from.add(whole), to.add(whole * PANEL));
+                    scalar_columns(
+                        4,
+                        width - whole,
+                        src_rest,
+                        src_row,
+                        factor,
+                        to_rest,
+                        0,
+                        dst_panel,
+                    );
                 }
             }
         }
         let rest = rows - runs_end;
         let (src_rest, column_rest) = (src.add(runs_end * src_row), first_column + runs_end);
-        scalar_columns(rest, width, src_rest, src_row, factor, dst, column_rest, layout);
+        scalar_columns(rest, width, src_rest, src_row, factor, dst, column_rest, dst_panel);
     }
 }
 
-/// [`pack_columns`] element by element; `layout` is its `(dst_panel, dst_depth)`.
+/// [`super::PackColumns`] element by element.
 ///
 /// # Safety
 /// As [`pack_columns`].
@@ -132,17 +134,17 @@ unsafe fn scalar_columns(
     factor: f32,
     dst: *mut f32,
     first_column: usize,
-    (dst_panel, dst_depth): (usize, usize),
+    dst_panel: usize,
 ) {
     for r in 0..rows {
         let column = first_column + r;
         // SAFETY: as documented; row r of src has width floats.
         let row = unsafe { std::slice::from_raw_parts(src.add(r * src_row), width) };
-        // SAFETY: the layout holds `width` depths of column `column`.
+        // SAFETY: column `column`'s panel holds width rows of PANEL floats.
         let to = unsafe { dst.add(column / PANEL * dst_panel + column % PANEL) };
         for (c, &x) in row.iter().enumerate() {
-            // SAFETY: c < width, one of the column's depths.
-            unsafe { *to.add(c * dst_depth) = factor * x };
+            // SAFETY: c < width, inside the column's panel.
+            unsafe { *to.add(c * PANEL) = factor * x };
         }
     }
 }

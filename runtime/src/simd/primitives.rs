@@ -73,9 +73,8 @@ pub trait Simd: Copy + 'static {
 }
 
 /// Defines the ISA's `extern "C"` routines — `dot_nt`, `dot_nn`, `exp2_columns` and
-/// `pack_columns`, with the signatures of [`super::DotNt`] and friends — and the runtime's
-/// `pack_transposed`, as the generic kernels over `$simd`, compiled with `$features` (none for
-/// the portable ISA).
+/// `pack_columns`, with the signatures of [`super::DotNt`] and friends — as the generic kernels
+/// over `$simd`, compiled with `$features` (none for the portable ISA).
 macro_rules! stamp_routines {
     ($simd:ty $(, $features:literal)?) => {
         /// See [`super::DotNt`].
@@ -169,29 +168,6 @@ macro_rules! stamp_routines {
             unsafe {
                 super::pack::pack_columns::<$simd>(
                     rows, width, src, src_row, factor, dst, first_column, dst_panel,
-                    attngen_codegen::abi::PANEL,
-                )
-            }
-        }
-
-        /// See [`super::PackTransposed`].
-        ///
-        /// # Safety
-        /// The CPU has this ISA's features; buffers as [`super::PackTransposed`] describes.
-        $(#[target_feature(enable = $features)])?
-        pub unsafe fn pack_transposed(
-            rows: usize,
-            width: usize,
-            src: *const f32,
-            src_row: usize,
-            dst: *mut f32,
-            dst_row: usize,
-        ) {
-            // SAFETY: the caller's contract: with `dst_panel = PANEL`, column r, depth c lands
-            // at `c·dst_row + r`, inside `dst`; a factor of 1 copies every value exactly.
-            unsafe {
-                super::pack::pack_columns::<$simd>(
-                    rows, width, src, src_row, 1.0, dst, 0, attngen_codegen::abi::PANEL, dst_row,
                 )
             }
         }
@@ -219,7 +195,6 @@ macro_rules! stamp_routines {
             dot_nn,
             exp2_columns,
             pack_columns,
-            pack_transposed,
         };
 
         const _: () = assert!(
