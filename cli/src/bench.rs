@@ -376,13 +376,14 @@ fn build(
 }
 
 /// Times `kernels` on `workload`. The interpreter is slow: one timed run. The compiled
-/// kernels: a warm-up each, then rounds that run each once in turn — so a slow spell of a
-/// shared machine falls on all of them alike — until about a second per kernel has passed (at
-/// least 3 rounds, at most `max_runs`). A decode workload's rounds also read its inputs once on
-/// `threads` threads ([`peak::read_once`]): each row's `read_ms` is that ceiling's median; a
-/// prefill workload's rounds run a few milliseconds of the widest ISA's FMA loop
-/// ([`peak::fma_round`]) and of its tile product in L1 ([`peak::product_round`]) instead, whose
-/// medians are each row's `fma_gflops` and `product_gflops`.
+/// kernels: a warm-up each, then rounds that run each in turn — so a slow spell of a shared
+/// machine falls on all of them alike — twice, timing the second call, until about a second
+/// per kernel has passed (at least 3 rounds, at most `max_runs`). A decode workload's rounds
+/// also read its inputs once on `threads` threads ([`peak::read_once`]): each row's `read_ms`
+/// is that ceiling's median; a prefill workload's rounds run a few milliseconds of the widest
+/// ISA's FMA loop ([`peak::fma_round`]) and of its tile product in L1
+/// ([`peak::product_round`]) instead, whose medians are each row's `fma_gflops` and
+/// `product_gflops`.
 fn time(
     workload: &Workload,
     kernels: Vec<Timed>,
@@ -445,6 +446,11 @@ fn time(
             break;
         }
         for &i in &compiled {
+            // Untimed first: after the round's ceilings the kernel's pool has been idle for
+            // milliseconds, and a call after idle time is slow on a shared VM whatever the
+            // kernel does (W5 took 4.17 ms after 2 ms idle, 8.06 after 20, 3.98 back to back;
+            // W4 5.6 ms against 11.4): the timed call runs back to back, as the peers' are.
+            call(kernels[i].kernel.as_ref())?;
             times[i].push(call(kernels[i].kernel.as_ref())?);
         }
         // The kernels' pools keep their workers spinning for about a millisecond after a
