@@ -449,7 +449,7 @@ fn time(
             // Untimed first: after the round's ceilings the kernel's pool has been idle for
             // milliseconds, and a call after idle time is slow on a shared VM whatever the
             // kernel does (W5 took 4.17 ms after 2 ms idle, 8.06 after 20, 3.98 back to back;
-            // W4 5.6 ms against 11.4): the timed call runs back to back, as the peers' are.
+            // W4 5.56 and 11.37): the timed call runs back to back, as the peers' are.
             call(kernels[i].kernel.as_ref())?;
             times[i].push(call(kernels[i].kernel.as_ref())?);
         }
