@@ -376,8 +376,8 @@ fn build(
 }
 
 /// Times `kernels` on `workload`. The interpreter is slow: one timed run. The compiled
-/// kernels: a warm-up each, then rounds that run each in turn — so a slow spell of a shared
-/// machine falls on all of them alike — twice, timing the second call, until about a second
+/// kernels: rounds that run each in turn — so a slow spell of a shared machine falls on all of
+/// them alike — twice, timing the second call (the first is the warm-up), until about a second
 /// per kernel has passed (at least 3 rounds, at most `max_runs`). A decode workload's rounds
 /// also read its inputs once on `threads` threads ([`peak::read_once`]): each row's `read_ms`
 /// is that ceiling's median; a prefill workload's rounds run a few milliseconds of the widest
@@ -435,9 +435,6 @@ fn time(
         if timed.backend == Backend::Interp {
             times[i].push(call(timed.kernel.as_ref())?);
         }
-    }
-    for &i in &compiled {
-        call(kernels[i].kernel.as_ref())?;
     }
     let budget = Instant::now();
     let seconds = Duration::from_secs(compiled.len() as u64);
