@@ -204,7 +204,7 @@ unsafe fn row_blocks<S: OutOfLine>(
                 // row ranges (if any, then lo..hi = 0..k) have m entries each.
                 unsafe {
                     if !row_lo.is_null() {
-                        ranged::<S>(nn, i, mr, j, cols, k, accumulate, row_lo, row_hi);
+                        common_keys::<S>(nn, i, mr, j, cols, k, accumulate, row_lo, row_hi);
                     } else if mr == block_rows && cols == block_width {
                         // The common full block: its sizes are constants in each arm, so each
                         // dispatch folds.
@@ -240,6 +240,10 @@ unsafe fn row_blocks<S: OutOfLine>(
         if lo >= k {
             break;
         }
+    }
+    if !row_lo.is_null() {
+        // SAFETY: as above; with row ranges the pass above covered keys 0..k.
+        unsafe { ragged_keys::<S>(m, n, k, block_rows, nn, row_lo, row_hi) };
     }
 }
 
@@ -330,13 +334,15 @@ unsafe fn whole_blocks<S: OutOfLine, const MR: usize, const A_TRANS: bool>(
     }
 }
 
-/// Rows `i..i + mr` with per-row key ranges: the keys every row sees run as one block, the
-/// ragged ends row by row, so no row ever touches a key outside its range.
+/// Rows `i..i + mr` with per-row key ranges, first part: the keys every row of the block sees,
+/// as one block (C cleared first unless accumulating). [`ragged_keys`] adds each row's other
+/// keys once every block of C has run, so no row ever touches a key outside its range.
 ///
 /// # Safety
 /// As [`run_block`]; `row_lo` and `row_hi` hold an entry for every row of the block.
 #[inline(always)]
-unsafe fn ranged<S: OutOfLine>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn common_keys<S: OutOfLine>(
     nn: &NnArgs,
     i: usize,
     mr: usize,
@@ -349,24 +355,116 @@ unsafe fn ranged<S: OutOfLine>(
 ) {
     // SAFETY: the caller's contract covers rows i..i+mr of the tables, A, and C.
     unsafe {
-        let range = |r: usize| row_keys(row_lo, row_hi, r, k);
         if !accumulate {
             for r in i..i + mr {
                 std::ptr::write_bytes(nn.c.add(r * nn.ldc + j), 0, cols);
             }
         }
-        let common = (i..i + mr).map(range).fold((0, k), |(lo, hi), (l, h)| (lo.max(l), hi.min(h)));
-        if common.0 < common.1 {
-            S::run_block(nn, i, mr, j, cols, common.0, common.1, true);
+        let (lo, hi) = common_range(i, mr, k, row_lo, row_hi);
+        if lo < hi {
+            S::run_block(nn, i, mr, j, cols, lo, hi, true);
         }
-        for r in i..i + mr {
-            let (lo, hi) = range(r);
-            if common.0 < common.1 {
-                S::run_block(nn, r, 1, j, cols, lo, common.0, true);
-                S::run_block(nn, r, 1, j, cols, common.1, hi, true);
-            } else {
-                S::run_block(nn, r, 1, j, cols, lo, hi, true);
+    }
+}
+
+/// The keys every row of `i..i + mr` sees (empty when they share none).
+///
+/// # Safety
+/// `row_lo` and `row_hi` hold an entry for every row of the block.
+#[inline(always)]
+unsafe fn common_range(
+    i: usize,
+    mr: usize,
+    k: usize,
+    row_lo: *const i32,
+    row_hi: *const i32,
+) -> (usize, usize) {
+    // SAFETY: the caller's contract.
+    let range = |r: usize| unsafe { row_keys(row_lo, row_hi, r, k) };
+    (i..i + mr).map(range).fold((0, k), |(lo, hi), (l, h)| (lo.max(l), hi.min(h)))
+}
+
+/// Rows with per-row key ranges, second part: each row's keys outside its block's common
+/// range ([`common_keys`]) — at the low end, then the high end, or its whole range when the
+/// block shares none — across all `n` columns of C in one inlined loop. On causal edge tiles
+/// these are a few keys per row; run as 1-row blocks, two out-of-line calls per row and
+/// column block, they took about 1% more of W1's and W3's time (alternating runs). Each part
+/// sums from zero and is then added to C, as a 1-row block does: the results are the same to
+/// the bit.
+///
+/// # Safety
+/// As [`row_blocks`] with row ranges (one pass over keys `0..k`), `block_rows` the row
+/// blocks that pass used.
+#[inline(always)]
+unsafe fn ragged_keys<S: OutOfLine>(
+    m: usize,
+    n: usize,
+    k: usize,
+    block_rows: usize,
+    nn: &NnArgs,
+    row_lo: *const i32,
+    row_hi: *const i32,
+) {
+    let mut i = 0;
+    while i < m {
+        let mr = (m - i).min(block_rows);
+        // SAFETY: rows i..i + mr < m have table entries; the parts lie in 0..k.
+        unsafe {
+            let (c_lo, c_hi) = common_range(i, mr, k, row_lo, row_hi);
+            for r in i..i + mr {
+                let (lo, hi) = row_keys(row_lo, row_hi, r, k);
+                if c_lo < c_hi {
+                    row_keys_product::<S>(nn, r, n, lo, c_lo);
+                    row_keys_product::<S>(nn, r, n, c_hi, hi);
+                } else {
+                    row_keys_product::<S>(nn, r, n, lo, hi);
+                }
             }
+        }
+        i += mr;
+    }
+}
+
+/// `C[r][0..n] += Σ A[r][p]·B[p][..]` over keys `lo..hi`, a vector of columns at a time, the
+/// sums in chunks of [`SUM_CHUNK`] keys from zero as [`NnBlock::run`] forms them.
+///
+/// # Safety
+/// Row `r` of A and C, columns `0..n` of B and C and keys `lo..hi` are in bounds.
+#[inline(always)]
+unsafe fn row_keys_product<S: Simd>(nn: &NnArgs, r: usize, n: usize, lo: usize, hi: usize) {
+    // SAFETY (all pointer access): the caller's contract; the last vector is masked to the
+    // columns that exist.
+    unsafe {
+        let a_at = |p: usize| match nn.a_trans {
+            true => *nn.a.add(p * nn.a_stride + r),
+            false => *nn.a.add(r * nn.a_stride + p),
+        };
+        let c_row = nn.c.add(r * nn.ldc);
+        let mut start = lo;
+        while start < hi {
+            let end = hi.min(start + SUM_CHUNK);
+            let mut column = 0;
+            while column < n {
+                let lanes = (n - column).min(S::LANES);
+                let mask = S::mask(lanes);
+                let load = |p: *const f32| match lanes == S::LANES {
+                    true => S::load(p),
+                    false => S::load_masked(p, mask),
+                };
+                let b = nn.b.add(column / PANEL * nn.b_panel + column % PANEL);
+                let mut sum = S::zero();
+                for p in start..end {
+                    sum = S::mul_acc(S::splat(a_at(p)), load(b.add(p * nn.b_row)), sum);
+                }
+                let at = c_row.add(column);
+                let sum = S::add(load(at), sum);
+                match lanes == S::LANES {
+                    true => S::store(at, sum),
+                    false => S::store_masked(at, mask, sum),
+                }
+                column += S::LANES;
+            }
+            start = end;
         }
     }
 }
