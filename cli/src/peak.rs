@@ -105,6 +105,8 @@ pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
                     std::ptr::null(),
                     std::ptr::null(),
                     std::ptr::null(),
+                    std::ptr::null(),
+                    std::ptr::null(),
                 )
             };
         }

@@ -244,6 +244,12 @@ pub type DotNt = unsafe extern "C" fn(
 ///   a row never reads B outside its range, so a hidden key's value row cannot reach it, not
 ///   even as `0 · NaN`.
 ///
+/// `col_lo` and `col_hi`, when non-null, hold for each column `j < n` the rows of C it needs,
+/// `col_lo[j]..col_hi[j]` (clamped to `0..m`): `C[i][j]` for other `i` may be left as it was, a
+/// whole register block at a time, when no column of the block needs any of its rows — an edge
+/// tile's scores (`Sᵀ`, a row per key, a column per query row), whose hidden entries the online
+/// softmax masks anyway, skip the keys past the diagonal.
+///
 /// `accumulate != 0` adds to C, otherwise overwrites it. `prefetch`, when non-null, names cache
 /// rows to prefetch while computing (the rows the item reads next), spread over the blocks.
 pub type DotNn = unsafe extern "C" fn(
@@ -261,6 +267,8 @@ pub type DotNn = unsafe extern "C" fn(
     accumulate: usize,
     row_lo: *const i32,
     row_hi: *const i32,
+    col_lo: *const i32,
+    col_hi: *const i32,
     prefetch: *const PrefetchRows,
 );
 
@@ -360,14 +368,14 @@ abi_fns!(A B C D E F G);
 abi_fns!(A B C D E F G H);
 abi_fns!(A B C D E F G H I J);
 abi_fns!(A B C D E F G H I J K);
-abi_fns!(A B C D E F G H I J K L M N O);
+abi_fns!(A B C D E F G H I J K L M N O P Q);
 
 /// The pre-compiled routines generated code calls, in the order of [`Callee::ALL`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Callee {
     /// Tile `C (+)= A·Bᵀ` ([`DotNt`]).
     DotNt,
-    /// Tile `C (+)= A·B` with optional per-row key ranges ([`DotNn`]).
+    /// Tile `C (+)= A·B` with optional per-row key ranges and per-column row ranges ([`DotNn`]).
     DotNn,
     /// Natural log of one f32 (once per output row, for `lse`; [`LnFn`]).
     Ln,
@@ -517,7 +525,7 @@ mod tests {
     fn signatures_are_read_off_the_function_types() {
         let words = |n| vec![Param::Word; n];
         assert_eq!(Callee::DotNt.signature(), (&words(11)[..], None));
-        assert_eq!(Callee::DotNn.signature(), (&words(15)[..], None));
+        assert_eq!(Callee::DotNn.signature(), (&words(17)[..], None));
         assert_eq!(Callee::Exp2Columns.signature(), (&words(6)[..], None));
         assert_eq!(Callee::PackRows.signature(), (&words(7)[..], None));
         let mut pack_columns = words(8);

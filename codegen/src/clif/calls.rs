@@ -21,7 +21,10 @@ impl Translator<'_> {
             self.int(PANEL as i64),
             self.int(0),
         );
-        let args = [rows, rank, nope, a, lda, one, w, rank, panel, c, ldc, zero, zero, zero, zero];
+        let args = [
+            rows, rank, nope, a, lda, one, w, rank, panel, c, ldc, zero, zero, zero, zero, zero,
+            zero,
+        ];
         self.call(Callee::DotNn, &args);
     }
 
@@ -97,8 +100,10 @@ impl Translator<'_> {
             self.int(ldc as i64),
             self.int(0),
         );
-        let args =
-            [n, width, rank_v, a, rank_v, one, b, panel, b_panel, c, ldc, zero, zero, zero, zero];
+        let args = [
+            n, width, rank_v, a, rank_v, one, b, panel, b_panel, c, ldc, zero, zero, zero, zero,
+            zero, zero,
+        ];
         self.call(Callee::DotNn, &args);
     }
 

@@ -23,10 +23,12 @@ impl Translator<'_> {
             false => self.prefetch_next(&term.keys, tile),
         };
         let (n, rows_v4) = (tile.n, self.rows_v4);
+        // Edge tiles skip the blocks of keys no query row of the block sees.
+        let (lows, highs) = if tile.partial { self.range_tables() } else { (zero, zero) };
         let broadcast = |t: &mut Self| {
             let args = [
-                n, rows_v4, len, a, a_row, one, b, panel, panel_len, c, ldc, acc, zero, zero,
-                prefetch,
+                n, rows_v4, len, a, a_row, one, b, panel, panel_len, c, ldc, acc, zero, zero, lows,
+                highs, prefetch,
             ];
             t.call(Callee::DotNn, &args);
         };
@@ -179,8 +181,10 @@ impl Translator<'_> {
             false => zero,
         };
         let (rows, n) = (self.rows, tile.n);
-        let args =
-            [rows, width, n, p, one, lda, v, b_row, b_panel, o, ldc, one, lows, highs, prefetch];
+        let args = [
+            rows, width, n, p, one, lda, v, b_row, b_panel, o, ldc, one, lows, highs, zero, zero,
+            prefetch,
+        ];
         self.call(Callee::DotNn, &args);
     }
 }

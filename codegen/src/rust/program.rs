@@ -599,9 +599,11 @@ impl Emitter<'_> {
             true => quote!(::core::ptr::null()),
             false => self.prefetch_next(&term.keys, tile),
         };
+        // Edge tiles skip the blocks of keys no query row of the block sees.
+        let (lows, highs) = self.range_tables(tile);
         let broadcast = quote! {
             routines::dot_nn(n, rows_v4, #len, a, a_row, 1, #query.cast_const(), #panel, #panel_len,
-                c, #ld, #acc, ::core::ptr::null(), ::core::ptr::null(), prefetch);
+                c, #ld, #acc, ::core::ptr::null(), ::core::ptr::null(), #lows, #highs, prefetch);
         };
         let product = if let Some(dot) = term.dot {
             let dots = self.rows_at_most(dot.max_rows);
@@ -752,28 +754,31 @@ impl Emitter<'_> {
         let tile = tile.expect("tile ops only appear inside KeyTiles");
         let plan = self.plan;
         let value_side = self.value_side(values);
-        let (scores, ld, acc, ranges, width) = (
-            lit(plan.scratch.scores),
-            lit(plan.padded_rows),
-            lit(plan.acc_dim),
-            lit(plan.scratch.ranges),
-            lit(width),
-        );
+        let (scores, ld, acc, width) =
+            (lit(plan.scratch.scores), lit(plan.padded_rows), lit(plan.acc_dim), lit(width));
         let prefetch = self.prefetch_next(values, tile);
-        let (lows, highs) = if tile.partial {
-            (
-                quote!(scratch.add(#ranges).cast::<i32>().cast_const()),
-                quote!(scratch.add(#ranges + #ld).cast::<i32>().cast_const()),
-            )
-        } else {
-            (quote!(::core::ptr::null()), quote!(::core::ptr::null()))
-        };
+        let (lows, highs) = self.range_tables(tile);
         quote! {{
             let (v, b_row, b_panel) = #value_side;
             let prefetch: *const PrefetchRows = #prefetch;
             routines::dot_nn(rows, #width, n, scratch.add(#scores).cast_const(), 1, #ld, v, b_row,
-                b_panel, state, #acc, 1, #lows, #highs, prefetch);
+                b_panel, state, #acc, 1, #lows, #highs, ::core::ptr::null(), ::core::ptr::null(),
+                prefetch);
         }}
+    }
+
+    /// An edge tile's per-row visible keys ([`Self::write_row_ranges`]) as a `dot_nn` range
+    /// table pair — of C's rows for the value product, of its columns for the scores — and
+    /// null pointers on full tiles.
+    fn range_tables(&self, tile: Tile) -> (TokenStream, TokenStream) {
+        if !tile.partial {
+            return (quote!(::core::ptr::null()), quote!(::core::ptr::null()));
+        }
+        let (ranges, ld) = (lit(self.plan.scratch.ranges), lit(self.plan.padded_rows));
+        (
+            quote!(scratch.add(#ranges).cast::<i32>().cast_const()),
+            quote!(scratch.add(#ranges + #ld).cast::<i32>().cast_const()),
+        )
     }
 
     /// The visible keys `(lo, hi)` of query `i` under `mask`, within its sequence's keys and
@@ -938,7 +943,8 @@ impl Emitter<'_> {
         quote! {
             routines::dot_nn(args.batch * args.seq_q, #rank, #nope, args.q.add(head * #q_head), #lda, 1,
                 args.w_uk.add(head * #w_head), #rank, #panel, args.latent_q.add(head * #c_head), #ldc,
-                0, ::core::ptr::null(), ::core::ptr::null(), ::core::ptr::null());
+                0, ::core::ptr::null(), ::core::ptr::null(), ::core::ptr::null(),
+                ::core::ptr::null(), ::core::ptr::null());
         }
     }
 
@@ -990,7 +996,8 @@ impl Emitter<'_> {
         quote! {
             routines::dot_nn(n, #width, #rank, args.c_kv.add(latent_row * #rank), #rank, 1,
                 args.weights_t.add(head * #per_head + #at).cast_const(), #panel, #b_panel, #c, #ldc,
-                0, ::core::ptr::null(), ::core::ptr::null(), ::core::ptr::null());
+                0, ::core::ptr::null(), ::core::ptr::null(), ::core::ptr::null(),
+                ::core::ptr::null(), ::core::ptr::null());
         }
     }
 

@@ -57,7 +57,7 @@ fn key_chunk(k: usize, cols: usize) -> usize {
 /// # Safety
 /// `S`'s features are enabled; every `A[i][p]`, `B[p][j]` and `C[i][j]` that [`super::DotNn`]
 /// names for `i < m`, `j < n`, `p < k` is in bounds (C writable), the row tables are null or
-/// hold `m` entries each, and `prefetch` is null or valid.
+/// hold `m` entries each, the column tables null or `n` each, and `prefetch` null or valid.
 #[inline(always)]
 pub(super) unsafe fn dot_nn<S: OutOfLine>(
     m: usize,
@@ -74,10 +74,13 @@ pub(super) unsafe fn dot_nn<S: OutOfLine>(
     accumulate: usize,
     row_lo: *const i32,
     row_hi: *const i32,
+    col_lo: *const i32,
+    col_hi: *const i32,
     prefetch: *const PrefetchRows,
 ) {
     if a_col != 1 && a_row != 1 {
-        // SAFETY: forwarded caller contract; no generated kernel passes such strides.
+        // SAFETY: forwarded caller contract; no generated kernel passes such strides. It
+        // computes every entry, which the column tables allow.
         return unsafe {
             strided(m, n, k, a, a_row, a_col, b, b_row, b_panel, c, ldc, accumulate, row_lo, row_hi)
         };
@@ -93,6 +96,7 @@ pub(super) unsafe fn dot_nn<S: OutOfLine>(
         c,
         ldc,
     };
+    // One row block computes all of C: the column tables only allow skipping.
     let one_block = row_lo.is_null() && (1..=S::NN_MR).contains(&m);
     let wide = !one_block && n >= S::NN_WIDE_NR * S::LANES;
     let (block_rows, block_width) = block_shape::<S>(wide);
@@ -111,7 +115,8 @@ pub(super) unsafe fn dot_nn<S: OutOfLine>(
             true => one_row_block::<S>(m, n, k, &nn, accumulate, prefetcher),
             false => {
                 let keys = (k, key_chunk);
-                row_blocks::<S>(m, n, keys, wide, &nn, accumulate, row_lo, row_hi, prefetcher)
+                let tables = RangeTables { row_lo, row_hi, col_lo, col_hi };
+                row_blocks::<S>(m, n, keys, wide, &nn, accumulate, tables, prefetcher)
             }
         }
     }
@@ -163,8 +168,35 @@ impl NnArgs {
     }
 }
 
+/// [`dot_nn`]'s optional range tables: per row of C its keys, per column of C its rows (each
+/// pair null, or `m` and `n` entries).
+#[derive(Clone, Copy)]
+struct RangeTables {
+    row_lo: *const i32,
+    row_hi: *const i32,
+    col_lo: *const i32,
+    col_hi: *const i32,
+}
+
+impl RangeTables {
+    /// Whether no column of `j..j + cols` needs any of the rows `i..i + mr` (of `m`).
+    ///
+    /// # Safety
+    /// The column tables are null or hold entries for columns `j..j + cols`.
+    #[inline(always)]
+    unsafe fn unneeded(&self, i: usize, mr: usize, j: usize, cols: usize, m: usize) -> bool {
+        if self.col_lo.is_null() {
+            return false;
+        }
+        // SAFETY: the caller's contract; `row_keys` clamps each column's rows to 0..m.
+        let needed = |c: usize| unsafe { row_keys(self.col_lo, self.col_hi, c, m) };
+        (j..j + cols).map(needed).all(|(lo, hi)| lo >= hi || hi <= i || lo >= i + mr)
+    }
+}
+
 /// Every block of C, in blocks of the ISA's wide or narrow shape ([`block_shape`]), in passes
-/// of `key_chunk` keys (see [`key_chunk`]); `keys` is `(k, key_chunk)`.
+/// of `key_chunk` keys (see [`key_chunk`]); `keys` is `(k, key_chunk)`. Blocks no column needs
+/// are skipped in every pass.
 ///
 /// # Safety
 /// As [`dot_nn`] with unit-stride A; `key_chunk >= k` with row ranges; with `wide`, C is at
@@ -178,10 +210,10 @@ unsafe fn row_blocks<S: OutOfLine>(
     wide: bool,
     nn: &NnArgs,
     accumulate: bool,
-    row_lo: *const i32,
-    row_hi: *const i32,
+    tables: RangeTables,
     mut prefetcher: Option<Prefetcher>,
 ) {
+    let RangeTables { row_lo, row_hi, .. } = tables;
     let (block_rows, block_width) = block_shape::<S>(wide);
     // SAFETY: the caller's contract (S's features are enabled).
     let all = unsafe { S::mask(S::LANES) };
@@ -201,9 +233,12 @@ unsafe fn row_blocks<S: OutOfLine>(
                     p.step();
                 }
                 // SAFETY: rows i..i+mr < m, columns j..j+cols <= n, keys lo..hi <= k, and the
-                // row ranges (if any, then lo..hi = 0..k) have m entries each.
+                // row ranges (if any, then lo..hi = 0..k) have m entries each, the column
+                // ranges (if any) n.
                 unsafe {
-                    if !row_lo.is_null() {
+                    if tables.unneeded(i, mr, j, cols, m) {
+                        // Left as it was: no column needs these rows.
+                    } else if !row_lo.is_null() {
                         common_keys::<S>(nn, i, mr, j, cols, k, accumulate, row_lo, row_hi);
                     } else if mr == block_rows && cols == block_width {
                         // The common full block: its sizes are constants in each arm, so each

@@ -121,13 +121,15 @@ macro_rules! stamp_routines {
             accumulate: usize,
             row_lo: *const i32,
             row_hi: *const i32,
+            col_lo: *const i32,
+            col_hi: *const i32,
             prefetch: *const attngen_codegen::abi::PrefetchRows,
         ) {
             // SAFETY: the caller's contract, which is the kernel's.
             unsafe {
                 super::dot_nn::dot_nn::<$simd>(
                     m, n, k, a, a_row, a_col, b, b_row, b_panel, c, ldc, accumulate, row_lo,
-                    row_hi, prefetch,
+                    row_hi, col_lo, col_hi, prefetch,
                 )
             }
         }
