@@ -352,6 +352,51 @@ mod tests {
         if accumulate == 1 || j >= n { before[i * ldc + j] as f64 } else { 0.0 }
     }
 
+    /// `C = A·B` by `isa`'s `dot_nn`, A `m × k` row-major, B `k` rows of panel-packed columns
+    /// (at least `n`), C `m × n`, with optional column tables.
+    fn packed_product(
+        isa: Isa,
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        columns: Option<(&[i32], &[i32])>,
+    ) {
+        assert!(a.len() >= m * k && b.len() >= k * n.next_multiple_of(PANEL) && c.len() >= m * n);
+        let null = std::ptr::null();
+        let (col_lo, col_hi) = match columns {
+            Some((lo, hi)) => {
+                assert!(lo.len() >= n && hi.len() >= n);
+                (lo.as_ptr(), hi.as_ptr())
+            }
+            None => (null, null),
+        };
+        let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        // SAFETY: the lengths asserted above hold every element the strides name; the column
+        // tables, if any, hold n entries.
+        unsafe {
+            (isa.routines().dot_nn)(
+                m,
+                n,
+                k,
+                a,
+                k,
+                1,
+                b,
+                PANEL,
+                PANEL * k,
+                c,
+                n,
+                0,
+                null,
+                null,
+                col_lo,
+                col_hi,
+                std::ptr::null(),
+            )
+        };
+    }
+
     /// A product long enough to run in key passes (a wide C) rounds exactly like one pass (a
     /// C narrow enough to run whole): each element adds the same partial sums in the same
     /// order, so its columns match bit for bit.
@@ -361,33 +406,9 @@ mod tests {
         let a = data(m * k, 7);
         let b = data(k * wide.next_multiple_of(PANEL), 8);
         for isa in tested_isas() {
-            let dot_nn = isa.routines().dot_nn;
             let run = |n: usize| {
                 let mut c = vec![0.0f32; m * n];
-                // SAFETY: A is m × k row-major, B k rows of panel-packed columns (at least n),
-                // C m × n.
-                unsafe {
-                    let null = std::ptr::null();
-                    dot_nn(
-                        m,
-                        n,
-                        k,
-                        a.as_ptr(),
-                        k,
-                        1,
-                        b.as_ptr(),
-                        PANEL,
-                        PANEL * k,
-                        c.as_mut_ptr(),
-                        n,
-                        0,
-                        null,
-                        null,
-                        null,
-                        null,
-                        std::ptr::null(),
-                    );
-                }
+                packed_product(isa, (m, n, k), &a, &b, &mut c, None);
                 c
             };
             let (passes, whole) = (run(wide), run(narrow));
@@ -737,32 +758,8 @@ mod tests {
         let b = data(k * n.next_multiple_of(PANEL), 10);
         let (col_lo, col_hi) = (vec![0i32; n], vec![2i32; n]);
         for isa in tested_isas() {
-            let dot_nn = isa.routines().dot_nn;
             let mut c = vec![7.5f32; m * n];
-            // SAFETY: A is m × k row-major, B k rows of panel-packed columns, C m × n; the
-            // column tables hold n entries.
-            unsafe {
-                let null = std::ptr::null();
-                dot_nn(
-                    m,
-                    n,
-                    k,
-                    a.as_ptr(),
-                    k,
-                    1,
-                    b.as_ptr(),
-                    PANEL,
-                    PANEL * k,
-                    c.as_mut_ptr(),
-                    n,
-                    0,
-                    null,
-                    null,
-                    col_lo.as_ptr(),
-                    col_hi.as_ptr(),
-                    std::ptr::null(),
-                )
-            };
+            packed_product(isa, (m, n, k), &a, &b, &mut c, Some((&col_lo, &col_hi)));
             for j in 0..n {
                 for i in 0..2 {
                     let want: f64 = (0..k)
