@@ -117,7 +117,7 @@ pub enum Op {
     /// On edge tiles the product skips the register blocks of keys that no row of the block
     /// sees (the rows' visible keys as column ranges of `DotNn`): their entries of S are left as
     /// they were, and the online softmax masks them — with AVX2's 16-column blocks, about a
-    /// third of a causal diagonal tile of 64 queries (W6 1.02–1.03× faster).
+    /// third of a causal diagonal tile of 64 queries (W2 and W6 about 1–2% faster).
     Scores(ScoreTerm),
     /// Online softmax down the columns of Sᵀ (base 2): with a cap,
     /// `s = log2 e · cap · tanh(S / cap)`; on

@@ -179,18 +179,22 @@ struct RangeTables {
 }
 
 impl RangeTables {
-    /// Whether no column of `j..j + cols` needs any of the rows `i..i + mr` (of `m`).
+    /// The rows of C (of `m`) that some column of `j..j + cols` needs lie in the returned
+    /// range (all of `0..m` without column tables; empty when none needs any).
     ///
     /// # Safety
     /// The column tables are null or hold entries for columns `j..j + cols`.
     #[inline(always)]
-    unsafe fn unneeded(&self, i: usize, mr: usize, j: usize, cols: usize, m: usize) -> bool {
+    unsafe fn rows_needed(&self, j: usize, cols: usize, m: usize) -> (usize, usize) {
         if self.col_lo.is_null() {
-            return false;
+            return (0, m);
         }
         // SAFETY: the caller's contract; `row_keys` clamps each column's rows to 0..m.
         let needed = |c: usize| unsafe { row_keys(self.col_lo, self.col_hi, c, m) };
-        (j..j + cols).map(needed).all(|(lo, hi)| lo >= hi || hi <= i || lo >= i + mr)
+        (j..j + cols)
+            .map(needed)
+            .filter(|(lo, hi)| lo < hi)
+            .fold((m, 0), |(lo, hi), (l, h)| (lo.min(l), hi.max(h)))
     }
 }
 
@@ -226,6 +230,8 @@ unsafe fn row_blocks<S: OutOfLine>(
         let mut j = 0;
         while j < n {
             let cols = (n - j).min(block_width);
+            // SAFETY: columns j..j + cols <= n, whose entries the column tables (if any) hold.
+            let (need_lo, need_hi) = unsafe { tables.rows_needed(j, cols, m) };
             let mut i = 0;
             while i < m {
                 let mr = (m - i).min(block_rows);
@@ -233,11 +239,10 @@ unsafe fn row_blocks<S: OutOfLine>(
                     p.step();
                 }
                 // SAFETY: rows i..i+mr < m, columns j..j+cols <= n, keys lo..hi <= k, and the
-                // row ranges (if any, then lo..hi = 0..k) have m entries each, the column
-                // ranges (if any) n.
+                // row ranges (if any, then lo..hi = 0..k) have m entries each.
                 unsafe {
-                    if tables.unneeded(i, mr, j, cols, m) {
-                        // Left as it was: no column needs these rows.
+                    if i + mr <= need_lo || i >= need_hi {
+                        // Left as it was: no column of the block needs these rows.
                     } else if !row_lo.is_null() {
                         common_keys::<S>(nn, i, mr, j, cols, k, accumulate, row_lo, row_hi);
                     } else if mr == block_rows && cols == block_width {
