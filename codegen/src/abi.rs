@@ -248,7 +248,8 @@ pub type DotNt = unsafe extern "C" fn(
 /// `col_lo[j]..col_hi[j]` (clamped to `0..m`): `C[i][j]` for other `i` may be left as it was, a
 /// whole register block at a time, when no column of the block needs any of its rows — an edge
 /// tile's scores (`Sᵀ`, a row per key, a column per query row), whose hidden entries the online
-/// softmax masks anyway, skip the keys past the diagonal.
+/// softmax masks anyway, skip the keys past the diagonal. A call passes the row tables or the
+/// column tables, not both.
 ///
 /// `accumulate != 0` adds to C, otherwise overwrites it. `prefetch`, when non-null, names cache
 /// rows to prefetch while computing (the rows the item reads next), spread over the blocks.

@@ -57,7 +57,9 @@ fn key_chunk(k: usize, cols: usize) -> usize {
 /// # Safety
 /// `S`'s features are enabled; every `A[i][p]`, `B[p][j]` and `C[i][j]` that [`super::DotNn`]
 /// names for `i < m`, `j < n`, `p < k` is in bounds (C writable), the row tables are null or
-/// hold `m` entries each, the column tables null or `n` each, and `prefetch` null or valid.
+/// hold `m` entries each, the column tables null or `n` each (not both pairs: an unneeded row
+/// skipped by the columns would still get its ragged keys added), and `prefetch` null or
+/// valid.
 #[inline(always)]
 pub(super) unsafe fn dot_nn<S: OutOfLine>(
     m: usize,
@@ -78,6 +80,7 @@ pub(super) unsafe fn dot_nn<S: OutOfLine>(
     col_hi: *const i32,
     prefetch: *const PrefetchRows,
 ) {
+    debug_assert!(row_lo.is_null() || col_lo.is_null(), "row and column tables together");
     if a_col != 1 && a_row != 1 {
         // SAFETY: forwarded caller contract; no generated kernel passes such strides. It
         // computes every entry, which the column tables allow.
@@ -436,7 +439,7 @@ unsafe fn common_range(
 /// As [`row_blocks`] with row ranges (one pass over keys `0..k`), `block_rows` the row
 /// blocks that pass used.
 #[inline(always)]
-unsafe fn ragged_keys<S: OutOfLine>(
+unsafe fn ragged_keys<S: Simd>(
     m: usize,
     n: usize,
     k: usize,
