@@ -40,6 +40,12 @@ pub struct BenchArgs {
     /// Use this read bandwidth (GB/s) instead of measuring it.
     #[arg(long)]
     pub peak_gbs: Option<f64>,
+    /// Place every input tensor this many floats past a 64-byte line (0 to 15). By default
+    /// each starts on a line, as PyTorch's and ONNX Runtime's allocators place tensors; 4 is
+    /// where a large `Vec<f32>` from glibc's `malloc` starts (16 bytes past a line), which
+    /// costs decode, reading its cache in place, a few percent.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..16))]
+    pub input_offset: u8,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -101,7 +107,7 @@ fn forms_grid(args: &BenchArgs, threads: usize) -> Result<(), Failure> {
             let choice =
                 jit.compile(&spec.clone().mla_form(MlaForm::Auto)).map_err(Failure::input)?;
             let choice = choice.form_for(shape);
-            let times = time(&workload, timed, args.runs, threads)?;
+            let times = time(&workload, timed, args.runs, threads, args.input_offset.into())?;
             let (absorbed, expanded) = (&times[0], &times[1]);
             let best = if absorbed.median_ms <= expanded.median_ms { absorbed } else { expanded };
             let chosen = match choice {
@@ -165,6 +171,8 @@ struct Machine {
     peak_gbs: f64,
     /// Bytes the bandwidth probe read (at least twice the last-level cache).
     probe_bytes: usize,
+    /// Floats past a 64-byte line every input tensor starts (`--input-offset`).
+    input_offset: usize,
     /// The last-level cache, as the system reports it.
     llc_bytes: Option<usize>,
     /// The ISA of the JIT rows (the first, when several were timed).
@@ -260,7 +268,7 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
                 _ => timed.push(build(workload, backend, &jits[0], threads)?),
             }
         }
-        rows.extend(time(workload, timed, args.runs, threads)?);
+        rows.extend(time(workload, timed, args.runs, threads, args.input_offset.into())?);
     }
     let machine = Machine {
         threads,
@@ -268,6 +276,7 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
         peaks,
         peak_gbs,
         probe_bytes: peak::read_buffer_bytes(),
+        input_offset: args.input_offset.into(),
         llc_bytes: attngen::last_level_cache_bytes(),
         isa: isas[0].name(),
     };
@@ -376,7 +385,8 @@ fn build(
 }
 
 /// Times `kernels` on `workload`. The interpreter is slow: one timed run. The compiled
-/// kernels: rounds that run each in turn — so a slow spell of a shared machine falls on all of
+/// kernels, on copies of the inputs placed `input_offset` floats past a 64-byte line
+/// ([`Placed`]): rounds that run each in turn — so a slow spell of a shared machine falls on all of
 /// them alike — twice, timing the second call (the first is the warm-up), until about a second
 /// per kernel has passed (at least 3 rounds, at most `max_runs`). A decode workload's rounds
 /// also read its inputs once on `threads` threads ([`peak::read_once`]): each row's `read_ms`
@@ -389,10 +399,15 @@ fn time(
     kernels: Vec<Timed>,
     max_runs: usize,
     threads: usize,
+    input_offset: usize,
 ) -> Result<Vec<Row>, Failure> {
     let spec = &workload.spec;
     let shape = workload.shape;
-    let inputs = attngen::harness::inputs(spec, shape, 1, 1.0).map_err(Failure::input)?;
+    let inputs: Vec<(Tensor, Placed)> = attngen::harness::inputs(spec, shape, 1, 1.0)
+        .map_err(Failure::input)?
+        .into_iter()
+        .map(|(tensor, data)| (tensor, Placed::new(&data, input_offset)))
+        .collect();
     let named = attngen::harness::view(spec, &inputs);
     let len = |t: Tensor| t.len(spec, shape).map_err(Failure::input);
     let mut out = vec![0.0f32; len(Tensor::Out)?];
@@ -406,7 +421,7 @@ fn time(
     // cache, the queries and MLA's up-projection weights) read once, split over the kernels'
     // threads, in the same rounds as the kernels.
     let to_read: Vec<&[f32]> = match workload.is_decode() {
-        true => inputs.iter().map(|(_, d)| d.as_slice()).collect(),
+        true => inputs.iter().map(|(_, d)| d.as_ref()).collect(),
         false => Vec::new(),
     };
     let read = |times: &mut Vec<Duration>| {
@@ -496,13 +511,39 @@ fn time(
     Ok(rows.collect())
 }
 
+/// A copy of an input tensor starting `offset` floats past a 64-byte line, so that where the
+/// bench's inputs lie is a choice (`--input-offset`), not the allocator's.
+struct Placed {
+    lines: peak::Lines,
+    offset: usize,
+    len: usize,
+}
+
+impl Placed {
+    fn new(data: &[f32], offset: usize) -> Placed {
+        let mut lines = peak::Lines::filled(offset + data.len(), 0.0);
+        lines.as_mut_slice()[offset..offset + data.len()].copy_from_slice(data);
+        Placed { lines, offset, len: data.len() }
+    }
+}
+
+impl AsRef<[f32]> for Placed {
+    fn as_ref(&self) -> &[f32] {
+        &self.lines.as_slice()[self.offset..self.offset + self.len]
+    }
+}
+
 fn render(report: &Report) -> String {
     let m = &report.machine;
     let peaks: Vec<String> = m.peaks.iter().map(|p| format!("{} {:.1}", p.isa, p.gflops)).collect();
     let llc =
         m.llc_bytes.map_or_else(String::new, |b| format!(", last-level cache {} MiB", b >> 20));
+    let placed = match m.input_offset {
+        0 => "on 64-byte lines".to_owned(),
+        floats => format!("{floats} floats past a 64-byte line"),
+    };
     let mut text = format!(
-        "machine: {} threads, f32 FMA peak GFLOP/s {}, streaming read {:.1} GB/s (of {} MiB{llc}), micro-kernels {}\n\n",
+        "machine: {} threads, f32 FMA peak GFLOP/s {}, streaming read {:.1} GB/s (of {} MiB{llc}), micro-kernels {}; inputs {placed}\n\n",
         m.threads,
         peaks.join(", "),
         m.peak_gbs,
@@ -601,4 +642,20 @@ fn render(report: &Report) -> String {
     text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once, of the start-up probe's bandwidth. Of same rounds: the machine's ceiling while the kernels ran, timed in the same rounds on the same threads — decode, the time to read the same inputs once (cache, queries, MLA's weights) over the kernel's; prefill, the kernel's GFLOP/s run over the widest ISA's FMA loop's and over its tile product's with every operand in L1 (the ceiling of code that loads its operands).\n");
     text.push_str("GFLOP/s run: the FLOPs of the form the kernel computes for the call (absorbed MLA: q' = q·W_UK, attention over the latent, out = o'·W_UV; expanded MLA: K_h and V_h up-projected per head, then attention over them), against the peak of the row's ISA; the form is in --json.\n");
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Placed;
+
+    #[test]
+    fn placed_copies_start_where_asked() {
+        let data: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        for offset in [0, 4, 15] {
+            let placed = Placed::new(&data, offset);
+            let floats = placed.as_ref();
+            assert_eq!(floats, &data[..]);
+            assert_eq!(floats.as_ptr() as usize % 64, 4 * offset);
+        }
+    }
 }

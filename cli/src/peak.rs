@@ -134,11 +134,25 @@ const PRODUCT_SHAPE: (usize, usize, usize) = (48, 64, 64);
 struct Line([f32; 16]);
 
 /// Floats on whole 64-byte lines, as every buffer the kernels own.
-struct Lines(Vec<Line>);
+pub(crate) struct Lines(Vec<Line>);
 
 impl Lines {
-    fn filled(len: usize, value: f32) -> Lines {
+    /// At least `len` floats, all `value`.
+    pub(crate) fn filled(len: usize, value: f32) -> Lines {
         Lines(vec![Line([value; 16]); len.div_ceil(16)])
+    }
+
+    /// Every float of the lines.
+    pub(crate) fn as_slice(&self) -> &[f32] {
+        // SAFETY: a Line is 16 f32s with no padding (repr(C), 64 bytes), so the vector's
+        // lines are `16 · len` initialised f32s in a row, borrowed for as long as `self` is.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), 16 * self.0.len()) }
+    }
+
+    /// Every float of the lines, writable.
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as in `as_slice`, borrowed mutably for as long as `self` is.
+        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), 16 * self.0.len()) }
     }
 
     fn as_ptr(&self) -> *const f32 {
@@ -232,11 +246,16 @@ fn fma_loop_avx512(iterations: u64) -> f32 {
 
 /// GB/s of summing an f32 buffer of [`read_buffer_bytes`] split over `threads` threads; the
 /// best of [`READ_PASSES`] passes.
+///
+/// The buffer starts on a 64-byte line, as PyTorch's and ONNX Runtime's allocators place
+/// tensors: a large `Vec<f32>` from glibc's `malloc` starts 16 bytes past one, and then every
+/// second 32-byte load spans two lines.
 pub fn read_gbs(threads: usize) -> f64 {
-    let data = vec![1.0f32; read_buffer_bytes() / 4];
+    let lines = Lines::filled(read_buffer_bytes() / 4, 1.0);
+    let data = lines.as_slice();
     let mut best = f64::INFINITY;
     for _ in 0..READ_PASSES {
-        let (total, time) = read_once(&[&data], threads);
+        let (total, time) = read_once(&[data], threads);
         std::hint::black_box(total);
         best = best.min(time.as_secs_f64());
     }

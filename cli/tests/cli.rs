@@ -374,6 +374,7 @@ fn bench_reports_json_for_a_spec_and_shape() {
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["machine"]["threads"], 2);
     assert_eq!(report["machine"]["peak_gflops"], 100.0);
+    assert_eq!(report["machine"]["input_offset"], 0, "inputs start on a 64-byte line");
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
     let flops = 2 * 32 * (8 * 33 + 28) * 256; // causal pairs for Sq = 8 over Sk = 40
@@ -409,10 +410,11 @@ fn bench_reports_json_for_a_spec_and_shape() {
 fn bench_times_each_isa_and_counts_absorbed_mla() {
     let widest = Isa::detect().name();
     let isas = format!("{widest},portable");
-    let output =
-        bench_both_backends("deepseek-v2-lite.toml", "1,1,64", &["--isa", &isas, "--json"]);
+    let flags = ["--isa", &isas, "--json", "--input-offset", "4"];
+    let output = bench_both_backends("deepseek-v2-lite.toml", "1,1,64", &flags);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["machine"]["input_offset"], 4);
     let results = report["results"].as_array().unwrap();
     let backends: Vec<(&str, &str)> = results
         .iter()
@@ -434,6 +436,11 @@ fn bench_times_each_isa_and_counts_absorbed_mla() {
     assert_eq!(output.status.code(), Some(2));
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(text.contains("ISA `avx3`: not an ISA name"), "{text}");
+    // An offset of a whole line or more is not a placement within one.
+    let output = attngen(&["bench", "--workload", "W4", "--input-offset", "16"]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("--input-offset") && text.contains("0..16"), "{text}");
 }
 
 /// `ATTNGEN_ISA` forces the JIT's ISA; a name that is not one, or an ISA the CPU lacks, is an

@@ -267,10 +267,11 @@ pub fn inputs(
         .collect()
 }
 
-/// Borrowed [`Inputs`] over tensors from [`inputs`].
-pub fn view<'a>(spec: &AttentionSpec, tensors: &'a [(Tensor, Vec<f32>)]) -> Inputs<'a> {
+/// Borrowed [`Inputs`] over named tensors, such as those from [`inputs`] (or copies of them
+/// placed elsewhere: any owner of a float slice).
+pub fn view<'a, T: AsRef<[f32]>>(spec: &AttentionSpec, tensors: &'a [(Tensor, T)]) -> Inputs<'a> {
     let get =
-        |t: Tensor| tensors.iter().find(|(n, _)| *n == t).map_or(&[][..], |(_, d)| d.as_slice());
+        |t: Tensor| tensors.iter().find(|(n, _)| *n == t).map_or(&[][..], |(_, d)| d.as_ref());
     match spec.kv {
         KvLayout::Grouped { .. } => Inputs::grouped(get(Tensor::Q), get(Tensor::K), get(Tensor::V)),
         KvLayout::Latent(_) => Inputs::latent(
