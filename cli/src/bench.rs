@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use attngen::{Form, Isa, Jit, JitOptions, Kernel, MlaForm, Reference, Shape, Tensor, Workload};
+use attngen::{
+    AlignedBuffer, Form, Isa, Jit, JitOptions, Kernel, MlaForm, Reference, Shape, Tensor, Workload,
+};
 use serde::Serialize;
 
 use crate::{Backend, Failure, emit, load_spec, peak, roofline, table};
@@ -514,22 +516,21 @@ fn time(
 /// A copy of an input tensor starting `offset` floats past a 64-byte line, so that where the
 /// bench's inputs lie is a choice (`--input-offset`), not the allocator's.
 struct Placed {
-    lines: peak::Lines,
+    lines: AlignedBuffer,
     offset: usize,
-    len: usize,
 }
 
 impl Placed {
     fn new(data: &[f32], offset: usize) -> Placed {
-        let mut lines = peak::Lines::filled(offset + data.len(), 0.0);
-        lines.as_mut_slice()[offset..offset + data.len()].copy_from_slice(data);
-        Placed { lines, offset, len: data.len() }
+        let mut lines = AlignedBuffer::zeroed(offset + data.len());
+        lines[offset..].copy_from_slice(data);
+        Placed { lines, offset }
     }
 }
 
 impl AsRef<[f32]> for Placed {
     fn as_ref(&self) -> &[f32] {
-        &self.lines.as_slice()[self.offset..self.offset + self.len]
+        &self.lines[self.offset..]
     }
 }
 

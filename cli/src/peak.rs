@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use attngen::Isa;
+use attngen::{AlignedBuffer, Isa};
 use attngen_codegen::abi::PANEL;
 
 /// GFLOP/s of independent f32 fused multiply-adds (2 FLOPs each) on `threads` threads, with
@@ -78,9 +78,14 @@ pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
     let (m, n, k) = PRODUCT_SHAPE;
     let dot_nn = isa.routines().dot_nn;
     // The operands exist before the clock starts: A and B shared, a C per thread.
-    let (a, b) = (Lines::filled(m * k, 0.5), Lines::filled(k * n, 0.25));
-    let cs: Vec<Mutex<Lines>> =
-        (0..threads.max(1)).map(|_| Mutex::new(Lines::filled(m * n, 0.0))).collect();
+    let filled = |len: usize, value: f32| {
+        let mut buffer = AlignedBuffer::zeroed(len);
+        buffer.fill(value);
+        buffer
+    };
+    let (a, b) = (filled(m * k, 0.5), filled(k * n, 0.25));
+    let cs: Vec<Mutex<AlignedBuffer>> =
+        (0..threads.max(1)).map(|_| Mutex::new(AlignedBuffer::zeroed(m * n))).collect();
     let rate = gflops(on_threads(threads, |part| {
         let mut c = cs[part].lock().expect("each C has one user");
         for _ in 0..reps {
@@ -116,7 +121,7 @@ pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
     let want = k as f32 * 0.125;
     for c in cs {
         let c = c.into_inner().expect("each C has one user");
-        assert!(c.0.iter().flat_map(|line| line.0).all(|x| x == want), "{isa} tile product");
+        assert!(c.iter().all(|&x| x == want), "{isa} tile product");
     }
     rate
 }
@@ -127,42 +132,6 @@ pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
 /// Zen 3 core, the best rounds of this shape ran at 96–97 GFLOP/s, of 24 × 64 × 64 (which fits)
 /// at 93–95.
 const PRODUCT_SHAPE: (usize, usize, usize) = (48, 64, 64);
-
-/// One 64-byte line of floats.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
-
-/// Floats on whole 64-byte lines, as every buffer the kernels own.
-pub(crate) struct Lines(Vec<Line>);
-
-impl Lines {
-    /// At least `len` floats, all `value`.
-    pub(crate) fn filled(len: usize, value: f32) -> Lines {
-        Lines(vec![Line([value; 16]); len.div_ceil(16)])
-    }
-
-    /// Every float of the lines.
-    pub(crate) fn as_slice(&self) -> &[f32] {
-        // SAFETY: a Line is 16 f32s with no padding (repr(C), 64 bytes), so the vector's
-        // lines are `16 · len` initialised f32s in a row, borrowed for as long as `self` is.
-        unsafe { std::slice::from_raw_parts(self.as_ptr(), 16 * self.0.len()) }
-    }
-
-    /// Every float of the lines, writable.
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [f32] {
-        // SAFETY: as in `as_slice`, borrowed mutably for as long as `self` is.
-        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), 16 * self.0.len()) }
-    }
-
-    fn as_ptr(&self) -> *const f32 {
-        self.0.as_ptr().cast()
-    }
-
-    fn as_mut_ptr(&mut self) -> *mut f32 {
-        self.0.as_mut_ptr().cast()
-    }
-}
 
 /// Iterations of one [`fma_gflops`] round.
 pub const FMA_ROUND_ITERATIONS: u64 = 5_000_000;
@@ -251,11 +220,11 @@ fn fma_loop_avx512(iterations: u64) -> f32 {
 /// tensors: a large `Vec<f32>` from glibc's `malloc` starts 16 bytes past one, and then every
 /// second 32-byte load spans two lines.
 pub fn read_gbs(threads: usize) -> f64 {
-    let lines = Lines::filled(read_buffer_bytes() / 4, 1.0);
-    let data = lines.as_slice();
+    let mut data = AlignedBuffer::zeroed(read_buffer_bytes() / 4);
+    data.fill(1.0);
     let mut best = f64::INFINITY;
     for _ in 0..READ_PASSES {
-        let (total, time) = read_once(&[data], threads);
+        let (total, time) = read_once(&[&data], threads);
         std::hint::black_box(total);
         best = best.min(time.as_secs_f64());
     }

@@ -641,9 +641,7 @@ fn aligned(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buffer.len() < needed {
         buffer.resize(needed, 0.0);
     }
-    // The data pointer of a Vec<f32> is 4-byte aligned, so this is a whole number of floats.
-    let line = ALIGN_FLOATS * size_of::<f32>();
-    let skip = (buffer.as_ptr() as usize).wrapping_neg() % line / size_of::<f32>();
+    let skip = crate::aligned::floats_to_line(buffer);
     &mut buffer[skip..skip + len]
 }
 

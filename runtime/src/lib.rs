@@ -26,6 +26,7 @@ struct ReadmeDoctest;
 #[doc(hidden)]
 #[path = "private.rs"]
 pub mod __private;
+mod aligned;
 mod error;
 mod exec;
 #[cfg(feature = "harness")]
@@ -39,6 +40,7 @@ mod shape;
 mod simd;
 mod workload;
 
+pub use aligned::AlignedBuffer;
 pub use attngen_codegen::{
     AttentionSpec, Dtype, Form, GroupMap, KvLayout, LatentKv, Mask, MlaForm, SpecError,
     SpecFileError, Variant, cost, validate,
