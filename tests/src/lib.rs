@@ -93,12 +93,64 @@ pub fn compare_with_reference(
     inputs: &strategies::OwnedInputs,
     m: f32,
 ) -> Result<(), String> {
+    let reference = attngen::Reference::new(kernel.spec()).unwrap();
+    let want = run_kernel(&reference, shape, &inputs.inputs());
+    let got = run_kernel(kernel, shape, &inputs.inputs());
+    within_reference(kernel.spec(), got, want, m)
+}
+
+/// `kernel` against the reference with its inputs copied to start at every float offset of a
+/// 64-byte line: kernels read the tensors you pass where they lie, so none may depend on where
+/// that is. Describes the first mismatch and its offset.
+pub fn compare_at_every_line_offset(
+    kernel: &dyn attngen::Kernel,
+    shape: attngen::Shape,
+    inputs: &strategies::OwnedInputs,
+    m: f32,
+) -> Result<(), String> {
+    use attngen::{AlignedBuffer, Tensor};
     let spec = kernel.spec();
+    let reference = attngen::Reference::new(spec).unwrap();
+    let want = run_kernel(&reference, shape, &inputs.inputs());
+    for offset in 0..16 {
+        let placed: Vec<(Tensor, AlignedBuffer)> = inputs
+            .tensors
+            .iter()
+            .map(|(tensor, data)| {
+                let mut buffer = AlignedBuffer::zeroed(offset + data.len());
+                buffer[offset..].copy_from_slice(data);
+                (*tensor, buffer)
+            })
+            .collect();
+        let views: Vec<(Tensor, &[f32])> =
+            placed.iter().map(|(tensor, buffer)| (*tensor, &buffer[offset..])).collect();
+        let view = attngen::harness::view(spec, &views);
+        let view = match &inputs.kv_lens {
+            Some(lens) => view.with_kv_lens(lens),
+            None => view,
+        };
+        assert_eq!(
+            view.q().as_ptr() as usize % 64,
+            4 * offset,
+            "placed {offset} floats past a line"
+        );
+        let got = run_kernel(kernel, shape, &view);
+        within_reference(spec, got, want.clone(), m)
+            .map_err(|e| format!("inputs {offset} floats past a line: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A kernel's `out` and `lse` (`got`) against the reference's (`want`) for `spec` on inputs of
+/// magnitude `m`, within semantics.md §4 plus [`f32_score_slack`]; describes the first mismatch.
+pub fn within_reference(
+    spec: &attngen::AttentionSpec,
+    (out, lse): (Vec<f32>, Vec<f32>),
+    (want_out, want_lse): (Vec<f32>, Vec<f32>),
+    m: f32,
+) -> Result<(), String> {
     let (out_slack, lse_slack) =
         f32_score_slack(spec.head_dim(), spec.effective_scale(), f64::from(m));
-    let reference = attngen::Reference::new(spec).unwrap();
-    let (want_out, want_lse) = run_kernel(&reference, shape, &inputs.inputs());
-    let (out, lse) = run_kernel(kernel, shape, &inputs.inputs());
     let widen = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
     if let Some((i, got, want)) = first_mismatch_within(&out, &widen(&want_out), out_slack) {
         return Err(format!("out[{i}]: kernel {got}, reference {want}"));

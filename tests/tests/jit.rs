@@ -7,7 +7,9 @@ use attngen::{
     Shape, Tensor,
 };
 use attngen_tests::strategies::{self, Limits, OwnedInputs};
-use attngen_tests::{assert_errors_leave_outputs_untouched, compare_with_reference};
+use attngen_tests::{
+    assert_errors_leave_outputs_untouched, compare_at_every_line_offset, compare_with_reference,
+};
 use proptest::prelude::*;
 
 /// JIT vs reference on one case with inputs of magnitude `m`; describes the first mismatch.
@@ -131,6 +133,29 @@ fn split_decode_merges_like_the_reference() {
             let inputs = OwnedInputs::random(spec, shape, 40 + n as u64, 1.0);
             for jit in &jits {
                 if let Err(e) = compare(jit, spec, shape, &inputs, 1.0) {
+                    panic!("{} {spec:?} at {shape:?}: {e}", jit.isa());
+                }
+            }
+        }
+    }
+}
+
+/// Kernels read the tensors you pass where they lie: inputs starting at every float offset of
+/// a 64-byte line match the reference on every ISA — decode's cache rows read in place (narrow
+/// key tiles over wide rows, MLA's latent rows) and prefill's packed copies.
+#[test]
+fn inputs_at_any_offset_from_a_cache_line_match_the_reference() {
+    let jits = jits();
+    let specs = [
+        AttentionSpec::gqa(8, 4, 96).mask(Mask::Causal),
+        AttentionSpec::mla(4, 16, 8, 8, 6).mask(Mask::Causal),
+    ];
+    for (n, spec) in specs.iter().enumerate() {
+        for shape in [Shape::new(2, 1, 300), Shape::new(1, 70, 130)] {
+            let inputs = OwnedInputs::random(spec, shape, 60 + n as u64, 1.0);
+            for jit in &jits {
+                let kernel = jit.compile(spec).unwrap();
+                if let Err(e) = compare_at_every_line_offset(&kernel, shape, &inputs, 1.0) {
                     panic!("{} {spec:?} at {shape:?}: {e}", jit.isa());
                 }
             }

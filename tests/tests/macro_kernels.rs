@@ -2,8 +2,8 @@
 //! spec, on every ISA this CPU has, over random shapes and inputs (semantics.md §4 tolerance).
 
 use attngen::{Form, Isa, Kernel, KvLayout, MacroKernel, Shape};
-use attngen_tests::compare_with_reference;
 use attngen_tests::strategies::{self, OwnedInputs};
+use attngen_tests::{compare_at_every_line_offset, compare_with_reference};
 use proptest::prelude::*;
 
 #[attngen::kernel(q_heads = 8, kv_heads = 2, head_dim = 16, mask = "causal")]
@@ -143,6 +143,23 @@ fn every_kernel_on_edge_shapes() {
         for kernel in kernels(isa) {
             for ((b, q, k), ragged) in shapes.into_iter().flat_map(|s| [(s, false), (s, true)]) {
                 compare(&kernel, Shape::new(b, q, k), 3, 1.0, ragged).unwrap();
+            }
+        }
+    }
+}
+
+/// Kernels read the tensors you pass where they lie: inputs starting at every float offset of
+/// a 64-byte line match the reference, decode (cache rows read in place) and prefill alike.
+#[test]
+fn inputs_at_any_offset_from_a_cache_line_match_the_reference() {
+    for isa in isas() {
+        for kernel in [GqaCausal::with_isa(isa), MlaRope::with_isa(isa), MlaExpanded::with_isa(isa)]
+        {
+            for shape in [Shape::new(2, 1, 300), Shape::new(1, 70, 130)] {
+                let inputs = OwnedInputs::random(kernel.spec(), shape, 61, 1.0);
+                if let Err(e) = compare_at_every_line_offset(&kernel, shape, &inputs, 1.0) {
+                    panic!("{} on {isa} at {shape:?}: {e}", kernel.spec().summary());
+                }
             }
         }
     }
