@@ -4,9 +4,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use attngen::{
-    AlignedBuffer, Form, Isa, Jit, JitOptions, Kernel, MlaForm, Reference, Shape, Tensor, Workload,
-};
+use attngen::harness::Placed;
+use attngen::{Form, Isa, Jit, JitOptions, Kernel, MlaForm, Reference, Shape, Tensor, Workload};
 use serde::Serialize;
 
 use crate::{Backend, Failure, emit, load_spec, peak, roofline, table};
@@ -387,8 +386,7 @@ fn build(
 }
 
 /// Times `kernels` on `workload`. The interpreter is slow: one timed run. The compiled
-/// kernels, on copies of the inputs placed `input_offset` floats past a 64-byte line
-/// ([`Placed`]): rounds that run each in turn — so a slow spell of a shared machine falls on all of
+/// kernels, on copies of the inputs placed `input_offset` floats past a 64-byte line: rounds that run each in turn — so a slow spell of a shared machine falls on all of
 /// them alike — twice, timing the second call (the first is the warm-up), until about a second
 /// per kernel has passed (at least 3 rounds, at most `max_runs`). A decode workload's rounds
 /// also read its inputs once on `threads` threads ([`peak::read_once`]): each row's `read_ms`
@@ -513,27 +511,6 @@ fn time(
     Ok(rows.collect())
 }
 
-/// A copy of an input tensor starting `offset` floats past a 64-byte line, so that where the
-/// bench's inputs lie is a choice (`--input-offset`), not the allocator's.
-struct Placed {
-    lines: AlignedBuffer,
-    offset: usize,
-}
-
-impl Placed {
-    fn new(data: &[f32], offset: usize) -> Placed {
-        let mut lines = AlignedBuffer::zeroed(offset + data.len());
-        lines[offset..].copy_from_slice(data);
-        Placed { lines, offset }
-    }
-}
-
-impl AsRef<[f32]> for Placed {
-    fn as_ref(&self) -> &[f32] {
-        &self.lines[self.offset..]
-    }
-}
-
 fn render(report: &Report) -> String {
     let m = &report.machine;
     let peaks: Vec<String> = m.peaks.iter().map(|p| format!("{} {:.1}", p.isa, p.gflops)).collect();
@@ -643,20 +620,4 @@ fn render(report: &Report) -> String {
     text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once, of the start-up probe's bandwidth. Of same rounds: the machine's ceiling while the kernels ran, timed in the same rounds on the same threads — decode, the time to read the same inputs once (cache, queries, MLA's weights) over the kernel's; prefill, the kernel's GFLOP/s run over the widest ISA's FMA loop's and over its tile product's with every operand in L1 (the ceiling of code that loads its operands).\n");
     text.push_str("GFLOP/s run: the FLOPs of the form the kernel computes for the call (absorbed MLA: q' = q·W_UK, attention over the latent, out = o'·W_UV; expanded MLA: K_h and V_h up-projected per head, then attention over them), against the peak of the row's ISA; the form is in --json.\n");
     text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Placed;
-
-    #[test]
-    fn placed_copies_start_where_asked() {
-        let data: Vec<f32> = (0..1000).map(|i| i as f32).collect();
-        for offset in [0, 4, 15] {
-            let placed = Placed::new(&data, offset);
-            let floats = placed.as_ref();
-            assert_eq!(floats, &data[..]);
-            assert_eq!(floats.as_ptr() as usize % 64, 4 * offset);
-        }
-    }
 }

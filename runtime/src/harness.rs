@@ -19,7 +19,9 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestError, TestRng, TestRunner};
 
-use crate::{AttentionSpec, Error, Inputs, Kernel, KvLayout, Reference, Shape, Tensor};
+use crate::{
+    AlignedBuffer, AttentionSpec, Error, Inputs, Kernel, KvLayout, Reference, Shape, Tensor,
+};
 
 /// How many cases to run and how large they may be.
 #[derive(Clone, Copy, Debug)]
@@ -281,6 +283,41 @@ pub fn view<'a, T: AsRef<[f32]>>(spec: &AttentionSpec, tensors: &'a [(Tensor, T)
             get(Tensor::WUk),
             get(Tensor::WUv),
         ),
+    }
+}
+
+/// A copy of an input tensor that starts `offset` floats past a 64-byte line, so that where
+/// inputs lie is a benchmark's or a test's choice, not the allocator's (`attngen bench
+/// --input-offset`; the tests that kernels are right wherever their inputs start). [`view`]
+/// takes these as it takes vectors.
+///
+/// ```
+/// use attngen::harness::Placed;
+///
+/// let placed = Placed::new(&[1.0, 2.0, 3.0], 4);
+/// assert_eq!(placed.as_ref(), &[1.0, 2.0, 3.0]);
+/// assert_eq!(placed.as_ref().as_ptr() as usize % 64, 16);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Placed {
+    /// The floats from a line boundary: `offset` zeros, then the copy.
+    lines: AlignedBuffer,
+    /// Floats before the copy.
+    offset: usize,
+}
+
+impl Placed {
+    /// A copy of `data`, `offset` floats past a line.
+    pub fn new(data: &[f32], offset: usize) -> Placed {
+        let mut lines = AlignedBuffer::zeroed(offset + data.len());
+        lines[offset..].copy_from_slice(data);
+        Placed { lines, offset }
+    }
+}
+
+impl AsRef<[f32]> for Placed {
+    fn as_ref(&self) -> &[f32] {
+        &self.lines[self.offset..]
     }
 }
 

@@ -108,23 +108,17 @@ pub fn compare_at_every_line_offset(
     inputs: &strategies::OwnedInputs,
     m: f32,
 ) -> Result<(), String> {
-    use attngen::{AlignedBuffer, Tensor};
+    use attngen::harness::{self, Placed};
     let spec = kernel.spec();
     let reference = attngen::Reference::new(spec).unwrap();
     let want = run_kernel(&reference, shape, &inputs.inputs());
     for offset in 0..16 {
-        let placed: Vec<(Tensor, AlignedBuffer)> = inputs
+        let placed: Vec<_> = inputs
             .tensors
             .iter()
-            .map(|(tensor, data)| {
-                let mut buffer = AlignedBuffer::zeroed(offset + data.len());
-                buffer[offset..].copy_from_slice(data);
-                (*tensor, buffer)
-            })
+            .map(|(tensor, data)| (*tensor, Placed::new(data, offset)))
             .collect();
-        let views: Vec<(Tensor, &[f32])> =
-            placed.iter().map(|(tensor, buffer)| (*tensor, &buffer[offset..])).collect();
-        let view = attngen::harness::view(spec, &views);
+        let view = harness::view(spec, &placed);
         let view = match &inputs.kv_lens {
             Some(lens) => view.with_kv_lens(lens),
             None => view,
