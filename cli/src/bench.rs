@@ -385,10 +385,11 @@ fn build(
     Ok(Timed { backend, isa, kernel, compile_ms, form })
 }
 
-/// Times `kernels` on `workload`. The interpreter is slow: one timed run. The compiled
-/// kernels, on copies of the inputs placed `input_offset` floats past a 64-byte line: rounds that run each in turn — so a slow spell of a shared machine falls on all of
-/// them alike — twice, timing the second call (the first is the warm-up), until about a second
-/// per kernel has passed (at least 3 rounds, at most `max_runs`). A decode workload's rounds
+/// Times `kernels` on `workload`, on copies of its inputs placed `input_offset` floats past a
+/// 64-byte line. The interpreter is slow: one timed run. The compiled kernels: rounds that run
+/// each in turn — so a slow spell of a shared machine falls on all of them alike — twice,
+/// timing the second call (the first is the warm-up), until about a second per kernel has
+/// passed (at least 3 rounds, at most `max_runs`). A decode workload's rounds
 /// also read its inputs once on `threads` threads ([`peak::read_once`]): each row's `read_ms`
 /// is that ceiling's median; a prefill workload's rounds run a few milliseconds of the widest
 /// ISA's FMA loop ([`peak::fma_round`]) and of its tile product in L1
