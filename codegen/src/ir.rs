@@ -183,12 +183,15 @@ pub enum Op {
         /// Key columns copied from `k_rope`.
         rope: usize,
     },
-    /// Expanded MLA: `values[r] = c_kv[b, j0 + r] · W_UV[h]ᵀ` for the tile's rows, row-major.
+    /// Expanded MLA: `values[r] = c_kv[b, j0 + r] · W_UV[h]ᵀ` for the tile's rows, row-major,
+    /// `row` floats apart (`CallPacking::value_row`).
     ExpandValues {
         /// Latent rank.
         rank: usize,
         /// Value width Dv.
         v_dim: usize,
+        /// Floats from one value row to the next.
+        row: usize,
     },
 }
 
@@ -342,6 +345,7 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
     let (mut setup, body, store, calls) = match &spec.kv {
         KvLayout::Latent(l) if plan.form == Form::LatentExpanded => {
             let d = spec.head_dim();
+            let value_row = plan.call_packing.expect("expanded plans pack per task").value_row();
             let setup = vec![pack_q(d, None)];
             // K and V exist only as the task's up-projected copy (`CallPacking::per_task`),
             // contiguous rows.
@@ -364,7 +368,7 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
                 }],
                 expand: vec![
                     Op::ExpandKeys { rank: l.rank, nope: l.nope_dim, rope: l.rope_dim },
-                    Op::ExpandValues { rank: l.rank, v_dim: spec.v_head_dim },
+                    Op::ExpandValues { rank: l.rank, v_dim: spec.v_head_dim, row: value_row },
                 ],
                 epilogue: Vec::new(),
             };
@@ -639,9 +643,9 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             }
             Ok(())
         }
-        Op::ExpandValues { rank, v_dim } => writeln!(
+        Op::ExpandValues { rank, v_dim, row } => writeln!(
             f,
-            "{pad}V_h[j0 + r] = c_kv[b, j0 + r] · W_UV[h]ᵀ   (tile A·B against weights_t[h], {rank} -> {v_dim}, row-major into the task's V)"
+            "{pad}V_h[j0 + r] = c_kv[b, j0 + r] · W_UV[h]ᵀ   (tile A·B against weights_t[h], {rank} -> {v_dim}, row-major into the task's V, rows {row} floats apart)"
         ),
     }
 }
@@ -850,7 +854,7 @@ mod tests {
             ir.expand,
             [
                 Op::ExpandKeys { rank: 32, nope: 16, rope: 8 },
-                Op::ExpandValues { rank: 32, v_dim: 12 }
+                Op::ExpandValues { rank: 32, v_dim: 12, row: 16 }
             ]
         );
         let (setup, body, _) = parts(&ir);

@@ -110,24 +110,33 @@ pub struct CallPacking {
     /// Dv, floats of a value row.
     pub value_width: usize,
     /// The copy holds one task's (batch, KV head) only, from key `CallArgs::packed_first_key`
-    /// (a multiple of `k_tile`) on, with values row-major (expanded MLA, whose tasks write
-    /// their own copy): key j at float `(j − first)·D`, its value tile at
-    /// `(j − first) / k_tile · value_tile()`.
+    /// (a multiple of `k_tile`) on, with values row-major, [`CallPacking::value_row`] floats
+    /// apart (expanded MLA, whose tasks write their own copy): key j at float `(j − first)·D`,
+    /// its value tile at `(j − first) / k_tile · value_tile()`.
     pub per_task: bool,
 }
 
 impl CallPacking {
-    /// Floats of one packed value tile: `k_tile × Dv`, in panels (row-major per task).
+    /// Floats of one packed value tile: `k_tile × Dv` in panels, or per task `k_tile` rows of
+    /// [`CallPacking::value_row`] floats.
     pub fn value_tile(&self) -> usize {
         match self.per_task {
-            true => self.k_tile * self.value_width,
+            true => self.k_tile * self.value_row(),
             false => ScratchLayout::panels(self.k_tile, self.value_width),
         }
     }
 
-    /// Floats from one row of a packed value tile to the next: a panel's row, or Dv.
+    /// Floats from one row of a packed value tile to the next: a panel's row, or (per task)
+    /// Dv rounded up to an odd number of [`PANEL`]s, one cache line each.
     pub fn value_row(&self) -> usize {
-        if self.per_task { self.value_width } else { PANEL }
+        if !self.per_task {
+            return PANEL;
+        }
+        // An odd number of lines, so a panel's rows spread over all of L1's sets: 128-float
+        // rows put a 16-column panel's 64 lines in 8 of them, and the value product of W6's
+        // tiles ran 1.08× faster on 144-float rows (one thread, operands in cache).
+        let lines = self.value_width.div_ceil(PANEL);
+        (lines | 1) * PANEL
     }
 
     /// Floats from one panel of a packed value tile to the next (`DotNn`'s `b_panel`).
@@ -856,11 +865,14 @@ mod tests {
         );
         let packing = plan.call_packing.unwrap();
         assert!(packing.per_task);
-        // Values row-major: a 64-key tile is 64 rows of 128, rows 128 floats apart.
+        // Values row-major: a 64-key tile is 64 rows of 128, rows 144 floats (9 lines) apart.
         assert_eq!(
             (packing.value_tile(), packing.value_row(), packing.value_panel()),
-            (64 * 128, 128, 16)
+            (64 * 144, 144, 16)
         );
+        // Rows of an odd number of lines keep their width; others gain a line.
+        let row = |value_width| CallPacking { value_width, ..packing }.value_row();
+        assert_eq!((row(8), row(16), row(40), row(48), row(64)), (16, 16, 48, 48, 80));
         assert_eq!(plan.flops_per_pair(), 2 * (192 + 128));
         // Decode items still cover one head: the task's buffer holds that head's keys.
         assert_eq!(plan.schedule(4, 1, 4096, 2).groups_per_item, 1);

@@ -122,13 +122,13 @@ impl Translator<'_> {
         }
     }
 
-    /// Expand: `values[r] = c_kv[b, j0 + r] · W_UV[h]ᵀ` for the tile's `n` rows (`state`
-    /// holds the values' address).
-    pub(super) fn expand_values(&mut self, rank: usize, v_dim: usize) {
+    /// Expand: `values[r] = c_kv[b, j0 + r] · W_UV[h]ᵀ` for the tile's `n` rows, `row` floats
+    /// apart (`state` holds the values' address).
+    pub(super) fn expand_values(&mut self, rank: usize, v_dim: usize, row: usize) {
         let (_, values_at) =
             self.plan.transposed_weights().expect("expanded plans transpose their weights");
         let values = self.state;
-        self.up_project(rank, v_dim, values_at, values, v_dim);
+        self.up_project(rank, v_dim, values_at, values, row);
     }
 
     /// Row `b·Sk + j0` of the `[B, Sk, width]` cache tensor at byte offset `field`.

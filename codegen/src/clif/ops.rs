@@ -35,7 +35,7 @@ impl Translator<'_> {
                 self.transpose_weights(*rank, *nope, *v_dim)
             }
             Op::ExpandKeys { rank, nope, rope } => self.expand_keys(*rank, *nope, *rope),
-            Op::ExpandValues { rank, v_dim } => self.expand_values(*rank, *v_dim),
+            Op::ExpandValues { rank, v_dim, row } => self.expand_values(*rank, *v_dim, *row),
             Op::Scores(_)
             | Op::OnlineSoftmax { .. }
             | Op::AccumulateValues { .. }

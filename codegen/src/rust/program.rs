@@ -212,7 +212,7 @@ impl Emitter<'_> {
                 self.transpose_weights(*rank, *nope, *v_dim)
             }
             Op::ExpandKeys { rank, nope, rope } => self.expand_keys(*rank, *nope, *rope),
-            Op::ExpandValues { rank, v_dim } => self.expand_values(*rank, *v_dim),
+            Op::ExpandValues { rank, v_dim, row } => self.expand_values(*rank, *v_dim, *row),
             Op::StoreLse => self.store_lse(),
         }
     }
@@ -1016,9 +1016,9 @@ impl Emitter<'_> {
         code
     }
 
-    /// Expand: `values[r] = c_kv[b, j0 + r] · W_UV[h]ᵀ` for r < n.
-    fn expand_values(&self, rank: usize, v_dim: usize) -> TokenStream {
+    /// Expand: `values[r] = c_kv[b, j0 + r] · W_UV[h]ᵀ` for r < n, rows `row` floats apart.
+    fn expand_values(&self, rank: usize, v_dim: usize, row: usize) -> TokenStream {
         let (_, values_at) = self.transposed_weights();
-        self.up_project(rank, v_dim, values_at, quote!(values), v_dim)
+        self.up_project(rank, v_dim, values_at, quote!(values), row)
     }
 }
