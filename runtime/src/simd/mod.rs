@@ -483,8 +483,9 @@ mod tests {
         }
     }
 
-    /// `dot_nn` over every block remainder, both A layouts, plain and panel-packed B, with and
-    /// without row ranges, on every ISA this CPU has, against f64 loops.
+    /// `dot_nn` over every block remainder, both A layouts, plain (also with rows in few L1
+    /// sets, copied to a strip) and panel-packed B, with and without row ranges, on every ISA
+    /// this CPU has, against f64 loops.
     #[test]
     fn dot_nn_matches_naive_loops() {
         for isa in tested_isas() {
@@ -529,7 +530,10 @@ mod tests {
                     part: 1,
                     parts: 3,
                 };
-                let b = data(k * n.next_multiple_of(PANEL) + 5 * k, 5);
+                // Rows 512 bytes apart: the first row block copies each column block's strip
+                // and the others read the copy.
+                let few_sets_row = (n + 5).next_multiple_of(8 * PANEL);
+                let b = data(k * few_sets_row + 5 * k, 5);
                 let lo: Vec<i32> = (0..m as i32).map(|i| i % 3 - 1).collect();
                 let hi: Vec<i32> = (0..m as i32).map(|i| k as i32 - i + 1).collect();
                 // The rows each column needs: a staircase, clamped at both ends.
@@ -541,7 +545,7 @@ mod tests {
                 };
                 // (a_row, a_col) and (b_row, b_panel).
                 let a_layouts = [(k + 2, 1), (1, m + 3)];
-                let b_layouts = [(n + 5, PANEL), (PANEL, PANEL * k)];
+                let b_layouts = [(n + 5, PANEL), (PANEL, PANEL * k), (few_sets_row, PANEL)];
                 for (a_row, a_col) in a_layouts {
                     for (b_row, b_panel) in b_layouts {
                         let cases = [
