@@ -25,6 +25,22 @@ pub(super) trait OutOfLine: Simd {
         hi: usize,
         accumulate: bool,
     );
+
+    /// [`copied_column`] for this ISA: out of line, so only calls that copy a strip have its
+    /// 16 KiB in their stack frame.
+    ///
+    /// # Safety
+    /// As [`copied_column`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn copied_column(
+        nn: &NnArgs,
+        m: usize,
+        j: usize,
+        k: usize,
+        wide: bool,
+        accumulate: bool,
+        prefetcher: &mut Option<Prefetcher>,
+    );
 }
 
 /// Keys per unrolled step of a row-major A's one-vector blocks (see [`NnBlock::run`]): 16
@@ -241,13 +257,8 @@ unsafe fn row_blocks<S: OutOfLine>(
     let (block_rows, block_width) = block_shape::<S>(wide);
     // SAFETY: the caller's contract (S's features are enabled).
     let all = unsafe { S::mask(S::LANES) };
-    // A row-major B whose rows fall in few L1 sets (absorbed MLA's value product: latent
-    // rows 2 KiB apart, so a column block's 64 keys share 2 of the 64 sets) is re-read from
-    // L2 by every row block. The first row block of each whole column block stores B's
-    // vectors into `strip` as it loads them, and the others read that contiguous copy (W5's
-    // tile products 1.03–1.05× faster; results are the same, only B's address changes).
-    let mut strip = MaybeUninit::<Strip>::uninit();
-    let strip = strip.as_mut_ptr().cast::<f32>();
+    // A row-major B whose rows fall in few L1 sets is copied to a strip per column block
+    // (see `copied_column`): one pass, without range tables.
     let copies = row_lo.is_null()
         && col_lo.is_null()
         && m > block_rows
@@ -266,10 +277,12 @@ unsafe fn row_blocks<S: OutOfLine>(
             let cols = (n - j).min(block_width);
             // SAFETY: columns j..j + cols <= n, whose entries the column tables (if any) hold.
             let (need_lo, need_hi) = unsafe { tables.rows_needed(j, cols, m) };
-            // The operands of the row blocks after the first: B in place, or the strip the
-            // first copied.
-            let mut from = *nn;
-            let copying = copies && cols == block_width;
+            if copies && cols == block_width {
+                // SAFETY: as for the blocks below; one pass (lo = 0, hi = k), no tables.
+                unsafe { S::copied_column(nn, m, j, k, wide, accumulate, &mut prefetcher) };
+                j += cols;
+                continue;
+            }
             let mut i = 0;
             while i < m {
                 let mr = (m - i).min(block_rows);
@@ -283,39 +296,8 @@ unsafe fn row_blocks<S: OutOfLine>(
                         // Left as it was: no column of the block needs these rows.
                     } else if !row_lo.is_null() {
                         common_keys::<S>(nn, i, mr, j, cols, k, accumulate, row_lo, row_hi);
-                    } else if copying && i == 0 {
-                        let block = nn.block(i, j, lo, hi);
-                        let shape = (block_rows, block_width / S::LANES);
-                        if block.run_copying::<S>(shape, nn.a_trans, accumulate, all, strip) {
-                            // Key p's columns j.. at strip[p · block_width]: `block` adds j.
-                            let b = strip.cast_const().wrapping_sub(j);
-                            from = NnArgs { b, b_row: block_width, b_panel: PANEL, ..*nn };
-                        }
-                    } else if mr == block_rows && cols == block_width {
-                        // The common full block: its sizes are constants in each arm, so each
-                        // dispatch folds.
-                        let block = from.block(i, j, lo, hi);
-                        let a_trans = nn.a_trans;
-                        match wide {
-                            true => block.dispatch::<S>(
-                                S::NN_WIDE_MR,
-                                S::NN_WIDE_NR,
-                                false,
-                                a_trans,
-                                accumulate,
-                                all,
-                            ),
-                            false => block.dispatch::<S>(
-                                S::NN_MR,
-                                S::NN_NR,
-                                false,
-                                a_trans,
-                                accumulate,
-                                all,
-                            ),
-                        }
                     } else {
-                        S::run_block(&from, i, mr, j, cols, lo, hi, accumulate);
+                        plain_block::<S>(nn, (i, mr), (j, cols), (lo, hi), accumulate, wide, all);
                     }
                 }
                 i += mr;
@@ -330,6 +312,97 @@ unsafe fn row_blocks<S: OutOfLine>(
     if !row_lo.is_null() {
         // SAFETY: as above; with row ranges the pass above covered keys 0..k.
         unsafe { ragged_keys::<S>(m, n, k, block_rows, nn, row_lo, row_hi) };
+    }
+}
+
+/// One block of C at rows `i..i + mr`, columns `j..j + cols`, keys `lo..hi`: the ISA's full
+/// block inline (its sizes constants, so the dispatch folds), any other out of line.
+///
+/// # Safety
+/// The block lies inside the operands `nn` describes; `all` is the all-lanes mask.
+#[inline(always)]
+unsafe fn plain_block<S: OutOfLine>(
+    nn: &NnArgs,
+    (i, mr): (usize, usize),
+    (j, cols): (usize, usize),
+    (lo, hi): (usize, usize),
+    accumulate: bool,
+    wide: bool,
+    all: S::Mask,
+) {
+    let (block_rows, block_width) = block_shape::<S>(wide);
+    // SAFETY: the caller's contract.
+    unsafe {
+        if mr == block_rows && cols == block_width {
+            let block = nn.block(i, j, lo, hi);
+            match wide {
+                true => block.dispatch::<S>(
+                    S::NN_WIDE_MR,
+                    S::NN_WIDE_NR,
+                    false,
+                    nn.a_trans,
+                    accumulate,
+                    all,
+                ),
+                false => {
+                    block.dispatch::<S>(S::NN_MR, S::NN_NR, false, nn.a_trans, accumulate, all)
+                }
+            }
+        } else {
+            S::run_block(nn, i, mr, j, cols, lo, hi, accumulate);
+        }
+    }
+}
+
+/// Every row block of the whole column block at `j` over all `k` keys, B's strip copied: a
+/// row-major B whose rows fall in few L1 sets (absorbed MLA's value product: latent rows 2 KiB
+/// apart, so a column block's 64 keys share 2 of the 64 sets) would be re-read from L2 by
+/// every row block, so the first stores each key's vectors of B to a stack strip as it loads
+/// them and the others read that contiguous copy (W5's tile products 1.03–1.05× faster;
+/// results are the same, only B's address changes).
+///
+/// # Safety
+/// As [`row_blocks`] without tables, in one pass; the column block is `block_shape(wide)`'s
+/// width, `m` is more than its rows, and `k` keys of it fit [`STRIP_FLOATS`].
+#[inline(always)]
+pub(super) unsafe fn copied_column<S: OutOfLine>(
+    nn: &NnArgs,
+    m: usize,
+    j: usize,
+    k: usize,
+    wide: bool,
+    accumulate: bool,
+    prefetcher: &mut Option<Prefetcher>,
+) {
+    let (block_rows, block_width) = block_shape::<S>(wide);
+    let mut strip = MaybeUninit::<Strip>::uninit();
+    let strip = strip.as_mut_ptr().cast::<f32>();
+    // SAFETY: the caller's contract (S's features are enabled).
+    let all = unsafe { S::mask(S::LANES) };
+    // The operands of the row blocks after the first: the strip, once the first copied it.
+    let mut from = *nn;
+    let mut i = 0;
+    while i < m {
+        let mr = (m - i).min(block_rows);
+        if let Some(p) = prefetcher {
+            p.step();
+        }
+        // SAFETY: rows i..i + mr < m, columns j.. of the block and keys 0..k are inside the
+        // operands; the strip holds k · block_width floats.
+        unsafe {
+            if i == 0 {
+                let block = nn.block(0, j, 0, k);
+                let shape = (block_rows, block_width / S::LANES);
+                if block.run_copying::<S>(shape, nn.a_trans, accumulate, all, strip) {
+                    // Key p's columns j.. at strip[p · block_width]: `block` adds j.
+                    let b = strip.cast_const().wrapping_sub(j);
+                    from = NnArgs { b, b_row: block_width, b_panel: PANEL, ..*nn };
+                }
+            } else {
+                plain_block::<S>(&from, (i, mr), (j, block_width), (0, k), accumulate, wide, all);
+            }
+        }
+        i += mr;
     }
 }
 

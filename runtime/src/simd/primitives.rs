@@ -189,6 +189,22 @@ macro_rules! stamp_routines {
                 // SAFETY: the caller's contract, which is the kernel's.
                 unsafe { super::dot_nn::run_block::<$simd>(nn, i, mr, j, cols, lo, hi, accumulate) }
             }
+
+            $(#[target_feature(enable = $features)])?
+            unsafe fn copied_column(
+                nn: &super::dot_nn::NnArgs,
+                m: usize,
+                j: usize,
+                k: usize,
+                wide: bool,
+                accumulate: bool,
+                prefetcher: &mut Option<super::Prefetcher>,
+            ) {
+                // SAFETY: the caller's contract, which is the kernel's.
+                unsafe {
+                    super::dot_nn::copied_column::<$simd>(nn, m, j, k, wide, accumulate, prefetcher)
+                }
+            }
         }
 
         /// This ISA's routines.
