@@ -163,6 +163,25 @@ fn inputs_at_any_offset_from_a_cache_line_match_the_reference() {
     }
 }
 
+/// Absorbed MLA whose latent rows lie 512 bytes apart (rank 128), with more query rows than a
+/// register block holds: the value product's first row block copies each column block's strip
+/// of the latent and the later ones read the copy (`dot_nn`), on every ISA this CPU has.
+#[test]
+fn latent_rows_in_few_cache_sets_match_the_reference() {
+    let jits = jits();
+    let spec =
+        AttentionSpec::mla(12, 128, 8, 16, 12).mla_form(MlaForm::Absorbed).mask(Mask::Causal);
+    let shapes = [Shape::new(2, 1, 300), Shape::new(1, 3, 130), Shape::new(1, 1, 1500)];
+    for (n, shape) in shapes.into_iter().enumerate() {
+        let inputs = OwnedInputs::random(&spec, shape, 120 + n as u64, 1.0);
+        for jit in &jits {
+            if let Err(e) = compare(jit, &spec, shape, &inputs, 1.0) {
+                panic!("{} at {shape:?}: {e}", jit.isa());
+            }
+        }
+    }
+}
+
 #[test]
 fn latent_kernels_choose_their_form_per_call_and_both_match_the_reference() {
     let jits = jits();
