@@ -55,6 +55,12 @@ const STRIP_FLOATS: usize = 4096;
 /// multiples of 512 bytes.
 const FEW_SETS_ROW: usize = 8 * PANEL;
 
+/// Whether [`NnBlock::run_copying`] has a block of `mr` rows by `nr` vectors: every ISA's
+/// narrow and wide shapes must be among them.
+pub(super) const fn copies_block(mr: usize, nr: usize) -> bool {
+    matches!((mr, nr), (8, 2) | (6, 2) | (6, 4))
+}
+
 /// [`STRIP_FLOATS`] on a cache line.
 #[repr(C, align(64))]
 struct Strip([f32; STRIP_FLOATS]);
@@ -388,16 +394,16 @@ pub(super) unsafe fn copied_column<S: OutOfLine>(
             p.step();
         }
         // SAFETY: rows i..i + mr < m, columns j.. of the block and keys 0..k are inside the
-        // operands; the strip holds k · block_width floats.
+        // operands; the strip holds k · block_width floats; the first block is the ISA's full
+        // shape, which `copies_block` names (asserted where the routines are stamped).
         unsafe {
             if i == 0 {
                 let block = nn.block(0, j, 0, k);
                 let shape = (block_rows, block_width / S::LANES);
-                if block.run_copying::<S>(shape, nn.a_trans, accumulate, all, strip) {
-                    // Key p's columns j.. at strip[p · block_width]: `block` adds j.
-                    let b = strip.cast_const().wrapping_sub(j);
-                    from = NnArgs { b, b_row: block_width, b_panel: PANEL, ..*nn };
-                }
+                block.run_copying::<S>(shape, nn.a_trans, accumulate, all, strip);
+                // Key p's columns j.. at strip[p · block_width]: `block` adds j.
+                let b = strip.cast_const().wrapping_sub(j);
+                from = NnArgs { b, b_row: block_width, b_panel: PANEL, ..*nn };
             } else {
                 plain_block::<S>(&from, (i, mr), (j, block_width), (0, k), accumulate, wide, all);
             }
@@ -684,12 +690,12 @@ struct NnBlock {
 
 impl NnBlock {
     /// A full, unmasked block of the ISA's shape (`mr` rows by `nr` vectors) that also stores
-    /// each key's `nr` vectors of B, in key order, from `copy` on; whether it did (a shape no
-    /// ISA has runs plainly and copies nothing).
+    /// each key's `nr` vectors of B, in key order, from `copy` on.
     ///
     /// # Safety
-    /// As [`NnBlock::run`]; `copy` holds `hi · nr · LANES` writable floats, keys starting at 0
-    /// (`lo` is 0).
+    /// As [`NnBlock::run`]; `(mr, nr)` is a shape [`copies_block`] names (every ISA's are,
+    /// asserted where the routines are stamped); `copy` holds `hi · nr · LANES` writable floats,
+    /// keys starting at 0 (`lo` is 0).
     #[inline(always)]
     unsafe fn run_copying<S: Simd>(
         self,
@@ -698,8 +704,8 @@ impl NnBlock {
         accumulate: bool,
         all: S::Mask,
         copy: *mut f32,
-    ) -> bool {
-        // One copying block per ISA shape and A layout.
+    ) {
+        // One copying block per shape `copies_block` names and A layout.
         macro_rules! copying {
             ($mr:literal, $nr:literal) => {
                 match a_trans {
@@ -716,13 +722,9 @@ impl NnBlock {
                 (8, 2) => copying!(8, 2),
                 (6, 2) => copying!(6, 2),
                 (6, 4) => copying!(6, 4),
-                _ => {
-                    self.dispatch::<S>(mr, nr, false, a_trans, accumulate, all);
-                    return false;
-                }
+                _ => unreachable!("every ISA's block shapes copy (asserted when stamped)"),
             }
         }
-        true
     }
 
     /// [`NnBlock::run`] with its sizes given at run time (constants fold the match away).

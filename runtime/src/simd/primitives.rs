@@ -224,6 +224,16 @@ macro_rules! stamp_routines {
             "dot_nt dispatches blocks of at most 4 x 4"
         );
         const _: () = assert!(
+            super::dot_nn::copies_block(
+                <$simd as super::Simd>::NN_MR,
+                <$simd as super::Simd>::NN_NR
+            ) && super::dot_nn::copies_block(
+                <$simd as super::Simd>::NN_WIDE_MR,
+                <$simd as super::Simd>::NN_WIDE_NR
+            ),
+            "dot_nn's strip copy has a block of each of the ISA's shapes"
+        );
+        const _: () = assert!(
             <$simd as super::Simd>::NN_MR <= 8 && <$simd as super::Simd>::NN_NR <= 2,
             "dot_nn dispatches blocks of at most 8 rows by 2 vectors"
         );
