@@ -92,7 +92,7 @@ pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
             // SAFETY: the CPU has the ISA (asserted above); A holds m rows of k floats
             // (a_row = k, a_col = 1), B n / PANEL panels of k rows of PANEL floats (b_row =
             // PANEL, b_panel = PANEL·k; n is a multiple of PANEL), C m rows of n floats
-            // (ldc = n); no range tables and no prefetch (null pointers).
+            // (ldc = n, c_col = 1); no range tables and no prefetch (null pointers).
             unsafe {
                 dot_nn(
                     m,
@@ -106,6 +106,7 @@ pub fn product_round(threads: usize, isa: Isa, reps: u64) -> f64 {
                     PANEL * k,
                     c.as_mut_ptr(),
                     n,
+                    1,
                     0,
                     std::ptr::null(),
                     std::ptr::null(),

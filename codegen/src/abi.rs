@@ -235,14 +235,18 @@ pub type DotNt = unsafe extern "C" fn(
     prefetch: *const PrefetchRows,
 );
 
-/// `C[i·ldc + j] (+)= Σ_{p ∈ P_i} A[i][p] · B[p][j]` for `i < m`, `j < n`, where
+/// `C[i·ldc + j·c_col] (+)= Σ_{p ∈ P_i} A[i][p] · B[p][j]` for `i < m`, `j < n`, where
+/// - C is row-major (`c_col = 1`), or column-major (`ldc = 1`) such as absorbed MLA's running
+///   output kept transposed (`Oᵀ`, one column per query row);
 /// - `A[i][p] = a[i·a_row + p·a_col]`: row-major (`a_col = 1`), or column-major (`a_row = 1`)
 ///   such as a transposed probability tile;
 /// - `B[p][j] = b[(j / PANEL)·b_panel + p·b_row + j % PANEL]` ([`PANEL`] columns per panel): a
 ///   row-major B has `b_panel = PANEL`, a packed one `b_row = PANEL`;
 /// - `P_i = 0..k`, or `row_lo[i]..row_hi[i]` (clamped to `0..k`) when the tables are non-null:
 ///   a row never reads B outside its range, so a hidden key's value row cannot reach it, not
-///   even as `0 · NaN`.
+///   even as `0 · NaN`. With a column-major C, `A[i][p]` must also be 0 for the keys outside
+///   `P_i` that another row sees (a probability tile's hidden entries are): the keys of all
+///   rows then run as one product wherever their value rows are finite.
 ///
 /// `col_lo` and `col_hi`, when non-null, hold for each column `j < n` the rows of C it needs,
 /// `col_lo[j]..col_hi[j]` (clamped to `0..m`): `C[i][j]` for other `i` may be left as it was, a
@@ -265,6 +269,7 @@ pub type DotNn = unsafe extern "C" fn(
     b_panel: usize,
     c: *mut f32,
     ldc: usize,
+    c_col: usize,
     accumulate: usize,
     row_lo: *const i32,
     row_hi: *const i32,
@@ -300,8 +305,10 @@ pub type PackRows = unsafe extern "C" fn(
 );
 
 /// Writes `factor · src[r·src_row + c]` (`r < rows`, `c < width`) transposed into column
-/// `first_column + r` of a panel-packed tile: to `dst[(col / PANEL)·dst_panel + c·PANEL +
-/// col % PANEL]` — the query side of the score product, scaled on the way.
+/// `first_column + r` of a panel-packed tile: to `dst[(col / PANEL)·dst_panel + c·dst_row +
+/// col % PANEL]` — the query side of the score product, scaled on the way (`dst_row =
+/// PANEL`), or a transposed running output made row-major again (`dst_panel = PANEL`,
+/// `dst_row` its row length).
 pub type PackColumns = unsafe extern "C" fn(
     rows: usize,
     width: usize,
@@ -311,6 +318,7 @@ pub type PackColumns = unsafe extern "C" fn(
     dst: *mut f32,
     first_column: usize,
     dst_panel: usize,
+    dst_row: usize,
 );
 
 /// The scalar kinds the ABI passes: a pointer-sized integer (pointers and sizes) or an f32.
@@ -356,9 +364,9 @@ macro_rules! abi_fns {
             const PARAMS: &'static [Param] = &[$($arg::PARAM),*];
             const RETURNS: Option<Param> = None;
         }
-        impl<R: AbiType, $($arg: AbiType),*> AbiFn for unsafe extern "C" fn($($arg),*) -> R {
+        impl<Ret: AbiType, $($arg: AbiType),*> AbiFn for unsafe extern "C" fn($($arg),*) -> Ret {
             const PARAMS: &'static [Param] = &[$($arg::PARAM),*];
-            const RETURNS: Option<Param> = Some(R::PARAM);
+            const RETURNS: Option<Param> = Some(Ret::PARAM);
         }
     };
 }
@@ -367,9 +375,10 @@ abi_fns!(A B);
 abi_fns!(A B C D E F);
 abi_fns!(A B C D E F G);
 abi_fns!(A B C D E F G H);
+abi_fns!(A B C D E F G H I);
 abi_fns!(A B C D E F G H I J);
 abi_fns!(A B C D E F G H I J K);
-abi_fns!(A B C D E F G H I J K L M N O P Q);
+abi_fns!(A B C D E F G H I J K L M N O P Q R);
 
 /// The pre-compiled routines generated code calls, in the order of [`Callee::ALL`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -526,10 +535,10 @@ mod tests {
     fn signatures_are_read_off_the_function_types() {
         let words = |n| vec![Param::Word; n];
         assert_eq!(Callee::DotNt.signature(), (&words(11)[..], None));
-        assert_eq!(Callee::DotNn.signature(), (&words(17)[..], None));
+        assert_eq!(Callee::DotNn.signature(), (&words(18)[..], None));
         assert_eq!(Callee::Exp2Columns.signature(), (&words(6)[..], None));
         assert_eq!(Callee::PackRows.signature(), (&words(7)[..], None));
-        let mut pack_columns = words(8);
+        let mut pack_columns = words(9);
         pack_columns[4] = Param::F32; // the scale factor
         assert_eq!(Callee::PackColumns.signature(), (&pack_columns[..], None));
         assert_eq!(Callee::Ln.signature(), (&[Param::F32][..], Some(Param::F32)));

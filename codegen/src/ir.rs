@@ -132,14 +132,27 @@ pub enum Op {
         /// of an unrolled step feeding partial `j mod partials` (the remainder keys partial 0),
         /// combined pairwise — `(m0 max m1) max (m2 max m3)`, `a max b` being `b < a ? a : b`.
         partials: usize,
+        /// O is kept transposed in the key loop (`StateLayout::transposed`): a row of O is a
+        /// column of `Oᵀ`, its elements `rows4` floats apart.
+        o_transposed: bool,
     },
     /// `O += P · values`, all rows at once (P read from the transposed tile), with per-row key
-    /// ranges on edge tiles.
+    /// ranges on edge tiles; with `o_transposed`, into `Oᵀ` (`DotNn`'s column-major C, whose
+    /// routine computes `Oᵀ += valuesᵀ·Pᵀ`).
     AccumulateValues {
         /// Where the values come from.
         values: TileSource,
         /// Width of a value row.
         width: usize,
+        /// O is kept transposed in the key loop (`StateLayout::transposed`).
+        o_transposed: bool,
+    },
+    /// After the key loop of a plan that keeps O transposed: rewrite the group's `Oᵀ` (`acc_dim`
+    /// rows of `rows4` floats) row-major in place, so the finish reads every state alike. `via`
+    /// is scratch the loop no longer reads (the group's query panels), which holds a copy.
+    RestoreRowMajor {
+        /// The scratch tile the copy goes through.
+        via: Operand,
     },
     /// Combine the task's split states into the first: `M = max m_s`,
     /// `l = Σ l_s·2^(m_s − M)`, `O = Σ O_s·2^(m_s − M)`.
@@ -322,10 +335,12 @@ impl Operand {
 /// Lowers a plan to its tile program.
 pub fn lower(plan: &KernelPlan) -> KernelIr {
     let spec = &plan.spec;
+    let o_transposed = plan.state.transposed;
     let softmax = Op::OnlineSoftmax {
         cap: spec.softcap,
         threshold: plan.rescale_threshold,
         partials: plan.max_partials,
+        o_transposed,
     };
     let factor = plan.query_factor;
     let in_place =
@@ -358,7 +373,11 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
             let body = vec![
                 term(Operand::QueryTile, source(Operand::K), d, false, None),
                 softmax,
-                Op::AccumulateValues { values: source(Operand::V), width: spec.v_head_dim },
+                Op::AccumulateValues {
+                    values: source(Operand::V),
+                    width: spec.v_head_dim,
+                    o_transposed,
+                },
             ];
             let calls = CallPrograms {
                 prologue: vec![Op::TransposeWeights {
@@ -401,7 +420,7 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
                 body.push(term(Operand::RopeTile, rope, l.rope_dim, true, None));
             }
             body.push(softmax);
-            body.push(Op::AccumulateValues { values: latent, width: l.rank });
+            body.push(Op::AccumulateValues { values: latent, width: l.rank, o_transposed });
             let calls = CallPrograms {
                 prologue: vec![Op::AbsorbQueries { nope: l.nope_dim, rank: l.rank }],
                 epilogue: vec![Op::ProjectOut { rank: l.rank, v_dim: spec.v_head_dim }],
@@ -443,7 +462,7 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
             }
             body.push(term(Operand::QueryTile, keys, d, false, dot));
             body.push(softmax);
-            body.push(Op::AccumulateValues { values, width: dv });
+            body.push(Op::AccumulateValues { values, width: dv, o_transposed });
             (setup, body, Operand::Out, CallPrograms::default())
         }
     };
@@ -452,7 +471,7 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
         true => Prefetch::WholeNextTile,
         false => Prefetch::NextGroup,
     };
-    let item = vec![
+    let mut item = vec![
         Op::ForEachGroup { body: setup },
         Op::KeyTiles {
             tile: plan.k_tile,
@@ -466,6 +485,10 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
             body: vec![Op::ForEachGroup { body }],
         },
     ];
+    if o_transposed {
+        let body = vec![Op::RestoreRowMajor { via: Operand::QueryTile }];
+        item.push(Op::ForEachGroup { body });
+    }
     KernelIr {
         prologue: calls.prologue,
         item,
@@ -589,7 +612,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             }
             Ok(())
         }
-        Op::OnlineSoftmax { cap, threshold, partials } => {
+        Op::OnlineSoftmax { cap, threshold, partials, o_transposed } => {
             write!(f, "{pad}s = S")?;
             if let Some(c) = cap {
                 write!(f, "; s = log2 e * {c} * tanh(s / {c})")?;
@@ -597,13 +620,24 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             writeln!(f, "; edge tiles: hidden keys -> -inf   (base-2 units)")?;
             writeln!(
                 f,
-                "{pad}t = rowmax s; where t > m + {threshold}: m' = t, l *= 2^(m - m'), O *= 2^(m - m'); P = 2^(s - m'); l += rowsum P   (max and rescale: generated per spec, down the columns of Sᵀ, the max in {partials} partial maxima; P and sums: one call of the tile exponentials)"
+                "{pad}t = rowmax s; where t > m + {threshold}: m' = t, l *= 2^(m - m'), O *= 2^(m - m'){}; P = 2^(s - m'); l += rowsum P   (max and rescale: generated per spec, down the columns of Sᵀ, the max in {partials} partial maxima; P and sums: one call of the tile exponentials)",
+                if *o_transposed { " (a column of Oᵀ)" } else { "" }
             )
         }
-        Op::AccumulateValues { values, width } => writeln!(
+        Op::AccumulateValues { values, width, o_transposed: false } => writeln!(
             f,
             "{pad}O += P · values   (tile A·B over all rows, P read from Sᵀ, width {width}; per-row key ranges on edge tiles); values: {}",
             source_text(values, false)
+        ),
+        Op::AccumulateValues { values, width, o_transposed: true } => writeln!(
+            f,
+            "{pad}Oᵀ += valuesᵀ · Pᵀ   (tile A·B, O kept transposed: the value rows broadcast against Sᵀ, width {width}; per-row key ranges on edge tiles); values: {}",
+            source_text(values, false)
+        ),
+        Op::RestoreRowMajor { via } => writeln!(
+            f,
+            "{pad}O = (Oᵀ)ᵀ, row-major again for the finish   (through a copy in {})",
+            name(*via)
         ),
         Op::MergeSplits => {
             writeln!(
@@ -717,11 +751,13 @@ fn tile_name(operand: Operand) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::Target;
     use crate::spec::{AttentionSpec, MlaForm};
 
-    /// The per-group setup ops, the per-group tile ops and the mask of an item program.
+    /// The per-group setup ops, the per-group tile ops and the mask of an item program (whose
+    /// ops after the key loop, if any, restore a transposed O).
     fn parts(ir: &KernelIr) -> (&[Op], &[Op], Mask) {
-        let [Op::ForEachGroup { body: setup }, Op::KeyTiles { body, mask, .. }] = &ir.item[..]
+        let [Op::ForEachGroup { body: setup }, Op::KeyTiles { body, mask, .. }, ..] = &ir.item[..]
         else {
             panic!("{ir}")
         };
@@ -731,7 +767,7 @@ mod tests {
 
     #[test]
     fn grouped_program() {
-        let plan = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16).mask(Mask::Causal));
+        let plan = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16).mask(Mask::Causal), Target::AVX2);
         let ir = lower(&plan);
         let (setup, body, mask) = parts(&ir);
         let factor = plan.query_factor;
@@ -773,7 +809,7 @@ mod tests {
         let Op::OnlineSoftmax { partials, .. } = body[3] else { panic!("{ir}") };
         assert_eq!(partials, plan.max_partials);
         assert!(partials > 1 && partials.is_power_of_two());
-        let Op::AccumulateValues { values, width: 16 } = body[4] else { panic!("{ir}") };
+        let Op::AccumulateValues { values, width: 16, .. } = body[4] else { panic!("{ir}") };
         assert_eq!(
             (values.cache, values.item_packed.unwrap().tile),
             (Operand::V, Operand::ValueTile)
@@ -783,14 +819,14 @@ mod tests {
         assert!(ir.prologue.is_empty() && ir.epilogue.is_empty());
         // One KV head: rows are contiguous already, so items never copy them (the call may)
         // and nothing is prefetched.
-        let ir = lower(&KernelPlan::new(&AttentionSpec::mqa(8, 16)));
+        let ir = lower(&KernelPlan::new(&AttentionSpec::mqa(8, 16), Target::AVX2));
         let (_, body, _) = parts(&ir);
         let Op::Scores(scores) = body[0] else { panic!("{ir}") };
         assert_eq!((scores.keys.item_packed, scores.keys.prefetch), (None, false));
         assert!(scores.keys.call_packed.is_some());
         // Decode items of Llama-3-8B's shape read 4 KiB cache rows: 8-key tiles, each
         // prefetched a share of the next tile per group; 64-key tiles, the next group's rows.
-        let ir = lower(&KernelPlan::new(&AttentionSpec::gqa(32, 8, 128)));
+        let ir = lower(&KernelPlan::new(&AttentionSpec::gqa(32, 8, 128), Target::AVX2));
         let narrow = NarrowTiles { tile: 8, max_rows: 4, prefetch: Prefetch::WholeNextTile };
         assert!(matches!(
             ir.item[1],
@@ -810,7 +846,22 @@ mod tests {
 
     #[test]
     fn latent_program_absorbs_and_projects() {
-        let plan = KernelPlan::new(&AttentionSpec::mla(4, 32, 8, 16, 12));
+        let spec = AttentionSpec::mla(4, 32, 8, 16, 12);
+        // AVX2 keeps O transposed through the key loop and row-major again after it; AVX-512
+        // and the portable ISA keep it row-major throughout.
+        for (target, transposed) in
+            [(Target::AVX2, true), (Target::AVX512, false), (Target::PORTABLE, false)]
+        {
+            let ir = lower(&KernelPlan::new(&spec, target));
+            let (_, body, _) = parts(&ir);
+            let Op::AccumulateValues { o_transposed, .. } = body[3] else { panic!("{ir}") };
+            let Op::OnlineSoftmax { o_transposed: softmax, .. } = body[2] else { panic!("{ir}") };
+            assert_eq!((o_transposed, softmax), (transposed, transposed), "{ir}");
+            let restore =
+                Op::ForEachGroup { body: vec![Op::RestoreRowMajor { via: Operand::QueryTile }] };
+            assert_eq!(ir.item.get(2), transposed.then_some(&restore), "{ir}");
+        }
+        let plan = KernelPlan::new(&spec, Target::AVX2);
         let factor = plan.query_factor;
         let ir = lower(&plan);
         let (setup, body, _) = parts(&ir);
@@ -845,8 +896,10 @@ mod tests {
         assert!(text.starts_with("prologue(h)") && text.contains("\nepilogue(h)"), "{text}");
         // The expanded form: one head per group, scores over the task's up-projected keys,
         // an expand program and no latent buffers.
-        let expanded =
-            KernelPlan::new(&AttentionSpec::mla(4, 32, 8, 16, 12).mla_form(MlaForm::Expanded));
+        let expanded = KernelPlan::new(
+            &AttentionSpec::mla(4, 32, 8, 16, 12).mla_form(MlaForm::Expanded),
+            Target::AVX2,
+        );
         let ir = lower(&expanded);
         assert_eq!(ir.prologue, [Op::TransposeWeights { rank: 32, nope: 16, v_dim: 12 }]);
         assert!(ir.epilogue.is_empty());
@@ -864,7 +917,7 @@ mod tests {
         assert_eq!(ir.finish[2], Op::StoreOut { into: Operand::Out });
         assert!(ir.to_string().contains("the task's up-projected K_h"), "{ir}");
         // Without a RoPE part there is one score term.
-        let ir = lower(&KernelPlan::new(&AttentionSpec::mla(4, 32, 0, 16, 12)));
+        let ir = lower(&KernelPlan::new(&AttentionSpec::mla(4, 32, 0, 16, 12), Target::AVX2));
         assert_eq!(parts(&ir).1.len(), 3);
     }
 }

@@ -2,7 +2,8 @@
 //! heads are packed, how scratch is laid out — and [`Schedule`]: how one call is split into
 //! work items.
 //!
-//! A plan depends only on the spec; a schedule also on the call's shape and thread count.
+//! A plan depends only on the spec and the target ISA ([`Target`]); a schedule also on the
+//! call's shape and thread count.
 
 use std::fmt;
 
@@ -163,6 +164,37 @@ impl CallPacking {
     }
 }
 
+/// What a plan takes from the ISA whose micro-kernels the kernel calls: the facts that change a
+/// layout the generated code addresses. Each ISA's register blocks stay inside its routines;
+/// a kernel is planned, lowered and emitted once per target (the JIT for its ISA, the attribute
+/// macro for each ISA it stamps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// The ISA's name, as `ATTNGEN_ISA` spells it.
+    pub name: &'static str,
+    /// f32 lanes per vector.
+    pub lanes: usize,
+    /// Absorbed MLA keeps its running output transposed ([`StateLayout::transposed`]). The
+    /// value product is then `Oᵀ (+)= c_kvᵀ·Pᵀ`: with 8 lanes a decode item's 16 rows (DeepSeek-
+    /// V2-Lite's heads) are one 6 × 16 register block wide and the latent rows are broadcast,
+    /// which ran W5 and W8 0.94–0.96× the time on a Zen 3 (AVX2). With 16 lanes 16 rows are one
+    /// vector, so every FMA would need a broadcast of its own: AVX-512 keeps O row-major, in 6
+    /// × 64 blocks. The portable ISA, not tuned, keeps the row-major layout too, so that every
+    /// CPU runs both.
+    pub transposed_latent_output: bool,
+}
+
+impl Target {
+    /// AVX-512F: 16 lanes.
+    pub const AVX512: Target =
+        Target { name: "avx512", lanes: 16, transposed_latent_output: false };
+    /// AVX2 with FMA: 8 lanes.
+    pub const AVX2: Target = Target { name: "avx2", lanes: 8, transposed_latent_output: true };
+    /// Plain Rust over 8-lane arrays.
+    pub const PORTABLE: Target =
+        Target { name: "portable", lanes: 8, transposed_latent_output: false };
+}
+
 /// The planned kernel for one spec. A work item packs the query heads of its group as extra
 /// rows: with `nq` valid queries, row `slot · nq + qi` of every tile buffer holds query
 /// `q0 + qi` of the `slot`-th head of the group, so each tile product is one call over all rows.
@@ -170,6 +202,8 @@ impl CallPacking {
 pub struct KernelPlan {
     /// The spec, validated.
     pub spec: AttentionSpec,
+    /// The ISA the plan is made for.
+    pub target: Target,
     /// The form computed.
     pub form: Form,
     /// Query heads reading each KV head (for latent, one group holding every head).
@@ -239,12 +273,16 @@ pub struct KernelPlan {
     pub state_len: usize,
 }
 
-/// Offsets (floats) in a state slot: O, row-major (`padded_rows × acc_dim`), at 0; then m and
-/// l, `padded_rows` each, so the softmax loads four (or more) rows' m and l as one vector.
+/// Offsets (floats) in a state slot: O (`padded_rows × acc_dim`) at 0; then m and l,
+/// `padded_rows` each, so the softmax loads four (or more) rows' m and l as one vector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StateLayout {
-    /// Floats of one row of O (`acc_dim`): row r's O starts at `r · o_row`.
+    /// Floats of one row of O (`acc_dim`): row r's O starts at `r · o_row` (row-major).
     pub o_row: usize,
+    /// O is stored transposed: `acc_dim` rows of one float per row of the group, padded to a
+    /// multiple of 4 (`rows4`, known per item), row r's element d at `d · rows4 + r`
+    /// ([`Target::transposed_latent_output`]; absorbed MLA only).
+    pub transposed: bool,
     /// Where m of row 0 lies.
     pub m: usize,
     /// Where l of row 0 lies.
@@ -325,20 +363,22 @@ const MAX_PARTIALS: usize = 4;
 const RESCALE_THRESHOLD: f32 = 8.0;
 
 impl KernelPlan {
-    /// Plans a kernel for a spec that [`crate::validate()`] accepted, in the first form it
-    /// compiles ([`Form::compiled`]: absorbed for a latent spec that leaves the choice to each
-    /// call).
-    pub fn new(spec: &AttentionSpec) -> KernelPlan {
-        KernelPlan::with_form(spec, Form::compiled(spec)[0])
+    /// Plans a kernel for a spec that [`crate::validate()`] accepted, for `target`, in the
+    /// first form it compiles ([`Form::compiled`]: absorbed for a latent spec that leaves the
+    /// choice to each call).
+    pub fn new(spec: &AttentionSpec, target: Target) -> KernelPlan {
+        KernelPlan::with_form(spec, Form::compiled(spec)[0], target)
     }
 
-    /// Every plan a kernel for `spec` compiles, one per [`Form::compiled`].
-    pub fn all(spec: &AttentionSpec) -> Vec<KernelPlan> {
-        Form::compiled(spec).into_iter().map(|form| KernelPlan::with_form(spec, form)).collect()
+    /// Every plan a kernel for `spec` compiles for `target`, one per [`Form::compiled`].
+    pub fn all(spec: &AttentionSpec, target: Target) -> Vec<KernelPlan> {
+        let forms = Form::compiled(spec).into_iter();
+        forms.map(|form| KernelPlan::with_form(spec, form, target)).collect()
     }
 
-    /// Plans a kernel for a validated spec in `form`, one of [`Form::compiled`]'s for it.
-    pub fn with_form(spec: &AttentionSpec, form: Form) -> KernelPlan {
+    /// Plans a kernel for a validated spec in `form`, one of [`Form::compiled`]'s for it, for
+    /// `target`.
+    pub fn with_form(spec: &AttentionSpec, form: Form, target: Target) -> KernelPlan {
         let (groups, acc_dim) = match (&spec.kv, form) {
             (KvLayout::Grouped { kv_heads, .. }, _) => {
                 let mut groups = vec![Vec::new(); *kv_heads];
@@ -405,6 +445,7 @@ impl KernelPlan {
         let query_factor = if spec.softcap.is_some() { scale } else { scale * log2e };
         KernelPlan {
             spec: spec.clone(),
+            target,
             form,
             groups,
             head_map,
@@ -445,6 +486,7 @@ impl KernelPlan {
             scratch,
             state: StateLayout {
                 o_row: acc_dim,
+                transposed: form == Form::LatentAbsorbed && target.transposed_latent_output,
                 m: padded_rows * acc_dim,
                 l: padded_rows * (acc_dim + 1),
             },
@@ -690,6 +732,17 @@ impl fmt::Display for KernelPlan {
             self.scratch.group_len,
             self.state_len
         )?;
+        let output = match self.state.transposed {
+            true => {
+                "O kept transposed in the key loop (Oᵀ += c_kvᵀ·Pᵀ: the latent broadcast, the heads' rows as the vectors), row-major again for the finish"
+            }
+            false => "O row-major",
+        };
+        writeln!(
+            f,
+            "  target       {} ({} f32 lanes): {output}",
+            self.target.name, self.target.lanes
+        )?;
         write!(
             f,
             "  cost         {} FLOP per (query, key, head); cache {} B per token",
@@ -731,16 +784,37 @@ mod tests {
     use super::*;
     use crate::spec::GroupMap;
 
+    /// Only absorbed MLA on AVX2 keeps its running output transposed; the plan records the
+    /// target it was made for.
+    #[test]
+    fn the_target_decides_the_latent_output_layout() {
+        let mla = AttentionSpec::mla(16, 512, 64, 128, 128);
+        for target in [Target::AVX512, Target::AVX2, Target::PORTABLE] {
+            let layouts: Vec<(Form, bool)> = KernelPlan::all(&mla, target)
+                .iter()
+                .map(|plan| (plan.form, plan.state.transposed))
+                .collect();
+            let absorbed = target == Target::AVX2;
+            assert_eq!(
+                layouts,
+                [(Form::LatentAbsorbed, absorbed), (Form::LatentExpanded, false)],
+                "{target:?}"
+            );
+            let grouped = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16), target);
+            assert_eq!((grouped.target, grouped.state.transposed), (target, false));
+        }
+    }
+
     #[test]
     fn groups_pack_the_heads_of_each_kv_head() {
-        let plan = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16));
+        let plan = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16), Target::AVX2);
         assert_eq!(plan.groups, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
         assert_eq!((plan.q_tile, plan.rows), (16, 64));
         let spec = AttentionSpec::gqa(5, 3, 8).group_map(GroupMap::Explicit(vec![2, 0, 0, 1, 2]));
-        let plan = KernelPlan::new(&spec);
+        let plan = KernelPlan::new(&spec, Target::AVX2);
         assert_eq!(plan.groups, vec![vec![1, 2], vec![3], vec![0, 4]]);
         assert_eq!(plan.rows, plan.q_tile * 2);
-        let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128));
+        let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128), Target::AVX2);
         assert_eq!(
             (mla.form, mla.groups.len(), mla.q_tile, mla.acc_dim),
             (Form::LatentAbsorbed, 1, 4, 512)
@@ -749,19 +823,21 @@ mod tests {
 
     #[test]
     fn head_maps_and_cache_rows_resolve_the_spec_for_the_emitters() {
-        let contiguous = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16));
+        let contiguous = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16), Target::AVX2);
         assert_eq!(contiguous.head_map, HeadMap::Contiguous { size: 4 });
-        let interleaved =
-            KernelPlan::new(&AttentionSpec::gqa(8, 2, 16).group_map(GroupMap::Interleaved));
+        let interleaved = KernelPlan::new(
+            &AttentionSpec::gqa(8, 2, 16).group_map(GroupMap::Interleaved),
+            Target::AVX2,
+        );
         assert_eq!(interleaved.head_map, HeadMap::Interleaved { groups: 2 });
         let explicit =
             AttentionSpec::gqa(5, 3, 8).group_map(GroupMap::Explicit(vec![2, 0, 0, 1, 2]));
-        assert_eq!(KernelPlan::new(&explicit).head_map, HeadMap::Table);
+        assert_eq!(KernelPlan::new(&explicit, Target::AVX2).head_map, HeadMap::Table);
         // Grouped rows are one KV head's slice of a token's row of every KV head.
         let row = contiguous.cache_row(CacheTensor::V);
         assert_eq!(row, Some(CacheRow { width: 16, stride: 32 }));
         assert_eq!(contiguous.cache_row(CacheTensor::CKv), None);
-        let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128));
+        let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128), Target::AVX2);
         assert_eq!(mla.head_map, HeadMap::Contiguous { size: 16 });
         assert_eq!(mla.cache_row(CacheTensor::KRope), Some(CacheRow { width: 64, stride: 64 }));
         assert_eq!((mla.q_heads, mla.q_width), (16, 192));
@@ -769,7 +845,7 @@ mod tests {
 
     #[test]
     fn decode_splits_only_when_tasks_are_few() {
-        let gqa = KernelPlan::new(&AttentionSpec::gqa(32, 8, 128));
+        let gqa = KernelPlan::new(&AttentionSpec::gqa(32, 8, 128), Target::AVX2);
         // Decode items cover all 8 groups: 4 tasks, so each is split in two.
         let s = gqa.schedule(4, 1, 4096, 2);
         assert_eq!((s.groups_per_item, s.splits, s.packs_call), (8, 2, false));
@@ -777,7 +853,7 @@ mod tests {
         // K/V are packed once for all 16 query tiles.
         let s = gqa.schedule(1, 256, 256, 2);
         assert_eq!((s.groups_per_item, s.q_tiles, s.splits, s.packs_call), (1, 16, 1, true));
-        let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128));
+        let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128), Target::AVX2);
         let s = mla.schedule(1, 1, 4096, 2);
         assert_eq!((s.splits, s.keys_per_split), (8, 512));
         assert_eq!(mla.schedule(1, 1, 300, 2).splits, 1); // too few keys to split
@@ -789,15 +865,18 @@ mod tests {
 
     #[test]
     fn latent_buffers_hold_every_row_of_the_call() {
-        let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128));
+        let mla = KernelPlan::new(&AttentionSpec::mla(16, 512, 64, 128, 128), Target::AVX2);
         assert_eq!(mla.latent_len(4, 3), Some(4 * 3 * 16 * 512));
         assert_eq!(mla.latent_len(usize::MAX / 1024, 2), None);
-        assert_eq!(KernelPlan::new(&AttentionSpec::gqa(8, 2, 16)).latent_len(4, 3), Some(0));
+        assert_eq!(
+            KernelPlan::new(&AttentionSpec::gqa(8, 2, 16), Target::AVX2).latent_len(4, 3),
+            Some(0)
+        );
     }
 
     #[test]
     fn dot_tiles_keep_a_tile_within_the_tlb_reach() {
-        let tile = |spec: AttentionSpec| KernelPlan::new(&spec).dot_k_tile;
+        let tile = |spec: AttentionSpec| KernelPlan::new(&spec, Target::AVX2).dot_k_tile;
         // Llama-3-8B: K and V rows of 4 KiB each, so 8 keys span 16 pages.
         assert_eq!(tile(AttentionSpec::gqa(32, 8, 128)), 8);
         // Small rows: 2 KV heads of 64 (1 KiB per token) fit 64 keys.
@@ -813,20 +892,20 @@ mod tests {
     #[test]
     fn whole_next_tiles_are_prefetched_only_within_the_tlb_reach() {
         // Llama-3-8B: the 8-key dot tile spans 16 pages, a 64-key tile 128.
-        let llama = KernelPlan::new(&AttentionSpec::gqa(32, 8, 128));
+        let llama = KernelPlan::new(&AttentionSpec::gqa(32, 8, 128), Target::AVX2);
         assert!(llama.prefetches_whole_tiles(llama.dot_k_tile));
         assert!(!llama.prefetches_whole_tiles(llama.k_tile));
         // 8 KiB rows: even the smallest dot tile (8 keys) spans 32 pages.
-        let wide = KernelPlan::new(&AttentionSpec::gqa(16, 8, 256));
+        let wide = KernelPlan::new(&AttentionSpec::gqa(16, 8, 256), Target::AVX2);
         assert!(!wide.prefetches_whole_tiles(wide.dot_k_tile));
         // 2 KV heads of 64: a whole 64-key tile spans 16 pages.
-        let narrow = KernelPlan::new(&AttentionSpec::gqa(8, 2, 64));
+        let narrow = KernelPlan::new(&AttentionSpec::gqa(8, 2, 64), Target::AVX2);
         assert!(narrow.prefetches_whole_tiles(narrow.k_tile));
     }
 
     #[test]
     fn the_call_packing_addresses_what_its_lengths_hold() {
-        let plan = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16).v_head_dim(20));
+        let plan = KernelPlan::new(&AttentionSpec::gqa(8, 2, 16).v_head_dim(20), Target::AVX2);
         let packing = plan.call_packing.unwrap();
         assert_eq!(
             packing,
@@ -844,17 +923,21 @@ mod tests {
         assert_eq!(packing.value_tile_at(2, 1, 100, 64), ((2 * 2 + 1) * 2 + 1) * 2048);
         let last = packing.value_tile_at(2, 1, 100, 99) + packing.value_tile();
         assert_eq!(last, packing.lens(3, 100).1);
-        assert_eq!(KernelPlan::new(&AttentionSpec::mla(4, 32, 8, 16, 12)).call_packing, None);
+        assert_eq!(
+            KernelPlan::new(&AttentionSpec::mla(4, 32, 8, 16, 12), Target::AVX2).call_packing,
+            None
+        );
     }
 
     #[test]
     fn expanded_mla_plans_one_head_per_group_over_each_task_s_own_copy() {
         let spec = AttentionSpec::mla(16, 512, 64, 128, 128).mask(Mask::Causal);
-        let forms: Vec<Form> = KernelPlan::all(&spec).iter().map(|plan| plan.form).collect();
+        let forms: Vec<Form> =
+            KernelPlan::all(&spec, Target::AVX2).iter().map(|plan| plan.form).collect();
         assert_eq!(forms, [Form::LatentAbsorbed, Form::LatentExpanded]);
         let forced = spec.clone().mla_form(MlaForm::Expanded);
         assert_eq!(Form::compiled(&forced), [Form::LatentExpanded]);
-        let plan = KernelPlan::new(&forced);
+        let plan = KernelPlan::new(&forced, Target::AVX2);
         assert_eq!(
             (plan.form, plan.groups.len(), plan.q_tile, plan.acc_dim),
             (Form::LatentExpanded, 16, 64, 128)
@@ -880,11 +963,12 @@ mod tests {
 
     #[test]
     fn visible_keys_are_whole_tiles_up_to_the_sequence_end() {
-        let causal = KernelPlan::new(&AttentionSpec::mla(2, 8, 0, 8, 8).mask(Mask::Causal));
+        let causal =
+            KernelPlan::new(&AttentionSpec::mla(2, 8, 0, 8, 8).mask(Mask::Causal), Target::AVX2);
         assert_eq!(causal.visible_keys(3, 1000), 0..1000);
         assert_eq!(causal.visible_keys(3, 0), 0..0);
         let window = AttentionSpec::mla(2, 8, 0, 8, 8).mask(Mask::SlidingWindow(100));
-        let plan = KernelPlan::new(&window);
+        let plan = KernelPlan::new(&window, Target::AVX2);
         // The first of 10 queries sits at key 990 and sees 891..=990: from tile 832.
         assert_eq!(plan.visible_keys(10, 1000), 832..1000);
         assert_eq!(plan.visible_keys(2000, 1000), 0..1000);
@@ -906,7 +990,7 @@ mod tests {
             AttentionSpec::mla(3, 40, 8, 24, 20).mla_form(MlaForm::Expanded),
         ];
         for spec in specs {
-            for plan in KernelPlan::all(&spec) {
+            for plan in KernelPlan::all(&spec, Target::AVX2) {
                 let l = plan.scratch;
                 let offsets = [
                     ("scores", l.scores),

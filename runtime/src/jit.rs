@@ -188,7 +188,7 @@ impl Jit {
         let compiled = match state.cache.get(&key) {
             Some(compiled) => Arc::clone(compiled),
             None => {
-                let compiled = Arc::new(state.define(spec, None)?);
+                let compiled = Arc::new(state.define(spec, self.isa, None)?);
                 state.cache.insert(key, Arc::clone(&compiled));
                 compiled
             }
@@ -214,22 +214,23 @@ impl Jit {
                 })
                 .collect(),
         };
-        state.define(spec, Some(&mut listing))?;
+        state.define(spec, self.isa, Some(&mut listing))?;
         Ok(listing)
     }
 }
 
 impl JitState {
-    /// Plans, lowers, emits and defines every function of a spec's kernel, in each form it
-    /// compiles.
+    /// Plans (for `isa`), lowers, emits and defines every function of a spec's kernel, in each
+    /// form it compiles.
     fn define(
         &mut self,
         spec: &AttentionSpec,
+        isa: Isa,
         mut listing: Option<&mut Listing>,
     ) -> Result<Compiled, Error> {
         let started = Instant::now();
         let mut forms = Vec::new();
-        for plan in KernelPlan::all(spec) {
+        for plan in KernelPlan::all(spec, isa.target()) {
             let entries = self.define_form(&plan, &mut listing)?;
             forms.push(CompiledForm { plan, entries });
         }

@@ -39,32 +39,43 @@ pub struct MacroKernel {
 }
 
 impl MacroKernel {
-    /// Plans `spec` as the macro did and picks the functions of `isa` (else `ATTNGEN_ISA`'s,
-    /// else the widest this CPU has) from `versions`, each holding one set of functions per
-    /// form ([`KernelPlan::all`]). `generated_plans` are the plans the functions were
-    /// generated from, as `{:?}` printed them: the functions bake in their sizes, so a
-    /// different plan (attngen-macros built from another attngen-codegen) must not run.
+    /// Picks the ISA `isa` names (else `ATTNGEN_ISA`'s, else the widest this CPU has), plans
+    /// `spec` for it as the macro did, and takes that ISA's functions from `versions`, each
+    /// holding one set of functions per form ([`KernelPlan::all`]). `generated_plans` holds,
+    /// per ISA name, the plans the functions were generated from, as `{:?}` printed them: the
+    /// functions bake in their sizes, so a different plan (attngen-macros built from another
+    /// attngen-codegen) must not run.
     #[doc(hidden)]
     pub fn new(
         spec: AttentionSpec,
-        generated_plans: &[&str],
+        generated_plans: &[(&str, &[&str])],
         versions: Vec<(Isa, Vec<EntryPoints>)>,
         isa: Option<Isa>,
     ) -> MacroKernel {
-        let plans = KernelPlan::all(&spec);
-        let debug: Vec<String> = plans.iter().map(|plan| format!("{plan:?}")).collect();
-        let chosen = if debug != generated_plans {
-            Err(Error::Compile(
-                "the kernel's functions were generated from a different plan: attngen-macros \
-                 and attngen come from different versions of attngen-codegen"
-                    .to_owned(),
-            ))
-        } else {
-            choose(isa, versions).map(|(isa, entries)| {
-                let forms = plans.iter().cloned().zip(entries);
-                (isa, forms.map(|(plan, entries)| CompiledForm { plan, entries }).collect())
-            })
+        let requested = match isa {
+            Some(isa) => isa.checked(),
+            None => Isa::from_env().map(|isa| isa.unwrap_or_else(Isa::detect)),
         };
+        let target = requested.as_ref().map_or(Isa::Portable, |isa| *isa).target();
+        let plans = KernelPlan::all(&spec, target);
+        let chosen = requested.and_then(|isa| {
+            let debug: Vec<String> = plans.iter().map(|plan| format!("{plan:?}")).collect();
+            let generated = generated_plans.iter().find(|(name, _)| *name == isa.name());
+            if generated.is_none_or(|(_, generated)| debug != *generated) {
+                return Err(Error::Compile(
+                    "the kernel's functions were generated from a different plan: \
+                     attngen-macros and attngen come from different versions of attngen-codegen"
+                        .to_owned(),
+                ));
+            }
+            let entries = versions.into_iter().find(|(version, _)| *version == isa);
+            let (_, entries) = entries.ok_or_else(|| Error::Isa {
+                requested: isa.name().to_owned(),
+                reason: "the kernel was not compiled for it on this target".to_owned(),
+            })?;
+            let forms = plans.iter().cloned().zip(entries);
+            Ok((isa, forms.map(|(plan, entries)| CompiledForm { plan, entries }).collect()))
+        });
         MacroKernel { spec, plan: plans[0].clone(), chosen, pool: None }
     }
 
@@ -92,27 +103,11 @@ impl MacroKernel {
         }
     }
 
-    /// The plan the functions were generated from (for a latent spec that leaves the form to
-    /// each call, the absorbed one; [`KernelPlan::all`] lists both).
+    /// The plan the chosen ISA's functions were generated from (for a latent spec that leaves
+    /// the form to each call, the absorbed one; [`KernelPlan::all`] lists both).
     pub fn plan(&self) -> &KernelPlan {
         &self.plan
     }
-}
-
-/// The functions of the ISA asked for, else `ATTNGEN_ISA`'s, else the widest this CPU has.
-fn choose(
-    isa: Option<Isa>,
-    versions: Vec<(Isa, Vec<EntryPoints>)>,
-) -> Result<(Isa, Vec<EntryPoints>), Error> {
-    let isa = match isa {
-        Some(isa) => isa.checked()?,
-        None => Isa::from_env()?.unwrap_or_else(Isa::detect),
-    };
-    let entries = versions.into_iter().find(|(version, _)| *version == isa).map(|(_, e)| e);
-    entries.map(|entries| (isa, entries)).ok_or_else(|| Error::Isa {
-        requested: isa.name().to_owned(),
-        reason: "the kernel was not compiled for it on this target".to_owned(),
-    })
 }
 
 impl Kernel for MacroKernel {

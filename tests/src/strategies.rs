@@ -142,6 +142,21 @@ impl OwnedInputs {
         OwnedInputs { kv_lens: Some(lens), ..self }
     }
 
+    /// Latent rows scaled up key by key (key j by `1 + j / 16`), so that a query's scores rise
+    /// from one key tile to the next by more than the online softmax's rescale threshold and
+    /// its running output is rescaled after the first tile, not only from its initial max;
+    /// returns the largest factor (the inputs' magnitude for the tolerance).
+    pub fn rising_latent(&mut self, shape: Shape) -> f32 {
+        let seq_k = shape.seq_k;
+        let latent = self.get_mut(Tensor::CKv);
+        let rank = latent.len() / (shape.batch * seq_k).max(1);
+        for (row, values) in latent.chunks_mut(rank.max(1)).enumerate() {
+            let factor = 1.0 + (row % seq_k) as f32 / 16.0;
+            values.iter_mut().for_each(|x| *x *= factor);
+        }
+        1.0 + seq_k.saturating_sub(1) as f32 / 16.0
+    }
+
     /// The buffer of one tensor (empty if the spec has none).
     pub fn get(&self, tensor: Tensor) -> &[f32] {
         self.tensors.iter().find(|(t, _)| *t == tensor).map_or(&[], |(_, d)| d)

@@ -182,6 +182,23 @@ fn latent_rows_in_few_cache_sets_match_the_reference() {
     }
 }
 
+/// Scores rising key tile by key tile: absorbed MLA's running output is rescaled mid-loop
+/// (kept transposed on AVX2, row-major on the other ISAs), at decode and on edge tiles.
+#[test]
+fn rising_latent_scores_rescale_the_running_output() {
+    let jits = jits();
+    let spec = AttentionSpec::mla(16, 64, 8, 16, 12).mla_form(MlaForm::Absorbed).mask(Mask::Causal);
+    for (n, shape) in [Shape::new(2, 1, 300), Shape::new(1, 5, 260)].into_iter().enumerate() {
+        let mut inputs = OwnedInputs::random(&spec, shape, 40 + n as u64, 1.0);
+        let magnitude = inputs.rising_latent(shape);
+        for jit in &jits {
+            if let Err(e) = compare(jit, &spec, shape, &inputs, magnitude) {
+                panic!("{} at {shape:?}: {e}", jit.isa());
+            }
+        }
+    }
+}
+
 #[test]
 fn latent_kernels_choose_their_form_per_call_and_both_match_the_reference() {
     let jits = jits();
@@ -239,6 +256,25 @@ fn hidden_nan_keys_do_not_leak_and_visible_ones_do() {
     assert!(out[..16].iter().all(|x| x.is_finite()), "{out:?}");
     assert!(out[16..].iter().all(|x| x.is_nan()), "{out:?}");
     assert!(lse[..4].iter().all(|x| x.is_finite()) && lse[4..].iter().all(|x| x.is_nan()));
+}
+
+/// The same for absorbed MLA on every ISA: its running output is kept transposed on AVX2,
+/// whose value product runs an edge tile's keys as one product only when their latent rows
+/// are finite.
+#[test]
+fn hidden_nan_latent_rows_do_not_leak_and_visible_ones_do() {
+    let spec = AttentionSpec::mla(2, 16, 4, 8, 4).mla_form(MlaForm::Absorbed).mask(Mask::Causal);
+    let shape = Shape::new(1, 3, 3);
+    let mut inputs = OwnedInputs::random(&spec, shape, 9, 1.0);
+    // Key 2's latent row is NaN: only query 2 sees it.
+    inputs.get_mut(Tensor::CKv)[32..48].fill(f32::NAN);
+    for jit in jits() {
+        let kernel = jit.compile(&spec).unwrap();
+        let mut out = vec![0.0; 3 * 2 * 4];
+        kernel.run(shape, &inputs.inputs(), &mut out, None).unwrap();
+        assert!(out[..16].iter().all(|x| x.is_finite()), "{}: {out:?}", jit.isa());
+        assert!(out[16..].iter().all(|x| x.is_nan()), "{}: {out:?}", jit.isa());
+    }
 }
 
 #[test]

@@ -230,13 +230,31 @@ fn hidden_nan_keys_do_not_leak_and_visible_ones_do() {
     }
 }
 
+/// Scores rising key tile by key tile: absorbed MLA's running output is rescaled mid-loop
+/// (kept transposed on AVX2, row-major on the other ISAs), at decode and on edge tiles.
+#[test]
+fn rising_latent_scores_rescale_the_running_output() {
+    for isa in isas() {
+        let kernel = MlaRope::with_isa(isa);
+        for (n, shape) in [Shape::new(2, 1, 300), Shape::new(1, 5, 260)].into_iter().enumerate() {
+            assert_eq!(kernel.form_for(shape), Form::LatentAbsorbed);
+            let mut inputs = OwnedInputs::random(kernel.spec(), shape, 40 + n as u64, 1.0);
+            let magnitude = inputs.rising_latent(shape);
+            if let Err(e) = compare_with_reference(&kernel, shape, &inputs, magnitude) {
+                panic!("{isa} at {shape:?}: {e}");
+            }
+        }
+    }
+}
+
 /// Generated functions bake in their plan's sizes: a kernel whose recorded plan is not the
 /// one this attngen makes for its spec refuses to run, and writes nothing.
 #[test]
 fn functions_from_another_plan_never_run() {
     let spec = GqaCausal.spec().clone();
-    let kernel =
-        MacroKernel::new(spec, &["KernelPlan { .. another version .. }"], Vec::new(), None);
+    let another: &[&str] = &["KernelPlan { .. another version .. }"];
+    let plans = [("avx512", another), ("avx2", another), ("portable", another)];
+    let kernel = MacroKernel::new(spec, &plans, Vec::new(), None);
     let shape = Shape::new(1, 1, 1);
     let inputs = OwnedInputs::random(kernel.spec(), shape, 1, 1.0);
     let mut out = vec![-7.0; 8 * 16];

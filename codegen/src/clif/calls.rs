@@ -22,8 +22,8 @@ impl Translator<'_> {
             self.int(0),
         );
         let args = [
-            rows, rank, nope, a, lda, one, w, rank, panel, c, ldc, zero, zero, zero, zero, zero,
-            zero,
+            rows, rank, nope, a, lda, one, w, rank, panel, c, ldc, one, zero, zero, zero, zero,
+            zero, zero,
         ];
         self.call(Callee::DotNn, &args);
     }
@@ -70,14 +70,16 @@ impl Translator<'_> {
         for (field, width, at) in [(offsets::W_UK, nope, 0), (offsets::W_UV, v_dim, values_at)] {
             let src = self.head_slice(field, width * rank);
             let dst = self.add_imm(dst, 4 * at);
-            let (rows, rank_v, one, zero, panel) = (
+            let (rows, rank_v, one, zero, panel, depth) = (
                 self.int(width as i64),
                 self.int(rank as i64),
                 self.f32(1.0),
                 self.int(0),
                 self.int((PANEL * rank) as i64),
+                self.int(PANEL as i64),
             );
-            self.call(Callee::PackColumns, &[rows, rank_v, src, rank_v, one, dst, zero, panel]);
+            let args = [rows, rank_v, src, rank_v, one, dst, zero, panel, depth];
+            self.call(Callee::PackColumns, &args);
         }
     }
 
@@ -101,8 +103,8 @@ impl Translator<'_> {
             self.int(0),
         );
         let args = [
-            n, width, rank_v, a, rank_v, one, b, panel, b_panel, c, ldc, zero, zero, zero, zero,
-            zero, zero,
+            n, width, rank_v, a, rank_v, one, b, panel, b_panel, c, ldc, one, zero, zero, zero,
+            zero, zero, zero,
         ];
         self.call(Callee::DotNn, &args);
     }

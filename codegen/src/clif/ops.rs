@@ -26,6 +26,7 @@ impl Translator<'_> {
                     );
                 }
             },
+            Op::RestoreRowMajor { via } => self.restore_row_major(*via),
             Op::MergeSplits => self.merge_splits(),
             Op::Normalize => self.normalize(),
             Op::StoreOut { into } => self.store_out(*into),
@@ -51,10 +52,12 @@ impl Translator<'_> {
                 self.pack_tile(*from, *into, *width, *min_rows, tile)
             }
             Op::Scores(term) => self.scores(term, tile),
-            Op::OnlineSoftmax { cap, threshold, partials } => {
-                self.online_softmax(*cap, *threshold, *partials, tile)
+            Op::OnlineSoftmax { cap, threshold, partials, o_transposed } => {
+                self.online_softmax(*cap, *threshold, *partials, *o_transposed, tile)
             }
-            Op::AccumulateValues { values, width } => self.accumulate_values(values, *width, tile),
+            Op::AccumulateValues { values, width, o_transposed } => {
+                self.accumulate_values(values, *width, *o_transposed, tile)
+            }
             // An edge tile's row ranges depend on the group's rows: written per group.
             Op::ForEachGroup { body } => self.for_each_group(|t| {
                 if tile.partial {

@@ -27,8 +27,8 @@ impl Translator<'_> {
         let (lows, highs) = if tile.partial { self.range_tables() } else { (zero, zero) };
         let broadcast = |t: &mut Self| {
             let args = [
-                n, rows_v4, len, a, a_row, one, b, panel, panel_len, c, ldc, acc, zero, zero, lows,
-                highs, prefetch,
+                n, rows_v4, len, a, a_row, one, b, panel, panel_len, c, ldc, one, acc, zero, zero,
+                lows, highs, prefetch,
             ];
             t.call(Callee::DotNn, &args);
         };
@@ -57,6 +57,7 @@ impl Translator<'_> {
         cap: Option<f32>,
         threshold: f32,
         partials: usize,
+        o_transposed: bool,
         tile: Tile,
     ) {
         let ld = self.plan.padded_rows;
@@ -122,7 +123,7 @@ impl Translator<'_> {
             let limit = t.b.ins().fadd(m_old, vthreshold);
             let raise = t.b.ins().fcmp(FloatCC::GreaterThan, tile_max, limit);
             let any = t.b.ins().vany_true(raise);
-            t.if_then(any, |t| t.rescale(c, raise, tile_max));
+            t.if_then(any, |t| t.rescale(c, raise, tile_max, o_transposed));
         });
         // P = 2^(s − m), l += column sums. m is finite (it starts at f32::MIN), so a hidden
         // key's 2^(−∞ − m) is 0, never NaN.
@@ -133,8 +134,10 @@ impl Translator<'_> {
     }
 
     /// Rows `c..c + 4`, in the lanes `raise` selects: `m' = tile_max`, and l and O scaled by
-    /// `2^(m − m')`. O rows are scaled only where the factor is not 1.
-    pub(super) fn rescale(&mut self, c: Value, raise: Value, tile_max: Value) {
+    /// `2^(m − m')`. O rows are scaled only where the factor is not 1; with `o_transposed` the
+    /// four rows are adjacent in every row of `Oᵀ`, scaled as one vector unless all four factors
+    /// are 1.
+    pub(super) fn rescale(&mut self, c: Value, raise: Value, tile_max: Value, o_transposed: bool) {
         let state = self.state;
         let m_at = self.state_m(state, c);
         let l_at = self.state_l(state, c);
@@ -150,6 +153,26 @@ impl Translator<'_> {
         self.b.ins().store(mem(), l, l_at, 0);
         self.b.ins().store(mem(), m_new, m_at, 0);
         let acc_dim = self.plan.acc_dim;
+        if o_transposed {
+            // The four rows are four adjacent floats of every row of Oᵀ: one vector each.
+            let ones = self.splat(1.0);
+            let same = self.b.ins().fcmp(FloatCC::Equal, factor, ones);
+            let unchanged = self.b.ins().vall_true(same);
+            let moved = self.b.ins().bnot(unchanged);
+            self.if_then(moved, |t| {
+                let column = t.float_addr(state, c);
+                let (zero, end) = (t.int(0), t.int(acc_dim as i64));
+                let pitch = t.rows_v4;
+                t.for_range(zero, end, 1, |t, d| {
+                    let offset = t.mul(d, pitch);
+                    let at = t.float_addr(column, offset);
+                    let x = t.b.ins().load(F32X4, mem(), at, 0);
+                    let x = t.b.ins().fmul(x, factor);
+                    t.b.ins().store(mem(), x, at, 0);
+                });
+            });
+            return;
+        }
         let one = self.f32(1.0);
         for lane in 0..4u8 {
             let f = self.b.ins().extractlane(factor, lane);
@@ -163,8 +186,15 @@ impl Translator<'_> {
         }
     }
 
-    /// `O += P · values`: P read column-major from Sᵀ, per-row key ranges on edge tiles.
-    pub(super) fn accumulate_values(&mut self, values: &TileSource, width: usize, tile: Tile) {
+    /// `O += P · values`: P read column-major from Sᵀ, per-row key ranges on edge tiles; with
+    /// `o_transposed`, into `Oᵀ` (C column-major, `rows_v4` floats per row of `Oᵀ`).
+    pub(super) fn accumulate_values(
+        &mut self,
+        values: &TileSource,
+        width: usize,
+        o_transposed: bool,
+        tile: Tile,
+    ) {
         let zero = self.int(0);
         let p = self.scratch_at(self.plan.scratch.scores, zero);
         let (v, b_row, b_panel) = self.value_side(values, tile.j0);
@@ -181,10 +211,36 @@ impl Translator<'_> {
             false => zero,
         };
         let (rows, n) = (self.rows, tile.n);
+        // C[i][j] at o[i·ldc + j·c_col]: O row-major, or Oᵀ (row i of O is column i of Oᵀ).
+        let (ldc, c_col) = match o_transposed {
+            false => (ldc, one),
+            true => (one, self.rows_v4),
+        };
         let args = [
-            rows, width, n, p, one, lda, v, b_row, b_panel, o, ldc, one, lows, highs, zero, zero,
-            prefetch,
+            rows, width, n, p, one, lda, v, b_row, b_panel, o, ldc, c_col, one, lows, highs, zero,
+            zero, prefetch,
         ];
         self.call(Callee::DotNn, &args);
+    }
+    /// `O = (Oᵀ)ᵀ` for the group's rows, through a copy of `Oᵀ` in the scratch tile `via`: the
+    /// copy's rows (one per element of a row of O) go back transposed by `PackColumns`, whose
+    /// "panels" are then O's 16-float chunks and whose depth stride is O's row.
+    pub(super) fn restore_row_major(&mut self, via: Operand) {
+        let state = self.state;
+        let (rows, rows_v4) = (self.rows, self.rows_v4);
+        let acc_dim = self.plan.acc_dim;
+        let copy = self.tile_addr(via);
+        // The copy: rows_v4·acc_dim floats, a multiple of 4.
+        let zero = self.int(0);
+        let len = self.mul_imm(rows_v4, acc_dim);
+        self.for_range(zero, len, 4, |t, i| {
+            let from = t.float_addr(state, i);
+            let to = t.float_addr(copy, i);
+            let x = t.b.ins().load(F32X4, mem(), from, 0);
+            t.b.ins().store(mem(), x, to, 0);
+        });
+        let (width, one, panel) = (self.int(acc_dim as i64), self.f32(1.0), self.int(PANEL as i64));
+        let args = [width, rows, copy, rows_v4, one, state, zero, panel, width];
+        self.call(Callee::PackColumns, &args);
     }
 }

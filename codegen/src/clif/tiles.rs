@@ -115,10 +115,14 @@ impl Translator<'_> {
         tile: Value,
         first_column: Value,
     ) {
-        let (width, src_row, panel) =
-            (self.int(len as i64), self.int(src_row as i64), self.int((PANEL * len) as i64));
+        let (width, src_row, panel, depth) = (
+            self.int(len as i64),
+            self.int(src_row as i64),
+            self.int((PANEL * len) as i64),
+            self.int(PANEL as i64),
+        );
         let factor = self.f32(factor);
-        let args = [rows, width, src, src_row, factor, tile, first_column, panel];
+        let args = [rows, width, src, src_row, factor, tile, first_column, panel, depth];
         self.call(Callee::PackColumns, &args);
     }
 

@@ -3,8 +3,9 @@
 //!
 //! A kernel is the spec's [`KernelIr`] translated into the `extern "C"` functions of
 //! [`crate::abi`] ([`program`]), once per form the spec compiles ([`KernelPlan::all`]: a
-//! latent spec whose calls choose their form has two), stamped once per ISA with its target
-//! features and its pre-compiled tile routines, plus the impls that hand them to attngen's
+//! latent spec whose calls choose their form has two), planned and stamped once per ISA (its
+//! [`Target`], target features and pre-compiled tile routines), plus the impls that hand them
+//! to attngen's
 //! executor — the one every backend runs through, which picks the ISA at first use and the
 //! form per call.
 
@@ -14,7 +15,7 @@ use proc_macro2::{Ident, Literal, TokenStream};
 use quote::{format_ident, quote};
 
 use crate::ir::{self, KernelIr};
-use crate::plan::{HeadMap, KernelPlan};
+use crate::plan::{HeadMap, KernelPlan, Target};
 use crate::spec::{AttentionSpec, GroupMap, KvLayout, Mask, MlaForm};
 
 /// One ISA the generated kernels are compiled for: the module of `attngen::__private` holding
@@ -30,6 +31,8 @@ pub struct IsaVersion {
     pub x86_only: bool,
     /// The `attngen::Isa` variant.
     pub variant: &'static str,
+    /// What the plan takes from the ISA.
+    pub target: Target,
 }
 
 /// Every ISA a kernel is stamped for, widest first (the runtime's `Isa::ALL`).
@@ -39,9 +42,22 @@ pub const ISA_VERSIONS: [IsaVersion; 3] = [
         features: Some("avx512f,avx2,fma"),
         x86_only: true,
         variant: "Avx512",
+        target: Target::AVX512,
     },
-    IsaVersion { module: "avx2", features: Some("avx2,fma"), x86_only: true, variant: "Avx2Fma" },
-    IsaVersion { module: "portable", features: None, x86_only: false, variant: "Portable" },
+    IsaVersion {
+        module: "avx2",
+        features: Some("avx2,fma"),
+        x86_only: true,
+        variant: "Avx2Fma",
+        target: Target::AVX2,
+    },
+    IsaVersion {
+        module: "portable",
+        features: None,
+        x86_only: false,
+        variant: "Portable",
+        target: Target::PORTABLE,
+    },
 ];
 
 fn target_features(isa: IsaVersion) -> TokenStream {
@@ -59,15 +75,18 @@ pub fn kernel_tokens(
     spec: &AttentionSpec,
     tracked_file: Option<&str>,
 ) -> TokenStream {
-    let plans = KernelPlan::all(spec);
-    let programs: Vec<KernelIr> = plans.iter().map(ir::lower).collect();
     let module = format_ident!("__attngen_kernel_{}", name.to_string().to_lowercase());
     let spec_expr = spec_tokens(spec);
-    let plan_debug: Vec<String> = plans.iter().map(|plan| format!("{plan:?}")).collect();
-    let group_heads = group_heads(&plans[0]);
+    let group_heads = group_heads(&KernelPlan::new(spec, Target::PORTABLE));
     let mut versions = TokenStream::new();
     let mut table = TokenStream::new();
+    let mut plan_debug = Vec::new();
     for isa in ISA_VERSIONS {
+        let plans = KernelPlan::all(spec, isa.target);
+        let programs: Vec<KernelIr> = plans.iter().map(ir::lower).collect();
+        let debug = plans.iter().map(|plan| format!("{plan:?}"));
+        let isa_name = isa.module;
+        plan_debug.push(quote!((#isa_name, &[#(#debug),*])));
         let ident = format_ident!("{}", isa.module);
         let mut forms = TokenStream::new();
         let mut entries = Vec::new();
@@ -113,8 +132,9 @@ pub fn kernel_tokens(
                 #spec_expr
             }
 
-            /// The plan of each form the functions were generated from, as `{:?}` prints it.
-            pub const PLANS: &[&str] = &[#(#plan_debug),*];
+            /// Per ISA, the plan of each form its functions were generated from, as `{:?}`
+            /// prints it.
+            pub const PLANS: &[(&str, &[&str])] = &[#(#plan_debug),*];
 
             /// The functions of every ISA this target has, one set per form.
             pub fn versions() -> ::std::vec::Vec<(::attngen::Isa, ::std::vec::Vec<::attngen::__private::EntryPoints>)> {

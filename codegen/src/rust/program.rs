@@ -200,10 +200,13 @@ impl Emitter<'_> {
                 self.pack_tile(*from, *into, *width, *min_rows, tile)
             }
             Op::Scores(term) => self.scores(term, tile),
-            Op::OnlineSoftmax { cap, threshold, partials } => {
-                self.online_softmax(*cap, *threshold, *partials, tile)
+            Op::OnlineSoftmax { cap, threshold, partials, o_transposed } => {
+                self.online_softmax(*cap, *threshold, *partials, *o_transposed, tile)
             }
-            Op::AccumulateValues { values, width } => self.accumulate_values(values, *width, tile),
+            Op::AccumulateValues { values, width, o_transposed } => {
+                self.accumulate_values(values, *width, *o_transposed, tile)
+            }
+            Op::RestoreRowMajor { via } => self.restore_row_major(*via),
             Op::MergeSplits => self.merge_splits(),
             Op::Normalize => self.normalize(),
             Op::StoreOut { into } => self.store_out(*into),
@@ -362,7 +365,7 @@ impl Emitter<'_> {
         let factor_lit = Literal::f32_suffixed(factor);
         let pack = self.for_each_head(quote! {
             let src = #base.add(#index + #offset);
-            routines::pack_columns(nq, #len_lit, src, #row_floats, #factor_lit, tile, slot * nq, #panel_len);
+            routines::pack_columns(nq, #len_lit, src, #row_floats, #factor_lit, tile, slot * nq, #panel_len, #panel);
         });
         let rows_major = if let Some(dot) = row_major {
             let dst = self.tile_addr(dot.query);
@@ -603,7 +606,7 @@ impl Emitter<'_> {
         let (lows, highs) = self.range_tables(tile);
         let broadcast = quote! {
             routines::dot_nn(n, rows_v4, #len, a, a_row, 1, #query.cast_const(), #panel, #panel_len,
-                c, #ld, #acc, ::core::ptr::null(), ::core::ptr::null(), #lows, #highs, prefetch);
+                c, #ld, 1, #acc, ::core::ptr::null(), ::core::ptr::null(), #lows, #highs, prefetch);
         };
         let product = if let Some(dot) = term.dot {
             let dots = self.rows_at_most(dot.max_rows);
@@ -631,6 +634,7 @@ impl Emitter<'_> {
         cap: Option<f32>,
         threshold: f32,
         partials: usize,
+        o_transposed: bool,
         tile: Option<Tile>,
     ) -> TokenStream {
         let tile = tile.expect("tile ops only appear inside KeyTiles");
@@ -663,6 +667,30 @@ impl Emitter<'_> {
         // The max of finite scores does not depend on the order; a NaN score reaches its row
         // through `2^(s − m)`.
         let o_c = self.state_o(quote!(c));
+        // Row c of O, or (transposed) nothing here: the block's rows are adjacent in every row
+        // of Oᵀ, scaled together after the lanes.
+        let (scale_o, scale_columns) = match o_transposed {
+            false => (
+                quote! {
+                    let o = #o_c;
+                    ::attngen::__private::scale_row(o, o, #acc, factor);
+                },
+                TokenStream::new(),
+            ),
+            true => (
+                TokenStream::new(),
+                quote! {
+                    if factors.iter().any(|&f| f != 1.0) {
+                        for d in 0..#acc {
+                            let o = state.add(d * rows_v4 + c0);
+                            for (lane, f) in factors.iter().enumerate() {
+                                *o.add(lane) *= f;
+                            }
+                        }
+                    }
+                },
+            ),
+        };
         assert!(partials.is_power_of_two(), "partial maxima combine pairwise");
         let mut level: Vec<TokenStream> =
             (0..partials).map(|p| quote!(partial_max[#p][lane])).collect();
@@ -708,20 +736,22 @@ impl Emitter<'_> {
                     let max = |a: f32, b: f32| if b < a { a } else { b };
                     #combined
                 });
+                let mut factors = [1.0f32; #width];
                 for lane in 0..#width {
                     let c = c0 + lane;
                     let m_old = *state.add(#m + c);
                     if tile_max[lane] > m_old + #threshold {
                         let m_new = tile_max[lane];
                         let factor = ::attngen::__private::abi::exp2::eval(m_old - m_new);
+                        factors[lane] = factor;
                         *state.add(#l + c) *= factor;
                         *state.add(#m + c) = m_new;
                         if factor != 1.0 {
-                            let o = #o_c;
-                            ::attngen::__private::scale_row(o, o, #acc, factor);
+                            #scale_o
                         }
                     }
                 }
+                #scale_columns
             }}
         };
         // Blocks of a panel's width while they fit, then of the row multiple (rows_v4 is one):
@@ -749,21 +779,29 @@ impl Emitter<'_> {
         &self,
         values: &TileSource,
         width: usize,
+        o_transposed: bool,
         tile: Option<Tile>,
     ) -> TokenStream {
         let tile = tile.expect("tile ops only appear inside KeyTiles");
         let plan = self.plan;
         let value_side = self.value_side(values);
-        let (scores, ld, acc, width) =
-            (lit(plan.scratch.scores), lit(plan.padded_rows), lit(plan.acc_dim), lit(width));
+        // C[i][j] at state[i·ldc + j·c_col]: O row-major, or Oᵀ (row i of O is column i).
+        let (ldc, c_col) = match o_transposed {
+            false => {
+                let acc = lit(plan.acc_dim);
+                (quote!(#acc), quote!(1))
+            }
+            true => (quote!(1), quote!(rows_v4)),
+        };
+        let (scores, ld, width) = (lit(plan.scratch.scores), lit(plan.padded_rows), lit(width));
         let prefetch = self.prefetch_next(values, tile);
         let (lows, highs) = self.range_tables(tile);
         quote! {{
             let (v, b_row, b_panel) = #value_side;
             let prefetch: *const PrefetchRows = #prefetch;
             routines::dot_nn(rows, #width, n, scratch.add(#scores).cast_const(), 1, #ld, v, b_row,
-                b_panel, state, #acc, 1, #lows, #highs, ::core::ptr::null(), ::core::ptr::null(),
-                prefetch);
+                b_panel, state, #ldc, #c_col, 1, #lows, #highs, ::core::ptr::null(),
+                ::core::ptr::null(), prefetch);
         }}
     }
 
@@ -851,6 +889,18 @@ impl Emitter<'_> {
                 *highs.add(row) = 0;
             }
         }
+    }
+
+    /// `O = (Oᵀ)ᵀ` for the group's rows, through a copy of `Oᵀ` in the scratch tile `via`: the
+    /// copy's rows (one per element of a row of O) go back transposed by `pack_columns`, whose
+    /// "panels" are then O's 16-float chunks and whose depth stride is O's row.
+    fn restore_row_major(&self, via: Operand) -> TokenStream {
+        let (copy, acc, panel) = (self.tile_addr(via), lit(self.plan.acc_dim), lit(PANEL));
+        quote! {{
+            let copy = #copy;
+            ::core::ptr::copy_nonoverlapping(state.cast_const(), copy, rows_v4 * #acc);
+            routines::pack_columns(#acc, rows, copy.cast_const(), rows_v4, 1.0, state, 0, #panel, #acc);
+        }}
     }
 
     // --- Finishing.
@@ -943,7 +993,7 @@ impl Emitter<'_> {
         quote! {
             routines::dot_nn(args.batch * args.seq_q, #rank, #nope, args.q.add(head * #q_head), #lda, 1,
                 args.w_uk.add(head * #w_head), #rank, #panel, args.latent_q.add(head * #c_head), #ldc,
-                0, ::core::ptr::null(), ::core::ptr::null(), ::core::ptr::null(),
+                1, 0, ::core::ptr::null(), ::core::ptr::null(), ::core::ptr::null(),
                 ::core::ptr::null(), ::core::ptr::null());
         }
     }
@@ -962,13 +1012,13 @@ impl Emitter<'_> {
     /// Prologue (expanded MLA): `weights_t[h] = [W_UK[h]ᵀ, W_UV[h]ᵀ]` in column panels.
     fn transpose_weights(&self, rank: usize, nope: usize, v_dim: usize) -> TokenStream {
         let (per_head, values_at) = self.transposed_weights();
-        let (per_head, panel) = (lit(per_head), lit(PANEL * rank));
+        let (per_head, panel, depth) = (lit(per_head), lit(PANEL * rank), lit(PANEL));
         let parts =
             [(quote!(w_uk), nope, 0), (quote!(w_uv), v_dim, values_at)].map(|(w, width, at)| {
                 let (head, width, at, rank) = (lit(width * rank), lit(width), lit(at), lit(rank));
                 quote! {
                     routines::pack_columns(#width, #rank, args.#w.add(head * #head), #rank, 1.0,
-                        args.weights_t.add(head * #per_head + #at), 0, #panel);
+                        args.weights_t.add(head * #per_head + #at), 0, #panel, #depth);
                 }
             });
         quote!(#(#parts)*)
@@ -996,7 +1046,7 @@ impl Emitter<'_> {
         quote! {
             routines::dot_nn(n, #width, #rank, args.c_kv.add(latent_row * #rank), #rank, 1,
                 args.weights_t.add(head * #per_head + #at).cast_const(), #panel, #b_panel, #c, #ldc,
-                0, ::core::ptr::null(), ::core::ptr::null(), ::core::ptr::null(),
+                1, 0, ::core::ptr::null(), ::core::ptr::null(), ::core::ptr::null(),
                 ::core::ptr::null(), ::core::ptr::null());
         }
     }

@@ -109,6 +109,7 @@ pub(super) unsafe fn dot_nn<S: OutOfLine>(
     b_panel: usize,
     c: *mut f32,
     ldc: usize,
+    c_col: usize,
     accumulate: usize,
     row_lo: *const i32,
     row_hi: *const i32,
@@ -117,11 +118,56 @@ pub(super) unsafe fn dot_nn<S: OutOfLine>(
     prefetch: *const PrefetchRows,
 ) {
     debug_assert!(row_lo.is_null() || col_lo.is_null(), "row and column tables together");
+    if c_col != 1 {
+        let c = (c, ldc, c_col);
+        let tables = RangeTables { row_lo, row_hi, col_lo, col_hi };
+        // SAFETY: forwarded caller contract.
+        return unsafe {
+            column_major_c::<S>(
+                m, n, k, a, a_row, a_col, b, b_row, b_panel, c, accumulate, tables, prefetch,
+            )
+        };
+    }
+    // SAFETY: forwarded caller contract, with C row-major.
+    unsafe {
+        row_major_c::<S>(
+            m, n, k, a, a_row, a_col, b, b_row, b_panel, c, ldc, accumulate, row_lo, row_hi,
+            col_lo, col_hi, prefetch,
+        )
+    }
+}
+
+/// [`dot_nn`] with C row-major (`c_col = 1`).
+///
+/// # Safety
+/// As [`dot_nn`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_major_c<S: OutOfLine>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    a_row: usize,
+    a_col: usize,
+    b: *const f32,
+    b_row: usize,
+    b_panel: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: usize,
+    row_lo: *const i32,
+    row_hi: *const i32,
+    col_lo: *const i32,
+    col_hi: *const i32,
+    prefetch: *const PrefetchRows,
+) {
     if a_col != 1 && a_row != 1 {
         // SAFETY: forwarded caller contract; no generated kernel passes such strides. It
         // computes every entry, which the column tables allow.
         return unsafe {
-            strided(m, n, k, a, a_row, a_col, b, b_row, b_panel, c, ldc, accumulate, row_lo, row_hi)
+            let c = (c, ldc, 1);
+            strided(m, n, k, a, a_row, a_col, b, b_row, b_panel, c, accumulate, row_lo, row_hi)
         };
     }
     let nn = NnArgs {
@@ -920,6 +966,189 @@ impl NnBlock {
     }
 }
 
+/// [`dot_nn`] with C column-major (`C[i][j]` at `c[i·c_row + j·c_col]`, `c_col != 1`): absorbed
+/// MLA's running output kept transposed, `Oᵀ`, one column per query row. With A column-major,
+/// B row-major and C's rows contiguous (`c_row = 1`) it computes `Cᵀ = Bᵀ·Aᵀ` in the ISA's
+/// register blocks — Cᵀ's rows are B's columns, so a 16-row C is one block wide and each
+/// broadcast of B serves two vectors. With row tables, the keys of the rows' union range run
+/// as one product when `A[i][p]` is 0 outside row i's range (a probability tile's hidden
+/// entries are: [`super::DotNn`]'s contract) and every value row outside the common range is
+/// finite; a non-finite one (`0 · NaN`) sends those keys to an exact per-row sum
+/// ([`ragged_columns`]). Any other layout runs element by element.
+///
+/// # Safety
+/// As [`dot_nn`], for C addressed through its two strides.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn column_major_c<S: OutOfLine>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    a_row: usize,
+    a_col: usize,
+    b: *const f32,
+    b_row: usize,
+    b_panel: usize,
+    (c, c_row, c_col): (*mut f32, usize, usize),
+    accumulate: usize,
+    tables: RangeTables,
+    prefetch: *const PrefetchRows,
+) {
+    let RangeTables { row_lo, row_hi, .. } = tables;
+    if a_row != 1 || b_panel != PANEL || c_row != 1 {
+        // SAFETY: forwarded caller contract; the column tables only allow skipping.
+        return unsafe {
+            strided(
+                m,
+                n,
+                k,
+                a,
+                a_row,
+                a_col,
+                b,
+                b_row,
+                b_panel,
+                (c, c_row, c_col),
+                accumulate,
+                row_lo,
+                row_hi,
+            )
+        };
+    }
+    let swapped = Swapped { m, n, a, a_col, b, b_row, c, c_col, prefetch };
+    if row_lo.is_null() {
+        // SAFETY: keys 0..k of A and B are in bounds.
+        return unsafe { swapped.keys::<S>(0, k, accumulate) };
+    }
+    // SAFETY: the row tables hold m entries.
+    let (common, union) =
+        unsafe { (common_range(0, m, k, row_lo, row_hi), union_range(m, k, row_lo, row_hi)) };
+    let (lo, hi) = (common.0, common.1.max(common.0));
+    let outside = [union.0.min(lo)..lo, hi.max(union.0)..union.1.max(hi)];
+    let mut finite = true;
+    for p in outside.iter().flat_map(Clone::clone) {
+        // SAFETY: key p < k names a row of B with n floats.
+        finite &= (0..n).all(|j| unsafe { *b.add(p * b_row + j) }.is_finite());
+    }
+    // SAFETY: the keys named lie in 0..k; the row tables hold m entries.
+    unsafe {
+        if finite {
+            let (first, last) = (outside[0].start, outside[1].end);
+            return swapped.keys::<S>(first, last.max(first), accumulate);
+        }
+        swapped.keys::<S>(lo, hi, accumulate);
+        ragged_columns(m, n, (lo, hi), k, a, a_col, b, b_row, (c, c_col), row_lo, row_hi);
+    }
+}
+
+/// [`column_major_c`]'s operands: `Cᵀ` (n × m, rows `c_col` apart) is C; `Bᵀ`'s element
+/// (j, p) is B's (p, j), at `b[p·b_row + j]` (B row-major), and `Aᵀ`'s (p, i) is A's (i, p), at
+/// `a[p·a_col + i]` (A column-major).
+#[derive(Clone, Copy)]
+struct Swapped {
+    m: usize,
+    n: usize,
+    a: *const f32,
+    a_col: usize,
+    b: *const f32,
+    b_row: usize,
+    c: *mut f32,
+    c_col: usize,
+    prefetch: *const PrefetchRows,
+}
+
+impl Swapped {
+    /// `Cᵀ (+)= Bᵀ·Aᵀ` over keys `lo..hi` in the ISA's register blocks; an empty range still
+    /// clears C when not accumulating.
+    ///
+    /// # Safety
+    /// Keys `lo..hi` of A and B and C's `n × m` elements are in bounds.
+    #[inline(always)]
+    unsafe fn keys<S: OutOfLine>(&self, lo: usize, hi: usize, accumulate: usize) {
+        let Swapped { m, n, a, a_col, b, b_row, c, c_col, prefetch } = *self;
+        let null = std::ptr::null();
+        // SAFETY: the caller's contract.
+        unsafe {
+            row_major_c::<S>(
+                n,
+                m,
+                hi - lo,
+                b.add(lo * b_row),
+                1,
+                b_row,
+                a.add(lo * a_col),
+                a_col,
+                PANEL,
+                c,
+                c_col,
+                accumulate,
+                null,
+                null,
+                null,
+                null,
+                prefetch,
+            )
+        }
+    }
+}
+
+/// The keys some row of `0..m` sees: from the smallest start to the largest end of the rows'
+/// non-empty ranges (empty when every row's is).
+///
+/// # Safety
+/// `row_lo` and `row_hi` hold m entries.
+unsafe fn union_range(
+    m: usize,
+    k: usize,
+    row_lo: *const i32,
+    row_hi: *const i32,
+) -> (usize, usize) {
+    // SAFETY: the caller's contract.
+    let range = |r: usize| unsafe { row_keys(row_lo, row_hi, r, k) };
+    let visible = (0..m).map(range).filter(|(lo, hi)| lo < hi);
+    visible.fold((k, 0), |(lo, hi), (l, h)| (lo.min(l), hi.max(h)))
+}
+
+/// The keys of each row of a column-major C outside `common` ([`column_major_c`]), summed
+/// element by element from zero and added to C: the exact path, for value rows that are not
+/// all finite.
+///
+/// # Safety
+/// As [`column_major_c`]'s product; the row tables hold m entries.
+#[allow(clippy::too_many_arguments)]
+unsafe fn ragged_columns(
+    m: usize,
+    n: usize,
+    (lo, hi): (usize, usize),
+    k: usize,
+    a: *const f32,
+    a_col: usize,
+    b: *const f32,
+    b_row: usize,
+    (c, c_col): (*mut f32, usize),
+    row_lo: *const i32,
+    row_hi: *const i32,
+) {
+    for i in 0..m {
+        // SAFETY: row i has table entries.
+        let (first, last) = unsafe { row_keys(row_lo, row_hi, i, k) };
+        let parts = match lo < hi {
+            true => [first..last.min(lo), first.max(hi)..last],
+            false => [first..last, 0..0],
+        };
+        for j in 0..n {
+            let mut sum = 0.0f32;
+            for p in parts.iter().flat_map(Clone::clone) {
+                // SAFETY: p < k and j < n name elements of A (column-major) and B (row-major).
+                sum = unsafe { (*a.add(p * a_col + i)).mul_add(*b.add(p * b_row + j), sum) };
+            }
+            // SAFETY: C[i][j] is writable.
+            unsafe { *c.add(i + j * c_col) += sum };
+        }
+    }
+}
+
 /// `dot_nn` for an A with neither stride 1, element by element (no generated kernel passes
 /// one; the contract allows it).
 ///
@@ -936,8 +1165,7 @@ unsafe fn strided(
     b: *const f32,
     b_row: usize,
     b_panel: usize,
-    c: *mut f32,
-    ldc: usize,
+    (c, c_row, c_col): (*mut f32, usize, usize),
     accumulate: usize,
     row_lo: *const i32,
     row_hi: *const i32,
@@ -956,7 +1184,7 @@ unsafe fn strided(
             }
             // SAFETY: C[i][j] is writable.
             unsafe {
-                let dst = c.add(i * ldc + j);
+                let dst = c.add(i * c_row + j * c_col);
                 *dst = if accumulate != 0 { *dst + sum } else { sum };
             }
         }

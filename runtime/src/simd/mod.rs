@@ -33,6 +33,7 @@
 // The kernels take BLAS-style (sizes, pointer, leading dimension) argument lists.
 #![allow(clippy::too_many_arguments)]
 
+use attngen_codegen::Target;
 use attngen_codegen::abi::PrefetchRows;
 
 use crate::Error;
@@ -233,9 +234,15 @@ impl Isa {
 
     /// f32 lanes per vector of the micro-kernels.
     pub fn lanes(self) -> usize {
+        self.target().lanes
+    }
+
+    /// What a kernel's plan takes from this ISA (`KernelPlan::all`).
+    pub fn target(self) -> Target {
         match self {
-            Isa::Avx512 => 16,
-            Isa::Avx2Fma | Isa::Portable => 8,
+            Isa::Avx512 => Target::AVX512,
+            Isa::Avx2Fma => Target::AVX2,
+            Isa::Portable => Target::PORTABLE,
         }
     }
 
@@ -346,10 +353,10 @@ mod tests {
             .collect()
     }
 
-    /// What C[i][j] holds before the product is added: its old value when accumulating or past
-    /// column n (never written), else 0.
-    fn initial(before: &[f32], ldc: usize, i: usize, j: usize, n: usize, accumulate: usize) -> f64 {
-        if accumulate == 1 || j >= n { before[i * ldc + j] as f64 } else { 0.0 }
+    /// What `C[i][j]`, at `before[at]`, holds before the product is added: its old value when
+    /// accumulating or past column n (never written), else 0.
+    fn initial(before: &[f32], at: usize, j: usize, n: usize, accumulate: usize) -> f64 {
+        if accumulate == 1 || j >= n { before[at] as f64 } else { 0.0 }
     }
 
     /// `C = A·B` by `isa`'s `dot_nn`, A `m × k` row-major, B `k` rows of panel-packed columns
@@ -387,6 +394,7 @@ mod tests {
                 PANEL * k,
                 c,
                 n,
+                1,
                 0,
                 null,
                 null,
@@ -465,7 +473,7 @@ mod tests {
                     };
                     for i in 0..m {
                         for j in 0..ldc {
-                            let mut want = initial(&before, ldc, i, j, n, accumulate);
+                            let mut want = initial(&before, i * ldc + j, j, n, accumulate);
                             if j < n {
                                 want += (0..k)
                                     .map(|p| a[i * lda + p] as f64 * b[j * ldb + p] as f64)
@@ -556,8 +564,24 @@ mod tests {
                             (0, false, true),
                             (1, false, true),
                         ];
-                        for (accumulate, ranged, columns) in cases {
-                            let mut c = data(m * ldc, 6);
+                        // C row-major, or column-major (absorbed MLA's transposed O).
+                        let c_layouts = [(ldc, 1, m * ldc), (1, m + 2, (n + 1) * (m + 2))];
+                        let all = cases.iter().flat_map(|case| c_layouts.map(|c| (*case, c)));
+                        for ((accumulate, ranged, columns), (c_row, c_col, c_len)) in all {
+                            let at = |i: usize, j: usize| i * c_row + j * c_col;
+                            let mut c = data(c_len, 6);
+                            // A column-major C's rows read A as 0 outside their ranges
+                            // (`DotNn`): a probability tile's hidden entries.
+                            let mut a = a.clone();
+                            if ranged && c_col != 1 {
+                                for i in 0..m {
+                                    let (l, h) =
+                                        (lo[i].clamp(0, k as i32), hi[i].clamp(0, k as i32));
+                                    for p in (0..k).filter(|&p| p < l as usize || p >= h as usize) {
+                                        a[i * a_row + p * a_col] = 0.0;
+                                    }
+                                }
+                            }
                             let before = c.clone();
                             let (row_lo, row_hi) = if ranged {
                                 (lo.as_ptr(), hi.as_ptr())
@@ -583,7 +607,8 @@ mod tests {
                                     b_row,
                                     b_panel,
                                     c.as_mut_ptr(),
-                                    ldc,
+                                    c_row,
+                                    c_col,
                                     accumulate,
                                     row_lo,
                                     row_hi,
@@ -601,8 +626,8 @@ mod tests {
                                 } else {
                                     (0, k)
                                 };
-                                for j in 0..ldc {
-                                    let mut want = initial(&before, ldc, i, j, n, accumulate);
+                                for j in 0..=n {
+                                    let mut want = initial(&before, at(i, j), j, n, accumulate);
                                     if j < n {
                                         want += (l..h.max(l))
                                             .map(|p| {
@@ -614,17 +639,17 @@ mod tests {
                                             })
                                             .sum::<f64>();
                                     }
-                                    let got = c[i * ldc + j] as f64;
+                                    let got = c[at(i, j)] as f64;
                                     // f32 rounding grows with the partial sums added.
                                     let tolerance = 1e-4 * (k as f64 / 64.0).max(1.0);
                                     // An entry no column table asks for may be left as it was.
-                                    let kept = got == before[i * ldc + j] as f64;
+                                    let kept = got == before[at(i, j)] as f64;
                                     let optional = columns && j < n && !needs(i, j);
                                     assert!(
                                         (got - want).abs() < tolerance || (optional && kept),
                                         "{isa:?} nn {m}x{n}x{k} a ({a_row},{a_col}) b ({b_row},{b_panel}) \
-                                         acc {accumulate} ranged {ranged} columns {columns} [{i},{j}] \
-                                         {got} vs {want}"
+                                         c ({c_row},{c_col}) acc {accumulate} ranged {ranged} \
+                                         columns {columns} [{i},{j}] {got} vs {want}"
                                     );
                                 }
                             }
@@ -719,34 +744,39 @@ mod tests {
             ] {
                 let src_row = width + 5;
                 let src = data(rows * src_row, 10);
-                let panel = PANEL * width;
                 let columns = (first_column + rows).next_multiple_of(PANEL);
-                let mut tile = vec![-7.0f32; columns / PANEL * panel];
-                // SAFETY: src holds rows rows of src_row >= width floats; the tile holds every
-                // panel of columns 0..columns, width deep.
-                unsafe {
-                    pack(
-                        rows,
-                        width,
-                        src.as_ptr(),
-                        src_row,
-                        0.5,
-                        tile.as_mut_ptr(),
-                        first_column,
-                        panel,
-                    )
-                };
-                for column in 0..columns {
-                    for depth in 0..width {
-                        let got = tile[column / PANEL * panel + depth * PANEL + column % PANEL];
-                        let want = match column.checked_sub(first_column) {
-                            Some(r) if r < rows => 0.5 * src[r * src_row + depth],
-                            _ => -7.0,
-                        };
-                        assert_eq!(
-                            got, want,
-                            "{isa:?} {rows}x{width} from {first_column}: [{column}, {depth}]"
-                        );
+                // Panels `width` deep (a query tile), or one row-major matrix of `columns`
+                // floats per depth (a transposed running output made row-major again).
+                for (dst_panel, dst_row) in [(PANEL * width, PANEL), (PANEL, columns)] {
+                    let mut tile = vec![-7.0f32; columns * width];
+                    // SAFETY: src holds rows rows of src_row >= width floats; the tile holds
+                    // every element of columns 0..columns, depths 0..width, in either layout.
+                    unsafe {
+                        pack(
+                            rows,
+                            width,
+                            src.as_ptr(),
+                            src_row,
+                            0.5,
+                            tile.as_mut_ptr(),
+                            first_column,
+                            dst_panel,
+                            dst_row,
+                        )
+                    };
+                    for column in 0..columns {
+                        for depth in 0..width {
+                            let at = column / PANEL * dst_panel + depth * dst_row + column % PANEL;
+                            let want = match column.checked_sub(first_column) {
+                                Some(r) if r < rows => 0.5 * src[r * src_row + depth],
+                                _ => -7.0,
+                            };
+                            assert_eq!(
+                                tile[at], want,
+                                "{isa:?} {rows}x{width} from {first_column}, rows {dst_row} apart: \
+                                 [{column}, {depth}]"
+                            );
+                        }
                     }
                 }
             }
@@ -804,6 +834,7 @@ mod tests {
                     PANEL,
                     c.as_mut_ptr(),
                     2,
+                    1,
                     0,
                     lo.as_ptr(),
                     hi.as_ptr(),
@@ -813,6 +844,53 @@ mod tests {
                 )
             };
             assert_eq!(c, [2.0, 3.0], "{isa:?}");
+        }
+    }
+
+    /// A column-major C (a transposed O): row 0 sees key 0, row 1 keys 0 and 1, whose value
+    /// row is NaN (finite, it runs in one product with row 0's A entry for key 1 at 0): the
+    /// NaN reaches row 1 only.
+    #[test]
+    fn column_major_rows_never_touch_hidden_values() {
+        for isa in tested_isas() {
+            let dot_nn = isa.routines().dot_nn;
+            for hidden in [f32::NAN, 5.0] {
+                // A column-major (2 rows, 2 keys): A[i][p] at a[p·2 + i]; A[0][1] = 0.
+                let a = [1.0f32, 2.0, 0.0, 1.0];
+                let b = [2.0f32, 3.0, hidden, hidden];
+                let (lo, hi) = ([0i32, 0], [1i32, 2]);
+                // C[i][j] at c[i + j·2].
+                let mut c = [0.0f32; 4];
+                // SAFETY: 2 × 2 output, k = 2 keys of 2 values, two row ranges.
+                unsafe {
+                    dot_nn(
+                        2,
+                        2,
+                        2,
+                        a.as_ptr(),
+                        1,
+                        2,
+                        b.as_ptr(),
+                        2,
+                        PANEL,
+                        c.as_mut_ptr(),
+                        1,
+                        2,
+                        0,
+                        lo.as_ptr(),
+                        hi.as_ptr(),
+                        std::ptr::null(),
+                        std::ptr::null(),
+                        std::ptr::null(),
+                    )
+                };
+                let row = |i: usize| [c[i], c[i + 2]];
+                assert_eq!(row(0), [2.0, 3.0], "{isa:?}");
+                match hidden.is_nan() {
+                    true => assert!(row(1).iter().all(|x| x.is_nan()), "{isa:?}"),
+                    false => assert_eq!(row(1), [9.0, 11.0], "{isa:?}"),
+                }
+            }
         }
     }
 }

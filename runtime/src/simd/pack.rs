@@ -68,6 +68,7 @@ pub(super) unsafe fn pack_columns<S: Simd>(
     dst: *mut f32,
     first_column: usize,
     dst_panel: usize,
+    dst_row: usize,
 ) {
     // Rows before the first column on a multiple of 4, and after the last whole run of 4.
     let head = ((4 - first_column % 4) % 4).min(rows);
@@ -77,7 +78,7 @@ pub(super) unsafe fn pack_columns<S: Simd>(
     // elements of columns first_column + r, depths c < width, of dst, as the caller guarantees.
     unsafe {
         let scale = S::splat(factor);
-        scalar_columns(head, width, src, src_row, factor, dst, first_column, dst_panel);
+        scalar_columns(head, width, src, src_row, factor, dst, first_column, (dst_panel, dst_row));
         // Run r's first column, and where it goes (four columns on a multiple of 4 never
         // straddle a panel).
         let run = |r: usize| {
@@ -93,7 +94,7 @@ pub(super) unsafe fn pack_columns<S: Simd>(
                     let (from, to) = run(r);
                     let rows =
                         std::array::from_fn(|i| S::mul(scale, S::load(from.add(i * src_row + c))));
-                    S::store_transposed4(rows, to.add(c * PANEL), PANEL);
+                    S::store_transposed4(rows, to.add(c * dst_row), dst_row);
                 }
             }
             if whole < width {
@@ -101,7 +102,7 @@ pub(super) unsafe fn pack_columns<S: Simd>(
                     // Depths whole.. of these four columns: the same layout, shifted by
                     // `whole` rows of each panel.
                     let (from, to) = run(r);
-                    let (src_rest, to_rest) = (from.add(whole), to.add(whole * PANEL));
+                    let (src_rest, to_rest) = (from.add(whole), to.add(whole * dst_row));
                     scalar_columns(
                         4,
                         width - whole,
@@ -110,14 +111,23 @@ pub(super) unsafe fn pack_columns<S: Simd>(
                         factor,
                         to_rest,
                         0,
-                        dst_panel,
+                        (dst_panel, dst_row),
                     );
                 }
             }
         }
         let rest = rows - runs_end;
         let (src_rest, column_rest) = (src.add(runs_end * src_row), first_column + runs_end);
-        scalar_columns(rest, width, src_rest, src_row, factor, dst, column_rest, dst_panel);
+        scalar_columns(
+            rest,
+            width,
+            src_rest,
+            src_row,
+            factor,
+            dst,
+            column_rest,
+            (dst_panel, dst_row),
+        );
     }
 }
 
@@ -134,17 +144,17 @@ unsafe fn scalar_columns(
     factor: f32,
     dst: *mut f32,
     first_column: usize,
-    dst_panel: usize,
+    (dst_panel, dst_row): (usize, usize),
 ) {
     for r in 0..rows {
         let column = first_column + r;
         // SAFETY: as documented; row r of src has width floats.
         let row = unsafe { std::slice::from_raw_parts(src.add(r * src_row), width) };
-        // SAFETY: column `column`'s panel holds width rows of PANEL floats.
+        // SAFETY: column `column`'s panel holds width depths, dst_row floats apart.
         let to = unsafe { dst.add(column / PANEL * dst_panel + column % PANEL) };
         for (c, &x) in row.iter().enumerate() {
             // SAFETY: c < width, inside the column's panel.
-            unsafe { *to.add(c * PANEL) = factor * x };
+            unsafe { *to.add(c * dst_row) = factor * x };
         }
     }
 }

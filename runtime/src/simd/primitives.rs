@@ -118,6 +118,7 @@ macro_rules! stamp_routines {
             b_panel: usize,
             c: *mut f32,
             ldc: usize,
+            c_col: usize,
             accumulate: usize,
             row_lo: *const i32,
             row_hi: *const i32,
@@ -128,8 +129,8 @@ macro_rules! stamp_routines {
             // SAFETY: the caller's contract, which is the kernel's.
             unsafe {
                 super::dot_nn::dot_nn::<$simd>(
-                    m, n, k, a, a_row, a_col, b, b_row, b_panel, c, ldc, accumulate, row_lo,
-                    row_hi, col_lo, col_hi, prefetch,
+                    m, n, k, a, a_row, a_col, b, b_row, b_panel, c, ldc, c_col, accumulate,
+                    row_lo, row_hi, col_lo, col_hi, prefetch,
                 )
             }
         }
@@ -165,11 +166,12 @@ macro_rules! stamp_routines {
             dst: *mut f32,
             first_column: usize,
             dst_panel: usize,
+            dst_row: usize,
         ) {
             // SAFETY: the caller's contract, which is the kernel's.
             unsafe {
                 super::pack::pack_columns::<$simd>(
-                    rows, width, src, src_row, factor, dst, first_column, dst_panel,
+                    rows, width, src, src_row, factor, dst, first_column, dst_panel, dst_row,
                 )
             }
         }
