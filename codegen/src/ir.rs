@@ -22,7 +22,7 @@
 
 use std::fmt;
 
-use crate::plan::{CacheRow, CacheTensor, CallPacking, Form, KernelPlan};
+use crate::plan::{CacheRow, CacheTensor, CallPacking, Form, KernelPlan, ScratchLayout};
 use crate::spec::{KvLayout, Mask};
 
 /// The programs of a kernel: two over a work item, and for absorbed MLA two over a query head.
@@ -486,6 +486,10 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
         },
     ];
     if o_transposed {
+        // The query panels (`rank` deep, a whole panel of rows wide) hold a copy of Oᵀ.
+        let scratch = &plan.scratch;
+        let panels = ScratchLayout::panels(scratch.query_width, plan.padded_rows);
+        assert!(panels >= plan.padded_rows * plan.acc_dim, "Oᵀ fits the query panels");
         let body = vec![Op::RestoreRowMajor { via: Operand::QueryTile }];
         item.push(Op::ForEachGroup { body });
     }

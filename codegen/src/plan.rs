@@ -175,12 +175,12 @@ pub struct Target {
     /// f32 lanes per vector.
     pub lanes: usize,
     /// Absorbed MLA keeps its running output transposed ([`StateLayout::transposed`]). The
-    /// value product is then `Oᵀ (+)= c_kvᵀ·Pᵀ`: with 8 lanes a decode item's 16 rows (DeepSeek-
-    /// V2-Lite's heads) are one 6 × 16 register block wide and the latent rows are broadcast,
-    /// which ran W5 and W8 0.94–0.96× the time on a Zen 3 (AVX2). With 16 lanes 16 rows are one
-    /// vector, so every FMA would need a broadcast of its own: AVX-512 keeps O row-major, in 6
-    /// × 64 blocks. The portable ISA, not tuned, keeps the row-major layout too, so that every
-    /// CPU runs both.
+    /// value product is then `Oᵀ (+)= c_kvᵀ·Pᵀ`: with 8 lanes a decode item's 16 rows
+    /// (DeepSeek-V2-Lite's heads) are one 6 × 16 register block wide and the latent rows are
+    /// broadcast, which ran W5 0.94–0.96× and W8 0.93–0.94× the time on a Zen 3 (AVX2). With 16
+    /// lanes 16 rows are one vector, so every FMA would need a broadcast of its own: AVX-512
+    /// keeps O row-major, in 6 × 64 blocks. The portable ISA, not tuned, keeps the row-major
+    /// layout too, so that every CPU runs both.
     pub transposed_latent_output: bool,
 }
 

@@ -222,6 +222,7 @@ impl Translator<'_> {
         ];
         self.call(Callee::DotNn, &args);
     }
+
     /// `O = (Oᵀ)ᵀ` for the group's rows, through a copy of `Oᵀ` in the scratch tile `via`: the
     /// copy's rows (one per element of a row of O) go back transposed by `PackColumns`, whose
     /// "panels" are then O's 16-float chunks and whose depth stride is O's row.

@@ -5,9 +5,8 @@
 //! [`crate::abi`] ([`program`]), once per form the spec compiles ([`KernelPlan::all`]: a
 //! latent spec whose calls choose their form has two), planned and stamped once per ISA (its
 //! [`Target`], target features and pre-compiled tile routines), plus the impls that hand them
-//! to attngen's
-//! executor — the one every backend runs through, which picks the ISA at first use and the
-//! form per call.
+//! to attngen's executor — the one every backend runs through, which picks the ISA at first
+//! use and the form per call.
 
 mod program;
 
