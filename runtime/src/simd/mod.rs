@@ -811,55 +811,22 @@ mod tests {
         }
     }
 
+    /// Row 0 sees key 0, row 1 keys 0 and 1, whose value row is NaN (or finite): the NaN
+    /// reaches row 1 only, with C row-major and column-major (a transposed O, whose rows' keys
+    /// run as one product only when their value rows are finite; A[0][1] is 0, as a
+    /// probability tile's hidden entries are).
     #[test]
     fn masked_rows_never_touch_hidden_values() {
         for isa in tested_isas() {
             let dot_nn = isa.routines().dot_nn;
-            // Row 0 sees key 0 only; key 1's value row is NaN.
-            let a = [1.0f32, 0.0];
-            let b = [2.0f32, 3.0, f32::NAN, f32::NAN];
-            let (lo, hi) = ([0i32], [1i32]);
-            let mut c = [0.0f32; 2];
-            // SAFETY: 1 × 2 output, k = 2 keys of 2 values, one row range.
-            unsafe {
-                dot_nn(
-                    1,
-                    2,
-                    2,
-                    a.as_ptr(),
-                    2,
-                    1,
-                    b.as_ptr(),
-                    2,
-                    PANEL,
-                    c.as_mut_ptr(),
-                    2,
-                    1,
-                    0,
-                    lo.as_ptr(),
-                    hi.as_ptr(),
-                    std::ptr::null(),
-                    std::ptr::null(),
-                    std::ptr::null(),
-                )
-            };
-            assert_eq!(c, [2.0, 3.0], "{isa:?}");
-        }
-    }
-
-    /// A column-major C (a transposed O): row 0 sees key 0, row 1 keys 0 and 1, whose value
-    /// row is NaN (finite, it runs in one product with row 0's A entry for key 1 at 0): the
-    /// NaN reaches row 1 only.
-    #[test]
-    fn column_major_rows_never_touch_hidden_values() {
-        for isa in tested_isas() {
-            let dot_nn = isa.routines().dot_nn;
-            for hidden in [f32::NAN, 5.0] {
-                // A column-major (2 rows, 2 keys): A[i][p] at a[p·2 + i]; A[0][1] = 0.
+            // (ldc, c_col): C[i][j] at c[i·ldc + j·c_col].
+            for ((ldc, c_col), hidden) in
+                [(2, 1), (1, 2)].into_iter().flat_map(|c| [f32::NAN, 5.0].map(|hidden| (c, hidden)))
+            {
+                // A column-major (2 rows, 2 keys): A[i][p] at a[p·2 + i].
                 let a = [1.0f32, 2.0, 0.0, 1.0];
                 let b = [2.0f32, 3.0, hidden, hidden];
                 let (lo, hi) = ([0i32, 0], [1i32, 2]);
-                // C[i][j] at c[i + j·2].
                 let mut c = [0.0f32; 4];
                 // SAFETY: 2 × 2 output, k = 2 keys of 2 values, two row ranges.
                 unsafe {
@@ -874,8 +841,8 @@ mod tests {
                         2,
                         PANEL,
                         c.as_mut_ptr(),
-                        1,
-                        2,
+                        ldc,
+                        c_col,
                         0,
                         lo.as_ptr(),
                         hi.as_ptr(),
@@ -884,11 +851,11 @@ mod tests {
                         std::ptr::null(),
                     )
                 };
-                let row = |i: usize| [c[i], c[i + 2]];
-                assert_eq!(row(0), [2.0, 3.0], "{isa:?}");
+                let row = |i: usize| [c[i * ldc], c[i * ldc + c_col]];
+                assert_eq!(row(0), [2.0, 3.0], "{isa:?} c ({ldc},{c_col})");
                 match hidden.is_nan() {
-                    true => assert!(row(1).iter().all(|x| x.is_nan()), "{isa:?}"),
-                    false => assert_eq!(row(1), [9.0, 11.0], "{isa:?}"),
+                    true => assert!(row(1).iter().all(|x| x.is_nan()), "{isa:?} c ({ldc},{c_col})"),
+                    false => assert_eq!(row(1), [9.0, 11.0], "{isa:?} c ({ldc},{c_col})"),
                 }
             }
         }
