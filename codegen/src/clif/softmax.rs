@@ -223,25 +223,20 @@ impl Translator<'_> {
         self.call(Callee::DotNn, &args);
     }
 
-    /// `O = (Oᵀ)ᵀ` for the group's rows, through a copy of `Oᵀ` in the scratch tile `via`: the
-    /// copy's rows (one per element of a row of O) go back transposed by `PackColumns`, whose
-    /// "panels" are then O's 16-float chunks and whose depth stride is O's row.
+    /// `O = (Oᵀ)ᵀ` for the group's rows, through a copy of `Oᵀ` in the scratch tile `via`
+    /// (`PackRows`, one row): the copy's rows (one per element of a row of O) go back
+    /// transposed by `PackColumns`, whose "panels" are then O's 16-float chunks and whose depth
+    /// stride is O's row.
     pub(super) fn restore_row_major(&mut self, via: Operand) {
         let state = self.state;
         let (rows, rows_v4) = (self.rows, self.rows_v4);
         let acc_dim = self.plan.acc_dim;
         let copy = self.tile_addr(via);
-        // The copy: rows_v4·acc_dim floats, a multiple of 4.
-        let zero = self.int(0);
         let len = self.mul_imm(rows_v4, acc_dim);
-        self.for_range(zero, len, 4, |t, i| {
-            let from = t.float_addr(state, i);
-            let to = t.float_addr(copy, i);
-            let x = t.b.ins().load(F32X4, mem(), from, 0);
-            t.b.ins().store(mem(), x, to, 0);
-        });
-        let (width, one, panel) = (self.int(acc_dim as i64), self.f32(1.0), self.int(PANEL as i64));
-        let args = [width, rows, copy, rows_v4, one, state, zero, panel, width];
+        let (zero, one, panel) = (self.int(0), self.int(1), self.int(PANEL as i64));
+        self.call(Callee::PackRows, &[one, len, state, len, copy, len, panel]);
+        let (width, unit) = (self.int(acc_dim as i64), self.f32(1.0));
+        let args = [width, rows, copy, rows_v4, unit, state, zero, panel, width];
         self.call(Callee::PackColumns, &args);
     }
 }

@@ -669,6 +669,8 @@ impl Emitter<'_> {
         let o_c = self.state_o(quote!(c));
         // Row c of O, or (transposed) nothing here: the block's rows are adjacent in every row
         // of Oᵀ, scaled together after the lanes.
+        // A transposed O records each lane's factor, for the block's rows scaled together.
+        let factors_record = o_transposed.then(|| quote!(factors[lane] = factor;));
         let (scale_o, scale_columns) = match o_transposed {
             false => (
                 quote! {
@@ -707,6 +709,7 @@ impl Emitter<'_> {
         let partials = lit(partials);
         let columns = |width: usize| {
             let width = lit(width);
+            let factors_init = o_transposed.then(|| quote!(let mut factors = [1.0f32; #width];));
             quote! {{
                 let step = |j: usize, partial: &mut [f32; #width]| {
                     let row = s_tile.add(j * #ld + c0);
@@ -736,14 +739,14 @@ impl Emitter<'_> {
                     let max = |a: f32, b: f32| if b < a { a } else { b };
                     #combined
                 });
-                let mut factors = [1.0f32; #width];
+                #factors_init
                 for lane in 0..#width {
                     let c = c0 + lane;
                     let m_old = *state.add(#m + c);
                     if tile_max[lane] > m_old + #threshold {
                         let m_new = tile_max[lane];
                         let factor = ::attngen::__private::abi::exp2::eval(m_old - m_new);
-                        factors[lane] = factor;
+                        #factors_record
                         *state.add(#l + c) *= factor;
                         *state.add(#m + c) = m_new;
                         if factor != 1.0 {
@@ -891,14 +894,16 @@ impl Emitter<'_> {
         }
     }
 
-    /// `O = (Oᵀ)ᵀ` for the group's rows, through a copy of `Oᵀ` in the scratch tile `via`: the
-    /// copy's rows (one per element of a row of O) go back transposed by `pack_columns`, whose
-    /// "panels" are then O's 16-float chunks and whose depth stride is O's row.
+    /// `O = (Oᵀ)ᵀ` for the group's rows, through a copy of `Oᵀ` in the scratch tile `via`
+    /// (`pack_rows`, one row): the copy's rows (one per element of a row of O) go back
+    /// transposed by `pack_columns`, whose "panels" are then O's 16-float chunks and whose depth
+    /// stride is O's row.
     fn restore_row_major(&self, via: Operand) -> TokenStream {
         let (copy, acc, panel) = (self.tile_addr(via), lit(self.plan.acc_dim), lit(PANEL));
         quote! {{
             let copy = #copy;
-            ::core::ptr::copy_nonoverlapping(state.cast_const(), copy, rows_v4 * #acc);
+            let len = rows_v4 * #acc;
+            ::attngen::__private::pack_rows(1, len, state.cast_const(), len, copy, len, #panel);
             routines::pack_columns(#acc, rows, copy.cast_const(), rows_v4, 1.0, state, 0, #panel, #acc);
         }}
     }

@@ -118,56 +118,43 @@ pub(super) unsafe fn dot_nn<S: OutOfLine>(
     prefetch: *const PrefetchRows,
 ) {
     debug_assert!(row_lo.is_null() || col_lo.is_null(), "row and column tables together");
-    if c_col != 1 {
-        let c = (c, ldc, c_col);
-        let tables = RangeTables { row_lo, row_hi, col_lo, col_hi };
-        // SAFETY: forwarded caller contract.
-        return unsafe {
-            column_major_c::<S>(
-                m, n, k, a, a_row, a_col, b, b_row, b_panel, c, accumulate, tables, prefetch,
-            )
-        };
-    }
-    // SAFETY: forwarded caller contract, with C row-major.
+    let (dims, a, b) = ((m, n, k), (a, a_row, a_col), (b, b_row, b_panel));
+    let tables = RangeTables { row_lo, row_hi, col_lo, col_hi };
+    // SAFETY: forwarded caller contract.
     unsafe {
-        row_major_c::<S>(
-            m, n, k, a, a_row, a_col, b, b_row, b_panel, c, ldc, accumulate, row_lo, row_hi,
-            col_lo, col_hi, prefetch,
-        )
+        match c_col {
+            1 => row_major_c::<S>(dims, a, b, (c, ldc), accumulate, tables, prefetch),
+            _ => column_major_c::<S>(dims, a, b, (c, ldc, c_col), accumulate, tables, prefetch),
+        }
     }
 }
 
-/// [`dot_nn`] with C row-major (`c_col = 1`).
+/// A's pointer and strides: `A[i][p]` at `a[i·a_row + p·a_col]`.
+type AOperand = (*const f32, usize, usize);
+/// B's pointer, row and panel strides: `B[p][j]` at `b[(j / PANEL)·b_panel + p·b_row + j % PANEL]`.
+type BOperand = (*const f32, usize, usize);
+
+/// [`dot_nn`] with C row-major (`C[i][j]` at `c[i·ldc + j]`); `(m, n, k)` are its sizes.
 ///
 /// # Safety
 /// As [`dot_nn`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn row_major_c<S: OutOfLine>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    a_row: usize,
-    a_col: usize,
-    b: *const f32,
-    b_row: usize,
-    b_panel: usize,
-    c: *mut f32,
-    ldc: usize,
+    (m, n, k): (usize, usize, usize),
+    (a, a_row, a_col): AOperand,
+    (b, b_row, b_panel): BOperand,
+    (c, ldc): (*mut f32, usize),
     accumulate: usize,
-    row_lo: *const i32,
-    row_hi: *const i32,
-    col_lo: *const i32,
-    col_hi: *const i32,
+    tables: RangeTables,
     prefetch: *const PrefetchRows,
 ) {
+    let row_lo = tables.row_lo;
     if a_col != 1 && a_row != 1 {
         // SAFETY: forwarded caller contract; no generated kernel passes such strides. It
         // computes every entry, which the column tables allow.
         return unsafe {
-            let c = (c, ldc, 1);
-            strided(m, n, k, a, a_row, a_col, b, b_row, b_panel, c, accumulate, row_lo, row_hi)
+            let (a, b) = ((a, a_row, a_col), (b, b_row, b_panel));
+            strided((m, n, k), a, b, (c, ldc, 1), accumulate, tables)
         };
     }
     let nn = NnArgs {
@@ -200,7 +187,6 @@ unsafe fn row_major_c<S: OutOfLine>(
             true => one_row_block::<S>(m, n, k, &nn, accumulate, prefetcher),
             false => {
                 let keys = (k, key_chunk);
-                let tables = RangeTables { row_lo, row_hi, col_lo, col_hi };
                 row_blocks::<S>(m, n, keys, wide, &nn, accumulate, tables, prefetcher)
             }
         }
@@ -267,6 +253,14 @@ struct RangeTables {
 }
 
 impl RangeTables {
+    /// No tables: every row sees every key, every column needs every row.
+    const NONE: RangeTables = RangeTables {
+        row_lo: std::ptr::null(),
+        row_hi: std::ptr::null(),
+        col_lo: std::ptr::null(),
+        col_hi: std::ptr::null(),
+    };
+
     /// The rows of C (of `m`) that some column of `j..j + cols` needs lie in the returned
     /// range (all of `0..m` without column tables; empty when none needs any).
     ///
@@ -979,17 +973,10 @@ impl NnBlock {
 /// # Safety
 /// As [`dot_nn`], for C addressed through its two strides.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn column_major_c<S: OutOfLine>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    a_row: usize,
-    a_col: usize,
-    b: *const f32,
-    b_row: usize,
-    b_panel: usize,
+    (m, n, k): (usize, usize, usize),
+    (a, a_row, a_col): AOperand,
+    (b, b_row, b_panel): BOperand,
     (c, c_row, c_col): (*mut f32, usize, usize),
     accumulate: usize,
     tables: RangeTables,
@@ -999,21 +986,8 @@ unsafe fn column_major_c<S: OutOfLine>(
     if a_row != 1 || b_panel != PANEL || c_row != 1 {
         // SAFETY: forwarded caller contract; the column tables only allow skipping.
         return unsafe {
-            strided(
-                m,
-                n,
-                k,
-                a,
-                a_row,
-                a_col,
-                b,
-                b_row,
-                b_panel,
-                (c, c_row, c_col),
-                accumulate,
-                row_lo,
-                row_hi,
-            )
+            let (a, b) = ((a, a_row, a_col), (b, b_row, b_panel));
+            strided((m, n, k), a, b, (c, c_row, c_col), accumulate, tables)
         };
     }
     let swapped = Swapped { m, n, a, a_col, b, b_row, c, c_col, prefetch };
@@ -1067,28 +1041,12 @@ impl Swapped {
     #[inline(always)]
     unsafe fn keys<S: OutOfLine>(&self, lo: usize, hi: usize, accumulate: usize) {
         let Swapped { m, n, a, a_col, b, b_row, c, c_col, prefetch } = *self;
-        let null = std::ptr::null();
-        // SAFETY: the caller's contract.
+        // SAFETY: the caller's contract; Bᵀ is the product's A (column-major), Aᵀ its B
+        // (row-major: `b_panel = PANEL`).
         unsafe {
-            row_major_c::<S>(
-                n,
-                m,
-                hi - lo,
-                b.add(lo * b_row),
-                1,
-                b_row,
-                a.add(lo * a_col),
-                a_col,
-                PANEL,
-                c,
-                c_col,
-                accumulate,
-                null,
-                null,
-                null,
-                null,
-                prefetch,
-            )
+            let (b_t, a_t) = ((b.add(lo * b_row), 1, b_row), (a.add(lo * a_col), a_col, PANEL));
+            let tables = RangeTables::NONE;
+            row_major_c::<S>((n, m, hi - lo), b_t, a_t, (c, c_col), accumulate, tables, prefetch)
         }
     }
 }
@@ -1154,21 +1112,13 @@ unsafe fn ragged_columns(
 ///
 /// # Safety
 /// As [`dot_nn`].
-#[allow(clippy::too_many_arguments)]
 unsafe fn strided(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: *const f32,
-    a_row: usize,
-    a_col: usize,
-    b: *const f32,
-    b_row: usize,
-    b_panel: usize,
+    (m, n, k): (usize, usize, usize),
+    (a, a_row, a_col): AOperand,
+    (b, b_row, b_panel): BOperand,
     (c, c_row, c_col): (*mut f32, usize, usize),
     accumulate: usize,
-    row_lo: *const i32,
-    row_hi: *const i32,
+    RangeTables { row_lo, row_hi, .. }: RangeTables,
 ) {
     for i in 0..m {
         // SAFETY: the caller guarantees the row tables (if non-null) have m entries.
