@@ -179,8 +179,9 @@ pub struct Target {
     /// (DeepSeek-V2-Lite's heads) are one 6 × 16 register block wide and the latent rows are
     /// broadcast, which ran W5 0.94–0.96× and W8 0.93–0.94× the time on a Zen 3 (AVX2). With 16
     /// lanes 16 rows are one vector, so every FMA would need a broadcast of its own: AVX-512
-    /// keeps O row-major, in 6 × 64 blocks. The portable ISA, not tuned, keeps the row-major
-    /// layout too, so that every CPU runs both.
+    /// keeps O row-major, in 6 × 64 blocks (on a Zen 5 the transposed layout ran W5 and W8
+    /// 0.99–1.005× the time: no gain). The portable ISA, not tuned, keeps the row-major layout
+    /// too, so that every CPU runs both.
     pub transposed_latent_output: bool,
 }
 
@@ -262,7 +263,9 @@ pub struct KernelPlan {
     pub pack_min_rows: usize,
     /// Most rows a work item may have to compute scores as dot products (K rows against
     /// row-major queries) rather than with a broadcast of each key element against `Qᵀ`,
-    /// which would fill only `rows / 8` of each vector; 0 for latent specs.
+    /// which would fill only `rows / 8` of each vector; 0 for latent specs, whose 16-row decode
+    /// items ran 1.25–1.33× slower with dot-product scores on a Zen 5 (AVX-512) although the
+    /// product alone, its latent tile in L2, was 1.2× faster.
     pub dot_max_rows: usize,
     /// Where each tile buffer lives in a work item's scratch.
     pub scratch: ScratchLayout,
@@ -348,7 +351,7 @@ const ROW_MULTIPLE: usize = 4;
 const DOT_MAX_ROWS: usize = 4;
 /// Most pages a dot-product item's key tile may span, K and V together (see
 /// [`KernelPlan::dot_k_tile`]): a quarter of Zen 3's 64-entry L1 data TLB, leaving room for
-/// the queries, scratch and state.
+/// the queries, scratch and state. (On a Zen 5, 32 and 64 pages ran W7 0.99–1.005× the time.)
 pub const DOT_TILE_PAGES: usize = 16;
 /// Bytes per page, the unit of the TLB's reach.
 const PAGE: usize = 4096;
