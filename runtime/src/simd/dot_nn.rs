@@ -5,7 +5,7 @@ use std::mem::MaybeUninit;
 
 use attngen_codegen::abi::{PANEL, PrefetchRows};
 
-use super::{Prefetcher, SUM_CHUNK, Simd, prefetch, row_keys};
+use super::{Prefetcher, SUM_CHUNK, Simd, prefetch, prefetch_rows_to_l1, row_keys};
 
 /// The parts of `dot_nn` each ISA compiles once, out of line, with its target features
 /// ([`super::primitives::stamp_routines!`] implements it): the edge-block dispatch over every
@@ -472,6 +472,10 @@ unsafe fn one_row_block<S: OutOfLine>(
     accumulate: bool,
     mut prefetcher: Option<Prefetcher>,
 ) {
+    if nn.b_panel == PANEL {
+        // B row-major: k rows of n floats, b_row apart (a decode item's value tile).
+        prefetch_rows_to_l1(nn.b, k, nn.b_row, n);
+    }
     let block_width = S::NN_NR * S::LANES;
     let whole = n / block_width * block_width;
     let mut lo = 0;
