@@ -142,10 +142,22 @@ impl Prefetcher {
 /// once, W4 from 87–89% to 93–94%, W8 from 49% to 57–64% of the read bandwidth.
 #[inline(always)]
 fn prefetch(at: *const u8) {
+    prefetch_into::<INTO_L2>(at);
+}
+
+/// x86's `_MM_HINT_T0` (into L1 and the levels below), named where every target can use it.
+const INTO_L1: i32 = 3;
+/// x86's `_MM_HINT_T1` (into L2 and below).
+const INTO_L2: i32 = 2;
+
+/// Asks for the cache line at `at` into the level `HINT` names ([`INTO_L1`] or [`INTO_L2`]);
+/// never faults, whatever the address; nothing on CPUs without the instruction.
+#[inline(always)]
+fn prefetch_into<const HINT: i32>(at: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint with no architectural effect; any address is allowed.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(at.cast())
+        std::arch::x86_64::_mm_prefetch::<HINT>(at.cast())
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = at;
@@ -171,14 +183,7 @@ fn prefetch_rows_to_l1(base: *const f32, rows: usize, stride: usize, width: usiz
         return;
     }
     for_each_line(rows, stride * size_of::<f32>(), width * size_of::<f32>(), |offset| {
-        let at = base.cast::<u8>().wrapping_add(offset);
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a prefetch is a hint with no architectural effect; any address is allowed.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast())
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = at;
+        prefetch_into::<INTO_L1>(base.cast::<u8>().wrapping_add(offset));
     });
 }
 
@@ -374,6 +379,14 @@ mod tests {
         for_each_line(3, 4096, 160, |offset| seen.push(offset));
         assert_eq!(seen, [0, 64, 128, 4096, 4160, 4224, 8192, 8256, 8320]);
         prefetch_rows_to_l1(std::ptr::null(), 8, 1 << 40, 128);
+    }
+
+    /// The named hints are x86's.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn prefetch_hints_are_x86s() {
+        assert_eq!(INTO_L1, std::arch::x86_64::_MM_HINT_T0);
+        assert_eq!(INTO_L2, std::arch::x86_64::_MM_HINT_T1);
     }
 
     /// The ISAs this CPU runs, each tested; the others are named as skipped, never passed.
