@@ -179,22 +179,25 @@ const L1_OPERAND_FLOATS: usize = 2048;
 /// addresses.
 #[inline(always)]
 fn prefetch_rows_to_l1(base: *const f32, rows: usize, stride: usize, width: usize) {
-    if rows.saturating_mul(width) > L1_OPERAND_FLOATS {
-        return;
-    }
-    for_each_line(rows, stride * size_of::<f32>(), width * size_of::<f32>(), |offset| {
+    short_operand_lines(rows, stride, width, |offset| {
         prefetch_into::<INTO_L1>(base.cast::<u8>().wrapping_add(offset));
     });
 }
 
-/// Calls `f` with the byte offset of every cache line that `rows` rows of `width` bytes,
-/// `stride` bytes apart, touch (a row starting on a line, as every tile row does), row by row.
+/// Calls `f` with the byte offset of every cache line that `rows` rows of `width` floats,
+/// `stride` floats apart, touch (a row starting on a line, as every tile row does), row by
+/// row — when they hold at most [`L1_OPERAND_FLOATS`] floats, else never. A plain walk rather
+/// than a [`Prefetcher`], whose shares spread over steps (and whose per-line bookkeeping paces
+/// a tile-ahead stream from DRAM) an operand about to be read does not need.
 #[inline(always)]
-fn for_each_line(rows: usize, stride: usize, width: usize, mut f: impl FnMut(usize)) {
+fn short_operand_lines(rows: usize, stride: usize, width: usize, mut f: impl FnMut(usize)) {
+    if rows.saturating_mul(width) > L1_OPERAND_FLOATS {
+        return;
+    }
+    let (stride, lines) = (stride * size_of::<f32>(), (width * size_of::<f32>()).div_ceil(LINE));
     for row in 0..rows {
-        let start = row * stride;
-        for line in 0..width.div_ceil(LINE) {
-            f(start + line * LINE);
+        for line in 0..lines {
+            f(row * stride + line * LINE);
         }
     }
 }
@@ -371,13 +374,25 @@ mod tests {
     }
 
     /// The L1 prefetch of a short product's operand names every line its rows touch, once,
-    /// and nothing between the rows; wild addresses are only hints, never faults.
+    /// and nothing between the rows; an operand over [`L1_OPERAND_FLOATS`] gets none; wild
+    /// addresses are only hints, never faults.
     #[test]
-    fn l1_prefetch_names_each_row_line_once() {
-        let mut seen = Vec::new();
+    fn l1_prefetch_names_each_line_of_short_operands_once() {
+        let lines = |rows, stride, width| {
+            let mut seen = Vec::new();
+            short_operand_lines(rows, stride, width, |offset| seen.push(offset));
+            seen
+        };
         // 3 rows of 40 floats (160 bytes: 3 lines), 1024 floats apart.
-        for_each_line(3, 4096, 160, |offset| seen.push(offset));
-        assert_eq!(seen, [0, 64, 128, 4096, 4160, 4224, 8192, 8256, 8320]);
+        assert_eq!(lines(3, 1024, 40), [0, 64, 128, 4096, 4160, 4224, 8192, 8256, 8320]);
+        // A decode item's 8 × 128 tile, rows a Llama-3-8B token row apart: 8 lines a row.
+        let tile = lines(8, 1024, 128);
+        assert_eq!(tile.len(), 64);
+        assert_eq!((tile[7], tile[8], tile[63]), (448, 4096, 7 * 4096 + 448));
+        // At the limit every line; one float more, none.
+        assert_eq!(lines(16, 128, 128).len(), L1_OPERAND_FLOATS / 16);
+        assert!(lines(1, 0, L1_OPERAND_FLOATS + 1).is_empty());
+        assert!(lines(usize::MAX, 1, 2).is_empty());
         prefetch_rows_to_l1(std::ptr::null(), 8, 1 << 40, 128);
     }
 
