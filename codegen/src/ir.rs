@@ -57,8 +57,8 @@ pub enum Op {
         factor: f32,
         /// The scratch tile written.
         into: Operand,
-        /// Items that compute scores as dot products also copy the queries, scaled, row-major
-        /// into that variant's query operand (rows past the item's zero).
+        /// Items that compute scores as dot products also copy the same elements, scaled,
+        /// row-major into that variant's query operand (rows past the item's zero).
         row_major: Option<DotScores>,
     },
     /// Copy the current key tile's rows of a cache tensor into scratch — keys row-major,

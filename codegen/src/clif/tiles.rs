@@ -31,11 +31,7 @@ impl Translator<'_> {
         row_major: Option<DotScores>,
     ) {
         let tile = self.tile_addr(into);
-        let (base, width) = match from {
-            Operand::Q => (offsets::Q, self.plan.q_width),
-            Operand::LatentQ => (offsets::LATENT_Q, self.plan.acc_dim),
-            other => unreachable!("{other:?} holds no queries"),
-        };
+        let (base, width) = self.query_rows(from);
         let row_floats = self.plan.q_heads * width;
         self.for_each_head(|t, slot, head| {
             let zero = t.int(0);
@@ -49,7 +45,7 @@ impl Translator<'_> {
         self.zero_padding_columns(tile, len);
         if let Some(dot) = row_major {
             let few = self.rows_at_most(dot.max_rows);
-            self.if_then(few, |t| t.pack_query_rows(dot.query, len, factor));
+            self.if_then(few, |t| t.pack_query_rows(from, offset, len, factor, dot.query));
         }
     }
 
@@ -59,14 +55,32 @@ impl Translator<'_> {
         self.b.ins().icmp(IntCC::SignedLessThanOrEqual, self.rows, max)
     }
 
-    /// The queries row-major and scaled into `into` (rows `rows..rows_v4` zero), for
-    /// dot-product scores.
-    pub(super) fn pack_query_rows(&mut self, into: Operand, len: usize, factor: f32) {
+    /// The `CallArgs` field holding `from`'s rows (`Q` or the prologue's `LatentQ`) and the
+    /// floats per head of a row.
+    fn query_rows(&self, from: Operand) -> (i32, usize) {
+        match from {
+            Operand::Q => (offsets::Q, self.plan.q_width),
+            Operand::LatentQ => (offsets::LATENT_Q, self.plan.acc_dim),
+            other => unreachable!("{other:?} holds no queries"),
+        }
+    }
+
+    /// `factor · from[b, q0 + qi, h, offset..offset + len]` of every row, row-major into `into`
+    /// (rows `rows..rows_v4` zero), for dot-product scores.
+    fn pack_query_rows(
+        &mut self,
+        from: Operand,
+        offset: usize,
+        len: usize,
+        factor: f32,
+        into: Operand,
+    ) {
         let dst = self.tile_addr(into);
-        let head_dim = self.plan.q_width;
+        let (base, width) = self.query_rows(from);
         self.for_each_row(|t, _, head, qi, row| {
-            let idx = t.row_index(head, qi, head_dim);
-            let q = t.arg(offsets::Q);
+            let idx = t.row_index(head, qi, width);
+            let idx = t.add_imm(idx, offset);
+            let q = t.arg(base);
             let src = t.float_addr(q, idx);
             let at = t.mul_imm(row, len);
             let at = t.float_addr(dst, at);

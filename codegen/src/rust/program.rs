@@ -370,9 +370,9 @@ impl Emitter<'_> {
         let rows_major = if let Some(dot) = row_major {
             let dst = self.tile_addr(dot.query);
             let dots = self.rows_at_most(dot.max_rows);
-            let index = self.row_index(quote!(qi), plan.q_width);
+            let index = self.row_index(quote!(qi), width);
             let copy = self.for_each_row(quote! {
-                ::attngen::__private::scale_row(dst.add(row * #len_lit), args.q.add(#index), #len_lit, #factor_lit);
+                ::attngen::__private::scale_row(dst.add(row * #len_lit), #base.add(#index + #offset), #len_lit, #factor_lit);
             });
             quote! {
                 if #dots {
