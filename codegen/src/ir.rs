@@ -752,6 +752,30 @@ fn tile_name(operand: Operand) -> String {
     }
 }
 
+/// An absorbed MLA plan and its IR whose query copies (the latent queries, and the RoPE part
+/// of `q` from `offset` 16) also ask for the row-major copy of dot-product scores: a
+/// combination the lowering never makes (it measured slower from DRAM), for tests that the
+/// emitters read `PackQueries` as the op says.
+#[cfg(test)]
+pub(crate) fn row_major_latent_ir() -> (KernelPlan, KernelIr) {
+    use crate::plan::Target;
+    use crate::spec::AttentionSpec;
+
+    let spec = AttentionSpec::mla(4, 48, 8, 16, 16);
+    let plan = KernelPlan::with_form(&spec, Form::LatentAbsorbed, Target::AVX512);
+    let mut ir = lower(&plan);
+    let Some(Op::ForEachGroup { body }) = ir.item.first_mut() else { panic!("{ir}") };
+    let mut copies = 0;
+    for op in body {
+        if let Op::PackQueries { row_major, .. } = op {
+            *row_major = Some(DotScores { max_rows: 16, query: Operand::QueryRows });
+            copies += 1;
+        }
+    }
+    assert_eq!(copies, 2, "the latent and RoPE query copies");
+    (plan, ir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

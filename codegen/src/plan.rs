@@ -263,9 +263,10 @@ pub struct KernelPlan {
     pub pack_min_rows: usize,
     /// Most rows a work item may have to compute scores as dot products (K rows against
     /// row-major queries) rather than with a broadcast of each key element against `Qᵀ`,
-    /// which would fill only `rows / 8` of each vector; 0 for latent specs, whose 16-row decode
-    /// items ran 1.25–1.33× slower with dot-product scores on a Zen 5 (AVX-512) although the
-    /// product alone, its latent tile in L2, was 1.2× faster.
+    /// which would fill only `rows / 8` of each vector; 0 for latent specs: on a Zen 5 (AVX-512)
+    /// their 16-row decode items with dot-product scores took 0.96× the time with the latent
+    /// in L2 but 1.28–1.46× reading it from DRAM, as a decode does, although the product alone
+    /// ran 1.15–1.2× faster.
     pub dot_max_rows: usize,
     /// Where each tile buffer lives in a work item's scratch.
     pub scratch: ScratchLayout,

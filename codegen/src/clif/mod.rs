@@ -307,3 +307,32 @@ impl<'a> Translator<'a> {
         self.rows_v4 = self.pad_rows(self.rows);
     }
 }
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use cranelift_codegen::{isa, settings};
+
+    use super::*;
+
+    /// The row-major query copies of dot-product scores read the operand and offset the op
+    /// names: one more load of `latent_q` for the latent copy and one more of `q` for the RoPE
+    /// copy than the program without them (not `q` twice).
+    #[test]
+    fn row_major_query_copies_read_the_named_operand_and_offset() {
+        let (plan, with_copies) = crate::ir::row_major_latent_ir();
+        let without = crate::ir::lower(&plan);
+        let flags = settings::Flags::new(settings::builder());
+        let frontend =
+            isa::lookup_by_name("x86_64").unwrap().finish(flags).unwrap().frontend_config();
+        let item =
+            |ir| emit(&plan, ir, frontend, [0; Callee::ALL.len()]).item.display().to_string();
+        let (with_copies, without) = (item(&with_copies), item(&without));
+        // The arguments are the entry block's first parameter, v0.
+        let loads = |clif: &str, offset: i32| {
+            let at = if offset == 0 { String::new() } else { format!("+{offset}") };
+            clif.matches(&format!("load.i64 notrap v0{at}\n")).count()
+        };
+        let added = |offset| loads(&with_copies, offset) - loads(&without, offset);
+        assert_eq!((added(offsets::LATENT_Q), added(offsets::Q)), (1, 1), "{with_copies}");
+    }
+}

@@ -1077,3 +1077,23 @@ impl Emitter<'_> {
         self.up_project(rank, v_dim, values_at, quote!(values), row)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The row-major query copies of dot-product scores read the operand and offset the op
+    /// names: absorbed MLA's latent queries from 0, and `q` from the RoPE part's offset.
+    #[test]
+    fn row_major_query_copies_read_the_named_operand_and_offset() {
+        let (plan, ir) = crate::ir::row_major_latent_ir();
+        let code = functions(&plan, &ir, &TokenStream::new()).to_string();
+        let copies: Vec<&str> = code
+            .match_indices("scale_row (dst . add (row *")
+            .map(|(at, _)| code[at..].split(';').next().unwrap())
+            .collect();
+        let [latent, rope] = copies[..] else { panic!("{copies:?}") };
+        assert!(latent.contains("args . latent_q") && latent.contains("* 48) + 0)"), "{latent}");
+        assert!(rope.contains("args . q .") && rope.contains("* 24) + 16)"), "{rope}");
+    }
+}
