@@ -641,7 +641,7 @@ unsafe fn ragged_keys<S: Simd>(
 /// Row `r` of A and C, columns `0..n` of B and C and keys `lo..hi` are in bounds.
 #[inline(always)]
 unsafe fn row_keys_product<S: Simd>(nn: &NnArgs, r: usize, n: usize, lo: usize, hi: usize) {
-    // SAFETY (all pointer access): the caller's contract; the last vector is masked to the
+    // SAFETY: every pointer access below: the caller's contract; the last vector is masked to the
     // columns that exist.
     unsafe {
         let a_at = |p: usize| match nn.a_trans {
@@ -871,8 +871,8 @@ impl NnBlock {
         copy: *mut f32,
     ) {
         let NnBlock { lo, hi, a, a_stride, prefetch_a, b, b_row, b_panel, c, ldc } = self;
-        // SAFETY (all pointer access): the caller passes an in-bounds block, and the last vector
-        // of a MASKED block touches only the lanes of columns that exist.
+        // SAFETY: every pointer access below: the caller passes an in-bounds block, and the last
+        // vector of a MASKED block touches only the lanes of columns that exist.
         unsafe {
             let b_vector: [*const f32; NR] = std::array::from_fn(|v| {
                 let column = v * S::LANES;

@@ -129,8 +129,8 @@ impl NtBlock {
         tail: S::Mask,
     ) {
         let NtBlock { k, a, lda, b, ldb, c } = self;
-        // SAFETY (whole body): p + LANES <= k in the loop and the tail is masked to the valid
-        // lanes; C's block is in bounds.
+        // SAFETY: every access in the body: p + LANES <= k in the loop and the tail is masked to
+        // the valid lanes; C's block is in bounds.
         unsafe {
             let mut acc = [[S::zero(); NR]; MR];
             let mut p = 0;

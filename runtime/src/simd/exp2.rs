@@ -42,9 +42,9 @@ pub(super) unsafe fn exp2_columns<S: Simd>(
     l: *mut f32,
 ) {
     let lanes = S::LANES;
-    // SAFETY (whole function): each block covers columns c..c + width <= columns of the rows
-    // j < keys of s, and of m and l, which the caller guarantees; the last block is masked to
-    // the columns that exist.
+    // SAFETY: every access in the function: each block covers columns c..c + width <= columns of
+    // the rows j < keys of s, and of m and l, which the caller guarantees; the last block is masked
+    // to the columns that exist.
     unsafe {
         let all = S::mask(lanes);
         let mut c = 0;

@@ -20,8 +20,8 @@ pub unsafe extern "C" fn pack_rows(
     dst_panel: usize,
 ) {
     for r in 0..rows {
-        // SAFETY (whole loop): row r, columns 0..width exist in src and, by the layout, in
-        // dst; the two never overlap (cache tensors vs scratch).
+        // SAFETY: every access in the loop: row r, columns 0..width exist in src and, by the
+        // layout, in dst; the two never overlap (cache tensors vs scratch).
         unsafe {
             let from = src.add(r * src_row);
             if dst_panel == PANEL {
@@ -74,8 +74,9 @@ pub(super) unsafe fn pack_columns<S: Simd>(
     let head = ((4 - first_column % 4) % 4).min(rows);
     let runs_end = head + (rows - head) / 4 * 4;
     let whole = width / S::LANES * S::LANES;
-    // SAFETY (whole function): rows r < rows and columns c < width of src, and the panel
-    // elements of columns first_column + r, depths c < width, of dst, as the caller guarantees.
+    // SAFETY: every access in the function: rows r < rows and columns c < width of src, and the
+    // panel elements of columns first_column + r, depths c < width, of dst, as the caller
+    // guarantees.
     unsafe {
         let scale = S::splat(factor);
         scalar_columns(head, width, src, src_row, factor, dst, first_column, (dst_panel, dst_row));
