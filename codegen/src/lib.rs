@@ -3,6 +3,8 @@
 //! Data flows one way: a spec ([`AttentionSpec`], written with builders, TOML or macro
 //! arguments) is checked by [`validate()`]; later stages plan and lower it. [`cost`] counts the
 //! FLOPs and bytes every report uses.
+// Every public function that returns a `Result` says, under `# Errors`, when it fails.
+#![warn(clippy::missing_errors_doc)]
 
 pub mod abi;
 #[cfg(feature = "jit")]

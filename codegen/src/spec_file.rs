@@ -105,7 +105,10 @@ fn size(value: u64) -> usize {
 }
 
 impl SpecFields {
-    /// Applies defaults and structural rules, then [`validate::errors`]; returns every error.
+    /// Applies defaults and structural rules, then [`validate::errors`].
+    ///
+    /// # Errors
+    /// Every rule the fields break: missing and conflicting fields, then [`validate::errors`]'s.
     pub fn into_spec(self) -> Result<AttentionSpec, Vec<SpecError>> {
         let mut found = Vec::new();
         let q_heads = self.q_heads.map(size).unwrap_or_else(|| {
@@ -225,7 +228,12 @@ impl fmt::Display for SpecFileError {
 }
 
 impl AttentionSpec {
-    /// Parses and validates a spec file. Errors carry line and column.
+    /// Parses and validates a spec file.
+    ///
+    /// # Errors
+    /// A [`SpecFileError`] holding the first TOML syntax error or unknown key, or else every
+    /// missing field and broken rule, each with a line and column: the key's, or 1:1 for a
+    /// missing field.
     ///
     /// ```
     /// use attngen_codegen::AttentionSpec;

@@ -165,6 +165,9 @@ impl SpecError {
 
 /// Checks every rule of the contract and returns the first broken one.
 ///
+/// # Errors
+/// The first [`SpecError`] of [`errors`], which names the field, its value and the rule.
+///
 /// ```
 /// use attngen_codegen::{validate, AttentionSpec};
 ///

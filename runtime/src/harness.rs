@@ -118,7 +118,7 @@ pub struct Case {
 }
 
 impl std::fmt::Display for Case {
-    /// `B,Sq,Sk,SEED`, then `,ragged` for a ragged case: what [`Case::from_str`] reads.
+    /// `B,Sq,Sk,SEED`, then `,ragged` for a ragged case: what `Case::from_str` reads.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let Shape { batch, seq_q, seq_k } = self.shape;
         write!(f, "{batch},{seq_q},{seq_k},{}", self.input_seed)?;
@@ -252,6 +252,9 @@ pub fn cases_over(shapes: impl Strategy<Value = Shape>) -> impl Strategy<Value =
 
 /// Deterministic inputs for a spec and shape: every input tensor uniform in
 /// [−`magnitude`, `magnitude`], from `seed` (splitmix64 per tensor).
+///
+/// # Errors
+/// [`Error::TooLarge`] when a tensor's element count overflows `usize`.
 pub fn inputs(
     spec: &AttentionSpec,
     shape: Shape,
@@ -338,6 +341,10 @@ pub fn uniform(seed: u64, len: usize, lo: f32, hi: f32) -> Vec<f32> {
 }
 
 /// Runs one case on `kernel` and on the reference and compares them.
+///
+/// # Errors
+/// What building the reference or either run returns (an invalid spec, a tensor too large);
+/// a mismatch is not an error but the returned result's verdict.
 pub fn run_case(kernel: &dyn Kernel, case: Case) -> Result<CaseResult, Error> {
     let spec = kernel.spec();
     let call = CaseCall::new(spec, case)?;
@@ -421,6 +428,10 @@ fn unravel(mut flat: usize, dims: &[usize]) -> Vec<usize> {
 
 /// Runs `config.cases` random cases; on a failure shrinks to a minimal case (smallest shape,
 /// then input seed) and reports it.
+///
+/// # Errors
+/// [`Error::Spec`] for an invalid spec, and what a case's run returns; failing cases are in
+/// the report, not errors.
 pub fn check(kernel: &dyn Kernel, config: &CheckConfig) -> Result<CheckReport, Error> {
     // Fail fast on an invalid spec rather than inside the runner.
     Reference::new(kernel.spec())?;

@@ -113,17 +113,28 @@ impl JitOptions {
 impl Jit {
     /// A JIT for this CPU whose kernels use every core (rayon's global pool), with the widest
     /// ISA the CPU has or the one `ATTNGEN_ISA` names.
+    ///
+    /// # Errors
+    /// As [`Jit::with_options`].
     pub fn new() -> Result<Jit, Error> {
         Self::with_options(JitOptions::default())
     }
 
     /// A JIT whose kernels run on their own pool of `threads` threads.
+    ///
+    /// # Errors
+    /// As [`Jit::with_options`].
     pub fn with_threads(threads: usize) -> Result<Jit, Error> {
         Self::with_options(JitOptions::default().threads(threads))
     }
 
     /// A JIT built as `options` say. The ISA is the one they name, else `ATTNGEN_ISA`'s, else
-    /// the widest this CPU has; one the CPU lacks is [`Error::Isa`].
+    /// the widest this CPU has.
+    ///
+    /// # Errors
+    /// [`Error::Isa`] when the ISA named (by `options` or `ATTNGEN_ISA`) is not one or this CPU
+    /// lacks it, [`Error::Threads`] when the thread pool cannot start, and [`Error::Compile`]
+    /// when Cranelift has no backend for this CPU.
     pub fn with_options(options: JitOptions) -> Result<Jit, Error> {
         let isa = match options.isa {
             Some(isa) => isa.checked()?,
@@ -181,6 +192,10 @@ impl Jit {
     }
 
     /// Compiles `spec` (or returns the cached kernel for an equal spec).
+    ///
+    /// # Errors
+    /// [`Error::Spec`] with the first rule `spec` breaks, and [`Error::Compile`] if Cranelift
+    /// rejects the generated function (a bug in attngen, never in the spec).
     pub fn compile(&self, spec: &AttentionSpec) -> Result<JitKernel, Error> {
         validate(spec)?;
         let key = cache_key(spec);
@@ -197,6 +212,9 @@ impl Jit {
     }
 
     /// Compiles `spec` afresh and returns its plan, IR, CLIF and disassembly.
+    ///
+    /// # Errors
+    /// As [`Jit::compile`].
     pub fn dump(&self, spec: &AttentionSpec) -> Result<Listing, Error> {
         validate(spec)?;
         let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -14,6 +14,12 @@ pub trait Kernel: Send + Sync {
 
     /// Computes attention for `inputs` of the given `shape` into `out` ([B, Sq, H, Dv]) and, if
     /// given, the log-sum-exp of each row into `lse` ([B, Sq, H]).
+    ///
+    /// # Errors
+    /// [`Error::InputsKind`] when `inputs` are of the other kind than the spec's (grouped or
+    /// latent), [`Error::Length`] when a buffer's length is not its tensor's element count at
+    /// `shape`, [`Error::TooLarge`] when that count overflows `usize`, and [`Error::KvLen`] when
+    /// `kv_lens` has other than B entries or one above Sk. Nothing is written then.
     fn run(
         &self,
         shape: Shape,

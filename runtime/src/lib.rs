@@ -17,6 +17,8 @@
 //! assert!(out.iter().all(|&o| (o - 1.0).abs() < 1e-6));
 //! # Ok::<(), attngen::Error>(())
 //! ```
+// Every public function that returns a `Result` says, under `# Errors`, when it fails.
+#![warn(clippy::missing_errors_doc)]
 
 // The README's example is compiled and run as a doctest.
 #[cfg(doctest)]

@@ -81,6 +81,9 @@ impl MacroKernel {
 
     /// The same kernel on a pool of its own with `threads` threads, instead of rayon's
     /// global pool.
+    ///
+    /// # Errors
+    /// [`Error::Threads`] when the pool cannot start.
     pub fn threads(self, threads: usize) -> Result<MacroKernel, Error> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))

@@ -31,6 +31,9 @@ pub struct Reference {
 
 impl Reference {
     /// Validates `spec` and returns its interpreter.
+    ///
+    /// # Errors
+    /// [`Error::Spec`] with the first rule `spec` breaks.
     pub fn new(spec: &AttentionSpec) -> Result<Self, Error> {
         validate(spec)?;
         Ok(Reference { spec: spec.clone() })

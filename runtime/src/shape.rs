@@ -42,7 +42,7 @@ impl Shape {
 pub struct Inputs<'a> {
     /// The input tensors.
     pub tensors: InputTensors<'a>,
-    /// `kv_lens`: [B], the keys of each sequence, each at most Sk: sequence b attends to rows
+    /// `kv_lens`: `[B]`, the keys of each sequence, each at most Sk: sequence b attends to rows
     /// `0..kv_lens[b]` of its cache tensors, which keep Sk rows per sequence (a KV cache's
     /// capacity), and never reads the rest. `None`: every sequence has Sk keys.
     pub kv_lens: Option<&'a [usize]>,
@@ -202,7 +202,10 @@ impl Tensor {
         }
     }
 
-    /// The element count of [`Tensor::dims`], or [`Error::TooLarge`] if it overflows `usize`.
+    /// The element count of [`Tensor::dims`].
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] if the count overflows `usize`.
     pub fn len(self, spec: &AttentionSpec, shape: Shape) -> Result<usize, Error> {
         let dims = self.dims(spec, shape);
         dims.iter()
@@ -222,8 +225,13 @@ impl Tensor {
 
 /// Checks a call before any kernel touches memory: the inputs' kind matches the spec, every
 /// buffer (inputs, `out`, `lse`) has exactly its tensor's element count, computed with checked
-/// arithmetic, and `kv_lens`, if given, has one length per sequence, none above Sk. Every [`crate::Kernel::run`] calls this first, so on error nothing was written.
-/// The spec itself must already be validated (kernels validate when they are built).
+/// arithmetic, and `kv_lens`, if given, has one length per sequence, none above Sk. Every
+/// [`crate::Kernel::run`] calls this first, so on error nothing was written. The spec itself
+/// must already be validated (kernels validate when they are built).
+///
+/// # Errors
+/// As [`crate::Kernel::run`]: [`Error::InputsKind`], [`Error::Length`], [`Error::TooLarge`] or
+/// [`Error::KvLen`], naming the tensor or field.
 pub fn check_call(
     spec: &AttentionSpec,
     shape: Shape,

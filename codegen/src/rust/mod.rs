@@ -1,12 +1,12 @@
 //! Emits Rust tokens for the proc macros: the construction of a validated [`AttentionSpec`]
 //! (`attngen::spec!`), and a whole kernel (`#[attngen::kernel]`, [`kernel_tokens`]).
 //!
-//! A kernel is the spec's [`KernelIr`] translated into the `extern "C"` functions of
-//! [`crate::abi`] ([`program`]), once per form the spec compiles ([`KernelPlan::all`]: a
-//! latent spec whose calls choose their form has two), planned and stamped once per ISA (its
-//! [`Target`], target features and pre-compiled tile routines), plus the impls that hand them
-//! to attngen's executor — the one every backend runs through, which picks the ISA at first
-//! use and the form per call.
+//! A kernel is the spec's [`KernelIr`] translated (by the `program` module) into the
+//! `extern "C"` functions of [`crate::abi`], once per form the spec compiles
+//! ([`KernelPlan::all`]: a latent spec whose calls choose their form has two), planned and
+//! stamped once per ISA (its [`Target`], target features and pre-compiled tile routines), plus
+//! the impls that hand them to attngen's executor — the one every backend runs through, which
+//! picks the ISA at first use and the form per call.
 
 mod program;
 

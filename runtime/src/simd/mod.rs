@@ -249,8 +249,10 @@ impl Isa {
         }
     }
 
-    /// The ISA `ATTNGEN_ISA` asks for, if set: an error names a value that is not an ISA, or
-    /// one this CPU lacks.
+    /// The ISA `ATTNGEN_ISA` asks for, if set.
+    ///
+    /// # Errors
+    /// [`Error::Isa`] when the value is not an ISA's name or this CPU lacks that ISA.
     pub fn from_env() -> Result<Option<Isa>, Error> {
         match std::env::var("ATTNGEN_ISA") {
             Ok(value) => value.parse::<Isa>().and_then(Isa::checked).map(Some),
@@ -262,7 +264,10 @@ impl Isa {
         }
     }
 
-    /// `self` if this CPU supports it, else an error that lists what it does support.
+    /// `self` if this CPU supports it.
+    ///
+    /// # Errors
+    /// [`Error::Isa`], listing the ISAs this CPU does support.
     pub fn checked(self) -> Result<Isa, Error> {
         if self.is_supported() {
             return Ok(self);
