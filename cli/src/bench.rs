@@ -25,14 +25,15 @@ pub struct BenchArgs {
     /// Backends to time.
     #[arg(long = "backend", value_enum, value_delimiter = ',', default_value = "jit")]
     pub backends: Vec<Backend>,
-    /// Micro-kernel ISAs to time the JIT with, e.g. `--isa avx512,avx2` (default: the widest
-    /// this CPU has, or `ATTNGEN_ISA`'s).
+    /// Micro-kernel ISAs to time the JIT and macro kernels with, each in its own row, e.g.
+    /// `--isa avx512,avx2` (default: the widest this CPU has, or `ATTNGEN_ISA`'s).
     #[arg(long = "isa", value_delimiter = ',')]
     pub isas: Vec<String>,
-    /// Threads for the JIT's kernels (default: every core).
+    /// Threads for the kernels and the peak probes (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Most timed runs per row; the JIT stops early after about a second (at least 3 runs).
+    /// Most timed runs per row; the compiled kernels stop early after about a second each (at
+    /// least 3 runs).
     #[arg(long, default_value_t = 50)]
     pub runs: usize,
     /// Use this FMA peak (GFLOP/s, of the widest ISA) instead of measuring it.
