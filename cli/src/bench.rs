@@ -543,14 +543,17 @@ fn render(report: &Report) -> String {
                 .filter(same)
                 .find(|o| o.backend == "interp")
                 .map(|o| o.median_ms);
-            let first_jit = report.results.iter().filter(same).find(|o| o.backend == "jit");
+            // The first ISA's row of the same compiled backend: the others' time against it.
+            let compiled = matches!(r.backend, "jit" | "macro");
+            let first_isa =
+                report.results.iter().filter(same).find(|o| compiled && o.backend == r.backend);
             let (rate, peak) = if r.decode {
                 (format!("{:.1} GB/s", r.gbs), 100.0 * r.gbs / m.peak_gbs)
             } else {
                 (format!("{:.1} GFLOP/s", r.gflops), 100.0 * r.gflops / m.peak_gflops)
             };
-            let vs_first = match first_jit {
-                Some(first) if r.backend == "jit" && first.isa != r.isa => {
+            let vs_first = match first_isa {
+                Some(first) if first.isa != r.isa => {
                     format!("{:.2}x", r.median_ms / first.median_ms)
                 }
                 _ => String::new(),

@@ -443,6 +443,50 @@ fn bench_times_each_isa_and_counts_absorbed_mla() {
     assert!(text.contains("--input-offset") && text.contains("0..16"), "{text}");
 }
 
+/// The table gives each compiled backend's rows of a later ISA their time against the first
+/// ISA's row of the same backend, and each macro row its speed against the JIT's.
+#[test]
+fn bench_table_compares_each_backend_across_isas() {
+    if Isa::detect() == Isa::Portable {
+        println!("skipped: this CPU has only the portable ISA, no second ISA to compare");
+        return;
+    }
+    let spec = specs_dir().join("llama3-8b.toml");
+    let isas = format!("{},portable", Isa::detect().name());
+    let output = attngen(&[
+        "bench",
+        spec.to_str().unwrap(),
+        "--shape",
+        "1,8,40",
+        "--backend",
+        "macro,jit",
+        "--isa",
+        &isas,
+        "--runs",
+        "3",
+        "--peak-gflops",
+        "100",
+        "--peak-gbs",
+        "20",
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    let header = text.lines().find(|line| line.starts_with("workload")).unwrap();
+    // Numbers are right-aligned under their header, within its span (counted in chars).
+    let cell = |line: &str, title: &str| -> String {
+        let at = header.find(title).unwrap_or_else(|| panic!("no column {title}: {text}"));
+        let start = header[..at].chars().count();
+        line.chars().skip(start).take(title.chars().count()).collect::<String>().trim().to_owned()
+    };
+    let rows: Vec<&str> = text.lines().filter(|line| line.starts_with("llama3-8b")).collect();
+    assert_eq!(rows.len(), 4, "{text}");
+    for row in rows {
+        let (vs_first, vs_jit) = (cell(row, "time vs 1st isa"), cell(row, "speed vs jit"));
+        assert_eq!(vs_first.ends_with('x'), row.contains("portable"), "{vs_first:?} in {row}");
+        assert_eq!(vs_jit.ends_with('x'), row.contains("macro"), "{vs_jit:?} in {row}");
+    }
+}
+
 /// `ATTNGEN_ISA` forces the JIT's ISA; a name that is not one, or an ISA the CPU lacks, is an
 /// error that says so.
 #[test]
