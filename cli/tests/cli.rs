@@ -356,15 +356,20 @@ fn dump_shows_plan_ir_clif_and_machine_code() {
     assert!(text.contains("== asm") && text.contains("ret"), "machine code is listed");
 }
 
-/// `attngen bench` on a bundled spec and shape: JIT and interpreter, 3 runs, fixed peaks (100
+/// `attngen bench` on a bundled spec and shape with `backends`, 3 runs, fixed peaks (100
 /// GFLOP/s, 20 GB/s) so no probe runs, plus `extra` flags.
-fn bench_both_backends(spec: &str, shape: &str, extra: &[&str]) -> Output {
+fn bench(spec: &str, shape: &str, backends: &str, extra: &[&str]) -> Output {
     let spec = specs_dir().join(spec);
     let mut args = vec!["bench", spec.to_str().unwrap(), "--shape", shape];
-    args.extend(["--backend", "jit,interp", "--runs", "3", "--peak-gflops", "100"]);
+    args.extend(["--backend", backends, "--runs", "3", "--peak-gflops", "100"]);
     args.extend(["--peak-gbs", "20"]);
     args.extend(extra);
     attngen(&args)
+}
+
+/// [`bench`] with the JIT and the interpreter.
+fn bench_both_backends(spec: &str, shape: &str, extra: &[&str]) -> Output {
+    bench(spec, shape, "jit,interp", extra)
 }
 
 #[test]
@@ -451,24 +456,8 @@ fn bench_table_compares_each_backend_across_isas() {
         println!("skipped: this CPU has only the portable ISA, no second ISA to compare");
         return;
     }
-    let spec = specs_dir().join("llama3-8b.toml");
     let isas = format!("{},portable", Isa::detect().name());
-    let output = attngen(&[
-        "bench",
-        spec.to_str().unwrap(),
-        "--shape",
-        "1,8,40",
-        "--backend",
-        "macro,jit",
-        "--isa",
-        &isas,
-        "--runs",
-        "3",
-        "--peak-gflops",
-        "100",
-        "--peak-gbs",
-        "20",
-    ]);
+    let output = bench("llama3-8b.toml", "1,8,40", "macro,jit", &["--isa", &isas]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let text = String::from_utf8(output.stdout).unwrap();
     let header = text.lines().find(|line| line.starts_with("workload")).unwrap();
@@ -641,19 +630,7 @@ fn the_macro_backend_runs_the_bundled_specs_and_names_what_it_lacks() {
     let (want_out, want_lse) = independent::attention(&spec, shape, &inputs.tensors());
     assert_eq!(first_mismatch(&read_f32(&file, "out").1, &want_out), None);
     assert_eq!(first_mismatch(&read_f32(&file, "lse").1, &want_lse), None);
-    let spec = specs_dir().join("llama3-8b.toml");
-    let mut args = vec!["bench", spec.to_str().unwrap(), "--shape", "1,8,40", "--json"];
-    args.extend([
-        "--backend",
-        "jit,macro",
-        "--runs",
-        "3",
-        "--peak-gflops",
-        "100",
-        "--peak-gbs",
-        "20",
-    ]);
-    let output = attngen(&args);
+    let output = bench("llama3-8b.toml", "1,8,40", "jit,macro", &["--json"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let results = report["results"].as_array().unwrap();
