@@ -544,9 +544,9 @@ fn render(report: &Report) -> String {
                 .find(|o| o.backend == "interp")
                 .map(|o| o.median_ms);
             // The first ISA's row of the same compiled backend: the others' time against it.
-            let compiled = matches!(r.backend, "jit" | "macro");
-            let first_isa =
-                report.results.iter().filter(same).find(|o| compiled && o.backend == r.backend);
+            let first_isa = matches!(r.backend, "jit" | "macro")
+                .then(|| report.results.iter().filter(same).find(|o| o.backend == r.backend))
+                .flatten();
             let (rate, peak) = if r.decode {
                 (format!("{:.1} GB/s", r.gbs), 100.0 * r.gbs / m.peak_gbs)
             } else {
