@@ -513,6 +513,24 @@ fn time(
     Ok(rows.collect())
 }
 
+/// The table's comparisons of row `r` with the rows of its workload in `results`: its time over
+/// the first-timed ISA's row of the same compiled backend (rows of a later ISA: the "AVX2
+/// forced" ratio), and, for a macro row, its speed against the JIT's with the same ISA (the
+/// JIT's time over its own; above 1: faster).
+fn comparisons(results: &[Row], r: &Row) -> (Option<f64>, Option<f64>) {
+    let mut same = results.iter().filter(|o| o.workload == r.workload);
+    let first_isa = matches!(r.backend, "jit" | "macro")
+        .then(|| same.clone().find(|o| o.backend == r.backend))
+        .flatten();
+    let vs_first =
+        first_isa.filter(|first| first.isa != r.isa).map(|first| r.median_ms / first.median_ms);
+    let vs_jit = (r.backend == "macro")
+        .then(|| same.find(|o| o.backend == "jit" && o.isa == r.isa))
+        .flatten()
+        .map(|jit| jit.median_ms / r.median_ms);
+    (vs_first, vs_jit)
+}
+
 fn render(report: &Report) -> String {
     let m = &report.machine;
     let peaks: Vec<String> = m.peaks.iter().map(|p| format!("{} {:.1}", p.isa, p.gflops)).collect();
@@ -543,28 +561,14 @@ fn render(report: &Report) -> String {
                 .filter(same)
                 .find(|o| o.backend == "interp")
                 .map(|o| o.median_ms);
-            // The first ISA's row of the same compiled backend: the others' time against it.
-            let first_isa = matches!(r.backend, "jit" | "macro")
-                .then(|| report.results.iter().filter(same).find(|o| o.backend == r.backend))
-                .flatten();
             let (rate, peak) = if r.decode {
                 (format!("{:.1} GB/s", r.gbs), 100.0 * r.gbs / m.peak_gbs)
             } else {
                 (format!("{:.1} GFLOP/s", r.gflops), 100.0 * r.gflops / m.peak_gflops)
             };
-            let vs_first = match first_isa {
-                Some(first) if first.isa != r.isa => {
-                    format!("{:.2}x", r.median_ms / first.median_ms)
-                }
-                _ => String::new(),
-            };
-            // The macro kernel's speed against the JIT's with the same ISA (> 1: faster).
-            let jit_same_isa =
-                report.results.iter().filter(same).find(|o| o.backend == "jit" && o.isa == r.isa);
-            let vs_jit = match jit_same_isa {
-                Some(jit) if r.backend == "macro" => format!("{:.2}x", jit.median_ms / r.median_ms),
-                _ => String::new(),
-            };
+            let (vs_first, vs_jit) = comparisons(&report.results, r);
+            let ratio = |x: Option<f64>| x.map_or_else(String::new, |x| format!("{x:.2}x"));
+            let (vs_first, vs_jit) = (ratio(vs_first), ratio(vs_jit));
             // The same rounds' ceilings: decode, the median time to read the inputs once over
             // the kernel's; prefill, the kernel's GFLOP/s (of the form it runs) over the FMA
             // loop's and the tile product's medians.
@@ -625,4 +629,59 @@ fn render(report: &Report) -> String {
     text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once, of the start-up probe's bandwidth. Of same rounds: the machine's ceiling while the kernels ran, timed in the same rounds on the same threads — decode, the time to read the same inputs once (cache, queries, MLA's weights) over the kernel's; prefill, the kernel's GFLOP/s run over the widest ISA's FMA loop's and over its tile product's with every operand in L1 (the ceiling of code that loads its operands).\n");
     text.push_str("GFLOP/s run: the FLOPs of the form the kernel computes for the call (absorbed MLA: q' = q·W_UK, attention over the latent, out = o'·W_UV; expanded MLA: K_h and V_h up-projected per head, then attention over them), against the peak of the row's ISA; the form is in --json.\n");
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row of `workload` timed at `median_ms`; the other fields do not enter the comparisons.
+    fn row(workload: &str, backend: &'static str, isa: &'static str, median_ms: f64) -> Row {
+        Row {
+            workload: workload.to_owned(),
+            backend,
+            isa,
+            median_ms,
+            min_ms: median_ms,
+            max_ms: median_ms,
+            runs: 3,
+            gflops: 1.0,
+            kernel_gflops: 1.0,
+            gbs: 1.0,
+            flops: 1,
+            kernel_flops: 1,
+            form: "grouped",
+            bytes: 1,
+            intensity: 1.0,
+            compile_ms: None,
+            decode: false,
+            read_ms: None,
+            fma_gflops: None,
+            product_gflops: None,
+        }
+    }
+
+    /// Each compiled backend's later-ISA row is timed against that backend's first row, and
+    /// each macro row against the JIT row of its own ISA; other workloads' rows never enter.
+    #[test]
+    fn comparisons_pair_rows_of_the_same_backend_isa_and_workload() {
+        let results = vec![
+            row("W1", "macro", "avx512", 2.0),
+            row("W1", "macro", "avx2", 3.0),
+            row("W1", "jit", "avx512", 2.5),
+            row("W1", "jit", "avx2", 3.3),
+            row("W1", "interp", "", 100.0),
+            row("W2", "macro", "avx512", 7.0),
+            row("W2", "jit", "avx512", 1.0),
+        ];
+        let at = |i: usize| comparisons(&results, &results[i]);
+        let close = |got: Option<f64>, want: f64| got.is_some_and(|x| (x - want).abs() < 1e-12);
+        assert_eq!(at(0).0, None, "the first ISA's row has nothing to be timed against");
+        assert!(close(at(0).1, 2.5 / 2.0), "{:?}", at(0));
+        assert!(close(at(1).0, 3.0 / 2.0) && close(at(1).1, 3.3 / 3.0), "{:?}", at(1));
+        assert_eq!(at(2), (None, None));
+        assert!(close(at(3).0, 3.3 / 2.5) && at(3).1.is_none(), "{:?}", at(3));
+        assert_eq!(at(4), (None, None), "the interpreter has no ISA rows");
+        assert!(at(5).0.is_none() && close(at(5).1, 1.0 / 7.0), "{:?}", at(5));
+    }
 }
