@@ -16,7 +16,7 @@ use faer::Mat;
 use safetensors::{Dtype, SafeTensors};
 use serde::Serialize;
 
-use crate::{Failure, emit, table, tensors};
+use crate::{Failure, emit, outputs, table, tensors};
 
 /// `attngen compress`'s arguments.
 #[derive(clap::Args, Debug)]
@@ -44,7 +44,8 @@ pub struct CompressArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     pub rank: Vec<usize>,
     /// Where to write `w_dkv`, `w_uk`, `w_uv` (with several ranks, `-rR` is added to the file
-    /// stem); the spec is written beside it with the extension `.toml`.
+    /// stem); the spec is written beside it with the extension `.toml`. Neither may replace
+    /// `--weights`.
     #[arg(long, value_name = "MLA.safetensors")]
     pub out: PathBuf,
     /// The layer's mask, for the converted spec and the output-error check: none or causal.
@@ -94,8 +95,9 @@ struct Layer {
     w_v: Vec<f32>,
 }
 
-/// Runs `attngen compress`: everything is read and checked, and every rank factored and
-/// measured, before the first file is written.
+/// Runs `attngen compress`: everything is read and checked (the ranks, and that no output
+/// would replace the weights or another output), and every rank factored and measured, before
+/// the files are written, all or none.
 pub fn run(args: &CompressArgs) -> Result<(), Failure> {
     let mask: Mask = args.mask.parse().map_err(|e| Failure::input(format!("--mask: {e}")))?;
     let bytes = std::fs::read(&args.weights)
@@ -109,15 +111,39 @@ pub fn run(args: &CompressArgs) -> Result<(), Failure> {
             2 * layer.kv_heads * layer.head_dim
         )));
     }
-    let factors = Factors::of(&layer)?;
+    for (i, rank) in args.rank.iter().enumerate() {
+        if args.rank[..i].contains(rank) {
+            return Err(Failure::input(format!("--rank {rank} is listed twice")));
+        }
+    }
+    if args.out.extension().is_some_and(|e| e == "toml") {
+        return Err(Failure::input(format!(
+            "--out {}: the spec is written beside the weights with the extension .toml; give \
+             the weights another (.safetensors)",
+            args.out.display()
+        )));
+    }
     let several = args.rank.len() > 1;
+    let paths: Vec<(PathBuf, PathBuf)> = args
+        .rank
+        .iter()
+        .map(|&rank| {
+            let weights = if several { with_rank(&args.out, rank) } else { args.out.clone() };
+            let spec = weights.with_extension("toml");
+            (weights, spec)
+        })
+        .collect();
+    let named: Vec<outputs::Named> = paths
+        .iter()
+        .flat_map(|(weights, spec)| [("--out", weights.as_path()), ("its spec", spec.as_path())])
+        .collect();
+    outputs::check(&[("--weights", args.weights.as_path())], &named)?;
+    let factors = Factors::of(&layer)?;
     let mut files = Vec::new();
     let mut reports = Vec::new();
-    for &rank in &args.rank {
-        let weights = if several { with_rank(&args.out, rank) } else { args.out.clone() };
-        let spec_path = weights.with_extension("toml");
+    for (&rank, (weights, spec_path)) in args.rank.iter().zip(&paths) {
         let converted = factors.truncate(&layer, rank);
-        let spec = converted.spec(&layer, mask, &weights);
+        let spec = converted.spec(&layer, mask, weights);
         let (output_error, output_max_abs) = output_error(&layer, &converted, &spec, mask)?;
         let (k_error, v_error) = factors.errors(&layer, rank);
         reports.push(RankReport {
@@ -134,25 +160,18 @@ pub fn run(args: &CompressArgs) -> Result<(), Failure> {
         });
         let compression =
             Compression { retained_energy: factors.energy(rank), k_error, v_error, output_error };
-        files.push((weights, spec_path, spec, converted, compression));
-    }
-    for (weights, spec_path, spec, converted, compression) in &files {
-        let (r, h, d, hidden) = (converted.rank, layer.heads, layer.head_dim, layer.hidden);
-        let tensors = [
+        let (r, h, d, hidden) = (rank, layer.heads, layer.head_dim, layer.hidden);
+        let tensors = tensors::encode(&[
             ("w_dkv", vec![r, hidden], converted.w_dkv.as_slice()),
             ("w_uk", vec![h, d, r], converted.w_uk.as_slice()),
             ("w_uv", vec![h, d, r], converted.w_uv.as_slice()),
-        ];
-        tensors::write_atomically(weights, &tensors).map_err(|e| Failure {
-            status: 1,
-            message: format!("{}: cannot write: {e}", weights.display()),
-        })?;
-        let text = spec.to_toml() + &compression.to_toml();
-        std::fs::write(spec_path, text).map_err(|e| Failure {
-            status: 1,
-            message: format!("{}: cannot write: {e}", spec_path.display()),
-        })?;
+        ])
+        .map_err(|e| Failure { status: 1, message: format!("cannot encode rank {rank}: {e}") })?;
+        files.push((weights.as_path(), tensors));
+        files.push((spec_path.as_path(), (spec.to_toml() + &compression.to_toml()).into_bytes()));
     }
+    let files: Vec<(&Path, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_slice())).collect();
+    outputs::write_all(&files)?;
     if args.json {
         let json = serde_json::to_string_pretty(&reports).expect("reports serialise");
         return emit(&format!("{json}\n"));

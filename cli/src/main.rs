@@ -5,6 +5,7 @@ mod bundled;
 mod check;
 mod compress;
 mod dump;
+mod outputs;
 mod peak;
 mod plan;
 mod roofline;

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use attngen::{Jit, Kernel, Reference, Tensor};
 
-use crate::tensors;
 use crate::{Backend, Failure, load_spec};
+use crate::{outputs, tensors};
 
 /// Runs `spec_path` on the tensors in `inputs_path` and writes `out` and `lse` to `out_path`.
 pub fn run(
@@ -14,6 +14,7 @@ pub fn run(
     out_path: &Path,
     backend: Backend,
 ) -> Result<(), Failure> {
+    outputs::check(&[("the spec", spec_path), ("--inputs", inputs_path)], &[("--out", out_path)])?;
     let spec = load_spec(spec_path)?;
     let bytes = std::fs::read(inputs_path)
         .map_err(|e| Failure::input(format!("{}: cannot read: {e}", inputs_path.display())))?;
@@ -37,15 +38,10 @@ pub fn run(
     kernel
         .run(shape, &attngen::harness::view(&spec, &loaded.tensors), &mut out, Some(&mut lse))
         .map_err(Failure::input)?;
-    tensors::write_atomically(
-        out_path,
-        &[
-            ("lse", Tensor::Lse.dims(&spec, shape), &lse),
-            ("out", Tensor::Out.dims(&spec, shape), &out),
-        ],
-    )
-    .map_err(|e| Failure {
-        status: 1,
-        message: format!("{}: cannot write: {e}", out_path.display()),
-    })
+    let encoded = tensors::encode(&[
+        ("lse", Tensor::Lse.dims(&spec, shape), &lse),
+        ("out", Tensor::Out.dims(&spec, shape), &out),
+    ])
+    .map_err(|e| Failure { status: 1, message: format!("cannot encode the outputs: {e}") })?;
+    outputs::write_all(&[(out_path, &encoded)])
 }

@@ -1,17 +1,16 @@
-//! Reading a call's input tensors from safetensors and writing its outputs atomically.
+//! Reading a call's input tensors from safetensors, and encoding its outputs.
 
 use std::fmt;
-use std::path::Path;
 
 use attngen::{AttentionSpec, Shape, Tensor};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensorError, SafeTensors, tensor::TensorView};
 
 /// What is wrong with an inputs file, naming the tensor.
 #[derive(Debug, thiserror::Error)]
 pub enum TensorError {
     /// Not a safetensors file.
     #[error("not a valid safetensors file: {0}")]
-    Format(#[from] safetensors::SafeTensorError),
+    Format(#[from] SafeTensorError),
     /// A tensor the spec needs is absent.
     #[error("tensor `{name}` is missing: expected shape {expected}")]
     Missing {
@@ -151,12 +150,11 @@ fn with_symbols(t: Tensor, dims: &[usize]) -> Dims {
     )
 }
 
-/// Writes `tensors` (name, shape, values) as safetensors to `path` through a temporary file in
-/// the same directory and a rename, so a failure never leaves a partial or stale-looking file.
-pub fn write_atomically(
-    path: &Path,
-    tensors: &[(&str, Vec<usize>, &[f32])],
-) -> Result<(), Box<dyn std::error::Error>> {
+/// `tensors` (name, shape, values) as a safetensors file's bytes.
+///
+/// # Errors
+/// When a shape does not match its values' count.
+pub fn encode(tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<Vec<u8>, SafeTensorError> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect())
@@ -167,16 +165,6 @@ pub fn write_atomically(
         .map(|((name, dims, _), data)| {
             Ok((*name, TensorView::new(Dtype::F32, dims.clone(), data)?))
         })
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let encoded = safetensors::serialize(views, None)?;
-    let file_name = path.file_name().ok_or("output path has no file name")?;
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(file_name);
-    temp_name.push(format!(".{}.tmp", std::process::id()));
-    let temp = path.with_file_name(temp_name);
-    let written = std::fs::write(&temp, encoded).and_then(|()| std::fs::rename(&temp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    Ok(written?)
+        .collect::<Result<Vec<_>, SafeTensorError>>()?;
+    safetensors::serialize(views, None)
 }

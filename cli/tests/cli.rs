@@ -284,6 +284,28 @@ fn validate_reports_every_error_with_its_location() {
     assert!(stdout.starts_with(&format!("{b}:4:1: unknown field `window`")), "{stdout}");
 }
 
+/// `run --out` naming its own spec or inputs is refused before the kernel runs, both untouched.
+#[test]
+fn run_refuses_to_write_over_its_inputs() {
+    let dir = scratch("run-over-inputs");
+    let spec = AttentionSpec::gqa(4, 2, 8);
+    let (spec_path, inputs_path, _) = prepare(&dir, &spec, Shape::new(1, 2, 3), 9);
+    let before = (std::fs::read(&spec_path).unwrap(), std::fs::read(&inputs_path).unwrap());
+    for (out, message) in [
+        (&inputs_path, "would replace --inputs"),
+        (&dir.join(".").join("spec.toml"), "would replace the spec"),
+    ] {
+        let output = run_cli(&spec_path, &inputs_path, out, None);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(message), "expected {message:?} in:\n{stderr}");
+    }
+    let after = (std::fs::read(&spec_path).unwrap(), std::fs::read(&inputs_path).unwrap());
+    assert!(after == before, "an input changed");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 2, "a refused run left files behind: {left:?}");
+}
+
 #[test]
 fn run_jit_agrees_with_the_independent_formulation() {
     let specs = [
@@ -823,5 +845,33 @@ fn compress_rejects_bad_inputs_and_writes_nothing() {
         assert_eq!(output.status.code(), Some(2), "{message}: {stderr}");
         assert!(stderr.contains(message), "expected `{message}` in: {stderr}");
         assert!(!out.exists() && !dir.join("never.toml").exists());
+    }
+    // Outputs that would replace the weights, or each other, or cannot be created: refused
+    // before any work, the weights untouched and nothing new in the directory.
+    let before = std::fs::read(&weights).unwrap();
+    let files = || {
+        let mut names: Vec<_> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        names
+    };
+    let listed = files();
+    let roundabout = dir.join(".").join("layer.safetensors");
+    let missing = dir.join("no-such-dir").join("mla.safetensors");
+    let cases: [(&Path, &str, &str); 6] = [
+        (&weights, "4", "would replace --weights"),
+        (&roundabout, "4", "would replace --weights"),
+        (&dir.join("mla.toml"), "4", "the spec is written beside the weights"),
+        (&missing, "4", "no such directory"),
+        (&dir, "4", "is not a file name"),
+        (&out, "4,8,4", "--rank 4 is listed twice"),
+    ];
+    for (out, rank, message) in cases {
+        let output = compress(&weights, out, rank, &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{message}: {stderr}");
+        assert!(stderr.contains(message), "expected `{message}` in: {stderr}");
+        assert_eq!(std::fs::read(&weights).unwrap(), before, "{message}: the weights changed");
+        assert_eq!(files(), listed, "{message}: a file was written");
     }
 }
