@@ -29,9 +29,9 @@ pub struct BenchArgs {
     /// `--isa avx512,avx2` (default: the widest this CPU has, or `ATTNGEN_ISA`'s).
     #[arg(long = "isa", value_delimiter = ',')]
     pub isas: Vec<String>,
-    /// Threads for the kernels and the peak probes (default: every core).
+    /// Threads for the kernels and the peak probes, at least 1 (default: every core).
     #[arg(long)]
-    pub threads: Option<usize>,
+    pub threads: Option<std::num::NonZeroUsize>,
     /// Most timed runs per row; the compiled kernels stop early after about a second each (at
     /// least 3 runs).
     #[arg(long, default_value_t = 50)]
@@ -235,9 +235,10 @@ const PRODUCT_REPS: u64 = 1000;
 
 /// Runs the benchmark and prints the table or JSON.
 pub fn bench(args: BenchArgs) -> Result<(), Failure> {
-    let threads = args.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    });
+    let threads = args
+        .threads
+        .or_else(|| std::thread::available_parallelism().ok())
+        .map_or(1, std::num::NonZeroUsize::get);
     if args.forms {
         return forms_grid(&args, threads);
     }
@@ -411,9 +412,8 @@ fn time(
         .map(|(tensor, data)| (tensor, Placed::new(&data, input_offset)))
         .collect();
     let named = attngen::harness::view(spec, &inputs);
-    let len = |t: Tensor| t.len(spec, shape).map_err(Failure::input);
-    let mut out = vec![0.0f32; len(Tensor::Out)?];
-    let mut lse = vec![0.0f32; len(Tensor::Lse)?];
+    let zeros = |t: Tensor| attngen::harness::zeros(spec, shape, t).map_err(Failure::input);
+    let (mut out, mut lse) = (zeros(Tensor::Out)?, zeros(Tensor::Lse)?);
     let mut call = |kernel: &dyn Kernel| -> Result<Duration, Failure> {
         let start = Instant::now();
         kernel.run(shape, &named, &mut out, Some(&mut lse)).map_err(Failure::input)?;

@@ -109,25 +109,34 @@ fn progress(len: usize) -> ProgressBar {
 }
 
 /// The spec files named, with directories searched recursively for `*.toml`, in path order.
+/// A directory with none is an error, not a check that passes having checked nothing.
 fn spec_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
     let mut files = Vec::new();
-    let mut pending: Vec<PathBuf> = paths.to_vec();
-    while let Some(path) = pending.pop() {
-        if path.is_dir() {
-            let entries = std::fs::read_dir(&path)
-                .map_err(|e| Failure::input(format!("{}: cannot read: {e}", path.display())))?;
-            for entry in entries {
-                let entry =
-                    entry.map_err(|e| Failure::input(format!("{}: {e}", path.display())))?;
-                let child = entry.path();
-                if child.is_dir() || child.extension().is_some_and(|e| e == "toml") {
-                    pending.push(child);
+    for path in paths {
+        let found = files.len();
+        let mut pending = vec![path.clone()];
+        while let Some(path) = pending.pop() {
+            if path.is_dir() {
+                let entries = std::fs::read_dir(&path)
+                    .map_err(|e| Failure::input(format!("{}: cannot read: {e}", path.display())))?;
+                for entry in entries {
+                    let entry =
+                        entry.map_err(|e| Failure::input(format!("{}: {e}", path.display())))?;
+                    let child = entry.path();
+                    if child.is_dir() || child.extension().is_some_and(|e| e == "toml") {
+                        pending.push(child);
+                    }
                 }
+            } else if path.exists() {
+                files.push(path);
+            } else {
+                let path = path.display();
+                return Err(Failure::input(format!("{path}: no such file or directory")));
             }
-        } else if path.exists() {
-            files.push(path);
-        } else {
-            return Err(Failure::input(format!("{}: no such file or directory", path.display())));
+        }
+        if files.len() == found {
+            let path = path.display();
+            return Err(Failure::input(format!("{path}: no spec files (*.toml) in it")));
         }
     }
     files.sort();

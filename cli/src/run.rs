@@ -32,9 +32,8 @@ pub fn run(
         Backend::Macro => Box::new(crate::bundled::default_kernel(&spec)?),
     };
     let shape = loaded.shape;
-    let too_large = |t: Tensor| t.len(&spec, shape).map_err(Failure::input);
-    let mut out = vec![0.0; too_large(Tensor::Out)?];
-    let mut lse = vec![0.0; too_large(Tensor::Lse)?];
+    let zeros = |t: Tensor| attngen::harness::zeros(&spec, shape, t).map_err(Failure::input);
+    let (mut out, mut lse) = (zeros(Tensor::Out)?, zeros(Tensor::Lse)?);
     kernel
         .run(shape, &attngen::harness::view(&spec, &loaded.tensors), &mut out, Some(&mut lse))
         .map_err(Failure::input)?;

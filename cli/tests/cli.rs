@@ -432,6 +432,21 @@ fn bench_reports_json_for_a_spec_and_shape() {
     assert_eq!(output.status.code(), Some(2));
 }
 
+/// Bench arguments no run can honour exit 2 with a message, never an abort: a shape whose
+/// tensors cannot be allocated (q: 2^62 floats, 2^64 bytes), and zero threads.
+#[test]
+fn bench_refuses_a_shape_too_large_for_memory_and_zero_threads() {
+    let output = bench_both_backends("llama3-8b.toml", "33554432,33554432,1", &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let message = "tensor `q`: shape [33554432, 33554432, 32, 128] has more elements than fit";
+    assert!(stderr.contains(message), "{stderr}");
+    let output = bench_both_backends("llama3-8b.toml", "1,8,40", &["--threads", "0"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("'--threads <THREADS>'"), "{stderr}");
+}
+
 /// `--isa` times the JIT once per ISA named, and counts absorbed MLA as the kernel runs it.
 #[test]
 fn bench_times_each_isa_and_counts_absorbed_mla() {
@@ -589,6 +604,17 @@ fn check_exits_2_on_an_invalid_spec() {
         "{text}"
     );
     assert!(text.lines().any(|l| l.contains("good.toml") && l.ends_with("ok")), "{text}");
+}
+
+/// A directory holding no spec is bad input, not a check that passes having checked nothing.
+#[test]
+fn check_exits_2_on_a_directory_without_specs() {
+    let dir = scratch("check-empty");
+    std::fs::write(dir.join("notes.txt"), "not a spec").unwrap();
+    let output = attngen(&["check", dir.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no spec files (*.toml) in it"), "{stderr}");
 }
 
 #[test]

@@ -254,7 +254,8 @@ pub fn cases_over(shapes: impl Strategy<Value = Shape>) -> impl Strategy<Value =
 /// [−`magnitude`, `magnitude`], from `seed` (splitmix64 per tensor).
 ///
 /// # Errors
-/// [`Error::TooLarge`] when a tensor's element count overflows `usize`.
+/// [`Error::TooLarge`] when a tensor's element count overflows `usize` or its memory cannot be
+/// allocated.
 pub fn inputs(
     spec: &AttentionSpec,
     shape: Shape,
@@ -265,11 +266,35 @@ pub fn inputs(
         .iter()
         .enumerate()
         .map(|(n, &t)| {
-            let len = t.len(spec, shape)?;
             let stream = seed ^ (n as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            Ok((t, uniform(stream, len, -magnitude, magnitude)))
+            Ok((t, filled(spec, shape, t, uniform_stream(stream, -magnitude, magnitude))?))
         })
         .collect()
+}
+
+/// A zeroed buffer for `tensor` at `shape`, such as `out` or `lse` for a call.
+///
+/// # Errors
+/// [`Error::TooLarge`] when its element count overflows `usize` or its memory cannot be
+/// allocated (a shape too large for this machine is an error, not an abort).
+pub fn zeros(spec: &AttentionSpec, shape: Shape, tensor: Tensor) -> Result<Vec<f32>, Error> {
+    filled(spec, shape, tensor, std::iter::repeat(0.0))
+}
+
+/// `tensor`'s elements, the first of `values`, in a buffer allocated fallibly.
+fn filled(
+    spec: &AttentionSpec,
+    shape: Shape,
+    tensor: Tensor,
+    values: impl Iterator<Item = f32>,
+) -> Result<Vec<f32>, Error> {
+    let len = tensor.len(spec, shape)?;
+    let mut buffer = Vec::new();
+    buffer
+        .try_reserve_exact(len)
+        .map_err(|_| Error::TooLarge { tensor: tensor.name(), shape: tensor.dims(spec, shape) })?;
+    buffer.extend(values.take(len));
+    Ok(buffer)
 }
 
 /// Borrowed [`Inputs`] over named tensors, such as those from [`inputs`] (or copies of them
@@ -326,18 +351,21 @@ impl AsRef<[f32]> for Placed {
 
 /// `len` values uniform in [lo, hi) from a seed (splitmix64).
 pub fn uniform(seed: u64, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+    uniform_stream(seed, lo, hi).take(len).collect()
+}
+
+/// The endless stream whose first `len` values [`uniform`] returns.
+fn uniform_stream(seed: u64, lo: f32, hi: f32) -> impl Iterator<Item = f32> {
     let mut state = seed;
-    (0..len)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
-            lo + (hi - lo) * unit
-        })
-        .collect()
+    std::iter::repeat_with(move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * unit
+    })
 }
 
 /// Runs one case on `kernel` and on the reference and compares them.
@@ -373,8 +401,8 @@ impl CaseCall {
     /// `out` and `lse` of `kernel` on these inputs.
     fn outputs(&self, kernel: &dyn Kernel) -> Result<(Vec<f32>, Vec<f32>), Error> {
         let (spec, shape) = (kernel.spec(), self.shape);
-        let mut out = vec![0.0; Tensor::Out.len(spec, shape)?];
-        let mut lse = vec![0.0; Tensor::Lse.len(spec, shape)?];
+        let (mut out, mut lse) =
+            (zeros(spec, shape, Tensor::Out)?, zeros(spec, shape, Tensor::Lse)?);
         let mut inputs = view(spec, &self.tensors);
         if let Some(lens) = &self.kv_lens {
             inputs = inputs.with_kv_lens(lens);

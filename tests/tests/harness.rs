@@ -124,3 +124,26 @@ fn assert_matches_reference_names_the_kernel_that_differs() {
     let message = *panic.unwrap_err().downcast::<String>().unwrap();
     assert!(message.contains("broken: ") && message.contains("seq_q: 3"), "{message}");
 }
+
+/// A shape whose tensors cannot be allocated is an error naming the tensor, not an abort: here
+/// q's 2^62 floats fit a `usize` count but not an allocation (2^64 bytes).
+#[test]
+fn a_shape_too_large_for_memory_is_an_error_not_an_abort() {
+    use attngen::{Error, Tensor};
+    let spec = AttentionSpec::gqa(32, 8, 128);
+    let shape = Shape::new(1 << 25, 1 << 25, 1);
+    let q = vec![1 << 25, 1 << 25, 32, 128];
+    let too_large = Err(Error::TooLarge { tensor: "q", shape: q });
+    assert_eq!(harness::inputs(&spec, shape, 1, 1.0).map(|_| ()), too_large);
+    let out = Err(Error::TooLarge { tensor: "out", shape: vec![1 << 25, 1 << 25, 32, 128] });
+    assert_eq!(harness::zeros(&spec, shape, Tensor::Out).map(|_| ()), out);
+    let replay = Case { shape, input_seed: 5, ragged: false };
+    let kernel = Reference::new(&spec).unwrap();
+    assert!(matches!(harness::run_case(&kernel, replay), Err(Error::TooLarge { tensor: "q", .. })));
+    // Small shapes are unaffected: every element drawn, in [-1, 1).
+    let small = harness::zeros(&spec, Shape::new(1, 2, 3), Tensor::Lse).unwrap();
+    assert_eq!(small, vec![0.0; 64]);
+    let drawn = harness::inputs(&spec, Shape::new(1, 2, 3), 1, 1.0).unwrap();
+    assert_eq!(drawn[0].1.len(), 2 * 32 * 128);
+    assert!(drawn.iter().all(|(_, v)| v.iter().all(|x| (-1.0..1.0).contains(x))));
+}
