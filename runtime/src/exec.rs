@@ -23,6 +23,20 @@ use rayon::prelude::*;
 
 use crate::{Error, InputTensors, Inputs, Isa, Shape, check_call, simd};
 
+/// A thread pool of its own for a kernel (`Jit::with_threads`, `MacroKernel::threads`).
+///
+/// # Errors
+/// [`Error::Threads`] for zero threads (rayon would read 0 as every core, a surprise for a
+/// count asked for) or when the system cannot start them.
+pub(crate) fn own_pool(threads: usize) -> Result<std::sync::Arc<rayon::ThreadPool>, Error> {
+    let refuse = |reason: String| Error::Threads { threads, reason };
+    if threads == 0 {
+        return Err(refuse("a pool needs at least one (for every core, ask for none)".into()));
+    }
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
+    Ok(std::sync::Arc::new(pool.map_err(|e| refuse(e.to_string()))?))
+}
+
 /// A kernel's generated functions for one plan, as `attngen_codegen::abi` types them: `item`
 /// and `finish`, for absorbed MLA the per-head `prologue` and `epilogue`, and for expanded MLA
 /// the per-tile `expand`.

@@ -103,8 +103,8 @@ impl JitOptions {
         JitOptions { isa: Some(isa), ..self }
     }
 
-    /// Run kernels on a pool of their own with this many threads, instead of rayon's global
-    /// pool.
+    /// Run kernels on a pool of their own with this many threads (at least 1: building the
+    /// JIT refuses 0), instead of rayon's global pool.
     pub fn threads(self, threads: usize) -> JitOptions {
         JitOptions { threads: Some(threads), ..self }
     }
@@ -133,22 +133,14 @@ impl Jit {
     ///
     /// # Errors
     /// [`Error::Isa`] when the ISA named (by `options` or `ATTNGEN_ISA`) is not one or this CPU
-    /// lacks it, [`Error::Threads`] when the thread pool cannot start, and [`Error::Compile`]
-    /// when Cranelift has no backend for this CPU.
+    /// lacks it, [`Error::Threads`] for zero threads or when the thread pool cannot start, and
+    /// [`Error::Compile`] when Cranelift has no backend for this CPU.
     pub fn with_options(options: JitOptions) -> Result<Jit, Error> {
         let isa = match options.isa {
             Some(isa) => isa.checked()?,
             None => Isa::from_env()?.unwrap_or_else(Isa::detect),
         };
-        let pool = match options.threads {
-            Some(threads) => Some(Arc::new(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads.max(1))
-                    .build()
-                    .map_err(|e| Error::Threads { threads, reason: e.to_string() })?,
-            )),
-            None => None,
-        };
+        let pool = options.threads.map(crate::exec::own_pool).transpose()?;
         Self::build(isa, pool)
     }
 

@@ -83,13 +83,9 @@ impl MacroKernel {
     /// global pool.
     ///
     /// # Errors
-    /// [`Error::Threads`] when the pool cannot start.
+    /// [`Error::Threads`] for zero threads or when the pool cannot start.
     pub fn threads(self, threads: usize) -> Result<MacroKernel, Error> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .build()
-            .map_err(|e| Error::Threads { threads, reason: e.to_string() })?;
-        Ok(MacroKernel { pool: Some(Arc::new(pool)), ..self })
+        Ok(MacroKernel { pool: Some(crate::exec::own_pool(threads)?), ..self })
     }
 
     /// The ISA whose functions run (the portable ones if none could be chosen).

@@ -164,3 +164,27 @@ fn a_huge_batch_of_empty_sequences_is_no_work() {
         }
     }
 }
+
+/// A pool of zero threads is refused by both backends with a typed error (rayon would read 0
+/// as every core); one thread works.
+#[test]
+fn zero_threads_is_a_typed_error() {
+    use attngen::{Error, Isa};
+    let zero = |result: Result<(), Error>| match result {
+        Err(Error::Threads { threads: 0, reason }) => assert!(reason.contains("at least one")),
+        other => panic!("expected Error::Threads for 0 threads, got {other:?}"),
+    };
+    zero(Jit::with_threads(0).map(|_| ()));
+    zero(Grouped::with_isa(Isa::Portable).threads(0).map(|_| ()));
+    let one = Grouped::with_isa(Isa::Portable).threads(1).unwrap();
+    let reference = Reference::new(Grouped.spec()).unwrap();
+    let shape = Shape::new(1, 2, 3);
+    let inputs = attngen::harness::inputs(Grouped.spec(), shape, 3, 1.0).unwrap();
+    let inputs = attngen::harness::view(Grouped.spec(), &inputs);
+    let (mut got, mut want) = (vec![0.0; 2 * 4 * 3], vec![0.0; 2 * 4 * 3]);
+    one.run(shape, &inputs, &mut got, None).unwrap();
+    reference.run(shape, &inputs, &mut want, None).unwrap();
+    let want: Vec<f64> = want.iter().map(|&x| f64::from(x)).collect();
+    assert_eq!(first_mismatch(&got, &want), None);
+    assert!(Jit::with_threads(1).is_ok());
+}
