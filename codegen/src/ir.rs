@@ -157,8 +157,9 @@ pub enum Op {
     /// Combine the task's split states into the first: `M = max m_s`,
     /// `l = Σ l_s·2^(m_s − M)`, `O = Σ O_s·2^(m_s − M)`.
     MergeSplits,
-    /// `lse = m·ln 2 + ln l` into m's slot and `1/l` into l's; a row with no visible key gets
-    /// `lse = −∞` and `1/l = 0` (so its output is 0). O is scaled as it is stored.
+    /// `lse = m·ln 2 + ln l` into m's slot and `1/l` into l's; a row of no weight (l = 0: no
+    /// visible key, or every visible score −∞) gets `lse = −∞` and `1/l = 0`, so its output is
+    /// `0·O` (semantics.md §3 step 4). O is scaled as it is stored.
     Normalize,
     /// `into[b, q0 + qi, h] = O[slot, qi] / l`, one pass over O: `Out` for grouped specs, the
     /// epilogue's `LatentOut` for absorbed MLA.
@@ -652,7 +653,7 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
         Op::Normalize => {
             writeln!(
                 f,
-                "{pad}lse = m * ln 2 + ln l; l = 1/l   (no visible key: lse = -inf, 1/l = 0)"
+                "{pad}lse = m * ln 2 + ln l; l = 1/l   (no weight, l = 0: lse = -inf, 1/l = 0)"
             )
         }
         Op::StoreOut { into } => {

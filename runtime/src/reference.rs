@@ -121,12 +121,11 @@ fn visible(mask: Mask, diag: i64, j: i64) -> bool {
 }
 
 /// Softmax of the visible scores of one row, applied to the values; returns (out, lse).
-/// A row with no visible key gives out = 0 and lse = −∞. NaN scores make the row NaN.
+/// A row of no weight — no visible key, or every visible score −∞ — gives lse = −∞ and
+/// out = 0·Σ 0·V (0, or NaN where a visible value is not finite), semantics.md §3 step 4. NaN
+/// scores make the row NaN.
 fn softmax_times_values(row: &[Option<f64>], values: &[Vec<f64>], dv: usize) -> (Vec<f64>, f64) {
     let visible = || row.iter().enumerate().filter_map(|(j, s)| s.map(|s| (j, s)));
-    if visible().next().is_none() {
-        return (vec![0.0; dv], f64::NEG_INFINITY);
-    }
     // A NaN score makes the max NaN, and so the whole row, as IEEE arithmetic would; once the
     // max is NaN no comparison replaces it.
     let max =
@@ -134,11 +133,15 @@ fn softmax_times_values(row: &[Option<f64>], values: &[Vec<f64>], dv: usize) -> 
     let mut sum = 0.0;
     let mut acc = vec![0.0; dv];
     for (j, s) in visible() {
-        let p = (s - max).exp();
+        // exp(−∞) = 0, also when every score is −∞ (where s − max would be NaN).
+        let p = if s == f64::NEG_INFINITY { 0.0 } else { (s - max).exp() };
         sum += p;
         for (a, &v) in acc.iter_mut().zip(&values[j]) {
             *a += p * v;
         }
+    }
+    if sum == 0.0 {
+        return (acc.iter().map(|a| a * 0.0).collect(), f64::NEG_INFINITY);
     }
     (acc.iter().map(|a| a / sum).collect(), max + sum.ln())
 }

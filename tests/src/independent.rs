@@ -147,12 +147,17 @@ fn online(
         } else {
             (m - m_new).exp()
         };
-        let p = (s - m_new).exp();
+        // A −∞ score weighs nothing, even while every score so far is −∞ (where s − m is NaN).
+        let p = if s == f64::NEG_INFINITY { 0.0 } else { (s - m_new).exp() };
         l = l * alpha + p;
         for (a, v) in acc.iter_mut().zip(value) {
             *a = *a * alpha + p * v;
         }
         m = m_new;
+    }
+    if l == 0.0 {
+        // Every visible score was −∞: no weight, as with no visible key (but 0·V kept).
+        return (acc.into_iter().map(|a| a * 0.0).collect(), f64::NEG_INFINITY);
     }
     (acc.into_iter().map(|a| a / l).collect(), m + l.ln())
 }

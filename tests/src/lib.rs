@@ -69,6 +69,77 @@ pub fn assert_errors_leave_outputs_untouched(kernel: &dyn attngen::Kernel) {
     assert!(out.iter().all(|&x| x == -7.0));
 }
 
+/// Runs `kernel` on inputs holding ±∞, NaN and huge finite values, one kind at a time in each
+/// input tensor, and compares every element with the reference exactly where the reference is
+/// not finite (NaN for NaN, the same infinity) and within semantics.md §4 elsewhere. This holds
+/// for every kernel that computes the definition's products in its order: grouped kernels and
+/// expanded MLA (semantics.md §3 step 5); absorbed MLA reassociates them, so it is not a kernel for
+/// this check. Describes the first mismatch.
+pub fn compare_non_finite_with_reference(
+    kernel: &dyn attngen::Kernel,
+    shape: attngen::Shape,
+) -> Result<(), String> {
+    use attngen::Tensor;
+    let spec = kernel.spec();
+    let reference = attngen::Reference::new(spec).unwrap();
+    let values = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1e30, -1e30];
+    for (n, &tensor) in Tensor::inputs(spec).iter().enumerate() {
+        for (v, &value) in values.iter().enumerate() {
+            let mut inputs = strategies::OwnedInputs::random(spec, shape, 31 + n as u64, 1.0);
+            let data = inputs.get_mut(tensor);
+            if data.is_empty() {
+                continue;
+            }
+            // Two elements: one early (the first key or query row), one a third of the way in.
+            let (first, third) = ((7 * v) % data.len(), data.len() / 3);
+            data[first] = value;
+            data[third] = value;
+            let want = run_kernel(&reference, shape, &inputs.inputs());
+            let got = run_kernel(kernel, shape, &inputs.inputs());
+            for (name, got, want) in [("out", &got.0, &want.0), ("lse", &got.1, &want.1)] {
+                let want: Vec<f64> = want.iter().map(|&x| f64::from(x)).collect();
+                if let Some((i, g, w)) = first_mismatch(got, &want) {
+                    return Err(format!(
+                        "{value} in {} [{first}] and [{third}]: {name}[{i}] = {g}, reference {w}",
+                        tensor.name()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rows of no weight (semantics.md §3 step 4), by hand, on `kernel`, built for
+/// `AttentionSpec::mha(h, 1).mask(Mask::SlidingWindow(1))` (any h): each of five queries sees
+/// one key, its own, with score s = q·k (scale 1/√1), the same in every head.
+///
+/// | query | q | k | v | s | out | lse |
+/// |---|---|---|---|---|---|---|
+/// | 0 | −∞ | 1 | 3 | −∞ | 0 | −∞ |
+/// | 1 | −∞ | 1 | ∞ | −∞ | NaN (0·∞) | −∞ |
+/// | 2 | ∞ | 1 | 3 | ∞ | NaN (∞ − ∞) | NaN |
+/// | 3 | 1 | 2 | 5 | 2 | 5 | 2 |
+/// | 4 | −∞ | 0 | 7 | NaN | NaN | NaN |
+pub fn assert_weightless_rows(kernel: &dyn attngen::Kernel) {
+    use attngen::{Inputs, Mask, Shape};
+    let h = kernel.spec().q_heads;
+    assert_eq!(kernel.spec(), &attngen::AttentionSpec::mha(h, 1).mask(Mask::SlidingWindow(1)));
+    let inf = f32::INFINITY;
+    let per_head = |column: [f32; 5]| -> Vec<f32> {
+        column.iter().flat_map(|&x| std::iter::repeat_n(x, h)).collect()
+    };
+    let q = per_head([-inf, -inf, inf, 1.0, -inf]);
+    let k = per_head([1.0, 1.0, 1.0, 2.0, 0.0]);
+    let v = per_head([3.0, inf, 3.0, 5.0, 7.0]);
+    let (out, lse) = run_kernel(kernel, Shape::new(1, 5, 5), &Inputs::grouped(&q, &k, &v));
+    let want_out = per_head([0.0, f32::NAN, f32::NAN, 5.0, f32::NAN]);
+    let want_lse = per_head([-inf, -inf, f32::NAN, 2.0, f32::NAN]);
+    let widen = |x: &[f32]| x.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+    assert_eq!(first_mismatch(&out, &widen(&want_out)), None, "out {out:?}");
+    assert_eq!(first_mismatch(&lse, &widen(&want_lse)), None, "lse {lse:?}");
+}
+
 /// `out` and `lse` of one valid call of `kernel` (both start as NaN, so an element the kernel
 /// never writes cannot pass).
 pub fn run_kernel(

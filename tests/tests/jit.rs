@@ -8,7 +8,8 @@ use attngen::{
 };
 use attngen_tests::strategies::{self, Limits, OwnedInputs};
 use attngen_tests::{
-    assert_errors_leave_outputs_untouched, compare_at_every_line_offset, compare_with_reference,
+    assert_errors_leave_outputs_untouched, assert_weightless_rows, compare_at_every_line_offset,
+    compare_non_finite_with_reference, compare_with_reference,
 };
 use proptest::prelude::*;
 
@@ -318,5 +319,34 @@ proptest! {
         }
         let result = JITS.with(|jits| compare(&jits[isa], &spec, shape, &inputs, magnitude));
         prop_assert!(result.is_ok(), "{}: {}", Isa::available()[isa], result.unwrap_err());
+    }
+}
+
+/// Infinities, NaN and huge finite inputs give the reference's result element for element —
+/// NaN where it has NaN, the same infinity, a finite value within tolerance — on every ISA, for
+/// every grouped variant and expanded MLA (semantics.md §3 step 5; absorbed MLA reassociates the
+/// products, so only its confinement to the rows that see a key is promised, tested above).
+#[test]
+fn non_finite_inputs_give_the_reference_result() {
+    let specs = [
+        AttentionSpec::gqa(4, 2, 8).mask(Mask::Causal),
+        AttentionSpec::gqa(5, 3, 6)
+            .group_map(GroupMap::Explicit(vec![2, 0, 0, 1, 2]))
+            .softcap(5.0)
+            .mask(Mask::SlidingWindow(9)),
+        AttentionSpec::mqa(3, 17).v_head_dim(5),
+        AttentionSpec::mla(4, 16, 4, 8, 8).mla_form(MlaForm::Expanded).mask(Mask::Causal),
+        AttentionSpec::mla(2, 24, 0, 8, 4).mla_form(MlaForm::Expanded).softcap(5.0),
+    ];
+    for jit in jits() {
+        for spec in &specs {
+            let kernel = jit.compile(spec).unwrap();
+            for shape in [Shape::new(1, 4, 37), Shape::new(2, 1, 70)] {
+                let result = compare_non_finite_with_reference(&kernel, shape);
+                assert_eq!(result, Ok(()), "{} {spec:?} {shape:?}", jit.isa());
+            }
+        }
+        let one_key = AttentionSpec::mha(3, 1).mask(Mask::SlidingWindow(1));
+        assert_weightless_rows(&jit.compile(&one_key).unwrap());
     }
 }

@@ -3,7 +3,10 @@
 
 use attngen::{Form, Isa, Kernel, KvLayout, MacroKernel, Shape};
 use attngen_tests::strategies::{self, OwnedInputs};
-use attngen_tests::{compare_at_every_line_offset, compare_with_reference};
+use attngen_tests::{
+    assert_weightless_rows, compare_at_every_line_offset, compare_non_finite_with_reference,
+    compare_with_reference,
+};
 use proptest::prelude::*;
 
 #[attngen::kernel(q_heads = 8, kv_heads = 2, head_dim = 16, mask = "causal")]
@@ -133,6 +136,26 @@ fn a_spec_file_kernel_is_the_file_s_spec() {
             let kernel = Llama3FromFile::with_isa(isa);
             compare(&kernel, shape, 7, 1.0, false).unwrap();
         }
+    }
+}
+
+/// Infinities, NaN and huge finite inputs give the reference's result element for element, on
+/// every ISA, for each kernel that computes the definition's products in its order: every
+/// grouped one and the expanded MLA ones (semantics.md §3 step 5).
+#[test]
+fn non_finite_inputs_give_the_reference_result() {
+    for isa in isas() {
+        for kernel in kernels(isa) {
+            let absorbs = |shape| kernel.form_for(shape) == Form::LatentAbsorbed;
+            for shape in [Shape::new(1, 4, 37), Shape::new(2, 1, 70)] {
+                if absorbs(shape) {
+                    continue;
+                }
+                let result = compare_non_finite_with_reference(&kernel, shape);
+                assert_eq!(result, Ok(()), "{} on {isa}, {shape:?}", kernel.spec().summary());
+            }
+        }
+        assert_weightless_rows(&OneWide::with_isa(isa));
     }
 }
 

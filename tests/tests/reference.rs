@@ -3,7 +3,10 @@
 
 use attngen::{AttentionSpec, GroupMap, Inputs, Kernel, Mask, Reference, Shape, Tensor};
 use attngen_tests::strategies::{self, Limits, OwnedInputs};
-use attngen_tests::{assert_errors_leave_outputs_untouched, first_mismatch, independent, uniform};
+use attngen_tests::{
+    assert_errors_leave_outputs_untouched, assert_weightless_rows, first_mismatch, independent,
+    uniform,
+};
 use proptest::prelude::*;
 
 /// Runs the reference; returns (out, lse).
@@ -124,6 +127,17 @@ fn hidden_keys_never_leak_nan_but_visible_ones_do() {
     let (out, lse) = run(&spec, Shape::new(1, 2, 2), &Inputs::grouped(&q, &k, &v));
     assert!(out[..2].iter().all(|o| o.is_finite()) && lse[0].is_finite(), "{out:?}");
     assert!(out[2..].iter().all(|o| o.is_nan()) && lse[1].is_nan(), "{out:?}");
+}
+
+/// A row whose visible keys all score −∞ has no weight: out = 0 and lse = −∞, as with no
+/// visible key, though a visible value that is not finite still makes out NaN (0·∞); +∞ and
+/// NaN scores make the row NaN. The table is in `assert_weightless_rows`.
+#[test]
+fn rows_of_no_weight_by_hand() {
+    for heads in [1, 3] {
+        let spec = AttentionSpec::mha(heads, 1).mask(Mask::SlidingWindow(1));
+        assert_weightless_rows(&Reference::new(&spec).unwrap());
+    }
 }
 
 #[test]
