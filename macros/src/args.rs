@@ -283,6 +283,12 @@ pub fn spec_files(dir: &LitStr) -> syn::Result<Vec<(String, String)>> {
         if !module.starts_with(|c: char| c.is_ascii_alphabetic()) {
             module.insert_str(0, "spec_");
         }
+        if let Some((_, other)) = files.iter().find(|(m, _)| *m == module) {
+            return Err(fail(format!(
+                "spec files `{other}` and `{shown}` would both be tested in module `{module}`: \
+                 rename one"
+            )));
+        }
         files.push((module, shown));
     }
     Ok(files)

@@ -1,8 +1,9 @@
 //! `attngen::spec!` and `#[attngen::kernel]`: valid specs expand to the same value the builders
 //! make; each kind of mistake — a rule of `validate`, an unknown key (with the closest valid
-//! one), a missing or invalid spec file, the attribute on a struct with fields — is a compile
-//! error at the offending argument with attngen's message (the .stderr files beside the cases
-//! are the documentation of those messages).
+//! one), a missing or invalid spec file, the attribute on a struct with fields, `spec_tests!`
+//! on a folder with no spec or with two files that name one module — is a compile error at the
+//! offending argument with attngen's message (the .stderr files beside the cases are the
+//! documentation of those messages).
 
 use attngen::{AttentionSpec, GroupMap, Mask};
 
