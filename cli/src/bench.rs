@@ -13,8 +13,8 @@ use crate::{Backend, Failure, emit, load_spec, peak, roofline, table};
 /// What to time and how: `attngen bench`'s arguments.
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Time this spec instead of the workloads (needs --shape).
-    #[arg(conflicts_with = "workloads", requires = "shape")]
+    /// Time this spec instead of the workloads (at --shape; with --forms, over its grid).
+    #[arg(conflicts_with = "workloads")]
     pub spec: Option<PathBuf>,
     /// Workloads to time, e.g. `--workload W1,W4` (default: all eight).
     #[arg(long = "workload", value_delimiter = ',')]
@@ -55,9 +55,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE.svg")]
     pub roofline: Option<PathBuf>,
     /// Instead of workloads, time the two MLA forms and the cost model's per-call choice on
-    /// DeepSeek-V2-Lite (or `--spec`'s latent spec) over Sq in {1, 16, 128, 1024} x Sk in
-    /// {1024, 4096}, B = 1, with the JIT: how far the choice is from the faster form.
-    #[arg(long)]
+    /// DeepSeek-V2-Lite (or SPEC, a latent spec) over Sq in {1, 16, 128, 1024} x Sk in
+    /// {1024, 4096}, B = 1, with the JIT on the first --isa: how far the choice is from the
+    /// faster form.
+    #[arg(long, conflicts_with_all = ["workloads", "shape", "backends", "roofline"])]
     pub forms: bool,
 }
 
@@ -321,7 +322,9 @@ fn isas(names: &[String]) -> Result<Vec<Isa>, Failure> {
 fn select(args: &BenchArgs) -> Result<Vec<Workload>, Failure> {
     if let Some(path) = &args.spec {
         let spec = load_spec(path)?;
-        let shape = args.shape.ok_or_else(|| Failure::input("--spec needs --shape B,Sq,Sk"))?;
+        let shape = args.shape.ok_or_else(|| {
+            Failure::input("a SPEC needs --shape B,Sq,Sk (or --forms for the MLA forms' grid)")
+        })?;
         let id = spec.name.clone().unwrap_or_else(|| path.display().to_string());
         return Ok(vec![Workload { id, description: "spec file", spec, shape }]);
     }

@@ -58,7 +58,8 @@ struct Row {
 
 /// Runs the checks, prints the report, and fails with 1 if any check failed, 2 on bad input.
 pub fn check(args: CheckArgs) -> Result<(), Failure> {
-    let files = spec_files(&args.paths)?;
+    let mut files = crate::spec_files(&args.paths)?;
+    files.sort();
     let jit = match args.backend {
         Backend::Jit | Backend::Perturbed => {
             Some(Jit::new().map_err(|e| Failure { status: 1, message: e.to_string() })?)
@@ -106,41 +107,6 @@ fn progress(len: usize) -> ProgressBar {
         bar.set_style(style);
     }
     bar
-}
-
-/// The spec files named, with directories searched recursively for `*.toml`, in path order.
-/// A directory with none is an error, not a check that passes having checked nothing.
-fn spec_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
-    let mut files = Vec::new();
-    for path in paths {
-        let found = files.len();
-        let mut pending = vec![path.clone()];
-        while let Some(path) = pending.pop() {
-            if path.is_dir() {
-                let entries = std::fs::read_dir(&path)
-                    .map_err(|e| Failure::input(format!("{}: cannot read: {e}", path.display())))?;
-                for entry in entries {
-                    let entry =
-                        entry.map_err(|e| Failure::input(format!("{}: {e}", path.display())))?;
-                    let child = entry.path();
-                    if child.is_dir() || child.extension().is_some_and(|e| e == "toml") {
-                        pending.push(child);
-                    }
-                }
-            } else if path.exists() {
-                files.push(path);
-            } else {
-                let path = path.display();
-                return Err(Failure::input(format!("{path}: no such file or directory")));
-            }
-        }
-        if files.len() == found {
-            let path = path.display();
-            return Err(Failure::input(format!("{path}: no spec files (*.toml) in it")));
-        }
-    }
-    files.sort();
-    Ok(files)
 }
 
 fn check_file(file: &Path, args: &CheckArgs, jit: Option<&Jit>) -> Row {

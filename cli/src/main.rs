@@ -68,7 +68,7 @@ enum Command {
     /// the same query heads and head dims; "FLOP/byte" is decode arithmetic intensity, the
     /// decode FLOPs per byte of KV cache read.
     Plan {
-        /// Spec files.
+        /// Spec files or directories (searched for *.toml).
         #[arg(required = true)]
         specs: Vec<PathBuf>,
         /// Context length (tokens in the KV cache) for the cache and decode columns.
@@ -126,7 +126,7 @@ enum Command {
     ///
     /// Exit status 1 if any spec is invalid, 2 if a file cannot be read.
     Validate {
-        /// Spec files.
+        /// Spec files or directories (searched for *.toml).
         #[arg(required = true)]
         specs: Vec<PathBuf>,
     },
@@ -173,6 +173,45 @@ impl Failure {
     pub fn input(message: impl std::fmt::Display) -> Self {
         Failure { status: 2, message: message.to_string() }
     }
+}
+
+/// The spec files `paths` name, in their order: a file as given, a directory as the `*.toml`
+/// files under it (searched recursively, sorted). A path that does not exist, or a directory
+/// holding no spec file, is bad input — never a command that succeeds having read nothing.
+pub fn spec_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
+    let mut files = Vec::new();
+    for path in paths {
+        if !path.is_dir() {
+            if !path.exists() {
+                let path = path.display();
+                return Err(Failure::input(format!("{path}: no such file or directory")));
+            }
+            files.push(path.clone());
+            continue;
+        }
+        let mut found = Vec::new();
+        let mut pending = vec![path.clone()];
+        while let Some(dir) = pending.pop() {
+            let entries = std::fs::read_dir(&dir)
+                .map_err(|e| Failure::input(format!("{}: cannot read: {e}", dir.display())))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| Failure::input(format!("{}: {e}", dir.display())))?;
+                let child = entry.path();
+                if child.is_dir() {
+                    pending.push(child);
+                } else if child.extension().is_some_and(|e| e == "toml") {
+                    found.push(child);
+                }
+            }
+        }
+        if found.is_empty() {
+            let path = path.display();
+            return Err(Failure::input(format!("{path}: no spec files (*.toml) in it")));
+        }
+        found.sort();
+        files.extend(found);
+    }
+    Ok(files)
 }
 
 /// Parses `B,Sq,Sk`.
@@ -222,12 +261,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { spec, inputs, out, backend } => run::run(&spec, &inputs, &out, backend),
-        Command::Plan { specs, context, json } => plan::plan(&specs, context, json),
+        Command::Plan { specs, context, json } => {
+            spec_files(&specs).and_then(|files| plan::plan(&files, context, json))
+        }
         Command::Check(args) => check::check(args),
         Command::Dump { spec, plan, ir, clif, asm, rust, shape } => {
             dump::dump(&spec, dump::Sections { plan, ir, clif, asm, rust }, shape)
         }
-        Command::Validate { specs } => validate::validate(&specs),
+        Command::Validate { specs } => {
+            spec_files(&specs).and_then(|files| validate::validate(&files))
+        }
         Command::Bench(args) => bench::bench(args),
         Command::Compress(args) => compress::run(&args),
     };

@@ -284,6 +284,40 @@ fn validate_reports_every_error_with_its_location() {
     assert!(stdout.starts_with(&format!("{b}:4:1: unknown field `window`")), "{stdout}");
 }
 
+/// `validate` and `plan` take directories as `check` does: the `*.toml` under them, sorted,
+/// in the place of the argument; a directory without one is bad input.
+#[test]
+fn validate_and_plan_search_directories() {
+    let dir = scratch("spec-dirs");
+    std::fs::create_dir(dir.join("more")).unwrap();
+    std::fs::write(dir.join("b.toml"), AttentionSpec::mha(2, 4).to_toml()).unwrap();
+    std::fs::write(dir.join("more").join("a.toml"), AttentionSpec::mqa(2, 4).to_toml()).unwrap();
+    std::fs::write(dir.join("notes.txt"), "not a spec").unwrap();
+    let first = specs_dir().join("mqa.toml");
+    let (first, dir_arg) = (first.to_str().unwrap(), dir.to_str().unwrap());
+    let output = attngen(&["validate", first, dir_arg]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let listed: Vec<String> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim_end_matches(": ok").to_owned())
+        .collect();
+    let b = dir.join("b.toml").display().to_string();
+    let a = dir.join("more").join("a.toml").display().to_string();
+    assert_eq!(listed, [first.to_owned(), b, a]);
+    let output = attngen(&["plan", dir_arg, "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(rows.len(), 2);
+    let empty = scratch("spec-dirs-empty");
+    for command in ["validate", "plan"] {
+        let output = attngen(&[command, empty.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(2), "{command}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("no spec files (*.toml) in it"), "{command}: {stderr}");
+    }
+}
+
 /// `run --out` naming its own spec or inputs is refused before the kernel runs, both untouched.
 #[test]
 fn run_refuses_to_write_over_its_inputs() {
@@ -430,6 +464,35 @@ fn bench_reports_json_for_a_spec_and_shape() {
     assert_eq!(results[0]["isa"], Isa::from_env().unwrap().unwrap_or_else(Isa::detect).name());
     let output = attngen(&["bench", "--workload", "W9"]);
     assert_eq!(output.status.code(), Some(2));
+}
+
+/// `bench --forms SPEC` times the MLA forms' grid for the spec given (no --shape: the grid is
+/// the shapes); arguments the grid would ignore are refused rather than ignored.
+#[test]
+fn bench_forms_takes_a_spec_and_refuses_what_it_would_ignore() {
+    let dir = scratch("forms");
+    let spec = dir.join("tiny-mla.toml");
+    let tiny = AttentionSpec::mla(2, 16, 4, 8, 8).mask(Mask::Causal);
+    std::fs::write(&spec, tiny.to_toml()).unwrap();
+    let output = attngen(&["bench", "--forms", spec.to_str().unwrap(), "--runs", "3", "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let shapes: Vec<_> = rows.iter().map(|r| (r["seq_q"].clone(), r["seq_k"].clone())).collect();
+    assert_eq!(shapes.len(), 8, "Sq in 1, 16, 128, 1024 by Sk in 1024, 4096: {shapes:?}");
+    for row in &rows {
+        assert!(row["absorbed_ms"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["choice_vs_best"].as_f64().unwrap() >= 1.0, "{row}");
+    }
+    for wrong in [&["--workload", "W1"][..], &["--backend", "macro"], &["--shape", "1,1,1"]] {
+        let mut args = vec!["bench", "--forms"];
+        args.extend(wrong);
+        let output = attngen(&args);
+        assert_eq!(output.status.code(), Some(2), "{wrong:?}");
+        assert!(String::from_utf8_lossy(&output.stderr).contains("cannot be used with"));
+    }
+    let output = attngen(&["bench", spec.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("a SPEC needs --shape B,Sq,Sk"));
 }
 
 /// Bench arguments no run can honour exit 2 with a message, never an abort: a shape whose
