@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use attngen::cost::{self, FormCost};
-use attngen::{Isa, Jit, JitKernel, Shape};
+use attngen::{Isa, Jit, JitKernel, Shape, Tensor};
 
 use crate::{Failure, emit, load_spec};
 
@@ -27,6 +27,13 @@ pub fn dump(path: &Path, sections: Sections, shape: Option<Shape>) -> Result<(),
     // A shape is a question about the plan: it brings the plan section with it.
     let plan = plan || shape.is_some();
     let spec = load_spec(path)?;
+    if let Some(shape) = shape {
+        // A call no tensor of which could exist has no plan worth printing: its counts would
+        // saturate. Refused as `run` would refuse it.
+        for tensor in Tensor::inputs(&spec).iter().chain(&[Tensor::Out, Tensor::Lse]) {
+            tensor.len(&spec, shape).map_err(|e| Failure::input(format!("--shape: {e}")))?;
+        }
+    }
     let jit = Jit::new().map_err(|e| Failure { status: 1, message: e.to_string() })?;
     let listing = jit.dump(&spec).map_err(|e| Failure { status: 1, message: e.to_string() })?;
     let (plan, ir) = if plan || ir || clif || asm || rust { (plan, ir) } else { (true, true) };

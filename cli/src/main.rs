@@ -71,8 +71,9 @@ enum Command {
         /// Spec files or directories (searched for *.toml).
         #[arg(required = true)]
         specs: Vec<PathBuf>,
-        /// Context length (tokens in the KV cache) for the cache and decode columns.
-        #[arg(long, default_value_t = 4096)]
+        /// Context length (tokens in the KV cache) for the cache and decode columns, at most
+        /// 2^32 (beyond it the counts would not be exact).
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(..=1 << 32))]
         context: u64,
         /// Print JSON instead of a table.
         #[arg(long)]

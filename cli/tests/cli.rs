@@ -382,6 +382,14 @@ fn dump_with_a_shape_prints_both_mla_forms_costs_and_the_choice() {
     assert!(prefill.contains("expanded form (the cost model's choice)"), "{prefill}");
     // Both forms are compiled, and both plans listed.
     assert!(prefill.contains("absorbed MLA") && prefill.contains("expanded MLA"), "{prefill}");
+    // A call whose tensors could not exist has no plan (its counts would saturate), nor does a
+    // context beyond exact counts.
+    let huge = attngen(&["dump", spec.to_str().unwrap(), "--shape", "4000000000,4000000000,1"]);
+    assert_eq!(huge.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&huge.stderr);
+    assert!(stderr.contains("--shape: tensor `q`") && stderr.contains("fit in memory"), "{stderr}");
+    let far = attngen(&["plan", spec.to_str().unwrap(), "--context", "4294967297"]);
+    assert_eq!(far.status.code(), Some(2));
 }
 
 #[test]
