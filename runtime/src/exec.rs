@@ -31,7 +31,9 @@ use crate::{Error, InputTensors, Inputs, Isa, Shape, check_call, simd};
 pub(crate) fn own_pool(threads: usize) -> Result<std::sync::Arc<rayon::ThreadPool>, Error> {
     let refuse = |reason: String| Error::Threads { threads, reason };
     if threads == 0 {
-        return Err(refuse("a pool needs at least one (for every core, ask for none)".into()));
+        return Err(refuse(
+            "a pool needs at least one thread (leave the count unset for every core)".into(),
+        ));
     }
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
     Ok(std::sync::Arc::new(pool.map_err(|e| refuse(e.to_string()))?))
