@@ -32,15 +32,15 @@ pub struct BenchArgs {
     /// Threads for the kernels and the peak probes, at least 1 (default: every core).
     #[arg(long)]
     pub threads: Option<std::num::NonZeroUsize>,
-    /// Most timed runs per row; the compiled kernels stop early after about a second each (at
-    /// least 3 runs).
-    #[arg(long, default_value_t = 50)]
-    pub runs: usize,
+    /// Most timed runs per row, at least 1; the compiled kernels stop early after about a
+    /// second each (at least 3 runs, when --runs allows).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub runs: u32,
     /// Use this FMA peak (GFLOP/s, of the widest ISA) instead of measuring it.
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub peak_gflops: Option<f64>,
     /// Use this read bandwidth (GB/s) instead of measuring it.
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub peak_gbs: Option<f64>,
     /// Place every input tensor this many floats past a 64-byte line (0 to 15). By default
     /// each starts on a line, as PyTorch's and ONNX Runtime's allocators place tensors; 4 is
@@ -60,6 +60,16 @@ pub struct BenchArgs {
     /// faster form.
     #[arg(long, conflicts_with_all = ["workloads", "shape", "backends", "roofline"])]
     pub forms: bool,
+}
+
+/// A rate given on the command line: a finite number above 0 (a peak of 0, NaN or ∞ would turn
+/// every fraction of it into NaN or ∞).
+fn positive(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        Ok(x) => Err(format!("{x} is not a finite rate above 0")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// One shape of the `--forms` grid.
@@ -110,7 +120,8 @@ fn forms_grid(args: &BenchArgs, threads: usize) -> Result<(), Failure> {
             let choice =
                 jit.compile(&spec.clone().mla_form(MlaForm::Auto)).map_err(Failure::input)?;
             let choice = choice.form_for(shape);
-            let times = time(&workload, timed, args.runs, threads, args.input_offset.into())?;
+            let times =
+                time(&workload, timed, args.runs as usize, threads, args.input_offset.into())?;
             let (absorbed, expanded) = (&times[0], &times[1]);
             let best = if absorbed.median_ms <= expanded.median_ms { absorbed } else { expanded };
             let chosen = match choice {
@@ -272,7 +283,7 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
                 _ => timed.push(build(workload, backend, &jits[0], threads)?),
             }
         }
-        rows.extend(time(workload, timed, args.runs, threads, args.input_offset.into())?);
+        rows.extend(time(workload, timed, args.runs as usize, threads, args.input_offset.into())?);
     }
     let machine = Machine {
         threads,
@@ -458,7 +469,7 @@ fn time(
     }
     let budget = Instant::now();
     let seconds = Duration::from_secs(compiled.len() as u64);
-    for round in 0..max_runs.max(1) {
+    for round in 0..max_runs {
         if round >= 3 && budget.elapsed() > seconds {
             break;
         }

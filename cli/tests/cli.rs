@@ -503,19 +503,32 @@ fn bench_forms_takes_a_spec_and_refuses_what_it_would_ignore() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("a SPEC needs --shape B,Sq,Sk"));
 }
 
-/// Bench arguments no run can honour exit 2 with a message, never an abort: a shape whose
-/// tensors cannot be allocated (q: 2^62 floats, 2^64 bytes), and zero threads.
+/// Bench arguments no run can honour exit 2 with a message, never an abort or a table of NaN:
+/// a shape whose tensors cannot be allocated (q: 2^62 floats, 2^64 bytes), zero threads or
+/// runs, and peaks that are not finite rates above 0.
 #[test]
-fn bench_refuses_a_shape_too_large_for_memory_and_zero_threads() {
+fn bench_refuses_arguments_no_run_can_honour() {
     let output = bench_both_backends("llama3-8b.toml", "33554432,33554432,1", &[]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     let message = "tensor `q`: shape [33554432, 33554432, 32, 128] has more elements than fit";
     assert!(stderr.contains(message), "{stderr}");
-    let output = bench_both_backends("llama3-8b.toml", "1,8,40", &["--threads", "0"]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("'--threads <THREADS>'"), "{stderr}");
+    for (flag, value) in [
+        ("--threads", "0"),
+        ("--runs", "0"),
+        ("--peak-gflops", "0"),
+        ("--peak-gflops", "nan"),
+        ("--peak-gbs", "inf"),
+    ] {
+        let mut args = vec!["bench", "--workload", "W4", flag, value];
+        if flag != "--peak-gbs" {
+            args.extend(["--peak-gbs", "20"]);
+        }
+        let output = attngen(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(&format!("invalid value '{value}' for '{flag}")), "{stderr}");
+    }
 }
 
 /// `--isa` times the JIT once per ISA named, and counts absorbed MLA as the kernel runs it.
