@@ -19,8 +19,8 @@ pub struct CheckArgs {
     /// The backend under test.
     #[arg(long, value_enum, default_value_t = Backend::Jit)]
     pub backend: Backend,
-    /// Random cases per spec.
-    #[arg(long, default_value_t = 64)]
+    /// Random cases per spec, at least 1 (a check of none would pass having checked nothing).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub cases: u32,
     /// Seed of the case generator (the same seed draws the same cases).
     #[arg(long, default_value_t = 0)]

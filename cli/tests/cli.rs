@@ -690,15 +690,21 @@ fn check_exits_2_on_an_invalid_spec() {
     assert!(text.lines().any(|l| l.contains("good.toml") && l.ends_with("ok")), "{text}");
 }
 
-/// A directory holding no spec is bad input, not a check that passes having checked nothing.
+/// A directory holding no spec, or zero cases, is bad input, not a check that passes having
+/// checked nothing.
 #[test]
-fn check_exits_2_on_a_directory_without_specs() {
+fn check_exits_2_when_it_would_check_nothing() {
     let dir = scratch("check-empty");
     std::fs::write(dir.join("notes.txt"), "not a spec").unwrap();
     let output = attngen(&["check", dir.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no spec files (*.toml) in it"), "{stderr}");
+    // Nor may it check no case.
+    let spec = specs_dir().join("mqa.toml");
+    let output = attngen(&["check", spec.to_str().unwrap(), "--cases", "0"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("invalid value '0' for '--cases"));
 }
 
 #[test]

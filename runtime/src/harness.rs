@@ -458,11 +458,14 @@ fn unravel(mut flat: usize, dims: &[usize]) -> Vec<usize> {
 /// then input seed) and reports it.
 ///
 /// # Errors
-/// [`Error::Spec`] for an invalid spec, and what a case's run returns; failing cases are in
-/// the report, not errors.
+/// [`Error::Spec`] for an invalid spec, [`Error::Check`] for zero cases, and what a case's
+/// run returns; failing cases are in the report, not errors.
 pub fn check(kernel: &dyn Kernel, config: &CheckConfig) -> Result<CheckReport, Error> {
     // Fail fast on an invalid spec rather than inside the runner.
     Reference::new(kernel.spec())?;
+    if config.cases == 0 {
+        return Err(Error::Check("zero cases would pass having checked nothing".to_owned()));
+    }
     let mut seed = [0u8; 32];
     seed[..8].copy_from_slice(&config.seed.to_le_bytes());
     let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &seed);

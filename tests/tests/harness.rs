@@ -20,6 +20,15 @@ fn correct_kernels_pass() {
     }
 }
 
+/// Zero cases is an error, not a report that passes having run nothing.
+#[test]
+fn zero_cases_is_an_error() {
+    let kernel = Reference::new(&AttentionSpec::mha(2, 4)).unwrap();
+    let config = CheckConfig { cases: 0, ..CheckConfig::default() };
+    let error = harness::check(&kernel, &config).unwrap_err();
+    assert_eq!(error, attngen::Error::Check("zero cases would pass having checked nothing".into()));
+}
+
 #[test]
 fn a_broken_kernel_shrinks_to_a_minimal_replayable_case() {
     let spec = AttentionSpec::mha(2, 4).mask(Mask::Causal);
