@@ -8,7 +8,7 @@ use attngen::harness::Placed;
 use attngen::{Form, Isa, Jit, JitOptions, Kernel, MlaForm, Reference, Shape, Tensor, Workload};
 use serde::Serialize;
 
-use crate::{Backend, Failure, emit, load_spec, peak, roofline, table};
+use crate::{Backend, Failure, emit, load_spec, outputs, peak, roofline, table};
 
 /// What to time and how: `attngen bench`'s arguments.
 #[derive(clap::Args)]
@@ -247,6 +247,11 @@ const PRODUCT_REPS: u64 = 1000;
 
 /// Runs the benchmark and prints the table or JSON.
 pub fn bench(args: BenchArgs) -> Result<(), Failure> {
+    if let Some(path) = &args.roofline {
+        // Before minutes of timing, not after: the chart can be written, and not over the spec.
+        let spec = args.spec.as_deref().map(|spec| ("the spec", spec));
+        outputs::check(spec.as_slice(), &[("--roofline", path)])?;
+    }
     let threads = args
         .threads
         .or_else(|| std::thread::available_parallelism().ok())
@@ -311,8 +316,9 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
             .collect();
         let ceilings: Vec<(String, f64)> =
             report.machine.peaks.iter().map(|p| (p.isa.to_owned(), p.gflops)).collect();
-        roofline::draw(path, &ceilings, peak_gbs, &points)
+        let svg = roofline::draw(&ceilings, peak_gbs, &points)
             .map_err(|message| Failure { status: 1, message })?;
+        outputs::write_all(&[(path.as_path(), svg.as_bytes())])?;
     }
     if args.json {
         let text = serde_json::to_string_pretty(&report).expect("plain data serialises");

@@ -1,8 +1,6 @@
 //! The roofline chart of `attngen bench --roofline`: the machine's FMA and bandwidth ceilings
 //! and one point per (workload, backend) at its arithmetic intensity.
 
-use std::path::Path;
-
 use plotters::prelude::*;
 
 /// One measured point.
@@ -15,19 +13,24 @@ pub struct Point {
     pub gflops: f64,
 }
 
-/// Draws the chart as SVG at `path`: log–log axes, one ceiling `min(peak, intensity ·
+/// The chart as SVG text: log–log axes, one ceiling `min(peak, intensity ·
 /// peak_gbs)` per `(ISA, FMA peak)` in `ceilings` (widest first), and the labelled
 /// measurements.
-pub fn draw(
-    path: &Path,
+pub fn draw(ceilings: &[(String, f64)], peak_gbs: f64, points: &[Point]) -> Result<String, String> {
+    let mut svg = String::new();
+    draw_into(&mut svg, ceilings, peak_gbs, points)?;
+    Ok(svg)
+}
+
+fn draw_into(
+    svg: &mut String,
     ceilings: &[(String, f64)],
     peak_gbs: f64,
     points: &[Point],
 ) -> Result<(), String> {
     let peak_gflops = ceilings.iter().map(|c| c.1).fold(1.0, f64::max);
-    let fail =
-        |e: &dyn std::fmt::Display| format!("{}: cannot draw the roofline: {e}", path.display());
-    let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
+    let fail = |e: &dyn std::fmt::Display| format!("cannot draw the roofline: {e}");
+    let root = SVGBackend::with_string(svg, (900, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let lowest = points.iter().map(|p| p.intensity).fold(0.5, f64::min) / 2.0;
     let highest =

@@ -723,6 +723,21 @@ fn bench_draws_a_roofline_with_ceilings_and_one_point_per_result() {
     assert_eq!(text.matches("<circle").count(), 3, "{text}");
     assert!(text.contains("mqa-16x128 jit") && text.contains("mqa-16x128 interp"));
     assert!(text.contains("<polyline"), "the roofline ceiling");
+    // A chart that could not be written, or would replace the spec timed, is refused before
+    // anything is timed, the spec untouched.
+    let spec = dir.join("spec.toml");
+    std::fs::write(&spec, AttentionSpec::mqa(2, 8).to_toml()).unwrap();
+    let before = std::fs::read(&spec).unwrap();
+    let missing = dir.join("no-such-dir").join("r.svg");
+    for (chart, message) in [(&spec, "would replace the spec"), (&missing, "no such directory")] {
+        let spec = spec.to_str().unwrap();
+        let args = ["bench", spec, "--shape", "1,2,3", "--roofline", chart.to_str().unwrap()];
+        let output = attngen(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(message) && output.stdout.is_empty(), "{stderr}");
+    }
+    assert_eq!(std::fs::read(&spec).unwrap(), before);
 }
 
 /// `--backend macro` runs the kernels compiled into the binary: `check` and `run` on bundled
