@@ -22,6 +22,7 @@ pub fn draw(ceilings: &[(String, f64)], peak_gbs: f64, points: &[Point]) -> Resu
     Ok(svg)
 }
 
+/// [`draw`]'s body: the SVG backend borrows `svg` until it is dropped, at this function's end.
 fn draw_into(
     svg: &mut String,
     ceilings: &[(String, f64)],

@@ -6,7 +6,8 @@
 
 use attngen::{AttentionSpec, KvLayout, Mask, Shape};
 
-/// Input tensors by name, as flat row-major buffers.
+/// Input tensors by name, as flat row-major buffers (empty where the spec reads none).
+#[derive(Default)]
 pub struct Tensors<'a> {
     /// `q`.
     pub q: &'a [f32],

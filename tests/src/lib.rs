@@ -110,7 +110,7 @@ pub fn compare_non_finite_with_reference(
     Ok(())
 }
 
-/// Rows of no weight (semantics.md §3 step 4), by hand, on `kernel`, built for
+/// Rows of no weight (semantics.md §3 step 4), computed by hand, for
 /// `AttentionSpec::mha(h, 1).mask(Mask::SlidingWindow(1))` (any h): each of five queries sees
 /// one key, its own, with score s = q·k (scale 1/√1), the same in every head.
 ///
@@ -121,23 +121,51 @@ pub fn compare_non_finite_with_reference(
 /// | 2 | ∞ | 1 | 3 | ∞ | NaN (∞ − ∞) | NaN |
 /// | 3 | 1 | 2 | 5 | 2 | 5 | 2 |
 /// | 4 | −∞ | 0 | 7 | NaN | NaN | NaN |
+pub struct WeightlessRows {
+    /// B = 1, Sq = Sk = 5.
+    pub shape: attngen::Shape,
+    /// `q`, `k`, `v`: the table's columns, repeated for every head.
+    pub q: Vec<f32>,
+    /// See `q`.
+    pub k: Vec<f32>,
+    /// See `q`.
+    pub v: Vec<f32>,
+    /// The expected `out` and `lse`.
+    pub out: Vec<f64>,
+    /// See `out`.
+    pub lse: Vec<f64>,
+}
+
+impl WeightlessRows {
+    /// The table for `heads` heads.
+    pub fn new(heads: usize) -> Self {
+        let inf = f64::INFINITY;
+        let per_head = |column: [f64; 5]| -> Vec<f64> {
+            column.iter().flat_map(|&x| std::iter::repeat_n(x, heads)).collect()
+        };
+        let narrow = |column| per_head(column).into_iter().map(|x| x as f32).collect();
+        WeightlessRows {
+            shape: attngen::Shape::new(1, 5, 5),
+            q: narrow([-inf, -inf, inf, 1.0, -inf]),
+            k: narrow([1.0, 1.0, 1.0, 2.0, 0.0]),
+            v: narrow([3.0, inf, 3.0, 5.0, 7.0]),
+            out: per_head([0.0, f64::NAN, f64::NAN, 5.0, f64::NAN]),
+            lse: per_head([-inf, -inf, f64::NAN, 2.0, f64::NAN]),
+        }
+    }
+}
+
+/// `kernel`, built for `AttentionSpec::mha(h, 1).mask(Mask::SlidingWindow(1))`, gives
+/// [`WeightlessRows`]'s table exactly (NaN for NaN, the same infinity).
 pub fn assert_weightless_rows(kernel: &dyn attngen::Kernel) {
-    use attngen::{Inputs, Mask, Shape};
+    use attngen::Mask;
     let h = kernel.spec().q_heads;
     assert_eq!(kernel.spec(), &attngen::AttentionSpec::mha(h, 1).mask(Mask::SlidingWindow(1)));
-    let inf = f32::INFINITY;
-    let per_head = |column: [f32; 5]| -> Vec<f32> {
-        column.iter().flat_map(|&x| std::iter::repeat_n(x, h)).collect()
-    };
-    let q = per_head([-inf, -inf, inf, 1.0, -inf]);
-    let k = per_head([1.0, 1.0, 1.0, 2.0, 0.0]);
-    let v = per_head([3.0, inf, 3.0, 5.0, 7.0]);
-    let (out, lse) = run_kernel(kernel, Shape::new(1, 5, 5), &Inputs::grouped(&q, &k, &v));
-    let want_out = per_head([0.0, f32::NAN, f32::NAN, 5.0, f32::NAN]);
-    let want_lse = per_head([-inf, -inf, f32::NAN, 2.0, f32::NAN]);
-    let widen = |x: &[f32]| x.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
-    assert_eq!(first_mismatch(&out, &widen(&want_out)), None, "out {out:?}");
-    assert_eq!(first_mismatch(&lse, &widen(&want_lse)), None, "lse {lse:?}");
+    let rows = WeightlessRows::new(h);
+    let inputs = attngen::Inputs::grouped(&rows.q, &rows.k, &rows.v);
+    let (out, lse) = run_kernel(kernel, rows.shape, &inputs);
+    assert_eq!(first_mismatch(&out, &rows.out), None, "out {out:?}");
+    assert_eq!(first_mismatch(&lse, &rows.lse), None, "lse {lse:?}");
 }
 
 /// `out` and `lse` of one valid call of `kernel` (both start as NaN, so an element the kernel

@@ -4,8 +4,8 @@
 use attngen::{AttentionSpec, GroupMap, Inputs, Kernel, Mask, Reference, Shape, Tensor};
 use attngen_tests::strategies::{self, Limits, OwnedInputs};
 use attngen_tests::{
-    assert_errors_leave_outputs_untouched, assert_weightless_rows, first_mismatch, independent,
-    uniform,
+    WeightlessRows, assert_errors_leave_outputs_untouched, assert_weightless_rows, first_mismatch,
+    independent, uniform,
 };
 use proptest::prelude::*;
 
@@ -131,12 +131,20 @@ fn hidden_keys_never_leak_nan_but_visible_ones_do() {
 
 /// A row whose visible keys all score −∞ has no weight: out = 0 and lse = −∞, as with no
 /// visible key, though a visible value that is not finite still makes out NaN (0·∞); +∞ and
-/// NaN scores make the row NaN. The table is in `assert_weightless_rows`.
+/// NaN scores make the row NaN. The table is `WeightlessRows`'; the independent formulation
+/// gives it too.
 #[test]
 fn rows_of_no_weight_by_hand() {
     for heads in [1, 3] {
         let spec = AttentionSpec::mha(heads, 1).mask(Mask::SlidingWindow(1));
         assert_weightless_rows(&Reference::new(&spec).unwrap());
+        let rows = WeightlessRows::new(heads);
+        let tensors =
+            independent::Tensors { q: &rows.q, k: &rows.k, v: &rows.v, ..Default::default() };
+        let (out, lse) = independent::attention(&spec, rows.shape, &tensors);
+        let narrow = |x: Vec<f64>| x.into_iter().map(|x| x as f32).collect::<Vec<_>>();
+        assert_close(&narrow(out), &rows.out);
+        assert_close(&narrow(lse), &rows.lse);
     }
 }
 
