@@ -219,7 +219,7 @@ pub fn spec_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
 pub fn parse_shape(text: &str) -> Result<attngen::Shape, String> {
     let dims: Vec<usize> = text
         .split(',')
-        .map(|d| d.trim().parse().map_err(|_| format!("`{d}` is not a size")))
+        .map(|d| d.trim().parse().map_err(|e| format!("`{d}` is not a size ({e})")))
         .collect::<Result<_, _>>()?;
     match dims[..] {
         [b, sq, sk] => Ok(attngen::Shape::new(b, sq, sk)),

@@ -138,7 +138,7 @@ impl std::str::FromStr for Case {
         };
         let numbers: Vec<u64> = numbers
             .iter()
-            .map(|n| n.parse().map_err(|_| format!("`{n}` is not a whole number")))
+            .map(|n| n.parse().map_err(|e| format!("`{n}` is not a whole number below 2^64 ({e})")))
             .collect::<Result<_, _>>()?;
         let size = |n: u64| usize::try_from(n).map_err(|_| format!("{n} does not fit in usize"));
         match numbers[..] {
