@@ -43,7 +43,8 @@ enum Command {
     Run {
         /// The spec file.
         spec: PathBuf,
-        /// Input tensors (safetensors).
+        /// Input tensors (safetensors, F32), named as the spec's inputs are, and optionally
+        /// `kv_lens` ([B], I32 or I64): each sequence's key length.
         #[arg(long, value_name = "IN.safetensors")]
         inputs: PathBuf,
         /// Where to write `out` and `lse` (safetensors).

@@ -34,9 +34,11 @@ pub fn run(
     let shape = loaded.shape;
     let zeros = |t: Tensor| attngen::harness::zeros(&spec, shape, t).map_err(Failure::input);
     let (mut out, mut lse) = (zeros(Tensor::Out)?, zeros(Tensor::Lse)?);
-    kernel
-        .run(shape, &attngen::harness::view(&spec, &loaded.tensors), &mut out, Some(&mut lse))
-        .map_err(Failure::input)?;
+    let mut inputs = attngen::harness::view(&spec, &loaded.tensors);
+    if let Some(lens) = &loaded.kv_lens {
+        inputs = inputs.with_kv_lens(lens);
+    }
+    kernel.run(shape, &inputs, &mut out, Some(&mut lse)).map_err(Failure::input)?;
     let encoded = tensors::encode(&[
         ("lse", Tensor::Lse.dims(&spec, shape), &lse),
         ("out", Tensor::Out.dims(&spec, shape), &out),

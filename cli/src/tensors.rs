@@ -37,6 +37,10 @@ pub enum TensorError {
         /// Its dtype in the file.
         found: Dtype,
     },
+    /// `kv_lens` stored as something other than a 32- or 64-bit integer, or holding a negative
+    /// length.
+    #[error("tensor `kv_lens`: {0}")]
+    KvLens(String),
     /// A tensor whose shape does not fit the spec and the other tensors.
     #[error("tensor `{name}`: expected shape {expected}, found {found}")]
     Shape {
@@ -71,18 +75,27 @@ pub struct LoadedInputs {
     pub shape: Shape,
     /// Each input tensor of the spec with its values.
     pub tensors: Vec<(Tensor, Vec<f32>)>,
+    /// Per-sequence key lengths, from an optional `kv_lens` tensor ([B], I32 or I64).
+    pub kv_lens: Option<Vec<usize>>,
 }
 
-/// Reads and checks the inputs a spec needs: every name present and no other, F32, and shapes
-/// consistent with the spec and with one (B, Sq, Sk) taken from `q` and `k`/`c_kv`.
+/// The optional tensor of per-sequence key lengths (`Inputs::with_kv_lens`).
+pub const KV_LENS: &str = "kv_lens";
+
+/// Reads and checks the inputs a spec needs: every name present and no other but an optional
+/// `kv_lens`, F32, and shapes consistent with the spec and with one (B, Sq, Sk) taken from `q`
+/// and `k`/`c_kv`; `kv_lens` is [B] of I32 or I64, each length at least 0 (the kernel checks
+/// each against Sk).
 pub fn load(spec: &AttentionSpec, bytes: &[u8]) -> Result<LoadedInputs, TensorError> {
     let file = SafeTensors::deserialize(bytes)?;
     let wanted = Tensor::inputs(spec);
     let kind = if wanted.contains(&Tensor::K) { "grouped" } else { "latent" };
     let mut names = file.names();
     names.sort_unstable();
-    if let Some(extra) = names.iter().find(|n| !wanted.iter().any(|t| t.name() == **n)) {
+    let known = |name: &str| name == KV_LENS || wanted.iter().any(|t| t.name() == name);
+    if let Some(extra) = names.iter().find(|n| !known(n)) {
         let expected = wanted.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ");
+        let expected = format!("{expected} (and optionally {KV_LENS})");
         return Err(TensorError::Unexpected { name: extra.to_string(), kind, expected });
     }
     let symbolic = Shape::new(0, 0, 0);
@@ -132,7 +145,44 @@ pub fn load(spec: &AttentionSpec, bytes: &[u8]) -> Result<LoadedInputs, TensorEr
             .collect();
         tensors.push((t, values));
     }
-    Ok(LoadedInputs { shape, tensors })
+    let kv_lens = match file.tensor(KV_LENS) {
+        Ok(view) => Some(kv_lens(&view, batch)?),
+        Err(_) => None,
+    };
+    Ok(LoadedInputs { shape, tensors, kv_lens })
+}
+
+/// The lengths of a `kv_lens` tensor: [B] of I32 or I64, none negative.
+fn kv_lens(view: &TensorView<'_>, batch: usize) -> Result<Vec<usize>, TensorError> {
+    if view.shape() != [batch] {
+        return Err(TensorError::Shape {
+            name: KV_LENS,
+            expected: Dims::known(&[batch]),
+            found: Dims::known(view.shape()),
+        });
+    }
+    let lengths: Vec<i64> = match view.dtype() {
+        Dtype::I32 => view
+            .data()
+            .chunks_exact(4)
+            .map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .collect(),
+        Dtype::I64 => view
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunk")))
+            .collect(),
+        other => return Err(TensorError::KvLens(format!("dtype {other:?}: expected I32 or I64"))),
+    };
+    lengths
+        .iter()
+        .enumerate()
+        .map(|(b, &len)| {
+            usize::try_from(len).map_err(|_| {
+                TensorError::KvLens(format!("kv_lens[{b}] is {len}: lengths are >= 0"))
+            })
+        })
+        .collect()
 }
 
 /// The expected dims with B, Sq and Sk written as names (they are read from the file).

@@ -318,6 +318,60 @@ fn validate_and_plan_search_directories() {
     }
 }
 
+/// `run` takes per-sequence key lengths from an optional `kv_lens` tensor ([B], I32 or I64):
+/// the JIT's outputs match the reference's on a ragged batch whose unused cache rows are NaN,
+/// and a negative length, one above Sk, a float dtype or a wrong shape exit 2 naming it.
+#[test]
+fn run_takes_per_sequence_key_lengths() {
+    use attngen::{Kernel, Reference};
+    let dir = scratch("run-kv-lens");
+    let spec = AttentionSpec::gqa(4, 2, 8).mask(Mask::Causal);
+    let shape = Shape::new(3, 2, 40);
+    std::fs::write(dir.join("spec.toml"), spec.to_toml()).unwrap();
+    let inputs = OwnedInputs::random(&spec, shape, 12, 1.0).ragged(&spec, shape, 12);
+    let lens = inputs.kv_lens.clone().unwrap();
+    let write = |lens: (Dtype, Vec<usize>, Vec<u8>)| {
+        let mut tensors: Vec<_> = inputs
+            .tensors
+            .iter()
+            .map(|(t, data)| (t.name(), Dtype::F32, t.dims(&spec, shape), f32_bytes(data)))
+            .collect();
+        tensors.push(("kv_lens", lens.0, lens.1, lens.2));
+        let path = dir.join("in.safetensors");
+        write_safetensors(&path, &tensors);
+        path
+    };
+    let i64s = |xs: &[i64]| xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let as_i64: Vec<i64> = lens.iter().map(|&l| l as i64).collect();
+    let path = write((Dtype::I64, vec![3], i64s(&as_i64)));
+    let out_path = dir.join("out.safetensors");
+    let output = run_cli(&dir.join("spec.toml"), &path, &out_path, Some("jit"));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let bytes = std::fs::read(&out_path).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let (mut want, mut want_lse) = (vec![0.0; 3 * 2 * 4 * 8], vec![0.0; 3 * 2 * 4]);
+    let reference = Reference::new(&spec).unwrap();
+    reference.run(shape, &inputs.inputs(), &mut want, Some(&mut want_lse)).unwrap();
+    let widen = |x: &[f32]| x.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+    assert_eq!(first_mismatch(&read_f32(&file, "out").1, &widen(&want)), None, "{lens:?}");
+    assert_eq!(first_mismatch(&read_f32(&file, "lse").1, &widen(&want_lse)), None);
+    let i32s = |xs: &[i32]| xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    for (lens, message) in [
+        ((Dtype::I32, vec![3], i32s(&[5, -1, 7])), "kv_lens[1] is -1"),
+        ((Dtype::I32, vec![3], i32s(&[5, 41, 7])), "kv_lens[1] is 41, more than the 40 rows"),
+        ((Dtype::F32, vec![3], f32_bytes(&[5.0, 6.0, 7.0])), "dtype F32: expected I32 or I64"),
+        ((Dtype::I32, vec![2], i32s(&[5, 6])), "`kv_lens`: expected shape [3], found [2]"),
+    ] {
+        let path = write(lens);
+        std::fs::remove_file(&out_path).unwrap_or(());
+        let output = run_cli(&dir.join("spec.toml"), &path, &out_path, Some("jit"));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{message}: {stderr}");
+        assert!(stderr.contains(message), "expected {message:?} in {stderr}");
+        assert!(!out_path.exists());
+    }
+}
+
 /// `run --out` naming its own spec or inputs is refused before the kernel runs, both untouched.
 #[test]
 fn run_refuses_to_write_over_its_inputs() {
