@@ -48,12 +48,26 @@ pub struct CompressArgs {
     /// `--weights`.
     #[arg(long, value_name = "MLA.safetensors")]
     pub out: PathBuf,
-    /// The layer's mask, for the converted spec and the output-error check: none or causal.
-    #[arg(long, default_value = "causal")]
-    pub mask: String,
+    /// The layer's mask, for the converted spec and the output-error check: `none`, `causal`
+    /// or `sliding_window=W` (Mistral's layers, say).
+    #[arg(long, default_value = "causal", value_parser = parse_mask)]
+    pub mask: Mask,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `none`, `causal` or `sliding_window=W` (spaces around `=` allowed), W at least 1.
+fn parse_mask(text: &str) -> Result<Mask, String> {
+    match text.split_once('=') {
+        Some((key, window)) if key.trim() == "sliding_window" => match window.trim().parse() {
+            Ok(w) if w >= 1 => Ok(Mask::SlidingWindow(w)),
+            _ => Err(format!("the window in `{text}` must be a whole number of keys, at least 1")),
+        },
+        _ => text
+            .parse()
+            .map_err(|_| format!("`{text}` is not a mask: none, causal or sliding_window=W")),
+    }
 }
 
 /// What one rank buys: how much of W it keeps, and what that does to the cache and the output.
@@ -99,7 +113,7 @@ struct Layer {
 /// would replace the weights or another output), and every rank factored and measured, before
 /// the files are written, all or none.
 pub fn run(args: &CompressArgs) -> Result<(), Failure> {
-    let mask: Mask = args.mask.parse().map_err(|e| Failure::input(format!("--mask: {e}")))?;
+    let mask = args.mask;
     let bytes = std::fs::read(&args.weights)
         .map_err(|e| Failure::input(format!("{}: cannot read: {e}", args.weights.display())))?;
     let layer = load(args, &bytes)?;

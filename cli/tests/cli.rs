@@ -961,6 +961,26 @@ fn compress_at_full_rank_reproduces_the_grouped_layer() {
     assert_eq!(first_mismatch(&got, &widen(&want)), None);
 }
 
+/// A sliding-window layer (Mistral's, say) converts with its window: the spec written keeps
+/// it, and at full rank the output under the window matches the grouped layer's.
+#[test]
+fn compress_keeps_a_sliding_window() {
+    let dir = scratch("compress-window");
+    let (weights, _, _) = grouped_layer(&dir);
+    let out = dir.join("mla.safetensors");
+    let output = compress(&weights, &out, "24", &["--mask", "sliding_window=5", "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(rows[0]["output_error"].as_f64().unwrap() < 1e-5, "{rows:?}");
+    let spec = AttentionSpec::from_toml(&std::fs::read_to_string(dir.join("mla.toml")).unwrap());
+    assert_eq!(spec.unwrap().mask, Mask::SlidingWindow(5));
+    for bad in ["window", "sliding_window=0"] {
+        let output = compress(&weights, &out, "24", &["--mask", bad]);
+        assert_eq!(output.status.code(), Some(2), "{bad}");
+        assert!(String::from_utf8_lossy(&output.stderr).contains("--mask"), "{bad}");
+    }
+}
+
 /// More rank never costs accuracy: the energy kept rises, and the K, V and output errors fall,
 /// to about 0 at full rank; the cache holds R floats per token.
 #[test]
