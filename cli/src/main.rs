@@ -126,7 +126,8 @@ enum Command {
     Compress(compress::CompressArgs),
     /// Check spec files and print each one's errors as file:line:column, or `ok`.
     ///
-    /// Exit status 1 if any spec is invalid, 2 if a file cannot be read.
+    /// Exit status 1 if any spec is invalid, 2 if a file cannot be read or a directory holds no
+    /// spec.
     Validate {
         /// Spec files or directories (searched for *.toml).
         #[arg(required = true)]
