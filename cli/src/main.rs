@@ -61,7 +61,8 @@ enum Command {
     /// strategies — comparing every element of out and lse with semantics.md §4's tolerance, and
     /// print one row with the largest errors and the verdict. A failure is shrunk to a minimal
     /// case, shown with the element that differs and the command that replays it. Exit status
-    /// 1 when a check fails, 2 when a spec file is invalid or unreadable.
+    /// 1 when a check fails, 2 when a spec file is invalid or unreadable or a directory holds
+    /// no spec.
     Check(check::CheckArgs),
     /// Compare specs: variant, KV-cache size per token and for a context, decode cost.
     ///
