@@ -333,7 +333,16 @@ fn isas(names: &[String]) -> Result<Vec<Isa>, Failure> {
     if names.is_empty() {
         return Ok(vec![Isa::from_env().map_err(fail)?.unwrap_or_else(Isa::detect)]);
     }
-    names.iter().map(|name| name.parse::<Isa>().and_then(Isa::checked).map_err(fail)).collect()
+    let isas: Vec<Isa> = names
+        .iter()
+        .map(|name| name.parse::<Isa>().and_then(Isa::checked).map_err(fail))
+        .collect::<Result<_, _>>()?;
+    for (i, isa) in isas.iter().enumerate() {
+        if isas[..i].contains(isa) {
+            return Err(Failure::input(format!("--isa {isa} is listed twice")));
+        }
+    }
+    Ok(isas)
 }
 
 fn select(args: &BenchArgs) -> Result<Vec<Workload>, Failure> {

@@ -567,6 +567,10 @@ fn bench_refuses_arguments_no_run_can_honour() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     let message = "tensor `q`: shape [33554432, 33554432, 32, 128] has more elements than fit";
     assert!(stderr.contains(message), "{stderr}");
+    let output = attngen(&["bench", "--workload", "W4", "--isa", "portable,PORTABLE"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--isa portable is listed twice"), "{stderr}");
     for (flag, value) in [
         ("--threads", "0"),
         ("--runs", "0"),

@@ -249,12 +249,14 @@ impl Isa {
         }
     }
 
-    /// The ISA `ATTNGEN_ISA` asks for, if set.
+    /// The ISA `ATTNGEN_ISA` asks for, if set to anything but blanks (`ATTNGEN_ISA=` clears it,
+    /// as for most variables); the name's case does not matter.
     ///
     /// # Errors
     /// [`Error::Isa`] when the value is not an ISA's name or this CPU lacks that ISA.
     pub fn from_env() -> Result<Option<Isa>, Error> {
         match std::env::var("ATTNGEN_ISA") {
+            Ok(value) if value.trim().is_empty() => Ok(None),
             Ok(value) => value.parse::<Isa>().and_then(Isa::checked).map(Some),
             Err(std::env::VarError::NotPresent) => Ok(None),
             Err(std::env::VarError::NotUnicode(value)) => Err(Error::Isa {
@@ -318,8 +320,10 @@ impl Isa {
 impl std::str::FromStr for Isa {
     type Err = Error;
 
+    /// An ISA's name, `avx512`, `avx2` or `portable`, in any case.
     fn from_str(name: &str) -> Result<Isa, Error> {
-        Isa::ALL.into_iter().find(|isa| isa.name() == name.trim()).ok_or_else(|| Error::Isa {
+        let wanted = |isa: &Isa| isa.name().eq_ignore_ascii_case(name.trim());
+        Isa::ALL.into_iter().find(wanted).ok_or_else(|| Error::Isa {
             requested: name.to_owned(),
             reason: "not an ISA name (avx512, avx2 or portable)".to_owned(),
         })
@@ -349,6 +353,19 @@ pub struct Routines {
 mod tests {
     use super::*;
     use attngen_codegen::abi::PANEL;
+
+    /// ISA names read in any case and with blanks around; anything else is an error naming it.
+    #[test]
+    fn isa_names_parse_in_any_case() {
+        for isa in Isa::ALL {
+            assert_eq!(isa.name().parse::<Isa>(), Ok(isa));
+            assert_eq!(format!(" {} ", isa.name().to_uppercase()).parse::<Isa>(), Ok(isa));
+        }
+        for bad in ["", "neon", "avx"] {
+            let error = bad.parse::<Isa>().unwrap_err();
+            assert!(error.to_string().contains("not an ISA name"), "{error}");
+        }
+    }
 
     /// The shares of a [`PrefetchRows`] cut its lines, in row-major order, into consecutive
     /// runs that together name every line once; `steps` steps issue the whole share.
