@@ -337,12 +337,10 @@ fn isas(names: &[String]) -> Result<Vec<Isa>, Failure> {
         .iter()
         .map(|name| name.parse::<Isa>().and_then(Isa::checked).map_err(fail))
         .collect::<Result<_, _>>()?;
-    for (i, isa) in isas.iter().enumerate() {
-        if isas[..i].contains(isa) {
-            return Err(Failure::input(format!("--isa {isa} is listed twice")));
-        }
+    match crate::first_repeat(&isas) {
+        Some(isa) => Err(Failure::input(format!("--isa {isa} is listed twice"))),
+        None => Ok(isas),
     }
-    Ok(isas)
 }
 
 fn select(args: &BenchArgs) -> Result<Vec<Workload>, Failure> {

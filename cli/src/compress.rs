@@ -125,10 +125,8 @@ pub fn run(args: &CompressArgs) -> Result<(), Failure> {
             2 * layer.kv_heads * layer.head_dim
         )));
     }
-    for (i, rank) in args.rank.iter().enumerate() {
-        if args.rank[..i].contains(rank) {
-            return Err(Failure::input(format!("--rank {rank} is listed twice")));
-        }
+    if let Some(rank) = crate::first_repeat(&args.rank) {
+        return Err(Failure::input(format!("--rank {rank} is listed twice")));
     }
     if args.out.extension().is_some_and(|e| e == "toml") {
         return Err(Failure::input(format!(

@@ -218,6 +218,13 @@ pub fn spec_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
     Ok(files)
 }
 
+/// The first item of a list given on the command line that an earlier one repeats
+/// (`--rank 64,64`, `--isa avx2,avx2`): refused by the commands, which would otherwise do the
+/// same work twice or write one file twice.
+pub fn first_repeat<T: PartialEq>(items: &[T]) -> Option<&T> {
+    items.iter().enumerate().find(|(i, item)| items[..*i].contains(item)).map(|(_, item)| item)
+}
+
 /// Parses `B,Sq,Sk`.
 pub fn parse_shape(text: &str) -> Result<attngen::Shape, String> {
     let dims: Vec<usize> = text
