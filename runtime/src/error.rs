@@ -68,7 +68,8 @@ pub enum Error {
     /// The property check could not run to a verdict.
     #[error("property check: {0}")]
     Check(String),
-    /// A shape whose element count does not fit in `usize`.
+    /// A shape whose element count does not fit in `usize`, or a buffer of that shape that
+    /// cannot be allocated.
     #[error("tensor `{tensor}`: shape {shape:?} has more elements than fit in memory")]
     TooLarge {
         /// The tensor's name.

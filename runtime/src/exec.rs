@@ -171,30 +171,43 @@ impl Executor<'_> {
         // from the first cache line after q'.
         let lens = plan.latent_len(shape.batch, shape.seq_q);
         let both = |n: usize| n.checked_next_multiple_of(ALIGN_FLOATS)?.checked_mul(2);
-        let Some((latent_len, both)) = lens.and_then(|n| Some((n, both(n)?))) else {
-            let shape = vec![2, shape.batch, shape.seq_q, spec.q_heads, plan.acc_dim];
-            return Err(Error::TooLarge { tensor: "q' and o' (absorbed MLA)", shape });
+        let too_large = || Error::TooLarge {
+            tensor: "q' and o' (absorbed MLA)",
+            shape: vec![2, shape.batch, shape.seq_q, spec.q_heads, plan.acc_dim],
         };
-        if latent_len > 0 {
-            with_kept(&LATENT, both, |latent| {
-                let (latent_q, latent_out) = latent.split_at_mut(both / 2);
-                let args = CallArgs {
-                    latent_q: latent_q.as_mut_ptr(),
-                    latent_out: latent_out.as_mut_ptr(),
-                    ..args
-                };
-                self.run_checked(shape, inputs, args, k, v);
-            });
-        } else {
-            self.run_checked(shape, inputs, args, k, v);
+        let Some((latent_len, both)) = lens.and_then(|n| Some((n, both(n)?))) else {
+            return Err(too_large());
+        };
+        if latent_len == 0 {
+            return self.run_checked(shape, inputs, args, k, v);
         }
-        Ok(())
+        let latent = with_kept(&LATENT, both, |latent| {
+            let (latent_q, latent_out) = latent.split_at_mut(both / 2);
+            let args = CallArgs {
+                latent_q: latent_q.as_mut_ptr(),
+                latent_out: latent_out.as_mut_ptr(),
+                ..args
+            };
+            self.run_checked(shape, inputs, args, k, v)
+        });
+        latent.ok_or_else(too_large)?
     }
 
     /// Runs a call whose buffers `check_call` verified (and, for absorbed MLA, whose latent
     /// buffers hold `plan.latent_len` floats each): the prologue per head, the work items and
     /// finishes, the epilogue per head. `k` and `v` are the grouped caches `args` points to.
-    fn run_checked(&self, shape: Shape, inputs: &Inputs<'_>, args: CallArgs, k: &[f32], v: &[f32]) {
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] when a call buffer (the packed K/V, expanded MLA's transposed
+    /// weights) cannot be allocated; nothing is written then.
+    fn run_checked(
+        &self,
+        shape: Shape,
+        inputs: &Inputs<'_>,
+        args: CallArgs,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), Error> {
         let plan = self.plan;
         let threads =
             self.pool.map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
@@ -208,7 +221,7 @@ impl Executor<'_> {
         }
         if let Some(packing) = plan.call_packing.filter(|_| schedule.packs_call) {
             let (k_len, v_len) = packing.lens(shape.batch, shape.seq_k);
-            with_kept(&PACKED, k_len + v_len, |packed| {
+            let packed = with_kept(&PACKED, k_len + v_len, |packed| {
                 let (k_packed, v_packed) = packed.split_at_mut(k_len);
                 // Writable pointers: the tasks fill the buffer (`CallPack::pack_head`).
                 let args = CallArgs {
@@ -219,8 +232,15 @@ impl Executor<'_> {
                 let pack = CallPack { packing, shape, inputs, k, v };
                 self.execute(shape, longest, SharedArgs(args), schedule, Some(&pack));
             });
+            packed.ok_or_else(|| {
+                let heads = shape.batch.saturating_mul(packing.kv_heads);
+                let key_floats = packing.key_width + packing.value_width;
+                let shape = vec![heads, shape.seq_k.next_multiple_of(packing.k_tile), key_floats];
+                Error::TooLarge { tensor: "packed K and V", shape }
+            })
         } else {
             self.execute(shape, longest, SharedArgs(args), schedule, None);
+            Ok(())
         }
     }
 
@@ -309,7 +329,7 @@ impl Executor<'_> {
                 });
                 return;
             }
-            with_kept(&SPLIT_STATES, states_len, |states| {
+            with_kept_in_pool(&SPLIT_STATES, states_len, |states| {
                 states.par_chunks_mut(per_item * state_len).enumerate().for_each(|(split, run)| {
                     let k_lo = split * schedule.keys_per_split;
                     let k_hi = (k_lo + schedule.keys_per_split).min(longest);
@@ -368,6 +388,9 @@ impl Executor<'_> {
     /// every query tile's item over that buffer — so each visible key is up-projected once per
     /// head, as materialising K and V once per call would, but the buffer holds one head's
     /// keys of one split and stays in cache. Finishes run per query tile.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`] when the weights' copy cannot be allocated; nothing runs then.
     fn execute_expanded(
         &self,
         shape: Shape,
@@ -375,19 +398,24 @@ impl Executor<'_> {
         longest: usize,
         args: SharedArgs,
         schedule: Schedule,
-    ) {
+    ) -> Result<(), Error> {
         let (entries, plan) = (self.entries, self.plan);
         let (per_head, _) = plan.transposed_weights().expect("expanded plans transpose weights");
         let prologue = entries.prologue.expect("expanded plans have a prologue");
         // The weights' copy is the size of w_uk and w_uv (in whole panels), which `check_call`
         // found in memory: the product fits.
-        with_kept(&LATENT, per_head * plan.spec.q_heads, |weights_t| {
+        let heads = plan.spec.q_heads;
+        let expanded = with_kept(&LATENT, per_head * heads, |weights_t| {
             let args = SharedArgs(CallArgs { weights_t: weights_t.as_mut_ptr(), ..args.0 });
             // Every head's copy is written before any task reads it: the tasks start after
             // this parallel loop returns.
             self.for_each_head(prologue, &args);
             self.expanded_tasks(shape, inputs, longest, &args, schedule);
         });
+        expanded.ok_or(Error::TooLarge {
+            tensor: "w_uk and w_uv (transposed)",
+            shape: vec![heads, per_head],
+        })
     }
 
     /// The (batch, head) tasks of an expanded call whose `args.weights_t` the prologue filled.
@@ -497,12 +525,12 @@ impl Executor<'_> {
                 });
             };
             if splits == 1 {
-                with_kept(&SPLIT_STATES, state_len, |state| split(0, longest, state));
+                with_kept_in_pool(&SPLIT_STATES, state_len, |state| split(0, longest, state));
                 return;
             }
             // States [split][query tile]: a split writes one contiguous run; query tile t's
             // splits lie q_tiles slots apart.
-            with_kept(&SPLIT_STATES, splits * q_tiles * state_len, |states| {
+            with_kept_in_pool(&SPLIT_STATES, splits * q_tiles * state_len, |states| {
                 let runs = states.par_chunks_mut(q_tiles * state_len);
                 runs.enumerate().for_each(|(s, run)| {
                     let k_lo = s * schedule.keys_per_split;
@@ -645,20 +673,28 @@ thread_local! {
 
 /// Runs `f` on this thread's workspace, grown to at least `len` floats. `f` must not re-enter
 /// (it runs generated code, which never calls back into the runtime).
+///
+/// Work items run inside the pool, where a failure could no longer leave `out` untouched: like
+/// `Vec`, this aborts when memory runs out. Their buffers are tile-sized, except an expanded
+/// MLA split's up-projected keys (its keys × (D + Dv) floats, the size of one head's K and V).
 fn with_workspace<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    WORKSPACE.with(|workspace| f(aligned(&mut workspace.borrow_mut(), len)))
+    WORKSPACE.with(|workspace| {
+        f(aligned(&mut workspace.borrow_mut(), len).unwrap_or_else(|| out_of_memory(len)))
+    })
 }
 
 /// `len` floats of `buffer` from its first 64-byte boundary ([`ALIGN_FLOATS`] floats), growing
 /// it as needed: the plan lays out the scratch, state and packed buffers in whole cache lines
-/// from their start, which the allocator aligns only to 16 bytes.
-fn aligned(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    let needed = len.checked_add(ALIGN_FLOATS - 1).expect("buffer lengths fit in memory");
-    if buffer.len() < needed {
+/// from their start, which the allocator aligns only to 16 bytes. `None` when the memory
+/// cannot be had; `buffer` is unchanged then.
+fn aligned(buffer: &mut Vec<f32>, len: usize) -> Option<&mut [f32]> {
+    let needed = len.checked_add(ALIGN_FLOATS - 1)?;
+    if let Some(more) = needed.checked_sub(buffer.len()).filter(|&more| more > 0) {
+        buffer.try_reserve_exact(more).ok()?;
         buffer.resize(needed, 0.0);
     }
     let skip = crate::aligned::floats_to_line(buffer);
-    &mut buffer[skip..skip + len]
+    Some(&mut buffer[skip..skip + len])
 }
 
 thread_local! {
@@ -679,19 +715,37 @@ const KEPT_FLOATS: usize = 1 << 25;
 
 /// Runs `f` on this thread's `buffer`, grown to at least `len` floats; a nested use on the
 /// same thread (rayon may run another task here while this one waits) or one larger than
-/// [`KEPT_FLOATS`] gets a fresh buffer.
+/// [`KEPT_FLOATS`] gets a fresh buffer. `None`, without running `f`, when the memory cannot be
+/// had.
 fn with_kept<R>(
     buffer: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,
-) -> R {
+) -> Option<R> {
     if len > KEPT_FLOATS {
-        return f(aligned(&mut Vec::new(), len));
+        return aligned(&mut Vec::new(), len).map(f);
     }
     buffer.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut kept) => f(aligned(&mut kept, len)),
-        Err(_) => f(aligned(&mut Vec::new(), len)),
+        Ok(mut kept) => aligned(&mut kept, len).map(f),
+        Err(_) => aligned(&mut Vec::new(), len).map(f),
     })
+}
+
+/// [`with_kept`] inside the pool, where a failure aborts ([`with_workspace`]).
+fn with_kept_in_pool<R>(
+    buffer: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    with_kept(buffer, len, f).unwrap_or_else(|| out_of_memory(len))
+}
+
+/// The allocator's out-of-memory abort, as `Vec` would raise it, for a buffer of `len` floats.
+fn out_of_memory(len: usize) -> ! {
+    let bytes = len.saturating_add(ALIGN_FLOATS - 1).saturating_mul(size_of::<f32>());
+    let bytes = bytes.min(isize::MAX as usize / size_of::<f32>() * size_of::<f32>());
+    let layout = std::alloc::Layout::from_size_align(bytes, align_of::<f32>());
+    std::alloc::handle_alloc_error(layout.unwrap_or(std::alloc::Layout::new::<f32>()))
 }
 
 #[cfg(test)]
@@ -708,24 +762,41 @@ mod tests {
     fn buffers_start_on_a_cache_line() {
         let mut buffer = Vec::new();
         for len in [0, 1, 17, 1000, 5, 70_000, 3] {
-            let slice = aligned(&mut buffer, len);
+            let slice = aligned(&mut buffer, len).expect("a small buffer");
             assert_eq!(slice.len(), len);
             assert!(starts_a_line(slice), "len {len}");
         }
         // Fresh small buffers land anywhere on the allocator's 16-byte grid.
         for len in 1..64 {
             let mut fresh = Vec::new();
-            let slice = aligned(&mut fresh, len);
+            let slice = aligned(&mut fresh, len).expect("a small buffer");
             assert!(starts_a_line(slice) && slice.len() == len);
         }
         for len in [1, 33, 4097] {
             with_workspace(len, |work| assert!(starts_a_line(work) && work.len() == len));
-            with_kept(&PACKED, len, |kept| assert!(starts_a_line(kept) && kept.len() == len));
+            let kept = with_kept(&PACKED, len, |kept| starts_a_line(kept) && kept.len() == len);
+            assert_eq!(kept, Some(true));
         }
         // Nested: the inner use gets a fresh buffer, aligned too.
-        with_kept(&PACKED, 8, |_| {
-            with_kept(&PACKED, 9, |inner| assert!(starts_a_line(inner) && inner.len() == 9))
+        let nested = with_kept(&PACKED, 8, |_| {
+            with_kept(&PACKED, 9, |inner| starts_a_line(inner) && inner.len() == 9)
         });
+        assert_eq!(nested, Some(Some(true)));
         WORKSPACE.with(|w| assert!(w.borrow().len() >= 4097));
+    }
+
+    /// A call buffer no allocator can give (its bytes overflow `isize`, or its floats `usize`)
+    /// is refused, leaving the kept buffer as it was, and the call never runs: `Kernel::run`
+    /// turns that into `Error::TooLarge` before writing anything.
+    #[test]
+    fn buffers_beyond_memory_are_refused() {
+        for len in [usize::MAX / 8, usize::MAX - 3, usize::MAX] {
+            let mut buffer = vec![1.0; 40];
+            assert!(aligned(&mut buffer, len).is_none(), "len {len}");
+            assert_eq!(buffer, [1.0; 40]);
+            assert_eq!(with_kept(&PACKED, len, |_| unreachable!("never runs")), None::<()>);
+        }
+        // The kept buffer still serves the next call.
+        assert_eq!(with_kept(&PACKED, 100, |kept| kept.len()), Some(100));
     }
 }
