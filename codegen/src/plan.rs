@@ -251,6 +251,11 @@ pub struct KernelPlan {
     pub max_partials: usize,
     /// Fewest keys a decode split gets, so splitting never costs more than it saves.
     pub min_keys_per_split: usize,
+    /// Most keys an expanded MLA split up-projects, so that its buffer of up-projected keys,
+    /// which every query tile of its head reads, stays in cache ([`EXPANDED_SPLIT_BYTES`]); a
+    /// split still takes at least as many keys as the call has queries, so the split states
+    /// never outgrow the buffer they save. `usize::MAX` for the other forms.
+    pub expanded_split_keys: usize,
     /// The layout of the call-level packed K/V (grouped specs; `None` for latent ones, whose
     /// rows are read in place).
     pub call_packing: Option<CallPacking>,
@@ -356,6 +361,11 @@ const DOT_MAX_ROWS: usize = 4;
 pub const DOT_TILE_PAGES: usize = 16;
 /// Bytes per page, the unit of the TLB's reach.
 const PAGE: usize = 4096;
+/// Bytes of up-projected keys and values an expanded MLA split holds at most (see
+/// [`KernelPlan::expanded_split_keys`]): 1 536 keys of DeepSeek-V2-Lite's heads. Every query
+/// tile of the head re-reads them; a buffer of all keys falls out of cache at long contexts
+/// (Sq = 1024 on a Zen 5: 507 GFLOP/s at 4096 keys, 451 at 16384, 363 at 32768).
+pub const EXPANDED_SPLIT_BYTES: usize = 2 << 20;
 /// Fewest keys per dot-product tile: below 8, per-tile overheads outweigh the TLB reach
 /// (4 keys measured 1.16× slower than 8 on W4).
 const DOT_MIN_K_TILE: usize = 8;
@@ -444,6 +454,23 @@ impl KernelPlan {
             query_rows,
             group_len: (query_rows + row_major).next_multiple_of(ALIGN_FLOATS),
         };
+        let call_packing = match &spec.kv {
+            KvLayout::Grouped { kv_heads, head_dim, .. } => Some(CallPacking {
+                k_tile,
+                kv_heads: *kv_heads,
+                key_width: *head_dim,
+                value_width: spec.v_head_dim,
+                per_task: false,
+            }),
+            KvLayout::Latent(_) if expanded => Some(CallPacking {
+                k_tile,
+                kv_heads: spec.q_heads,
+                key_width: spec.head_dim(),
+                value_width: spec.v_head_dim,
+                per_task: true,
+            }),
+            KvLayout::Latent(_) => None,
+        };
         let scale = spec.effective_scale();
         let log2e = std::f64::consts::LOG2_E;
         let query_factor = if spec.softcap.is_some() { scale } else { scale * log2e };
@@ -466,22 +493,13 @@ impl KernelPlan {
             query_factor: query_factor as f32,
             rescale_threshold: RESCALE_THRESHOLD,
             max_partials: MAX_PARTIALS,
-            call_packing: match &spec.kv {
-                KvLayout::Grouped { kv_heads, head_dim, .. } => Some(CallPacking {
-                    k_tile,
-                    kv_heads: *kv_heads,
-                    key_width: *head_dim,
-                    value_width: spec.v_head_dim,
-                    per_task: false,
-                }),
-                KvLayout::Latent(_) if expanded => Some(CallPacking {
-                    k_tile,
-                    kv_heads: spec.q_heads,
-                    key_width: spec.head_dim(),
-                    value_width: spec.v_head_dim,
-                    per_task: true,
-                }),
-                KvLayout::Latent(_) => None,
+            call_packing,
+            expanded_split_keys: match call_packing {
+                Some(packing) if expanded => {
+                    let key_bytes = (packing.key_width + packing.value_row()) * size_of::<f32>();
+                    (EXPANDED_SPLIT_BYTES / key_bytes / k_tile).max(1) * k_tile
+                }
+                _ => usize::MAX,
             },
             pack_per_item,
             pack_min_rows: 16,
@@ -521,16 +539,17 @@ impl KernelPlan {
         // units would leave one thread a unit of work alone at the end).
         let balanced = (wanted..wanted + threads).find(|s| (tasks * s).is_multiple_of(threads));
         let affordable = (seq_k / self.min_keys_per_split).max(1);
-        let splits = balanced.unwrap_or(wanted).min(affordable).max(1);
+        let mut splits = balanced.unwrap_or(wanted).min(affordable).max(1);
+        let mut keys_per_split = seq_k.div_ceil(splits).max(1);
+        // An expanded split's up-projected keys are re-read by each of its query tiles.
+        let most = self.expanded_split_keys.max(seq_q.next_multiple_of(self.k_tile));
+        if keys_per_split > most {
+            keys_per_split = seq_k.div_ceil(seq_k.div_ceil(most)).next_multiple_of(self.k_tile);
+            splits = seq_k.div_ceil(keys_per_split);
+        }
         // Every query tile of a prefill item would copy the same K/V tiles: pack them once.
         let packs_call = self.form == Form::Grouped && groups_per_item == 1 && q_tiles > 1;
-        Schedule {
-            q_tiles,
-            groups_per_item,
-            splits,
-            keys_per_split: seq_k.div_ceil(splits).max(1),
-            packs_call,
-        }
+        Schedule { q_tiles, groups_per_item, splits, keys_per_split, packs_call }
     }
 
     /// Whether a work item walking tiles of `keys` keys prefetches the next tile whole, in
@@ -645,10 +664,11 @@ impl fmt::Display for KernelPlan {
             )?,
             Form::LatentExpanded => writeln!(
                 f,
-                "  form         expanded MLA: per (batch, head) task, its visible keys up-projected {} at a time, K_h = [c_kv·W_UK[h]ᵀ, k_rope] ({} wide) and V_h = c_kv·W_UV[h]ᵀ ({} wide), into the task's own buffer, which all its query tiles read",
+                "  form         expanded MLA: per (batch, head) task, its visible keys up-projected {} at a time, K_h = [c_kv·W_UK[h]ᵀ, k_rope] ({} wide) and V_h = c_kv·W_UV[h]ᵀ ({} wide), into the task's own buffer, which all its query tiles read; keys split to at most {} per buffer (or the call's queries, if more), so it stays in cache",
                 self.k_tile,
                 spec.head_dim(),
-                spec.v_head_dim
+                spec.v_head_dim,
+                self.expanded_split_keys
             )?,
         }
         let sizes: Vec<String> = self.groups.iter().map(|g| g.len().to_string()).collect();
@@ -865,6 +885,32 @@ mod tests {
         assert_eq!(gqa.schedule(3, 1, 32768, 2).splits, 4);
         assert_eq!(gqa.schedule(3, 1, 32768, 3).splits, 4);
         assert_eq!(gqa.schedule(5, 1, 32768, 4).splits, 4);
+    }
+
+    #[test]
+    fn expanded_splits_keep_their_up_projected_keys_in_cache() {
+        let lite = AttentionSpec::mla(16, 512, 64, 128, 128).mask(Mask::Causal);
+        let plan = KernelPlan::with_form(&lite, Form::LatentExpanded, Target::AVX512);
+        // 192 key floats and a 144-float value row per key: 1344 bytes, 1536 keys in 2 MiB.
+        assert_eq!(plan.expanded_split_keys, 1536);
+        let s = plan.schedule(1, 1024, 32768, 2);
+        assert_eq!((s.splits, s.keys_per_split, s.q_tiles), (22, 1536, 16));
+        // W6 and shorter ranges stay whole; a split takes at least the call's queries.
+        assert_eq!(plan.schedule(1, 1024, 1024, 2).splits, 1);
+        assert_eq!(plan.schedule(1, 1000, 1536, 2).splits, 1);
+        let s = plan.schedule(1, 4000, 32768, 2);
+        assert_eq!((s.splits, s.keys_per_split), (9, 3648));
+        // Splits are whole key tiles, cover every key, and none is empty.
+        for seq_k in (1537..40_000).step_by(997) {
+            let s = plan.schedule(2, 300, seq_k, 2);
+            assert!(s.keys_per_split.is_multiple_of(64) && s.keys_per_split <= 1536);
+            assert!(s.splits * s.keys_per_split >= seq_k);
+            assert!((s.splits - 1) * s.keys_per_split < seq_k, "{seq_k}: {s:?}");
+        }
+        // The other forms are not capped.
+        let absorbed = KernelPlan::with_form(&lite, Form::LatentAbsorbed, Target::AVX512);
+        assert_eq!(absorbed.expanded_split_keys, usize::MAX);
+        assert_eq!(absorbed.schedule(1, 1024, 32768, 2).splits, 1);
     }
 
     #[test]

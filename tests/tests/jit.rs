@@ -141,6 +141,31 @@ fn split_decode_merges_like_the_reference() {
     }
 }
 
+/// Expanded MLA splits a long key range so that each split's up-projected keys stay in cache
+/// (`KernelPlan::expanded_split_keys`; wide heads bring it down to 448 keys): every query tile
+/// reads each split's buffer, the causal diagonal and a window's start fall inside splits, and
+/// the merged result matches the reference on every ISA.
+#[test]
+fn expanded_mla_splits_long_key_ranges_like_the_reference() {
+    let jits = jits();
+    let wide = AttentionSpec::mla(4, 16, 64, 512, 512).mla_form(MlaForm::Expanded);
+    let specs = [wide.clone().mask(Mask::Causal), wide.mask(Mask::SlidingWindow(700)).softcap(8.0)];
+    let shape = Shape::new(1, 70, 1000);
+    for (n, spec) in specs.iter().enumerate() {
+        let kernel = jits[0].compile(spec).unwrap();
+        let plan = kernel.plan();
+        let schedule = plan.schedule(shape.batch, shape.seq_q, shape.seq_k, 2);
+        assert_eq!(plan.expanded_split_keys, 448, "{plan}");
+        assert_eq!((schedule.splits, schedule.keys_per_split), (3, 384), "{schedule:?}");
+        let inputs = OwnedInputs::random(spec, shape, 90 + n as u64, 1.0);
+        for jit in &jits {
+            if let Err(e) = compare(jit, spec, shape, &inputs, 1.0) {
+                panic!("{} {spec:?} at {shape:?}: {e}", jit.isa());
+            }
+        }
+    }
+}
+
 /// Kernels read the tensors you pass where they lie: inputs starting at every float offset of
 /// a 64-byte line match the reference on every ISA — decode's cache rows read in place (narrow
 /// key tiles over wide rows, MLA's latent rows) and prefill's packed copies.
