@@ -251,11 +251,13 @@ pub struct KernelPlan {
     pub max_partials: usize,
     /// Fewest keys a decode split gets, so splitting never costs more than it saves.
     pub min_keys_per_split: usize,
-    /// Most keys an expanded MLA split up-projects, so that its buffer of up-projected keys,
-    /// which every query tile of its head reads, stays in cache ([`EXPANDED_SPLIT_BYTES`]); a
+    /// Most keys per split of a task whose query tiles all read the same packed keys — a
+    /// prefill's call-packed K/V, an expanded MLA task's up-projected buffer — so that a
+    /// split's packed keys stay in cache across its query tiles ([`SHARED_SPLIT_BYTES`]). A
     /// split still takes at least as many keys as the call has queries, so the split states
-    /// never outgrow the buffer they save. `usize::MAX` for the other forms.
-    pub expanded_split_keys: usize,
+    /// never outgrow the packed keys they keep in cache. `usize::MAX` for absorbed MLA, whose
+    /// items read the latent in place.
+    pub shared_split_keys: usize,
     /// The layout of the call-level packed K/V (grouped specs; `None` for latent ones, whose
     /// rows are read in place).
     pub call_packing: Option<CallPacking>,
@@ -361,11 +363,13 @@ const DOT_MAX_ROWS: usize = 4;
 pub const DOT_TILE_PAGES: usize = 16;
 /// Bytes per page, the unit of the TLB's reach.
 const PAGE: usize = 4096;
-/// Bytes of up-projected keys and values an expanded MLA split holds at most (see
-/// [`KernelPlan::expanded_split_keys`]): 1 536 keys of DeepSeek-V2-Lite's heads. Every query
-/// tile of the head re-reads them; a buffer of all keys falls out of cache at long contexts
-/// (Sq = 1024 on a Zen 5: 507 GFLOP/s at 4096 keys, 451 at 16384, 363 at 32768).
-pub const EXPANDED_SPLIT_BYTES: usize = 2 << 20;
+/// Bytes of packed keys and values a split whose query tiles share them holds at most (see
+/// [`KernelPlan::shared_split_keys`]): 2048 keys of Llama-3-8B's heads, 1536 of
+/// DeepSeek-V2-Lite's up-projected ones. Every query tile of the task re-reads them, and a
+/// whole long key range falls out of cache: at Sq = 1024, Sk = 32768 on a Zen 5 (macro
+/// kernels, 2 threads), splitting took 0.67–0.69× the time for expanded MLA and 0.77–0.80×
+/// for Llama-3-8B; 4 and 6 MiB measured the same as 2.
+pub const SHARED_SPLIT_BYTES: usize = 2 << 20;
 /// Fewest keys per dot-product tile: below 8, per-tile overheads outweigh the TLB reach
 /// (4 keys measured 1.16× slower than 8 on W4).
 const DOT_MIN_K_TILE: usize = 8;
@@ -494,12 +498,13 @@ impl KernelPlan {
             rescale_threshold: RESCALE_THRESHOLD,
             max_partials: MAX_PARTIALS,
             call_packing,
-            expanded_split_keys: match call_packing {
-                Some(packing) if expanded => {
-                    let key_bytes = (packing.key_width + packing.value_row()) * size_of::<f32>();
-                    (EXPANDED_SPLIT_BYTES / key_bytes / k_tile).max(1) * k_tile
+            shared_split_keys: match call_packing {
+                Some(packing) => {
+                    let key_floats = packing.key_width + packing.value_tile() / k_tile;
+                    let key_bytes = key_floats * size_of::<f32>();
+                    (SHARED_SPLIT_BYTES / key_bytes / k_tile).max(1) * k_tile
                 }
-                _ => usize::MAX,
+                None => usize::MAX,
             },
             pack_per_item,
             pack_min_rows: 16,
@@ -541,14 +546,15 @@ impl KernelPlan {
         let affordable = (seq_k / self.min_keys_per_split).max(1);
         let mut splits = balanced.unwrap_or(wanted).min(affordable).max(1);
         let mut keys_per_split = seq_k.div_ceil(splits).max(1);
-        // An expanded split's up-projected keys are re-read by each of its query tiles.
-        let most = self.expanded_split_keys.max(seq_q.next_multiple_of(self.k_tile));
-        if keys_per_split > most {
+        // Every query tile of a prefill item would copy the same K/V tiles: pack them once.
+        let packs_call = self.form == Form::Grouped && groups_per_item == 1 && q_tiles > 1;
+        // The query tiles of a split re-read its packed keys: keep them few enough for cache.
+        let most = self.shared_split_keys.max(seq_q.next_multiple_of(self.k_tile));
+        let shared = packs_call || self.form == Form::LatentExpanded;
+        if shared && keys_per_split > most {
             keys_per_split = seq_k.div_ceil(seq_k.div_ceil(most)).next_multiple_of(self.k_tile);
             splits = seq_k.div_ceil(keys_per_split);
         }
-        // Every query tile of a prefill item would copy the same K/V tiles: pack them once.
-        let packs_call = self.form == Form::Grouped && groups_per_item == 1 && q_tiles > 1;
         Schedule { q_tiles, groups_per_item, splits, keys_per_split, packs_call }
     }
 
@@ -664,11 +670,10 @@ impl fmt::Display for KernelPlan {
             )?,
             Form::LatentExpanded => writeln!(
                 f,
-                "  form         expanded MLA: per (batch, head) task, its visible keys up-projected {} at a time, K_h = [c_kv·W_UK[h]ᵀ, k_rope] ({} wide) and V_h = c_kv·W_UV[h]ᵀ ({} wide), into the task's own buffer, which all its query tiles read; keys split to at most {} per buffer (or the call's queries, if more), so it stays in cache",
+                "  form         expanded MLA: per (batch, head) task, its visible keys up-projected {} at a time, K_h = [c_kv·W_UK[h]ᵀ, k_rope] ({} wide) and V_h = c_kv·W_UV[h]ᵀ ({} wide), into the task's own buffer, which all its query tiles read",
                 self.k_tile,
                 spec.head_dim(),
-                spec.v_head_dim,
-                self.expanded_split_keys
+                spec.v_head_dim
             )?,
         }
         let sizes: Vec<String> = self.groups.iter().map(|g| g.len().to_string()).collect();
@@ -727,6 +732,14 @@ impl fmt::Display for KernelPlan {
             "  decode       items with < {} rows cover every group (whole cache rows); keys split across threads when tasks are few (at least {} keys per split), merged by log-sum-exp",
             self.pack_min_rows, self.min_keys_per_split
         )?;
+        if self.shared_split_keys != usize::MAX {
+            writeln!(
+                f,
+                "  long keys    query tiles sharing packed K/V split their keys into runs of at most {} (the call's queries, if more) whose packed tiles stay in cache ({} MiB), merged by log-sum-exp",
+                self.shared_split_keys,
+                SHARED_SPLIT_BYTES >> 20
+            )?;
+        }
         if self.dot_max_rows > 0 {
             writeln!(
                 f,
@@ -888,11 +901,11 @@ mod tests {
     }
 
     #[test]
-    fn expanded_splits_keep_their_up_projected_keys_in_cache() {
+    fn prefill_splits_keep_their_shared_packed_keys_in_cache() {
         let lite = AttentionSpec::mla(16, 512, 64, 128, 128).mask(Mask::Causal);
         let plan = KernelPlan::with_form(&lite, Form::LatentExpanded, Target::AVX512);
         // 192 key floats and a 144-float value row per key: 1344 bytes, 1536 keys in 2 MiB.
-        assert_eq!(plan.expanded_split_keys, 1536);
+        assert_eq!(plan.shared_split_keys, 1536);
         let s = plan.schedule(1, 1024, 32768, 2);
         assert_eq!((s.splits, s.keys_per_split, s.q_tiles), (22, 1536, 16));
         // W6 and shorter ranges stay whole; a split takes at least the call's queries.
@@ -907,9 +920,18 @@ mod tests {
             assert!(s.splits * s.keys_per_split >= seq_k);
             assert!((s.splits - 1) * s.keys_per_split < seq_k, "{seq_k}: {s:?}");
         }
-        // The other forms are not capped.
+        // A call-packed grouped prefill: 128 key and 128 value floats per key.
+        let llama = KernelPlan::new(&AttentionSpec::gqa(32, 8, 128), Target::AVX2);
+        assert_eq!(llama.shared_split_keys, 2048);
+        let s = llama.schedule(1, 1024, 32768, 2);
+        assert_eq!((s.packs_call, s.splits, s.keys_per_split), (true, 16, 2048));
+        assert_eq!(llama.schedule(1, 1024, 1024, 2).splits, 1);
+        // Decode items read the cache in place: split only for the threads' sake.
+        let s = llama.schedule(1, 1, 32768, 2);
+        assert_eq!((s.packs_call, s.splits), (false, 8));
+        // Absorbed MLA reads the latent in place: not capped.
         let absorbed = KernelPlan::with_form(&lite, Form::LatentAbsorbed, Target::AVX512);
-        assert_eq!(absorbed.expanded_split_keys, usize::MAX);
+        assert_eq!(absorbed.shared_split_keys, usize::MAX);
         assert_eq!(absorbed.schedule(1, 1024, 32768, 2).splits, 1);
     }
 

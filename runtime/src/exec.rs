@@ -269,6 +269,64 @@ impl Executor<'_> {
         let tasks = shape.batch * blocks * schedule.q_tiles;
         let (state_len, splits) = (plan.state_len, schedule.splits);
         let scratch_len = plan.scratch.len(per_item);
+        // One work item: the rows of groups g0..g0 + per_item of sequence b from query q0, over
+        // keys k_lo..k_hi, into per_item state slots from the start of `states`.
+        let item = |(b, g0, q0): (usize, usize, usize),
+                    (k_lo, k_hi): (usize, usize),
+                    scratch: &mut [f32],
+                    states: &mut [f32]| {
+            assert!(scratch.len() >= scratch_len && states.len() >= per_item * state_len);
+            // SAFETY: `check_call` verified every buffer against `shape`; the generated
+            // code reads and writes only within those tensors for b < B, q0 < Sq, keys
+            // 0..kv_lens[b] <= Sk (Sk without kv_lens; `check_call` bounded each length;
+            // its key range, from the start of the tile holding k_lo) and the heads
+            // of groups g0..g0 + per_item < groups; within the call's packed K/V when set
+            // (its task filled its (b, g) part first); within `scratch` (the plan's size for
+            // per_item groups) and per_item state slots of state_len floats, state_len apart
+            // (asserted above). Addresses past a tensor are only ever prefetched.
+            unsafe {
+                (entries.item)(
+                    args.ptr(),
+                    b,
+                    g0,
+                    per_item,
+                    q0,
+                    k_lo,
+                    k_hi,
+                    scratch.as_mut_ptr(),
+                    states.as_mut_ptr(),
+                    state_len,
+                )
+            };
+        };
+        // Group g's rows of sequence b from query q0: merges its `splits` state slots, `stride`
+        // floats apart from the start of `states`, and stores them.
+        let finish = |(b, g, q0): (usize, usize, usize),
+                      states: &mut [f32],
+                      stride: usize,
+                      scratch: &mut [f32]| {
+            assert!(
+                states.len() >= (splits - 1) * stride + state_len && scratch.len() >= scratch_len
+            );
+            // SAFETY: as for the items; the `splits` slots of state_len floats lie `stride`
+            // apart inside `states` (asserted above).
+            unsafe {
+                (entries.finish)(
+                    args.ptr(),
+                    b,
+                    g,
+                    q0,
+                    splits,
+                    states.as_mut_ptr(),
+                    stride,
+                    scratch.as_mut_ptr(),
+                )
+            };
+        };
+        let keys_of = |split: usize| {
+            let k_lo = split * schedule.keys_per_split;
+            (k_lo, (k_lo + schedule.keys_per_split).min(longest))
+        };
         // A task's states: `splits` runs of `per_item` group slots ([split][group]), so each
         // split's item writes one contiguous run.
         let run_task = |task: usize| {
@@ -276,66 +334,50 @@ impl Executor<'_> {
                 (task / (blocks * schedule.q_tiles), task % (blocks * schedule.q_tiles));
             let (block, tile) = (rest / schedule.q_tiles, rest % schedule.q_tiles);
             let (g0, q0) = (block * per_item, tile * plan.q_tile);
-            let item = |k_lo: usize, k_hi: usize, scratch: &mut [f32], states: &mut [f32]| {
-                assert!(scratch.len() >= scratch_len && states.len() >= per_item * state_len);
-                // SAFETY: `check_call` verified every buffer against `shape`; the generated
-                // code reads and writes only within those tensors for b < B, q0 < Sq, keys
-                // 0..kv_lens[b] <= Sk (Sk without kv_lens; `check_call` bounded each length;
-                // its key range, from the start of the tile holding k_lo) and the heads
-                // of groups g0..g0 + per_item < groups; within the call's packed K/V when set
-                // (its task filled its (b, g) part first); within `scratch` (the plan's size for
-                // per_item groups) and per_item state slots of state_len floats, state_len apart
-                // (asserted above). Addresses past a tensor are only ever prefetched.
-                unsafe {
-                    (entries.item)(
-                        args.ptr(),
-                        b,
-                        g0,
-                        per_item,
-                        q0,
-                        k_lo,
-                        k_hi,
-                        scratch.as_mut_ptr(),
-                        states.as_mut_ptr(),
-                        state_len,
-                    )
-                };
-            };
-            let finish = |states: &mut [f32], scratch: &mut [f32]| {
-                assert!(states.len() >= splits * per_item * state_len);
+            let finish_all = |states: &mut [f32], scratch: &mut [f32]| {
                 for i in 0..per_item {
-                    // SAFETY: as above; group i's `splits` slots start at slot i and lie
-                    // per_item slots apart, inside `states` (asserted above).
-                    unsafe {
-                        (entries.finish)(
-                            args.ptr(),
-                            b,
-                            g0 + i,
-                            q0,
-                            splits,
-                            states.as_mut_ptr().add(i * state_len),
-                            per_item * state_len,
-                            scratch.as_mut_ptr(),
-                        )
-                    };
+                    let stride = per_item * state_len;
+                    finish((b, g0 + i, q0), &mut states[i * state_len..], stride, scratch);
                 }
             };
             let states_len = splits * per_item * state_len;
             if splits == 1 {
                 with_workspace(scratch_len + states_len, |work| {
                     let (scratch, states) = work.split_at_mut(scratch_len);
-                    item(0, longest, scratch, states);
-                    finish(states, scratch);
+                    item((b, g0, q0), (0, longest), scratch, states);
+                    finish_all(states, scratch);
                 });
                 return;
             }
             with_kept_in_pool(&SPLIT_STATES, states_len, |states| {
                 states.par_chunks_mut(per_item * state_len).enumerate().for_each(|(split, run)| {
-                    let k_lo = split * schedule.keys_per_split;
-                    let k_hi = (k_lo + schedule.keys_per_split).min(longest);
-                    with_workspace(scratch_len, |scratch| item(k_lo, k_hi, scratch, run));
+                    with_workspace(scratch_len, |scratch| {
+                        item((b, g0, q0), keys_of(split), scratch, run)
+                    });
                 });
-                with_workspace(scratch_len, |scratch| finish(states, scratch));
+                with_workspace(scratch_len, |scratch| finish_all(states, scratch));
+            });
+        };
+        // Every query tile of one (batch, KV head) of a call-packed prefill, split by split:
+        // a split runs all the tiles over its keys, whose packed tiles stay in cache across
+        // them (`KernelPlan::shared_split_keys`). States [split][query tile].
+        let run_shared_splits = |b: usize, g: usize| {
+            let (q_tiles, stride) = (schedule.q_tiles, schedule.q_tiles * state_len);
+            with_kept_in_pool(&SPLIT_STATES, splits * stride, |states| {
+                states.par_chunks_mut(stride).enumerate().for_each(|(split, run)| {
+                    with_workspace(scratch_len, |scratch| {
+                        for tile in 0..q_tiles {
+                            let states = &mut run[tile * state_len..];
+                            item((b, g, tile * plan.q_tile), keys_of(split), scratch, states);
+                        }
+                    });
+                });
+                with_workspace(scratch_len, |scratch| {
+                    for tile in 0..q_tiles {
+                        let states = &mut states[tile * state_len..];
+                        finish((b, g, tile * plan.q_tile), states, stride, scratch);
+                    }
+                });
             });
         };
         if let Some(prologue) = entries.prologue {
@@ -347,7 +389,8 @@ impl Executor<'_> {
             // One task per (batch, KV head) packs its keys, then runs its query tiles: one
             // head's copy overlaps other heads' items, and is still in cache when its own read
             // it. Packing every head first, then running every item, took 1.02–1.06× the time
-            // on W1 and W2 (2 threads, alternating calls; 1 thread: W2 1.03×, W1 1.00×).
+            // on W1 and W2 (2 threads, alternating calls; 1 thread: W2 1.03×, W1 1.00×). Split
+            // keys run split by split (`run_shared_splits`), each split's tiles in cache.
             let (k_len, v_len) = pack.head_lens();
             let q_tiles = schedule.q_tiles;
             self.in_pool(|| {
@@ -366,6 +409,10 @@ impl Executor<'_> {
                         )
                     };
                     pack.pack_head(head, k_dst, v_dst);
+                    if splits > 1 {
+                        // groups_per_item is 1: `head` is (b, g).
+                        return run_shared_splits(head / blocks, head % blocks);
+                    }
                     (0..q_tiles).into_par_iter().for_each(|tile| run_task(head * q_tiles + tile));
                 })
             });

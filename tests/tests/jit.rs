@@ -141,26 +141,42 @@ fn split_decode_merges_like_the_reference() {
     }
 }
 
-/// Expanded MLA splits a long key range so that each split's up-projected keys stay in cache
-/// (`KernelPlan::expanded_split_keys`; wide heads bring it down to 448 keys): every query tile
-/// reads each split's buffer, the causal diagonal and a window's start fall inside splits, and
-/// the merged result matches the reference on every ISA.
+/// A prefill whose query tiles share packed keys — call-packed grouped K/V, an expanded MLA
+/// task's up-projected buffer — splits a long key range so that each split's packed keys stay
+/// in cache across its tiles (`KernelPlan::shared_split_keys`; wide heads bring it to a few
+/// hundred keys). Every tile reads every split, the causal diagonal and a window's start fall
+/// inside splits, sequences may end early (`kv_lens`, rows past them NaN), and the merged
+/// result matches the reference on every ISA.
 #[test]
-fn expanded_mla_splits_long_key_ranges_like_the_reference() {
+fn prefill_splits_over_shared_packed_keys_match_the_reference() {
     let jits = jits();
     let wide = AttentionSpec::mla(4, 16, 64, 512, 512).mla_form(MlaForm::Expanded);
-    let specs = [wide.clone().mask(Mask::Causal), wide.mask(Mask::SlidingWindow(700)).softcap(8.0)];
-    let shape = Shape::new(1, 70, 1000);
-    for (n, spec) in specs.iter().enumerate() {
+    let grouped = AttentionSpec::gqa(4, 2, 256);
+    // (spec, its cap, the shape, its splits and keys per split)
+    let cases = [
+        (wide.clone().mask(Mask::Causal), 448, Shape::new(1, 70, 1000), (3, 384)),
+        (wide.mask(Mask::SlidingWindow(700)).softcap(8.0), 448, Shape::new(1, 70, 1000), (3, 384)),
+        (grouped.clone().mask(Mask::Causal), 1024, Shape::new(1, 40, 2500), (3, 896)),
+        (
+            grouped.mask(Mask::SlidingWindow(900)).softcap(6.0),
+            1024,
+            Shape::new(2, 40, 2100),
+            (3, 704),
+        ),
+    ];
+    for (n, (spec, cap, shape, splits)) in cases.iter().enumerate() {
         let kernel = jits[0].compile(spec).unwrap();
         let plan = kernel.plan();
         let schedule = plan.schedule(shape.batch, shape.seq_q, shape.seq_k, 2);
-        assert_eq!(plan.expanded_split_keys, 448, "{plan}");
-        assert_eq!((schedule.splits, schedule.keys_per_split), (3, 384), "{schedule:?}");
-        let inputs = OwnedInputs::random(spec, shape, 90 + n as u64, 1.0);
+        assert_eq!(plan.shared_split_keys, *cap, "{plan}");
+        assert_eq!((schedule.splits, schedule.keys_per_split), *splits, "{schedule:?}");
+        let inputs = OwnedInputs::random(spec, *shape, 90 + n as u64, 1.0);
+        let ragged = inputs.clone().ragged(spec, *shape, 190 + n as u64);
         for jit in &jits {
-            if let Err(e) = compare(jit, spec, shape, &inputs, 1.0) {
-                panic!("{} {spec:?} at {shape:?}: {e}", jit.isa());
+            for inputs in [&inputs, &ragged] {
+                if let Err(e) = compare(jit, spec, *shape, inputs, 1.0) {
+                    panic!("{} {spec:?} at {shape:?}, {:?}: {e}", jit.isa(), inputs.kv_lens);
+                }
             }
         }
     }
