@@ -41,15 +41,13 @@ pub struct CallArgs {
     pub out: *mut f32,
     /// `lse`, or null.
     pub lse: *mut f32,
-    /// Grouped K packed once for the call (`[B][kv_heads][Sk'][D]`, Sk rounded up to whole key
-    /// tiles, see `plan::CallPacking`), or null: items then pack their tiles or read in
-    /// place.
+    /// The task's packed K (`plan::CallPacking`: a grouped prefill's copy of one (batch, KV
+    /// head)'s keys, an expanded MLA task's up-projection), or null: grouped items then pack
+    /// their tiles or read in place.
     pub k_packed: *const f32,
-    /// Grouped V packed once for the call: per (batch, KV head, key tile), the tile's
-    /// `PANEL`-column panels, `k_tile` deep; null with `k_packed`.
+    /// The task's packed V, per key tile (`plan::CallPacking`); null with `k_packed`.
     pub v_packed: *const f32,
-    /// Expanded MLA: the first key of the task's up-projected K/V at `k_packed`/`v_packed`
-    /// (`plan::CallPacking::per_task`, a multiple of `k_tile`); 0 otherwise.
+    /// The first key at `k_packed` and `v_packed` (a multiple of `k_tile`); 0 without them.
     pub packed_first_key: usize,
     /// Expanded MLA: per head, `W_UK[h]ᵀ` then `W_UV[h]ᵀ` (`rank` rows each) in `PANEL`-column
     /// panels (`KernelPlan::transposed_weights`), written by the prologue, read by `expand`;

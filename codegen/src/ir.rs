@@ -236,7 +236,7 @@ pub struct DotScores {
 }
 
 /// Where a tile product reads a cache tensor's current tile. The choice is the work item's,
-/// at run time: the call's packed copy when the call made one (`CallArgs::k_packed` is set),
+/// at run time: the task's packed copy when the executor made one (`CallArgs::k_packed` is set),
 /// else the item's own packed tile when its group has enough rows, else the cache rows in
 /// place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -363,7 +363,7 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
             let d = spec.head_dim();
             let value_row = plan.call_packing.expect("expanded plans pack per task").value_row();
             let setup = vec![pack_q(d, None)];
-            // K and V exist only as the task's up-projected copy (`CallPacking::per_task`),
+            // K and V exist only as the task's up-projected copy (`CallPacking::up_projected`),
             // contiguous rows.
             let source = |cache| TileSource {
                 cache,
@@ -434,7 +434,7 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
             let dot = (plan.dot_max_rows > 0)
                 .then_some(DotScores { max_rows: plan.dot_max_rows, query: Operand::QueryRows });
             let setup = vec![pack_q(d, dot)];
-            // K/V come from the call's packed copy (prefill), the item's own packed tiles
+            // K/V come from the task's packed copy (prefill), the item's own packed tiles
             // (several KV heads, enough rows), or the cache rows in place; rows of one KV head
             // among several are strided, so products reading them prefetch.
             let min_rows = plan.pack_min_rows;
@@ -707,10 +707,10 @@ fn name(operand: Operand) -> &'static str {
     }
 }
 
-/// Where a tile product reads, in words: the call's packed copy, the item's tile, the cache.
+/// Where a tile product reads, in words: the task's packed copy, the item's tile, the cache.
 fn source_text(source: &TileSource, accumulate: bool) -> String {
     let mut text = String::new();
-    if let Some(layout) = source.call_packed.filter(|layout| layout.per_task) {
+    if let Some(layout) = source.call_packed.filter(|layout| layout.up_projected) {
         return format!(
             "the task's up-projected {} ({}-key tiles, row-major)",
             if source.cache == Operand::V { "V_h" } else { "K_h" },
@@ -719,11 +719,11 @@ fn source_text(source: &TileSource, accumulate: bool) -> String {
     }
     if let Some(layout) = source.call_packed {
         let layout = match source.cache {
-            Operand::V => format!("per (b, g, {}-key tile), its panels", layout.k_tile),
-            _ => format!("per (b, g), Sk rows rounded up to {}-key tiles", layout.k_tile),
+            Operand::V => format!("per {}-key tile, its panels", layout.k_tile),
+            _ => "row-major".to_owned(),
         };
         text.push_str(&format!(
-            "the call's packed copy of {} when it made one ({layout}); else ",
+            "the task's packed copy of {} when it made one ({layout}); else ",
             name(source.cache)
         ));
     }
@@ -866,7 +866,7 @@ mod tests {
             "items whose first group has <= 4 rows and whose call packed nothing: step 8",
             "Ktile in items of >= 16 rows",
             "items of <= 4 rows: dot products of key rows with Qrows",
-            "the call's packed copy of k when it made one (per (b, g), Sk rows rounded up to 64-key tiles)",
+            "the task's packed copy of k when it made one (row-major)",
             "prefetch the rows the next group reads",
         ] {
             assert!(text.contains(decision), "{decision:?} not in {text}");
@@ -942,7 +942,7 @@ mod tests {
         let (setup, body, _) = parts(&ir);
         assert!(matches!(setup[0], Op::PackQueries { from: Operand::Q, offset: 0, len: 24, .. }));
         let Op::Scores(scores) = body[0] else { panic!("{ir}") };
-        assert_eq!((scores.len, scores.keys.call_packed.map(|p| p.per_task)), (24, Some(true)));
+        assert_eq!((scores.len, scores.keys.call_packed.map(|p| p.up_projected)), (24, Some(true)));
         assert_eq!(ir.finish[2], Op::StoreOut { into: Operand::Out });
         assert!(ir.to_string().contains("the task's up-projected K_h"), "{ir}");
         // Without a RoPE part there is one score term.

@@ -22,7 +22,7 @@ pub enum Form {
     LatentAbsorbed,
     /// MLA in the expanded (un-absorbed) form: each (batch, head) task up-projects its visible
     /// keys tile by tile, `K_h = [c_kv·W_UK[h]ᵀ, k_rope]` and `V_h = c_kv·W_UV[h]ᵀ`, into a
-    /// buffer of its own ([`CallPacking::per_task`]) that every query tile of the task then
+    /// buffer of its own ([`CallPacking::up_projected`]) that every query tile of the task then
     /// reads: flash attention with one head per group, `nope_dim + rope_dim` wide scores and
     /// `Dv`-wide values.
     LatentExpanded,
@@ -92,14 +92,16 @@ pub struct CacheRow {
     pub stride: usize,
 }
 
-/// The call-level packed copy of grouped K and V (`CallArgs::k_packed` and `v_packed`),
-/// made when a call has several query tiles so each tile is copied once rather than by every
-/// query tile: the one description of its layout, which the executor fills and both emitters
-/// address.
-/// - K: per (batch, KV head), its Sk rows of D floats, row-major, Sk rounded up to whole key
-///   tiles: key j of (b, g) at float `((b·kv_heads + g)·Sk' + j)·D` ([`CallPacking::key_row`]).
-/// - V: per (batch, KV head, key tile), the tile's `k_tile × Dv` values in [`PANEL`]-column
-///   panels, `k_tile` rows deep ([`CallPacking::value_tile_at`]).
+/// The packed copy of one task's keys (`CallArgs::k_packed` and `v_packed`): a prefill's
+/// (batch, KV head) keys, copied by the executor, or an expanded MLA (batch, head)'s
+/// up-projected ones, written by its `expand` program; in both, from key
+/// `CallArgs::packed_first_key` (a multiple of `k_tile`) on, and only while the task's query
+/// tiles read them, so each key tile is copied once rather than by every query tile. The one
+/// description of its layout, which the executor fills and both emitters address.
+/// - K: rows of D floats, row-major: key j at float `(j − first)·D`.
+/// - V: per key tile, key j's at float `(j − first) / k_tile · value_tile()`: the tile's
+///   `k_tile × Dv` values in [`PANEL`]-column panels `k_tile` rows deep (grouped), or
+///   row-major, [`CallPacking::value_row`] floats apart (up-projected).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CallPacking {
     /// Keys per tile.
@@ -110,27 +112,25 @@ pub struct CallPacking {
     pub key_width: usize,
     /// Dv, floats of a value row.
     pub value_width: usize,
-    /// The copy holds one task's (batch, KV head) only, from key `CallArgs::packed_first_key`
-    /// (a multiple of `k_tile`) on, with values row-major, [`CallPacking::value_row`] floats
-    /// apart (expanded MLA, whose tasks write their own copy): key j at float `(j − first)·D`,
-    /// its value tile at `(j − first) / k_tile · value_tile()`.
-    pub per_task: bool,
+    /// The copy is expanded MLA's up-projection, the only form its K and V take: items have
+    /// no cache rows to read instead, and its values are row-major.
+    pub up_projected: bool,
 }
 
 impl CallPacking {
-    /// Floats of one packed value tile: `k_tile × Dv` in panels, or per task `k_tile` rows of
-    /// [`CallPacking::value_row`] floats.
+    /// Floats of one packed value tile: `k_tile × Dv` in panels, or (up-projected) `k_tile`
+    /// rows of [`CallPacking::value_row`] floats.
     pub fn value_tile(&self) -> usize {
-        match self.per_task {
+        match self.up_projected {
             true => self.k_tile * self.value_row(),
             false => ScratchLayout::panels(self.k_tile, self.value_width),
         }
     }
 
-    /// Floats from one row of a packed value tile to the next: a panel's row, or (per task)
-    /// Dv rounded up to an odd number of [`PANEL`]s, one cache line each.
+    /// Floats from one row of a packed value tile to the next: a panel's row, or
+    /// (up-projected) Dv rounded up to an odd number of [`PANEL`]s, one cache line each.
     pub fn value_row(&self) -> usize {
-        if !self.per_task {
+        if !self.up_projected {
             return PANEL;
         }
         // An odd number of lines, so a panel's rows spread over all of L1's sets: 128-float
@@ -142,25 +142,14 @@ impl CallPacking {
 
     /// Floats from one panel of a packed value tile to the next (`DotNn`'s `b_panel`).
     pub fn value_panel(&self) -> usize {
-        if self.per_task { PANEL } else { PANEL * self.k_tile }
+        if self.up_projected { PANEL } else { PANEL * self.k_tile }
     }
 
-    /// Floats of the packed K and of the packed V for `batch` sequences of `seq_k` keys.
-    pub fn lens(&self, batch: usize, seq_k: usize) -> (usize, usize) {
-        let heads = batch * self.kv_heads;
-        let tiles = seq_k.div_ceil(self.k_tile);
-        (heads * tiles * self.k_tile * self.key_width, heads * tiles * self.value_tile())
-    }
-
-    /// Float index of key `j` of (batch `b`, KV head `g`) in the packed K.
-    pub fn key_row(&self, b: usize, g: usize, seq_k: usize, j: usize) -> usize {
-        ((b * self.kv_heads + g) * seq_k.next_multiple_of(self.k_tile) + j) * self.key_width
-    }
-
-    /// Float index of the packed value tile of (batch `b`, KV head `g`) holding key `j`.
-    pub fn value_tile_at(&self, b: usize, g: usize, seq_k: usize, j: usize) -> usize {
-        ((b * self.kv_heads + g) * seq_k.div_ceil(self.k_tile) + j / self.k_tile)
-            * self.value_tile()
+    /// Floats of the packed K and of the packed V holding keys `first..end` (`first` a
+    /// multiple of `k_tile`): whole key tiles.
+    pub fn lens(&self, first: usize, end: usize) -> (usize, usize) {
+        let tiles = end.saturating_sub(first).div_ceil(self.k_tile);
+        (tiles * self.k_tile * self.key_width, tiles * self.value_tile())
     }
 }
 
@@ -258,8 +247,8 @@ pub struct KernelPlan {
     /// never outgrow the packed keys they keep in cache. `usize::MAX` for absorbed MLA, whose
     /// items read the latent in place.
     pub shared_split_keys: usize,
-    /// The layout of the call-level packed K/V (grouped specs; `None` for latent ones, whose
-    /// rows are read in place).
+    /// The layout of a task's packed K/V: a grouped prefill's copy, an expanded MLA task's
+    /// up-projection (`None` for absorbed MLA, whose rows are read in place).
     pub call_packing: Option<CallPacking>,
     /// Items pack their own tiles when the call did not: only for several KV heads, whose
     /// cache rows lie `kv_heads · D` floats apart (a multiple of 4 KiB for common shapes, so a
@@ -367,8 +356,9 @@ const PAGE: usize = 4096;
 /// [`KernelPlan::shared_split_keys`]): 2048 keys of Llama-3-8B's heads, 1536 of
 /// DeepSeek-V2-Lite's up-projected ones. Every query tile of the task re-reads them, and a
 /// whole long key range falls out of cache: at Sq = 1024, Sk = 32768 on a Zen 5 (macro
-/// kernels, 2 threads), splitting took 0.67–0.69× the time for expanded MLA and 0.77–0.80×
-/// for Llama-3-8B; 4 and 6 MiB measured the same as 2.
+/// kernels, 2 threads), splitting took 0.67–0.69× the time for expanded MLA; with each split
+/// packing its own keys (no call-sized copy), 0.70–0.76× for Llama-3-8B and 0.62–0.66× for
+/// MHA 16 × 64. 4 and 6 MiB measured the same as 2.
 pub const SHARED_SPLIT_BYTES: usize = 2 << 20;
 /// Fewest keys per dot-product tile: below 8, per-tile overheads outweigh the TLB reach
 /// (4 keys measured 1.16× slower than 8 on W4).
@@ -464,14 +454,14 @@ impl KernelPlan {
                 kv_heads: *kv_heads,
                 key_width: *head_dim,
                 value_width: spec.v_head_dim,
-                per_task: false,
+                up_projected: false,
             }),
             KvLayout::Latent(_) if expanded => Some(CallPacking {
                 k_tile,
                 kv_heads: spec.q_heads,
                 key_width: spec.head_dim(),
                 value_width: spec.v_head_dim,
-                per_task: true,
+                up_projected: true,
             }),
             KvLayout::Latent(_) => None,
         };
@@ -735,7 +725,7 @@ impl fmt::Display for KernelPlan {
         if self.shared_split_keys != usize::MAX {
             writeln!(
                 f,
-                "  long keys    query tiles sharing packed K/V split their keys into runs of at most {} (the call's queries, if more) whose packed tiles stay in cache ({} MiB), merged by log-sum-exp",
+                "  long keys    query tiles sharing packed K/V split their keys into runs of at most {} (the call's queries, if more), each packed by the split's thread and kept in cache across the tiles ({} MiB), merged by log-sum-exp",
                 self.shared_split_keys,
                 SHARED_SPLIT_BYTES >> 20
             )?;
@@ -986,15 +976,16 @@ mod tests {
                 kv_heads: 2,
                 key_width: 16,
                 value_width: 20,
-                per_task: false
+                up_projected: false
             }
         );
-        // Sk = 100: two tiles per (b, g); V tiles are 2 panels of 16 columns, 64 deep.
-        assert_eq!(packing.lens(3, 100), (3 * 2 * 128 * 16, 3 * 2 * 2 * 2 * 16 * 64));
-        assert_eq!(packing.key_row(2, 1, 100, 99), ((2 * 2 + 1) * 128 + 99) * 16);
-        assert_eq!(packing.value_tile_at(2, 1, 100, 64), ((2 * 2 + 1) * 2 + 1) * 2048);
-        let last = packing.value_tile_at(2, 1, 100, 99) + packing.value_tile();
-        assert_eq!(last, packing.lens(3, 100).1);
+        // Keys 128..230: two tiles; V tiles are 2 panels of 16 columns, 64 deep.
+        assert_eq!(packing.lens(128, 230), (2 * 64 * 16, 2 * 2 * 16 * 64));
+        assert_eq!(
+            (packing.value_tile(), packing.value_row(), packing.value_panel()),
+            (2048, 16, 1024)
+        );
+        assert_eq!(packing.lens(128, 128), (0, 0));
         assert_eq!(
             KernelPlan::new(&AttentionSpec::mla(4, 32, 8, 16, 12), Target::AVX2).call_packing,
             None
@@ -1019,7 +1010,7 @@ mod tests {
             (192, 192, Some(0))
         );
         let packing = plan.call_packing.unwrap();
-        assert!(packing.per_task);
+        assert!(packing.up_projected);
         // Values row-major: a 64-key tile is 64 rows of 128, rows 144 floats (9 lines) apart.
         assert_eq!(
             (packing.value_tile(), packing.value_row(), packing.value_panel()),

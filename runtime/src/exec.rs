@@ -15,6 +15,7 @@
 //! elements. Neither changes this executor's order of work.
 
 use std::cell::RefCell;
+use std::ops::Range;
 
 use attngen_codegen::abi::{ALIGN_FLOATS, CallArgs, ExpandFn, FinishFn, HeadFn, ItemFn, PANEL};
 use attngen_codegen::plan::CallPacking;
@@ -219,29 +220,35 @@ impl Executor<'_> {
         if plan.form == Form::LatentExpanded {
             return self.execute_expanded(shape, inputs, longest, SharedArgs(args), schedule);
         }
-        if let Some(packing) = plan.call_packing.filter(|_| schedule.packs_call) {
-            let (k_len, v_len) = packing.lens(shape.batch, shape.seq_k);
-            let packed = with_kept(&PACKED, k_len + v_len, |packed| {
-                let (k_packed, v_packed) = packed.split_at_mut(k_len);
-                // Writable pointers: the tasks fill the buffer (`CallPack::pack_head`).
+        let pack = plan.call_packing.filter(|_| schedule.packs_call);
+        let pack = pack.map(|packing| CallPack { packing, shape, inputs, k, v });
+        let Some(call_pack) = pack.as_ref().filter(|_| schedule.splits == 1) else {
+            // Split keys are packed split by split, into each split's thread's buffer.
+            self.execute(shape, longest, SharedArgs(args), schedule, pack.as_ref());
+            return Ok(());
+        };
+        // Unsplit, every (batch, KV head) packs all its keys into its part of one call buffer:
+        // K parts, then V parts.
+        let (k_len, v_len) = call_pack.head_lens();
+        let heads = shape.batch * call_pack.packing.kv_heads;
+        let lens = heads.checked_mul(k_len).zip(heads.checked_mul(v_len));
+        let packed = lens.and_then(|(k_all, v_all)| {
+            with_kept(&PACKED, k_all.checked_add(v_all)?, |packed| {
+                let (k_packed, v_packed) = packed.split_at_mut(k_all);
+                // Writable pointers: the tasks fill the buffer (`CallPack::pack`).
                 let args = CallArgs {
                     k_packed: k_packed.as_mut_ptr(),
                     v_packed: v_packed.as_mut_ptr(),
                     ..args
                 };
-                let pack = CallPack { packing, shape, inputs, k, v };
-                self.execute(shape, longest, SharedArgs(args), schedule, Some(&pack));
-            });
-            packed.ok_or_else(|| {
-                let heads = shape.batch.saturating_mul(packing.kv_heads);
-                let key_floats = packing.key_width + packing.value_width;
-                let shape = vec![heads, shape.seq_k.next_multiple_of(packing.k_tile), key_floats];
-                Error::TooLarge { tensor: "packed K and V", shape }
+                self.execute(shape, longest, SharedArgs(args), schedule, pack.as_ref());
             })
-        } else {
-            self.execute(shape, longest, SharedArgs(args), schedule, None);
-            Ok(())
-        }
+        });
+        packed.ok_or_else(|| {
+            let key_floats = call_pack.packing.key_width + call_pack.packing.value_width;
+            let shape = vec![heads, shape.seq_k.next_multiple_of(plan.k_tile), key_floats];
+            Error::TooLarge { tensor: "packed K and V", shape }
+        })
     }
 
     /// Runs `f` on this kernel's thread pool (the global one by default).
@@ -270,8 +277,10 @@ impl Executor<'_> {
         let (state_len, splits) = (plan.state_len, schedule.splits);
         let scratch_len = plan.scratch.len(per_item);
         // One work item: the rows of groups g0..g0 + per_item of sequence b from query q0, over
-        // keys k_lo..k_hi, into per_item state slots from the start of `states`.
-        let item = |(b, g0, q0): (usize, usize, usize),
+        // keys k_lo..k_hi, into per_item state slots from the start of `states`; `call` is the
+        // call's arguments or a task's (its packed K/V).
+        let item = |call: &SharedArgs,
+                    (b, g0, q0): (usize, usize, usize),
                     (k_lo, k_hi): (usize, usize),
                     scratch: &mut [f32],
                     states: &mut [f32]| {
@@ -280,13 +289,14 @@ impl Executor<'_> {
             // code reads and writes only within those tensors for b < B, q0 < Sq, keys
             // 0..kv_lens[b] <= Sk (Sk without kv_lens; `check_call` bounded each length;
             // its key range, from the start of the tile holding k_lo) and the heads
-            // of groups g0..g0 + per_item < groups; within the call's packed K/V when set
-            // (its task filled its (b, g) part first); within `scratch` (the plan's size for
-            // per_item groups) and per_item state slots of state_len floats, state_len apart
-            // (asserted above). Addresses past a tensor are only ever prefetched.
+            // of groups g0..g0 + per_item < groups; within the task's packed K/V when set
+            // (filled before its items start, holding every key they read: `CallPack`);
+            // within `scratch` (the plan's size for per_item groups) and per_item state slots
+            // of state_len floats, state_len apart (asserted above). Addresses past a tensor
+            // are only ever prefetched.
             unsafe {
                 (entries.item)(
-                    args.ptr(),
+                    call.ptr(),
                     b,
                     g0,
                     per_item,
@@ -329,7 +339,7 @@ impl Executor<'_> {
         };
         // A task's states: `splits` runs of `per_item` group slots ([split][group]), so each
         // split's item writes one contiguous run.
-        let run_task = |task: usize| {
+        let run_task = |call: &SharedArgs, task: usize| {
             let (b, rest) =
                 (task / (blocks * schedule.q_tiles), task % (blocks * schedule.q_tiles));
             let (block, tile) = (rest / schedule.q_tiles, rest % schedule.q_tiles);
@@ -344,7 +354,7 @@ impl Executor<'_> {
             if splits == 1 {
                 with_workspace(scratch_len + states_len, |work| {
                     let (scratch, states) = work.split_at_mut(scratch_len);
-                    item((b, g0, q0), (0, longest), scratch, states);
+                    item(call, (b, g0, q0), (0, longest), scratch, states);
                     finish_all(states, scratch);
                 });
                 return;
@@ -352,24 +362,33 @@ impl Executor<'_> {
             with_kept_in_pool(&SPLIT_STATES, states_len, |states| {
                 states.par_chunks_mut(per_item * state_len).enumerate().for_each(|(split, run)| {
                     with_workspace(scratch_len, |scratch| {
-                        item((b, g0, q0), keys_of(split), scratch, run)
+                        item(call, (b, g0, q0), keys_of(split), scratch, run)
                     });
                 });
                 with_workspace(scratch_len, |scratch| finish_all(states, scratch));
             });
         };
-        // Every query tile of one (batch, KV head) of a call-packed prefill, split by split:
-        // a split runs all the tiles over its keys, whose packed tiles stay in cache across
-        // them (`KernelPlan::shared_split_keys`). States [split][query tile].
-        let run_shared_splits = |b: usize, g: usize| {
+        // Every query tile of one (batch, KV head) of a prefill with split keys, split by
+        // split: a split packs its keys into its thread's buffer and runs all the tiles over
+        // them while they are in cache (`KernelPlan::shared_split_keys`). States [split][tile].
+        let run_shared_splits = |pack: &CallPack<'_>, b: usize, g: usize| {
             let (q_tiles, stride) = (schedule.q_tiles, schedule.q_tiles * state_len);
             with_kept_in_pool(&SPLIT_STATES, splits * stride, |states| {
                 states.par_chunks_mut(stride).enumerate().for_each(|(split, run)| {
-                    with_workspace(scratch_len, |scratch| {
-                        for tile in 0..q_tiles {
-                            let states = &mut run[tile * state_len..];
-                            item((b, g, tile * plan.q_tile), keys_of(split), scratch, states);
-                        }
+                    let (k_lo, k_hi) = keys_of(split);
+                    let keys = pack.keys_read(plan, b, k_lo, k_hi);
+                    let (k_len, v_len) = pack.packing.lens(keys.start, keys.end);
+                    with_kept_in_pool(&PACKED, k_len + v_len, |packed| {
+                        let (k_dst, v_dst) = packed.split_at_mut(k_len);
+                        pack.pack(b, g, keys.clone(), k_dst, v_dst, false);
+                        let call = args.with_packed(k_dst, v_dst, keys.start);
+                        with_workspace(scratch_len, |scratch| {
+                            for tile in 0..q_tiles {
+                                let states = &mut run[tile * state_len..];
+                                let rows = (b, g, tile * plan.q_tile);
+                                item(&call, rows, (k_lo, k_hi), scratch, states);
+                            }
+                        });
                     });
                 });
                 with_workspace(scratch_len, |scratch| {
@@ -390,17 +409,21 @@ impl Executor<'_> {
             // head's copy overlaps other heads' items, and is still in cache when its own read
             // it. Packing every head first, then running every item, took 1.02–1.06× the time
             // on W1 and W2 (2 threads, alternating calls; 1 thread: W2 1.03×, W1 1.00×). Split
-            // keys run split by split (`run_shared_splits`), each split's tiles in cache.
+            // keys run split by split (`run_shared_splits`), each split's keys in cache.
             let (k_len, v_len) = pack.head_lens();
             let q_tiles = schedule.q_tiles;
             self.in_pool(|| {
                 (0..shape.batch * blocks).into_par_iter().for_each(|head| {
-                    // SAFETY: `run_checked` made k_packed and v_packed `CallPacking::lens`
-                    // floats from writable buffers: batch·kv_heads parts of k_len and v_len
-                    // floats, one per (batch, KV head) (groups_per_item is 1 when the call packs).
-                    // Only this task touches part `head` until `pack_head` returns — its items,
-                    // the only readers of that part, start after — and other tasks and their
-                    // items touch only their own parts.
+                    // groups_per_item is 1 when the call packs: `head` is (b, g).
+                    let (b, g) = (head / blocks, head % blocks);
+                    if splits > 1 {
+                        return run_shared_splits(pack, b, g);
+                    }
+                    // SAFETY: `run_checked` made k_packed and v_packed from writable buffers of
+                    // batch·kv_heads parts of k_len and v_len floats (`CallPack::head_lens`),
+                    // one per (batch, KV head). Only this task touches part `head` until
+                    // `pack` returns — its items, the only readers of that part, start after
+                    // — and other tasks and their items touch only their own parts.
                     let (k_dst, v_dst) = unsafe {
                         let (k_packed, v_packed) = args.packed();
                         (
@@ -408,20 +431,19 @@ impl Executor<'_> {
                             std::slice::from_raw_parts_mut(v_packed.add(head * v_len), v_len),
                         )
                     };
-                    pack.pack_head(head, k_dst, v_dst);
-                    if splits > 1 {
-                        // groups_per_item is 1: `head` is (b, g).
-                        return run_shared_splits(head / blocks, head % blocks);
-                    }
-                    (0..q_tiles).into_par_iter().for_each(|tile| run_task(head * q_tiles + tile));
+                    let keys = pack.keys_read(plan, b, 0, longest);
+                    pack.pack(b, g, keys.clone(), k_dst, v_dst, true);
+                    let call = args.with_packed(k_dst, v_dst, keys.start);
+                    let tiles = 0..q_tiles;
+                    tiles.into_par_iter().for_each(|tile| run_task(&call, head * q_tiles + tile));
                 })
             });
         } else if tasks == 1 && splits == 1 {
             // One work item (a short decode call): run it here rather than wake a pool thread
             // and wait for it.
-            run_task(0);
+            run_task(&args, 0);
         } else {
-            self.in_pool(|| (0..tasks).into_par_iter().for_each(run_task));
+            self.in_pool(|| (0..tasks).into_par_iter().for_each(|task| run_task(&args, task)));
         }
         if let Some(epilogue) = entries.epilogue {
             self.for_each_head(epilogue, &args);
@@ -627,9 +649,11 @@ struct SharedArgs(CallArgs);
 // weights_t (each written before the items start), and write disjoint parts of `out`, `lse`
 // and `latent_out`: each (batch, group, query tile) task owns the rows of its group's heads and
 // its queries, and every head belongs to one group; the per-head prologue and epilogue write
-// one head's slice each. The packed K/V is written in disjoint (batch, KV head) parts, each by
-// one task before the items that read it start (`execute`). An expanded task's own K/V copy is
-// in its thread's workspace, reached through a CallArgs of its own.
+// one head's slice each. An unsplit call's packed K/V is written in disjoint (batch, KV head)
+// parts, each by one task before the items that read it start, through a CallArgs of that
+// task's own (`SharedArgs::with_packed`), as are a split's packed keys and an expanded split's
+// up-projection, in buffers of the thread that fills them and runs their items (`execute`,
+// `expanded_tasks`), which outlive those items.
 unsafe impl Sync for SharedArgs {}
 
 impl SharedArgs {
@@ -640,6 +664,12 @@ impl SharedArgs {
     /// The call's packed K and V, writable (`run_checked` made them from mutable buffers).
     fn packed(&self) -> (*mut f32, *mut f32) {
         (self.0.k_packed.cast_mut(), self.0.v_packed.cast_mut())
+    }
+
+    /// A task's arguments: the call's, reading the task's packed K and V from key `first`.
+    fn with_packed(&self, k_packed: &[f32], v_packed: &[f32], first: usize) -> SharedArgs {
+        let (k_packed, v_packed) = (k_packed.as_ptr(), v_packed.as_ptr());
+        SharedArgs(CallArgs { k_packed, v_packed, packed_first_key: first, ..self.0 })
     }
 }
 
@@ -655,37 +685,43 @@ struct CallPack<'a> {
 }
 
 impl CallPack<'_> {
-    /// Floats of one (batch, KV head)'s part of the packed K and of the packed V: whole key
-    /// tiles of Sk.
+    /// Floats of one (batch, KV head)'s part of the unsplit call's packed K and of its packed
+    /// V: whole key tiles of Sk.
     fn head_lens(&self) -> (usize, usize) {
-        let tiles = self.shape.seq_k.div_ceil(self.packing.k_tile);
-        (tiles * self.packing.k_tile * self.packing.key_width, tiles * self.packing.value_tile())
+        self.packing.lens(0, self.shape.seq_k)
     }
 
-    /// Packs the keys of (batch, KV head) `head` (`b · kv_heads + g`) into its parts of the
-    /// packed K and V ([`CallPack::head_lens`] floats each), a key tile per task.
-    fn pack_head(&self, head: usize, k_packed: &mut [f32], v_packed: &mut [f32]) {
-        let CallPack { packing, shape, inputs, k, v } = self;
+    /// The keys of sequence `b` that items over keys `k_lo..k_hi` read, from the start of a
+    /// key tile: those its queries see (`KernelPlan::visible_keys`) within the range.
+    fn keys_read(&self, plan: &KernelPlan, b: usize, k_lo: usize, k_hi: usize) -> Range<usize> {
+        let visible = plan.visible_keys(self.shape.seq_q, self.inputs.keys(b, self.shape.seq_k));
+        let k_tile = self.packing.k_tile;
+        let (first, end) = (k_lo.max(visible.start) / k_tile * k_tile, k_hi.min(visible.end));
+        first..end.max(first)
+    }
+
+    /// Packs keys `keys` (`keys.start` a multiple of `k_tile`; at most the sequence's) of
+    /// (batch `b`, KV head `g`) into `k_packed` and `v_packed` ([`CallPacking::lens`] floats
+    /// of them each), a key tile per task when `parallel`.
+    fn pack(
+        &self,
+        b: usize,
+        g: usize,
+        keys: Range<usize>,
+        k_packed: &mut [f32],
+        v_packed: &mut [f32],
+        parallel: bool,
+    ) {
+        let CallPack { packing, shape, k, v, .. } = self;
         let CallPacking { k_tile, kv_heads: kv, key_width: d, value_width: dv, .. } = *packing;
         let value_tile = packing.value_tile();
-        let (b, g) = (head / kv, head % kv);
-        let keys = inputs.keys(b, shape.seq_k);
-        let (k_part, v_part) = self.head_lens();
-        // Each task writes its own tile: K rows j0..j0 + n — at `key_row(b, g, Sk, j0)` in the
-        // whole buffer — and its V tile, `value_tile_at(b, g, Sk, j0)`.
-        let k_chunks = k_packed.par_chunks_mut(k_tile * d);
-        let v_chunks = v_packed.par_chunks_mut(value_tile);
-        k_chunks.zip(v_chunks).enumerate().for_each(|(tile, (k_dst, v_dst))| {
-            let j0 = tile * k_tile;
-            if j0 >= keys {
-                return;
-            }
-            let n = k_tile.min(keys - j0);
-            debug_assert_eq!(head * k_part + j0 * d, packing.key_row(b, g, shape.seq_k, j0));
-            debug_assert_eq!(
-                head * v_part + tile * value_tile,
-                packing.value_tile_at(b, g, shape.seq_k, j0)
-            );
+        assert!(keys.start.is_multiple_of(k_tile) && keys.end <= self.inputs.keys(b, shape.seq_k));
+        let (k_len, v_len) = packing.lens(keys.start, keys.end);
+        // Key tile `tile`: rows j0..j0 + n at tile·k_tile·D of the packed K, its values at
+        // tile·value_tile of the packed V.
+        let pack_tile = |tile: usize, k_dst: &mut [f32], v_dst: &mut [f32]| {
+            let j0 = keys.start + tile * k_tile;
+            let n = k_tile.min(keys.end - j0);
             let k_src = &k[((b * shape.seq_k + j0) * kv + g) * d..];
             let v_src = &v[((b * shape.seq_k + j0) * kv + g) * dv..];
             // Rows j0..j0 + n of head g, `kv` heads apart.
@@ -706,7 +742,18 @@ impl CallPack<'_> {
                     packing.value_panel(),
                 );
             }
-        });
+        };
+        let k_tiles = k_packed[..k_len].chunks_mut(k_tile * d);
+        let v_tiles = v_packed[..v_len].chunks_mut(value_tile);
+        if parallel {
+            let k_tiles = k_packed[..k_len].par_chunks_mut(k_tile * d);
+            let v_tiles = v_packed[..v_len].par_chunks_mut(value_tile);
+            let tiles = k_tiles.zip(v_tiles).enumerate();
+            tiles.for_each(|(tile, (k_dst, v_dst))| pack_tile(tile, k_dst, v_dst));
+        } else {
+            let tiles = k_tiles.zip(v_tiles).enumerate();
+            tiles.for_each(|(tile, (k_dst, v_dst))| pack_tile(tile, k_dst, v_dst));
+        }
     }
 }
 

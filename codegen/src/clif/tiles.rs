@@ -182,7 +182,7 @@ impl Translator<'_> {
         min_rows: usize,
         tile: Tile,
     ) {
-        // Nothing to copy when this item reads the call's packed copy or the cache in place.
+        // Nothing to copy when this item reads the task's packed copy or the cache in place.
         let packs = self.packs(min_rows);
         let pre = self.prepacked();
         let copies = self.b.ins().band_not(packs, pre);
@@ -252,7 +252,7 @@ impl Translator<'_> {
         ] {
             self.b.ins().store(mem(), value, at, offset);
         }
-        // Items reading the call's packed copy stream it contiguously: no prefetch needed.
+        // Items reading the task's packed copy stream it contiguously: no prefetch needed.
         if source.call_packed.is_none() {
             return at;
         }
@@ -262,7 +262,7 @@ impl Translator<'_> {
     }
 
     /// Address and row stride of a key tile (the broadcast side of the score product): the
-    /// call's packed copy when there is one, else the item's packed tile when it packs, else
+    /// task's packed copy when there is one, else the item's packed tile when it packs, else
     /// the cache rows in place.
     pub(super) fn key_side(
         &mut self,
@@ -270,13 +270,18 @@ impl Translator<'_> {
         width: usize,
         j0: Value,
     ) -> (Value, Value) {
-        if let Some(layout) = source.call_packed.filter(|layout| layout.per_task) {
-            // CallPacking::per_task: key j at (j − packed_first_key)·D.
+        let packed = source.call_packed.map(|layout| {
+            // CallPacking: key j at (j − packed_first_key)·D.
             let first = self.arg(offsets::PACKED_FIRST_KEY);
             let row = self.b.ins().isub(j0, first);
             let idx = self.mul_imm(row, layout.key_width);
             let base = self.arg(offsets::K_PACKED);
-            return (self.float_addr(base, idx), self.int(width as i64));
+            (layout, self.float_addr(base, idx))
+        });
+        let width_v = self.int(width as i64);
+        if let Some((layout, packed)) = packed.filter(|(layout, _)| layout.up_projected) {
+            debug_assert_eq!(layout.key_width, width);
+            return (packed, width_v);
         }
         let (in_place, stride) = self.kv_rows(source.cache, j0);
         let item = source.item_packed.map(|item| {
@@ -284,60 +289,52 @@ impl Translator<'_> {
             let packs = self.packs(item.min_rows);
             (packs, self.b.ins().select(packs, packed, in_place))
         });
-        if item.is_none() && source.call_packed.is_none() {
+        if item.is_none() && packed.is_none() {
             return (in_place, self.int(stride as i64));
         }
         let addr = item.map_or(in_place, |(_, addr)| addr);
-        let (width_v, stride) = (self.int(width as i64), self.int(stride as i64));
+        let stride = self.int(stride as i64);
         let stride = match item {
             Some((packs, _)) => self.b.ins().select(packs, width_v, stride),
             None => stride,
         };
-        let Some(layout) = source.call_packed else { return (addr, stride) };
-        // CallPacking::key_row: ((b·kv + g)·Sk' + j0)·D, Sk' = Sk rounded up to whole tiles.
+        let Some((_, packed)) = packed else { return (addr, stride) };
         let pre = self.prepacked();
-        let head = self.mul_imm(self.batch, layout.kv_heads);
-        let head = self.add(head, self.group);
-        let k_tile = layout.k_tile as i64;
-        let rows = self.b.ins().iadd_imm_s(self.seq_k, k_tile - 1);
-        let rows = self.b.ins().band_imm_s(rows, -k_tile);
-        let row = self.mul(head, rows);
-        let row = self.add(row, j0);
-        let idx = self.mul_imm(row, layout.key_width);
-        let base = self.arg(offsets::K_PACKED);
-        let call_packed = self.float_addr(base, idx);
-        (self.b.ins().select(pre, call_packed, addr), self.b.ins().select(pre, width_v, stride))
+        (self.b.ins().select(pre, packed, addr), self.b.ins().select(pre, width_v, stride))
     }
 
-    /// Whether K and V were packed once for the whole call (`CallArgs::k_packed` is set).
+    /// Whether the task's K and V are packed (`CallArgs::k_packed` is set).
     pub(super) fn prepacked(&mut self) -> Value {
         let k_packed = self.arg(offsets::K_PACKED);
         self.b.ins().icmp_imm_s(IntCC::NotEqual, k_packed, 0)
     }
 
     /// Address, row stride and panel stride of a value tile (B of the value product): the
-    /// call's packed panels when there are some, else the item's packed tile when it packs,
+    /// task's packed panels when there are some, else the item's packed tile when it packs,
     /// else the cache rows in place. Both packed forms store a tile as panels `k_tile` deep.
     pub(super) fn value_side(&mut self, source: &TileSource, j0: Value) -> (Value, Value, Value) {
-        if let Some(layout) = source.call_packed.filter(|layout| layout.per_task) {
-            // CallPacking::per_task: key j's tile at (j − packed_first_key) / k_tile, row-major.
+        let call = source.call_packed.map(|layout| {
+            // CallPacking: key j's tile at (j − packed_first_key) / k_tile.
             let first = self.arg(offsets::PACKED_FIRST_KEY);
             let key = self.b.ins().isub(j0, first);
             let tile = self.b.ins().udiv_imm_u(key, layout.k_tile as i64);
             let idx = self.mul_imm(tile, layout.value_tile());
             let base = self.arg(offsets::V_PACKED);
+            (layout, self.float_addr(base, idx))
+        });
+        if let Some((layout, packed)) = call.filter(|(layout, _)| layout.up_projected) {
             let (row, panel) =
                 (self.int(layout.value_row() as i64), self.int(layout.value_panel() as i64));
-            return (self.float_addr(base, idx), row, panel);
+            return (packed, row, panel);
         }
         let (in_place, stride) = self.kv_rows(source.cache, j0);
         let (panel_row, panel) = (self.int(PANEL as i64), self.int(PANEL as i64));
         let stride = self.int(stride as i64);
-        if source.item_packed.is_none() && source.call_packed.is_none() {
+        if source.item_packed.is_none() && call.is_none() {
             return (in_place, stride, panel);
         }
         let packed_panel_floats = PANEL * self.plan.k_tile;
-        if let Some(layout) = source.call_packed {
+        if let Some((layout, _)) = call {
             assert_eq!(layout.value_panel(), packed_panel_floats, "one panel depth for both");
         }
         let item = source.item_packed.map(|item| self.tile_addr(item.tile));
@@ -347,22 +344,9 @@ impl Translator<'_> {
             (packs, self.b.ins().select(packs, packed, in_place))
         });
         let addr = item.map_or(in_place, |(_, addr)| addr);
-        let (addr, packed) = match source.call_packed {
-            Some(layout) => {
-                // CallPacking::value_tile_at: tile j0 / k_tile of (batch, group); key loops
-                // start on a multiple of k_tile.
+        let (addr, packed) = match call {
+            Some((_, call_packed)) => {
                 let pre = self.prepacked();
-                let head = self.mul_imm(self.batch, layout.kv_heads);
-                let head = self.add(head, self.group);
-                let k_tile = layout.k_tile;
-                let last = self.add_imm(self.seq_k, k_tile - 1);
-                let tiles = self.b.ins().udiv_imm_u(last, k_tile as i64);
-                let tile = self.mul(head, tiles);
-                let index = self.b.ins().udiv_imm_u(j0, k_tile as i64);
-                let tile = self.add(tile, index);
-                let idx = self.mul_imm(tile, layout.value_tile());
-                let base = self.arg(offsets::V_PACKED);
-                let call_packed = self.float_addr(base, idx);
                 let packed = match item {
                     Some((packs, _)) => self.b.ins().bor(packs, pre),
                     None => pre,

@@ -463,16 +463,20 @@ impl Emitter<'_> {
         }
     }
 
-    /// Address and row stride of a key tile: the call's packed copy when there is one, else
+    /// Address and row stride of a key tile: the task's packed copy when there is one, else
     /// the item's packed tile when it packs, else the cache rows in place.
     fn key_side(&self, source: &TileSource, width: usize) -> TokenStream {
         let width_lit = lit(width);
-        if let Some(layout) = source.call_packed.filter(|layout| layout.per_task) {
+        // CallPacking: key j at (j − packed_first_key)·D.
+        let packed = source.call_packed.map(|layout| {
             let key_width = lit(layout.key_width);
-            // CallPacking::per_task: key j at (j − packed_first_key)·D.
-            return quote! {
+            let side = quote! {
                 (args.k_packed.add((j0 - args.packed_first_key) * #key_width), #width_lit)
             };
+            (layout, side)
+        });
+        if let Some((_, side)) = packed.clone().filter(|(layout, _)| layout.up_projected) {
+            return side;
         }
         let in_place = self.kv_rows(source.cache, quote!(j0), quote!(g));
         let stride = lit(self.cache_row(source.cache).stride);
@@ -481,37 +485,31 @@ impl Emitter<'_> {
             let (packs, packed) = (self.packs(item.min_rows), self.tile_addr(item.tile));
             side = quote!(if #packs { (#packed.cast_const(), #width_lit) } else { #side });
         }
-        if let Some(layout) = source.call_packed {
-            let (kv, k_tile, key_width) =
-                (lit(layout.kv_heads), lit(layout.k_tile), lit(layout.key_width));
-            side = quote! {
-                if !args.k_packed.is_null() {
-                    // CallPacking::key_row.
-                    let row = (b * #kv + g) * seq_k.next_multiple_of(#k_tile) + j0;
-                    (args.k_packed.add(row * #key_width), #width_lit)
-                } else {
-                    #side
-                }
-            };
+        if let Some((_, packed)) = packed {
+            side = quote!(if !args.k_packed.is_null() { #packed } else { #side });
         }
         side
     }
 
-    /// Address, row stride and panel stride of a value tile: the call's packed panels when
+    /// Address, row stride and panel stride of a value tile: the task's packed panels when
     /// there are some, else the item's packed tile when it packs, else the cache rows in place.
     fn value_side(&self, source: &TileSource) -> TokenStream {
         let panel = lit(PANEL);
-        if let Some(layout) = source.call_packed.filter(|layout| layout.per_task) {
+        // CallPacking: key j's tile at (j − packed_first_key) / k_tile.
+        let packed = source.call_packed.map(|layout| {
             let (k_tile, tile_floats, row, panel_floats) = (
                 lit(layout.k_tile),
                 lit(layout.value_tile()),
                 lit(layout.value_row()),
                 lit(layout.value_panel()),
             );
-            // CallPacking::per_task: key j's tile at (j − packed_first_key) / k_tile, row-major.
-            return quote! {
+            let side = quote! {
                 (args.v_packed.add((j0 - args.packed_first_key) / #k_tile * #tile_floats), #row, #panel_floats)
             };
+            (layout, side)
+        });
+        if let Some((_, side)) = packed.clone().filter(|(layout, _)| layout.up_projected) {
+            return side;
         }
         let in_place = self.kv_rows(source.cache, quote!(j0), quote!(g));
         let stride = lit(self.cache_row(source.cache).stride);
@@ -522,22 +520,8 @@ impl Emitter<'_> {
             side =
                 quote!(if #packs { (#packed.cast_const(), #panel, #panel_floats) } else { #side });
         }
-        if let Some(layout) = source.call_packed {
-            let (kv, k_tile, tile_floats, panel_floats) = (
-                lit(layout.kv_heads),
-                lit(layout.k_tile),
-                lit(layout.value_tile()),
-                lit(layout.value_panel()),
-            );
-            side = quote! {
-                if !args.v_packed.is_null() {
-                    // CallPacking::value_tile_at; key loops start on a multiple of k_tile.
-                    let tile = (b * #kv + g) * seq_k.div_ceil(#k_tile) + j0 / #k_tile;
-                    (args.v_packed.add(tile * #tile_floats), #panel, #panel_floats)
-                } else {
-                    #side
-                }
-            };
+        if let Some((_, packed)) = packed {
+            side = quote!(if !args.v_packed.is_null() { #packed } else { #side });
         }
         side
     }
