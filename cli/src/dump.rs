@@ -116,7 +116,11 @@ fn call_plan(kernel: &JitKernel, shape: Shape, isa: Isa) -> String {
         s.groups_per_item,
         s.splits,
         s.keys_per_split,
-        if s.packs_call { ", K/V packed once for the call" } else { "" }
+        match (s.packs_call, s.splits) {
+            (false, _) => "",
+            (true, 1) => ", each KV head's K/V packed once for all its query tiles",
+            (true, _) => ", each split's K/V packed once for all its query tiles",
+        }
     ));
     text
 }
