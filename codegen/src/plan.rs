@@ -241,7 +241,7 @@ pub struct KernelPlan {
     /// Fewest keys a decode split gets, so splitting never costs more than it saves.
     pub min_keys_per_split: usize,
     /// Most keys per split of a task whose query tiles all read the same packed keys — a
-    /// prefill's call-packed K/V, an expanded MLA task's up-projected buffer — so that a
+    /// grouped prefill's packed K/V, an expanded MLA task's up-projected buffer — so that a
     /// split's packed keys stay in cache across its query tiles ([`SHARED_SPLIT_BYTES`]). A
     /// split still takes at least as many keys as the call has queries, so the split states
     /// never outgrow the packed keys they keep in cache. `usize::MAX` for absorbed MLA, whose

@@ -743,15 +743,14 @@ impl CallPack<'_> {
                 );
             }
         };
-        let k_tiles = k_packed[..k_len].chunks_mut(k_tile * d);
-        let v_tiles = v_packed[..v_len].chunks_mut(value_tile);
+        let (k_packed, v_packed) = (&mut k_packed[..k_len], &mut v_packed[..v_len]);
         if parallel {
-            let k_tiles = k_packed[..k_len].par_chunks_mut(k_tile * d);
-            let v_tiles = v_packed[..v_len].par_chunks_mut(value_tile);
-            let tiles = k_tiles.zip(v_tiles).enumerate();
+            let k_tiles = k_packed.par_chunks_mut(k_tile * d);
+            let tiles = k_tiles.zip(v_packed.par_chunks_mut(value_tile)).enumerate();
             tiles.for_each(|(tile, (k_dst, v_dst))| pack_tile(tile, k_dst, v_dst));
         } else {
-            let tiles = k_tiles.zip(v_tiles).enumerate();
+            let k_tiles = k_packed.chunks_mut(k_tile * d);
+            let tiles = k_tiles.zip(v_packed.chunks_mut(value_tile)).enumerate();
             tiles.for_each(|(tile, (k_dst, v_dst))| pack_tile(tile, k_dst, v_dst));
         }
     }
