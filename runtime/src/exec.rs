@@ -692,12 +692,15 @@ impl CallPack<'_> {
     }
 
     /// The keys of sequence `b` that items over keys `k_lo..k_hi` read, from the start of a
-    /// key tile: those its queries see (`KernelPlan::visible_keys`) within the range.
+    /// key tile: those its queries see (`KernelPlan::visible_keys`) within the range; an empty
+    /// range at a tile start within the sequence when they see none (a split past a shorter
+    /// sequence's end).
     fn keys_read(&self, plan: &KernelPlan, b: usize, k_lo: usize, k_hi: usize) -> Range<usize> {
         let visible = plan.visible_keys(self.shape.seq_q, self.inputs.keys(b, self.shape.seq_k));
         let k_tile = self.packing.k_tile;
-        let (first, end) = (k_lo.max(visible.start) / k_tile * k_tile, k_hi.min(visible.end));
-        first..end.max(first)
+        let (start, end) = (k_lo.max(visible.start), k_hi.min(visible.end));
+        let first = start.min(end) / k_tile * k_tile;
+        first..if start < end { end } else { first }
     }
 
     /// Packs keys `keys` (`keys.start` a multiple of `k_tile`; at most the sequence's) of

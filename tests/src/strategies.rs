@@ -136,8 +136,12 @@ impl OwnedInputs {
 
     /// The same call with per-sequence key lengths drawn from `seed` (`harness::kv_lens`),
     /// every cache row past them NaN, as `attngen check` draws its ragged cases.
-    pub fn ragged(mut self, spec: &AttentionSpec, shape: Shape, seed: u64) -> Self {
-        let lens = attngen::harness::kv_lens(shape, seed);
+    pub fn ragged(self, spec: &AttentionSpec, shape: Shape, seed: u64) -> Self {
+        self.with_kv_lens(spec, shape, attngen::harness::kv_lens(shape, seed))
+    }
+
+    /// The same call with these per-sequence key lengths, every cache row past them NaN.
+    pub fn with_kv_lens(mut self, spec: &AttentionSpec, shape: Shape, lens: Vec<usize>) -> Self {
         attngen::harness::poison_unused_rows(spec, shape, &lens, &mut self.tensors);
         OwnedInputs { kv_lens: Some(lens), ..self }
     }

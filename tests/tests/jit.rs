@@ -145,33 +145,36 @@ fn split_decode_merges_like_the_reference() {
 /// task's up-projected buffer — splits a long key range so that each split's packed keys stay
 /// in cache across its tiles (`KernelPlan::shared_split_keys`; wide heads bring it to a few
 /// hundred keys). Every tile reads every split, the causal diagonal and a window's start fall
-/// inside splits, sequences may end early (`kv_lens`, rows past them NaN), and the merged
-/// result matches the reference on every ISA.
+/// inside splits, sequences may end inside a split or before one starts (`kv_lens`, rows past
+/// them NaN), and the merged result matches the reference on every ISA.
 #[test]
 fn prefill_splits_over_shared_packed_keys_match_the_reference() {
     let jits = jits();
     let wide = AttentionSpec::mla(4, 16, 64, 512, 512).mla_form(MlaForm::Expanded);
     let grouped = AttentionSpec::gqa(4, 2, 256);
-    // (spec, its cap, the shape, its splits and keys per split)
+    // (spec, its cap, the shape, its splits and keys per split, key lengths that end inside a
+    // split and before one starts)
+    let window = wide.clone().mask(Mask::SlidingWindow(700)).softcap(8.0);
     let cases = [
-        (wide.clone().mask(Mask::Causal), 448, Shape::new(1, 70, 1000), (3, 384)),
-        (wide.mask(Mask::SlidingWindow(700)).softcap(8.0), 448, Shape::new(1, 70, 1000), (3, 384)),
-        (grouped.clone().mask(Mask::Causal), 1024, Shape::new(1, 40, 2500), (3, 896)),
+        (wide.mask(Mask::Causal), 448, Shape::new(2, 70, 1000), (3, 384), [1000, 200]),
+        (window, 448, Shape::new(2, 70, 1000), (3, 384), [500, 0]),
+        (grouped.clone().mask(Mask::Causal), 1024, Shape::new(2, 40, 2500), (3, 896), [2500, 800]),
         (
             grouped.mask(Mask::SlidingWindow(900)).softcap(6.0),
             1024,
             Shape::new(2, 40, 2100),
             (3, 704),
+            [1500, 100],
         ),
     ];
-    for (n, (spec, cap, shape, splits)) in cases.iter().enumerate() {
+    for (n, (spec, cap, shape, splits, lens)) in cases.iter().enumerate() {
         let kernel = jits[0].compile(spec).unwrap();
         let plan = kernel.plan();
         let schedule = plan.schedule(shape.batch, shape.seq_q, shape.seq_k, 2);
         assert_eq!(plan.shared_split_keys, *cap, "{plan}");
         assert_eq!((schedule.splits, schedule.keys_per_split), *splits, "{schedule:?}");
         let inputs = OwnedInputs::random(spec, *shape, 90 + n as u64, 1.0);
-        let ragged = inputs.clone().ragged(spec, *shape, 190 + n as u64);
+        let ragged = inputs.clone().with_kv_lens(spec, *shape, lens.to_vec());
         for jit in &jits {
             for inputs in [&inputs, &ragged] {
                 if let Err(e) = compare(jit, spec, *shape, inputs, 1.0) {

@@ -71,6 +71,23 @@ struct MlaExpandedWindow;
 #[attngen::kernel(spec = "../specs/llama3-8b.toml")]
 struct Llama3FromFile;
 
+#[attngen::kernel(
+    q_heads = 4,
+    kv_heads = 2,
+    head_dim = 256,
+    softcap = 6.0,
+    mask = { sliding_window = 900 }
+)]
+struct WideWindow;
+
+#[attngen::kernel(
+    q_heads = 4,
+    v_head_dim = 512,
+    mask = "causal",
+    latent = { rank = 16, rope_dim = 64, nope_dim = 512, form = "expanded" }
+)]
+struct WideExpanded;
+
 /// How many kernels [`kernels`] lists: the property test draws from all of them.
 const KERNELS: usize = 10;
 
@@ -166,6 +183,33 @@ fn every_kernel_on_edge_shapes() {
         for kernel in kernels(isa) {
             for ((b, q, k), ragged) in shapes.into_iter().flat_map(|s| [(s, false), (s, true)]) {
                 compare(&kernel, Shape::new(b, q, k), 3, 1.0, ragged).unwrap();
+            }
+        }
+    }
+}
+
+/// Prefills whose query tiles share packed keys split long key ranges so each split's keys
+/// stay in cache (`KernelPlan::shared_split_keys`: wide heads bring it to a few hundred
+/// keys), each split packing (or up-projecting) its own; the splits merge like the reference,
+/// with a window's start inside a split and sequences that end inside a split or before one
+/// starts (`kv_lens`).
+#[test]
+fn prefill_splits_over_shared_packed_keys_match_the_reference() {
+    for isa in isas() {
+        let cases = [
+            (WideWindow::with_isa(isa), Shape::new(3, 40, 2100), (3, 704), vec![2100, 1000, 300]),
+            (WideExpanded::with_isa(isa), Shape::new(2, 70, 1000), (3, 384), vec![1000, 200]),
+        ];
+        for (kernel, shape, splits, lens) in cases {
+            let schedule = kernel.plan().schedule(shape.batch, shape.seq_q, shape.seq_k, 2);
+            assert_eq!((schedule.splits, schedule.keys_per_split), splits);
+            let inputs = OwnedInputs::random(kernel.spec(), shape, 11, 1.0);
+            let ragged = inputs.clone().with_kv_lens(kernel.spec(), shape, lens);
+            for inputs in [inputs, ragged] {
+                let lens = &inputs.kv_lens;
+                compare_with_reference(&kernel, shape, &inputs, 1.0).unwrap_or_else(|e| {
+                    panic!("{} on {isa}, {lens:?}: {e}", kernel.spec().summary())
+                });
             }
         }
     }
