@@ -372,32 +372,28 @@ impl Executor<'_> {
         // split: a split packs its keys into its thread's buffer and runs all the tiles over
         // them while they are in cache (`KernelPlan::shared_split_keys`). States [split][tile].
         let run_shared_splits = |pack: &CallPack<'_>, b: usize, g: usize| {
-            let (q_tiles, stride) = (schedule.q_tiles, schedule.q_tiles * state_len);
-            with_kept_in_pool(&SPLIT_STATES, splits * stride, |states| {
-                states.par_chunks_mut(stride).enumerate().for_each(|(split, run)| {
-                    let (k_lo, k_hi) = keys_of(split);
-                    let keys = pack.keys_read(plan, b, k_lo, k_hi);
-                    let (k_len, v_len) = pack.packing.lens(keys.start, keys.end);
-                    with_kept_in_pool(&PACKED, k_len + v_len, |packed| {
-                        let (k_dst, v_dst) = packed.split_at_mut(k_len);
-                        pack.pack(b, g, keys.clone(), k_dst, v_dst, false);
-                        let call = args.with_packed(k_dst, v_dst, keys.start);
-                        with_workspace(scratch_len, |scratch| {
-                            for tile in 0..q_tiles {
-                                let states = &mut run[tile * state_len..];
-                                let rows = (b, g, tile * plan.q_tile);
-                                item(&call, rows, (k_lo, k_hi), scratch, states);
-                            }
-                        });
+            let q_tiles = schedule.q_tiles;
+            let run_split = |split: usize, run: &mut [f32]| {
+                let (k_lo, k_hi) = keys_of(split);
+                let keys = pack.keys_read(plan, b, k_lo, k_hi);
+                let (k_len, v_len) = pack.packing.lens(keys.start, keys.end);
+                with_kept_in_pool(&PACKED, k_len + v_len, |packed| {
+                    let (k_dst, v_dst) = packed.split_at_mut(k_len);
+                    pack.pack(b, g, keys.clone(), k_dst, v_dst, false);
+                    let call = args.with_packed(k_dst, v_dst, keys.start);
+                    with_workspace(scratch_len, |scratch| {
+                        for tile in 0..q_tiles {
+                            let states = &mut run[tile * state_len..];
+                            item(&call, (b, g, tile * plan.q_tile), (k_lo, k_hi), scratch, states);
+                        }
                     });
                 });
-                with_workspace(scratch_len, |scratch| {
-                    for tile in 0..q_tiles {
-                        let states = &mut states[tile * state_len..];
-                        finish((b, g, tile * plan.q_tile), states, stride, scratch);
-                    }
-                });
-            });
+            };
+            let finish_tile =
+                |tile: usize, states: &mut [f32], stride: usize, scratch: &mut [f32]| {
+                    finish((b, g, tile * plan.q_tile), states, stride, scratch)
+                };
+            split_outer((splits, q_tiles, state_len, scratch_len), run_split, finish_tile);
         };
         if let Some(prologue) = entries.prologue {
             // Every q' row is written before any item reads it: the items start after this
@@ -597,20 +593,11 @@ impl Executor<'_> {
                 with_kept_in_pool(&SPLIT_STATES, state_len, |state| split(0, longest, state));
                 return;
             }
-            // States [split][query tile]: a split writes one contiguous run; query tile t's
-            // splits lie q_tiles slots apart.
-            with_kept_in_pool(&SPLIT_STATES, splits * q_tiles * state_len, |states| {
-                let runs = states.par_chunks_mut(q_tiles * state_len);
-                runs.enumerate().for_each(|(s, run)| {
-                    let k_lo = s * schedule.keys_per_split;
-                    split(k_lo, (k_lo + schedule.keys_per_split).min(longest), run);
-                });
-                with_workspace(scratch_len, |scratch| {
-                    for tile in 0..q_tiles {
-                        finish(tile, &mut states[tile * state_len..], q_tiles * state_len, scratch);
-                    }
-                });
-            });
+            let run_split = |s: usize, run: &mut [f32]| {
+                let k_lo = s * schedule.keys_per_split;
+                split(k_lo, (k_lo + schedule.keys_per_split).min(longest), run);
+            };
+            split_outer((splits, q_tiles, state_len, scratch_len), run_split, finish);
         };
         let tasks = shape.batch * heads;
         if tasks == 1 && splits == 1 {
@@ -757,6 +744,27 @@ impl CallPack<'_> {
             tiles.for_each(|(tile, (k_dst, v_dst))| pack_tile(tile, k_dst, v_dst));
         }
     }
+}
+
+/// Runs one task's `splits` key splits, each over all `q_tiles` of its query tiles, then each
+/// tile's finish: `run_split(split, run)` fills `run`, the split's `q_tiles` state slots
+/// (`state_len` floats each), splits in parallel; `finish(tile, states, stride, scratch)` merges
+/// the tile's slots, which start at `states` and lie `stride` floats apart. The states are
+/// [split][query tile], so a split writes one contiguous run.
+fn split_outer(
+    (splits, q_tiles, state_len, scratch_len): (usize, usize, usize, usize),
+    run_split: impl Fn(usize, &mut [f32]) + Sync + Send,
+    finish: impl Fn(usize, &mut [f32], usize, &mut [f32]),
+) {
+    let stride = q_tiles * state_len;
+    with_kept_in_pool(&SPLIT_STATES, splits * stride, |states| {
+        states.par_chunks_mut(stride).enumerate().for_each(|(split, run)| run_split(split, run));
+        with_workspace(scratch_len, |scratch| {
+            for tile in 0..q_tiles {
+                finish(tile, &mut states[tile * state_len..], stride, scratch);
+            }
+        });
+    });
 }
 
 thread_local! {
