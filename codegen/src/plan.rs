@@ -635,7 +635,9 @@ pub struct Schedule {
     pub splits: usize,
     /// Keys per split (the last may have fewer).
     pub keys_per_split: usize,
-    /// Pack grouped K/V once for the call ([`KernelPlan::call_packing`]) instead of per item.
+    /// Pack grouped K/V once for all the query tiles that read it ([`KernelPlan::call_packing`]):
+    /// each KV head's keys for the call, or with several splits each split's keys, instead of
+    /// per item.
     pub packs_call: bool,
 }
 

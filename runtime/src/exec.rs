@@ -1,8 +1,9 @@
 //! [`Executor`]: the call path every backend shares. A backend provides its entry points
 //! ([`EntryPoints`], the `abi` functions compiled for one plan) and the plan; the executor
 //! checks the call against the spec, sets up the call's buffers (absorbed MLA's `q'` and `o'`,
-//! the call-packed K/V), schedules the work items over the thread pool with per-thread scratch
-//! and split states, and runs prologue → items → finishes → epilogue.
+//! the packed K/V of an unsplit prefill), schedules the work items over the thread pool with
+//! per-thread scratch, split states and split-packed K/V, and runs prologue → items → finishes
+//! → epilogue.
 //!
 //! How generated code finds a sequence's keys: `CallArgs::seq_k` is the cache tensors' rows
 //! per sequence (row j of sequence b is row `b·Sk + j`) and `CallArgs::kv_lens` each
