@@ -145,6 +145,11 @@ impl CallPacking {
         if self.up_projected { PANEL } else { PANEL * self.k_tile }
     }
 
+    /// Floats of the packed K and V per key.
+    pub fn key_floats(&self) -> usize {
+        self.key_width + self.value_tile() / self.k_tile
+    }
+
     /// Floats of the packed K and of the packed V holding keys `first..end` (`first` a
     /// multiple of `k_tile`): whole key tiles.
     pub fn lens(&self, first: usize, end: usize) -> (usize, usize) {
@@ -243,9 +248,9 @@ pub struct KernelPlan {
     /// Most keys per split of a task whose query tiles all read the same packed keys — a
     /// grouped prefill's packed K/V, an expanded MLA task's up-projected buffer — so that a
     /// split's packed keys stay in cache across its query tiles ([`SHARED_SPLIT_BYTES`]). A
-    /// split still takes at least as many keys as the call has queries, so the split states
-    /// never outgrow the packed keys they keep in cache. `usize::MAX` for absorbed MLA, whose
-    /// items read the latent in place.
+    /// split still takes at least as many keys as its states (a slot per query tile) take
+    /// floats, so the split states never outgrow the packed keys they keep in cache.
+    /// `usize::MAX` for absorbed MLA, whose items read the latent in place.
     pub shared_split_keys: usize,
     /// The layout of a task's packed K/V: a grouped prefill's copy, an expanded MLA task's
     /// up-projection (`None` for absorbed MLA, whose rows are read in place).
@@ -490,8 +495,7 @@ impl KernelPlan {
             call_packing,
             shared_split_keys: match call_packing {
                 Some(packing) => {
-                    let key_floats = packing.key_width + packing.value_tile() / k_tile;
-                    let key_bytes = key_floats * size_of::<f32>();
+                    let key_bytes = packing.key_floats() * size_of::<f32>();
                     (SHARED_SPLIT_BYTES / key_bytes / k_tile).max(1) * k_tile
                 }
                 None => usize::MAX,
@@ -538,10 +542,13 @@ impl KernelPlan {
         let mut keys_per_split = seq_k.div_ceil(splits).max(1);
         // Every query tile of a prefill item would copy the same K/V tiles: pack them once.
         let packs_call = self.form == Form::Grouped && groups_per_item == 1 && q_tiles > 1;
-        // The query tiles of a split re-read its packed keys: keep them few enough for cache.
-        let most = self.shared_split_keys.max(seq_q.next_multiple_of(self.k_tile));
-        let shared = packs_call || self.form == Form::LatentExpanded;
-        if shared && keys_per_split > most {
+        // The query tiles of a split re-read its packed keys: keep them few enough for cache,
+        // but no fewer than make the split's states (a slot per query tile) as large as they.
+        let shared = self.call_packing.filter(|_| packs_call || self.form == Form::LatentExpanded);
+        let states_floats = q_tiles.saturating_mul(self.state_len);
+        let fewest = shared.map_or(0, |p| states_floats.div_ceil(p.key_floats()));
+        let most = self.shared_split_keys.max(fewest.next_multiple_of(self.k_tile));
+        if shared.is_some() && keys_per_split > most {
             keys_per_split = seq_k.div_ceil(seq_k.div_ceil(most)).next_multiple_of(self.k_tile);
             splits = seq_k.div_ceil(keys_per_split);
         }
@@ -727,7 +734,7 @@ impl fmt::Display for KernelPlan {
         if self.shared_split_keys != usize::MAX {
             writeln!(
                 f,
-                "  long keys    query tiles sharing packed K/V split their keys into runs of at most {} (the call's queries, if more), each packed by the split's thread and kept in cache across the tiles ({} MiB), merged by log-sum-exp",
+                "  long keys    query tiles sharing packed K/V split their keys into runs of at most {} (more when the split's states would outgrow its keys), each packed by the split's thread and kept in cache across the tiles ({} MiB), merged by log-sum-exp",
                 self.shared_split_keys,
                 SHARED_SPLIT_BYTES >> 20
             )?;
@@ -900,11 +907,14 @@ mod tests {
         assert_eq!(plan.shared_split_keys, 1536);
         let s = plan.schedule(1, 1024, 32768, 2);
         assert_eq!((s.splits, s.keys_per_split, s.q_tiles), (22, 1536, 16));
-        // W6 and shorter ranges stay whole; a split takes at least the call's queries.
+        // W6 and shorter ranges stay whole.
         assert_eq!(plan.schedule(1, 1024, 1024, 2).splits, 1);
         assert_eq!(plan.schedule(1, 1000, 1536, 2).splits, 1);
+        // A split takes keys enough to outweigh its states: 63 query tiles' slots of 8320
+        // floats against 336 floats a key, 1600 keys.
+        assert_eq!(plan.state_len, 8320);
         let s = plan.schedule(1, 4000, 32768, 2);
-        assert_eq!((s.splits, s.keys_per_split), (9, 3648));
+        assert_eq!((s.splits, s.keys_per_split), (21, 1600));
         // Splits are whole key tiles, cover every key, and none is empty.
         for seq_k in (1537..40_000).step_by(997) {
             let s = plan.schedule(2, 300, seq_k, 2);
@@ -918,6 +928,11 @@ mod tests {
         let s = llama.schedule(1, 1024, 32768, 2);
         assert_eq!((s.packs_call, s.splits, s.keys_per_split), (true, 16, 2048));
         assert_eq!(llama.schedule(1, 1024, 1024, 2).splits, 1);
+        // MQA's 16 heads make 256 query tiles of 4 queries: their states (8320 floats each)
+        // weigh as much as 8320 keys of 256 floats, so splits take 8192 keys, not 2048.
+        let mqa = KernelPlan::new(&AttentionSpec::mqa(16, 128), Target::AVX512);
+        let s = mqa.schedule(1, 1024, 32768, 2);
+        assert_eq!((s.q_tiles, s.splits, s.keys_per_split), (256, 4, 8192));
         // Decode items read the cache in place: split only for the threads' sake.
         let s = llama.schedule(1, 1, 32768, 2);
         assert_eq!((s.packs_call, s.splits), (false, 8));

@@ -1,7 +1,7 @@
 //! A call whose own buffers cannot be had returns [`Error::TooLarge`] naming the buffer, with
 //! `out` untouched, instead of aborting the process: absorbed MLA's `q'`/`o'` (B·Sq·H·rank
-//! floats each) and a prefill's call-packed K/V (the size of K and V). The kernel then serves
-//! the next call.
+//! floats each) and an unsplit prefill's call-packed K/V (the size of K and V). The kernel
+//! then serves the next call.
 //!
 //! The test caps its process's address space (`RLIMIT_AS`) just above what the process holds,
 //! so it lives alone in this file's binary, where no other test runs beside it.
@@ -10,8 +10,8 @@
 use attngen::{AttentionSpec, Error, Inputs, Jit, JitKernel, Kernel, MlaForm, Shape};
 
 /// Bytes the process may map beyond what it holds when the cap is set: room for the call's
-/// small allocations, far below the buffers refused (268 MB and up).
-const HEADROOM: u64 = 128 << 20;
+/// small allocations, far below the buffers refused (134 MB and up).
+const HEADROOM: u64 = 64 << 20;
 
 /// The process's mapped bytes, from `/proc/self/status`.
 fn mapped_bytes() -> u64 {
@@ -93,21 +93,24 @@ fn call_buffers_beyond_memory_are_a_typed_error_and_the_kernel_goes_on() {
     }
     small_call(&mla, latent);
 
-    // MHA prefill, whose call packs K and V once: 32 768 keys × 8 heads × 128 × 2, 268 MB.
-    let mha = jit.compile(&AttentionSpec::mha(8, 128)).unwrap();
+    // MQA prefill whose call packs K and V once, unsplit (4096 query tiles' states outweigh
+    // all the keys): 131 072 keys × 256 floats, 134 MB.
+    let mqa = jit.compile(&AttentionSpec::mqa(16, 128)).unwrap();
     let grouped = |shape: Shape| {
         let (b, sq, sk) = (shape.batch, shape.seq_q, shape.seq_k);
         let tensors =
-            vec![vec![0.01; b * sq * 1024], vec![0.02; b * sk * 1024], vec![0.03; b * sk * 1024]];
-        (tensors, b * sq * 1024)
+            vec![vec![0.01; b * sq * 2048], vec![0.02; b * sk * 128], vec![0.03; b * sk * 128]];
+        (tensors, b * sq * 2048)
     };
-    small_call(&mha, grouped);
-    let shape = Shape::new(1, 32_768, 32_768);
+    small_call(&mqa, grouped);
+    let shape = Shape::new(1, 16_384, 131_072);
+    let schedule = mqa.plan().schedule(shape.batch, shape.seq_q, shape.seq_k, 2);
+    assert!(schedule.packs_call && schedule.splits == 1, "{schedule:?}");
     let (tensors, out_len) = grouped(shape);
     let inputs = Inputs::grouped(&tensors[0], &tensors[1], &tensors[2]);
-    match run_capped(&mha, shape, &inputs, out_len) {
+    match run_capped(&mqa, shape, &inputs, out_len) {
         Error::TooLarge { tensor, .. } => assert_eq!(tensor, "packed K and V"),
         other => panic!("expected TooLarge, got {other:?}"),
     }
-    small_call(&mha, grouped);
+    small_call(&mqa, grouped);
 }
