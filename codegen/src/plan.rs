@@ -629,6 +629,23 @@ impl KernelPlan {
         let first = first / self.k_tile * self.k_tile;
         first.min(keys)..keys
     }
+
+    /// The keys a split over `k_lo..k_hi` packs for its items, from the start of a key tile:
+    /// those the call's `seq_q` queries see ([`KernelPlan::visible_keys`] of a sequence of
+    /// `keys` keys) within the range, or an empty range at a tile start within the sequence
+    /// when they see none there (a split past a shorter sequence's end).
+    pub fn split_keys(
+        &self,
+        seq_q: usize,
+        keys: usize,
+        k_lo: usize,
+        k_hi: usize,
+    ) -> std::ops::Range<usize> {
+        let visible = self.visible_keys(seq_q, keys);
+        let (start, end) = (k_lo.max(visible.start), k_hi.min(visible.end));
+        let first = start.min(end) / self.k_tile * self.k_tile;
+        first..if start < end { end } else { first }
+    }
 }
 
 /// How one call is divided into work items.
@@ -1052,6 +1069,13 @@ mod tests {
         // The first of 10 queries sits at key 990 and sees 891..=990: from tile 832.
         assert_eq!(plan.visible_keys(10, 1000), 832..1000);
         assert_eq!(plan.visible_keys(2000, 1000), 0..1000);
+        // A split packs from the tile holding its first visible key to its end or the
+        // sequence's, and nothing past a sequence's end.
+        assert_eq!(plan.split_keys(10, 1000, 0, 500), 448..448);
+        assert_eq!(plan.split_keys(10, 1000, 500, 900), 832..900);
+        assert_eq!(plan.split_keys(10, 1000, 900, 1300), 896..1000);
+        assert_eq!(plan.split_keys(10, 600, 900, 1300), 576..576);
+        assert_eq!(causal.split_keys(3, 1000, 130, 500), 128..500);
     }
 
     /// Every scratch region, group block and state slot is a whole number of cache lines, so

@@ -503,7 +503,7 @@ impl Executor<'_> {
             (packing.k_tile, packing.key_width, packing.value_tile());
         let run_task = |task: usize| {
             let (b, h) = (task / heads, task % heads);
-            let visible = plan.visible_keys(shape.seq_q, inputs.keys(b, shape.seq_k));
+            let keys_b = inputs.keys(b, shape.seq_k);
             // Query tile `tile`'s finish, its `splits` slots starting at `states` and
             // `stride` floats apart.
             let finish = |tile: usize, states: &mut [f32], stride: usize, scratch: &mut [f32]| {
@@ -531,10 +531,9 @@ impl Executor<'_> {
             // uses slot 0; one of several leaves tile t's state in slot t for the merge.
             let split = |k_lo: usize, k_hi: usize, states: &mut [f32]| {
                 let only = splits == 1;
-                let first = k_lo.max(visible.start) / k_tile * k_tile;
-                let end = k_hi.min(visible.end);
-                let tiles = end.saturating_sub(first).div_ceil(k_tile);
-                let (k_len, v_len) = (tiles * k_tile * key_width, tiles * value_tile);
+                let Range { start: first, end } = plan.split_keys(shape.seq_q, keys_b, k_lo, k_hi);
+                let tiles = (end - first).div_ceil(k_tile);
+                let (k_len, v_len) = packing.lens(first, end);
                 assert!(states.len() >= if only { state_len } else { q_tiles * state_len });
                 with_workspace(scratch_len + k_len + v_len, |work| {
                     let (scratch, packed) = work.split_at_mut(scratch_len);
@@ -556,12 +555,7 @@ impl Executor<'_> {
                         };
                     }
                     // The task's copy: keys first..end, tile t at t·k_tile·D and t·value_tile.
-                    let task_args = CallArgs {
-                        k_packed: keys.as_ptr(),
-                        v_packed: values.as_ptr(),
-                        packed_first_key: first,
-                        ..args.0
-                    };
+                    let task_args = args.with_packed(keys, values, first);
                     for tile in 0..q_tiles {
                         let state = &mut states[if only { 0 } else { tile * state_len }..];
                         // SAFETY: as for the grouped items (`execute`), for one group (head h);
@@ -572,7 +566,7 @@ impl Executor<'_> {
                         // holds state_len floats (asserted above).
                         unsafe {
                             (entries.item)(
-                                &task_args,
+                                task_args.ptr(),
                                 b,
                                 h,
                                 1,
@@ -679,16 +673,10 @@ impl CallPack<'_> {
         self.packing.lens(0, self.shape.seq_k)
     }
 
-    /// The keys of sequence `b` that items over keys `k_lo..k_hi` read, from the start of a
-    /// key tile: those its queries see (`KernelPlan::visible_keys`) within the range; an empty
-    /// range at a tile start within the sequence when they see none (a split past a shorter
-    /// sequence's end).
+    /// The keys of sequence `b` that a split over `k_lo..k_hi` packs ([`KernelPlan::split_keys`]).
     fn keys_read(&self, plan: &KernelPlan, b: usize, k_lo: usize, k_hi: usize) -> Range<usize> {
-        let visible = plan.visible_keys(self.shape.seq_q, self.inputs.keys(b, self.shape.seq_k));
-        let k_tile = self.packing.k_tile;
-        let (start, end) = (k_lo.max(visible.start), k_hi.min(visible.end));
-        let first = start.min(end) / k_tile * k_tile;
-        first..if start < end { end } else { first }
+        let keys = self.inputs.keys(b, self.shape.seq_k);
+        plan.split_keys(self.shape.seq_q, keys, k_lo, k_hi)
     }
 
     /// Packs keys `keys` (`keys.start` a multiple of `k_tile`; at most the sequence's) of
