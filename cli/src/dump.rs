@@ -110,16 +110,25 @@ fn call_plan(kernel: &JitKernel, shape: Shape, isa: Isa) -> String {
     let plan = kernel.plans().find(|plan| plan.form == form).unwrap_or(kernel.plan());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let s = plan.schedule(b, q, k, threads);
+    let runs = match s.keys_per_run < s.keys_per_split {
+        true => {
+            format!(" in runs of {} (each tile's state carried from run to run)", s.keys_per_run)
+        }
+        false => String::new(),
+    };
+    let expanded = plan.form == attngen::Form::LatentExpanded;
     text.push_str(&format!(
-        "\n  schedule on {threads} threads: {} query tiles, {} groups per item, {} key splits of {} keys{}",
+        "\n  schedule on {threads} threads: {} query tiles, {} groups per item, {} key splits of {} keys{runs}{}",
         s.q_tiles,
         s.groups_per_item,
         s.splits,
-        s.keys_per_split,
-        match (s.packs_call, s.splits) {
-            (false, _) => "",
-            (true, 1) => ", each KV head's K/V packed once for all its query tiles",
-            (true, _) => ", each split's K/V packed once for all its query tiles",
+        s.keys_per_split.min(k),
+        match (expanded, s.packs_call, s.divides_keys()) {
+            (true, _, false) => ", each head's keys up-projected once for all its query tiles",
+            (true, _, true) => ", each run's keys up-projected once for all its query tiles",
+            (false, true, false) => ", each KV head's K/V packed once for all its query tiles",
+            (false, true, true) => ", each run's K/V packed once for all its query tiles",
+            (false, false, _) => "",
         }
     ));
     text

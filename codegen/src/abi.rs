@@ -171,7 +171,11 @@ pub const ALIGN_FLOATS: usize = 16;
 /// micro-kernel block streams is one run of memory instead of rows that alias in L1.
 pub const PANEL: usize = 16;
 
-/// `item(args, b, g0, groups, q0, k_lo, k_hi, scratch, state, state_stride)`.
+/// `item(args, b, g0, groups, q0, k_lo, k_hi, scratch, state, state_stride, resume)`: with
+/// `resume` 0 the item starts each group's state afresh; otherwise the state slots hold the
+/// states an item of the same rows left over the keys before `k_lo` (a run of a split,
+/// `Schedule::keys_per_run`), and the item carries them on. Only a state the key loop left
+/// row-major resumes: never absorbed MLA's on AVX2 (`StateLayout::transposed`).
 pub type ItemFn = unsafe extern "C" fn(
     args: *const CallArgs,
     b: usize,
@@ -183,6 +187,7 @@ pub type ItemFn = unsafe extern "C" fn(
     scratch: *mut f32,
     state: *mut f32,
     state_stride: usize,
+    resume: usize,
 );
 
 /// `finish(args, b, g, q0, n_states, states, split_stride, scratch)`.
@@ -542,7 +547,7 @@ mod tests {
         assert_eq!(Callee::Ln.signature(), (&[Param::F32][..], Some(Param::F32)));
         assert_eq!(
             (ItemFn::PARAMS.len(), FinishFn::PARAMS.len(), HeadFn::PARAMS.len()),
-            (10, 8, 2)
+            (11, 8, 2)
         );
     }
 }

@@ -90,7 +90,8 @@ pub enum Op {
         body: Vec<Op>,
     },
     /// `O = 0`, `l = 0`, and `m = f32::MIN` for every row: the most negative finite float,
-    /// so `2^(m − m')` and `2^(s − m)` never see `−∞ − (−∞)`.
+    /// so `2^(m − m')` and `2^(s − m)` never see `−∞ − (−∞)`. Skipped when the item resumes
+    /// (`abi::ItemFn`'s `resume`: a later run of a split's keys carries the state on).
     InitState,
     /// Loop over the key tiles of the item's key range that the mask leaves visible to some
     /// query of the tile. Tiles every row sees whole run `body` unmasked; edge tiles (the
@@ -565,7 +566,9 @@ fn write_op(f: &mut fmt::Formatter<'_>, op: &Op, depth: usize) -> fmt::Result {
             f,
             "{pad}q'[.., h] = q[.., h, 0..{nope}] · W_UK[h] for every (batch, query) row   (tile A·B, {nope} -> {rank}; W_UK[h] read once per call)"
         ),
-        Op::InitState => writeln!(f, "{pad}O = 0; m = f32::MIN; l = 0"),
+        Op::InitState => {
+            writeln!(f, "{pad}O = 0; m = f32::MIN; l = 0   (unless the item resumes a run's state)")
+        }
         Op::ForEachGroup { body } => {
             writeln!(f, "{pad}for each group g of the item:")?;
             for op in body {

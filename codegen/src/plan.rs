@@ -245,13 +245,12 @@ pub struct KernelPlan {
     pub max_partials: usize,
     /// Fewest keys a decode split gets, so splitting never costs more than it saves.
     pub min_keys_per_split: usize,
-    /// Most keys per split of a task whose query tiles all read the same packed keys — a
+    /// Most keys per run of a task whose query tiles all read the same packed keys — a
     /// grouped prefill's packed K/V, an expanded MLA task's up-projected buffer — so that a
-    /// split's packed keys stay in cache across its query tiles ([`SHARED_SPLIT_BYTES`]). A
-    /// split still takes at least as many keys as its states (a slot per query tile) take
-    /// floats, so the split states never outgrow the packed keys they keep in cache.
-    /// `usize::MAX` for absorbed MLA, whose items read the latent in place.
-    pub shared_split_keys: usize,
+    /// run's packed keys stay in cache across its query tiles ([`SHARED_RUN_BYTES`]; see
+    /// [`Schedule::keys_per_run`]). `usize::MAX` for absorbed MLA, whose items read the latent
+    /// in place.
+    pub shared_run_keys: usize,
     /// The layout of a task's packed K/V: a grouped prefill's copy, an expanded MLA task's
     /// up-projection (`None` for absorbed MLA, whose rows are read in place).
     pub call_packing: Option<CallPacking>,
@@ -357,14 +356,16 @@ const DOT_MAX_ROWS: usize = 4;
 pub const DOT_TILE_PAGES: usize = 16;
 /// Bytes per page, the unit of the TLB's reach.
 const PAGE: usize = 4096;
-/// Bytes of packed keys and values a split whose query tiles share them holds at most (see
-/// [`KernelPlan::shared_split_keys`]): 2048 keys of Llama-3-8B's heads, 1536 of
+/// Bytes of packed keys and values a run of keys whose query tiles share them holds at most
+/// (see [`KernelPlan::shared_run_keys`]): 2048 keys of Llama-3-8B's heads, 1536 of
 /// DeepSeek-V2-Lite's up-projected ones. Every query tile of the task re-reads them, and a
 /// whole long key range falls out of cache: at Sq = 1024, Sk = 32768 on a Zen 5 (macro
-/// kernels, 2 threads), splitting took 0.67–0.69× the time for expanded MLA; with each split
-/// packing its own keys (no call-sized copy), 0.70–0.76× for Llama-3-8B and 0.62–0.66× for
-/// MHA 16 × 64. 4 and 6 MiB measured the same as 2.
-pub const SHARED_SPLIT_BYTES: usize = 2 << 20;
+/// kernels, 2 threads), taking it in 2 MiB pieces took 0.67–0.69× the time for expanded MLA;
+/// with each piece packed by itself (no call-sized copy), 0.70–0.76× for Llama-3-8B and
+/// 0.62–0.66× for MHA 16 × 64. 4 and 6 MiB measured the same as 2. (Those pieces were
+/// splits, each with its own states merged at the end; runs, which carry the states on,
+/// measured the same: 0.95–1.01× their time.)
+pub const SHARED_RUN_BYTES: usize = 2 << 20;
 /// Fewest keys per dot-product tile: below 8, per-tile overheads outweigh the TLB reach
 /// (4 keys measured 1.16× slower than 8 on W4).
 const DOT_MIN_K_TILE: usize = 8;
@@ -493,10 +494,10 @@ impl KernelPlan {
             rescale_threshold: RESCALE_THRESHOLD,
             max_partials: MAX_PARTIALS,
             call_packing,
-            shared_split_keys: match call_packing {
+            shared_run_keys: match call_packing {
                 Some(packing) => {
                     let key_bytes = packing.key_floats() * size_of::<f32>();
-                    (SHARED_SPLIT_BYTES / key_bytes / k_tile).max(1) * k_tile
+                    (SHARED_RUN_BYTES / key_bytes / k_tile).max(1) * k_tile
                 }
                 None => usize::MAX,
             },
@@ -538,21 +539,62 @@ impl KernelPlan {
         // units would leave one thread a unit of work alone at the end).
         let balanced = (wanted..wanted + threads).find(|s| (tasks * s).is_multiple_of(threads));
         let affordable = (seq_k / self.min_keys_per_split).max(1);
-        let mut splits = balanced.unwrap_or(wanted).min(affordable).max(1);
-        let mut keys_per_split = seq_k.div_ceil(splits).max(1);
+        let splits = balanced.unwrap_or(wanted).min(affordable).max(1);
+        let keys_per_split = seq_k.div_ceil(splits).max(1);
         // Every query tile of a prefill item would copy the same K/V tiles: pack them once.
         let packs_call = self.form == Form::Grouped && groups_per_item == 1 && q_tiles > 1;
-        // The query tiles of a split re-read its packed keys: keep them few enough for cache,
-        // but no fewer than make the split's states (a slot per query tile) as large as they.
+        let plain = Schedule {
+            q_tiles,
+            groups_per_item,
+            splits,
+            keys_per_split,
+            keys_per_run: keys_per_split,
+            packs_call,
+        };
         let shared = self.call_packing.filter(|_| packs_call || self.form == Form::LatentExpanded);
-        let states_floats = q_tiles.saturating_mul(self.state_len);
-        let fewest = shared.map_or(0, |p| states_floats.div_ceil(p.key_floats()));
-        let most = self.shared_split_keys.max(fewest.next_multiple_of(self.k_tile));
-        if shared.is_some() && keys_per_split > most {
-            keys_per_split = seq_k.div_ceil(seq_k.div_ceil(most)).next_multiple_of(self.k_tile);
-            splits = seq_k.div_ceil(keys_per_split);
+        match shared {
+            Some(packing) if keys_per_split > self.shared_run_keys => {
+                let heads = batch * self.groups.len();
+                self.shared_runs(plain, packing, heads, seq_k, threads)
+            }
+            _ => plain,
         }
-        Schedule { q_tiles, groups_per_item, splits, keys_per_split, packs_call }
+    }
+
+    /// The schedule of a task whose query tiles re-read the same packed keys, over a range
+    /// longer than [`KernelPlan::shared_run_keys`]: its keys go in runs of at most that many,
+    /// each packed once and kept in cache while every query tile reads it, and the query tiles'
+    /// states carry from one run to the next (`ItemFn`'s `resume`). The range splits only so
+    /// that the `heads` tasks keep the threads busy, and only while the splits' states (a slot
+    /// per query tile each) weigh no more than the packed range: otherwise `plain` stands, a
+    /// copy of the whole range re-read by every tile.
+    fn shared_runs(
+        &self,
+        plain: Schedule,
+        packing: CallPacking,
+        heads: usize,
+        seq_k: usize,
+        threads: usize,
+    ) -> Schedule {
+        let runs = seq_k.div_ceil(self.shared_run_keys);
+        let keys_per_run = seq_k.div_ceil(runs).next_multiple_of(self.k_tile);
+        let runs = seq_k.div_ceil(keys_per_run);
+        // Splits whose states together weigh no more than the range's packed keys and values.
+        let states_floats = plain.q_tiles.saturating_mul(self.state_len);
+        let fewest_keys = states_floats.div_ceil(packing.key_floats()).max(1);
+        let most = (seq_k / fewest_keys).min(runs);
+        if most == 0 {
+            return plain;
+        }
+        // Enough tasks for every thread, as many on each when that fits.
+        let wanted = threads.div_ceil(heads.max(1));
+        let even = |s: &usize| (heads * s).is_multiple_of(threads);
+        let splits = match (wanted..=most).find(even) {
+            Some(splits) => splits,
+            None => (1..=most.min(wanted)).rev().find(even).unwrap_or(most.min(wanted)),
+        };
+        let keys_per_split = runs.div_ceil(splits) * keys_per_run;
+        Schedule { splits: seq_k.div_ceil(keys_per_split), keys_per_split, keys_per_run, ..plain }
     }
 
     /// Whether a work item walking tiles of `keys` keys prefetches the next tile whole, in
@@ -659,10 +701,22 @@ pub struct Schedule {
     pub splits: usize,
     /// Keys per split (the last may have fewer).
     pub keys_per_split: usize,
+    /// Keys per run of a split whose query tiles share packed keys: each run is packed once and
+    /// every query tile's item runs over it, resuming its state, before the next
+    /// ([`KernelPlan::schedule`]). Otherwise `keys_per_split`: one run per split.
+    pub keys_per_run: usize,
     /// Pack grouped K/V once for all the query tiles that read it ([`KernelPlan::call_packing`]):
     /// each KV head's keys for the call, or with several splits each split's keys, instead of
     /// per item.
     pub packs_call: bool,
+}
+
+impl Schedule {
+    /// Whether a task's keys are divided — into several splits, or a split into several runs —
+    /// rather than read whole by each of its items.
+    pub fn divides_keys(&self) -> bool {
+        self.splits > 1 || self.keys_per_run < self.keys_per_split
+    }
 }
 
 impl fmt::Display for KernelPlan {
@@ -748,12 +802,12 @@ impl fmt::Display for KernelPlan {
             "  decode       items with < {} rows cover every group (whole cache rows); keys split across threads when tasks are few (at least {} keys per split), merged by log-sum-exp",
             self.pack_min_rows, self.min_keys_per_split
         )?;
-        if self.shared_split_keys != usize::MAX {
+        if self.shared_run_keys != usize::MAX {
             writeln!(
                 f,
-                "  long keys    query tiles sharing packed K/V split their keys into runs of at most {} (more when the split's states would outgrow its keys), each packed by the split's thread and kept in cache across the tiles ({} MiB), merged by log-sum-exp",
-                self.shared_split_keys,
-                SHARED_SPLIT_BYTES >> 20
+                "  long keys    query tiles sharing packed K/V read them in runs of at most {} keys ({} MiB), each packed once by its task's thread and kept in cache while every tile reads it, each tile's state carried from run to run; split across threads only when the tasks are fewer, merged by log-sum-exp",
+                self.shared_run_keys,
+                SHARED_RUN_BYTES >> 20
             )?;
         }
         if self.dot_max_rows > 0 {
@@ -917,45 +971,59 @@ mod tests {
     }
 
     #[test]
-    fn prefill_splits_keep_their_shared_packed_keys_in_cache() {
+    fn prefill_runs_keep_their_shared_packed_keys_in_cache() {
         let lite = AttentionSpec::mla(16, 512, 64, 128, 128).mask(Mask::Causal);
         let plan = KernelPlan::with_form(&lite, Form::LatentExpanded, Target::AVX512);
         // 192 key floats and a 144-float value row per key: 1344 bytes, 1536 keys in 2 MiB.
-        assert_eq!(plan.shared_split_keys, 1536);
+        assert_eq!(plan.shared_run_keys, 1536);
+        // 16 (batch, head) tasks keep 2 threads busy: one split, 22 runs of 1536 keys.
         let s = plan.schedule(1, 1024, 32768, 2);
-        assert_eq!((s.splits, s.keys_per_split, s.q_tiles), (22, 1536, 16));
+        assert_eq!((s.splits, s.keys_per_split, s.keys_per_run, s.q_tiles), (1, 33792, 1536, 16));
         // W6 and shorter ranges stay whole.
-        assert_eq!(plan.schedule(1, 1024, 1024, 2).splits, 1);
-        assert_eq!(plan.schedule(1, 1000, 1536, 2).splits, 1);
-        // A split takes keys enough to outweigh its states: 63 query tiles' slots of 8320
-        // floats against 336 floats a key, 1600 keys.
-        assert_eq!(plan.state_len, 8320);
-        let s = plan.schedule(1, 4000, 32768, 2);
-        assert_eq!((s.splits, s.keys_per_split), (21, 1600));
-        // Splits are whole key tiles, cover every key, and none is empty.
+        assert!(!plan.schedule(1, 1024, 1024, 2).divides_keys());
+        assert!(!plan.schedule(1, 1000, 1536, 2).divides_keys());
+        // Fewer tasks than threads: whole runs in as many splits as give every thread the
+        // same number of tasks (16 heads, 32 threads: 2 splits of 11 runs).
+        let s = plan.schedule(1, 1024, 32768, 32);
+        assert_eq!((s.splits, s.keys_per_split, s.keys_per_run), (2, 16896, 1536));
+        // No run packs more than the cap; several runs are whole key tiles, and splits whole
+        // runs; the splits cover every key, and none is empty.
         for seq_k in (1537..40_000).step_by(997) {
-            let s = plan.schedule(2, 300, seq_k, 2);
-            assert!(s.keys_per_split.is_multiple_of(64) && s.keys_per_split <= 1536);
-            assert!(s.splits * s.keys_per_split >= seq_k);
-            assert!((s.splits - 1) * s.keys_per_split < seq_k, "{seq_k}: {s:?}");
+            for threads in [2, 7, 32, 64] {
+                let s = plan.schedule(2, 300, seq_k, threads);
+                assert!(s.keys_per_run <= 1536, "{s:?}");
+                if s.keys_per_run < s.keys_per_split {
+                    assert!(s.keys_per_run.is_multiple_of(64), "{s:?}");
+                    assert!(s.keys_per_split.is_multiple_of(s.keys_per_run), "{s:?}");
+                }
+                assert!(s.splits * s.keys_per_split >= seq_k);
+                assert!((s.splits - 1) * s.keys_per_split < seq_k, "{seq_k}: {s:?}");
+            }
         }
         // A call-packed grouped prefill: 128 key and 128 value floats per key.
         let llama = KernelPlan::new(&AttentionSpec::gqa(32, 8, 128), Target::AVX2);
-        assert_eq!(llama.shared_split_keys, 2048);
+        assert_eq!(llama.shared_run_keys, 2048);
         let s = llama.schedule(1, 1024, 32768, 2);
-        assert_eq!((s.packs_call, s.splits, s.keys_per_split), (true, 16, 2048));
-        assert_eq!(llama.schedule(1, 1024, 1024, 2).splits, 1);
-        // MQA's 16 heads make 256 query tiles of 4 queries: their states (8320 floats each)
-        // weigh as much as 8320 keys of 256 floats, so splits take 8192 keys, not 2048.
+        assert_eq!(
+            (s.packs_call, s.splits, s.keys_per_split, s.keys_per_run),
+            (true, 1, 32768, 2048)
+        );
+        assert!(!llama.schedule(1, 1024, 1024, 2).divides_keys());
+        // A long prefill whose query tiles' states outweigh the packed keys (2048 tiles of
+        // 8320 floats against 32768 keys of 256) reads one packed copy instead.
+        assert!(!llama.schedule(1, 32768, 32768, 2).divides_keys());
+        // MQA's one KV head splits in two for two threads, but no further: its 256 query
+        // tiles' states weigh as much as 8320 keys, so at most 3 splits fit 32768 keys.
         let mqa = KernelPlan::new(&AttentionSpec::mqa(16, 128), Target::AVX512);
         let s = mqa.schedule(1, 1024, 32768, 2);
-        assert_eq!((s.q_tiles, s.splits, s.keys_per_split), (256, 4, 8192));
+        assert_eq!((s.q_tiles, s.splits, s.keys_per_split, s.keys_per_run), (256, 2, 16384, 2048));
+        assert_eq!(mqa.schedule(1, 1024, 32768, 8).splits, 3);
         // Decode items read the cache in place: split only for the threads' sake.
         let s = llama.schedule(1, 1, 32768, 2);
         assert_eq!((s.packs_call, s.splits), (false, 8));
         // Absorbed MLA reads the latent in place: not capped.
         let absorbed = KernelPlan::with_form(&lite, Form::LatentAbsorbed, Target::AVX512);
-        assert_eq!(absorbed.shared_split_keys, usize::MAX);
+        assert_eq!(absorbed.shared_run_keys, usize::MAX);
         assert_eq!(absorbed.schedule(1, 1024, 32768, 2).splits, 1);
     }
 

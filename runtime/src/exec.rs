@@ -1,9 +1,9 @@
 //! [`Executor`]: the call path every backend shares. A backend provides its entry points
 //! ([`EntryPoints`], the `abi` functions compiled for one plan) and the plan; the executor
 //! checks the call against the spec, sets up the call's buffers (absorbed MLA's `q'` and `o'`,
-//! the packed K/V of an unsplit prefill), schedules the work items over the thread pool with
-//! per-thread scratch, split states and split-packed K/V, and runs prologue → items → finishes
-//! → epilogue.
+//! the packed K/V of a prefill read whole), schedules the work items over the thread pool with
+//! per-thread scratch, split states and run-packed K/V, and runs prologue → items → finishes →
+//! epilogue.
 //!
 //! How generated code finds a sequence's keys: `CallArgs::seq_k` is the cache tensors' rows
 //! per sequence (row j of sequence b is row `b·Sk + j`) and `CallArgs::kv_lens` each
@@ -223,8 +223,8 @@ impl Executor<'_> {
         }
         let pack = plan.call_packing.filter(|_| schedule.packs_call);
         let pack = pack.map(|packing| CallPack { packing, shape, inputs, k, v });
-        let Some(call_pack) = pack.as_ref().filter(|_| schedule.splits == 1) else {
-            // Split keys are packed split by split, into each split's thread's buffer.
+        let Some(call_pack) = pack.as_ref().filter(|_| !schedule.divides_keys()) else {
+            // Divided keys are packed run by run, into each split's thread's buffer.
             self.execute(shape, longest, SharedArgs(args), schedule, pack.as_ref());
             return Ok(());
         };
@@ -278,11 +278,13 @@ impl Executor<'_> {
         let (state_len, splits) = (plan.state_len, schedule.splits);
         let scratch_len = plan.scratch.len(per_item);
         // One work item: the rows of groups g0..g0 + per_item of sequence b from query q0, over
-        // keys k_lo..k_hi, into per_item state slots from the start of `states`; `call` is the
-        // call's arguments or a task's (its packed K/V).
+        // keys k_lo..k_hi, into per_item state slots from the start of `states` (carrying on
+        // the states there when it `resumes`); `call` is the call's arguments or a task's (its
+        // packed K/V).
         let item = |call: &SharedArgs,
                     (b, g0, q0): (usize, usize, usize),
                     (k_lo, k_hi): (usize, usize),
+                    resumes: bool,
                     scratch: &mut [f32],
                     states: &mut [f32]| {
             assert!(scratch.len() >= scratch_len && states.len() >= per_item * state_len);
@@ -294,7 +296,9 @@ impl Executor<'_> {
             // (filled before its items start, holding every key they read: `CallPack`);
             // within `scratch` (the plan's size for per_item groups) and per_item state slots
             // of state_len floats, state_len apart (asserted above). Addresses past a tensor
-            // are only ever prefetched.
+            // are only ever prefetched. A resuming item's slots hold the states an item of the
+            // same rows left over the keys before k_lo, row-major: only a run of a shared split
+            // resumes, and those are grouped or expanded plans, whose states are row-major.
             unsafe {
                 (entries.item)(
                     call.ptr(),
@@ -307,6 +311,7 @@ impl Executor<'_> {
                     scratch.as_mut_ptr(),
                     states.as_mut_ptr(),
                     state_len,
+                    usize::from(resumes),
                 )
             };
         };
@@ -355,7 +360,7 @@ impl Executor<'_> {
             if splits == 1 {
                 with_workspace(scratch_len + states_len, |work| {
                     let (scratch, states) = work.split_at_mut(scratch_len);
-                    item(call, (b, g0, q0), (0, longest), scratch, states);
+                    item(call, (b, g0, q0), (0, longest), false, scratch, states);
                     finish_all(states, scratch);
                 });
                 return;
@@ -363,32 +368,36 @@ impl Executor<'_> {
             with_kept_in_pool(&SPLIT_STATES, states_len, |states| {
                 states.par_chunks_mut(per_item * state_len).enumerate().for_each(|(split, run)| {
                     with_workspace(scratch_len, |scratch| {
-                        item(call, (b, g0, q0), keys_of(split), scratch, run)
+                        item(call, (b, g0, q0), keys_of(split), false, scratch, run)
                     });
                 });
                 with_workspace(scratch_len, |scratch| finish_all(states, scratch));
             });
         };
-        // Every query tile of one (batch, KV head) of a prefill with split keys, split by
-        // split: a split packs its keys into its thread's buffer and runs all the tiles over
-        // them while they are in cache (`KernelPlan::shared_split_keys`). States [split][tile].
+        // Every query tile of one (batch, KV head) of a prefill with long shared keys, split by
+        // split and run by run: a run's keys are packed into its thread's buffer and every
+        // tile's item runs over them while they are in cache, carrying on the state its item
+        // over the run before left (`Schedule::keys_per_run`). States [split][tile].
         let run_shared_splits = |pack: &CallPack<'_>, b: usize, g: usize| {
             let q_tiles = schedule.q_tiles;
-            let run_split = |split: usize, run: &mut [f32]| {
+            let run_split = |split: usize, states: &mut [f32]| {
                 let (k_lo, k_hi) = keys_of(split);
-                let keys = pack.keys_read(plan, b, k_lo, k_hi);
-                let (k_len, v_len) = pack.packing.lens(keys.start, keys.end);
-                with_kept_in_pool(&PACKED, k_len + v_len, |packed| {
-                    let (k_dst, v_dst) = packed.split_at_mut(k_len);
-                    pack.pack(b, g, keys.clone(), k_dst, v_dst, false);
-                    let call = args.with_packed(k_dst, v_dst, keys.start);
-                    with_workspace(scratch_len, |scratch| {
-                        for tile in 0..q_tiles {
-                            let states = &mut run[tile * state_len..];
-                            item(&call, (b, g, tile * plan.q_tile), (k_lo, k_hi), scratch, states);
-                        }
+                for (run, (r_lo, r_hi)) in runs(k_lo, k_hi, schedule.keys_per_run).enumerate() {
+                    let keys = pack.keys_read(plan, b, r_lo, r_hi);
+                    let (k_len, v_len) = pack.packing.lens(keys.start, keys.end);
+                    with_kept_in_pool(&PACKED, k_len + v_len, |packed| {
+                        let (k_dst, v_dst) = packed.split_at_mut(k_len);
+                        pack.pack(b, g, keys.clone(), k_dst, v_dst, false);
+                        let call = args.with_packed(k_dst, v_dst, keys.start);
+                        with_workspace(scratch_len, |scratch| {
+                            for tile in 0..q_tiles {
+                                let at = (b, g, tile * plan.q_tile);
+                                let states = &mut states[tile * state_len..];
+                                item(&call, at, (r_lo, r_hi), run > 0, scratch, states);
+                            }
+                        });
                     });
-                });
+                }
             };
             let finish_tile =
                 |tile: usize, states: &mut [f32], stride: usize, scratch: &mut [f32]| {
@@ -405,15 +414,15 @@ impl Executor<'_> {
             // One task per (batch, KV head) packs its keys, then runs its query tiles: one
             // head's copy overlaps other heads' items, and is still in cache when its own read
             // it. Packing every head first, then running every item, took 1.02–1.06× the time
-            // on W1 and W2 (2 threads, alternating calls; 1 thread: W2 1.03×, W1 1.00×). Split
-            // keys run split by split (`run_shared_splits`), each split's keys in cache.
+            // on W1 and W2 (2 threads, alternating calls; 1 thread: W2 1.03×, W1 1.00×). Long
+            // keys go run by run (`run_shared_splits`), each run's keys in cache.
             let (k_len, v_len) = pack.head_lens();
             let q_tiles = schedule.q_tiles;
             self.in_pool(|| {
                 (0..shape.batch * blocks).into_par_iter().for_each(|head| {
                     // groups_per_item is 1 when the call packs: `head` is (b, g).
                     let (b, g) = (head / blocks, head % blocks);
-                    if splits > 1 {
+                    if schedule.divides_keys() {
                         return run_shared_splits(pack, b, g);
                     }
                     // SAFETY: `run_checked` made k_packed and v_packed from writable buffers of
@@ -448,12 +457,12 @@ impl Executor<'_> {
     }
 
     /// Runs an expanded MLA call: the prologue transposes each head's weights into a call
-    /// buffer (`CallArgs::weights_t`); then one task per (batch, head), each of whose splits
-    /// up-projects
-    /// the keys its queries see into a buffer of its own, tile by tile (`expand`), then runs
-    /// every query tile's item over that buffer — so each visible key is up-projected once per
-    /// head, as materialising K and V once per call would, but the buffer holds one head's
-    /// keys of one split and stays in cache. Finishes run per query tile.
+    /// buffer (`CallArgs::weights_t`); then one task per (batch, head) (or per split of its
+    /// keys, when the tasks are fewer than the threads), each of whose runs up-projects the
+    /// keys its queries see into a buffer of its own, tile by tile (`expand`), then runs every
+    /// query tile's item over that buffer — so each visible key is up-projected once per head,
+    /// as materialising K and V once per call would, but the buffer holds one head's keys of
+    /// one run and stays in cache. Finishes run per query tile.
     ///
     /// # Errors
     /// [`Error::TooLarge`] when the weights' copy cannot be allocated; nothing runs then.
@@ -499,6 +508,8 @@ impl Executor<'_> {
         let heads = plan.groups.len();
         let (q_tiles, splits, state_len) = (schedule.q_tiles, schedule.splits, plan.state_len);
         let scratch_len = plan.scratch.len(1);
+        // Each query tile's item runs once, over the task's keys whole.
+        let only = !schedule.divides_keys();
         let (k_tile, key_width, value_tile) =
             (packing.k_tile, packing.key_width, packing.value_tile());
         let run_task = |task: usize| {
@@ -526,15 +537,11 @@ impl Executor<'_> {
                     )
                 };
             };
-            // One split: keys k_lo..k_hi of every query tile. The only split finishes each
-            // query tile right after its item, while its state is in cache, so every tile
-            // uses slot 0; one of several leaves tile t's state in slot t for the merge.
-            let split = |k_lo: usize, k_hi: usize, states: &mut [f32]| {
-                let only = splits == 1;
-                let Range { start: first, end } = plan.split_keys(shape.seq_q, keys_b, k_lo, k_hi);
+            // One run: keys r_lo..r_hi, up-projected, then every query tile's item over them.
+            let expanded_run = |r_lo: usize, r_hi: usize, resumes: bool, states: &mut [f32]| {
+                let Range { start: first, end } = plan.split_keys(shape.seq_q, keys_b, r_lo, r_hi);
                 let tiles = (end - first).div_ceil(k_tile);
                 let (k_len, v_len) = packing.lens(first, end);
-                assert!(states.len() >= if only { state_len } else { q_tiles * state_len });
                 with_workspace(scratch_len + k_len + v_len, |work| {
                     let (scratch, packed) = work.split_at_mut(scratch_len);
                     let (keys, values) = packed.split_at_mut(k_len);
@@ -558,12 +565,15 @@ impl Executor<'_> {
                     let task_args = args.with_packed(keys, values, first);
                     for tile in 0..q_tiles {
                         let state = &mut states[if only { 0 } else { tile * state_len }..];
+                        assert!(state.len() >= state_len);
                         // SAFETY: as for the grouped items (`execute`), for one group (head h);
                         // the item reads the packed K/V only at keys of its tiles that its
-                        // queries see within k_lo..k_hi — tiles from `first` (the tile holding
+                        // queries see within r_lo..r_hi — tiles from `first` (the tile holding
                         // the first such key) to `end`, all written above — through
-                        // `task_args`, which points at this split's buffers; its state slot
-                        // holds state_len floats (asserted above).
+                        // `task_args`, which points at this run's buffers; its state slot
+                        // holds state_len floats (asserted above), the state the tile's item
+                        // over the run before left when it resumes (expanded states are
+                        // row-major).
                         unsafe {
                             (entries.item)(
                                 task_args.ptr(),
@@ -571,11 +581,12 @@ impl Executor<'_> {
                                 h,
                                 1,
                                 tile * plan.q_tile,
-                                k_lo,
-                                k_hi,
+                                r_lo,
+                                r_hi,
                                 scratch.as_mut_ptr(),
                                 state.as_mut_ptr(),
                                 state_len,
+                                usize::from(resumes),
                             )
                         };
                         if only {
@@ -584,7 +595,19 @@ impl Executor<'_> {
                     }
                 });
             };
-            if splits == 1 {
+            // One split: keys k_lo..k_hi of every query tile, run by run (`keys_per_run`): a
+            // run's keys are up-projected into this thread's buffer, then every query tile's
+            // item runs over them, carrying on the state its item over the run before left.
+            // The call's only run finishes each query tile right after its item, while its
+            // state is in cache, so every tile uses slot 0; otherwise tile t's state stays in
+            // slot t for the runs after and the merge.
+            let split = |k_lo: usize, k_hi: usize, states: &mut [f32]| {
+                assert!(states.len() >= if only { state_len } else { q_tiles * state_len });
+                for (run, (r_lo, r_hi)) in runs(k_lo, k_hi, schedule.keys_per_run).enumerate() {
+                    expanded_run(r_lo, r_hi, run > 0, states);
+                }
+            };
+            if only {
                 with_kept_in_pool(&SPLIT_STATES, state_len, |state| split(0, longest, state));
                 return;
             }
@@ -595,7 +618,7 @@ impl Executor<'_> {
             split_outer((splits, q_tiles, state_len, scratch_len), run_split, finish);
         };
         let tasks = shape.batch * heads;
-        if tasks == 1 && splits == 1 {
+        if tasks == 1 && only {
             run_task(0);
         } else {
             self.in_pool(|| (0..tasks).into_par_iter().for_each(run_task));
@@ -633,7 +656,7 @@ struct SharedArgs(CallArgs);
 // its queries, and every head belongs to one group; the per-head prologue and epilogue write
 // one head's slice each. An unsplit call's packed K/V is written in disjoint (batch, KV head)
 // parts, each by one task before the items that read it start, through a CallArgs of that
-// task's own (`SharedArgs::with_packed`), as are a split's packed keys and an expanded split's
+// task's own (`SharedArgs::with_packed`), as are a run's packed keys and an expanded run's
 // up-projection, in buffers of the thread that fills them and runs their items (`execute`,
 // `expanded_tasks`), which outlive those items.
 unsafe impl Sync for SharedArgs {}
@@ -673,7 +696,7 @@ impl CallPack<'_> {
         self.packing.lens(0, self.shape.seq_k)
     }
 
-    /// The keys of sequence `b` that a split over `k_lo..k_hi` packs ([`KernelPlan::split_keys`]).
+    /// The keys of sequence `b` that a run over `k_lo..k_hi` packs ([`KernelPlan::split_keys`]).
     fn keys_read(&self, plan: &KernelPlan, b: usize, k_lo: usize, k_hi: usize) -> Range<usize> {
         let keys = self.inputs.keys(b, self.shape.seq_k);
         plan.split_keys(self.shape.seq_q, keys, k_lo, k_hi)
@@ -735,6 +758,16 @@ impl CallPack<'_> {
     }
 }
 
+/// The runs of keys `k_lo..k_hi`, `keys_per_run` each (the last may have fewer): at least one,
+/// so every state of a split is started even when it sees no key.
+fn runs(k_lo: usize, k_hi: usize, keys_per_run: usize) -> impl Iterator<Item = (usize, usize)> {
+    let count = (k_hi - k_lo).div_ceil(keys_per_run).max(1);
+    (0..count).map(move |run| {
+        let lo = k_lo + run * keys_per_run;
+        (lo, (lo + keys_per_run).min(k_hi))
+    })
+}
+
 /// Runs one task's `splits` key splits, each over all `q_tiles` of its query tiles, then each
 /// tile's finish: `run_split(split, run)` fills `run`, the split's `q_tiles` state slots
 /// (`state_len` floats each), splits in parallel; `finish(tile, states, stride, scratch)` merges
@@ -769,7 +802,8 @@ thread_local! {
 ///
 /// Work items run inside the pool, where a failure could no longer leave `out` untouched: like
 /// `Vec`, this aborts when memory runs out. Their buffers are tile-sized, except an expanded
-/// MLA split's up-projected keys (its keys × (D + Dv) floats, the size of one head's K and V).
+/// MLA task's up-projected keys: a run's (`plan::SHARED_RUN_BYTES`), or a range read whole (its
+/// keys × (D + Dv) floats, the size of one head's K and V).
 fn with_workspace<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     WORKSPACE.with(|workspace| {
         f(aligned(&mut workspace.borrow_mut(), len).unwrap_or_else(|| out_of_memory(len)))

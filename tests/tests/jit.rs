@@ -142,43 +142,46 @@ fn split_decode_merges_like_the_reference() {
 }
 
 /// A prefill whose query tiles share packed keys — call-packed grouped K/V, an expanded MLA
-/// task's up-projected buffer — splits a long key range so that each split's packed keys stay
-/// in cache across its tiles (`KernelPlan::shared_split_keys`; wide heads bring it to a few
-/// hundred keys). Every tile reads every split, the causal diagonal and a window's start fall
-/// inside splits, sequences may end inside a split or before one starts (`kv_lens`, rows past
-/// them NaN), and the merged result matches the reference on every ISA.
+/// task's up-projected buffer — takes a long key range in runs that stay in cache across its
+/// tiles (`KernelPlan::shared_run_keys`; wide heads bring it to a few hundred keys), each
+/// tile's state carried from run to run, and splits the range only when the (batch, head)
+/// tasks are fewer than the threads (more threads than cores here, to make them so). Every
+/// tile reads every run, the causal diagonal and a window's start fall inside runs, sequences
+/// may end inside a run or before a split starts (`kv_lens`, rows past them NaN), and the
+/// result matches the reference on every ISA.
 #[test]
-fn prefill_splits_over_shared_packed_keys_match_the_reference() {
-    let jits = jits();
+fn prefill_runs_over_shared_packed_keys_match_the_reference() {
     let wide = AttentionSpec::mla(4, 16, 64, 512, 512).mla_form(MlaForm::Expanded);
     let grouped = AttentionSpec::gqa(4, 2, 256);
-    // (spec, its cap, the shape, its splits and keys per split, key lengths that end inside a
-    // split and before one starts)
     let window = wide.clone().mask(Mask::SlidingWindow(700)).softcap(8.0);
+    let grouped_window = grouped.clone().mask(Mask::SlidingWindow(900)).softcap(6.0);
+    // (spec, its cap, the shape, threads, its splits, keys per split and per run, key lengths
+    // that end inside a run and before a split or run starts)
     let cases = [
-        (wide.mask(Mask::Causal), 448, Shape::new(2, 70, 1000), (3, 384), [1000, 200]),
-        (window, 448, Shape::new(2, 70, 1000), (3, 384), [500, 0]),
-        (grouped.clone().mask(Mask::Causal), 1024, Shape::new(2, 40, 2500), (3, 896), [2500, 800]),
+        (wide.mask(Mask::Causal), 448, Shape::new(2, 70, 1000), 2, (1, 1152, 384), vec![1000, 200]),
+        (window, 448, Shape::new(1, 70, 2000), 8, (2, 1344, 448), vec![1200]),
         (
-            grouped.mask(Mask::SlidingWindow(900)).softcap(6.0),
+            grouped.mask(Mask::Causal),
             1024,
-            Shape::new(2, 40, 2100),
-            (3, 704),
-            [1500, 100],
+            Shape::new(2, 40, 2500),
+            2,
+            (1, 2688, 896),
+            vec![2500, 800],
         ),
+        (grouped_window, 1024, Shape::new(1, 40, 5000), 4, (2, 3072, 1024), vec![3500]),
     ];
-    for (n, (spec, cap, shape, splits, lens)) in cases.iter().enumerate() {
-        let kernel = jits[0].compile(spec).unwrap();
-        let plan = kernel.plan();
-        let schedule = plan.schedule(shape.batch, shape.seq_q, shape.seq_k, 2);
-        assert_eq!(plan.shared_split_keys, *cap, "{plan}");
-        assert_eq!((schedule.splits, schedule.keys_per_split), *splits, "{schedule:?}");
-        let inputs = OwnedInputs::random(spec, *shape, 90 + n as u64, 1.0);
-        let ragged = inputs.clone().with_kv_lens(spec, *shape, lens.to_vec());
-        for jit in &jits {
+    for (n, (spec, cap, shape, threads, keys, lens)) in cases.into_iter().enumerate() {
+        let inputs = OwnedInputs::random(&spec, shape, 90 + n as u64, 1.0);
+        let ragged = inputs.clone().with_kv_lens(&spec, shape, lens);
+        for isa in harness::tested_isas() {
+            let jit = Jit::with_options(JitOptions::default().isa(isa).threads(threads)).unwrap();
+            let plan = jit.compile(&spec).unwrap().plan().clone();
+            let s = plan.schedule(shape.batch, shape.seq_q, shape.seq_k, threads);
+            assert_eq!(plan.shared_run_keys, cap, "{plan}");
+            assert_eq!((s.splits, s.keys_per_split, s.keys_per_run), keys, "{s:?}");
             for inputs in [&inputs, &ragged] {
-                if let Err(e) = compare(jit, spec, *shape, inputs, 1.0) {
-                    panic!("{} {spec:?} at {shape:?}, {:?}: {e}", jit.isa(), inputs.kv_lens);
+                if let Err(e) = compare(&jit, &spec, shape, inputs, 1.0) {
+                    panic!("{isa} {spec:?} at {shape:?}, {:?}: {e}", inputs.kv_lens);
                 }
             }
         }

@@ -188,21 +188,38 @@ fn every_kernel_on_edge_shapes() {
     }
 }
 
-/// Prefills whose query tiles share packed keys split long key ranges so each split's keys
-/// stay in cache (`KernelPlan::shared_split_keys`: wide heads bring it to a few hundred
-/// keys), each split packing (or up-projecting) its own; the splits merge like the reference,
-/// with a window's start inside a split and sequences that end inside a split or before one
-/// starts (`kv_lens`).
+/// Prefills whose query tiles share packed keys take long key ranges in runs that stay in
+/// cache (`KernelPlan::shared_run_keys`: wide heads bring it to a few hundred keys), each
+/// packing (or up-projecting) its own and carrying every tile's state on to the next, split
+/// only when the tasks are fewer than the threads (more threads than cores here, to make them
+/// so); they match the reference with a window's start inside a run and sequences that end
+/// inside a run or before a split or run starts (`kv_lens`).
 #[test]
-fn prefill_splits_over_shared_packed_keys_match_the_reference() {
+fn prefill_runs_over_shared_packed_keys_match_the_reference() {
     for isa in isas() {
+        // (kernel, shape, threads, splits, keys per split and per run, key lengths)
         let cases = [
-            (WideWindow::with_isa(isa), Shape::new(3, 40, 2100), (3, 704), vec![2100, 1000, 300]),
-            (WideExpanded::with_isa(isa), Shape::new(2, 70, 1000), (3, 384), vec![1000, 200]),
+            (
+                WideWindow::with_isa(isa),
+                Shape::new(3, 40, 2100),
+                2,
+                (1, 2112, 704),
+                vec![2100, 1000, 300],
+            ),
+            (WideWindow::with_isa(isa), Shape::new(1, 40, 5000), 4, (2, 3072, 1024), vec![3500]),
+            (
+                WideExpanded::with_isa(isa),
+                Shape::new(2, 70, 1000),
+                2,
+                (1, 1152, 384),
+                vec![1000, 200],
+            ),
+            (WideExpanded::with_isa(isa), Shape::new(1, 70, 2000), 8, (2, 1344, 448), vec![1200]),
         ];
-        for (kernel, shape, splits, lens) in cases {
-            let schedule = kernel.plan().schedule(shape.batch, shape.seq_q, shape.seq_k, 2);
-            assert_eq!((schedule.splits, schedule.keys_per_split), splits);
+        for (kernel, shape, threads, keys, lens) in cases {
+            let kernel = kernel.threads(threads).unwrap();
+            let s = kernel.plan().schedule(shape.batch, shape.seq_q, shape.seq_k, threads);
+            assert_eq!((s.splits, s.keys_per_split, s.keys_per_run), keys, "{s:?}");
             let inputs = OwnedInputs::random(kernel.spec(), shape, 11, 1.0);
             let ragged = inputs.clone().with_kv_lens(kernel.spec(), shape, lens);
             for inputs in [inputs, ragged] {

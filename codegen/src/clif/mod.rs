@@ -43,7 +43,7 @@ mod vector;
 pub struct ClifKernel {
     /// `prologue(args, h)`, when the IR has one (absorbed MLA).
     pub prologue: Option<Function>,
-    /// `item(args, b, g0, groups, q0, k_lo, k_hi, scratch, state, state_stride)`.
+    /// `item(args, b, g0, groups, q0, k_lo, k_hi, scratch, state, state_stride, resume)`.
     pub item: Function,
     /// `finish(args, b, g, q0, n_states, states, split_stride, scratch)`.
     pub finish: Function,
@@ -164,6 +164,8 @@ struct Translator<'a> {
     state0: Value,
     state_stride: Value,
     n_states: Value,
+    /// Item: nonzero when the state slots carry on an earlier item's states (`ItemFn`).
+    resume: Value,
     /// The current group's block of scratch (its packed queries).
     group_scratch: Value,
     // Loaded once at entry.
@@ -238,6 +240,7 @@ impl<'a> Translator<'a> {
                 }
                 Program::Expand => (p[1], zero, one, zero, p[3], p[4], p[5], p[6], zero, zero),
             };
+        let resume = if program == Program::Item { p[10] } else { zero };
         let head = match program {
             Program::Prologue | Program::Epilogue => p[1],
             Program::Expand => p[2],
@@ -263,6 +266,7 @@ impl<'a> Translator<'a> {
             state0: state,
             state_stride,
             n_states,
+            resume,
             group_scratch: zero,
             seq_q,
             seq_k: zero,

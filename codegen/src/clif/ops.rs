@@ -92,6 +92,12 @@ impl Translator<'_> {
     }
 
     pub(super) fn init_state(&mut self) {
+        let fresh = self.b.ins().icmp_imm_u(IntCC::Equal, self.resume, 0);
+        self.if_then(fresh, Self::clear_state);
+    }
+
+    /// `O = 0`, `l = 0`, `m = f32::MIN` for the current group's state (`Op::InitState`).
+    fn clear_state(&mut self) {
         let zero = self.int(0);
         let state = self.state;
         // O = 0, l = 0, m = f32::MIN for the group's rows up to rows_v4, the rows the softmax's

@@ -40,6 +40,7 @@ pub fn functions(plan: &KernelPlan, ir: &KernelIr, attributes: &TokenStream) -> 
             scratch: *mut f32,
             state0: *mut f32,
             state_stride: usize,
+            resume: usize,
         ) {
             // SAFETY: the executor's contract, above; every address below is one the plan
             // places inside those buffers, except prefetch hints (wrapping arithmetic).
@@ -333,10 +334,12 @@ impl Emitter<'_> {
     fn init_state(&self) -> TokenStream {
         let (acc, m, l) = (lit(self.plan.acc_dim), self.state_m(), self.state_l());
         quote! {
-            ::attngen::__private::zero(state, rows_v4 * #acc);
-            for r in 0..rows_v4 {
-                *state.add(#m + r) = lowest;
-                *state.add(#l + r) = 0.0;
+            if resume == 0 {
+                ::attngen::__private::zero(state, rows_v4 * #acc);
+                for r in 0..rows_v4 {
+                    *state.add(#m + r) = lowest;
+                    *state.add(#l + r) = 0.0;
+                }
             }
         }
     }
