@@ -672,11 +672,11 @@ impl KernelPlan {
         first.min(keys)..keys
     }
 
-    /// The keys a split over `k_lo..k_hi` packs for its items, from the start of a key tile:
-    /// those the call's `seq_q` queries see ([`KernelPlan::visible_keys`] of a sequence of
-    /// `keys` keys) within the range, or an empty range at a tile start within the sequence
-    /// when they see none there (a split past a shorter sequence's end).
-    pub fn split_keys(
+    /// The keys a run (or split) over `k_lo..k_hi` packs for its items, from the start of a key
+    /// tile: those the call's `seq_q` queries see ([`KernelPlan::visible_keys`] of a sequence
+    /// of `keys` keys) within the range, or an empty range at a tile start within the sequence
+    /// when they see none there (a run past a shorter sequence's end).
+    pub fn packed_keys(
         &self,
         seq_q: usize,
         keys: usize,
@@ -1137,13 +1137,13 @@ mod tests {
         // The first of 10 queries sits at key 990 and sees 891..=990: from tile 832.
         assert_eq!(plan.visible_keys(10, 1000), 832..1000);
         assert_eq!(plan.visible_keys(2000, 1000), 0..1000);
-        // A split packs from the tile holding its first visible key to its end or the
+        // A run packs from the tile holding its first visible key to its end or the
         // sequence's, and nothing past a sequence's end.
-        assert_eq!(plan.split_keys(10, 1000, 0, 500), 448..448);
-        assert_eq!(plan.split_keys(10, 1000, 500, 900), 832..900);
-        assert_eq!(plan.split_keys(10, 1000, 900, 1300), 896..1000);
-        assert_eq!(plan.split_keys(10, 600, 900, 1300), 576..576);
-        assert_eq!(causal.split_keys(3, 1000, 130, 500), 128..500);
+        assert_eq!(plan.packed_keys(10, 1000, 0, 500), 448..448);
+        assert_eq!(plan.packed_keys(10, 1000, 500, 900), 832..900);
+        assert_eq!(plan.packed_keys(10, 1000, 900, 1300), 896..1000);
+        assert_eq!(plan.packed_keys(10, 600, 900, 1300), 576..576);
+        assert_eq!(causal.packed_keys(3, 1000, 130, 500), 128..500);
     }
 
     /// Every scratch region, group block and state slot is a whole number of cache lines, so

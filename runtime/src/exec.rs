@@ -539,7 +539,7 @@ impl Executor<'_> {
             };
             // One run: keys r_lo..r_hi, up-projected, then every query tile's item over them.
             let expanded_run = |r_lo: usize, r_hi: usize, resumes: bool, states: &mut [f32]| {
-                let Range { start: first, end } = plan.split_keys(shape.seq_q, keys_b, r_lo, r_hi);
+                let Range { start: first, end } = plan.packed_keys(shape.seq_q, keys_b, r_lo, r_hi);
                 let tiles = (end - first).div_ceil(k_tile);
                 let (k_len, v_len) = packing.lens(first, end);
                 with_workspace(scratch_len + k_len + v_len, |work| {
@@ -699,7 +699,7 @@ impl CallPack<'_> {
     /// The keys of sequence `b` that a run over `k_lo..k_hi` packs ([`KernelPlan::split_keys`]).
     fn keys_read(&self, plan: &KernelPlan, b: usize, k_lo: usize, k_hi: usize) -> Range<usize> {
         let keys = self.inputs.keys(b, self.shape.seq_k);
-        plan.split_keys(self.shape.seq_q, keys, k_lo, k_hi)
+        plan.packed_keys(self.shape.seq_q, keys, k_lo, k_hi)
     }
 
     /// Packs keys `keys` (`keys.start` a multiple of `k_tile`; at most the sequence's) of
