@@ -369,6 +369,58 @@ proptest! {
     }
 }
 
+/// Wide-head specs, whose prefills take their keys in runs after a few hundred of them
+/// (`KernelPlan::shared_run_keys`: 1024 keys for D = 256, 512 for MQA's D = 512, 448 for the
+/// expanded MLA's 576-float keys), with every mask and an optional softcap.
+fn wide_spec() -> impl Strategy<Value = AttentionSpec> {
+    let variant = prop_oneof![
+        Just(AttentionSpec::gqa(4, 2, 256)),
+        Just(AttentionSpec::mqa(3, 512)),
+        (2..=4usize)
+            .prop_map(|h| { AttentionSpec::mla(h, 16, 64, 512, 512).mla_form(MlaForm::Expanded) }),
+    ];
+    let mask = prop_oneof![
+        Just(Mask::None),
+        Just(Mask::Causal),
+        (50..2000usize).prop_map(Mask::SlidingWindow),
+    ];
+    (variant, mask, proptest::option::of(5.0f32..25.0)).prop_map(|(spec, mask, cap)| {
+        let spec = spec.mask(mask);
+        match cap {
+            Some(cap) => spec.softcap(cap),
+            None => spec,
+        }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases().div_ceil(16)))]
+
+    /// Prefills over long shared keys — grouped K/V packed run by run, expanded MLA
+    /// up-projected run by run, each query tile's state carried from run to run, the range
+    /// split across 1 to 8 threads when the tasks are fewer — match the reference, ragged
+    /// lengths included, on every ISA (drawn per case).
+    #[test]
+    fn long_shared_keys_match_the_reference(
+        spec in wide_spec(),
+        (batch, seq_q, more_keys) in (1..=3usize, 17..=150usize, 0..=4000usize),
+        threads in proptest::sample::select(vec![1usize, 2, 3, 4, 8]),
+        seed in any::<u64>(),
+        ragged in proptest::bool::weighted(0.5),
+        isa in 0..Isa::available().len(),
+    ) {
+        let shape = Shape::new(batch, seq_q, seq_q + more_keys);
+        let mut inputs = OwnedInputs::random(&spec, shape, seed, 1.0);
+        if ragged {
+            inputs = inputs.ragged(&spec, shape, seed);
+        }
+        let isa = Isa::available()[isa];
+        let jit = Jit::with_options(JitOptions::default().isa(isa).threads(threads)).unwrap();
+        let result = compare(&jit, &spec, shape, &inputs, 1.0);
+        prop_assert!(result.is_ok(), "{isa} on {threads} threads: {}", result.unwrap_err());
+    }
+}
+
 /// Infinities, NaN and huge finite inputs give the reference's result element for element —
 /// NaN where it has NaN, the same infinity, a finite value within tolerance — on every ISA, for
 /// every grouped variant and expanded MLA (semantics.md §3 step 5; absorbed MLA reassociates the

@@ -295,6 +295,31 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases().div_ceil(16)))]
+
+    /// The wide kernels' prefills over long shared keys (in runs, split across 1 to 8 threads
+    /// when the tasks are fewer) match the reference, ragged lengths included, on every ISA.
+    #[test]
+    fn long_shared_keys_match_the_reference(
+        expanded in any::<bool>(),
+        (batch, seq_q, more_keys) in (1..=3usize, 17..=150usize, 0..=3000usize),
+        threads in proptest::sample::select(vec![1usize, 2, 3, 4, 8]),
+        seed in any::<u64>(),
+        ragged in proptest::bool::weighted(0.5),
+        isa in 0..Isa::available().len(),
+    ) {
+        let isa = Isa::available()[isa];
+        let kernel = match expanded {
+            true => WideExpanded::with_isa(isa),
+            false => WideWindow::with_isa(isa),
+        };
+        let kernel = kernel.threads(threads).unwrap();
+        let result = compare(&kernel, Shape::new(batch, seq_q, seq_q + more_keys), seed, 1.0, ragged);
+        prop_assert!(result.is_ok(), "{isa} on {threads} threads: {}", result.unwrap_err());
+    }
+}
+
 /// A NaN key behind the causal mask reaches only the query that sees it, on every ISA.
 #[test]
 fn hidden_nan_keys_do_not_leak_and_visible_ones_do() {
