@@ -557,6 +557,12 @@ impl KernelPlan {
                 let heads = batch * self.groups.len();
                 self.shared_runs(plain, packing, heads, seq_k, threads)
             }
+            // Shared keys split into whole tiles, so no two splits pack the same tile.
+            Some(_) if splits > 1 => {
+                let keys_per_split = keys_per_split.next_multiple_of(self.k_tile);
+                let splits = seq_k.div_ceil(keys_per_split);
+                Schedule { splits, keys_per_split, keys_per_run: keys_per_split, ..plain }
+            }
             _ => plain,
         }
     }
@@ -986,16 +992,16 @@ mod tests {
         // same number of tasks (16 heads, 32 threads: 2 splits of 11 runs).
         let s = plan.schedule(1, 1024, 32768, 32);
         assert_eq!((s.splits, s.keys_per_split, s.keys_per_run), (2, 16896, 1536));
-        // No run packs more than the cap; several runs are whole key tiles, and splits whole
-        // runs; the splits cover every key, and none is empty.
+        // No run packs more than the cap; runs are whole key tiles, and splits whole runs;
+        // the splits cover every key, and none is empty.
         for seq_k in (1537..40_000).step_by(997) {
             for threads in [2, 7, 32, 64] {
                 let s = plan.schedule(2, 300, seq_k, threads);
                 assert!(s.keys_per_run <= 1536, "{s:?}");
-                if s.keys_per_run < s.keys_per_split {
+                if s.splits > 1 {
                     assert!(s.keys_per_run.is_multiple_of(64), "{s:?}");
-                    assert!(s.keys_per_split.is_multiple_of(s.keys_per_run), "{s:?}");
                 }
+                assert!(s.keys_per_split.is_multiple_of(s.keys_per_run), "{s:?}");
                 assert!(s.splits * s.keys_per_split >= seq_k);
                 assert!((s.splits - 1) * s.keys_per_split < seq_k, "{seq_k}: {s:?}");
             }
