@@ -712,7 +712,7 @@ pub struct Schedule {
     /// ([`KernelPlan::schedule`]). Otherwise `keys_per_split`: one run per split.
     pub keys_per_run: usize,
     /// Pack grouped K/V once for all the query tiles that read it ([`KernelPlan::call_packing`]):
-    /// each KV head's keys for the call, or with several splits each split's keys, instead of
+    /// each KV head's keys for the call, or, when the keys are divided, each run's, instead of
     /// per item.
     pub packs_call: bool,
 }

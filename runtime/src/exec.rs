@@ -291,6 +291,8 @@ impl Executor<'_> {
                     scratch: &mut [f32],
                     states: &mut [f32]| {
             assert!(scratch.len() >= scratch_len && states.len() >= per_item * state_len);
+            // Only a row-major state resumes (`ItemFn`): never absorbed MLA's transposed one.
+            assert!(!resumes || !plan.state.transposed);
             // SAFETY: `check_call` verified every buffer against `shape`; the generated
             // code reads and writes only within those tensors for b < B, q0 < Sq, keys
             // 0..kv_lens[b] <= Sk (Sk without kv_lens; `check_call` bounded each length;
@@ -300,8 +302,7 @@ impl Executor<'_> {
             // within `scratch` (the plan's size for per_item groups) and per_item state slots
             // of state_len floats, state_len apart (asserted above). Addresses past a tensor
             // are only ever prefetched. A resuming item's slots hold the states an item of the
-            // same rows left over the keys before k_lo, row-major: only a run of a shared split
-            // resumes, and those are grouped or expanded plans, whose states are row-major.
+            // same rows left over the keys before k_lo, row-major (asserted above).
             unsafe {
                 (entries.item)(
                     call.ptr(),
@@ -568,15 +569,14 @@ impl Executor<'_> {
                     let task_args = args.with_packed(keys, values, first);
                     for tile in 0..q_tiles {
                         let state = &mut states[if only { 0 } else { tile * state_len }..];
-                        assert!(state.len() >= state_len);
+                        assert!(state.len() >= state_len && !plan.state.transposed);
                         // SAFETY: as for the grouped items (`execute`), for one group (head h);
                         // the item reads the packed K/V only at keys of its tiles that its
                         // queries see within r_lo..r_hi — tiles from `first` (the tile holding
                         // the first such key) to `end`, all written above — through
                         // `task_args`, which points at this run's buffers; its state slot
                         // holds state_len floats (asserted above), the state the tile's item
-                        // over the run before left when it resumes (expanded states are
-                        // row-major).
+                        // over the run before left when it resumes (row-major, asserted).
                         unsafe {
                             (entries.item)(
                                 task_args.ptr(),
