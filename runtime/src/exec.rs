@@ -699,7 +699,7 @@ impl CallPack<'_> {
         self.packing.lens(0, self.shape.seq_k)
     }
 
-    /// The keys of sequence `b` that a run over `k_lo..k_hi` packs ([`KernelPlan::split_keys`]).
+    /// The keys of sequence `b` that a run over `k_lo..k_hi` packs ([`KernelPlan::packed_keys`]).
     fn keys_read(&self, plan: &KernelPlan, b: usize, k_lo: usize, k_hi: usize) -> Range<usize> {
         let keys = self.inputs.keys(b, self.shape.seq_k);
         plan.packed_keys(self.shape.seq_q, keys, k_lo, k_hi)
