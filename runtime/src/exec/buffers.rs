@@ -46,9 +46,11 @@ thread_local! {
     pub(super) static PACKED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Absorbed MLA's `latent_q` and `latent_out` of the calls made from this thread.
     pub(super) static LATENT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// The split states of the decode tasks this thread runs, reused across tasks and calls: a
-    /// fresh zeroed buffer per task (megabytes for long contexts) cost page faults and an
-    /// unmap per task. Every state element is written (InitState) before it is read.
+    /// The states of the tasks this thread runs whose keys are divided — a decode task's
+    /// splits, a long prefill's query tiles across runs — reused across tasks and calls: a
+    /// fresh zeroed buffer per task (megabytes for long contexts) cost page faults and an unmap
+    /// per task. Every state element is written (InitState, by the first run) before it is
+    /// read.
     pub(super) static SPLIT_STATES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
