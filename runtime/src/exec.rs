@@ -347,8 +347,8 @@ impl Executor<'_> {
             let k_lo = split * schedule.keys_per_split;
             (k_lo, (k_lo + schedule.keys_per_split).min(longest))
         };
-        // A task's states: `splits` runs of `per_item` group slots ([split][group]), so each
-        // split's item writes one contiguous run.
+        // A task's states: `splits` blocks of `per_item` group slots ([split][group]), so each
+        // split's item writes one contiguous block.
         let run_task = |call: &SharedArgs, task: usize| {
             let (b, rest) =
                 (task / (blocks * schedule.q_tiles), task % (blocks * schedule.q_tiles));
@@ -370,9 +370,10 @@ impl Executor<'_> {
                 return;
             }
             with_kept_in_pool(&SPLIT_STATES, states_len, |states| {
-                states.par_chunks_mut(per_item * state_len).enumerate().for_each(|(split, run)| {
+                let blocks = states.par_chunks_mut(per_item * state_len).enumerate();
+                blocks.for_each(|(split, block)| {
                     with_workspace(scratch_len, |scratch| {
-                        item(call, (b, g0, q0), keys_of(split), false, scratch, run)
+                        item(call, (b, g0, q0), keys_of(split), false, scratch, block)
                     });
                 });
                 with_workspace(scratch_len, |scratch| finish_all(states, scratch));
@@ -614,9 +615,9 @@ impl Executor<'_> {
                 with_kept_in_pool(&SPLIT_STATES, state_len, |state| split(0, longest, state));
                 return;
             }
-            let run_split = |s: usize, run: &mut [f32]| {
+            let run_split = |s: usize, block: &mut [f32]| {
                 let k_lo = s * schedule.keys_per_split;
-                split(k_lo, (k_lo + schedule.keys_per_split).min(longest), run);
+                split(k_lo, (k_lo + schedule.keys_per_split).min(longest), block);
             };
             split_outer((splits, q_tiles, state_len, scratch_len), run_split, finish);
         };
@@ -772,10 +773,10 @@ fn runs(k_lo: usize, k_hi: usize, keys_per_run: usize) -> impl Iterator<Item = (
 }
 
 /// Runs one task's `splits` key splits, each over all `q_tiles` of its query tiles, then each
-/// tile's finish: `run_split(split, run)` fills `run`, the split's `q_tiles` state slots
+/// tile's finish: `run_split(split, block)` fills `block`, the split's `q_tiles` state slots
 /// (`state_len` floats each), splits in parallel; `finish(tile, states, stride, scratch)` merges
 /// the tile's slots, which start at `states` and lie `stride` floats apart. The states are
-/// [split][query tile], so a split writes one contiguous run.
+/// [split][query tile], so a split writes one contiguous block.
 fn split_outer(
     (splits, q_tiles, state_len, scratch_len): (usize, usize, usize, usize),
     run_split: impl Fn(usize, &mut [f32]) + Sync + Send,
@@ -783,7 +784,8 @@ fn split_outer(
 ) {
     let stride = q_tiles * state_len;
     with_kept_in_pool(&SPLIT_STATES, splits * stride, |states| {
-        states.par_chunks_mut(stride).enumerate().for_each(|(split, run)| run_split(split, run));
+        let blocks = states.par_chunks_mut(stride).enumerate();
+        blocks.for_each(|(split, block)| run_split(split, block));
         with_workspace(scratch_len, |scratch| {
             for tile in 0..q_tiles {
                 finish(tile, &mut states[tile * state_len..], stride, scratch);
