@@ -723,6 +723,23 @@ impl Schedule {
     pub fn divides_keys(&self) -> bool {
         self.splits > 1 || self.keys_per_run < self.keys_per_split
     }
+
+    /// The keys `k_lo..k_hi` of split `split` of a call whose longest sequence has `longest`.
+    pub fn split(&self, split: usize, longest: usize) -> (usize, usize) {
+        let k_lo = split * self.keys_per_split;
+        (k_lo, (k_lo + self.keys_per_split).min(longest))
+    }
+
+    /// The runs of the keys `k_lo..k_hi` of a split, `keys_per_run` each (the last may have
+    /// fewer): at least one, so every state of the split is started even when it sees no key.
+    pub fn runs(&self, k_lo: usize, k_hi: usize) -> impl Iterator<Item = (usize, usize)> {
+        let per_run = self.keys_per_run;
+        let count = k_hi.saturating_sub(k_lo).div_ceil(per_run).max(1);
+        (0..count).map(move |run| {
+            let lo = k_lo + run * per_run;
+            (lo, (lo + per_run).min(k_hi))
+        })
+    }
 }
 
 impl fmt::Display for KernelPlan {
@@ -1004,6 +1021,17 @@ mod tests {
                 assert!(s.keys_per_split.is_multiple_of(s.keys_per_run), "{s:?}");
                 assert!(s.splits * s.keys_per_split >= seq_k);
                 assert!((s.splits - 1) * s.keys_per_split < seq_k, "{seq_k}: {s:?}");
+                // Each split's runs cover its keys in order, none empty.
+                let mut next = 0;
+                for split in 0..s.splits {
+                    let (k_lo, k_hi) = s.split(split, seq_k);
+                    assert_eq!(k_lo, next);
+                    for (lo, hi) in s.runs(k_lo, k_hi) {
+                        assert!(lo == next && lo < hi && hi - lo <= s.keys_per_run, "{s:?}");
+                        next = hi;
+                    }
+                }
+                assert_eq!(next, seq_k);
             }
         }
         // A call-packed grouped prefill: 128 key and 128 value floats per key.

@@ -319,33 +319,8 @@ impl Executor<'_> {
                 )
             };
         };
-        // Group g's rows of sequence b from query q0: merges its `splits` state slots, `stride`
-        // floats apart from the start of `states`, and stores them.
-        let finish = |(b, g, q0): (usize, usize, usize),
-                      states: &mut [f32],
-                      stride: usize,
-                      scratch: &mut [f32]| {
-            assert!(
-                states.len() >= (splits - 1) * stride + state_len && scratch.len() >= scratch_len
-            );
-            // SAFETY: as for the items; the `splits` slots of state_len floats lie `stride`
-            // apart inside `states` (asserted above).
-            unsafe {
-                (entries.finish)(
-                    args.ptr(),
-                    b,
-                    g,
-                    q0,
-                    splits,
-                    states.as_mut_ptr(),
-                    stride,
-                    scratch.as_mut_ptr(),
-                )
-            };
-        };
-        let keys_of = |split: usize| {
-            let k_lo = split * schedule.keys_per_split;
-            (k_lo, (k_lo + schedule.keys_per_split).min(longest))
+        let finish = |at, states: &mut [f32], stride, scratch: &mut [f32]| {
+            self.finish(&args, at, splits, (states, stride), scratch)
         };
         // A task's states: `splits` blocks of `per_item` group slots ([split][group]), so each
         // split's item writes one contiguous block.
@@ -373,7 +348,14 @@ impl Executor<'_> {
                 let blocks = states.par_chunks_mut(per_item * state_len).enumerate();
                 blocks.for_each(|(split, block)| {
                     with_workspace(scratch_len, |scratch| {
-                        item(call, (b, g0, q0), keys_of(split), false, scratch, block)
+                        item(
+                            call,
+                            (b, g0, q0),
+                            schedule.split(split, longest),
+                            false,
+                            scratch,
+                            block,
+                        )
                     });
                 });
                 with_workspace(scratch_len, |scratch| finish_all(states, scratch));
@@ -386,8 +368,8 @@ impl Executor<'_> {
         let run_shared_splits = |pack: &CallPack<'_>, b: usize, g: usize| {
             let q_tiles = schedule.q_tiles;
             let run_split = |split: usize, states: &mut [f32]| {
-                let (k_lo, k_hi) = keys_of(split);
-                for (run, (r_lo, r_hi)) in runs(k_lo, k_hi, schedule.keys_per_run).enumerate() {
+                let (k_lo, k_hi) = schedule.split(split, longest);
+                for (run, (r_lo, r_hi)) in schedule.runs(k_lo, k_hi).enumerate() {
                     let keys = pack.keys_read(plan, b, r_lo, r_hi);
                     let (k_len, v_len) = pack.packing.lens(keys.start, keys.end);
                     with_kept_in_pool(&PACKED, k_len + v_len, |packed| {
@@ -523,24 +505,7 @@ impl Executor<'_> {
             // Query tile `tile`'s finish, its `splits` slots starting at `states` and
             // `stride` floats apart.
             let finish = |tile: usize, states: &mut [f32], stride: usize, scratch: &mut [f32]| {
-                assert!(
-                    states.len() >= (splits - 1) * stride + state_len
-                        && scratch.len() >= scratch_len
-                );
-                // SAFETY: as for the grouped finishes; the tile's `splits` slots of state_len
-                // floats lie `stride` apart inside `states` (asserted above).
-                unsafe {
-                    (entries.finish)(
-                        args.ptr(),
-                        b,
-                        h,
-                        tile * plan.q_tile,
-                        splits,
-                        states.as_mut_ptr(),
-                        stride,
-                        scratch.as_mut_ptr(),
-                    )
-                };
+                self.finish(args, (b, h, tile * plan.q_tile), splits, (states, stride), scratch)
             };
             // One run: keys r_lo..r_hi, up-projected, then every query tile's item over them.
             let expanded_run = |r_lo: usize, r_hi: usize, resumes: bool, states: &mut [f32]| {
@@ -599,27 +564,24 @@ impl Executor<'_> {
                     }
                 });
             };
-            // One split: keys k_lo..k_hi of every query tile, run by run (`keys_per_run`): a
+            // One split of every query tile, run by run (`keys_per_run`): a
             // run's keys are up-projected into this thread's buffer, then every query tile's
             // item runs over them, carrying on the state its item over the run before left.
             // The call's only run finishes each query tile right after its item, while its
             // state is in cache, so every tile uses slot 0; otherwise tile t's state stays in
             // slot t for the runs after and the merge.
-            let split = |k_lo: usize, k_hi: usize, states: &mut [f32]| {
+            let split = |split: usize, states: &mut [f32]| {
                 assert!(states.len() >= if only { state_len } else { q_tiles * state_len });
-                for (run, (r_lo, r_hi)) in runs(k_lo, k_hi, schedule.keys_per_run).enumerate() {
+                let (k_lo, k_hi) = schedule.split(split, longest);
+                for (run, (r_lo, r_hi)) in schedule.runs(k_lo, k_hi).enumerate() {
                     expanded_run(r_lo, r_hi, run > 0, states);
                 }
             };
             if only {
-                with_kept_in_pool(&SPLIT_STATES, state_len, |state| split(0, longest, state));
+                with_kept_in_pool(&SPLIT_STATES, state_len, |state| split(0, state));
                 return;
             }
-            let run_split = |s: usize, block: &mut [f32]| {
-                let k_lo = s * schedule.keys_per_split;
-                split(k_lo, (k_lo + schedule.keys_per_split).min(longest), block);
-            };
-            split_outer((splits, q_tiles, state_len, scratch_len), run_split, finish);
+            split_outer((splits, q_tiles, state_len, scratch_len), split, finish);
         };
         let tasks = shape.batch * heads;
         if tasks == 1 && only {
@@ -627,6 +589,37 @@ impl Executor<'_> {
         } else {
             self.in_pool(|| (0..tasks).into_par_iter().for_each(run_task));
         }
+    }
+
+    /// Group `g`'s rows of sequence `b` from query `q0`: merges its `splits` state slots, the
+    /// first at the start of `states` and each `stride` floats after the last, and stores them
+    /// through `args`.
+    fn finish(
+        &self,
+        args: &SharedArgs,
+        (b, g, q0): (usize, usize, usize),
+        splits: usize,
+        (states, stride): (&mut [f32], usize),
+        scratch: &mut [f32],
+    ) {
+        let fits = states.len() >= (splits - 1) * stride + self.plan.state_len;
+        assert!(fits && scratch.len() >= self.plan.scratch.len(1));
+        // SAFETY: as for the work items (`execute`), for one group: `check_call` verified
+        // `out` and `lse` against the call's shape, b < B, q0 < Sq and g < groups; the
+        // `splits` slots of state_len floats lie `stride` apart inside `states`, and `scratch`
+        // holds one group's scratch (asserted above).
+        unsafe {
+            (self.entries.finish)(
+                args.ptr(),
+                b,
+                g,
+                q0,
+                splits,
+                states.as_mut_ptr(),
+                stride,
+                scratch.as_mut_ptr(),
+            )
+        };
     }
 
     /// Runs a per-head program (absorbed MLA's prologue or epilogue) for every query head, in
@@ -760,16 +753,6 @@ impl CallPack<'_> {
             tiles.for_each(|(tile, (k_dst, v_dst))| pack_tile(tile, k_dst, v_dst));
         }
     }
-}
-
-/// The runs of keys `k_lo..k_hi`, `keys_per_run` each (the last may have fewer): at least one,
-/// so every state of a split is started even when it sees no key.
-fn runs(k_lo: usize, k_hi: usize, keys_per_run: usize) -> impl Iterator<Item = (usize, usize)> {
-    let count = (k_hi - k_lo).div_ceil(keys_per_run).max(1);
-    (0..count).map(move |run| {
-        let lo = k_lo + run * keys_per_run;
-        (lo, (lo + keys_per_run).min(k_hi))
-    })
 }
 
 /// Runs one task's `splits` key splits, each over all `q_tiles` of its query tiles, then each
