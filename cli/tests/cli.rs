@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use attngen::{AttentionSpec, GroupMap, Isa, Mask, Shape, Tensor};
+use attngen::{AttentionSpec, GroupMap, Isa, LatentCache, Mask, Shape, Tensor};
 use attngen_tests::strategies::OwnedInputs;
 use attngen_tests::{first_mismatch, independent};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
@@ -92,6 +92,7 @@ fn run_interp_agrees_with_the_independent_formulation_on_every_kind_of_spec() {
         AttentionSpec::gqa(4, 2, 8).softcap(0.5).scale(2.0).mask(Mask::Causal),
         AttentionSpec::mla(3, 12, 4, 6, 5).mask(Mask::Causal),
         AttentionSpec::mla(2, 8, 0, 3, 4),
+        AttentionSpec::mla(3, 12, 4, 6, 5).latent_cache(LatentCache::Combined),
     ];
     for (n, spec) in specs.iter().enumerate() {
         let dir = scratch(&format!("agree{n}"));
@@ -107,7 +108,8 @@ fn run_interp_agrees_with_the_independent_formulation_on_every_kind_of_spec() {
         let (lse_dims, lse) = read_f32(&file, "lse");
         assert_eq!(out_dims, Tensor::Out.dims(spec, shape));
         assert_eq!(lse_dims, Tensor::Lse.dims(spec, shape));
-        let (want_out, want_lse) = independent::attention(spec, shape, &inputs.tensors());
+        let separate = inputs.separated(spec);
+        let (want_out, want_lse) = independent::attention(spec, shape, &separate.tensors());
         assert_eq!(first_mismatch(&out, &want_out), None, "{spec:?}");
         assert_eq!(first_mismatch(&lse, &want_lse), None, "{spec:?}");
         assert!(lse.iter().any(|l| l.is_finite()));
@@ -400,6 +402,7 @@ fn run_jit_agrees_with_the_independent_formulation() {
         AttentionSpec::gqa(6, 2, 16).group_map(GroupMap::Interleaved).mask(Mask::Causal),
         AttentionSpec::gqa(5, 3, 7).group_map(GroupMap::Explicit(vec![2, 0, 0, 1, 2])).softcap(3.0),
         AttentionSpec::mla(4, 40, 8, 12, 9).mask(Mask::SlidingWindow(5)),
+        AttentionSpec::mla(4, 40, 8, 12, 9).mask(Mask::Causal).latent_cache(LatentCache::Combined),
     ];
     for (n, spec) in specs.iter().enumerate() {
         let dir = scratch(&format!("jit{n}"));
@@ -410,7 +413,8 @@ fn run_jit_agrees_with_the_independent_formulation() {
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         let bytes = std::fs::read(&out_path).unwrap();
         let file = SafeTensors::deserialize(&bytes).unwrap();
-        let (want_out, want_lse) = independent::attention(spec, shape, &inputs.tensors());
+        let separate = inputs.separated(spec);
+        let (want_out, want_lse) = independent::attention(spec, shape, &separate.tensors());
         assert_eq!(first_mismatch(&read_f32(&file, "out").1, &want_out), None, "{spec:?}");
         assert_eq!(first_mismatch(&read_f32(&file, "lse").1, &want_lse), None, "{spec:?}");
     }

@@ -31,7 +31,8 @@ pub struct CallArgs {
     pub v: *const f32,
     /// `c_kv` (latent).
     pub c_kv: *const f32,
-    /// `k_rope` (latent).
+    /// `k_rope` (latent); with a combined latent cache, `c_kv + rank` (each `c_kv` row is
+    /// `[c_kv | k_rope]`).
     pub k_rope: *const f32,
     /// `w_uk` (latent).
     pub w_uk: *const f32,

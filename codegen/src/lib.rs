@@ -19,6 +19,8 @@ pub mod validate;
 
 pub use ir::KernelIr;
 pub use plan::{Form, KernelPlan, Schedule, Target};
-pub use spec::{AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask, MlaForm, Variant};
+pub use spec::{
+    AttentionSpec, Dtype, GroupMap, KvLayout, LatentCache, LatentKv, Mask, MlaForm, Variant,
+};
 pub use spec_file::{LatentFields, SpecFields, SpecFileError, TomlError, TomlProblem};
 pub use validate::{SpecError, validate};

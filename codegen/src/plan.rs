@@ -87,8 +87,10 @@ pub enum CacheTensor {
 pub struct CacheRow {
     /// Floats of one row an item reads: one KV head's key or value, a latent, a RoPE key.
     pub width: usize,
-    /// Floats from one token's row to the next: all KV heads of a token for grouped K and V,
-    /// the row itself for MLA's latent and RoPE keys.
+    /// Floats from one token's row to the next: all KV heads of a token for grouped K and V;
+    /// for MLA's latent and RoPE keys the row itself, or `rank + rope_dim` in a combined
+    /// cache (`LatentCache::Combined`, where `CallArgs::k_rope` points `rank` floats into
+    /// `c_kv`).
     pub stride: usize,
 }
 
@@ -642,16 +644,18 @@ impl KernelPlan {
     /// kind have rows: `None` for the others.
     pub fn cache_row(&self, tensor: CacheTensor) -> Option<CacheRow> {
         let spec = &self.spec;
-        let (width, tokens_apart) = match (&spec.kv, tensor) {
+        let (width, stride) = match (&spec.kv, tensor) {
             (KvLayout::Grouped { head_dim, kv_heads, .. }, CacheTensor::K) => {
-                (*head_dim, *kv_heads)
+                (*head_dim, kv_heads * head_dim)
             }
-            (KvLayout::Grouped { kv_heads, .. }, CacheTensor::V) => (spec.v_head_dim, *kv_heads),
-            (KvLayout::Latent(l), CacheTensor::CKv) => (l.rank, 1),
-            (KvLayout::Latent(l), CacheTensor::KRope) => (l.rope_dim, 1),
+            (KvLayout::Grouped { kv_heads, .. }, CacheTensor::V) => {
+                (spec.v_head_dim, kv_heads * spec.v_head_dim)
+            }
+            (KvLayout::Latent(l), CacheTensor::CKv) => (l.rank, l.row_stride(l.rank)),
+            (KvLayout::Latent(l), CacheTensor::KRope) => (l.rope_dim, l.row_stride(l.rope_dim)),
             _ => return None,
         };
-        Some(CacheRow { width, stride: tokens_apart * width })
+        Some(CacheRow { width, stride })
     }
 
     /// FLOPs per (query, key) pair per head the kernel actually does (absorbed MLA attends over

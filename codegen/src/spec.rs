@@ -72,6 +72,71 @@ pub struct LatentKv {
     /// Which form the kernel computes: chosen per call by the cost model (`Auto`, the
     /// default), or forced.
     pub form: MlaForm,
+    /// How the cache holds `c_kv` and `k_rope`: as two tensors (the default) or as one.
+    pub cache: LatentCache,
+}
+
+impl LatentKv {
+    /// Floats from one token's row of the latent (`width` = `rank`) or RoPE key (`width` =
+    /// `rope_dim`) cache to the next: the row itself in separate tensors, the whole
+    /// `[c_kv | k_rope]` row in a combined one.
+    pub fn row_stride(&self, width: usize) -> usize {
+        match self.cache {
+            LatentCache::Separate => width,
+            LatentCache::Combined => self.rank.saturating_add(self.rope_dim),
+        }
+    }
+}
+
+/// How a latent spec's cache holds each token's latent `c_kv` and RoPE key `k_rope`.
+///
+/// DeepSeek's `kv_a_proj_with_mqa` produces `[c_kv | k_rope]` per token, and inference engines
+/// keep that row whole in their cache (FlashMLA's layout). With `Combined`, a kernel reads both
+/// from that one `[B, Sk, rank + rope_dim]` tensor, passed as `c_kv`, in place: no copy into
+/// two tensors per call.
+///
+/// ```
+/// use attngen_codegen::{AttentionSpec, LatentCache};
+/// let spec = AttentionSpec::mla(16, 512, 64, 128, 128).latent_cache(LatentCache::Combined);
+/// assert_eq!(spec.cache_layout(), Some(LatentCache::Combined));
+/// assert_eq!("separate".parse(), Ok(LatentCache::Separate));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LatentCache {
+    /// `c_kv` is `[B, Sk, rank]` and `k_rope` `[B, Sk, rope_dim]`, two tensors.
+    #[default]
+    Separate,
+    /// `c_kv` is `[B, Sk, rank + rope_dim]`, each row `[c_kv | k_rope]`; `k_rope` is passed
+    /// empty.
+    Combined,
+}
+
+impl LatentCache {
+    /// The name spec files and the macro use: `"separate"` or `"combined"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LatentCache::Separate => "separate",
+            LatentCache::Combined => "combined",
+        }
+    }
+}
+
+impl FromStr for LatentCache {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<LatentCache, String> {
+        [LatentCache::Separate, LatentCache::Combined]
+            .into_iter()
+            .find(|cache| cache.name() == name)
+            .ok_or_else(|| format!("unknown latent cache {name:?} (expected separate or combined)"))
+    }
+}
+
+impl fmt::Display for LatentCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The two ways to compute multi-head latent attention. Both give the same output (semantics
@@ -227,7 +292,13 @@ impl AttentionSpec {
         AttentionSpec {
             name: None,
             q_heads,
-            kv: KvLayout::Latent(LatentKv { rank, rope_dim, nope_dim, form: MlaForm::Auto }),
+            kv: KvLayout::Latent(LatentKv {
+                rank,
+                rope_dim,
+                nope_dim,
+                form: MlaForm::Auto,
+                cache: LatentCache::Separate,
+            }),
             v_head_dim,
             mask: Mask::None,
             scale: None,
@@ -275,6 +346,16 @@ impl AttentionSpec {
         self
     }
 
+    /// Sets how a latent spec's cache holds `c_kv` and `k_rope` (default
+    /// [`LatentCache::Separate`]). A grouped spec has no latent cache, so there this has no
+    /// effect.
+    pub fn latent_cache(mut self, cache: LatentCache) -> Self {
+        if let KvLayout::Latent(latent) = &mut self.kv {
+            latent.cache = cache;
+        }
+        self
+    }
+
     /// Sets the group map of a grouped spec. A latent spec has one shared latent KV head and no
     /// group map, so there this has no effect.
     pub fn group_map(mut self, map: GroupMap) -> Self {
@@ -288,6 +369,14 @@ impl AttentionSpec {
     pub fn requested_form(&self) -> Option<MlaForm> {
         match &self.kv {
             KvLayout::Latent(l) => Some(l.form),
+            KvLayout::Grouped { .. } => None,
+        }
+    }
+
+    /// How a latent spec's cache holds `c_kv` and `k_rope`; `None` for grouped specs.
+    pub fn cache_layout(&self) -> Option<LatentCache> {
+        match &self.kv {
+            KvLayout::Latent(l) => Some(l.cache),
             KvLayout::Grouped { .. } => None,
         }
     }
@@ -460,7 +549,11 @@ impl AttentionSpec {
         let h = self.q_heads;
         match (&self.kv, self.variant()) {
             (KvLayout::Latent(l), _) => {
-                format!("MLA {h} heads, latent {} + rope {}", l.rank, l.rope_dim)
+                let one_tensor = match l.cache {
+                    LatentCache::Separate => "",
+                    LatentCache::Combined => " (one cache tensor)",
+                };
+                format!("MLA {h} heads, latent {} + rope {}{one_tensor}", l.rank, l.rope_dim)
             }
             (_, Variant::Mha) => format!("MHA {h} heads"),
             (_, variant) => {

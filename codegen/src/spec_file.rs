@@ -11,7 +11,7 @@ use std::ops::Range;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use crate::spec::{AttentionSpec, Dtype, GroupMap, KvLayout, LatentKv, Mask, MlaForm};
+use crate::spec::{AttentionSpec, Dtype, GroupMap, KvLayout, LatentCache, LatentKv, Mask, MlaForm};
 use crate::validate::{self, SpecError};
 
 /// The keys of a spec file, each as written (absent keys are `None`).
@@ -97,6 +97,10 @@ pub struct LatentFields {
     /// chosen per call).
     #[serde(default)]
     pub form: Option<MlaForm>,
+    /// `cache = "separate" | "combined"`: `c_kv` and `k_rope` as two cache tensors (default),
+    /// or as one `[B, Sk, rank + rope_dim]` tensor, each row `[c_kv | k_rope]`.
+    #[serde(default)]
+    pub cache: Option<LatentCache>,
 }
 
 /// Saturates rather than wraps, so an absurd value still fails its range check.
@@ -148,6 +152,7 @@ impl SpecFields {
                     rope_dim: size(latent.rope_dim),
                     nope_dim: size(latent.nope_dim),
                     form: latent.form.unwrap_or_default(),
+                    cache: latent.cache.unwrap_or_default(),
                 };
                 (KvLayout::Latent(latent), v_head_dim)
             }
@@ -317,6 +322,9 @@ impl AttentionSpec {
             );
             if l.form != MlaForm::Auto {
                 let _ = writeln!(out, "form = \"{}\"", l.form);
+            }
+            if l.cache != LatentCache::Separate {
+                let _ = writeln!(out, "cache = \"{}\"", l.cache);
             }
         }
         out

@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use attngen_codegen::{AttentionSpec, GroupMap, LatentFields, Mask, MlaForm, SpecFields};
+use attngen_codegen::{
+    AttentionSpec, GroupMap, LatentCache, LatentFields, Mask, MlaForm, SpecFields,
+};
 use proc_macro2::{Span, TokenStream};
 use syn::parse::{Parse, ParseStream};
 use syn::{Ident, LitFloat, LitInt, LitStr, Token, braced, bracketed};
@@ -209,7 +211,8 @@ fn mask(input: ParseStream<'_>) -> syn::Result<Mask> {
 fn latent(input: ParseStream<'_>, spans: &mut HashMap<String, Span>) -> syn::Result<LatentFields> {
     let content;
     let brace = braced!(content in input);
-    let (mut rank, mut rope_dim, mut nope_dim, mut form) = (None, None, None, None);
+    let (mut rank, mut rope_dim, mut nope_dim) = (None, None, None);
+    let (mut form, mut cache) = (None, None);
     while !content.is_empty() {
         let key: Ident = content.parse()?;
         content.parse::<Token![=]>()?;
@@ -217,8 +220,11 @@ fn latent(input: ParseStream<'_>, spans: &mut HashMap<String, Span>) -> syn::Res
             "rank" => &mut rank,
             "rope_dim" => &mut rope_dim,
             "nope_dim" => &mut nope_dim,
-            "form" => {
-                form = Some(parsed_str::<MlaForm>(&content)?);
+            named @ ("form" | "cache") => {
+                match named {
+                    "form" => form = Some(parsed_str::<MlaForm>(&content)?),
+                    _ => cache = Some(parsed_str::<LatentCache>(&content)?),
+                }
                 spans.insert(format!("latent.{key}"), key.span());
                 if content.is_empty() {
                     break;
@@ -227,7 +233,8 @@ fn latent(input: ParseStream<'_>, spans: &mut HashMap<String, Span>) -> syn::Res
                 continue;
             }
             other => {
-                let message = unknown_key(other, &["rank", "rope_dim", "nope_dim", "form"]);
+                let keys = ["rank", "rope_dim", "nope_dim", "form", "cache"];
+                let message = unknown_key(other, &keys);
                 return Err(syn::Error::new(key.span(), message));
             }
         };
@@ -246,6 +253,7 @@ fn latent(input: ParseStream<'_>, spans: &mut HashMap<String, Span>) -> syn::Res
         rope_dim: rope_dim.ok_or_else(|| missing("rope_dim"))?,
         nope_dim: nope_dim.ok_or_else(|| missing("nope_dim"))?,
         form,
+        cache,
     })
 }
 

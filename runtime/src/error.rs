@@ -33,6 +33,16 @@ pub enum Error {
         /// The buffer's length.
         got: usize,
     },
+    /// A tensor the spec does not take, passed non-empty.
+    #[error("tensor `{tensor}` must be empty, got {got} elements: {why}")]
+    NotTaken {
+        /// The tensor's name.
+        tensor: &'static str,
+        /// Why the spec does not take it, and what to do instead.
+        why: &'static str,
+        /// The buffer's length.
+        got: usize,
+    },
     /// A sequence's key length beyond the rows its cache tensors hold.
     #[error(
         "kv_lens[{sequence}] is {len}, more than the {seq_k} rows per sequence (Sk) of the cache"

@@ -19,7 +19,7 @@ use std::ops::Range;
 
 use attngen_codegen::abi::{ALIGN_FLOATS, CallArgs, ExpandFn, FinishFn, HeadFn, ItemFn, PANEL};
 use attngen_codegen::plan::CallPacking;
-use attngen_codegen::{Form, KernelPlan, MlaForm, Schedule, cost};
+use attngen_codegen::{Form, KernelPlan, KvLayout, LatentCache, MlaForm, Schedule, cost};
 use rayon::prelude::*;
 
 use crate::{Error, InputTensors, Inputs, Isa, Shape, check_call, simd};
@@ -150,12 +150,20 @@ impl Executor<'_> {
                 (q, empty, empty, c_kv, k_rope, w_uk, w_uv)
             }
         };
+        // A combined latent cache's RoPE keys are the tail of each `c_kv` row: generated code
+        // reads them `rank` floats in, a row apart (`KernelPlan::cache_row`).
+        let k_rope = match spec.kv {
+            KvLayout::Latent(l) if l.cache == LatentCache::Combined => {
+                c_kv.as_ptr().wrapping_add(l.rank)
+            }
+            _ => k_rope.as_ptr(),
+        };
         let args = CallArgs {
             q: q.as_ptr(),
             k: k.as_ptr(),
             v: v.as_ptr(),
             c_kv: c_kv.as_ptr(),
-            k_rope: k_rope.as_ptr(),
+            k_rope,
             w_uk: w_uk.as_ptr(),
             w_uv: w_uv.as_ptr(),
             out: out.as_mut_ptr(),

@@ -18,9 +18,11 @@ pub trait Kernel: Send + Sync {
     /// # Errors
     /// [`Error::InputsKind`] when `inputs` are of the other kind than the spec's (grouped or
     /// latent), [`Error::Length`] when a buffer's length is not its tensor's element count at
-    /// `shape`, [`Error::TooLarge`] when that count overflows `usize` or a buffer of the call's
-    /// own (absorbed MLA's `q'` and `o'`, a prefill's packed K and V, expanded MLA's copy of
-    /// the weights) cannot be allocated, and [`Error::KvLen`] when `kv_lens` has other than B entries or one above Sk. A macro
+    /// `shape`, [`Error::NotTaken`] when a combined latent cache's call passes a `k_rope`,
+    /// [`Error::TooLarge`] when a count overflows `usize` or a buffer of the call's own
+    /// (absorbed MLA's `q'` and `o'`, a prefill's packed K and V, expanded MLA's copy of the
+    /// weights) cannot be allocated, and [`Error::KvLen`] when `kv_lens` has other than B
+    /// entries or one above Sk. A macro
     /// kernel whose ISA could not be chosen returns from every call the [`Error::Isa`] or
     /// [`Error::Compile`] that choice met (an `ATTNGEN_ISA` this CPU lacks; attngen-macros and
     /// attngen of different versions). Nothing is written then.

@@ -44,8 +44,8 @@ mod workload;
 
 pub use aligned::AlignedBuffer;
 pub use attngen_codegen::{
-    AttentionSpec, Dtype, Form, GroupMap, KvLayout, LatentKv, Mask, MlaForm, SpecError,
-    SpecFileError, Variant, cost, validate,
+    AttentionSpec, Dtype, Form, GroupMap, KvLayout, LatentCache, LatentKv, Mask, MlaForm,
+    SpecError, SpecFileError, Variant, cost, validate,
 };
 pub use attngen_macros::{kernel, spec, spec_tests};
 pub use error::Error;

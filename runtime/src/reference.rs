@@ -5,7 +5,7 @@
 //! un-absorbed form — per-head K_h and V_h are materialised from the latent first. (Batch
 //! entries and heads are independent and run in parallel; each is computed the naive way.)
 
-use attngen_codegen::{AttentionSpec, KvLayout, LatentKv, Mask, validate};
+use attngen_codegen::{AttentionSpec, KvLayout, LatentCache, LatentKv, Mask, validate};
 
 use rayon::prelude::*;
 
@@ -178,11 +178,19 @@ fn materialise_kv(
                     })
                     .collect()
             };
-            let latent_of = |t: usize| &c_kv[(b * sk + t) * rank..][..rank];
+            // Token t's latent and RoPE key: rows of two tensors, or the two parts of one
+            // combined row `[c_kv | k_rope]`.
+            let latent_of = |t: usize| &c_kv[(b * sk + t) * latent.row_stride(rank)..][..rank];
+            let rope_of = |t: usize| match latent.cache {
+                LatentCache::Separate => &k_rope[(b * sk + t) * rope_dim..][..rope_dim],
+                LatentCache::Combined => {
+                    &c_kv[(b * sk + t) * (rank + rope_dim) + rank..][..rope_dim]
+                }
+            };
             let keys = (0..len)
                 .map(|t| {
                     let mut key = project(w_uk, nope_dim, latent_of(t));
-                    key.extend(widen(&k_rope[(b * sk + t) * rope_dim..][..rope_dim]));
+                    key.extend(widen(rope_of(t)));
                     key
                 })
                 .collect();

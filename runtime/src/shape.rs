@@ -1,6 +1,6 @@
 //! [`Shape`], [`Inputs`] and the one checker every `Kernel::run` calls before touching memory.
 
-use attngen_codegen::{AttentionSpec, KvLayout};
+use attngen_codegen::{AttentionSpec, KvLayout, LatentCache};
 
 use crate::Error;
 
@@ -64,9 +64,10 @@ pub enum InputTensors<'a> {
     Latent {
         /// `q`: [B, Sq, H, nope_dim + rope_dim], nope part first.
         q: &'a [f32],
-        /// `c_kv`: [B, Sk, rank].
+        /// `c_kv`: [B, Sk, rank]; with a combined latent cache ([`LatentCache::Combined`]),
+        /// [B, Sk, rank + rope_dim], each row `[c_kv | k_rope]`.
         c_kv: &'a [f32],
-        /// `k_rope`: [B, Sk, rope_dim].
+        /// `k_rope`: [B, Sk, rope_dim]; empty with a combined latent cache.
         k_rope: &'a [f32],
         /// `w_uk`: [H, nope_dim, rank].
         w_uk: &'a [f32],
@@ -90,6 +91,33 @@ impl<'a> Inputs<'a> {
         w_uv: &'a [f32],
     ) -> Self {
         Inputs { tensors: InputTensors::Latent { q, c_kv, k_rope, w_uk, w_uv }, kv_lens: None }
+    }
+
+    /// Inputs for a latent spec whose cache is combined ([`LatentCache::Combined`]):
+    /// `kv_cache` is [B, Sk, rank + rope_dim], each token's row `[c_kv | k_rope]` (DeepSeek's
+    /// `kv_a_proj_with_mqa` output, as inference engines cache it), read in place. Every
+    /// sequence has Sk keys.
+    ///
+    /// ```
+    /// use attngen::{AttentionSpec, Inputs, Kernel, LatentCache, Reference, Shape};
+    ///
+    /// // 1 head, rank 2, rope 1, nope 1, Dv 1; one sequence of two tokens.
+    /// let spec = AttentionSpec::mla(1, 2, 1, 1, 1).latent_cache(LatentCache::Combined);
+    /// let kv_cache = [1.0, 0.0, 0.5, /* token 1: */ 0.0, 1.0, -0.5]; // [c_kv | k_rope] per row
+    /// let (q, w_uk, w_uv) = ([0.0, 0.0], [1.0, 1.0], [1.0, 3.0]);
+    /// let mut out = [0.0];
+    /// let inputs = Inputs::latent_combined(&q, &kv_cache, &w_uk, &w_uv);
+    /// Reference::new(&spec)?.run(Shape::new(1, 1, 2), &inputs, &mut out, None)?;
+    /// assert_eq!(out, [2.0]); // zero scores: the mean of the values W_UV·c_kv, 1 and 3
+    /// # Ok::<(), attngen::Error>(())
+    /// ```
+    pub fn latent_combined(
+        q: &'a [f32],
+        kv_cache: &'a [f32],
+        w_uk: &'a [f32],
+        w_uv: &'a [f32],
+    ) -> Self {
+        Inputs::latent(q, kv_cache, &[], w_uk, w_uv)
     }
 
     /// The same tensors with per-sequence key lengths ([`Inputs::kv_lens`]).
@@ -159,13 +187,17 @@ pub enum Tensor {
 }
 
 impl Tensor {
-    /// The input tensors of a spec, in a fixed order.
+    /// The input tensors of a spec, in a fixed order (a combined latent cache has no `k_rope`:
+    /// it is part of `c_kv`).
     pub fn inputs(spec: &AttentionSpec) -> &'static [Tensor] {
         match spec.kv {
             KvLayout::Grouped { .. } => &[Tensor::Q, Tensor::K, Tensor::V],
-            KvLayout::Latent(_) => {
-                &[Tensor::Q, Tensor::CKv, Tensor::KRope, Tensor::WUk, Tensor::WUv]
-            }
+            KvLayout::Latent(l) => match l.cache {
+                LatentCache::Separate => {
+                    &[Tensor::Q, Tensor::CKv, Tensor::KRope, Tensor::WUk, Tensor::WUv]
+                }
+                LatentCache::Combined => &[Tensor::Q, Tensor::CKv, Tensor::WUk, Tensor::WUv],
+            },
         }
     }
 
@@ -184,7 +216,8 @@ impl Tensor {
         }
     }
 
-    /// The tensor's shape for a spec and call shape (empty for a tensor the spec does not use).
+    /// The tensor's shape for a spec and call shape (empty for a tensor the spec does not take,
+    /// such as `k_rope` with a combined latent cache, whose `c_kv` rows hold it).
     pub fn dims(self, spec: &AttentionSpec, shape: Shape) -> Vec<usize> {
         let Shape { batch: b, seq_q: sq, seq_k: sk } = shape;
         let (h, d, dv) = (spec.q_heads, spec.head_dim(), spec.v_head_dim);
@@ -194,8 +227,10 @@ impl Tensor {
             (_, Tensor::Lse) => vec![b, sq, h],
             (KvLayout::Grouped { kv_heads, .. }, Tensor::K) => vec![b, sk, *kv_heads, d],
             (KvLayout::Grouped { kv_heads, .. }, Tensor::V) => vec![b, sk, *kv_heads, dv],
-            (KvLayout::Latent(l), Tensor::CKv) => vec![b, sk, l.rank],
-            (KvLayout::Latent(l), Tensor::KRope) => vec![b, sk, l.rope_dim],
+            (KvLayout::Latent(l), Tensor::CKv) => vec![b, sk, l.row_stride(l.rank)],
+            (KvLayout::Latent(l), Tensor::KRope) if l.cache == LatentCache::Separate => {
+                vec![b, sk, l.rope_dim]
+            }
             (KvLayout::Latent(l), Tensor::WUk) => vec![h, l.nope_dim, l.rank],
             (KvLayout::Latent(l), Tensor::WUv) => vec![h, dv, l.rank],
             _ => Vec::new(),
@@ -225,13 +260,14 @@ impl Tensor {
 
 /// Checks a call before any kernel touches memory: the inputs' kind matches the spec, every
 /// buffer (inputs, `out`, `lse`) has exactly its tensor's element count, computed with checked
-/// arithmetic, and `kv_lens`, if given, has one length per sequence, none above Sk. Every
+/// arithmetic (a tensor the spec does not take, `k_rope` with a combined latent cache, is
+/// empty), and `kv_lens`, if given, has one length per sequence, none above Sk. Every
 /// [`crate::Kernel::run`] calls this first, so on error nothing was written. The spec itself
 /// must already be validated (kernels validate when they are built).
 ///
 /// # Errors
-/// As [`crate::Kernel::run`]: [`Error::InputsKind`], [`Error::Length`], [`Error::TooLarge`] or
-/// [`Error::KvLen`], naming the tensor or field.
+/// As [`crate::Kernel::run`]: [`Error::InputsKind`], [`Error::Length`], [`Error::NotTaken`],
+/// [`Error::TooLarge`] or [`Error::KvLen`], naming the tensor or field.
 pub fn check_call(
     spec: &AttentionSpec,
     shape: Shape,
@@ -247,7 +283,13 @@ pub fn check_call(
         return Err(Error::InputsKind { expected, got: inputs.kind() });
     }
     for (tensor, data) in inputs.named() {
-        tensor.check(spec, shape, data.len())?;
+        if Tensor::inputs(spec).contains(&tensor) {
+            tensor.check(spec, shape, data.len())?;
+        } else if !data.is_empty() {
+            let why = "the spec's latent cache is combined, so k_rope is read from c_kv's rows \
+                       ([c_kv | k_rope] per token): build the inputs with Inputs::latent_combined";
+            return Err(Error::NotTaken { tensor: tensor.name(), why, got: data.len() });
+        }
     }
     if let Some(lens) = inputs.kv_lens {
         if lens.len() != shape.batch {

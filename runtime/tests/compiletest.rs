@@ -5,7 +5,7 @@
 //! offending argument with attngen's message (the .stderr files beside the cases are the
 //! documentation of those messages).
 
-use attngen::{AttentionSpec, GroupMap, Mask};
+use attngen::{AttentionSpec, GroupMap, LatentCache, Mask};
 
 #[test]
 fn valid_specs_expand_to_their_builder_values() {
@@ -34,6 +34,13 @@ fn valid_specs_expand_to_their_builder_values() {
     assert_eq!(uneven, expected);
     let lite = attngen::spec!(q_heads = 16, v_head_dim = 128, latent = { rank = 512, rope_dim = 64, nope_dim = 128 });
     assert_eq!(lite, AttentionSpec::mla(16, 512, 64, 128, 128));
+    let one_cache = attngen::spec!(
+        q_heads = 16,
+        v_head_dim = 128,
+        latent = { rank = 512, rope_dim = 64, nope_dim = 128, cache = "combined" }
+    );
+    let expected = AttentionSpec::mla(16, 512, 64, 128, 128).latent_cache(LatentCache::Combined);
+    assert_eq!(one_cache, expected);
 }
 
 #[test]

@@ -6,7 +6,8 @@
 
 use attngen::{AttentionSpec, KvLayout, Mask, Shape};
 
-/// Input tensors by name, as flat row-major buffers (empty where the spec reads none).
+/// Input tensors by name, as flat row-major buffers (empty where the spec reads none); a latent
+/// spec's `c_kv` and `k_rope` always as two tensors, whatever its cache layout.
 #[derive(Default)]
 pub struct Tensors<'a> {
     /// `q`.

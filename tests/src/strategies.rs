@@ -1,6 +1,8 @@
 //! proptest strategies for valid specs, call shapes and inputs.
 
-use attngen::{AttentionSpec, GroupMap, Inputs, Mask, MlaForm, Shape, Tensor};
+use attngen::{
+    AttentionSpec, GroupMap, Inputs, KvLayout, LatentCache, Mask, MlaForm, Shape, Tensor,
+};
 use proptest::prelude::*;
 
 /// Size limits for generated specs.
@@ -71,10 +73,17 @@ fn latent(limits: Limits) -> impl Strategy<Value = AttentionSpec> {
             (1..=limits.dim).contains(&(rope + nope))
         })
         .prop_flat_map(|(h, rank, rope, nope, dv)| {
-            // Either form forced, or the per-call choice: every form meets every shape.
+            // Either form forced, or the per-call choice: every form meets every shape; the
+            // cache as two tensors or as one.
             let forms = [MlaForm::Auto, MlaForm::Absorbed, MlaForm::Expanded];
-            proptest::sample::select(forms.to_vec())
-                .prop_map(move |form| AttentionSpec::mla(h, rank, rope, nope, dv).mla_form(form))
+            let caches = [LatentCache::Separate, LatentCache::Combined];
+            let choices = (
+                proptest::sample::select(forms.to_vec()),
+                proptest::sample::select(caches.to_vec()),
+            );
+            choices.prop_map(move |(form, cache)| {
+                AttentionSpec::mla(h, rank, rope, nope, dv).mla_form(form).latent_cache(cache)
+            })
         })
 }
 
@@ -195,7 +204,26 @@ impl OwnedInputs {
         }
     }
 
-    /// Views for [`crate::independent::attention`].
+    /// The same inputs with a combined latent cache (`c_kv` rows `[c_kv | k_rope]`) split into
+    /// its two tensors, the layout [`crate::independent::attention`] reads; any other spec's
+    /// inputs unchanged.
+    pub fn separated(&self, spec: &AttentionSpec) -> OwnedInputs {
+        let mut split = self.clone();
+        let Some(LatentCache::Combined) = spec.cache_layout() else { return split };
+        let KvLayout::Latent(l) = &spec.kv else { return split };
+        let row = l.rank + l.rope_dim;
+        let combined = split.get(Tensor::CKv).to_vec();
+        let part = |range: std::ops::Range<usize>| -> Vec<f32> {
+            combined.chunks(row.max(1)).flat_map(|r| r[range.clone()].to_vec()).collect()
+        };
+        let (c_kv, k_rope) = (part(0..l.rank), part(l.rank..row));
+        *split.get_mut(Tensor::CKv) = c_kv;
+        split.tensors.insert(2, (Tensor::KRope, k_rope));
+        split
+    }
+
+    /// Views for [`crate::independent::attention`] (with a combined latent cache, of
+    /// [`OwnedInputs::separated`]'s copy).
     pub fn tensors(&self) -> crate::independent::Tensors<'_> {
         crate::independent::Tensors {
             q: self.get(Tensor::Q),

@@ -68,6 +68,22 @@ struct MlaExpanded;
 )]
 struct MlaExpandedWindow;
 
+#[attngen::kernel(
+    q_heads = 5,
+    v_head_dim = 12,
+    mask = "causal",
+    latent = { rank = 40, rope_dim = 8, nope_dim = 16, form = "absorbed", cache = "combined" }
+)]
+struct MlaCombined;
+
+#[attngen::kernel(
+    q_heads = 3,
+    v_head_dim = 20,
+    mask = { sliding_window = 29 },
+    latent = { rank = 24, rope_dim = 8, nope_dim = 12, form = "expanded", cache = "combined" }
+)]
+struct MlaCombinedExpanded;
+
 #[attngen::kernel(spec = "../specs/llama3-8b.toml")]
 struct Llama3FromFile;
 
@@ -89,7 +105,7 @@ struct WideWindow;
 struct WideExpanded;
 
 /// How many kernels [`kernels`] lists: the property test draws from all of them.
-const KERNELS: usize = 10;
+const KERNELS: usize = 12;
 
 /// Every kernel above, for `isa`.
 fn kernels(isa: Isa) -> Vec<MacroKernel> {
@@ -104,6 +120,8 @@ fn kernels(isa: Isa) -> Vec<MacroKernel> {
         MlaNoRope::with_isa(isa),
         MlaExpanded::with_isa(isa),
         MlaExpandedWindow::with_isa(isa),
+        MlaCombined::with_isa(isa),
+        MlaCombinedExpanded::with_isa(isa),
     ]
 }
 

@@ -1,7 +1,9 @@
 //! The reference interpreter against hand-computed values and identities (never against itself),
 //! and against the independent float64 formulation over random specs.
 
-use attngen::{AttentionSpec, GroupMap, Inputs, Kernel, Mask, Reference, Shape, Tensor};
+use attngen::{
+    AttentionSpec, GroupMap, Inputs, Kernel, LatentCache, Mask, Reference, Shape, Tensor,
+};
 use attngen_tests::strategies::{self, Limits, OwnedInputs};
 use attngen_tests::{
     WeightlessRows, assert_errors_leave_outputs_untouched, assert_weightless_rows, first_mismatch,
@@ -228,6 +230,49 @@ fn latent_equals_mha_on_materialised_keys_and_values() {
 }
 
 #[test]
+fn combined_latent_cache_by_hand() {
+    // 1 head, rank 1, rope 1, nope 1, Dv 1, scale 1; each cache row is [c | r]. q = [0, 1]
+    // scores each key by its RoPE part alone: s = r = [0, ln 3], so p = [1/4, 3/4]; the values
+    // are W_UV·c = 2·c = [2, 10].
+    let spec = AttentionSpec::mla(1, 1, 1, 1, 1).scale(1.0).latent_cache(LatentCache::Combined);
+    let kv_cache = [1.0, 0.0, 5.0, 3f32.ln()];
+    let (q, w_uk, w_uv) = ([0.0, 1.0], [7.0], [2.0]);
+    let (out, lse) =
+        run(&spec, Shape::new(1, 1, 2), &Inputs::latent_combined(&q, &kv_cache, &w_uk, &w_uv));
+    assert_close(&out, &[0.25 * 2.0 + 0.75 * 10.0]);
+    assert_close(&lse, &[4f64.ln()]);
+    // The same call on the two tensors a separate cache holds.
+    let separate = AttentionSpec::mla(1, 1, 1, 1, 1).scale(1.0);
+    let (c_kv, k_rope) = ([1.0, 5.0], [0.0, 3f32.ln()]);
+    let inputs = Inputs::latent(&q, &c_kv, &k_rope, &w_uk, &w_uv);
+    assert_eq!(run(&separate, Shape::new(1, 1, 2), &inputs), (out, lse));
+}
+
+#[test]
+fn a_combined_latent_cache_takes_no_k_rope() {
+    let spec = AttentionSpec::mla(2, 4, 2, 3, 2).latent_cache(LatentCache::Combined);
+    let kernel = Reference::new(&spec).unwrap();
+    let (q, w_uk, w_uv) = (vec![0.0; 2 * 5], vec![0.0; 2 * 3 * 4], vec![0.0; 2 * 2 * 4]);
+    let (combined, separate) = (vec![0.0; 3 * 6], vec![0.0; 3 * 4]);
+    let mut out = [0.0; 4];
+    let mut call = |inputs: Inputs<'_>| {
+        kernel.run(Shape::new(1, 1, 3), &inputs, &mut out, None).map_err(|e| e.to_string())
+    };
+    assert_eq!(call(Inputs::latent_combined(&q, &combined, &w_uk, &w_uv)), Ok(()));
+    assert_eq!(
+        call(Inputs::latent_combined(&q, &separate, &w_uk, &w_uv)),
+        Err("tensor `c_kv`: expected shape [1, 3, 6] = 18 elements, got 12 elements".into())
+    );
+    assert_eq!(
+        call(Inputs::latent(&q, &combined, &[0.0; 6], &w_uk, &w_uv)),
+        Err("tensor `k_rope` must be empty, got 6 elements: the spec's latent cache is combined, \
+             so k_rope is read from c_kv's rows ([c_kv | k_rope] per token): build the inputs \
+             with Inputs::latent_combined"
+            .into())
+    );
+}
+
+#[test]
 fn errors_leave_out_untouched() {
     assert_errors_leave_outputs_untouched(&Reference::new(&AttentionSpec::gqa(4, 2, 3)).unwrap());
 }
@@ -326,7 +371,8 @@ proptest! {
     ) {
         let inputs = OwnedInputs::random(&spec, shape, seed, magnitude);
         let (out, lse) = run(&spec, shape, &inputs.inputs());
-        let (want_out, want_lse) = independent::attention(&spec, shape, &inputs.tensors());
+        let separate = inputs.separated(&spec);
+        let (want_out, want_lse) = independent::attention(&spec, shape, &separate.tensors());
         prop_assert_eq!(first_mismatch(&out, &want_out), None);
         prop_assert_eq!(first_mismatch(&lse, &want_lse), None);
     }

@@ -89,13 +89,14 @@ impl Translator<'_> {
     fn up_project(&mut self, rank: usize, width: usize, at: usize, c: Value, ldc: usize) {
         let (per_head, _) =
             self.plan.transposed_weights().expect("expanded plans transpose their weights");
-        let a = self.latent_rows(offsets::C_KV, rank);
+        let (a, lda) = self.latent_rows(Operand::CKv);
         let b = self.head_slice(offsets::WEIGHTS_T, per_head);
         let b = self.add_imm(b, 4 * at);
-        let (n, width, rank_v, one, panel, b_panel, ldc, zero) = (
+        let (n, width, rank_v, lda, one, panel, b_panel, ldc, zero) = (
             self.k_hi,
             self.int(width as i64),
             self.int(rank as i64),
+            self.int(lda as i64),
             self.int(1),
             self.int(PANEL as i64),
             self.int((PANEL * rank) as i64),
@@ -103,8 +104,8 @@ impl Translator<'_> {
             self.int(0),
         );
         let args = [
-            n, width, rank_v, a, rank_v, one, b, panel, b_panel, c, ldc, one, zero, zero, zero,
-            zero, zero, zero,
+            n, width, rank_v, a, lda, one, b, panel, b_panel, c, ldc, one, zero, zero, zero, zero,
+            zero, zero,
         ];
         self.call(Callee::DotNn, &args);
     }
@@ -117,10 +118,11 @@ impl Translator<'_> {
         self.up_project(rank, nope, 0, keys, d);
         let (n, d_v) = (self.k_hi, self.int(d as i64));
         if rope > 0 {
-            let src = self.latent_rows(offsets::K_ROPE, rope);
+            let (src, src_row) = self.latent_rows(Operand::KRope);
             let dst = self.add_imm(keys, 4 * nope);
-            let (rope, panel) = (self.int(rope as i64), self.int(PANEL as i64));
-            self.call(Callee::PackRows, &[n, rope, src, rope, dst, d_v, panel]);
+            let (rope, src_row) = (self.int(rope as i64), self.int(src_row as i64));
+            let panel = self.int(PANEL as i64);
+            self.call(Callee::PackRows, &[n, rope, src, src_row, dst, d_v, panel]);
         }
     }
 
@@ -133,13 +135,20 @@ impl Translator<'_> {
         self.up_project(rank, v_dim, values_at, values, row);
     }
 
-    /// Row `b·Sk + j0` of the `[B, Sk, width]` cache tensor at byte offset `field`.
-    fn latent_rows(&mut self, field: i32, width: usize) -> Value {
+    /// Address and row stride (floats) of token `b·Sk + j0`'s row of `c_kv` or `k_rope`
+    /// (`j0` in `k_lo`: the expand programs bind no work item, so Sk is loaded here).
+    fn latent_rows(&mut self, operand: Operand) -> (Value, usize) {
+        let stride = self.row_stride(operand);
+        let field = match operand {
+            Operand::CKv => offsets::C_KV,
+            Operand::KRope => offsets::K_ROPE,
+            other => unreachable!("{other:?} is not a latent cache tensor"),
+        };
         let seq_k = self.b.ins().load(types::I64, mem(), self.args, offsets::SEQ_K);
         let row = self.mul(self.batch, seq_k);
         let row = self.add(row, self.k_lo);
-        let at = self.mul_imm(row, width);
+        let at = self.mul_imm(row, stride);
         let base = self.arg(field);
-        self.float_addr(base, at)
+        (self.float_addr(base, at), stride)
     }
 }

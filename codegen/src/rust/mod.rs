@@ -15,7 +15,7 @@ use quote::{format_ident, quote};
 
 use crate::ir::{self, KernelIr};
 use crate::plan::{HeadMap, KernelPlan, Target};
-use crate::spec::{AttentionSpec, GroupMap, KvLayout, Mask, MlaForm};
+use crate::spec::{AttentionSpec, GroupMap, KvLayout, LatentCache, Mask, MlaForm};
 
 /// One ISA the generated kernels are compiled for: the module of `attngen::__private` holding
 /// its tile routines, the target features its functions enable (the same as those routines'),
@@ -253,8 +253,12 @@ pub fn spec_tokens(spec: &AttentionSpec) -> TokenStream {
                 MlaForm::Absorbed => quote!(::attngen::MlaForm::Absorbed),
                 MlaForm::Expanded => quote!(::attngen::MlaForm::Expanded),
             };
+            let cache = match l.cache {
+                LatentCache::Separate => quote!(::attngen::LatentCache::Separate),
+                LatentCache::Combined => quote!(::attngen::LatentCache::Combined),
+            };
             quote!(::attngen::KvLayout::Latent(::attngen::LatentKv {
-                rank: #rank, rope_dim: #rope_dim, nope_dim: #nope_dim, form: #form
+                rank: #rank, rope_dim: #rope_dim, nope_dim: #nope_dim, form: #form, cache: #cache
             }))
         }
     };

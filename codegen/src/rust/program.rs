@@ -1034,9 +1034,10 @@ impl Emitter<'_> {
         let (per_head, _) = self.transposed_weights();
         let (per_head, at, panel, b_panel) =
             (lit(per_head), lit(at), lit(PANEL), lit(PANEL * rank));
+        let lda = lit(self.cache_row(Operand::CKv).stride);
         let (rank, width, ldc) = (lit(rank), lit(width), lit(ldc));
         quote! {
-            routines::dot_nn(n, #width, #rank, args.c_kv.add(latent_row * #rank), #rank, 1,
+            routines::dot_nn(n, #width, #rank, args.c_kv.add(latent_row * #lda), #lda, 1,
                 args.weights_t.add(head * #per_head + #at).cast_const(), #panel, #b_panel, #c, #ldc,
                 1, 0, ::core::ptr::null(), ::core::ptr::null(), ::core::ptr::null(),
                 ::core::ptr::null(), ::core::ptr::null());
@@ -1050,9 +1051,10 @@ impl Emitter<'_> {
         let (d, nope_lit) = (lit(d), lit(nope));
         if rope > 0 {
             let (rope, panel) = (lit(rope), lit(PANEL));
+            let src_row = lit(self.cache_row(Operand::KRope).stride);
             code.extend(quote! {
-                ::attngen::__private::pack_rows(n, #rope, args.k_rope.add(latent_row * #rope),
-                    #rope, keys.add(#nope_lit), #d, #panel);
+                ::attngen::__private::pack_rows(n, #rope, args.k_rope.add(latent_row * #src_row),
+                    #src_row, keys.add(#nope_lit), #d, #panel);
             });
         }
         code
