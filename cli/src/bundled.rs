@@ -6,6 +6,8 @@ use attngen::{AttentionSpec, Isa, Kernel, MacroKernel};
 
 #[attngen::kernel(spec = "../specs/deepseek-v2-lite.toml")]
 struct DeepSeekV2Lite;
+#[attngen::kernel(spec = "../specs/deepseek-v2-lite-combined.toml")]
+struct DeepSeekV2LiteCombined;
 #[attngen::kernel(spec = "../specs/deepseek-v2.toml")]
 struct DeepSeekV2;
 #[attngen::kernel(spec = "../specs/gemma2-9b.toml")]
@@ -29,8 +31,9 @@ struct Llama3Decode;
 /// Every bundled kernel: its process-wide instance (for its spec) and `with_isa`.
 type Bundled = (fn() -> &'static MacroKernel, fn(Isa) -> MacroKernel);
 
-const BUNDLED: [Bundled; 10] = [
+const BUNDLED: [Bundled; 11] = [
     (DeepSeekV2Lite::compiled, DeepSeekV2Lite::with_isa),
+    (DeepSeekV2LiteCombined::compiled, DeepSeekV2LiteCombined::with_isa),
     (DeepSeekV2::compiled, DeepSeekV2::with_isa),
     (Gemma2::compiled, Gemma2::with_isa),
     (GqaInterleaved::compiled, GqaInterleaved::with_isa),
