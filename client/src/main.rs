@@ -2,7 +2,7 @@
 //! attngen's reference interpreter (semantics.md §4: `|x − ref| <= 1e-4 + 1e-4·|ref|`),
 //! including a NaN key hidden behind the causal mask. Exits 1 on the first disagreement.
 
-use attngen::{AttentionSpec, Inputs, Kernel, KvLayout, Reference, Shape, Tensor};
+use attngen::{AttentionSpec, Inputs, Kernel, KvLayout, LatentCache, Reference, Shape, Tensor};
 
 /// Llama-3-8B: GQA 32/8, causal.
 #[attngen::kernel(q_heads = 32, kv_heads = 8, head_dim = 128, mask = "causal")]
@@ -44,6 +44,16 @@ pub struct Gemma2;
 )]
 pub struct DeepSeekV2Lite;
 
+/// DeepSeek-V2-Lite on its cache as inference engines keep it: one `[c_kv | k_rope]` row per
+/// token.
+#[attngen::kernel(
+    q_heads = 16,
+    v_head_dim = 128,
+    mask = "causal",
+    latent = { rank = 512, rope_dim = 64, nope_dim = 128, cache = "combined" }
+)]
+pub struct DeepSeekV2LiteCombined;
+
 /// MLA without RoPE (a converted grouped layer).
 #[attngen::kernel(q_heads = 4, v_head_dim = 32, latent = { rank = 48, rope_dim = 0, nope_dim = 32 })]
 pub struct MlaNoRope;
@@ -73,6 +83,9 @@ fn inputs(spec: &AttentionSpec, shape: Shape, seed: u64) -> Vec<Vec<f32>> {
 fn view<'a>(spec: &AttentionSpec, tensors: &'a [Vec<f32>]) -> Inputs<'a> {
     match spec.kv {
         KvLayout::Grouped { .. } => Inputs::grouped(&tensors[0], &tensors[1], &tensors[2]),
+        KvLayout::Latent(l) if l.cache == LatentCache::Combined => {
+            Inputs::latent_combined(&tensors[0], &tensors[1], &tensors[2], &tensors[3])
+        }
         KvLayout::Latent(_) => {
             Inputs::latent(&tensors[0], &tensors[1], &tensors[2], &tensors[3], &tensors[4])
         }
@@ -138,7 +151,7 @@ fn check(name: &str, kernel: &dyn Kernel, shape: Shape, nan_key: bool) -> Result
 }
 
 fn main() {
-    let kernels: [(&str, &dyn Kernel); 8] = [
+    let kernels: [(&str, &dyn Kernel); 9] = [
         ("Llama3", &Llama3),
         ("Mha", &Mha),
         ("MqaWindow", &MqaWindow),
@@ -146,6 +159,7 @@ fn main() {
         ("Interleaved", &Interleaved),
         ("Gemma2", &Gemma2),
         ("DeepSeekV2Lite", &DeepSeekV2Lite),
+        ("DeepSeekV2LiteCombined", &DeepSeekV2LiteCombined),
         ("MlaNoRope", &MlaNoRope),
     ];
     let shapes =
