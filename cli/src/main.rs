@@ -36,7 +36,8 @@ enum Command {
     /// Run a spec on tensors from a safetensors file and write `out` and `lse`.
     ///
     /// The inputs file holds the tensors of semantics.md §2 by name, all F32: q, k, v for grouped
-    /// specs; q, c_kv, k_rope, w_uk, w_uv for latent (MLA) specs. B, Sq and Sk are read from
+    /// specs; q, c_kv, k_rope, w_uk, w_uv for latent (MLA) specs (with `cache = "combined"`, no
+    /// k_rope: c_kv is [B, Sk, rank + rope_dim]). B, Sq and Sk are read from
     /// their shapes. The output file gets `out` [B, Sq, H, Dv] and `lse` [B, Sq, H]. Exit
     /// status 2, with the problem on stderr and no output file, for any bad spec, tensor name,
     /// dtype or shape.
