@@ -24,7 +24,7 @@ pub enum TensorError {
     Unexpected {
         /// The tensor's name in the file.
         name: String,
-        /// `grouped` or `latent`.
+        /// `grouped`, `latent` or `combined-cache latent`.
         kind: &'static str,
         /// The names it reads.
         expected: String,
@@ -89,7 +89,11 @@ pub const KV_LENS: &str = "kv_lens";
 pub fn load(spec: &AttentionSpec, bytes: &[u8]) -> Result<LoadedInputs, TensorError> {
     let file = SafeTensors::deserialize(bytes)?;
     let wanted = Tensor::inputs(spec);
-    let kind = if wanted.contains(&Tensor::K) { "grouped" } else { "latent" };
+    let kind = match (wanted.contains(&Tensor::K), wanted.contains(&Tensor::KRope)) {
+        (true, _) => "grouped",
+        (false, true) => "latent",
+        (false, false) => "combined-cache latent",
+    };
     let mut names = file.names();
     names.sort_unstable();
     let known = |name: &str| name == KV_LENS || wanted.iter().any(|t| t.name() == name);
@@ -111,7 +115,7 @@ pub fn load(spec: &AttentionSpec, bytes: &[u8]) -> Result<LoadedInputs, TensorEr
     };
     // B and Sq come from q; Sk from the first per-token KV tensor.
     let q = view(Tensor::Q)?;
-    let kv_tensor = if kind == "grouped" { Tensor::K } else { Tensor::CKv };
+    let kv_tensor = if wanted.contains(&Tensor::K) { Tensor::K } else { Tensor::CKv };
     let kv = view(kv_tensor)?;
     let leading = |t: Tensor, v: &TensorView<'_>| -> Result<(usize, usize), TensorError> {
         let expected = t.dims(spec, symbolic);

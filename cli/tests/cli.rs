@@ -197,6 +197,32 @@ fn bad_tensors_exit_2_naming_the_tensor_and_leave_no_file() {
         ],
         "tensor `w_uv`: expected shape [2, 4, 8], found [2, 8, 4]",
     );
+    // A combined latent cache: c_kv holds [c_kv | k_rope] rows, and a k_rope is refused.
+    let combined = mla.clone().latent_cache(LatentCache::Combined);
+    let latent_inputs = |c_kv: usize, k_rope: bool| {
+        let mut tensors = vec![
+            ("q", Dtype::F32, vec![1, 1, 2, 5], zeros(10)),
+            ("c_kv", Dtype::F32, vec![1, 3, c_kv], zeros(3 * c_kv)),
+            ("w_uk", Dtype::F32, vec![2, 3, 8], zeros(48)),
+            ("w_uv", Dtype::F32, vec![2, 4, 8], zeros(64)),
+        ];
+        if k_rope {
+            tensors.push(("k_rope", Dtype::F32, vec![1, 3, 2], zeros(6)));
+        }
+        tensors
+    };
+    assert_bad_inputs(
+        "combined_rope",
+        &combined,
+        &latent_inputs(10, true),
+        "unexpected tensor `k_rope`: a combined-cache latent spec reads q, c_kv, w_uk, w_uv",
+    );
+    assert_bad_inputs(
+        "combined_width",
+        &combined,
+        &latent_inputs(8, false),
+        "tensor `c_kv`: expected shape [1, 3, 10], found [1, 3, 8]",
+    );
 }
 
 #[test]
