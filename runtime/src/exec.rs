@@ -151,7 +151,8 @@ impl Executor<'_> {
             }
         };
         // A combined latent cache's RoPE keys are the tail of each `c_kv` row: generated code
-        // reads them `rank` floats in, a row apart (`KernelPlan::cache_row`).
+        // reads them `rank` floats in, a row apart (`KernelPlan::cache_row`), so row t's
+        // `rope_dim` floats end where c_kv's row t does, inside the length `check_call` checked.
         let k_rope = match spec.kv {
             KvLayout::Latent(l) if l.cache == LatentCache::Combined => {
                 c_kv.as_ptr().wrapping_add(l.rank)
@@ -532,8 +533,9 @@ impl Executor<'_> {
                         );
                         assert!(k_dst.len() >= n * key_width && v_dst.len() >= value_tile);
                         // SAFETY: `check_call` verified c_kv, k_rope, w_uk and w_uv against the
-                        // shape; b < B, h < H, and keys j0..j0 + n <= kv_lens[b] (or Sk) are
-                        // rows of sequence b; the destinations hold n rows of D floats and one
+                        // shape (a combined cache's k_rope is the tail of each c_kv row, whose
+                        // length covers it); b < B, h < H, and keys j0..j0 + n <= kv_lens[b]
+                        // (or Sk) are rows of sequence b; the destinations hold n rows of D floats and one
                         // value tile (k_tile rows of Dv, row-major) (asserted above).
                         unsafe {
                             expand(args.ptr(), b, h, j0, n, k_dst.as_mut_ptr(), v_dst.as_mut_ptr())

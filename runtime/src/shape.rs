@@ -286,6 +286,7 @@ pub fn check_call(
         if Tensor::inputs(spec).contains(&tensor) {
             tensor.check(spec, shape, data.len())?;
         } else if !data.is_empty() {
+            // The one named input a spec can leave out: a combined latent cache's k_rope.
             let why = "the spec's latent cache is combined, so k_rope is read from c_kv's rows \
                        ([c_kv | k_rope] per token): build the inputs with Inputs::latent_combined";
             return Err(Error::NotTaken { tensor: tensor.name(), why, got: data.len() });
