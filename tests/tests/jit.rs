@@ -3,8 +3,8 @@
 
 use attngen::harness;
 use attngen::{
-    AttentionSpec, Error, Form, GroupMap, Isa, Jit, JitOptions, Kernel, KvLayout, Mask, MlaForm,
-    Shape, Tensor,
+    AttentionSpec, Error, Form, GroupMap, Isa, Jit, JitOptions, Kernel, KvLayout, LatentCache,
+    Mask, MlaForm, Shape, Tensor,
 };
 use attngen_tests::strategies::{self, Limits, OwnedInputs};
 use attngen_tests::{
@@ -286,6 +286,11 @@ fn compiling_an_equal_spec_hits_the_cache() {
     assert!(a.same_code(&b));
     assert!(!a.same_code(&c));
     assert_eq!(a.compile_time(), b.compile_time());
+    // A latent cache's layout is part of the spec: its rows lie elsewhere.
+    let separate = AttentionSpec::mla(4, 32, 8, 16, 12);
+    let combined = separate.clone().latent_cache(LatentCache::Combined);
+    let (d, e) = (jit.compile(&separate).unwrap(), jit.compile(&combined).unwrap());
+    assert!(!d.same_code(&e));
 }
 
 #[test]
