@@ -179,14 +179,14 @@ fn materialise_kv(
                     .collect()
             };
             // Token t's latent and RoPE key: rows of two tensors, or the two parts of one
-            // combined row `[c_kv | k_rope]`.
-            let latent_of = |t: usize| &c_kv[(b * sk + t) * latent.row_stride(rank)..][..rank];
-            let rope_of = |t: usize| match latent.cache {
-                LatentCache::Separate => &k_rope[(b * sk + t) * rope_dim..][..rope_dim],
-                LatentCache::Combined => {
-                    &c_kv[(b * sk + t) * (rank + rope_dim) + rank..][..rope_dim]
-                }
+            // combined row `[c_kv | k_rope]` (spelled out here rather than taken from the
+            // plan's strides, so that the reference does not share what it checks).
+            let (latent_row, rope, rope_row, rope_at) = match latent.cache {
+                LatentCache::Separate => (rank, k_rope, rope_dim, 0),
+                LatentCache::Combined => (rank + rope_dim, c_kv, rank + rope_dim, rank),
             };
+            let latent_of = |t: usize| &c_kv[(b * sk + t) * latent_row..][..rank];
+            let rope_of = |t: usize| &rope[(b * sk + t) * rope_row + rope_at..][..rope_dim];
             let keys = (0..len)
                 .map(|t| {
                     let mut key = project(w_uk, nope_dim, latent_of(t));

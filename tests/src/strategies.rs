@@ -209,8 +209,10 @@ impl OwnedInputs {
     /// inputs unchanged.
     pub fn separated(&self, spec: &AttentionSpec) -> OwnedInputs {
         let mut split = self.clone();
-        let Some(LatentCache::Combined) = spec.cache_layout() else { return split };
         let KvLayout::Latent(l) = &spec.kv else { return split };
+        if l.cache != LatentCache::Combined {
+            return split;
+        }
         let row = l.rank + l.rope_dim;
         let combined = split.get(Tensor::CKv).to_vec();
         let part = |range: std::ops::Range<usize>| -> Vec<f32> {
