@@ -55,6 +55,15 @@ const STRIP_FLOATS: usize = 4096;
 /// multiples of 512 bytes.
 const FEW_SETS_ROW: usize = 8 * PANEL;
 
+/// Rows of C from which a few-sets B's strip is copied (see [`copied_column`]): the copying
+/// row block runs 1.25–1.35× as long as a plain one, and below this many rows it costs more
+/// than the L2 re-reads it saves. A Zen 5's AVX-512 value product (64-column blocks, B's rows
+/// 2 KiB apart, in L2) ran at 211 GFLOP/s with the copy against 240 without at 12 rows, 218
+/// against 223 at 16, 239 against 240 at 48, and 247 against 236 at 64.
+const COPY_MIN_ROWS: usize = 64;
+const _: () =
+    assert!(COPY_MIN_ROWS > 8, "a copied column is more than one of `copies_block`'s blocks");
+
 /// Whether [`NnBlock::run_copying`] has a block of `mr` rows by `nr` vectors: every ISA's
 /// narrow and wide shapes must be among them.
 pub(super) const fn copies_block(mr: usize, nr: usize) -> bool {
@@ -304,10 +313,11 @@ unsafe fn row_blocks<S: OutOfLine>(
     // SAFETY: the caller's contract (S's features are enabled).
     let all = unsafe { S::mask(S::LANES) };
     // A row-major B whose rows fall in few L1 sets is copied to a strip per column block
-    // (see `copied_column`): one pass, without range tables.
+    // (see `copied_column`) when C is tall enough to pay for it: one pass, without range
+    // tables.
     let copies = row_lo.is_null()
         && col_lo.is_null()
-        && m > block_rows
+        && m >= COPY_MIN_ROWS
         && key_chunk >= k
         && nn.b_panel == PANEL
         && nn.b_row.is_multiple_of(FEW_SETS_ROW)
@@ -404,8 +414,9 @@ unsafe fn plain_block<S: OutOfLine>(
 /// row-major B whose rows fall in few L1 sets (absorbed MLA's value product: latent rows 2 KiB
 /// apart, so a column block's 64 keys share 2 of the 64 sets) would be re-read from L2 by
 /// every row block, so the first stores each key's vectors of B to a stack strip as it loads
-/// them and the others read that contiguous copy (W5's tile products 1.03–1.05× faster;
-/// results are the same, only B's address changes).
+/// them and the others read that contiguous copy. Results are the same, only B's address
+/// changes. Only a C of [`COPY_MIN_ROWS`] rows or more pays for it: DeepSeek-V2's 128 heads,
+/// not DeepSeek-V2-Lite's 16.
 ///
 /// # Safety
 /// As [`row_blocks`] without tables, in one pass; the column block is `block_shape(wide)`'s

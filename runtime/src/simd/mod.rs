@@ -630,6 +630,9 @@ mod tests {
                 (13, 100, 33),
                 (26, 130, 70),
                 (14, 80, 300),
+                // A C tall enough for B's strip copy (with rows in few L1 sets): whole column
+                // blocks copied, a ragged edge column block read in place.
+                (70, 72, 24),
             ] {
                 let ldc = n + 1;
                 let a = data(m * k + 3 * (m + k), 4);
@@ -642,8 +645,8 @@ mod tests {
                     part: 1,
                     parts: 3,
                 };
-                // Rows 512 bytes apart: the first row block copies each column block's strip
-                // and the others read the copy.
+                // Rows 512 bytes apart: in a tall C, the first row block copies each column
+                // block's strip and the others read the copy.
                 let few_sets_row = (n + 5).next_multiple_of(8 * PANEL);
                 let b = data(k * few_sets_row + 5 * k, 5);
                 let lo: Vec<i32> = (0..m as i32).map(|i| i % 3 - 1).collect();
