@@ -55,14 +55,19 @@ const STRIP_FLOATS: usize = 4096;
 /// multiples of 512 bytes.
 const FEW_SETS_ROW: usize = 8 * PANEL;
 
-/// Rows of C from which a few-sets B's strip is copied (see [`copied_column`]): the copying
+/// Rows of C from which a few-sets B's strip of a column block wider than
+/// [`CHEAP_COPY_COLUMNS`] (AVX-512's 64 columns) is copied (see [`copied_column`]): the copying
 /// row block runs 1.25–1.35× as long as a plain one, and below this many rows it costs more
-/// than the L2 re-reads it saves. A Zen 5's AVX-512 value product (64-column blocks, B's rows
-/// 2 KiB apart, in L2) ran at 211 GFLOP/s with the copy against 240 without at 12 rows, 218
-/// against 223 at 16, 239 against 240 at 48, and 247 against 236 at 64.
+/// than the L2 re-reads it saves. A Zen 5's AVX-512 value product (B's rows 2 KiB apart, in
+/// L2) ran at 211 GFLOP/s with the copy against 240 without at 12 rows, 218 against 223 at 16,
+/// 239 against 240 at 48, and 247 against 236 at 64.
 const COPY_MIN_ROWS: usize = 64;
-const _: () =
-    assert!(COPY_MIN_ROWS > 8, "a copied column is more than one of `copies_block`'s blocks");
+
+/// Column blocks at most this wide (AVX2's 16 columns, AVX-512's narrow 32) copy a few-sets
+/// B's strip for any C of more than one row block: on a Zen 5 held to AVX2 (one thread), MQA
+/// decode (16 rows of C) took 1.09–1.16× the time without the copy and 1.02× at 3 queries (48
+/// rows), and on a Zen 3 the copy made absorbed MLA's 16-row value product 1.03–1.05× faster.
+const CHEAP_COPY_COLUMNS: usize = 32;
 
 /// Whether [`NnBlock::run_copying`] has a block of `mr` rows by `nr` vectors: every ISA's
 /// narrow and wide shapes must be among them.
@@ -317,7 +322,8 @@ unsafe fn row_blocks<S: OutOfLine>(
     // tables.
     let copies = row_lo.is_null()
         && col_lo.is_null()
-        && m >= COPY_MIN_ROWS
+        && m > block_rows
+        && (m >= COPY_MIN_ROWS || block_width <= CHEAP_COPY_COLUMNS)
         && key_chunk >= k
         && nn.b_panel == PANEL
         && nn.b_row.is_multiple_of(FEW_SETS_ROW)
@@ -415,8 +421,8 @@ unsafe fn plain_block<S: OutOfLine>(
 /// apart, so a column block's 64 keys share 2 of the 64 sets) would be re-read from L2 by
 /// every row block, so the first stores each key's vectors of B to a stack strip as it loads
 /// them and the others read that contiguous copy. Results are the same, only B's address
-/// changes. Only a C of [`COPY_MIN_ROWS`] rows or more pays for it: DeepSeek-V2's 128 heads,
-/// not DeepSeek-V2-Lite's 16.
+/// changes. With AVX-512's 64-column blocks only a C of [`COPY_MIN_ROWS`] rows or more pays
+/// for it: DeepSeek-V2's 128 heads, not DeepSeek-V2-Lite's 16.
 ///
 /// # Safety
 /// As [`row_blocks`] without tables, in one pass; the column block is `block_shape(wide)`'s
