@@ -178,7 +178,8 @@ fn check_file(file: &Path, args: &CheckArgs, jit: Option<&Jit>) -> Row {
         None => {
             let config = CheckConfig::sized_for(&spec, args.cases, args.seed);
             row.cases = args.cases;
-            row.longest_seq_k = config.max_seq_k.max(config.max_long_seq_k);
+            let long_prefill_keys = config.long_prefill.map_or(0, |long| long.seq_k.1);
+            row.longest_seq_k = config.max_seq_k.max(config.max_long_seq_k).max(long_prefill_keys);
             harness::check(kernel.as_ref(), &config).map(|report| {
                 (row.max_abs, row.max_rel) = (report.max_abs, report.max_rel);
                 report.failure
@@ -241,7 +242,8 @@ fn render(rows: &[Row], args: &CheckArgs) -> String {
         "backend {}; each case: random B, Sq, Sk and inputs in [-1, 1] against the float64 reference, \
          |x - ref| <= 1e-4 + 1e-4·|ref| (semantics.md §4); seed {}\n\
          a quarter of the cases are long decode (B <= 2, Sq <= 2, Sk >= {}, split across threads) \
-         where the reference's budget allows: max Sk above {}\n",
+         where the reference's budget allows: max Sk above {}; for grouped specs a ninth are long \
+         prefill (B = 1, two query tiles, keys read in runs of shared packed tiles)\n",
         args.backend.name(),
         args.seed,
         harness::LONG_DECODE_KEYS,

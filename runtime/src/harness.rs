@@ -36,10 +36,26 @@ pub struct CheckConfig {
     pub max_seq_q: usize,
     /// Largest key length drawn, except by long decode cases.
     pub max_seq_k: usize,
-    /// Longest key length of the long decode cases, a quarter of the draws: B <= 2, Sq <= 2
+    /// Longest key length of the long decode cases, a quarter of the draws (two ninths with
+    /// long prefill cases): B <= 2, Sq <= 2
     /// and Sk from [`LONG_DECODE_KEYS`] up to this, so the JIT splits the keys across threads
     /// and merges the parts. 0 (or less than `LONG_DECODE_KEYS`) draws none.
     pub max_long_seq_k: usize,
+    /// Long prefill cases, a ninth of the draws, where the spec's kernels read a task's shared
+    /// keys in runs (see [`LongPrefill`]); `None` draws none.
+    pub long_prefill: Option<LongPrefill>,
+}
+
+/// The shapes of long prefill cases: B = 1, Sq and Sk each from a range (inclusive). Sized by
+/// [`CheckConfig::sized_for`] so that a task's query tiles share their packed keys and read
+/// them in runs (`KernelPlan::schedule`), each tile's state carried from one run to the
+/// next: the path a long prompt takes, which short cases never reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LongPrefill {
+    /// Fewest and most queries: past one query tile, so a task has two.
+    pub seq_q: (usize, usize),
+    /// Fewest and most keys: from the shortest range read in runs, a key tile further.
+    pub seq_k: (usize, usize),
 }
 
 /// Fewest keys of a long decode case: more than two of the JIT's decode splits
@@ -59,6 +75,7 @@ impl Default for CheckConfig {
             max_seq_q: 70,
             max_seq_k: 300,
             max_long_seq_k: 1500,
+            long_prefill: None,
         }
     }
 }
@@ -66,6 +83,11 @@ impl Default for CheckConfig {
 /// Multiply-adds the reference may spend on the largest case [`CheckConfig::sized_for`] draws
 /// (an average case costs about an eighth of it).
 const REFERENCE_BUDGET: f64 = 4e8;
+
+/// Multiply-adds the reference may spend on the largest long prefill case: such a case must
+/// be long enough to fill a run of shared keys (2 MiB of them), so it gets more than the
+/// others, and is drawn less often.
+const LONG_PREFILL_BUDGET: f64 = 1e9;
 
 impl CheckConfig {
     /// The default limits, shrunk for large specs so the largest case costs the reference at
@@ -75,6 +97,11 @@ impl CheckConfig {
     /// dropped below [`LONG_DECODE_KEYS`]. Per key the reference does `H·(D + Dv)`
     /// multiply-adds per query, and for latent specs also materialises every head's key and
     /// value: `H·(nope_dim + Dv)·rank`.
+    ///
+    /// Long prefill cases are sized from the spec's plan and the threads of rayon's current
+    /// pool (whose count decides how a call's keys are split, and so how long a range must be
+    /// to be read in runs), and drawn when the largest costs the reference at most a larger
+    /// budget: for grouped specs, not latent ones.
     pub fn sized_for(spec: &AttentionSpec, cases: u32, seed: u64) -> CheckConfig {
         let h = spec.q_heads as f64;
         let per_pair = h * (spec.head_dim() + spec.v_head_dim) as f64;
@@ -100,7 +127,43 @@ impl CheckConfig {
         if config.max_long_seq_k < LONG_DECODE_KEYS {
             config.max_long_seq_k = 0;
         }
+        let threads = rayon::current_num_threads();
+        config.long_prefill = LongPrefill::sized_for(spec, threads, |seq_q, seq_k| {
+            seq_k as f64 * (per_key + seq_q as f64 * per_pair) <= LONG_PREFILL_BUDGET
+        });
         config
+    }
+}
+
+impl LongPrefill {
+    /// The long prefill shapes of `spec` on `threads` threads, or `None` when its plan has no
+    /// runs of shared keys or the reference cannot `afford(Sq, Sk)` the largest: Sq over one
+    /// query tile up to one and a half, and Sk from the fewest keys the schedule reads in more
+    /// than one run per split, at the most queries, to a key tile more (a ragged last run).
+    /// The tile sizes and run lengths are the same on every ISA's plan.
+    pub fn sized_for(
+        spec: &AttentionSpec,
+        threads: usize,
+        afford: impl Fn(usize, usize) -> bool,
+    ) -> Option<LongPrefill> {
+        use attngen_codegen::plan::{KernelPlan, Target};
+        let plan = KernelPlan::new(spec, Target::PORTABLE);
+        if plan.shared_run_keys == usize::MAX {
+            return None;
+        }
+        let seq_q = (plan.q_tile + 1, plan.q_tile + plan.q_tile.div_ceil(2));
+        let in_runs = |seq_k: usize| {
+            let schedule = plan.schedule(1, seq_q.1, seq_k, threads);
+            schedule.keys_per_run < schedule.keys_per_split
+        };
+        // More keys split more ways only while the splits are fewer than the threads want, so
+        // some multiple of a run is read in runs; the budget ends the search before.
+        let mut seq_k = plan.shared_run_keys + 1;
+        while !in_runs(seq_k) {
+            seq_k = seq_k.checked_add(plan.shared_run_keys).filter(|&k| afford(seq_q.1, k))?;
+        }
+        let most_keys = seq_k + plan.k_tile;
+        afford(seq_q.1, most_keys).then_some(LongPrefill { seq_q, seq_k: (seq_k, most_keys) })
     }
 }
 
@@ -215,28 +278,30 @@ pub struct CheckReport {
     pub failure: Option<(Case, Mismatch)>,
 }
 
-/// The shapes [`check`] draws: B, Sq and Sk from 1 up to the limits (Sq > Sk included; a third
-/// of the draws have Sq <= 4, decode); with `max_long_seq_k >= LONG_DECODE_KEYS` a quarter
-/// of the draws are long decode cases instead (see [`CheckConfig::max_long_seq_k`]).
-/// Proptest shrinks the sizes toward their lower bounds.
-pub fn shapes(
-    max_batch: usize,
-    max_seq_q: usize,
-    max_seq_k: usize,
-    max_long_seq_k: usize,
-) -> impl Strategy<Value = Shape> {
+/// The shapes [`check`] draws under `config`'s limits (its case count and seed aside): B, Sq
+/// and Sk from 1 up to the limits (Sq > Sk included; a third of these have Sq <= 4, decode);
+/// with `max_long_seq_k >= LONG_DECODE_KEYS` a quarter of the draws are long decode cases
+/// instead (see [`CheckConfig::max_long_seq_k`]), and with `long_prefill` a ninth are long
+/// prefill cases ([`LongPrefill`]) and two ninths long decode ones. Proptest shrinks the sizes toward their lower bounds.
+pub fn shapes(config: CheckConfig) -> impl Strategy<Value = Shape> {
     // A third of the cases are decode-like (at most 4 queries): kernels take different
     // paths there (whole-row decode items, unpacked tiles), so they must be drawn often.
-    let max_seq_q = max_seq_q.max(1);
+    let max_seq_q = config.max_seq_q.max(1);
     let seq_q = prop_oneof![1 => 1..=max_seq_q.min(4), 2 => 1..=max_seq_q];
-    let short = (1..=max_batch.max(1), seq_q, 1..=max_seq_k.max(1));
+    let short = (1..=config.max_batch.max(1), seq_q, 1..=config.max_seq_k.max(1));
     let short = short.prop_map(|(b, sq, sk)| Shape::new(b, sq, sk));
-    if max_long_seq_k < LONG_DECODE_KEYS {
-        return short.boxed();
-    }
-    let long = (1..=LONG_DECODE_BATCH, 1..=LONG_DECODE_QUERIES, LONG_DECODE_KEYS..=max_long_seq_k);
-    let long = long.prop_map(|(b, sq, sk)| Shape::new(b, sq, sk));
-    prop_oneof![3 => short, 1 => long].boxed()
+    let long_decode = (config.max_long_seq_k >= LONG_DECODE_KEYS).then(|| {
+        let keys = LONG_DECODE_KEYS..=config.max_long_seq_k;
+        let long = (1..=LONG_DECODE_BATCH, 1..=LONG_DECODE_QUERIES, keys);
+        long.prop_map(|(b, sq, sk)| Shape::new(b, sq, sk))
+    });
+    let long_prefill = config.long_prefill.map(|LongPrefill { seq_q, seq_k }| {
+        (seq_q.0..=seq_q.1, seq_k.0..=seq_k.1).prop_map(|(sq, sk)| Shape::new(1, sq, sk))
+    });
+    let mut classes: Vec<(u32, BoxedStrategy<Shape>)> = vec![(6, short.boxed())];
+    classes.extend(long_decode.map(|s| (2, s.boxed())));
+    classes.extend(long_prefill.map(|s| (1, s.boxed())));
+    proptest::strategy::Union::new_weighted(classes).boxed()
 }
 
 /// The cases [`check`] runs: shapes from `shapes`, any input seed, and a quarter of them
@@ -472,8 +537,7 @@ pub fn check(kernel: &dyn Kernel, config: &CheckConfig) -> Result<CheckReport, E
     let runner_config =
         Config { cases: config.cases, failure_persistence: None, ..Config::default() };
     let mut runner = TestRunner::new_with_rng(runner_config, rng);
-    let shapes =
-        shapes(config.max_batch, config.max_seq_q, config.max_seq_k, config.max_long_seq_k);
+    let shapes = shapes(*config);
     let worst = std::cell::Cell::new((0.0f64, 0.0f64));
     let outcome = runner.run(&cases_over(shapes), |case| {
         let result = run_case(kernel, case).map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -547,8 +611,7 @@ pub fn assert_matches_reference<K: Kernel>(kernels: &[(String, K)], cases: u32) 
         Config { cases, failure_persistence: None, ..Config::default() },
         TestRng::from_seed(RngAlgorithm::ChaCha, &[0; 32]),
     );
-    let shapes =
-        shapes(config.max_batch, config.max_seq_q, config.max_seq_k, config.max_long_seq_k);
+    let shapes = shapes(config);
     let outcome = runner.run(&cases_over(shapes), |case| {
         let fail = |e: Error| TestCaseError::fail(e.to_string());
         let call = CaseCall::new(spec, case).map_err(fail)?;

@@ -120,9 +120,17 @@ pub fn kernel_spec(limits: Limits) -> impl Strategy<Value = AttentionSpec> {
 }
 
 /// A call shape: B 1..=3, Sq 1..=`max_q`, Sk 1..=`max_k` (Sq > Sk included) — the strategy
-/// `attngen check` uses, without its long decode cases (the split test covers those).
+/// `attngen check` uses, without its long decode and long prefill cases (the split and run
+/// tests cover those).
 pub fn shape(max_q: usize, max_k: usize) -> impl Strategy<Value = Shape> {
-    attngen::harness::shapes(3, max_q, max_k, 0)
+    let limits = attngen::harness::CheckConfig {
+        max_batch: 3,
+        max_seq_q: max_q,
+        max_seq_k: max_k,
+        max_long_seq_k: 0,
+        ..attngen::harness::CheckConfig::default()
+    };
+    attngen::harness::shapes(limits)
 }
 
 /// Owned input buffers for one call, filled from a seed.

@@ -1,8 +1,8 @@
 //! The property harness behind `attngen check`: it passes correct kernels, and for a
 //! deliberately broken one it shrinks to a minimal case that replays exactly.
 
-use attngen::harness::{self, Case, CheckConfig, Perturbed};
-use attngen::{AttentionSpec, Jit, Mask, Reference, Shape};
+use attngen::harness::{self, Case, CheckConfig, LongPrefill, Perturbed};
+use attngen::{AttentionSpec, Jit, JitOptions, Mask, Reference, Shape};
 
 #[test]
 fn correct_kernels_pass() {
@@ -93,6 +93,72 @@ fn long_decode_cases_reach_the_split_path_where_the_budget_allows() {
     let report = harness::check(&broken, &CheckConfig { cases: 64, ..CheckConfig::default() });
     let (case, _) = report.unwrap().failure.expect("a long case is drawn and fails");
     assert_eq!(case.shape.seq_k, harness::LONG_DECODE_KEYS, "shrunk to the shortest long case");
+}
+
+#[test]
+fn long_prefill_cases_read_their_keys_in_runs_where_the_budget_allows() {
+    // Llama-3-8B, MHA 16 × 64, MQA 16 × 128 and Gemma-2's D = 256: on every ISA's plan and
+    // any thread count, each corner of the drawn range reads a split's keys in several runs.
+    let specs = [
+        AttentionSpec::gqa(32, 8, 128).mask(Mask::Causal),
+        AttentionSpec::mha(16, 64),
+        AttentionSpec::gqa(16, 1, 128).mask(Mask::Causal),
+        AttentionSpec::gqa(16, 8, 256).mask(Mask::Causal),
+    ];
+    for spec in &specs {
+        for threads in [1, 2, 8] {
+            let long = LongPrefill::sized_for(spec, threads, |_, _| true).unwrap();
+            for isa in harness::tested_isas() {
+                let jit = Jit::with_options(JitOptions::default().isa(isa)).unwrap();
+                let plan = jit.compile(spec).unwrap().plan().clone();
+                assert_eq!(long.seq_q.0, plan.q_tile + 1, "{isa}");
+                let corners = [long.seq_q.0, long.seq_q.1]
+                    .into_iter()
+                    .flat_map(|sq| [(sq, long.seq_k.0), (sq, long.seq_k.1)]);
+                for (sq, sk) in corners {
+                    let s = plan.schedule(1, sq, sk, threads);
+                    let what = format!("{spec:?} on {threads} threads, {isa}: Sq {sq}, Sk {sk}");
+                    assert!(s.packs_call && s.keys_per_run < s.keys_per_split, "{what}: {s:?}");
+                }
+            }
+        }
+    }
+    // Grouped specs afford them; latent ones (every head's K and V materialised per key for
+    // 1500+ keys) do not.
+    assert!(CheckConfig::sized_for(&specs[0], 64, 0).long_prefill.is_some());
+    let lite = AttentionSpec::mla(16, 512, 64, 128, 128);
+    assert_eq!(CheckConfig::sized_for(&lite, 64, 0).long_prefill, None);
+    // A check draws them: a kernel wrong only when two query tiles share keys past one run
+    // fails, shrunk to the smallest such case.
+    let spec = AttentionSpec::gqa(32, 8, 128).mask(Mask::Causal);
+    let config = CheckConfig::sized_for(&spec, 64, 3);
+    let long = config.long_prefill.unwrap();
+    let broken = RunsBroken(Reference::new(&spec).unwrap(), long);
+    let (case, _) = harness::check(&broken, &config).unwrap().failure.expect("drawn and failed");
+    assert_eq!(case.shape, Shape::new(1, long.seq_q.0, long.seq_k.0), "shrunk to the corner");
+}
+
+/// The reference, but with `out` nudged whenever a call is a long prefill case's shape.
+struct RunsBroken(Reference, LongPrefill);
+
+impl attngen::Kernel for RunsBroken {
+    fn spec(&self) -> &AttentionSpec {
+        self.0.spec()
+    }
+
+    fn run(
+        &self,
+        shape: Shape,
+        inputs: &attngen::Inputs<'_>,
+        out: &mut [f32],
+        lse: Option<&mut [f32]>,
+    ) -> Result<(), attngen::Error> {
+        self.0.run(shape, inputs, out, lse)?;
+        if shape.seq_q >= self.1.seq_q.0 && shape.seq_k >= self.1.seq_k.0 {
+            out[0] += 1.0;
+        }
+        Ok(())
+    }
 }
 
 /// The reference, but with `out` nudged whenever a call has more than 512 keys.
