@@ -242,8 +242,9 @@ fn render(rows: &[Row], args: &CheckArgs) -> String {
         "backend {}; each case: random B, Sq, Sk and inputs in [-1, 1] against the float64 reference, \
          |x - ref| <= 1e-4 + 1e-4·|ref| (semantics.md §4); seed {}\n\
          a quarter of the cases are long decode (B <= 2, Sq <= 2, Sk >= {}, split across threads) \
-         where the reference's budget allows: max Sk above {}; for grouped specs a ninth are long \
-         prefill (B = 1, two query tiles, keys read in runs of shared packed tiles)\n",
+         where the reference's budget allows: max Sk above {}; for grouped specs (and small expanded \
+         MLA ones) a ninth are long prefill (B = 1, two query tiles, keys read in runs of shared \
+         packed tiles)\n",
         args.backend.name(),
         args.seed,
         harness::LONG_DECODE_KEYS,

@@ -37,9 +37,9 @@ pub struct CheckConfig {
     /// Largest key length drawn, except by long decode cases.
     pub max_seq_k: usize,
     /// Longest key length of the long decode cases, a quarter of the draws (two ninths with
-    /// long prefill cases): B <= 2, Sq <= 2
-    /// and Sk from [`LONG_DECODE_KEYS`] up to this, so the JIT splits the keys across threads
-    /// and merges the parts. 0 (or less than `LONG_DECODE_KEYS`) draws none.
+    /// long prefill cases): B <= 2, Sq <= 2 and Sk from [`LONG_DECODE_KEYS`] up to this, so the
+    /// JIT splits the keys across threads and merges the parts. 0 (or less than
+    /// `LONG_DECODE_KEYS`) draws none.
     pub max_long_seq_k: usize,
     /// Long prefill cases, a ninth of the draws, where the spec's kernels read a task's shared
     /// keys in runs (see [`LongPrefill`]); `None` draws none.
@@ -101,7 +101,8 @@ impl CheckConfig {
     /// Long prefill cases are sized from the spec's plan and the threads of rayon's current
     /// pool (whose count decides how a call's keys are split, and so how long a range must be
     /// to be read in runs), and drawn when the largest costs the reference at most a larger
-    /// budget: for grouped specs, not latent ones.
+    /// budget: for grouped specs, and for small latent ones forced to the expanded form (an
+    /// absorbed plan has no runs; DeepSeek's expanded ones cost the reference too much).
     pub fn sized_for(spec: &AttentionSpec, cases: u32, seed: u64) -> CheckConfig {
         let h = spec.q_heads as f64;
         let per_pair = h * (spec.head_dim() + spec.v_head_dim) as f64;
@@ -156,8 +157,9 @@ impl LongPrefill {
             let schedule = plan.schedule(1, seq_q.1, seq_k, threads);
             schedule.keys_per_run < schedule.keys_per_split
         };
-        // More keys split more ways only while the splits are fewer than the threads want, so
-        // some multiple of a run is read in runs; the budget ends the search before.
+        // Splits stop multiplying with the keys once the threads have enough of them, so some
+        // multiple of a run's keys puts several runs in each split (or the budget ends the
+        // search first).
         let mut seq_k = plan.shared_run_keys + 1;
         while !in_runs(seq_k) {
             seq_k = seq_k.checked_add(plan.shared_run_keys).filter(|&k| afford(seq_q.1, k))?;
@@ -282,7 +284,8 @@ pub struct CheckReport {
 /// and Sk from 1 up to the limits (Sq > Sk included; a third of these have Sq <= 4, decode);
 /// with `max_long_seq_k >= LONG_DECODE_KEYS` a quarter of the draws are long decode cases
 /// instead (see [`CheckConfig::max_long_seq_k`]), and with `long_prefill` a ninth are long
-/// prefill cases ([`LongPrefill`]) and two ninths long decode ones. Proptest shrinks the sizes toward their lower bounds.
+/// prefill cases ([`LongPrefill`]) and two ninths long decode ones. Proptest shrinks the sizes
+/// toward their lower bounds.
 pub fn shapes(config: CheckConfig) -> impl Strategy<Value = Shape> {
     // A third of the cases are decode-like (at most 4 queries): kernels take different
     // paths there (whole-row decode items, unpacked tiles), so they must be drawn often.

@@ -2,7 +2,7 @@
 //! deliberately broken one it shrinks to a minimal case that replays exactly.
 
 use attngen::harness::{self, Case, CheckConfig, LongPrefill, Perturbed};
-use attngen::{AttentionSpec, Jit, JitOptions, Mask, Reference, Shape};
+use attngen::{AttentionSpec, Jit, JitOptions, Mask, MlaForm, Reference, Shape};
 
 #[test]
 fn correct_kernels_pass() {
@@ -123,11 +123,16 @@ fn long_prefill_cases_read_their_keys_in_runs_where_the_budget_allows() {
             }
         }
     }
-    // Grouped specs afford them; latent ones (every head's K and V materialised per key for
-    // 1500+ keys) do not.
+    // Grouped specs afford them. DeepSeek-V2-Lite does not: its first plan, absorbed, has no
+    // runs, and forced to the expanded form its reference materialises every head's K and V
+    // for each of 1500+ keys. A small latent spec forced to the expanded form draws them.
     assert!(CheckConfig::sized_for(&specs[0], 64, 0).long_prefill.is_some());
     let lite = AttentionSpec::mla(16, 512, 64, 128, 128);
     assert_eq!(CheckConfig::sized_for(&lite, 64, 0).long_prefill, None);
+    let lite = lite.mla_form(MlaForm::Expanded);
+    assert_eq!(CheckConfig::sized_for(&lite, 64, 0).long_prefill, None);
+    let small = AttentionSpec::mla(4, 48, 8, 16, 12).mla_form(MlaForm::Expanded);
+    assert!(CheckConfig::sized_for(&small, 64, 0).long_prefill.is_some());
     // A check draws them: a kernel wrong only when two query tiles share keys past one run
     // fails, shrunk to the smallest such case.
     let spec = AttentionSpec::gqa(32, 8, 128).mask(Mask::Causal);
