@@ -89,7 +89,7 @@ fn long_decode_cases_reach_the_split_path_where_the_budget_allows() {
     assert_eq!(v2.max_long_seq_k, 0);
     // A check of a small spec draws long cases: a kernel that is wrong only past 512 keys fails.
     let spec = AttentionSpec::gqa(4, 2, 8);
-    let broken = LongKeysBroken(Reference::new(&spec).unwrap());
+    let broken = BrokenWhen(Reference::new(&spec).unwrap(), |s: Shape| s.seq_k > 512);
     let report = harness::check(&broken, &CheckConfig { cases: 64, ..CheckConfig::default() });
     let (case, _) = report.unwrap().failure.expect("a long case is drawn and fails");
     assert_eq!(case.shape.seq_k, harness::LONG_DECODE_KEYS, "shrunk to the shortest long case");
@@ -138,15 +138,16 @@ fn long_prefill_cases_read_their_keys_in_runs_where_the_budget_allows() {
     let spec = AttentionSpec::gqa(32, 8, 128).mask(Mask::Causal);
     let config = CheckConfig::sized_for(&spec, 64, 3);
     let long = config.long_prefill.unwrap();
-    let broken = RunsBroken(Reference::new(&spec).unwrap(), long);
+    let in_runs = |s: Shape| s.seq_q >= long.seq_q.0 && s.seq_k >= long.seq_k.0;
+    let broken = BrokenWhen(Reference::new(&spec).unwrap(), in_runs);
     let (case, _) = harness::check(&broken, &config).unwrap().failure.expect("drawn and failed");
     assert_eq!(case.shape, Shape::new(1, long.seq_q.0, long.seq_k.0), "shrunk to the corner");
 }
 
-/// The reference, but with `out` nudged whenever a call is a long prefill case's shape.
-struct RunsBroken(Reference, LongPrefill);
+/// The reference, but with `out` nudged on every call whose shape `.1` picks.
+struct BrokenWhen<F: Fn(Shape) -> bool>(Reference, F);
 
-impl attngen::Kernel for RunsBroken {
+impl<F: Fn(Shape) -> bool + Send + Sync> attngen::Kernel for BrokenWhen<F> {
     fn spec(&self) -> &AttentionSpec {
         self.0.spec()
     }
@@ -159,30 +160,7 @@ impl attngen::Kernel for RunsBroken {
         lse: Option<&mut [f32]>,
     ) -> Result<(), attngen::Error> {
         self.0.run(shape, inputs, out, lse)?;
-        if shape.seq_q >= self.1.seq_q.0 && shape.seq_k >= self.1.seq_k.0 {
-            out[0] += 1.0;
-        }
-        Ok(())
-    }
-}
-
-/// The reference, but with `out` nudged whenever a call has more than 512 keys.
-struct LongKeysBroken(Reference);
-
-impl attngen::Kernel for LongKeysBroken {
-    fn spec(&self) -> &AttentionSpec {
-        self.0.spec()
-    }
-
-    fn run(
-        &self,
-        shape: Shape,
-        inputs: &attngen::Inputs<'_>,
-        out: &mut [f32],
-        lse: Option<&mut [f32]>,
-    ) -> Result<(), attngen::Error> {
-        self.0.run(shape, inputs, out, lse)?;
-        if shape.seq_k > 512 {
+        if (self.1)(shape) {
             out[0] += 1.0;
         }
         Ok(())
