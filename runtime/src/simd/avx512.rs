@@ -12,8 +12,9 @@ pub struct Avx512;
 // and value update) keeps 24 accumulators, 4 vectors of B and a broadcast, and issues 10 loads
 // per 24 FMAs, where the 8 × 2 block issues 10 per 16 (W1–W3 0.87–0.94× and W6 0.83–0.91× the
 // time in alternating runs at 1 and 2 threads); narrower C (absorbed MLA's one-panel latent
-// scores, decode's few rows) keeps 8 × 2, whose 8 rows suit a one-panel C. dot_nt's 4 × 4
-// block holds 16 accumulators, 4 rows of A and 1 of B.
+// scores, decode's few rows) keeps 8 × 2, whose 8 rows suit a one-panel C, and a one-vector C
+// against rows a constant stride apart gets 16 × 1 tall blocks (`dot_nn::TALL_MR`). dot_nt's
+// 4 × 4 block holds 16 accumulators, 4 rows of A and 1 of B.
 impl Simd for Avx512 {
     const LANES: usize = 16;
     const NT_MR: usize = 4;
@@ -22,6 +23,7 @@ impl Simd for Avx512 {
     const NN_NR: usize = 2;
     const NN_WIDE_MR: usize = 6;
     const NN_WIDE_NR: usize = 4;
+    const NN_TALL: bool = true;
     type V = __m512;
     type Mask = __mmask16;
 

@@ -618,8 +618,16 @@ mod tests {
                 (17, 33, 70),
                 (8, 64, 9),
                 // One-panel C over several row blocks (absorbed MLA's latent scores): keys in
-                // unrolled groups and a remainder, with A's next rows prefetched.
+                // unrolled groups and a remainder, with A's next rows prefetched. With A's rows
+                // a tall stride apart (below), AVX-512's tall blocks: one, or several and a
+                // narrow remainder (of up to 8 rows, or more, split), C's vector whole or
+                // masked, the latent's 512 + 64 keys in passes.
                 (20, 16, 45),
+                (16, 16, 64),
+                (37, 16, 45),
+                (29, 12, 70),
+                (48, 16, 576),
+                (40, 9, 520),
                 // A strip of B past L1 on every ISA: passes of key_chunk keys, the last ragged
                 // (expanded MLA's up-projection).
                 (19, 40, 600),
@@ -635,7 +643,9 @@ mod tests {
                 (70, 72, 24),
             ] {
                 let ldc = n + 1;
-                let a = data(m * k + 3 * (m + k), 4);
+                // The smallest row stride tall blocks are compiled for that holds k floats.
+                let tall_row = dot_nn::TALL_STRIDES.into_iter().find(|&row| row >= k);
+                let a = data(m * tall_row.unwrap_or(k).max(k + 3) + 3 * (m + k), 4);
                 // Prefetching (here: A itself, and rows past its end) never changes a result.
                 let prefetch = PrefetchRows {
                     base: a.as_ptr(),
@@ -659,7 +669,8 @@ mod tests {
                     (l as usize..h as usize).contains(&i)
                 };
                 // (a_row, a_col) and (b_row, b_panel).
-                let a_layouts = [(k + 2, 1), (1, m + 3)];
+                let tall_layout = tall_row.map(|row| (row, 1));
+                let a_layouts = [(k + 2, 1), (1, m + 3)].into_iter().chain(tall_layout);
                 let b_layouts = [(n + 5, PANEL), (PANEL, PANEL * k), (few_sets_row, PANEL)];
                 for (a_row, a_col) in a_layouts {
                     for (b_row, b_panel) in b_layouts {

@@ -23,6 +23,7 @@ impl Simd for Portable {
     const NN_NR: usize = 2;
     const NN_WIDE_MR: usize = Self::NN_MR;
     const NN_WIDE_NR: usize = Self::NN_NR;
+    const NN_TALL: bool = false;
     type V = [f32; L];
     type Mask = usize;
 

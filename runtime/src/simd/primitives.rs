@@ -29,6 +29,10 @@ pub trait Simd: Copy + 'static {
     const NN_WIDE_MR: usize;
     /// Vectors of C's columns per wide `dot_nn` block (ISAs without it: `NN_NR`).
     const NN_WIDE_NR: usize;
+    /// Whether `dot_nn` has tall blocks here: [`super::dot_nn::TALL_MR`] rows by one vector,
+    /// for row-major A rows a constant stride apart. Each needs a register per row of C beside
+    /// B's vector: 17 of AVX-512's 32, more than AVX2 has.
+    const NN_TALL: bool;
 
     /// A vector of `LANES` f32s.
     type V: Copy;
