@@ -53,11 +53,11 @@ const KEY_GROUP: usize = 8;
 /// stride a constant, every row's element is a fixed offset from one pointer, so the rows cost
 /// no registers and 16 accumulators fit where 8 row pointers capped the block at 8 rows; each
 /// broadcast still feeds one FMA, but the block loads B once per 16 of them instead of 8, and
-/// its 16 independent sums hide the FMA latency. On a Zen 5 the score product alone ran at
-/// 242–250 GFLOP/s (one core, latent in cache) against 204–222 in 8 × 1 blocks; in the kernel,
-/// switched in one process, absorbed MLA decode took 0.95–0.98× the time at 4 × 1 × 4096 (W5),
-/// 0.93–1.01× at 4 × 1 × 32768 (W8), 0.94–0.96× on a combined cache, and MQA 16 × 64 decode
-/// 0.92–0.94×.
+/// its 16 independent sums hide the FMA latency. On a Zen 5 the score product alone (one core)
+/// ran at 213–240 GFLOP/s with the latent in cache and 205–206 streaming it from DRAM, against
+/// 204–222 and 158–184 in 8 × 1 blocks; in the kernel, switched in one process, absorbed MLA
+/// decode took 0.95–0.98× the time at 4 × 1 × 4096 (W5), 0.93–1.01× at 4 × 1 × 32768 (W8),
+/// 0.94–0.96× on a combined cache, and MQA 16 × 64 decode 0.92–0.94×.
 pub(super) const TALL_MR: usize = 16;
 
 /// The row strides (floats) tall blocks are compiled for, ascending: 64 (the rope keys', and
