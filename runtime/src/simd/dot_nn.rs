@@ -61,9 +61,10 @@ const KEY_GROUP: usize = 8;
 pub(super) const TALL_MR: usize = 16;
 
 /// The row strides (floats) tall blocks are compiled for, ascending: 64 (the rope keys', and
-/// the K rows of one KV head of 64), DeepSeek's latent rows (rank 512) and the combined
-/// cache's `[c_kv | k_rope]` (576).
-pub(super) const TALL_STRIDES: [usize; 3] = [64, 512, 576];
+/// the K rows of one KV head of 64), latent rows of rank 128, 256 (ranks `attngen compress`
+/// writes: a 16-head rank-128 spec's decode took 0.92–0.96× the time with them, rank 256
+/// 0.92–1.01×) and 512 (DeepSeek's), and DeepSeek's combined `[c_kv | k_rope]` rows (576).
+pub(super) const TALL_STRIDES: [usize; 5] = [64, 128, 256, 512, 576];
 
 /// Floats of the stack strip a strided B's column block is copied into (see [`row_blocks`]):
 /// 64 keys of AVX-512's 64-column wide block, 256 of AVX2's 16 columns.
@@ -481,7 +482,7 @@ unsafe fn tall_block<S: Simd>(
                 }
             };
         }
-        strides!(64, 512, 576)
+        strides!(64, 128, 256, 512, 576)
     }
 }
 

@@ -626,6 +626,8 @@ mod tests {
                 (16, 16, 64),
                 (37, 16, 45),
                 (29, 12, 70),
+                (33, 16, 200),
+                (21, 16, 300),
                 (48, 16, 576),
                 (40, 9, 520),
                 // A strip of B past L1 on every ISA: passes of key_chunk keys, the last ragged
