@@ -947,7 +947,6 @@ impl NnBlock {
     /// As [`NnBlock::run`]; with COPY, the block is not MASKED and `copy` holds `hi · NR ·
     /// LANES` writable floats; a STRIDE other than 0 is the block's `a_stride`.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn run_with<
         S: Simd,
         const MR: usize,
