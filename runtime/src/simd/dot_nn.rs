@@ -204,6 +204,7 @@ unsafe fn row_major_c<S: OutOfLine>(
     // One row block computes all of C: the column tables only allow skipping.
     let one_block = row_lo.is_null() && (1..=S::NN_MR).contains(&m);
     let wide = !one_block && n >= S::NN_WIDE_NR * S::LANES;
+    // A one-vector C against row-major A at a stride tall blocks are compiled for.
     let tall = S::NN_TALL
         && row_lo.is_null()
         && !nn.a_trans
