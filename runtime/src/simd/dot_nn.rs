@@ -60,11 +60,38 @@ const KEY_GROUP: usize = 8;
 /// 0.94–0.96× on a combined cache, and MQA 16 × 64 decode 0.92–0.94×.
 pub(super) const TALL_MR: usize = 16;
 
-/// The row strides (floats) tall blocks are compiled for, ascending: 64 (the rope keys', and
-/// the K rows of one KV head of 64), latent rows of rank 128, 256 (ranks `attngen compress`
-/// writes: a 16-head rank-128 spec's decode took 0.92–0.96× the time with them, rank 256
-/// 0.92–1.01×) and 512 (DeepSeek's), and DeepSeek's combined `[c_kv | k_rope]` rows (576).
-pub(super) const TALL_STRIDES: [usize; 5] = [64, 128, 256, 512, 576];
+/// Invokes `$then!` with the row strides (floats) tall blocks are compiled for, ascending: 64
+/// (the rope keys', and the K rows of one KV head of 64), latent rows of rank 128, 256 (ranks
+/// `attngen compress` writes: a 16-head rank-128 spec's decode took 0.92–0.96× the time with
+/// them, rank 256 0.92–1.01×) and 512 (DeepSeek's), and DeepSeek's combined `[c_kv | k_rope]`
+/// rows (576). The one list both [`TALL_STRIDES`] and [`tall_block`]'s dispatch are made from.
+macro_rules! with_tall_strides {
+    ($then:ident) => {
+        $then!(64, 128, 256, 512, 576)
+    };
+}
+
+/// The strides of [`with_tall_strides`], as an array.
+macro_rules! stride_array {
+    ($($stride:literal),*) => {
+        [$($stride),*]
+    };
+}
+
+/// The row strides (floats) tall blocks are compiled for ([`with_tall_strides`]).
+pub(super) const TALL_STRIDES: [usize; 5] = with_tall_strides!(stride_array);
+
+/// Whether C (`m` rows by `n` columns) runs in tall blocks on this ISA: one vector wide, at
+/// least one tall block of rows, A row-major (not `a_trans`) at a stride tall blocks are
+/// compiled for, and no per-row key ranges (`ranged`).
+fn takes_tall<S: Simd>(m: usize, n: usize, a_stride: usize, a_trans: bool, ranged: bool) -> bool {
+    S::NN_TALL
+        && !ranged
+        && !a_trans
+        && n <= S::LANES
+        && m >= TALL_MR
+        && TALL_STRIDES.contains(&a_stride)
+}
 
 /// Floats of the stack strip a strided B's column block is copied into (see [`row_blocks`]):
 /// 64 keys of AVX-512's 64-column wide block, 256 of AVX2's 16 columns.
@@ -204,13 +231,7 @@ unsafe fn row_major_c<S: OutOfLine>(
     // One row block computes all of C: the column tables only allow skipping.
     let one_block = row_lo.is_null() && (1..=S::NN_MR).contains(&m);
     let wide = !one_block && n >= S::NN_WIDE_NR * S::LANES;
-    // A one-vector C against row-major A at a stride tall blocks are compiled for.
-    let tall = S::NN_TALL
-        && row_lo.is_null()
-        && !nn.a_trans
-        && n <= S::LANES
-        && m >= TALL_MR
-        && TALL_STRIDES.contains(&nn.a_stride);
+    let tall = takes_tall::<S>(m, n, nn.a_stride, nn.a_trans, !row_lo.is_null());
     let (block_rows, block_width) = match tall {
         true => (TALL_MR, S::LANES),
         false => block_shape::<S>(wide),
@@ -479,11 +500,11 @@ unsafe fn tall_block<S: Simd>(
                         ($stride, true) => block
                             .run_with::<S, TALL_MR, 1, true, false, false, $stride>(accumulate, tail, copy),
                     )*
-                    _ => unreachable!("tall blocks are for the strides TALL_STRIDES names"),
+                    _ => unreachable!("tall blocks are for the strides with_tall_strides names"),
                 }
             };
         }
-        strides!(64, 128, 256, 512, 576)
+        with_tall_strides!(strides)
     }
 }
 
@@ -1242,7 +1263,33 @@ unsafe fn strided(
 
 #[cfg(test)]
 mod tests {
-    use super::{B_STRIP_BYTES, SUM_CHUNK, key_chunk};
+    use super::{B_STRIP_BYTES, SUM_CHUNK, key_chunk, takes_tall};
+
+    /// Absorbed MLA's decode score products take tall blocks with AVX-512 — DeepSeek's latent,
+    /// combined and rope rows against 16 heads, and the ranks `attngen compress` writes — and
+    /// nothing else does: not a wider C, a C shorter than one tall block, A transposed or at
+    /// another stride, row ranges, or an ISA without the registers.
+    #[test]
+    fn tall_blocks_take_the_latent_scores_and_nothing_else() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::simd::{avx2::Avx2, avx512::Avx512};
+            for stride in [64, 128, 256, 512, 576] {
+                assert!(takes_tall::<Avx512>(64, 16, stride, false, false), "{stride}");
+                assert!(takes_tall::<Avx512>(37, 12, stride, false, false), "{stride}");
+                assert!(!takes_tall::<Avx2>(64, 16, stride, false, false), "{stride}");
+            }
+            // DeepSeek-V2's 128 heads, a one-query edge tile, P transposed, other strides,
+            // causal edge tiles' row ranges.
+            assert!(!takes_tall::<Avx512>(64, 128, 512, false, false));
+            assert!(!takes_tall::<Avx512>(15, 16, 512, false, false));
+            assert!(!takes_tall::<Avx512>(64, 16, 512, true, false));
+            assert!(!takes_tall::<Avx512>(64, 16, 1024, false, false));
+            assert!(!takes_tall::<Avx512>(64, 16, 513, false, false));
+            assert!(!takes_tall::<Avx512>(64, 16, 512, false, true));
+        }
+        assert!(!takes_tall::<crate::simd::portable::Portable>(64, 8, 512, false, false));
+    }
 
     /// Whole products while the strip fits; else passes of whole partial sums (so results do
     /// not change) whose strip is half the budget.
