@@ -43,7 +43,8 @@ pub struct BenchArgs {
     #[arg(long, value_parser = positive)]
     pub peak_gbs: Option<f64>,
     /// Place every input tensor this many floats past a 64-byte line (0 to 15). By default
-    /// each starts on a line, as PyTorch's and ONNX Runtime's allocators place tensors; 4 is
+    /// each starts on a line, as PyTorch's and ONNX Runtime's allocators place tensors (and a
+    /// large one in huge pages, as `attngen::AlignedBuffer` and numpy place it); 4 is
     /// where a large `Vec<f32>` from glibc's `malloc` starts (16 bytes past a line), which
     /// costs decode, reading its cache in place, a few percent.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..16))]

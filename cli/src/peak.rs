@@ -217,9 +217,10 @@ fn fma_loop_avx512(iterations: u64) -> f32 {
 /// GB/s of summing an f32 buffer of [`read_buffer_bytes`] split over `threads` threads; the
 /// best of [`READ_PASSES`] passes.
 ///
-/// The buffer starts on a 64-byte line, as PyTorch's and ONNX Runtime's allocators place
-/// tensors: a large `Vec<f32>` from glibc's `malloc` starts 16 bytes past one, and then every
-/// second 32-byte load spans two lines.
+/// The buffer is an [`AlignedBuffer`], as the kernels' inputs in `bench` are: it starts on a
+/// 64-byte line, as PyTorch's and ONNX Runtime's allocators place tensors (a large `Vec<f32>`
+/// from glibc's `malloc` starts 16 bytes past one, and then every second 32-byte load spans
+/// two lines), and on Linux lies in transparent huge pages where the system grants them.
 pub fn read_gbs(threads: usize) -> f64 {
     let mut data = AlignedBuffer::zeroed(read_buffer_bytes() / 4);
     data.fill(1.0);

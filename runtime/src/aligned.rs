@@ -4,12 +4,23 @@ use std::ops::{Deref, DerefMut};
 
 use attngen_codegen::abi::ALIGN_FLOATS;
 
-/// `len` f32s whose first starts on a 64-byte cache line, as every buffer attngen owns does.
+/// `len` f32s whose first starts on a 64-byte cache line, as every buffer attngen owns does;
+/// on Linux, a buffer of 2 MiB or more also starts on a 2 MiB boundary in memory of its own,
+/// offered to the kernel for transparent huge pages.
 ///
 /// Kernels read the tensors you pass where they lie, and decode reads its cache in place. A cache
 /// that starts off a line — a large `Vec<f32>` from glibc's `malloc` starts 16 bytes past one —
 /// puts every other 32-byte load across two lines: on a Zen 3, grouped decode took 1.05–1.09×
 /// the time it takes on the same cache on lines, MLA decode 1.03×. Allocate caches as this.
+///
+/// **Huge pages.** A large buffer is mapped on its own (`mmap`, so its zeros cost no pass over
+/// it) and advised `MADV_HUGEPAGE`, which Linux honours when
+/// `/sys/kernel/mm/transparent_hugepage/enabled` says `always` or `madvise` (the default on
+/// most distributions); its pages are then 2 MiB where the kernel has them. Decode from a cache
+/// in memory takes fewer page walks and its prefetches cross fewer page boundaries: on a Zen 5,
+/// with caches from DRAM, the same kernel took 0.90× the time on Llama-3-8B's 32768-token cache
+/// (W7), 0.92× on DeepSeek-V2-Lite's (W8) and 0.95× on four 4096-token caches (W4). Elsewhere,
+/// or if the mapping fails, the buffer comes from the global allocator as any small one does.
 ///
 /// ```
 /// use attngen::AlignedBuffer;
@@ -23,20 +34,61 @@ use attngen_codegen::abi::ALIGN_FLOATS;
 #[derive(Debug, Default)]
 pub struct AlignedBuffer {
     /// The floats, with room to start on a line.
-    storage: Vec<f32>,
+    storage: Storage,
     /// Floats of `storage` before its first line boundary.
     start: usize,
     /// Floats from there.
     len: usize,
 }
 
+/// Where an [`AlignedBuffer`]'s floats live.
+#[derive(Debug)]
+enum Storage {
+    /// From the global allocator.
+    Heap(Vec<f32>),
+    /// A mapping of its own (large buffers on Linux).
+    #[cfg(target_os = "linux")]
+    Mapped(huge::Mapping),
+}
+
+impl Default for Storage {
+    fn default() -> Storage {
+        Storage::Heap(Vec::new())
+    }
+}
+
+impl Storage {
+    /// Every float of the storage.
+    fn floats(&self) -> &[f32] {
+        match self {
+            Storage::Heap(floats) => floats,
+            #[cfg(target_os = "linux")]
+            Storage::Mapped(mapping) => mapping.floats(),
+        }
+    }
+
+    /// Every float of the storage, writable.
+    fn floats_mut(&mut self) -> &mut [f32] {
+        match self {
+            Storage::Heap(floats) => floats,
+            #[cfg(target_os = "linux")]
+            Storage::Mapped(mapping) => mapping.floats_mut(),
+        }
+    }
+}
+
 impl AlignedBuffer {
     /// `len` zeros.
     pub fn zeroed(len: usize) -> AlignedBuffer {
+        #[cfg(target_os = "linux")]
+        if let Some(mapping) = huge::Mapping::zeroed(len) {
+            // The mapping starts on a 2 MiB boundary: on a line already.
+            return AlignedBuffer { storage: Storage::Mapped(mapping), start: 0, len };
+        }
         // `vec!` of zeros asks the allocator for zeroed memory: no pass over a large cache.
-        let storage = vec![0.0; len.saturating_add(ALIGN_FLOATS - 1)];
-        let start = floats_to_line(&storage);
-        AlignedBuffer { storage, start, len }
+        let floats = vec![0.0; len.saturating_add(ALIGN_FLOATS - 1)];
+        let start = floats_to_line(&floats);
+        AlignedBuffer { storage: Storage::Heap(floats), start, len }
     }
 
     /// A copy of `data`.
@@ -54,6 +106,90 @@ pub(crate) fn floats_to_line(floats: &[f32]) -> usize {
     (floats.as_ptr() as usize).wrapping_neg() % line / size_of::<f32>()
 }
 
+/// Large buffers in anonymous mappings advised for transparent huge pages.
+#[cfg(target_os = "linux")]
+mod huge {
+    use std::ptr::NonNull;
+
+    /// Bytes of a transparent huge page on x86-64 and most aarch64 kernels: buffers at least
+    /// this large are mapped, starting on a multiple of it.
+    pub(super) const HUGE_PAGE: usize = 2 << 20;
+
+    /// An anonymous private mapping of `mapped` bytes at `base`, holding `len` floats from
+    /// `start`, the first multiple of [`HUGE_PAGE`] in it; unmapped when dropped.
+    #[derive(Debug)]
+    pub(super) struct Mapping {
+        base: NonNull<libc::c_void>,
+        mapped: usize,
+        start: NonNull<f32>,
+        len: usize,
+    }
+
+    // SAFETY: a Mapping owns its pages as a Vec owns its buffer: nothing else holds the address,
+    // `&self` gives only shared reads and `&mut self` the only writes.
+    unsafe impl Send for Mapping {}
+    // SAFETY: as for Send; shared references only read.
+    unsafe impl Sync for Mapping {}
+
+    impl Mapping {
+        /// `len` zeros from a 2 MiB boundary, advised `MADV_HUGEPAGE`; `None` below
+        /// [`HUGE_PAGE`] bytes, or when the system refuses the mapping.
+        pub(super) fn zeroed(len: usize) -> Option<Mapping> {
+            let bytes = len.checked_mul(size_of::<f32>())?;
+            if bytes < HUGE_PAGE {
+                return None;
+            }
+            // Room to slide the start to the next 2 MiB boundary. Only the buffer's whole huge
+            // pages are advised: a partial one at its end stays in small pages, so a buffer
+            // occupies no more memory than its floats' pages.
+            let mapped = bytes.checked_add(HUGE_PAGE)?;
+            let advised = bytes / HUGE_PAGE * HUGE_PAGE;
+            let (protection, flags) =
+                (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS);
+            // SAFETY: an anonymous mapping at an address of the kernel's choosing touches no
+            // existing memory; the result is checked before use.
+            let base =
+                unsafe { libc::mmap(std::ptr::null_mut(), mapped, protection, flags, -1, 0) };
+            if base == libc::MAP_FAILED {
+                return None;
+            }
+            let base = NonNull::new(base)?;
+            let skip = (base.as_ptr() as usize).wrapping_neg() % HUGE_PAGE;
+            // SAFETY: `skip < HUGE_PAGE` and `advised <= bytes`, so the `bytes` from the start,
+            // and the advised range among them, lie inside the mapping (`skip + bytes <
+            // mapped`), whose pages are readable, writable and zero until written. The advice only changes how the kernel backs the range; if it
+            // fails (huge pages disabled, say) the pages stay small, which is as correct.
+            let start = unsafe {
+                let start = base.cast::<u8>().add(skip);
+                libc::madvise(start.as_ptr().cast(), advised, libc::MADV_HUGEPAGE);
+                start.cast::<f32>()
+            };
+            Some(Mapping { base, mapped, start, len })
+        }
+
+        /// The floats.
+        pub(super) fn floats(&self) -> &[f32] {
+            // SAFETY: `len` floats from `start` lie in the live mapping (`zeroed`), and `&self`
+            // excludes writers.
+            unsafe { std::slice::from_raw_parts(self.start.as_ptr(), self.len) }
+        }
+
+        /// The floats, writable.
+        pub(super) fn floats_mut(&mut self) -> &mut [f32] {
+            // SAFETY: as in `floats`; `&mut self` makes this the only reference.
+            unsafe { std::slice::from_raw_parts_mut(self.start.as_ptr(), self.len) }
+        }
+    }
+
+    impl Drop for Mapping {
+        fn drop(&mut self) {
+            // SAFETY: `base` and `mapped` are the mapping `zeroed` made, unmapped once, here; no
+            // slice of it outlives `self`.
+            unsafe { libc::munmap(self.base.as_ptr(), self.mapped) };
+        }
+    }
+}
+
 impl Clone for AlignedBuffer {
     /// A new allocation starts on a line of its own, not at the original's offset.
     fn clone(&self) -> AlignedBuffer {
@@ -65,13 +201,13 @@ impl Deref for AlignedBuffer {
     type Target = [f32];
 
     fn deref(&self) -> &[f32] {
-        &self.storage[self.start..self.start + self.len]
+        &self.storage.floats()[self.start..self.start + self.len]
     }
 }
 
 impl DerefMut for AlignedBuffer {
     fn deref_mut(&mut self) -> &mut [f32] {
-        &mut self.storage[self.start..self.start + self.len]
+        &mut self.storage.floats_mut()[self.start..self.start + self.len]
     }
 }
 
@@ -97,15 +233,64 @@ impl From<&[f32]> for AlignedBuffer {
 mod tests {
     use super::AlignedBuffer;
 
+    /// Floats in a 2 MiB huge page.
+    const HUGE_FLOATS: usize = (2 << 20) / 4;
+
     #[test]
     fn buffers_start_on_a_line_whatever_their_length() {
-        for len in [0, 1, 15, 16, 17, 1000, 1 << 20] {
+        let lengths = [0, 1, 15, 16, 17, 1000, 1 << 18, HUGE_FLOATS - 1, HUGE_FLOATS];
+        for len in lengths.into_iter().chain([HUGE_FLOATS + 5, 3 * HUGE_FLOATS + 17]) {
             let mut buffer = AlignedBuffer::zeroed(len);
             assert_eq!((buffer.len(), buffer.as_ptr() as usize % 64), (len, 0));
             assert!(buffer.iter().all(|&x| x == 0.0));
             buffer.iter_mut().enumerate().for_each(|(i, x)| *x = i as f32);
             let copy = buffer.clone();
             assert_eq!((&copy[..], copy.as_ptr() as usize % 64), (&buffer[..], 0));
+            // Large buffers start on a huge page (Linux); the last float is writable.
+            if cfg!(target_os = "linux") && len >= HUGE_FLOATS {
+                assert_eq!(buffer.as_ptr() as usize % (2 << 20), 0, "{len} floats");
+            }
+            // The last float is in the allocation (a fault otherwise).
+            if let Some(last) = buffer.last_mut() {
+                *last = -1.0;
+            }
         }
+    }
+
+    /// The kernel's word on the mapping holding `at`: its `THPeligible` line in
+    /// `/proc/self/smaps` (`1` when huge pages may back it).
+    #[cfg(target_os = "linux")]
+    fn thp_eligible(at: usize) -> Option<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            // A mapping's header, `lo-hi perms offset ...`, then its `Field: value` lines.
+            let first = line.split_whitespace().next().unwrap_or_default();
+            let bounds = first.split_once('-').filter(|_| !first.ends_with(':'));
+            let parse = |hex: &str| usize::from_str_radix(hex, 16).ok();
+            if let Some((lo, hi)) = bounds.and_then(|(lo, hi)| Some((parse(lo)?, parse(hi)?))) {
+                inside = (lo..hi).contains(&at);
+            } else if inside && let Some(value) = line.strip_prefix("THPeligible:") {
+                return Some(value.trim().to_owned());
+            }
+        }
+        None
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn large_buffers_are_offered_huge_pages() {
+        let setting = "/sys/kernel/mm/transparent_hugepage/enabled";
+        let enabled = std::fs::read_to_string(setting).unwrap_or_default();
+        if !enabled.contains("[always]") && !enabled.contains("[madvise]") {
+            println!("skipped: transparent huge pages are off here ({setting}: {enabled:?})");
+            return;
+        }
+        let mut buffer = AlignedBuffer::zeroed(4 * HUGE_FLOATS);
+        buffer.fill(1.0);
+        let at = buffer.as_ptr() as usize;
+        assert_eq!(thp_eligible(at).as_deref(), Some("1"), "the mapping at {at:#x}");
+        let small = AlignedBuffer::zeroed(1000);
+        assert_eq!(small.as_ptr() as usize % 64, 0);
     }
 }
