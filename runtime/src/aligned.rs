@@ -15,12 +15,14 @@ use attngen_codegen::abi::ALIGN_FLOATS;
 ///
 /// **Huge pages.** A large buffer is mapped on its own (`mmap`, so its zeros cost no pass over
 /// it) and advised `MADV_HUGEPAGE`, which Linux honours when
-/// `/sys/kernel/mm/transparent_hugepage/enabled` says `always` or `madvise` (the default on
-/// most distributions); its pages are then 2 MiB where the kernel has them. Decode from a cache
-/// in memory takes fewer page walks and its prefetches cross fewer page boundaries: on a Zen 5,
-/// with caches from DRAM, the same kernel took 0.90× the time on Llama-3-8B's 32768-token cache
-/// (W7), 0.92× on DeepSeek-V2-Lite's (W8) and 0.95× on four 4096-token caches (W4). Elsewhere,
-/// or if the mapping fails, the buffer comes from the global allocator as any small one does.
+/// `/sys/kernel/mm/transparent_hugepage/enabled` says `always` or `madvise` (one of the two is
+/// the default on most distributions); its pages are then 2 MiB where the kernel has them, as numpy's large
+/// arrays' are. Decode from a cache in memory takes fewer page walks and its prefetches cross
+/// fewer page boundaries: on a Zen 5 (2 threads, caches from DRAM, against the same cache in
+/// 4 KiB pages) the same kernel took 0.85–0.96× the time on Llama-3-8B's 32768-token cache
+/// (W7), 0.85–0.98× on four 4096-token ones (W4) and 0.93–0.97× on DeepSeek-V2-Lite's latent
+/// (W8); the slower the host's memory, the more the pages saved. Elsewhere, or if the mapping
+/// fails, the buffer comes from the global allocator as any small one does.
 ///
 /// ```
 /// use attngen::AlignedBuffer;
