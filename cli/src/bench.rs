@@ -190,6 +190,9 @@ struct Machine {
     input_offset: usize,
     /// The last-level cache, as the system reports it.
     llc_bytes: Option<usize>,
+    /// The transparent-huge-page setting (`attngen::transparent_huge_pages`), which decides
+    /// whether the inputs, `AlignedBuffer`s, lie in huge pages.
+    transparent_huge_pages: Option<String>,
     /// The ISA of the JIT rows (the first, when several were timed).
     isa: &'static str,
 }
@@ -299,6 +302,7 @@ pub fn bench(args: BenchArgs) -> Result<(), Failure> {
         probe_bytes: peak::read_buffer_bytes(),
         input_offset: args.input_offset.into(),
         llc_bytes: attngen::last_level_cache_bytes(),
+        transparent_huge_pages: attngen::transparent_huge_pages(),
         isa: isas[0].name(),
     };
     let report = Report { machine, results: rows };
@@ -567,6 +571,13 @@ fn render(report: &Report) -> String {
     let placed = match m.input_offset {
         0 => "on 64-byte lines".to_owned(),
         floats => format!("{floats} floats past a 64-byte line"),
+    };
+    let placed = match m.transparent_huge_pages.as_deref() {
+        Some(setting @ ("always" | "madvise")) => {
+            format!("{placed}, large ones advised for huge pages (THP {setting})")
+        }
+        Some(setting) => format!("{placed}, in small pages (THP {setting})"),
+        None => placed,
     };
     let mut text = format!(
         "machine: {} threads, f32 FMA peak GFLOP/s {}, streaming read {:.1} GB/s (of {} MiB{llc}), micro-kernels {}; inputs {placed}\n\n",

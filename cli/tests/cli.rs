@@ -528,6 +528,9 @@ fn bench_reports_json_for_a_spec_and_shape() {
     assert_eq!(report["machine"]["threads"], 2);
     assert_eq!(report["machine"]["peak_gflops"], 100.0);
     assert_eq!(report["machine"]["input_offset"], 0, "inputs start on a 64-byte line");
+    // The system's THP setting, which decides whether the inputs lie in huge pages.
+    let thp = report["machine"]["transparent_huge_pages"].as_str().map(str::to_owned);
+    assert_eq!(thp, attngen::transparent_huge_pages());
     let results = report["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
     let flops = 2 * 32 * (8 * 33 + 28) * 256; // causal pairs for Sq = 8 over Sk = 40

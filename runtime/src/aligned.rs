@@ -102,6 +102,26 @@ impl AlignedBuffer {
     }
 }
 
+/// The system's transparent-huge-page setting as Linux reports it in
+/// `/sys/kernel/mm/transparent_hugepage/enabled`: `always`, `madvise` or `never`; `None` where
+/// the system does not say. With `always` or `madvise`, a large [`AlignedBuffer`] lies in huge
+/// pages where the kernel has them.
+///
+/// ```
+/// let setting = attngen::transparent_huge_pages();
+/// assert!(setting.is_none_or(|s| ["always", "madvise", "never"].contains(&s.as_str())));
+/// ```
+pub fn transparent_huge_pages() -> Option<String> {
+    let setting = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    chosen_word(&setting).map(str::to_owned)
+}
+
+/// The bracketed word of a sysfs choice: `madvise` in `always [madvise] never`.
+fn chosen_word(choice: &str) -> Option<&str> {
+    let (_, chosen) = choice.split_once('[')?;
+    Some(chosen.split_once(']')?.0)
+}
+
 /// Floats from the start of `floats` to its first 64-byte boundary ([`ALIGN_FLOATS`] floats).
 pub(crate) fn floats_to_line(floats: &[f32]) -> usize {
     // The data pointer of an f32 slice is 4-byte aligned: the skip is a whole number of floats.
@@ -236,7 +256,7 @@ impl From<&[f32]> for AlignedBuffer {
 
 #[cfg(test)]
 mod tests {
-    use super::AlignedBuffer;
+    use super::{AlignedBuffer, chosen_word, transparent_huge_pages};
 
     /// Floats in a 2 MiB huge page.
     const HUGE_FLOATS: usize = (2 << 20) / 4;
@@ -262,6 +282,14 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_chosen_setting_is_the_bracketed_word() {
+        assert_eq!(chosen_word("always [madvise] never\n"), Some("madvise"));
+        assert_eq!(chosen_word("[always] madvise never"), Some("always"));
+        assert_eq!(chosen_word("always madvise [never]"), Some("never"));
+        assert_eq!(chosen_word("always madvise never"), None);
+    }
+
     /// The kernel's word on the mapping holding `at`: its `THPeligible` line in
     /// `/proc/self/smaps` (`1` when huge pages may back it).
     #[cfg(target_os = "linux")]
@@ -285,10 +313,9 @@ mod tests {
     #[test]
     #[cfg(target_os = "linux")]
     fn large_buffers_are_offered_huge_pages() {
-        let setting = "/sys/kernel/mm/transparent_hugepage/enabled";
-        let enabled = std::fs::read_to_string(setting).unwrap_or_default();
-        if !enabled.contains("[always]") && !enabled.contains("[madvise]") {
-            println!("skipped: transparent huge pages are off here ({setting}: {enabled:?})");
+        let setting = transparent_huge_pages();
+        if !matches!(setting.as_deref(), Some("always" | "madvise")) {
+            println!("skipped: transparent huge pages are off here (setting: {setting:?})");
             return;
         }
         let mut buffer = AlignedBuffer::zeroed(4 * HUGE_FLOATS);

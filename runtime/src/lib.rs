@@ -42,7 +42,7 @@ mod shape;
 mod simd;
 mod workload;
 
-pub use aligned::AlignedBuffer;
+pub use aligned::{AlignedBuffer, transparent_huge_pages};
 pub use attngen_codegen::{
     AttentionSpec, Dtype, Form, GroupMap, KvLayout, LatentCache, LatentKv, Mask, MlaForm,
     SpecError, SpecFileError, Variant, cost, validate,
