@@ -136,7 +136,7 @@ mod huge {
 
     /// Bytes of a transparent huge page on x86-64 and most aarch64 kernels: buffers at least
     /// this large are mapped, starting on a multiple of it.
-    pub(super) const HUGE_PAGE: usize = 2 << 20;
+    const HUGE_PAGE: usize = 2 << 20;
 
     /// An anonymous private mapping of `mapped` bytes at `base`, holding `len` floats from
     /// `start`, the first multiple of [`HUGE_PAGE`] in it; unmapped when dropped.
@@ -290,21 +290,23 @@ mod tests {
         assert_eq!(chosen_word("always madvise never"), None);
     }
 
-    /// The kernel's word on the mapping holding `at`: its `THPeligible` line in
-    /// `/proc/self/smaps` (`1` when huge pages may back it).
+    /// The mapping holding `at` in `/proc/self/smaps`: its address range, and its
+    /// `THPeligible` line (`1` when huge pages may back it).
     #[cfg(target_os = "linux")]
-    fn thp_eligible(at: usize) -> Option<String> {
+    fn mapping_at(at: usize) -> Option<(std::ops::Range<usize>, String)> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-        let mut inside = false;
+        let mut holding = None;
         for line in smaps.lines() {
             // A mapping's header, `lo-hi perms offset ...`, then its `Field: value` lines.
             let first = line.split_whitespace().next().unwrap_or_default();
             let bounds = first.split_once('-').filter(|_| !first.ends_with(':'));
             let parse = |hex: &str| usize::from_str_radix(hex, 16).ok();
             if let Some((lo, hi)) = bounds.and_then(|(lo, hi)| Some((parse(lo)?, parse(hi)?))) {
-                inside = (lo..hi).contains(&at);
-            } else if inside && let Some(value) = line.strip_prefix("THPeligible:") {
-                return Some(value.trim().to_owned());
+                holding = Some(lo..hi).filter(|range| range.contains(&at));
+            } else if let Some(range) = &holding
+                && let Some(value) = line.strip_prefix("THPeligible:")
+            {
+                return Some((range.clone(), value.trim().to_owned()));
             }
         }
         None
@@ -312,7 +314,7 @@ mod tests {
 
     #[test]
     #[cfg(target_os = "linux")]
-    fn large_buffers_are_offered_huge_pages() {
+    fn large_buffers_are_offered_huge_pages_and_unmapped_when_dropped() {
         let setting = transparent_huge_pages();
         if !matches!(setting.as_deref(), Some("always" | "madvise")) {
             println!("skipped: transparent huge pages are off here (setting: {setting:?})");
@@ -321,6 +323,11 @@ mod tests {
         let mut buffer = AlignedBuffer::zeroed(4 * HUGE_FLOATS);
         buffer.fill(1.0);
         let at = buffer.as_ptr() as usize;
-        assert_eq!(thp_eligible(at).as_deref(), Some("1"), "the mapping at {at:#x}");
+        // The advice splits off the buffer's four huge pages as a mapping of their own.
+        let advised = at..at + 4 * HUGE_FLOATS * 4;
+        assert_eq!(mapping_at(at), Some((advised.clone(), "1".to_owned())), "at {at:#x}");
+        drop(buffer);
+        let after = mapping_at(at).map(|(range, _)| range);
+        assert_ne!(after, Some(advised), "the buffer's pages outlived it");
     }
 }
