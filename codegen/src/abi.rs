@@ -254,7 +254,7 @@ pub type DotNt = unsafe extern "C" fn(
 ///
 /// `col_lo` and `col_hi`, when non-null, hold for each column `j < n` the rows of C it needs,
 /// `col_lo[j]..col_hi[j]` (clamped to `0..m`): `C[i][j]` for other `i` may be left as it was, a
-/// whole register block at a time, when no column of the block needs any of its rows — an edge
+/// register block's [`PANEL`] at a time, when no column of the panel needs its rows — an edge
 /// tile's scores (`Sᵀ`, a row per key, a column per query row), whose hidden entries the online
 /// softmax masks anyway, skip the keys past the diagonal. A call passes the row tables or the
 /// column tables, not both.

@@ -931,6 +931,36 @@ mod tests {
         }
     }
 
+    /// A causal diagonal tile's scores (`Sᵀ`, a row per key, a column per query, which needs
+    /// keys 0..=its own): each row block skips the panels of queries before it, also inside
+    /// AVX-512's 64-column blocks, and computes every entry a query needs. A panel is left
+    /// alone wherever the row is 8 or more past its last column (a block is at most 8 rows).
+    #[test]
+    fn a_diagonal_tile_skips_the_panels_before_it() {
+        let (m, n, k) = (64usize, 64usize, 7usize);
+        let a = data(m * k, 11);
+        let b = data(k * n, 12);
+        let col_lo = vec![0i32; n];
+        let col_hi: Vec<i32> = (1..=n as i32).collect();
+        for isa in tested_isas() {
+            let mut c = vec![7.5f32; m * n];
+            packed_product(isa, (m, n, k), &a, &b, &mut c, Some((&col_lo, &col_hi)));
+            for (i, j) in (0..m).flat_map(|i| (0..n).map(move |j| (i, j))) {
+                if i <= j {
+                    let want: f64 = (0..k)
+                        .map(|p| {
+                            let y = b[j / PANEL * PANEL * k + p * PANEL + j % PANEL];
+                            a[i * k + p] as f64 * y as f64
+                        })
+                        .sum();
+                    assert!((c[i * n + j] as f64 - want).abs() < 1e-5, "{isa:?} [{i},{j}]");
+                } else if i >= (j / PANEL + 1) * PANEL + 7 {
+                    assert_eq!(c[i * n + j], 7.5, "{isa:?} [{i},{j}] was written");
+                }
+            }
+        }
+    }
+
     /// Row 0 sees key 0, row 1 keys 0 and 1, whose value row is NaN (or finite): the NaN
     /// reaches row 1 only, with C row-major and column-major (a transposed O, whose rows' keys
     /// run as one product only when their value rows are finite; A[0][1] is 0, as a

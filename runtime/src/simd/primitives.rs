@@ -247,6 +247,13 @@ macro_rules! stamp_routines {
             <$simd as super::Simd>::NN_WIDE_MR <= 6 && <$simd as super::Simd>::NN_WIDE_NR <= 4,
             "dot_nn dispatches wide blocks of at most 6 rows by 4 vectors"
         );
+        const _: () = assert!(
+            <$simd as super::Simd>::NN_WIDE_NR * <$simd as super::Simd>::LANES
+                <= super::dot_nn::BLOCK_PANELS * attngen_codegen::abi::PANEL
+                && <$simd as super::Simd>::NN_NR * <$simd as super::Simd>::LANES
+                    <= super::dot_nn::BLOCK_PANELS * attngen_codegen::abi::PANEL,
+            "dot_nn's blocks span at most BLOCK_PANELS panels"
+        );
     };
 }
 
