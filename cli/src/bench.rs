@@ -611,7 +611,10 @@ fn render(report: &Report) -> String {
             // The same rounds' ceilings: decode, the median time to read the inputs once over
             // the kernel's; prefill, the kernel's GFLOP/s (of the form it runs) over the FMA
             // loop's and the tile product's medians.
+            // A call with nothing to read or compute (B, Sq or Sk zero) has no share of one.
+            let empty = if r.decode { r.bytes == 0 } else { r.kernel_flops == 0 };
             let same_rounds = match (r.read_ms, r.fma_gflops, r.product_gflops) {
+                _ if empty => "-".to_owned(),
                 (Some(read), ..) => format!("{:.0}% read", 100.0 * read / r.median_ms),
                 (None, Some(fma), Some(product)) => format!(
                     "{:.0}% FMA, {:.0}% tile",

@@ -688,6 +688,24 @@ fn bench_table_compares_each_backend_across_isas() {
     }
 }
 
+/// A call with nothing to do still runs and is timed, but its "of same rounds" cell is a
+/// dash, not the share of a ceiling it never approached (a B = 0 decode, whose inputs are
+/// empty, had printed the read's start-up time over the kernel's as "323% read").
+#[test]
+fn bench_gives_an_empty_call_no_share_of_the_ceiling() {
+    for shape in ["0,1,1", "1,1,0", "1,0,64"] {
+        let output = bench("llama3-8b.toml", shape, "jit", &[]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let text = String::from_utf8(output.stdout).unwrap();
+        let header = text.lines().find(|line| line.starts_with("workload")).unwrap();
+        let row = text.lines().find(|line| line.starts_with("llama3-8b")).unwrap();
+        let title = "of same rounds";
+        let start = header[..header.find(title).unwrap()].chars().count();
+        let cell: String = row.chars().skip(start).take(title.chars().count()).collect();
+        assert_eq!(cell.trim(), "-", "{shape}: {text}");
+    }
+}
+
 /// `ATTNGEN_ISA` forces the JIT's ISA; a name that is not one, or an ISA the CPU lacks, is an
 /// error that says so.
 #[test]
