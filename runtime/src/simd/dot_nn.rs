@@ -446,7 +446,7 @@ unsafe fn row_blocks<S: OutOfLine>(
                 // row ranges (if any, then lo..hi = 0..k) have m entries each.
                 unsafe {
                     match needed.columns(i, mr) {
-                        // Left as it was: no column of the block needs these rows.
+                        // Left as it was: no panel of the block needs these rows.
                         None => {}
                         Some(_) if whole_tall => {
                             tall_block::<S>(nn, i, (j, cols), (lo, hi), accumulate);
