@@ -509,6 +509,13 @@ mod tests {
         };
     }
 
+    /// `C[i][j]` of [`packed_product`]'s `A·B` (A row-major, B panel-packed, `k` keys), in
+    /// float64.
+    fn packed_entry((a, b): (&[f32], &[f32]), k: usize, (i, j): (usize, usize)) -> f64 {
+        let b_at = |p: usize| b[j / PANEL * PANEL * k + p * PANEL + j % PANEL] as f64;
+        (0..k).map(|p| a[i * k + p] as f64 * b_at(p)).sum()
+    }
+
     /// A product long enough to run in key passes (a wide C) rounds exactly like one pass (a
     /// C narrow enough to run whole): each element adds the same partial sums in the same
     /// order, so its columns match bit for bit.
@@ -916,12 +923,7 @@ mod tests {
             packed_product(isa, (m, n, k), &a, &b, &mut c, Some((&col_lo, &col_hi)));
             for j in 0..n {
                 for i in 0..2 {
-                    let want: f64 = (0..k)
-                        .map(|p| {
-                            let y = b[j / PANEL * PANEL * k + p * PANEL + j % PANEL];
-                            a[i * k + p] as f64 * y as f64
-                        })
-                        .sum();
+                    let want = packed_entry((a.as_slice(), b.as_slice()), k, (i, j));
                     assert!((c[i * n + j] as f64 - want).abs() < 1e-5, "{isa:?} [{i},{j}]");
                 }
                 for i in 8..m {
@@ -947,12 +949,7 @@ mod tests {
             packed_product(isa, (m, n, k), &a, &b, &mut c, Some((&col_lo, &col_hi)));
             for (i, j) in (0..m).flat_map(|i| (0..n).map(move |j| (i, j))) {
                 if i <= j {
-                    let want: f64 = (0..k)
-                        .map(|p| {
-                            let y = b[j / PANEL * PANEL * k + p * PANEL + j % PANEL];
-                            a[i * k + p] as f64 * y as f64
-                        })
-                        .sum();
+                    let want = packed_entry((a.as_slice(), b.as_slice()), k, (i, j));
                     assert!((c[i * n + j] as f64 - want).abs() < 1e-5, "{isa:?} [{i},{j}]");
                 } else if i >= (j / PANEL + 1) * PANEL + 7 {
                     assert_eq!(c[i * n + j], 7.5, "{isa:?} [{i},{j}] was written");
