@@ -118,11 +118,12 @@ fn call_plan(kernel: &JitKernel, shape: Shape, isa: Isa) -> String {
     };
     let expanded = plan.form == attngen::Form::LatentExpanded;
     text.push_str(&format!(
-        "\n  schedule on {threads} threads: {} query tiles, {} groups per item, {} key splits of {} keys{runs}{}",
-        s.q_tiles,
-        s.groups_per_item,
-        s.splits,
-        s.keys_per_split.min(k),
+        "\n  schedule on {}: {} per sequence, {} per item, {} of {}{runs}{}",
+        counted(threads, "thread"),
+        counted(s.q_tiles, "query tile"),
+        counted(s.groups_per_item, "group"),
+        counted(s.splits, "key split"),
+        counted(s.keys_per_split.min(k), "key"),
         match (expanded, s.packs_call, s.divides_keys()) {
             (true, _, false) => ", each head's keys up-projected once for all its query tiles",
             (true, _, true) => ", each run's keys up-projected once for all its query tiles",
@@ -132,6 +133,14 @@ fn call_plan(kernel: &JitKernel, shape: Shape, isa: Isa) -> String {
         }
     ));
     text
+}
+
+/// `n` and `noun`, plural unless `n` is 1: "1 key split", "2 key splits".
+fn counted(n: usize, noun: &str) -> String {
+    match n {
+        1 => format!("1 {noun}"),
+        _ => format!("{n} {noun}s"),
+    }
 }
 
 /// `#[attngen::kernel]` on `pub struct Kernel;` for `spec`, formatted.

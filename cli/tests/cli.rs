@@ -462,6 +462,9 @@ fn dump_with_a_shape_prints_both_mla_forms_costs_and_the_choice() {
     for line in ["  absorbed ", "  expanded ", "absorbed is cheaper", "schedule on"] {
         assert!(decode.contains(line), "{line:?} not in {decode}");
     }
+    // Counts of one are singular: one query tile per sequence, one group (MLA's one latent
+    // head) per item.
+    assert!(decode.contains(": 1 query tile per sequence, 1 group per item, "), "{decode}");
     let prefill = dump("1,1024,1024");
     assert!(prefill.contains("expanded form (the cost model's choice)"), "{prefill}");
     // Both forms are compiled, and both plans listed.
