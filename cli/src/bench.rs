@@ -608,11 +608,12 @@ fn render(report: &Report) -> String {
             let (vs_first, vs_jit) = comparisons(&report.results, r);
             let ratio = |x: Option<f64>| x.map_or_else(String::new, |x| format!("{x:.2}x"));
             let (vs_first, vs_jit) = (ratio(vs_first), ratio(vs_jit));
+            // A call with nothing to read or compute (B, Sq or Sk zero) has no share of a
+            // ceiling.
+            let empty = if r.decode { r.bytes == 0 } else { r.kernel_flops == 0 };
             // The same rounds' ceilings: decode, the median time to read the inputs once over
             // the kernel's; prefill, the kernel's GFLOP/s (of the form it runs) over the FMA
             // loop's and the tile product's medians.
-            // A call with nothing to read or compute (B, Sq or Sk zero) has no share of one.
-            let empty = if r.decode { r.bytes == 0 } else { r.kernel_flops == 0 };
             let same_rounds = match (r.read_ms, r.fma_gflops, r.product_gflops) {
                 _ if empty => "-".to_owned(),
                 (Some(read), ..) => format!("{:.0}% read", 100.0 * read / r.median_ms),
