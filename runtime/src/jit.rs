@@ -66,7 +66,8 @@ pub struct Listing {
     /// `prologue` and `epilogue`, for expanded MLA `expand` (a latent spec whose calls choose
     /// their form lists both forms' functions).
     pub clif: String,
-    /// Their machine code, disassembled.
+    /// Their machine code: disassembled by capstone with the `disasm` feature (the `attngen`
+    /// command's), else Cranelift's own listing of the instructions it emitted.
     pub asm: String,
     /// The micro-kernel ISA the code calls.
     pub isa: Isa,
@@ -331,6 +332,8 @@ fn compile_error(e: impl std::fmt::Display) -> Error {
     Error::Compile(e.to_string())
 }
 
+/// The function's machine code, disassembled by capstone.
+#[cfg(feature = "disasm")]
 fn disassemble(ctx: &Context, isa: &dyn cranelift_codegen::isa::TargetIsa) -> String {
     let Some(code) = ctx.compiled_code() else { return String::from("(no code)") };
     match isa.to_capstone() {
@@ -339,6 +342,14 @@ fn disassemble(ctx: &Context, isa: &dyn cranelift_codegen::isa::TargetIsa) -> St
             .unwrap_or_else(|e| format!("(disassembly failed: {e})")),
         Err(e) => code.vcode.clone().unwrap_or_else(|| format!("(no disassembler: {e})")),
     }
+}
+
+/// The function's machine instructions as Cranelift lists them (its VCode, after register
+/// allocation): without the `disasm` feature no disassembler is built.
+#[cfg(not(feature = "disasm"))]
+fn disassemble(ctx: &Context, _isa: &dyn cranelift_codegen::isa::TargetIsa) -> String {
+    let Some(code) = ctx.compiled_code() else { return String::from("(no code)") };
+    code.vcode.clone().unwrap_or_else(|| String::from("(no listing)"))
 }
 
 /// Specs that differ only in their name compile to the same kernel.
@@ -405,5 +416,23 @@ impl Kernel for JitKernel {
     ) -> Result<(), Error> {
         let (forms, pool) = (&self.compiled.forms, self.pool.as_deref());
         run_call(forms, self.isa, pool, shape, inputs, out, lse)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With or without capstone (the `disasm` feature; `cargo test -p attngen` builds without
+    /// it), the listing has each function's machine code, down to its return.
+    #[test]
+    fn dump_lists_the_machine_code_of_every_function() {
+        let jit = Jit::new().unwrap();
+        let listing = jit.dump(&AttentionSpec::gqa(4, 2, 32)).unwrap();
+        for role in ["; item\n", "; finish\n"] {
+            let code = listing.asm.split(role).nth(1).unwrap_or_else(|| panic!("{role:?}"));
+            let code = code.split("\n; ").next().unwrap();
+            assert!(code.lines().count() > 10 && code.contains("ret"), "{role:?}: {code}");
+        }
     }
 }
