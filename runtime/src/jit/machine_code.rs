@@ -105,9 +105,8 @@ fn without_constants(listing: &str, blocks: &[Vec<Decoded>], len: usize) -> Stri
     if !listing[header..].starts_with("block") {
         return listing.to_owned();
     }
-    let mut lines = listing[header..].lines();
     let mut cut = listing[..header].to_owned();
-    for line in lines.by_ref().take(1 + kept.len()) {
+    for line in listing[header..].lines().take(1 + kept.len()) {
         cut.push_str(line);
         cut.push('\n');
     }
