@@ -230,12 +230,13 @@ struct Row {
     compile_ms: Option<f64>,
     decode: bool,
     /// Decode: the median time of reading the workload's inputs once (the cache, the queries
-    /// and MLA's weights) on the kernels' threads, in the same rounds as the kernels — the
-    /// memory ceiling of this sitting.
+    /// and MLA's weights) on as many threads as the kernels, each pinned to a CPU of its own,
+    /// in the same rounds as the kernels — the memory ceiling of this sitting.
     read_ms: Option<f64>,
-    /// Prefill: the median GFLOP/s of one short round of the widest ISA's FMA loop on the
-    /// kernels' threads, timed in the same rounds as the kernels — the compute ceiling of this
-    /// sitting (on a shared machine, often well below the start-up probe's best round).
+    /// Prefill: the median GFLOP/s of one short round of the widest ISA's FMA loop on as many
+    /// threads as the kernels, pinned, timed in the same rounds as the kernels — the compute
+    /// ceiling of this sitting (on a shared machine, often well below the start-up probe's
+    /// best round).
     fma_gflops: Option<f64>,
     /// Prefill: the median GFLOP/s of the widest ISA's tile product on operands in L1
     /// ([`peak::product_round`]), in the same rounds: the ceiling of code that loads its
@@ -669,7 +670,7 @@ fn render(report: &Report) -> String {
         ],
         &cells,
     ));
-    text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once, of the start-up probe's bandwidth. Of same rounds: the machine's ceiling while the kernels ran, timed in the same rounds on the same threads — decode, the time to read the same inputs once (cache, queries, MLA's weights) over the kernel's; prefill, the kernel's GFLOP/s run over the widest ISA's FMA loop's and over its tile product's with every operand in L1 (the ceiling of code that loads its operands).\n");
+    text.push_str("Prefill in GFLOP/s (2·B·H·visible pairs·(D+Dv)) of the widest ISA's peak; decode in GB/s of K/V or latent read once, of the start-up probe's bandwidth. Of same rounds: the machine's ceiling while the kernels ran, timed in the same rounds on as many threads, each pinned to a CPU of its own — decode, the time to read the same inputs once (cache, queries, MLA's weights) over the kernel's; prefill, the kernel's GFLOP/s run over the widest ISA's FMA loop's and over its tile product's with every operand in L1 (the ceiling of code that loads its operands).\n");
     text.push_str("GFLOP/s run: the FLOPs of the form the kernel computes for the call (absorbed MLA: q' = q·W_UK, attention over the latent, out = o'·W_UV; expanded MLA: K_h and V_h up-projected per head, then attention over them), against the peak of the row's ISA; the form is in --json.\n");
     text
 }
