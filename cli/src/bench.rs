@@ -240,7 +240,7 @@ struct Row {
     fma_gflops: Option<f64>,
     /// Prefill: the median GFLOP/s of the widest ISA's tile product on operands in L1
     /// ([`peak::product_round`]), in the same rounds: the ceiling of code that loads its
-    /// operands, which a shared machine's neighbours can lower more than the FMA loop's.
+    /// operands.
     product_gflops: Option<f64>,
 }
 
