@@ -43,8 +43,8 @@ fn gflops((flops, time): (Vec<u64>, Duration)) -> f64 {
 /// last), so it reaches the barrier only once it runs there and the threads run side by side.
 /// Unpinned, the scheduler at times left two of a round's threads on one vCPU, one after the
 /// other, while the second vCPU stayed idle: on a 2-vCPU Zen 5, the tile product after a W1
-/// round read half its rate in about one round in two (`bench`'s "of same rounds" then read
-/// 157–169% of that ceiling).
+/// round read as little as half its rate in about one bench in two (`bench`'s "of same
+/// rounds" then read 119–175% of that ceiling).
 fn on_threads<T: Send>(threads: usize, work: impl Fn(usize) -> T + Sync) -> (Vec<T>, Duration) {
     let threads = threads.max(1);
     let cpus = allowed_cpus();
