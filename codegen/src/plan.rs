@@ -243,7 +243,8 @@ pub struct KernelPlan {
     pub rescale_threshold: f32,
     /// Partial maxima the softmax keeps while it takes a tile's max, one per key of an unrolled
     /// step (a power of two), so the max instructions form that many independent chains instead
-    /// of one that waits on each instruction's latency; combined pairwise at the end.
+    /// of one that waits on each instruction's latency; combined pairwise at the end
+    /// ([`crate::abi::MAX_PARTIALS`], which the pre-compiled [`crate::abi::ColumnMax`] keeps).
     pub max_partials: usize,
     /// Fewest keys a decode split gets, so splitting never costs more than it saves.
     pub min_keys_per_split: usize,
@@ -323,6 +324,9 @@ pub struct ScratchLayout {
     pub values: usize,
     /// Per-row visible key range of an edge tile: `padded_rows` i32 lows, then as many highs.
     pub ranges: usize,
+    /// The tile max of a whole tile, `padded_rows` floats, when [`crate::abi::ColumnMax`]
+    /// takes it (`Op::OnlineSoftmax`'s `column_max`).
+    pub tile_max: usize,
     /// Where the first group's block starts: the floats of the shared part (a multiple of
     /// [`ALIGN_FLOATS`], as every offset here is).
     pub shared_len: usize,
@@ -371,9 +375,6 @@ pub const SHARED_RUN_BYTES: usize = 2 << 20;
 /// Fewest keys per dot-product tile: below 8, per-tile overheads outweigh the TLB reach
 /// (4 keys measured 1.16× slower than 8 on W4).
 const DOT_MIN_K_TILE: usize = 8;
-/// See [`KernelPlan::max_partials`]: four chains cover `maxps`'s latency of 4 cycles (with one,
-/// W2's generated item took 5.6% of its time on one thread; with four, 4.3%).
-const MAX_PARTIALS: usize = 4;
 /// How far (base-2 units) a tile's max may exceed the running max before O is rescaled: 8, as
 /// in FlashAttention-4, keeps every probability below 256.
 const RESCALE_THRESHOLD: f32 = 8.0;
@@ -452,7 +453,8 @@ impl KernelPlan {
             keys,
             values,
             ranges,
-            shared_len: (ranges + 2 * padded_rows).next_multiple_of(ALIGN_FLOATS),
+            tile_max: ranges + 2 * padded_rows,
+            shared_len: (ranges + 3 * padded_rows).next_multiple_of(ALIGN_FLOATS),
             query_rows,
             group_len: (query_rows + row_major).next_multiple_of(ALIGN_FLOATS),
         };
@@ -494,7 +496,7 @@ impl KernelPlan {
             scale: scale as f32,
             query_factor: query_factor as f32,
             rescale_threshold: RESCALE_THRESHOLD,
-            max_partials: MAX_PARTIALS,
+            max_partials: crate::abi::MAX_PARTIALS,
             call_packing,
             shared_run_keys: match call_packing {
                 Some(packing) => {

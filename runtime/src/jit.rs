@@ -165,6 +165,7 @@ impl Jit {
         builder.symbol(Callee::DotNt.symbol(), routines.dot_nt as *const u8);
         builder.symbol(Callee::DotNn.symbol(), routines.dot_nn as *const u8);
         builder.symbol(Callee::Exp2Columns.symbol(), routines.exp2_columns as *const u8);
+        builder.symbol(Callee::ColumnMax.symbol(), routines.column_max as *const u8);
         builder.symbol(Callee::Ln.symbol(), attngen_ln as *const u8);
         builder.symbol(Callee::PackRows.symbol(), simd::pack_rows as *const u8);
         builder.symbol(Callee::PackColumns.symbol(), routines.pack_columns as *const u8);

@@ -12,18 +12,18 @@ pub use crate::simd::pack_rows;
 /// The AVX-512F tile routines.
 #[cfg(target_arch = "x86_64")]
 pub mod avx512 {
-    pub use crate::simd::avx512::{dot_nn, dot_nt, exp2_columns, pack_columns};
+    pub use crate::simd::avx512::{column_max, dot_nn, dot_nt, exp2_columns, pack_columns};
 }
 
 /// The AVX2+FMA tile routines.
 #[cfg(target_arch = "x86_64")]
 pub mod avx2 {
-    pub use crate::simd::avx2::{dot_nn, dot_nt, exp2_columns, pack_columns};
+    pub use crate::simd::avx2::{column_max, dot_nn, dot_nt, exp2_columns, pack_columns};
 }
 
 /// The portable tile routines.
 pub mod portable {
-    pub use crate::simd::portable::{dot_nn, dot_nt, exp2_columns, pack_columns};
+    pub use crate::simd::portable::{column_max, dot_nn, dot_nt, exp2_columns, pack_columns};
 }
 
 /// `dst[..len] = 0`.

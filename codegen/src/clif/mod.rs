@@ -134,6 +134,8 @@ struct Tile {
     j0: Value,
     /// Keys in the tile.
     n: Value,
+    /// A tile of the narrow loop of few-row items (`ir::NarrowTiles`).
+    narrow: bool,
     /// Edge tile: apply the row key ranges.
     partial: bool,
 }

@@ -14,15 +14,15 @@ impl Translator<'_> {
                 self.for_each_group(|t| body.iter().for_each(|op| t.op(op)))
             }
             Op::KeyTiles { tile, prefetch, narrow, mask, body } => match narrow {
-                None => self.key_tiles(*tile, *prefetch, *mask, body),
+                None => self.key_tiles(*tile, *prefetch, false, *mask, body),
                 Some(narrow) => {
                     let few = self.rows_at_most(narrow.max_rows);
                     let pre = self.prepacked();
                     let in_place = self.b.ins().band_not(few, pre);
                     self.if_else(
                         in_place,
-                        |t| t.key_tiles(narrow.tile, narrow.prefetch, *mask, body),
-                        |t| t.key_tiles(*tile, *prefetch, *mask, body),
+                        |t| t.key_tiles(narrow.tile, narrow.prefetch, true, *mask, body),
+                        |t| t.key_tiles(*tile, *prefetch, false, *mask, body),
                     );
                 }
             },
@@ -52,8 +52,10 @@ impl Translator<'_> {
                 self.pack_tile(*from, *into, *width, *min_rows, tile)
             }
             Op::Scores(term) => self.scores(term, tile),
-            Op::OnlineSoftmax { cap, threshold, partials, o_transposed } => {
-                self.online_softmax(*cap, *threshold, *partials, *o_transposed, tile)
+            Op::OnlineSoftmax { cap, threshold, partials, o_transposed, column_max } => {
+                // The op's rule: the main loop's whole tiles take the routine's tile max.
+                let column_max = *column_max && !tile.narrow && !tile.partial;
+                self.online_softmax(*cap, *threshold, *partials, *o_transposed, column_max, tile)
             }
             Op::AccumulateValues { values, width, o_transposed } => {
                 self.accumulate_values(values, *width, *o_transposed, tile)
@@ -119,7 +121,14 @@ impl Translator<'_> {
         });
     }
 
-    pub(super) fn key_tiles(&mut self, tile: usize, prefetch: Prefetch, mask: Mask, body: &[Op]) {
+    pub(super) fn key_tiles(
+        &mut self,
+        tile: usize,
+        prefetch: Prefetch,
+        narrow: bool,
+        mask: Mask,
+        body: &[Op],
+    ) {
         self.mask = mask;
         let zero = self.int(0);
         let empty = self.b.ins().icmp(IntCC::SignedLessThanOrEqual, self.nq, zero);
@@ -154,13 +163,14 @@ impl Translator<'_> {
                 // A full tile has exactly `tile` keys: a constant for the loops.
                 let n_full = t.int(tile as i64);
                 for op in body {
-                    t.tile_op(op, Tile { size: tile, prefetch, j0, n: n_full, partial: false });
+                    let tile = Tile { size: tile, prefetch, j0, n: n_full, narrow, partial: false };
+                    t.tile_op(op, tile);
                 }
                 t.b.ins().jump(done, &[]);
                 t.b.switch_to_block(partial_block);
                 t.b.seal_block(partial_block);
                 for op in body {
-                    t.tile_op(op, Tile { size: tile, prefetch, j0, n, partial: true });
+                    t.tile_op(op, Tile { size: tile, prefetch, j0, n, narrow, partial: true });
                 }
                 t.b.ins().jump(done, &[]);
                 t.b.switch_to_block(done);

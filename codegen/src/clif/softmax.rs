@@ -48,82 +48,40 @@ impl Translator<'_> {
         }
     }
 
-    /// The online softmax of a tile: a generated pass down Sᵀ's columns, four rows per vector,
-    /// for the tile max (applying the cap and the edge mask) and the rare lazy rescale; then
-    /// `P = 2^(s − m)` and its row sums over the whole tile in one call of the pre-compiled
-    /// tile exponentials, which use the CPU's full vector width.
+    /// The online softmax of a tile: its tile max — with `column_max` from one call of the
+    /// pre-compiled tile max, else from a generated pass down Sᵀ's columns, four rows per
+    /// vector, that applies the cap and the edge mask — and, four columns at a time, the rare
+    /// lazy rescale; then `P = 2^(s − m)` and its row sums over the whole tile in one call of
+    /// the pre-compiled tile exponentials. The routines use the CPU's full vector width.
     pub(super) fn online_softmax(
         &mut self,
         cap: Option<f32>,
         threshold: f32,
         partials: usize,
         o_transposed: bool,
+        column_max: bool,
         tile: Tile,
     ) {
         let ld = self.plan.padded_rows;
         let zero = self.int(0);
         let scores = self.scratch_at(self.plan.scratch.scores, zero);
-        let (lows, highs) = self.range_tables();
         let state = self.state;
         let (rows_v4, n) = (self.rows_v4, tile.n);
-        let neg_inf = self.splat(f32::NEG_INFINITY);
+        let maxima = column_max.then(|| {
+            let maxima = self.scratch_at(self.plan.scratch.tile_max, zero);
+            let ld = self.int(ld as i64);
+            self.call(Callee::ColumnMax, &[n, rows_v4, scores, ld, maxima]);
+            maxima
+        });
         self.for_range(zero, rows_v4, 4, |t, c| {
-            let column = t.float_addr(scores, c);
-            let bounds = tile.partial.then(|| {
-                let offset = t.mul_imm(c, 4);
-                let (lo_at, hi_at) = (t.add(lows, offset), t.add(highs, offset));
-                let lo = t.b.ins().load(types::I32X4, mem(), lo_at, 0);
-                let hi = t.b.ins().load(types::I32X4, mem(), hi_at, 0);
-                (lo, hi)
-            });
-            // One partial max per copy of the unrolled key loop (`Op::OnlineSoftmax`).
-            let partial_max: Vec<Variable> = (0..partials)
-                .map(|_| {
-                    let var = t.b.declare_var(F32X4);
-                    t.b.def_var(var, neg_inf);
-                    var
-                })
-                .collect();
-            let start = t.int(0);
-            t.for_range_unrolled(start, n, partials, |t, j, copy| {
-                let offset = t.mul_imm(j, 4 * ld);
-                let at = t.add(column, offset);
-                let mut s = t.b.ins().load(F32X4, mem(), at, 0);
-                if let Some(cap) = cap {
-                    s = t.softcap_log2(s, cap);
+            let tile_max = match maxima {
+                Some(maxima) => {
+                    let at = t.float_addr(maxima, c);
+                    t.b.ins().load(F32X4, mem(), at, 0)
                 }
-                if let Some((lo, hi)) = bounds {
-                    let j32 = t.b.ins().ireduce(types::I32, j);
-                    let key = t.b.ins().splat(types::I32X4, j32);
-                    let after_lo = t.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, key, lo);
-                    let before_hi = t.b.ins().icmp(IntCC::SignedLessThan, key, hi);
-                    let visible = t.b.ins().band(after_lo, before_hi);
-                    let visible = t.b.ins().bitcast(F32X4, MemFlagsData::new(), visible);
-                    s = t.b.ins().bitselect(visible, s, neg_inf);
-                }
-                if cap.is_some() || bounds.is_some() {
-                    t.b.ins().store(mem(), s, at, 0);
-                }
-                let m = t.b.use_var(partial_max[copy]);
-                let m = t.max_ps(m, s);
-                t.b.def_var(partial_max[copy], m);
-            });
-            // Pairwise, as the op says. The max of finite scores does not depend on the order
-            // (a NaN score reaches its row through `2^(s − m)` whatever m is).
-            let mut level: Vec<Value> = partial_max.iter().map(|&var| t.b.use_var(var)).collect();
-            while level.len() > 1 {
-                level = level.chunks(2).map(|pair| t.max_ps(pair[0], pair[1])).collect();
-            }
-            let tile_max = level[0];
-            // Lazy rescale: m moves only in lanes whose tile max exceeds it by the threshold
-            // (always on a row's first visible tile, where m = f32::MIN).
-            let m_at = t.state_m(state, c);
-            let m_old = t.b.ins().load(F32X4, mem(), m_at, 0);
-            let vthreshold = t.splat(threshold);
-            let limit = t.b.ins().fadd(m_old, vthreshold);
-            let raise = t.b.ins().fcmp(FloatCC::GreaterThan, tile_max, limit);
-            let any = t.b.ins().vany_true(raise);
-            t.if_then(any, |t| t.rescale(c, raise, tile_max, o_transposed));
+                None => t.generated_tile_max(c, scores, cap, partials, tile),
+            };
+            t.lazy_rescale(c, tile_max, threshold, o_transposed);
         });
         // P = 2^(s − m), l += column sums. m is finite (it starts at f32::MIN), so a hidden
         // key's 2^(−∞ − m) is 0, never NaN.
@@ -131,6 +89,80 @@ impl Translator<'_> {
         let l = self.state_l(state, zero);
         let ld = self.int(ld as i64);
         self.call(Callee::Exp2Columns, &[n, rows_v4, scores, ld, m, l]);
+    }
+
+    /// Rows `c..c + 4`: the tile max by a generated pass down their columns, which applies the
+    /// cap and (on edge tiles) the mask first and stores the scores it changed.
+    fn generated_tile_max(
+        &mut self,
+        c: Value,
+        scores: Value,
+        cap: Option<f32>,
+        partials: usize,
+        tile: Tile,
+    ) -> Value {
+        let ld = self.plan.padded_rows;
+        let neg_inf = self.splat(f32::NEG_INFINITY);
+        let column = self.float_addr(scores, c);
+        let bounds = tile.partial.then(|| {
+            let (lows, highs) = self.range_tables();
+            let offset = self.mul_imm(c, 4);
+            let (lo_at, hi_at) = (self.add(lows, offset), self.add(highs, offset));
+            let lo = self.b.ins().load(types::I32X4, mem(), lo_at, 0);
+            let hi = self.b.ins().load(types::I32X4, mem(), hi_at, 0);
+            (lo, hi)
+        });
+        // One partial max per copy of the unrolled key loop (`Op::OnlineSoftmax`).
+        let partial_max: Vec<Variable> = (0..partials)
+            .map(|_| {
+                let var = self.b.declare_var(F32X4);
+                self.b.def_var(var, neg_inf);
+                var
+            })
+            .collect();
+        let start = self.int(0);
+        self.for_range_unrolled(start, tile.n, partials, |t, j, copy| {
+            let offset = t.mul_imm(j, 4 * ld);
+            let at = t.add(column, offset);
+            let mut s = t.b.ins().load(F32X4, mem(), at, 0);
+            if let Some(cap) = cap {
+                s = t.softcap_log2(s, cap);
+            }
+            if let Some((lo, hi)) = bounds {
+                let j32 = t.b.ins().ireduce(types::I32, j);
+                let key = t.b.ins().splat(types::I32X4, j32);
+                let after_lo = t.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, key, lo);
+                let before_hi = t.b.ins().icmp(IntCC::SignedLessThan, key, hi);
+                let visible = t.b.ins().band(after_lo, before_hi);
+                let visible = t.b.ins().bitcast(F32X4, MemFlagsData::new(), visible);
+                s = t.b.ins().bitselect(visible, s, neg_inf);
+            }
+            if cap.is_some() || bounds.is_some() {
+                t.b.ins().store(mem(), s, at, 0);
+            }
+            let m = t.b.use_var(partial_max[copy]);
+            let m = t.max_ps(m, s);
+            t.b.def_var(partial_max[copy], m);
+        });
+        // Pairwise, as the op says. The max of finite scores does not depend on the order
+        // (a NaN score reaches its row through `2^(s − m)` whatever m is).
+        let mut level: Vec<Value> = partial_max.iter().map(|&var| self.b.use_var(var)).collect();
+        while level.len() > 1 {
+            level = level.chunks(2).map(|pair| self.max_ps(pair[0], pair[1])).collect();
+        }
+        level[0]
+    }
+
+    /// Rows `c..c + 4` after their tile max: m moves only in lanes whose tile max exceeds it
+    /// by the threshold (always on a row's first visible tile, where m = f32::MIN).
+    fn lazy_rescale(&mut self, c: Value, tile_max: Value, threshold: f32, o_transposed: bool) {
+        let m_at = self.state_m(self.state, c);
+        let m_old = self.b.ins().load(F32X4, mem(), m_at, 0);
+        let vthreshold = self.splat(threshold);
+        let limit = self.b.ins().fadd(m_old, vthreshold);
+        let raise = self.b.ins().fcmp(FloatCC::GreaterThan, tile_max, limit);
+        let any = self.b.ins().vany_true(raise);
+        self.if_then(any, |t| t.rescale(c, raise, tile_max, o_transposed));
     }
 
     /// Rows `c..c + 4`, in the lanes `raise` selects: `m' = tile_max`, and l and O scaled by

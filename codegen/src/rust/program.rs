@@ -130,12 +130,14 @@ pub fn functions(plan: &KernelPlan, ir: &KernelIr, attributes: &TokenStream) -> 
     fns
 }
 
-/// The key tile a tile op is emitted for: its loop's tile size, and whether it is an edge
-/// tile (the generated code binds `j0` and `n`).
+/// The key tile a tile op is emitted for: its loop's tile size, whether the loop is the
+/// narrow one of few-row items, and whether it is an edge tile (the generated code binds `j0`
+/// and `n`).
 #[derive(Clone, Copy)]
 struct Tile {
     size: usize,
     prefetch: Prefetch,
+    narrow: bool,
     partial: bool,
 }
 
@@ -185,12 +187,13 @@ impl Emitter<'_> {
             Op::InitState => self.init_state(),
             Op::ForEachGroup { body } => self.for_each_group(body, tile),
             Op::KeyTiles { tile, prefetch, narrow, mask, body } => {
-                let wide = self.key_tiles(*tile, *prefetch, *mask, body);
+                let wide = self.key_tiles(*tile, *prefetch, false, *mask, body);
                 match narrow {
                     None => wide,
                     Some(narrow) => {
                         let few = self.rows_at_most(narrow.max_rows);
-                        let narrow = self.key_tiles(narrow.tile, narrow.prefetch, *mask, body);
+                        let narrow =
+                            self.key_tiles(narrow.tile, narrow.prefetch, true, *mask, body);
                         quote! {
                             if #few && args.k_packed.is_null() { #narrow } else { #wide }
                         }
@@ -201,8 +204,10 @@ impl Emitter<'_> {
                 self.pack_tile(*from, *into, *width, *min_rows, tile)
             }
             Op::Scores(term) => self.scores(term, tile),
-            Op::OnlineSoftmax { cap, threshold, partials, o_transposed } => {
-                self.online_softmax(*cap, *threshold, *partials, *o_transposed, tile)
+            Op::OnlineSoftmax { cap, threshold, partials, o_transposed, column_max } => {
+                // The op's rule: the main loop's whole tiles take the routine's tile max.
+                let column_max = *column_max && tile.is_some_and(|t| !t.narrow && !t.partial);
+                self.online_softmax(*cap, *threshold, *partials, *o_transposed, column_max, tile)
             }
             Op::AccumulateValues { values, width, o_transposed } => {
                 self.accumulate_values(values, *width, *o_transposed, tile)
@@ -622,6 +627,7 @@ impl Emitter<'_> {
         threshold: f32,
         partials: usize,
         o_transposed: bool,
+        column_max: bool,
         tile: Option<Tile>,
     ) -> TokenStream {
         let tile = tile.expect("tile ops only appear inside KeyTiles");
@@ -649,7 +655,8 @@ impl Emitter<'_> {
         let store = (cap.is_some() || tile.partial).then(|| quote!(*row.add(lane) = s;));
         let threshold = Literal::f32_suffixed(threshold);
         // One block of `width` columns: their tile max (`s < t ? t : s`) down the tile, in
-        // `partials` partial maxima combined pairwise (`Op::OnlineSoftmax`), then the lazy
+        // `partials` partial maxima combined pairwise (`Op::OnlineSoftmax`) — the routine's,
+        // with `column_max`, which took it for every column before the blocks — then the lazy
         // rescale of their rows: m moves only where the tile max exceeds it by the threshold.
         // The max of finite scores does not depend on the order; a NaN score reaches its row
         // through `2^(s − m)`.
@@ -694,10 +701,12 @@ impl Emitter<'_> {
         }
         let combined = &level[0];
         let partials = lit(partials);
-        let columns = |width: usize| {
-            let width = lit(width);
-            let factors_init = o_transposed.then(|| quote!(let mut factors = [1.0f32; #width];));
-            quote! {{
+        // The block's tile max: the routine's, or a pass down the block's columns.
+        let block_max = |width: &Literal| match column_max {
+            true => quote! {
+                let tile_max: [f32; #width] = ::core::array::from_fn(|lane| *maxima.add(c0 + lane));
+            },
+            false => quote! {
                 let step = |j: usize, partial: &mut [f32; #width]| {
                     let row = s_tile.add(j * #ld + c0);
                     for lane in 0..#width {
@@ -726,6 +735,14 @@ impl Emitter<'_> {
                     let max = |a: f32, b: f32| if b < a { a } else { b };
                     #combined
                 });
+            },
+        };
+        let columns = |width: usize| {
+            let width = lit(width);
+            let factors_init = o_transposed.then(|| quote!(let mut factors = [1.0f32; #width];));
+            let block_max = block_max(&width);
+            quote! {{
+                #block_max
                 #factors_init
                 for lane in 0..#width {
                     let c = c0 + lane;
@@ -748,10 +765,18 @@ impl Emitter<'_> {
         // fixed-width blocks become whole vectors, with no scalar tail.
         let (wide, narrow) = (columns(PANEL), columns(plan.row_multiple));
         let (panel, multiple) = (lit(PANEL), lit(plan.row_multiple));
+        let maxima = lit(plan.scratch.tile_max);
+        let routine_max = column_max.then(|| {
+            quote! {
+                let maxima = scratch.add(#maxima);
+                routines::column_max(n, rows_v4, s_tile.cast_const(), #ld, maxima);
+            }
+        });
         quote! {{
             let s_tile = scratch.add(#scores);
             let lows = scratch.add(#ranges).cast::<i32>().cast_const();
             let highs = lows.add(#ld);
+            #routine_max
             let mut c0 = 0;
             while c0 + #panel <= rows_v4 {
                 #wide
@@ -831,11 +856,18 @@ impl Emitter<'_> {
 
     /// The key loop: tiles from the first visible key's tile to the last visible key, each
     /// emitted twice — full (every row sees it whole: `n` is the constant tile) and edge.
-    fn key_tiles(&self, size: usize, prefetch: Prefetch, mask: Mask, body: &[Op]) -> TokenStream {
+    fn key_tiles(
+        &self,
+        size: usize,
+        prefetch: Prefetch,
+        narrow: bool,
+        mask: Mask,
+        body: &[Op],
+    ) -> TokenStream {
         assert!(size.is_power_of_two(), "key tiles are aligned with a mask");
         let bounds = self.bounds(mask);
-        let full = self.ops(body, Some(Tile { size, prefetch, partial: false }));
-        let edge = self.ops(body, Some(Tile { size, prefetch, partial: true }));
+        let full = self.ops(body, Some(Tile { size, prefetch, narrow, partial: false }));
+        let edge = self.ops(body, Some(Tile { size, prefetch, narrow, partial: true }));
         let size = lit(size);
         quote! {
             if nq > 0 {

@@ -9,8 +9,10 @@
 //!   products when an item has only a few rows (decode: a broadcast per key element would
 //!   waste most of each vector), and MLA's output projection `out = o'·W_UVᵀ`.
 //!
-//! The exponentials of a score tile, [`Exp2Columns`]: `P = 2^(s − m)` in place with its column
-//! sums, at the full vector width (generated code is limited to 128-bit vectors).
+//! Two passes over a score tile, at the full vector width (the JIT's generated code is limited
+//! to 128-bit vectors): its max down the columns, [`ColumnMax`] (on whole tiles of an uncapped
+//! spec), and its exponentials, [`Exp2Columns`]: `P = 2^(s − m)` in place with its column
+//! sums.
 //!
 //! Two tile copies: [`PackRows`] (a K/V tile into scratch; a plain copy, the same on every ISA)
 //! and [`PackColumns`] (query rows, transposed and scaled in registers).
@@ -27,8 +29,8 @@
 //! lines per block while they compute.
 //! Contiguous rows (one KV head, MLA's latent) are left to the hardware prefetchers.
 //!
-//! Everything else — loop nest, group mapping, masks, the online softmax's cap, max and
-//! rescale, splits and merges — is generated per spec.
+//! Everything else — loop nest, group mapping, masks, the online softmax's cap, edge tiles'
+//! max and the rescale, splits and merges — is generated per spec.
 
 // The kernels take BLAS-style (sizes, pointer, leading dimension) argument lists.
 #![allow(clippy::too_many_arguments)]
@@ -42,6 +44,7 @@ use crate::Error;
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+mod column_max;
 mod dot_nn;
 mod dot_nt;
 mod exp2;
@@ -52,7 +55,7 @@ mod primitives;
 pub use pack::pack_rows;
 use primitives::{Simd, stamp_routines};
 
-pub use attngen_codegen::abi::{DotNn, DotNt, Exp2Columns, PackColumns, PackRows};
+pub use attngen_codegen::abi::{ColumnMax, DotNn, DotNt, Exp2Columns, PackColumns, PackRows};
 
 /// Terms [`DotNn`] sums in one chain before adding the partial sum to C: a long product
 /// (MLA's 512-wide latent scores) then rounds like `64 + k/64` additions, not `k`.
@@ -345,6 +348,8 @@ pub struct Routines {
     pub dot_nn: DotNn,
     /// See [`Exp2Columns`].
     pub exp2_columns: Exp2Columns,
+    /// See [`ColumnMax`].
+    pub column_max: ColumnMax,
     /// See [`PackColumns`].
     pub pack_columns: PackColumns,
 }
@@ -445,6 +450,7 @@ mod tests {
                 assert_ne!(ra.dot_nn as usize, rb.dot_nn as usize, "{a} and {b}");
                 assert_ne!(ra.dot_nt as usize, rb.dot_nt as usize, "{a} and {b}");
                 assert_ne!(ra.exp2_columns as usize, rb.exp2_columns as usize, "{a} and {b}");
+                assert_ne!(ra.column_max as usize, rb.column_max as usize, "{a} and {b}");
                 assert_ne!(ra.pack_columns as usize, rb.pack_columns as usize, "{a} and {b}");
             }
         }
@@ -847,6 +853,81 @@ mod tests {
             for other in &results[1..] {
                 assert_eq!(bits(&results[0].0), bits(&other.0), "{columns} columns: P differs");
                 assert_eq!(bits(&results[0].1), bits(&other.1), "{columns} columns: l differs");
+            }
+        }
+    }
+
+    /// `column_max` on every ISA against a plain max of the f64 values, over every column
+    /// remainder and key counts on and off multiples of the partial maxima (none: −∞), with
+    /// −∞ and a maximal float in the tile; a column holding NaN against the ABI's steps run
+    /// literally; all ISAs agree to the bit, and nothing past the columns is written.
+    #[test]
+    fn column_max_matches_f64_and_each_other() {
+        use attngen_codegen::abi::MAX_PARTIALS;
+        // The ABI's steps: partial `j mod MAX_PARTIALS` (the remainder keys partial 0) takes
+        // `s < p ? p : s`; the partials combine pairwise as `b < a ? a : b`.
+        let literal = |column: &[f32]| {
+            let mut partial = [f32::NEG_INFINITY; MAX_PARTIALS];
+            let whole = column.len() - column.len() % MAX_PARTIALS;
+            for (j, &s) in column.iter().enumerate() {
+                let p = if j < whole { j % MAX_PARTIALS } else { 0 };
+                partial[p] = if s < partial[p] { partial[p] } else { s };
+            }
+            let mut level = partial.to_vec();
+            while level.len() > 1 {
+                level =
+                    level.chunks(2).map(|ab| if ab[1] < ab[0] { ab[0] } else { ab[1] }).collect();
+            }
+            level[0]
+        };
+        let ld = 67;
+        for keys in [0, 1, 3, 4, 5, 8, 64, 66] {
+            for columns in [1, 3, 4, 5, 8, 12, 16, 20, 37, 44, 64] {
+                let mut s = data(keys.max(1) * ld, 11);
+                if keys > 3 {
+                    s[3 * ld] = f32::NEG_INFINITY;
+                    s[2 * ld + columns / 2] = f32::MAX;
+                    s[(keys - 1) * ld + columns - 1] = f32::NAN;
+                }
+                let results: Vec<Vec<f32>> = tested_isas()
+                    .into_iter()
+                    .map(|isa| {
+                        let mut max = vec![7.0; columns + 3];
+                        // SAFETY: s holds keys rows of ld >= columns floats; max holds more
+                        // than `columns`.
+                        unsafe {
+                            (isa.routines().column_max)(
+                                keys,
+                                columns,
+                                s.as_ptr(),
+                                ld,
+                                max.as_mut_ptr(),
+                            )
+                        };
+                        max
+                    })
+                    .collect();
+                let max = &results[0];
+                for c in 0..columns {
+                    let column: Vec<f32> = (0..keys).map(|j| s[j * ld + c]).collect();
+                    let want = literal(&column);
+                    // A NaN score may leave the max NaN or drop a partial (its row is NaN
+                    // through `2^(s − m)` either way): only the steps say which.
+                    match column.iter().any(|x| x.is_nan()) {
+                        true => assert_eq!(max[c].to_bits(), want.to_bits(), "{keys} x {columns}"),
+                        false => {
+                            let plain =
+                                column.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x.into()));
+                            assert_eq!(f64::from(max[c]), plain, "{keys} x {columns}: column {c}");
+                            assert_eq!(max[c], want);
+                        }
+                    }
+                }
+                assert_eq!(max[columns..], [7.0; 3], "nothing past the columns");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                for other in &results[1..] {
+                    assert_eq!(bits(max), bits(other), "{keys} x {columns}: ISAs differ");
+                }
             }
         }
     }

@@ -4,7 +4,7 @@
 //! An ISA is a type implementing [`Simd`]: a vector of `LANES` f32s, a lane mask, a dozen
 //! element-wise operations, the integer step of `exp2`, a four-way horizontal sum and a 4-row
 //! transpose — plus the block sizes its register file affords. The kernels (`dot_nt`, `dot_nn`,
-//! `exp2_columns`, `pack_columns`) are generic over it and `#[inline(always)]` all the way down;
+//! `exp2_columns`, `column_max`, `pack_columns`) are generic over it and `#[inline(always)]` all the way down;
 //! [`stamp_routines!`] wraps them in `extern "C"` entry points compiled with the ISA's target
 //! features, so LLVM inlines every primitive into code built for that ISA. A new ISA (NEON, say)
 //! is one module: an implementation of `Simd` and one `stamp_routines!` line.
@@ -76,8 +76,8 @@ pub trait Simd: Copy + 'static {
     unsafe fn store_transposed4(rows: [Self::V; 4], dst: *mut f32, stride: usize);
 }
 
-/// Defines the ISA's `extern "C"` routines — `dot_nt`, `dot_nn`, `exp2_columns` and
-/// `pack_columns`, with the signatures of [`super::DotNt`] and friends — as the generic kernels
+/// Defines the ISA's `extern "C"` routines — `dot_nt`, `dot_nn`, `exp2_columns`, `column_max`
+/// and `pack_columns`, with the signatures of [`super::DotNt`] and friends — as the generic kernels
 /// over `$simd`, compiled with `$features` (none for the portable ISA).
 macro_rules! stamp_routines {
     ($simd:ty $(, $features:literal)?) => {
@@ -156,6 +156,22 @@ macro_rules! stamp_routines {
             unsafe { super::exp2::exp2_columns::<$simd>(keys, columns, s, ld, m, l) }
         }
 
+        /// See [`super::ColumnMax`].
+        ///
+        /// # Safety
+        /// The CPU has this ISA's features; buffers as [`super::ColumnMax`] describes.
+        $(#[target_feature(enable = $features)])?
+        pub unsafe extern "C" fn column_max(
+            keys: usize,
+            columns: usize,
+            s: *const f32,
+            ld: usize,
+            max: *mut f32,
+        ) {
+            // SAFETY: the caller's contract, which is the kernel's.
+            unsafe { super::column_max::column_max::<$simd>(keys, columns, s, ld, max) }
+        }
+
         /// See [`super::PackColumns`].
         ///
         /// # Safety
@@ -218,6 +234,7 @@ macro_rules! stamp_routines {
             dot_nt,
             dot_nn,
             exp2_columns,
+            column_max,
             pack_columns,
         };
 
