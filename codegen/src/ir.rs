@@ -140,7 +140,9 @@ pub enum Op {
         /// the ISA's full width, into the scratch's `tile_max`), in the same partial maxima;
         /// edge tiles, which mask, tiles of the narrow loop (at most four rows: one 128-bit
         /// vector per key, where a call costs more than it saves) and every tile of a capped
-        /// spec, whose scores are capped first, in the generated pass. Set without a cap.
+        /// spec, whose scores are capped first, in the generated pass
+        /// (`KernelPlan::routine_tile_max`).
+        ///
         /// In one process (JIT, two threads, alternating calls) the routine took W1 0.98× the
         /// time, W2 0.96–0.97×, W3 0.99×; the macro kernels' pass, which LLVM vectorises at
         /// the ISA's width, 0.99–1.01×.
@@ -354,7 +356,7 @@ pub fn lower(plan: &KernelPlan) -> KernelIr {
         threshold: plan.rescale_threshold,
         partials: plan.max_partials,
         o_transposed,
-        column_max: spec.softcap.is_none(),
+        column_max: plan.routine_tile_max,
     };
     let factor = plan.query_factor;
     let in_place =

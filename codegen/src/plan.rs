@@ -246,6 +246,10 @@ pub struct KernelPlan {
     /// of one that waits on each instruction's latency; combined pairwise at the end
     /// ([`crate::abi::MAX_PARTIALS`], which the pre-compiled [`crate::abi::ColumnMax`] keeps).
     pub max_partials: usize,
+    /// Whole tiles take their max from the pre-compiled [`crate::abi::ColumnMax`], at the
+    /// ISA's width, rather than a generated pass (the JIT's has 128-bit vectors): unless a
+    /// softcap must be applied to the scores first (`ir::Op::OnlineSoftmax` has the rule).
+    pub routine_tile_max: bool,
     /// Fewest keys a decode split gets, so splitting never costs more than it saves.
     pub min_keys_per_split: usize,
     /// Most keys per run of a task whose query tiles all read the same packed keys — a
@@ -497,6 +501,7 @@ impl KernelPlan {
             query_factor: query_factor as f32,
             rescale_threshold: RESCALE_THRESHOLD,
             max_partials: crate::abi::MAX_PARTIALS,
+            routine_tile_max: spec.softcap.is_none(),
             call_packing,
             shared_run_keys: match call_packing {
                 Some(packing) => {
@@ -817,14 +822,20 @@ impl fmt::Display for KernelPlan {
         writeln!(f)?;
         writeln!(
             f,
-            "  softmax      base 2: queries packed transposed and pre-multiplied by {}{}; O rescaled only when a tile's max exceeds m by {}; the tile max in {} partial maxima",
+            "  softmax      base 2: queries packed transposed and pre-multiplied by {}{}; O rescaled only when a tile's max exceeds m by {}; the tile max in {} partial maxima{}",
             self.query_factor,
             match spec.softcap {
                 Some(c) => format!(" (= scale); s = log2 e * {c} * tanh(S / {c})"),
                 None => " (= scale * log2 e)".to_owned(),
             },
             self.rescale_threshold,
-            self.max_partials
+            self.max_partials,
+            match self.routine_tile_max {
+                true => {
+                    ", on whole tiles (not few-row items' narrow ones) by a pre-compiled routine at the ISA's width"
+                }
+                false => ", generated (the cap comes first)",
+            }
         )?;
         writeln!(
             f,
