@@ -456,6 +456,11 @@ mod tests {
         }
     }
 
+    /// The bit patterns of `v`, for comparisons that tell NaNs and signed zeros apart.
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
     fn data(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000)
@@ -849,7 +854,6 @@ mod tests {
             for j in 0..keys {
                 assert_eq!(p[j * ld + columns..(j + 1) * ld], s[j * ld + columns..(j + 1) * ld]);
             }
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             for other in &results[1..] {
                 assert_eq!(bits(&results[0].0), bits(&other.0), "{columns} columns: P differs");
                 assert_eq!(bits(&results[0].1), bits(&other.1), "{columns} columns: l differs");
@@ -924,7 +928,6 @@ mod tests {
                     }
                 }
                 assert_eq!(max[columns..], [7.0; 3], "nothing past the columns");
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 for other in &results[1..] {
                     assert_eq!(bits(max), bits(other), "{keys} x {columns}: ISAs differ");
                 }
