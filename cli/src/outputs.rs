@@ -124,12 +124,9 @@ fn entry(path: &Path) -> Option<PathBuf> {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("attngen-outputs-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A fresh scratch directory, removed with everything in it when the test ends.
+    fn scratch(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("attngen-outputs-{name}-")).tempdir().unwrap()
     }
 
     fn refusal(result: Result<(), Failure>) -> String {
@@ -140,7 +137,8 @@ mod tests {
 
     #[test]
     fn an_output_may_not_replace_an_input_however_it_is_spelled() {
-        let dir = scratch("input");
+        let scratch_dir = scratch("input");
+        let dir = scratch_dir.path();
         let input = dir.join("layer.safetensors");
         std::fs::write(&input, b"weights").unwrap();
         std::fs::create_dir(dir.join("sub")).unwrap();
@@ -167,7 +165,8 @@ mod tests {
 
     #[test]
     fn two_outputs_may_not_be_one_file() {
-        let dir = scratch("twice");
+        let scratch_dir = scratch("twice");
+        let dir = scratch_dir.path();
         let (first, again) = (dir.join("mla.toml"), dir.join("sub").join("..").join("mla.toml"));
         std::fs::create_dir(dir.join("sub")).unwrap();
         let outputs = [("--out", first.as_path()), ("--spec-out", again.as_path())];
@@ -178,16 +177,18 @@ mod tests {
 
     #[test]
     fn an_output_needs_an_existing_directory_and_a_file_name() {
-        let dir = scratch("where");
+        let scratch_dir = scratch("where");
+        let dir = scratch_dir.path();
         let missing = dir.join("no-such-dir").join("mla.safetensors");
         assert!(refusal(check(&[], &[("--out", missing.as_path())])).contains("no such directory"));
-        assert!(refusal(check(&[], &[("--out", dir.as_path())])).contains("is not a file name"));
+        assert!(refusal(check(&[], &[("--out", dir)])).contains("is not a file name"));
         assert!(refusal(check(&[], &[("--out", Path::new(""))])).contains("is not a file name"));
     }
 
     #[test]
     fn a_failed_write_changes_no_destination_and_leaves_no_temporary() {
-        let dir = scratch("all-or-nothing");
+        let scratch_dir = scratch("all-or-nothing");
+        let dir = scratch_dir.path();
         let first = dir.join("first.bin");
         std::fs::write(&first, b"old").unwrap();
         let unwritable = dir.join("no-such-dir").join("second.bin");
@@ -197,7 +198,7 @@ mod tests {
         assert!(failure.message.contains("second.bin: cannot write"), "{}", failure.message);
         assert_eq!(std::fs::read(&first).unwrap(), b"old");
         let names: Vec<_> =
-            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["first.bin"]);
         write_all(&[(first.as_path(), b"new")]).unwrap();
         assert_eq!(std::fs::read(&first).unwrap(), b"new");

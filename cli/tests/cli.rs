@@ -29,12 +29,26 @@ fn run_cli(spec: &Path, inputs: &Path, out: &Path, backend: Option<&str>) -> Out
     attngen(&args)
 }
 
-/// A fresh scratch directory for one test.
-fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("attngen-cli-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh scratch directory for one test, removed with everything in it when the test ends
+/// (passed or failed).
+struct Scratch(tempfile::TempDir);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+fn scratch(test: &str) -> Scratch {
+    Scratch(tempfile::Builder::new().prefix(&format!("attngen-cli-{test}-")).tempdir().unwrap())
 }
 
 fn write_safetensors(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
