@@ -73,13 +73,19 @@ impl Translator<'_> {
             self.call(Callee::ColumnMax, &[n, rows_v4, scores, ld, maxima]);
             maxima
         });
+        // Once per tile, not per four columns: the edge tables and −∞ of the generated pass.
+        let (lows, highs) = self.range_tables();
+        let neg_inf = self.splat(f32::NEG_INFINITY);
         self.for_range(zero, rows_v4, 4, |t, c| {
             let tile_max = match maxima {
                 Some(maxima) => {
                     let at = t.float_addr(maxima, c);
                     t.b.ins().load(F32X4, mem(), at, 0)
                 }
-                None => t.generated_tile_max(c, scores, cap, partials, tile),
+                None => {
+                    let invariants = (scores, lows, highs, neg_inf);
+                    t.generated_tile_max(c, invariants, cap, partials, tile)
+                }
             };
             t.lazy_rescale(c, tile_max, threshold, o_transposed);
         });
@@ -92,20 +98,19 @@ impl Translator<'_> {
     }
 
     /// Rows `c..c + 4`: the tile max by a generated pass down their columns, which applies the
-    /// cap and (on edge tiles) the mask first and stores the scores it changed.
+    /// cap and (on edge tiles) the mask first and stores the scores it changed. `invariants` are
+    /// the tile's: the score tile, the edge tables' lows and highs, and a vector of −∞.
     fn generated_tile_max(
         &mut self,
         c: Value,
-        scores: Value,
+        (scores, lows, highs, neg_inf): (Value, Value, Value, Value),
         cap: Option<f32>,
         partials: usize,
         tile: Tile,
     ) -> Value {
         let ld = self.plan.padded_rows;
-        let neg_inf = self.splat(f32::NEG_INFINITY);
         let column = self.float_addr(scores, c);
         let bounds = tile.partial.then(|| {
-            let (lows, highs) = self.range_tables();
             let offset = self.mul_imm(c, 4);
             let (lo_at, hi_at) = (self.add(lows, offset), self.add(highs, offset));
             let lo = self.b.ins().load(types::I32X4, mem(), lo_at, 0);
