@@ -141,7 +141,7 @@ pub enum Op {
         /// edge tiles, which mask, tiles of the narrow loop (at most four rows: one 128-bit
         /// vector per key, where a call costs more than it saves) and every tile of a capped
         /// spec, whose scores are capped first, in the generated pass
-        /// (`KernelPlan::routine_tile_max`).
+        /// (`KernelPlan::routine_tile_max`). [`routine_tile_max`] applies the rule to a tile.
         ///
         /// In one process (JIT, two threads, alternating calls) the routine took W1 0.98× the
         /// time, W2 0.96–0.97×, W3 0.99×; the macro kernels' pass, which LLVM vectorises at
@@ -348,6 +348,13 @@ impl Operand {
 }
 
 /// Lowers a plan to its tile program.
+/// Whether a tile of a key loop takes its tile max from [`crate::abi::ColumnMax`]: the rule of
+/// `Op::OnlineSoftmax`'s `column_max` (the op's flag), for a tile of the narrow loop or not,
+/// an edge tile or a whole one. Both backends ask here.
+pub fn routine_tile_max(column_max: bool, narrow: bool, edge: bool) -> bool {
+    column_max && !narrow && !edge
+}
+
 pub fn lower(plan: &KernelPlan) -> KernelIr {
     let spec = &plan.spec;
     let o_transposed = plan.state.transposed;
@@ -868,6 +875,11 @@ mod tests {
         let (_, capped_body, _) = parts(&capped);
         let Op::OnlineSoftmax { column_max, .. } = capped_body[3] else { panic!("{capped}") };
         assert!(!column_max, "{capped}");
+        // Of an uncapped spec's tiles, only the main loop's whole ones call the routine.
+        let tiles = [(false, false), (true, false), (false, true), (true, true)];
+        let calls = tiles.map(|(narrow, edge)| routine_tile_max(true, narrow, edge));
+        assert_eq!(calls, [true, false, false, false]);
+        assert!(!routine_tile_max(false, false, false));
         let Op::AccumulateValues { values, width: 16, .. } = body[4] else { panic!("{ir}") };
         assert_eq!(
             (values.cache, values.item_packed.unwrap().tile),

@@ -53,8 +53,8 @@ impl Translator<'_> {
             }
             Op::Scores(term) => self.scores(term, tile),
             Op::OnlineSoftmax { cap, threshold, partials, o_transposed, column_max } => {
-                // The op's rule: the main loop's whole tiles take the routine's tile max.
-                let column_max = *column_max && !tile.narrow && !tile.partial;
+                let column_max =
+                    crate::ir::routine_tile_max(*column_max, tile.narrow, tile.partial);
                 self.online_softmax(*cap, *threshold, *partials, *o_transposed, column_max, tile)
             }
             Op::AccumulateValues { values, width, o_transposed } => {

@@ -11,7 +11,7 @@ use proc_macro2::{Literal, TokenStream};
 use quote::quote;
 
 use crate::abi::PANEL;
-use crate::ir::{DotScores, KernelIr, Op, Operand, Prefetch, ScoreTerm, TileSource};
+use crate::ir::{self, DotScores, KernelIr, Op, Operand, Prefetch, ScoreTerm, TileSource};
 use crate::plan::{CacheRow, HeadMap, KernelPlan};
 use crate::spec::Mask;
 
@@ -205,8 +205,8 @@ impl Emitter<'_> {
             }
             Op::Scores(term) => self.scores(term, tile),
             Op::OnlineSoftmax { cap, threshold, partials, o_transposed, column_max } => {
-                // The op's rule: the main loop's whole tiles take the routine's tile max.
-                let column_max = *column_max && tile.is_some_and(|t| !t.narrow && !t.partial);
+                let column_max =
+                    tile.is_some_and(|t| ir::routine_tile_max(*column_max, t.narrow, t.partial));
                 self.online_softmax(*cap, *threshold, *partials, *o_transposed, column_max, tile)
             }
             Op::AccumulateValues { values, width, o_transposed } => {

@@ -4,10 +4,15 @@
 //! An ISA is a type implementing [`Simd`]: a vector of `LANES` f32s, a lane mask, a dozen
 //! element-wise operations, the integer step of `exp2`, a four-way horizontal sum and a 4-row
 //! transpose — plus the block sizes its register file affords. The kernels (`dot_nt`, `dot_nn`,
-//! `exp2_columns`, `column_max`, `pack_columns`) are generic over it and `#[inline(always)]` all the way down;
-//! [`stamp_routines!`] wraps them in `extern "C"` entry points compiled with the ISA's target
-//! features, so LLVM inlines every primitive into code built for that ISA. A new ISA (NEON, say)
-//! is one module: an implementation of `Simd` and one `stamp_routines!` line.
+//! `exp2_columns`, `column_max`, `pack_columns`) are generic over it and `#[inline(always)]`
+//! all the way down; [`stamp_routines!`] wraps them in `extern "C"` entry points compiled with
+//! the ISA's target features, so LLVM inlines every primitive into code built for that ISA.
+//!
+//! A new ISA (NEON, say) is one module of code: an implementation of `Simd` and one
+//! `stamp_routines!` line. It is then registered, a line or an arm each, where ISAs are listed:
+//! [`super::Isa`] (its name, detection and routines), the plan's `Target` (its lanes),
+//! `attngen_codegen::rust::ISA_VERSIONS` (the attribute kernels' version and target features),
+//! `crate::__private` (the routines those versions call) and the command's FMA peak probe.
 
 /// One ISA's vector primitives. Every function is `unsafe`: it may be called only from code
 /// compiled with the ISA's target features (an entry point [`stamp_routines!`] made) on a CPU
@@ -77,8 +82,8 @@ pub trait Simd: Copy + 'static {
 }
 
 /// Defines the ISA's `extern "C"` routines — `dot_nt`, `dot_nn`, `exp2_columns`, `column_max`
-/// and `pack_columns`, with the signatures of [`super::DotNt`] and friends — as the generic kernels
-/// over `$simd`, compiled with `$features` (none for the portable ISA).
+/// and `pack_columns`, with the signatures of [`super::DotNt`] and friends — as the generic
+/// kernels over `$simd`, compiled with `$features` (none for the portable ISA).
 macro_rules! stamp_routines {
     ($simd:ty $(, $features:literal)?) => {
         /// See [`super::DotNt`].
