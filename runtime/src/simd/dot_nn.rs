@@ -685,11 +685,7 @@ unsafe fn whole_blocks<S: OutOfLine, const MR: usize, const A_TRANS: bool>(
         // SAFETY: columns j..j + block width <= whole of C and B, rows 0..MR of A and C, keys
         // lo..hi of A and B.
         unsafe {
-            let block = nn.block(0, j, lo, hi);
-            match S::NN_NR {
-                1 => block.run::<S, MR, 1, false, A_TRANS>(accumulate, all),
-                _ => block.run::<S, MR, 2, false, A_TRANS>(accumulate, all),
-            }
+            nn.block(0, j, lo, hi).dispatch::<S>(MR, S::NN_NR, false, A_TRANS, accumulate, all)
         };
     }
 }

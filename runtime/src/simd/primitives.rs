@@ -24,9 +24,10 @@ pub trait Simd: Copy + 'static {
     const NT_MR: usize;
     /// Rows of B per `dot_nt` block.
     const NT_NR: usize;
-    /// Rows of A per `dot_nn` block.
+    /// Rows of A per `dot_nn` block: at most 8 with `NN_NR <= 2`, at most 6 with `NN_NR <= 4`.
     const NN_MR: usize;
-    /// Vectors of C's columns per `dot_nn` block.
+    /// Vectors of C's columns per `dot_nn` block: whole [`attngen_codegen::abi::PANEL`]s, as
+    /// every block starts on one of B's panels.
     const NN_NR: usize;
     /// Rows of A per `dot_nn` block when C is at least `NN_WIDE_NR` vectors wide: a wider block
     /// of fewer rows loads fewer operands per FMA (`NN_WIDE_NR + NN_WIDE_MR` loads for
@@ -262,8 +263,9 @@ macro_rules! stamp_routines {
             "dot_nn's strip copy has a block of each of the ISA's shapes"
         );
         const _: () = assert!(
-            <$simd as super::Simd>::NN_MR <= 8 && <$simd as super::Simd>::NN_NR <= 2,
-            "dot_nn dispatches blocks of at most 8 rows by 2 vectors"
+            (<$simd as super::Simd>::NN_MR <= 8 && <$simd as super::Simd>::NN_NR <= 2)
+                || (<$simd as super::Simd>::NN_MR <= 6 && <$simd as super::Simd>::NN_NR <= 4),
+            "dot_nn dispatches blocks of at most 8 rows by 2 vectors or 6 rows by 4"
         );
         const _: () = assert!(
             <$simd as super::Simd>::NN_WIDE_MR <= 6 && <$simd as super::Simd>::NN_WIDE_NR <= 4,
@@ -275,6 +277,15 @@ macro_rules! stamp_routines {
                 && <$simd as super::Simd>::NN_NR * <$simd as super::Simd>::LANES
                     <= super::dot_nn::BLOCK_PANELS * attngen_codegen::abi::PANEL,
             "dot_nn's blocks span at most BLOCK_PANELS panels"
+        );
+        const _: () = assert!(
+            (<$simd as super::Simd>::NN_WIDE_NR * <$simd as super::Simd>::LANES)
+                % attngen_codegen::abi::PANEL
+                == 0
+                && (<$simd as super::Simd>::NN_NR * <$simd as super::Simd>::LANES)
+                    % attngen_codegen::abi::PANEL
+                    == 0,
+            "dot_nn's blocks are whole panels wide, so each starts on a B panel"
         );
     };
 }
