@@ -187,6 +187,9 @@ impl Target {
         Target { name: "avx512", lanes: 16, transposed_latent_output: false };
     /// AVX2 with FMA: 8 lanes.
     pub const AVX2: Target = Target { name: "avx2", lanes: 8, transposed_latent_output: true };
+    /// NEON: 4 lanes. Absorbed MLA keeps the row-major O, as the portable ISA does: no AArch64
+    /// CPU has timed either layout yet.
+    pub const NEON: Target = Target { name: "neon", lanes: 4, transposed_latent_output: false };
     /// Plain Rust over 8-lane arrays.
     pub const PORTABLE: Target =
         Target { name: "portable", lanes: 8, transposed_latent_output: false };
@@ -936,7 +939,7 @@ mod tests {
     #[test]
     fn the_target_decides_the_latent_output_layout() {
         let mla = AttentionSpec::mla(16, 512, 64, 128, 128);
-        for target in [Target::AVX512, Target::AVX2, Target::PORTABLE] {
+        for target in [Target::AVX512, Target::AVX2, Target::NEON, Target::PORTABLE] {
             let layouts: Vec<(Form, bool)> = KernelPlan::all(&mla, target)
                 .iter()
                 .map(|plan| (plan.form, plan.state.transposed))

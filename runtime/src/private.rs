@@ -21,6 +21,12 @@ pub mod avx2 {
     pub use crate::simd::avx2::{column_max, dot_nn, dot_nt, exp2_columns, pack_columns};
 }
 
+/// The NEON tile routines.
+#[cfg(target_arch = "aarch64")]
+pub mod neon {
+    pub use crate::simd::neon::{column_max, dot_nn, dot_nt, exp2_columns, pack_columns};
+}
+
 /// The portable tile routines.
 pub mod portable {
     pub use crate::simd::portable::{column_max, dot_nn, dot_nt, exp2_columns, pack_columns};

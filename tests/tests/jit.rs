@@ -51,6 +51,12 @@ fn the_widest_isa_is_detected_and_lower_ones_can_be_forced() {
             && std::arch::is_x86_feature_detected!("fma");
         assert_eq!(Isa::Avx512.is_supported(), avx512 && avx2);
         assert_eq!(Isa::Avx2Fma.is_supported(), avx2);
+        assert!(!Isa::Neon.is_supported());
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        assert_eq!(Isa::Neon.is_supported(), std::arch::is_aarch64_feature_detected!("neon"));
+        assert!(!Isa::Avx512.is_supported() && !Isa::Avx2Fma.is_supported());
     }
     for isa in Isa::ALL {
         let built = Jit::with_options(JitOptions::default().isa(isa));
@@ -66,7 +72,7 @@ fn the_widest_isa_is_detected_and_lower_ones_can_be_forced() {
         assert_eq!(isa.name().parse::<Isa>().unwrap(), isa);
     }
     let error = "avx3".parse::<Isa>().unwrap_err().to_string();
-    assert!(error.contains("avx3") && error.contains("avx512, avx2 or portable"), "{error}");
+    assert!(error.contains("avx3") && error.contains("avx512, avx2, neon or portable"), "{error}");
 }
 
 #[test]

@@ -380,7 +380,7 @@ fn rising_latent_scores_rescale_the_running_output() {
 fn functions_from_another_plan_never_run() {
     let spec = GqaCausal.spec().clone();
     let another: &[&str] = &["KernelPlan { .. another version .. }"];
-    let plans = [("avx512", another), ("avx2", another), ("portable", another)];
+    let plans = [("avx512", another), ("avx2", another), ("neon", another), ("portable", another)];
     let kernel = MacroKernel::new(spec, &plans, Vec::new(), None);
     let shape = Shape::new(1, 1, 1);
     let inputs = OwnedInputs::random(kernel.spec(), shape, 1, 1.0);

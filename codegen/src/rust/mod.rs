@@ -19,15 +19,15 @@ use crate::spec::{AttentionSpec, GroupMap, KvLayout, LatentCache, Mask, MlaForm}
 
 /// One ISA the generated kernels are compiled for: the module of `attngen::__private` holding
 /// its tile routines, the target features its functions enable (the same as those routines'),
-/// and whether it exists only on x86-64.
+/// and the one architecture it exists on, if it is not portable.
 #[derive(Clone, Copy, Debug)]
 pub struct IsaVersion {
     /// Module name, here and in `attngen::__private`; also the `ATTNGEN_ISA` name.
     pub module: &'static str,
     /// `#[target_feature(enable = ..)]`, if any.
     pub features: Option<&'static str>,
-    /// Compiled only for `target_arch = "x86_64"`.
-    pub x86_only: bool,
+    /// The `target_arch` it is compiled for (`None`: every one).
+    pub arch: Option<&'static str>,
     /// The `attngen::Isa` variant.
     pub variant: &'static str,
     /// What the plan takes from the ISA.
@@ -35,25 +35,32 @@ pub struct IsaVersion {
 }
 
 /// Every ISA a kernel is stamped for, widest first (the runtime's `Isa::ALL`).
-pub const ISA_VERSIONS: [IsaVersion; 3] = [
+pub const ISA_VERSIONS: [IsaVersion; 4] = [
     IsaVersion {
         module: "avx512",
         features: Some("avx512f,avx2,fma"),
-        x86_only: true,
+        arch: Some("x86_64"),
         variant: "Avx512",
         target: Target::AVX512,
     },
     IsaVersion {
         module: "avx2",
         features: Some("avx2,fma"),
-        x86_only: true,
+        arch: Some("x86_64"),
         variant: "Avx2Fma",
         target: Target::AVX2,
     },
     IsaVersion {
+        module: "neon",
+        features: Some("neon"),
+        arch: Some("aarch64"),
+        variant: "Neon",
+        target: Target::NEON,
+    },
+    IsaVersion {
         module: "portable",
         features: None,
-        x86_only: false,
+        arch: None,
         variant: "Portable",
         target: Target::PORTABLE,
     },
@@ -101,7 +108,7 @@ pub fn kernel_tokens(
             });
             entries.push(entry_points(&quote!(#ident::#form), program));
         }
-        let cfg = isa.x86_only.then(|| quote!(#[cfg(target_arch = "x86_64")]));
+        let cfg = isa.arch.map(|arch| quote!(#[cfg(target_arch = #arch)]));
         versions.extend(quote! {
             #cfg
             pub mod #ident {

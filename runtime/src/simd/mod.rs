@@ -19,8 +19,8 @@
 //!
 //! The routines are written once, generic over a small set of vector primitives
 //! ([`primitives::Simd`]), and stamped out per ISA: [`Isa::Avx512`] (`avx512`),
-//! [`Isa::Avx2Fma`] (`avx2`) and [`Isa::Portable`] (`portable`), each module an implementation
-//! of the primitives and their register-block sizes.
+//! [`Isa::Avx2Fma`] (`avx2`), [`Isa::Neon`] (`neon`) and [`Isa::Portable`] (`portable`), each
+//! module an implementation of the primitives and their register-block sizes.
 //!
 //! Cache rows of one KV head lie `kv_heads · D` floats apart — a page apart for common shapes —
 //! and hardware prefetchers stop at page boundaries, so without help every row of a tile is a
@@ -48,6 +48,8 @@ mod column_max;
 mod dot_nn;
 mod dot_nt;
 mod exp2;
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon;
 mod pack;
 pub(crate) mod portable;
 mod primitives;
@@ -148,13 +150,14 @@ fn prefetch(at: *const u8) {
     prefetch_into::<INTO_L2>(at);
 }
 
-/// x86's `_MM_HINT_T0` (into L1 and the levels below), named where every target can use it.
+/// x86's `_MM_HINT_T0` (into L1 and the levels below; aarch64's `prfm pldl1keep`), named
+/// where every target can use it.
 const INTO_L1: i32 = 3;
-/// x86's `_MM_HINT_T1` (into L2 and below).
+/// x86's `_MM_HINT_T1` (into L2 and below; aarch64's `prfm pldl2keep`).
 const INTO_L2: i32 = 2;
 
 /// Asks for the cache line at `at` into the level `HINT` names ([`INTO_L1`] or [`INTO_L2`]);
-/// never faults, whatever the address; nothing on CPUs without the instruction.
+/// never faults, whatever the address; nothing on architectures other than x86-64 and aarch64.
 #[inline(always)]
 fn prefetch_into<const HINT: i32>(at: *const u8) {
     #[cfg(target_arch = "x86_64")]
@@ -162,7 +165,21 @@ fn prefetch_into<const HINT: i32>(at: *const u8) {
     unsafe {
         std::arch::x86_64::_mm_prefetch::<HINT>(at.cast())
     };
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: `prfm` is a hint: it never faults, whatever the address, reads no memory the
+    // program sees and writes no register or flag.
+    unsafe {
+        use std::arch::asm;
+        match HINT {
+            INTO_L1 => {
+                asm!("prfm pldl1keep, [{0}]", in(reg) at, options(nostack, readonly, preserves_flags))
+            }
+            _ => {
+                asm!("prfm pldl2keep, [{0}]", in(reg) at, options(nostack, readonly, preserves_flags))
+            }
+        }
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = at;
 }
 
@@ -207,29 +224,33 @@ fn short_operand_lines(rows: usize, stride: usize, width: usize, mut f: impl FnM
 
 /// An instruction set the micro-kernels are compiled for.
 ///
-/// [`Isa::detect`] picks the widest this CPU has; `ATTNGEN_ISA=avx512|avx2|portable`
-/// ([`Isa::from_env`]) or [`crate::JitOptions::isa`] forces a lower one, for comparison and
-/// tests.
+/// [`Isa::detect`] picks the first of [`Isa::ALL`] this CPU has (the widest vectors of its
+/// architecture); `ATTNGEN_ISA=avx512|avx2|neon|portable` ([`Isa::from_env`]) or
+/// [`crate::JitOptions::isa`] forces another it has, for comparison and tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Isa {
     /// x86-64 with AVX-512F: 512-bit vectors, 32 registers.
     Avx512,
     /// x86-64 with AVX2 and FMA: 256-bit vectors.
     Avx2Fma,
+    /// AArch64 with NEON (Advanced SIMD, which every AArch64 Linux CPU has): 128-bit vectors,
+    /// 32 registers.
+    Neon,
     /// Plain Rust over 8-lane arrays that the compiler may auto-vectorise; runs anywhere.
     Portable,
 }
 
 impl Isa {
-    /// Every ISA, widest first.
-    pub const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2Fma, Isa::Portable];
+    /// Every ISA, in the order [`Isa::detect`] prefers them: x86-64's widest first, then
+    /// AArch64's, then the portable code that runs anywhere.
+    pub const ALL: [Isa; 4] = [Isa::Avx512, Isa::Avx2Fma, Isa::Neon, Isa::Portable];
 
-    /// The widest ISA this CPU supports.
+    /// The first ISA of [`Isa::ALL`] this CPU supports: its widest vectors.
     pub fn detect() -> Isa {
         Isa::ALL.into_iter().find(|isa| isa.is_supported()).unwrap_or(Isa::Portable)
     }
 
-    /// The ISAs this CPU supports, widest first (always ends with `Portable`).
+    /// The ISAs this CPU supports, in [`Isa::ALL`]'s order (always ends with `Portable`).
     pub fn available() -> Vec<Isa> {
         Isa::ALL.into_iter().filter(|isa| isa.is_supported()).collect()
     }
@@ -246,8 +267,10 @@ impl Isa {
                 std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
             }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             Isa::Portable => true,
-            #[cfg(not(target_arch = "x86_64"))]
+            // The ISAs of other architectures.
             _ => false,
         }
     }
@@ -284,11 +307,12 @@ impl Isa {
         })
     }
 
-    /// The short name `ATTNGEN_ISA` and reports use: `avx512`, `avx2` or `portable`.
+    /// The short name `ATTNGEN_ISA` and reports use: `avx512`, `avx2`, `neon` or `portable`.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx512 => "avx512",
             Isa::Avx2Fma => "avx2",
+            Isa::Neon => "neon",
             Isa::Portable => "portable",
         }
     }
@@ -303,6 +327,7 @@ impl Isa {
         match self {
             Isa::Avx512 => Target::AVX512,
             Isa::Avx2Fma => Target::AVX2,
+            Isa::Neon => Target::NEON,
             Isa::Portable => Target::PORTABLE,
         }
     }
@@ -315,6 +340,8 @@ impl Isa {
             Isa::Avx512 => avx512::ROUTINES,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => avx2::ROUTINES,
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => neon::ROUTINES,
             _ => portable::ROUTINES,
         }
     }
@@ -323,12 +350,12 @@ impl Isa {
 impl std::str::FromStr for Isa {
     type Err = Error;
 
-    /// An ISA's name, `avx512`, `avx2` or `portable`, in any case.
+    /// An ISA's name, `avx512`, `avx2`, `neon` or `portable`, in any case.
     fn from_str(name: &str) -> Result<Isa, Error> {
         let wanted = |isa: &Isa| isa.name().eq_ignore_ascii_case(name.trim());
         Isa::ALL.into_iter().find(wanted).ok_or_else(|| Error::Isa {
             requested: name.to_owned(),
-            reason: "not an ISA name (avx512, avx2 or portable)".to_owned(),
+            reason: "not an ISA name (avx512, avx2, neon or portable)".to_owned(),
         })
     }
 }
@@ -366,9 +393,22 @@ mod tests {
             assert_eq!(isa.name().parse::<Isa>(), Ok(isa));
             assert_eq!(format!(" {} ", isa.name().to_uppercase()).parse::<Isa>(), Ok(isa));
         }
-        for bad in ["", "neon", "avx"] {
+        for bad in ["", "sve", "avx"] {
             let error = bad.parse::<Isa>().unwrap_err();
             assert!(error.to_string().contains("not an ISA name"), "{error}");
+        }
+    }
+
+    /// The attribute kernels are stamped for exactly these ISAs, in [`Isa::ALL`]'s order, each
+    /// under its name, variant and plan target: an ISA added here and not there (or there and
+    /// not here) fails.
+    #[test]
+    fn attribute_kernels_are_stamped_for_every_isa() {
+        let versions = attngen_codegen::rust::ISA_VERSIONS;
+        assert_eq!(versions.len(), Isa::ALL.len());
+        for (version, isa) in versions.into_iter().zip(Isa::ALL) {
+            assert_eq!((version.module, version.target), (isa.name(), isa.target()));
+            assert_eq!(version.variant, format!("{isa:?}"));
         }
     }
 

@@ -8,11 +8,14 @@
 //! all the way down; [`stamp_routines!`] wraps them in `extern "C"` entry points compiled with
 //! the ISA's target features, so LLVM inlines every primitive into code built for that ISA.
 //!
-//! A new ISA (NEON, say) is one module of code: an implementation of `Simd` and one
-//! `stamp_routines!` line. It is then registered, a line or an arm each, where ISAs are listed:
+//! A new ISA is one module of code (`neon.rs` is the model: 4 lanes, no lane masks, its
+//! architecture's intrinsics): an implementation of `Simd` and one `stamp_routines!` line, whose
+//! compile-time checks hold the block sizes to what the kernels dispatch. It is then
+//! registered, a line or an arm each, where ISAs are listed:
 //! [`super::Isa`] (its name, detection and routines), the plan's `Target` (its lanes),
-//! `attngen_codegen::rust::ISA_VERSIONS` (the attribute kernels' version and target features),
-//! `crate::__private` (the routines those versions call) and the command's FMA peak probe.
+//! `attngen_codegen::rust::ISA_VERSIONS` (the attribute kernels' version and target features;
+//! a test holds it to `Isa::ALL`), `crate::__private` (the routines those versions call) and
+//! the command's FMA peak probe.
 
 /// One ISA's vector primitives. Every function is `unsafe`: it may be called only from code
 /// compiled with the ISA's target features (an entry point [`stamp_routines!`] made) on a CPU
