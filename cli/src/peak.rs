@@ -191,28 +191,32 @@ const FMA_ROUNDS: usize = 8;
 /// Runs the FMA loop of `isa`; returns the FLOPs it did.
 fn fma_loop(iterations: u64, isa: Isa) -> u64 {
     assert!(isa.is_supported(), "the bench probes only ISAs this CPU has");
-    #[cfg(target_arch = "x86_64")]
     match isa {
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
             // SAFETY: the CPU supports AVX-512F (asserted above).
             std::hint::black_box(unsafe { fma_loop_avx512(iterations) });
-            return iterations * CHAINS as u64 * 16 * 2;
+            iterations * CHAINS as u64 * 16 * 2
         }
+        #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => {
             // SAFETY: the CPU supports AVX2 and FMA (asserted above).
             std::hint::black_box(unsafe { fma_loop_avx2(iterations) });
-            return iterations * CHAINS as u64 * 8 * 2;
+            iterations * CHAINS as u64 * 8 * 2
         }
-        Isa::Neon | Isa::Portable => {}
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => {
+            // SAFETY: the CPU supports NEON (asserted above).
+            std::hint::black_box(unsafe { fma_loop_neon(iterations) });
+            iterations * NEON_CHAINS as u64 * 4 * 2
+        }
+        _ => fma_loop_portable(iterations),
     }
-    #[cfg(target_arch = "aarch64")]
-    if isa == Isa::Neon {
-        // SAFETY: the CPU supports NEON (asserted above).
-        std::hint::black_box(unsafe { fma_loop_neon(iterations) });
-        return iterations * NEON_CHAINS as u64 * 4 * 2;
-    }
-    // As the portable kernels multiply and add: fused where the target has an FMA, else a
-    // multiply and an add (a fused `mul_add` would be a library call per element).
+}
+
+/// The portable ISA's FMA loop, as its kernels multiply and add: fused where the target has an
+/// FMA, else a multiply and an add (a fused `mul_add` would be a library call per element).
+fn fma_loop_portable(iterations: u64) -> u64 {
     let mut acc = [1.0f32; CHAINS];
     let fused = cfg!(target_feature = "fma") || !cfg!(target_arch = "x86_64");
     for _ in 0..iterations {

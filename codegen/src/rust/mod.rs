@@ -34,7 +34,7 @@ pub struct IsaVersion {
     pub target: Target,
 }
 
-/// Every ISA a kernel is stamped for, widest first (the runtime's `Isa::ALL`).
+/// Every ISA a kernel is stamped for, in the order of the runtime's `Isa::ALL`.
 pub const ISA_VERSIONS: [IsaVersion; 4] = [
     IsaVersion {
         module: "avx512",

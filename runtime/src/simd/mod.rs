@@ -226,8 +226,10 @@ fn short_operand_lines(rows: usize, stride: usize, width: usize, mut f: impl FnM
 ///
 /// [`Isa::detect`] picks the first of [`Isa::ALL`] this CPU has (the widest vectors of its
 /// architecture); `ATTNGEN_ISA=avx512|avx2|neon|portable` ([`Isa::from_env`]) or
-/// [`crate::JitOptions::isa`] forces another it has, for comparison and tests.
+/// [`crate::JitOptions::isa`] forces another it has, for comparison and tests. More ISAs may
+/// come, so a `match` outside attngen needs a wildcard arm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Isa {
     /// x86-64 with AVX-512F: 512-bit vectors, 32 registers.
     Avx512,
