@@ -9,8 +9,8 @@ use attngen::{AlignedBuffer, Isa};
 use attngen_codegen::abi::PANEL;
 
 /// GFLOP/s of independent f32 fused multiply-adds (2 FLOPs each) on `threads` threads, with
-/// the vectors of `isa` (AVX-512: 16 lanes, AVX2: 8; portable: scalar code): the best of
-/// [`FMA_ROUNDS`] short rounds, each timing all threads together ([`fma_round`]). A peak is
+/// the vectors of `isa` (AVX-512: 16 lanes, AVX2: 8, NEON: 4; portable: scalar code): the best
+/// of [`FMA_ROUNDS`] short rounds, each timing all threads together ([`fma_round`]). A peak is
 /// what the machine can do, so the fastest round is the estimate: on a shared VM one long round
 /// reads whatever its neighbours left (on a 2-core AVX-512 Xeon, five start-ups of one
 /// 20M-iteration round read 286–337 GFLOP/s; eight of this probe 328–342). The ISA must be one
