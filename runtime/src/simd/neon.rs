@@ -120,7 +120,7 @@ impl Simd for Neon {
     #[inline(always)]
     unsafe fn hsum4(v: [float32x4_t; 4]) -> [f32; 4] {
         // Two rounds of pairwise adds: [a0+a1, a2+a3, b0+b1, b2+b3], then each vector's sum.
-        // SAFETY: the trait's contract: NEON is enabled; `sums` holds 4 floats.
+        // SAFETY: the trait's contract: NEON is enabled; `out` holds 4 floats.
         unsafe {
             let sums = vpaddq_f32(vpaddq_f32(v[0], v[1]), vpaddq_f32(v[2], v[3]));
             let mut out = [0.0; L];
