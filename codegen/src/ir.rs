@@ -347,7 +347,6 @@ impl Operand {
     }
 }
 
-/// Lowers a plan to its tile program.
 /// Whether a tile of a key loop takes its tile max from [`crate::abi::ColumnMax`]: the rule of
 /// `Op::OnlineSoftmax`'s `column_max` (the op's flag), for a tile of the narrow loop or not,
 /// an edge tile or a whole one. Both backends ask here.
@@ -355,6 +354,7 @@ pub fn routine_tile_max(column_max: bool, narrow: bool, edge: bool) -> bool {
     column_max && !narrow && !edge
 }
 
+/// Lowers a plan to its tile program.
 pub fn lower(plan: &KernelPlan) -> KernelIr {
     let spec = &plan.spec;
     let o_transposed = plan.state.transposed;
