@@ -47,7 +47,7 @@ fn gflops((flops, time): (Vec<u64>, Duration)) -> f64 {
 /// rounds" then read 119–175% of that ceiling).
 fn on_threads<T: Send>(threads: usize, work: impl Fn(usize) -> T + Sync) -> (Vec<T>, Duration) {
     let threads = threads.max(1);
-    let cpus = allowed_cpus();
+    let cpus = attngen::cpus::allowed();
     let arrived = AtomicUsize::new(0);
     let (work, arrived, cpus) = (&work, &arrived, &cpus);
     let spans: Vec<(Instant, Instant, T)> = std::thread::scope(|scope| {
@@ -55,7 +55,7 @@ fn on_threads<T: Send>(threads: usize, work: impl Fn(usize) -> T + Sync) -> (Vec
             .map(|part| {
                 scope.spawn(move || {
                     if !cpus.is_empty() {
-                        pin_to(cpus[part % cpus.len()]);
+                        attngen::cpus::pin_current_thread(cpus[part % cpus.len()]);
                     }
                     arrived.fetch_add(1, Ordering::AcqRel);
                     // Yielding rather than spinning lets a thread not yet started run where
@@ -74,42 +74,6 @@ fn on_threads<T: Send>(threads: usize, work: impl Fn(usize) -> T + Sync) -> (Vec
     let start = spans.iter().map(|s| s.0).min().expect("at least one thread");
     let end = spans.iter().map(|s| s.1).max().expect("at least one thread");
     (spans.into_iter().map(|s| s.2).collect(), end - start)
-}
-
-/// The CPUs this process may run on, in increasing order (Linux's affinity mask; elsewhere
-/// none, and the probes' threads go where the system puts them).
-fn allowed_cpus() -> Vec<usize> {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: a zeroed `cpu_set_t` is a valid empty set; `sched_getaffinity` writes at most
-        // `size_of::<cpu_set_t>()` bytes into it, and `CPU_ISSET` reads bit `cpu` of it, for
-        // `cpu` below `CPU_SETSIZE`, the set's size in bits.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-                return Vec::new();
-            }
-            let size = libc::CPU_SETSIZE as usize;
-            (0..size).filter(|&cpu| libc::CPU_ISSET(cpu, &set)).collect()
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    Vec::new()
-}
-
-/// Pins the calling thread to `cpu`, one of [`allowed_cpus`]; should the system refuse, the
-/// thread runs unpinned, as it would elsewhere than on Linux.
-fn pin_to(cpu: usize) {
-    #[cfg(target_os = "linux")]
-    // SAFETY: the set is built in place from a zeroed (empty) one, with bit `cpu` below
-    // `CPU_SETSIZE` (it came from `allowed_cpus`); pid 0 is the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = cpu;
 }
 
 /// GFLOP/s of the ISA's tile product ([`DotNn`](attngen_codegen::abi::DotNn), the routine
@@ -408,7 +372,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_rounds_threads_run_side_by_side() {
-        let cpus = allowed_cpus();
+        let cpus = attngen::cpus::allowed();
         assert!(!cpus.is_empty(), "the affinity mask names this process's CPUs");
         let threads = cpus.len().min(4);
         // SAFETY: `sched_getcpu` takes nothing and only reads the calling thread's state.

@@ -28,7 +28,8 @@ mod buffers;
 
 use buffers::{LATENT, PACKED, SPLIT_STATES, with_kept, with_kept_in_pool, with_workspace};
 
-/// A thread pool of its own for a kernel (`Jit::with_threads`, `MacroKernel::threads`).
+/// A thread pool of its own for a kernel (`Jit::with_threads`, `MacroKernel::threads`), each
+/// worker pinned to a CPU of its own unless [`crate::cpus`] says otherwise.
 ///
 /// # Errors
 /// [`Error::Threads`] for zero threads (rayon would read 0 as every core, a surprise for a
@@ -40,7 +41,13 @@ pub(crate) fn own_pool(threads: usize) -> Result<std::sync::Arc<rayon::ThreadPoo
             "a pool needs at least one thread (leave the count unset for every core)".into(),
         ));
     }
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build();
+    let cpus = crate::cpus::for_pool(threads);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).start_handler(move |worker| {
+        if let Some(cpus) = &cpus {
+            crate::cpus::pin_current_thread(cpus[worker]);
+        }
+    });
+    let pool = pool.build();
     Ok(std::sync::Arc::new(pool.map_err(|e| refuse(e.to_string()))?))
 }
 

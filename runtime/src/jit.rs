@@ -108,7 +108,8 @@ impl JitOptions {
     }
 
     /// Run kernels on a pool of their own with this many threads (at least 1: building the
-    /// JIT refuses 0), instead of rayon's global pool.
+    /// JIT refuses 0), instead of rayon's global pool; each worker is pinned to a CPU of its
+    /// own unless `ATTNGEN_PIN=0` ([`crate::cpus`]).
     pub fn threads(self, threads: usize) -> JitOptions {
         JitOptions { threads: Some(threads), ..self }
     }

@@ -29,6 +29,7 @@ struct ReadmeDoctest;
 #[path = "private.rs"]
 pub mod __private;
 mod aligned;
+pub mod cpus;
 mod error;
 mod exec;
 #[cfg(feature = "harness")]

@@ -80,7 +80,8 @@ impl MacroKernel {
     }
 
     /// The same kernel on a pool of its own with `threads` threads, instead of rayon's
-    /// global pool.
+    /// global pool; each worker is pinned to a CPU of its own unless `ATTNGEN_PIN=0`
+    /// ([`crate::cpus`]).
     ///
     /// # Errors
     /// [`Error::Threads`] for zero threads or when the pool cannot start.
