@@ -3,7 +3,7 @@
 //! A kernel's own pool ([`crate::JitOptions::threads`], [`crate::MacroKernel::threads`]) pins
 //! each worker to a CPU of its own, so the scheduler cannot stack two of them on one CPU after
 //! other threads have run (on a 2-vCPU Zen 5, a 0.3 ms decode took 0.69–0.76 ms unpinned after
-//! two pinned threads had run, 0.39–0.48 pinned). `ATTNGEN_PIN=0` leaves placement to the
+//! two pinned threads had run, 0.39–0.52 pinned). `ATTNGEN_PIN=0` leaves placement to the
 //! system.
 //!
 //! ```
