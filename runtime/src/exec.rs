@@ -42,12 +42,14 @@ pub(crate) fn own_pool(threads: usize) -> Result<std::sync::Arc<rayon::ThreadPoo
         ));
     }
     let cpus = crate::cpus::for_pool(threads);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).start_handler(move |worker| {
-        if let Some(cpus) = &cpus {
-            crate::cpus::pin_current_thread(cpus[worker]);
-        }
-    });
-    let pool = pool.build();
+    let builder = rayon::ThreadPoolBuilder::new().num_threads(threads);
+    let pool = builder
+        .start_handler(move |worker| {
+            if let Some(cpus) = &cpus {
+                crate::cpus::pin_current_thread(cpus[worker]);
+            }
+        })
+        .build();
     Ok(std::sync::Arc::new(pool.map_err(|e| refuse(e.to_string()))?))
 }
 

@@ -109,7 +109,7 @@ impl JitOptions {
 
     /// Run kernels on a pool of their own with this many threads (at least 1: building the
     /// JIT refuses 0), instead of rayon's global pool; each worker is pinned to a CPU of its
-    /// own unless `ATTNGEN_PIN=0` ([`crate::cpus`]).
+    /// own where [`crate::cpus`] can (on Linux, a CPU each) and `ATTNGEN_PIN` is not `0`.
     pub fn threads(self, threads: usize) -> JitOptions {
         JitOptions { threads: Some(threads), ..self }
     }

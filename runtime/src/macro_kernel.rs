@@ -80,8 +80,8 @@ impl MacroKernel {
     }
 
     /// The same kernel on a pool of its own with `threads` threads, instead of rayon's
-    /// global pool; each worker is pinned to a CPU of its own unless `ATTNGEN_PIN=0`
-    /// ([`crate::cpus`]).
+    /// global pool; each worker is pinned to a CPU of its own where [`crate::cpus`] can (on
+    /// Linux, a CPU each) and `ATTNGEN_PIN` is not `0`.
     ///
     /// # Errors
     /// [`Error::Threads`] for zero threads or when the pool cannot start.
