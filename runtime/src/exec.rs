@@ -42,8 +42,8 @@ pub(crate) fn own_pool(threads: usize) -> Result<std::sync::Arc<rayon::ThreadPoo
         ));
     }
     let cpus = crate::cpus::for_pool(threads);
-    let builder = rayon::ThreadPoolBuilder::new().num_threads(threads);
-    let pool = builder
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
         .start_handler(move |worker| {
             if let Some(cpus) = &cpus {
                 crate::cpus::pin_current_thread(cpus[worker]);
