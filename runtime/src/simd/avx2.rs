@@ -22,6 +22,7 @@ impl Simd for Avx2 {
     const NN_WIDE_MR: usize = Self::NN_MR;
     const NN_WIDE_NR: usize = Self::NN_NR;
     const NN_TALL: bool = false;
+    const PREFETCHES_SHORT_OPERANDS: bool = false;
     type V = __m256;
     type Mask = __m256i;
 

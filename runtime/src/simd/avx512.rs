@@ -24,6 +24,7 @@ impl Simd for Avx512 {
     const NN_WIDE_MR: usize = 6;
     const NN_WIDE_NR: usize = 4;
     const NN_TALL: bool = true;
+    const PREFETCHES_SHORT_OPERANDS: bool = true;
     type V = __m512;
     type Mask = __mmask16;
 

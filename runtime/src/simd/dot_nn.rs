@@ -625,7 +625,7 @@ unsafe fn one_row_block<S: OutOfLine>(
 ) {
     if nn.b_panel == PANEL {
         // B row-major: k rows of n floats, b_row apart (a decode item's value tile).
-        prefetch_rows_to_l1(nn.b, k, nn.b_row, n);
+        prefetch_rows_to_l1::<S>(nn.b, k, nn.b_row, n);
     }
     let block_width = S::NN_NR * S::LANES;
     let whole = n / block_width * block_width;

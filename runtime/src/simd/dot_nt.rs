@@ -25,7 +25,7 @@ pub(super) unsafe fn dot_nt<S: Simd>(
     prefetch: *const PrefetchRows,
 ) {
     // A short A (a decode item's K tile: its rows a token row apart) into L1 at once.
-    prefetch_rows_to_l1(a, m, lda, k);
+    prefetch_rows_to_l1::<S>(a, m, lda, k);
     // A few rows of A against many of B (absorbed MLA's `o' · W_UV[h]ᵀ`: 4 rows against 128
     // weight rows from memory): compute Cᵀ = B·Aᵀ one row of B at a time, against all of A.
     // B is then read once, in address order; blocks of 3 rows of B interleave two streams in

@@ -191,14 +191,17 @@ fn prefetch_into<const HINT: i32>(at: *const u8) {
 /// they arrive together. On a Zen 5, in ten alternating runs each with the cache in DRAM,
 /// long-context GQA decode (W7) took 0.90–0.99× the time and W4 0.92–0.98× (one run 1.035),
 /// mostly from the value product's tile (AVX2 forced: 0.98×); absorbed MLA and prefill, whose
-/// products are larger, read 0.99–1.01×.
+/// products are larger, read 0.99–1.01×. Only ISAs with [`Simd::PREFETCHES_SHORT_OPERANDS`] ask.
 const L1_OPERAND_FLOATS: usize = 2048;
 
 /// Asks for the lines of `rows` rows of `width` floats, `stride` floats apart from `base`, into
-/// L1 (T0), when they hold at most [`L1_OPERAND_FLOATS`] floats; never faults, whatever the
-/// addresses.
+/// L1 (T0), when they hold at most [`L1_OPERAND_FLOATS`] floats and the ISA
+/// [`Simd::PREFETCHES_SHORT_OPERANDS`]; never faults, whatever the addresses.
 #[inline(always)]
-fn prefetch_rows_to_l1(base: *const f32, rows: usize, stride: usize, width: usize) {
+fn prefetch_rows_to_l1<S: Simd>(base: *const f32, rows: usize, stride: usize, width: usize) {
+    if !S::PREFETCHES_SHORT_OPERANDS {
+        return;
+    }
     short_operand_lines(rows, stride, width, |offset| {
         prefetch_into::<INTO_L1>(base.cast::<u8>().wrapping_add(offset));
     });
@@ -462,7 +465,7 @@ mod tests {
         assert_eq!(lines(16, 128, 128).len(), L1_OPERAND_FLOATS / 16);
         assert!(lines(1, 0, L1_OPERAND_FLOATS + 1).is_empty());
         assert!(lines(usize::MAX, 1, 2).is_empty());
-        prefetch_rows_to_l1(std::ptr::null(), 8, 1 << 40, 128);
+        prefetch_rows_to_l1::<portable::Portable>(std::ptr::null(), 8, 1 << 40, 128);
     }
 
     /// The named hints are x86's.

@@ -28,6 +28,7 @@ impl Simd for Neon {
     const NN_WIDE_MR: usize = 6;
     const NN_WIDE_NR: usize = 4;
     const NN_TALL: bool = false;
+    const PREFETCHES_SHORT_OPERANDS: bool = true;
     type V = float32x4_t;
     /// The number of leading lanes selected: NEON has no masked loads or stores.
     type Mask = usize;

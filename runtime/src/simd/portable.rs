@@ -24,6 +24,7 @@ impl Simd for Portable {
     const NN_WIDE_MR: usize = Self::NN_MR;
     const NN_WIDE_NR: usize = Self::NN_NR;
     const NN_TALL: bool = false;
+    const PREFETCHES_SHORT_OPERANDS: bool = true;
     type V = [f32; L];
     type Mask = usize;
 

@@ -42,6 +42,15 @@ pub trait Simd: Copy + 'static {
     /// for row-major A rows a constant stride apart. Each needs a register per row of C beside
     /// B's vector: 17 of AVX-512's 32, more than AVX2 has.
     const NN_TALL: bool;
+    /// Whether a short product's operand — a decode item's K or V tile, its rows a token row
+    /// apart — is asked into L1 when the product starts ([`super::prefetch_rows_to_l1`]), on
+    /// top of the tile-ahead prefetch into L2. It paid on a Zen 5 (AVX-512: W7 0.90–0.99× the
+    /// time, W4 0.92–0.98×) and cost on an AVX2-only Zen 3, where in one process, the JIT's
+    /// calls alternating with and without it, W4 took 0.95× the time without it on 2 threads
+    /// and 0.97× on one, W7 0.97× (medians of 56 pairs; quartiles 0.87–1.03). AVX2 therefore
+    /// leaves the tile to the demand loads; NEON and the portable ISA, unmeasured, ask as
+    /// AVX-512 does.
+    const PREFETCHES_SHORT_OPERANDS: bool;
 
     /// A vector of `LANES` f32s.
     type V: Copy;
