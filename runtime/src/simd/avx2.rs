@@ -187,7 +187,7 @@ mod tests {
     /// A masked store writes the first `len` lanes, in place, and no float around them.
     #[test]
     fn masked_stores_write_exactly_their_lanes() {
-        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+        if !crate::Isa::Avx2Fma.is_supported() {
             println!("skipped: the avx2 masked stores (this CPU lacks avx2)");
             return;
         }

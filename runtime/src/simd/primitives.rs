@@ -3,10 +3,12 @@
 //!
 //! An ISA is a type implementing [`Simd`]: a vector of `LANES` f32s, a lane mask, a dozen
 //! element-wise operations, the integer step of `exp2`, a four-way horizontal sum and a 4-row
-//! transpose — plus the block sizes its register file affords. The kernels (`dot_nt`, `dot_nn`,
-//! `exp2_columns`, `column_max`, `pack_columns`) are generic over it and `#[inline(always)]`
-//! all the way down; [`stamp_routines!`] wraps them in `extern "C"` entry points compiled with
-//! the ISA's target features, so LLVM inlines every primitive into code built for that ISA.
+//! transpose — plus the block sizes its register file affords and whether a short product
+//! pulls its operand into L1 (a choice measured on each ISA's CPUs). The kernels (`dot_nt`,
+//! `dot_nn`, `exp2_columns`, `column_max`, `pack_columns`) are generic over it and
+//! `#[inline(always)]` all the way down; [`stamp_routines!`] wraps them in `extern "C"` entry
+//! points compiled with the ISA's target features, so LLVM inlines every primitive into code
+//! built for that ISA.
 //!
 //! A new ISA is one module of code (`neon.rs` is the model: 4 lanes, no lane masks, its
 //! architecture's intrinsics): an implementation of `Simd` and one `stamp_routines!` line, whose
