@@ -624,7 +624,8 @@ unsafe fn one_row_block<S: OutOfLine>(
     mut prefetcher: Option<Prefetcher>,
 ) {
     if nn.b_panel == PANEL {
-        // B row-major: k rows of n floats, b_row apart (a decode item's value tile).
+        // B row-major: k rows of n floats, b_row apart (a decode item's value tile), into L1 on
+        // the ISAs that ask.
         prefetch_rows_to_l1::<S>(nn.b, k, nn.b_row, n);
     }
     let block_width = S::NN_NR * S::LANES;

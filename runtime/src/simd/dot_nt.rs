@@ -24,7 +24,8 @@ pub(super) unsafe fn dot_nt<S: Simd>(
     accumulate: usize,
     prefetch: *const PrefetchRows,
 ) {
-    // A short A (a decode item's K tile: its rows a token row apart) into L1 at once.
+    // A short A (a decode item's K tile: its rows a token row apart) into L1 at once, on the
+    // ISAs that ask (`Simd::PREFETCHES_SHORT_OPERANDS`).
     prefetch_rows_to_l1::<S>(a, m, lda, k);
     // A few rows of A against many of B (absorbed MLA's `o' · W_UV[h]ᵀ`: 4 rows against 128
     // weight rows from memory): compute Cᵀ = B·Aᵀ one row of B at a time, against all of A.
