@@ -49,7 +49,7 @@ const KEY_GROUP: usize = 8;
 
 /// Rows of a tall block ([`Simd::NN_TALL`]): a one-vector C (absorbed MLA's latent scores,
 /// `Sᵀ = keys · Qᵀ` for 16 heads) against a row-major A whose row stride is one of
-/// [`TALL_STRIDES`]; C's rows after the last whole tall block run in narrow blocks. With the
+/// [`CONST_STRIDES`]; C's rows after the last whole tall block run in narrow blocks. With the
 /// stride a constant, every row's element is a fixed offset from one pointer, so the rows cost
 /// no registers and 16 accumulators fit where 8 row pointers capped the block at 8 rows; each
 /// broadcast still feeds one FMA, but the block loads B once per 16 of them instead of 8, and
@@ -60,26 +60,31 @@ const KEY_GROUP: usize = 8;
 /// 0.94–0.96× on a combined cache, and MQA 16 × 64 decode 0.92–0.94×.
 pub(super) const TALL_MR: usize = 16;
 
-/// Invokes `$then!` with the row strides (floats) tall blocks are compiled for, ascending: 64
-/// (the rope keys', and the K rows of one KV head of 64), latent rows of rank 128, 256 (ranks
-/// `attngen compress` writes: a 16-head rank-128 spec's decode took 0.92–0.96× the time with
-/// them, rank 256 0.92–1.01×) and 512 (DeepSeek's), and DeepSeek's combined `[c_kv | k_rope]`
-/// rows (576). The one list both [`TALL_STRIDES`] and [`tall_block`]'s dispatch are made from.
-macro_rules! with_tall_strides {
+/// Invokes `$then!` with the row strides (floats) of a row-major A that `dot_nn` compiles as
+/// constants, in tall blocks ([`tall_block`]) and in the ISA's full blocks
+/// ([`const_stride_block`]), ascending: 64 (the rope keys', the K rows of one KV head of 64,
+/// and a prefill's packed K tiles of D = 64), 128 (packed K tiles of D = 128; latent rows of
+/// rank 128), 256 (latent rows of rank 256: 128 and 256 are ranks `attngen compress` writes,
+/// and a 16-head rank-128 spec's decode took 0.92–0.96× the time with tall blocks, rank 256
+/// 0.92–1.01×), 512 (DeepSeek's latent rows) and 576 (DeepSeek's combined `[c_kv | k_rope]`
+/// rows). The one list [`CONST_STRIDES`] and both dispatches are made from. Expanded MLA's
+/// 192-float K rows gained nothing measurable (W6 0.99–1.01× the time on a Zen 3).
+macro_rules! with_const_strides {
     ($then:ident) => {
         $then!(64, 128, 256, 512, 576)
     };
 }
 
-/// The strides of [`with_tall_strides`], as an array.
+/// The strides of [`with_const_strides`], as an array.
 macro_rules! stride_array {
     ($($stride:literal),*) => {
         [$($stride),*]
     };
 }
 
-/// The row strides (floats) tall blocks are compiled for ([`with_tall_strides`]).
-pub(super) const TALL_STRIDES: [usize; 5] = with_tall_strides!(stride_array);
+/// The row strides (floats) `dot_nn` compiles its tall and full blocks for as constants
+/// ([`with_const_strides`]).
+pub(super) const CONST_STRIDES: [usize; 5] = with_const_strides!(stride_array);
 
 /// Whether C (`m` rows by `n` columns) runs in tall blocks on this ISA: one vector wide, at
 /// least one tall block of rows, A row-major (not `a_trans`) at a stride tall blocks are
@@ -90,7 +95,7 @@ fn takes_tall<S: Simd>(m: usize, n: usize, a_stride: usize, a_trans: bool, range
         && !a_trans
         && n <= S::LANES
         && m >= TALL_MR
-        && TALL_STRIDES.contains(&a_stride)
+        && CONST_STRIDES.contains(&a_stride)
 }
 
 /// Floats of the stack strip a strided B's column block is copied into (see [`row_blocks`]):
@@ -115,9 +120,10 @@ const COPY_MIN_ROWS: usize = 64;
 /// rows), and on a Zen 3 the copy made absorbed MLA's 16-row value product 1.03–1.05× faster.
 const CHEAP_COPY_COLUMNS: usize = 32;
 
-/// Whether [`NnBlock::run_copying`] has a block of `mr` rows by `nr` vectors: every ISA's
-/// narrow and wide shapes must be among them.
-pub(super) const fn copies_block(mr: usize, nr: usize) -> bool {
+/// Whether `dot_nn` has a copying ([`NnBlock::run_copying`]) and a constant-stride
+/// ([`const_stride_block`]) block of `mr` rows by `nr` vectors: every ISA's narrow and wide
+/// shapes must be among them.
+pub(super) const fn full_shape(mr: usize, nr: usize) -> bool {
     matches!((mr, nr), (8, 2) | (6, 2) | (6, 4))
 }
 
@@ -388,7 +394,7 @@ impl NeededRows {
 /// # Safety
 /// As [`dot_nn`] with unit-stride A; `key_chunk >= k` with row ranges; with `wide`, C is at
 /// least a wide block across; with `tall`, C is one vector wide and A row-major, without row
-/// ranges, its rows one of [`TALL_STRIDES`] apart.
+/// ranges, its rows one of [`CONST_STRIDES`] apart.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn row_blocks<S: OutOfLine>(
@@ -495,6 +501,10 @@ unsafe fn plain_block<S: OutOfLine>(
     unsafe {
         if mr == block_rows && cols == block_width {
             let block = nn.block(i, j, lo, hi);
+            if !nn.a_trans && CONST_STRIDES.contains(&nn.a_stride) {
+                let shape = (block_rows, block_width / S::LANES);
+                return const_stride_block::<S>(block, shape, accumulate, all);
+            }
             match wide {
                 true => block.dispatch::<S>(
                     S::NN_WIDE_MR,
@@ -514,12 +524,52 @@ unsafe fn plain_block<S: OutOfLine>(
     }
 }
 
+/// A full block of the ISA's shape (`mr` rows by `nr` vectors, one [`full_shape`] names) with
+/// A row-major at one of [`CONST_STRIDES`], the stride a constant: each row's element of A is a
+/// fixed offset from one pointer, folded into its broadcast, so the loop forms no row
+/// addresses and reloads no stride (a prefill's packed K rows, 64 or 128 floats apart, in the
+/// transposed score product; absorbed MLA's latent rows in its scores). On a Zen 3 (AVX2's 6 ×
+/// 16 blocks), switched in one process in alternating calls (medians of the pairs' ratios),
+/// absorbed MLA decode took 0.97–0.99× the time at 4 × 1 × 4096 (W5) and 0.95–0.98× at 4 × 1 ×
+/// 32768 (W8), prefill W1–W3 0.99–1.00×; results are the same to the bit.
+///
+/// # Safety
+/// As [`NnBlock::run`]; A is row-major and `block.a_stride` is one of [`CONST_STRIDES`].
+#[inline(always)]
+unsafe fn const_stride_block<S: Simd>(
+    block: NnBlock,
+    (mr, nr): (usize, usize),
+    accumulate: bool,
+    all: S::Mask,
+) {
+    let copy = std::ptr::null_mut();
+    // SAFETY: the caller's contract; the match names the block's own stride.
+    unsafe {
+        macro_rules! blocks {
+            ($($stride:literal),*) => {
+                match (mr, nr, block.a_stride) {
+                    $(
+                        (8, 2, $stride) => block
+                            .run_with::<S, 8, 2, false, false, false, $stride>(accumulate, all, copy),
+                        (6, 2, $stride) => block
+                            .run_with::<S, 6, 2, false, false, false, $stride>(accumulate, all, copy),
+                        (6, 4, $stride) => block
+                            .run_with::<S, 6, 4, false, false, false, $stride>(accumulate, all, copy),
+                    )*
+                    _ => unreachable!("full blocks are of the shapes full_shape names"),
+                }
+            };
+        }
+        with_const_strides!(blocks)
+    }
+}
+
 /// A [`TALL_MR`]-row block at rows `i..`, columns `j..j + cols` (one vector at most), keys
 /// `lo..hi`, with A's row stride made a constant.
 ///
 /// # Safety
 /// The block lies inside the operands `nn` describes, whose A is row-major with a stride
-/// among [`TALL_STRIDES`]; `cols <= S::LANES`; the ISA has [`Simd::NN_TALL`].
+/// among [`CONST_STRIDES`]; `cols <= S::LANES`; the ISA has [`Simd::NN_TALL`].
 #[inline(always)]
 unsafe fn tall_block<S: Simd>(
     nn: &NnArgs,
@@ -542,11 +592,11 @@ unsafe fn tall_block<S: Simd>(
                         ($stride, true) => block
                             .run_with::<S, TALL_MR, 1, true, false, false, $stride>(accumulate, tail, copy),
                     )*
-                    _ => unreachable!("tall blocks are for the strides with_tall_strides names"),
+                    _ => unreachable!("tall blocks are for the strides with_const_strides names"),
                 }
             };
         }
-        with_tall_strides!(strides)
+        with_const_strides!(strides)
     }
 }
 
@@ -586,7 +636,7 @@ pub(super) unsafe fn copied_column<S: OutOfLine>(
         }
         // SAFETY: rows i..i + mr < m, columns j.. of the block and keys 0..k are inside the
         // operands; the strip holds k · block_width floats; the first block is the ISA's full
-        // shape, which `copies_block` names (asserted where the routines are stamped).
+        // shape, which `full_shape` names (asserted where the routines are stamped).
         unsafe {
             if i == 0 {
                 let block = nn.block(0, j, 0, k);
@@ -885,7 +935,7 @@ impl NnBlock {
     /// each key's `nr` vectors of B, in key order, from `copy` on.
     ///
     /// # Safety
-    /// As [`NnBlock::run`]; `(mr, nr)` is a shape [`copies_block`] names (every ISA's are,
+    /// As [`NnBlock::run`]; `(mr, nr)` is a shape [`full_shape`] names (every ISA's are,
     /// asserted where the routines are stamped); `copy` holds `hi · nr · LANES` writable floats,
     /// keys starting at 0 (`lo` is 0).
     #[inline(always)]
@@ -897,7 +947,7 @@ impl NnBlock {
         all: S::Mask,
         copy: *mut f32,
     ) {
-        // One copying block per shape `copies_block` names and A layout.
+        // One copying block per shape `full_shape` names and A layout.
         macro_rules! copying {
             ($mr:literal, $nr:literal) => {
                 match a_trans {
@@ -1002,7 +1052,7 @@ impl NnBlock {
 
     /// [`NnBlock::run`]; with COPY, each key's NR vectors of B are also stored, in key order,
     /// from `copy` on (`p · NR · LANES` for key p). A STRIDE other than 0 is A's stride, as a
-    /// constant (see [`TALL_MR`]).
+    /// constant (see [`TALL_MR`] and [`const_stride_block`]).
     ///
     /// # Safety
     /// As [`NnBlock::run`]; with COPY, the block is not MASKED and `copy` holds `hi · NR ·

@@ -708,8 +708,8 @@ mod tests {
                 (70, 72, 24),
             ] {
                 let ldc = n + 1;
-                // The smallest row stride tall blocks are compiled for that holds k floats.
-                let tall_row = dot_nn::TALL_STRIDES.into_iter().find(|&row| row >= k);
+                // The smallest row stride blocks take as a constant that holds k floats.
+                let tall_row = dot_nn::CONST_STRIDES.into_iter().find(|&row| row >= k);
                 let a = data(m * tall_row.unwrap_or(k).max(k + 3) + 3 * (m + k), 4);
                 // Prefetching (here: A itself, and rows past its end) never changes a result.
                 let prefetch = PrefetchRows {

@@ -267,14 +267,14 @@ macro_rules! stamp_routines {
             "dot_nt dispatches blocks of at most 4 x 4"
         );
         const _: () = assert!(
-            super::dot_nn::copies_block(
+            super::dot_nn::full_shape(
                 <$simd as super::Simd>::NN_MR,
                 <$simd as super::Simd>::NN_NR
-            ) && super::dot_nn::copies_block(
+            ) && super::dot_nn::full_shape(
                 <$simd as super::Simd>::NN_WIDE_MR,
                 <$simd as super::Simd>::NN_WIDE_NR
             ),
-            "dot_nn's strip copy has a block of each of the ISA's shapes"
+            "dot_nn's strip copy and constant strides have a block of each of the ISA's shapes"
         );
         const _: () = assert!(
             (<$simd as super::Simd>::NN_MR <= 8 && <$simd as super::Simd>::NN_NR <= 2)
