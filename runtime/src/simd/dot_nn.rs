@@ -530,8 +530,9 @@ unsafe fn plain_block<S: OutOfLine>(
 /// addresses and reloads no stride (a prefill's packed K rows, 64 or 128 floats apart, in the
 /// transposed score product; absorbed MLA's latent rows in its scores). On a Zen 3 (AVX2's 6 ×
 /// 16 blocks), switched in one process in alternating calls (medians of the pairs' ratios),
-/// absorbed MLA decode took 0.97–0.99× the time at 4 × 1 × 4096 (W5) and 0.95–0.98× at 4 × 1 ×
-/// 32768 (W8), prefill W1–W3 0.99–1.00×; results are the same to the bit.
+/// absorbed MLA decode took 0.97–1.00× the time at 4 × 1 × 4096 (W5) and 0.93–1.00× at 4 × 1 ×
+/// 32768 (W8), prefill W1–W3 0.96–1.00×, the larger gains with the host contended; results
+/// are the same to the bit.
 ///
 /// # Safety
 /// As [`NnBlock::run`]; A is row-major and `block.a_stride` is one of [`CONST_STRIDES`].
