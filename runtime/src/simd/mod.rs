@@ -709,8 +709,8 @@ mod tests {
             ] {
                 let ldc = n + 1;
                 // The smallest row stride blocks take as a constant that holds k floats.
-                let tall_row = dot_nn::CONST_STRIDES.into_iter().find(|&row| row >= k);
-                let a = data(m * tall_row.unwrap_or(k).max(k + 3) + 3 * (m + k), 4);
+                let const_row = dot_nn::CONST_STRIDES.into_iter().find(|&row| row >= k);
+                let a = data(m * const_row.unwrap_or(k).max(k + 3) + 3 * (m + k), 4);
                 // Prefetching (here: A itself, and rows past its end) never changes a result.
                 let prefetch = PrefetchRows {
                     base: a.as_ptr(),
@@ -734,8 +734,8 @@ mod tests {
                     (l as usize..h as usize).contains(&i)
                 };
                 // (a_row, a_col) and (b_row, b_panel).
-                let tall_layout = tall_row.map(|row| (row, 1));
-                let a_layouts = [(k + 2, 1), (1, m + 3)].into_iter().chain(tall_layout);
+                let const_layout = const_row.map(|row| (row, 1));
+                let a_layouts = [(k + 2, 1), (1, m + 3)].into_iter().chain(const_layout);
                 let b_layouts = [(n + 5, PANEL), (PANEL, PANEL * k), (few_sets_row, PANEL)];
                 for (a_row, a_col) in a_layouts {
                     for (b_row, b_panel) in b_layouts {
